@@ -1,0 +1,95 @@
+"""The ``merit-lab`` command: run a config's stages, summarise a run, rebuild the demo assets."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from merit_lab.config import load_config
+    from merit_lab.pipeline import run_pipeline, run_summary
+
+    cfg = load_config(args.config, output_dir=args.output_dir)
+    stages = [s for part in args.stages for s in part.split(",")] if args.stages else None
+    t0 = time.perf_counter()
+    run = run_pipeline(cfg, stages, force=args.force)
+    print(run_summary(run.root))
+    print(f"\nwrote {run.root.resolve()} in {time.perf_counter() - t0:.1f} s")
+
+
+def _cmd_show(args: argparse.Namespace) -> None:
+    from merit_lab.pipeline import run_summary
+
+    print(run_summary(args.run))
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> None:
+    from merit_lab.demo import DEMO_DIR, generate_demo_mixture
+
+    out = Path(args.out) if args.out else DEMO_DIR
+    generate_demo_mixture(out, seed=args.seed)
+    print(f"wrote the demo mixture to {out}")
+
+
+def _cmd_demo_base(args: argparse.Namespace) -> None:
+    from merit_lab.demo import DEMO_DIR, pretrain_demo_base
+
+    mixture = Path(args.mixture) if args.mixture else DEMO_DIR
+    out = Path(args.out) if args.out else DEMO_DIR / "base"
+    pretrain_demo_base(mixture, out, seed=args.seed)
+    print(f"wrote the demo base model to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="merit-lab", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a config's stages into runs/<name>/ (resumes)")
+    r.add_argument("config", help="run config YAML, e.g. configs/demo.yaml")
+    r.add_argument(
+        "--stages", nargs="*", help="stages to run (default: all), e.g. mixture gradients"
+    )
+    r.add_argument("--force", action="store_true", help="redo the named stages")
+    r.add_argument("--output-dir", help="parent folder of the run directory (default from config)")
+    r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("show", help="summarise a run directory")
+    s.add_argument("run", help="runs/<name>")
+    s.set_defaults(func=_cmd_show)
+
+    d = sub.add_parser("demo-data", help="regenerate the demo mixture (data/demo)")
+    d.add_argument("--out", help="output folder (default: data/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo_data)
+
+    b = sub.add_parser("demo-base", help="pretrain the demo base model (data/demo/base)")
+    b.add_argument("--mixture", help="demo mixture folder (default: data/demo)")
+    b.add_argument("--out", help="output folder (default: data/demo/base)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=_cmd_demo_base)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"merit-lab: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

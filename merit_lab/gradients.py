@@ -1,0 +1,265 @@
+"""Gradient stage: one gradient per source at the base model θ0, kept as a compact sketch.
+
+Input: a model, its tokenizer and a `Mixture`. Output: a `GradientBank` of T sketched rows
+(``gradients/bank.safetensors`` + ``bank.json``), one finished source at a time, so a killed run
+keeps what it finished and a larger mixture computes only its new sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from merit_lab.formatting import IGNORE_INDEX, collate, tokenize_examples
+from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
+from merit_lab.mixture import Mixture
+from merit_lab.models import select_parameters
+from merit_lab.sketch import SketchSpec, build_sketch
+
+__all__ = ["GradientBank", "estimate_gradients", "source_gradient"]
+
+
+@dataclass(frozen=True)
+class GradientBank:
+    """T sketched source gradients at θ0.
+
+    Attributes:
+        names: source names, one per row.
+        rows: (T, d) float32 sketched gradients of the mean response-token loss.
+        info: what the rows depend on: model, parameter selection, sketch spec, n, max_length.
+        stats: per source: examples and response tokens used, loss at θ0, exact gradient norm.
+    """
+
+    names: tuple[str, ...]
+    rows: np.ndarray
+    info: Mapping[str, Any] = field(default_factory=dict)
+    stats: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def row(self, name: str) -> np.ndarray:
+        """The (d,) row of source ``name``."""
+        return self.rows[self.names.index(name)]
+
+    def select(self, names: Sequence[str]) -> GradientBank:
+        """The bank restricted to ``names``, in that order."""
+        idx = [self.names.index(n) for n in names]
+        return GradientBank(
+            tuple(names), self.rows[idx], self.info, {n: self.stats[n] for n in names}
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``bank.safetensors`` (the rows) and ``bank.json`` atomically into ``folder``."""
+        folder = Path(folder)
+        payload = save_safetensors({"rows": torch.from_numpy(np.ascontiguousarray(self.rows))})
+        atomic_write_bytes(folder / "bank.safetensors", payload)
+        meta = {"names": list(self.names), "info": dict(self.info), "stats": dict(self.stats)}
+        atomic_write_json(folder / "bank.json", meta)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GradientBank:
+        folder = Path(folder)
+        meta = read_json(folder / "bank.json")
+        with safe_open(folder / "bank.safetensors", framework="pt") as f:
+            rows = f.get_tensor("rows").numpy()
+        if rows.shape[0] != len(meta["names"]):
+            raise ValueError(f"{folder}: {rows.shape[0]} rows but {len(meta['names'])} names")
+        return cls(tuple(meta["names"]), rows, meta["info"], meta["stats"])
+
+
+def _count_targets(batch_labels: torch.Tensor) -> int:
+    # A causal LM predicts token j from tokens < j, so position 0's label is never a target.
+    return int((batch_labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def source_gradient(
+    model: torch.nn.Module,
+    examples: Sequence,
+    *,
+    pad_token_id: int,
+    micro_batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Accumulate into ``.grad`` the gradient of the mean response-token loss over ``examples``.
+
+    Each micro-batch's summed cross-entropy is divided by the total number of response tokens
+    of all examples before ``backward``, so the accumulated gradient equals the full-batch
+    gradient of the mean (not a mean of per-batch means).
+
+    Args:
+        examples: `TokenizedExample`s.
+
+    Returns:
+        (mean loss, number of response tokens).
+    """
+    batches = [
+        collate(examples[i : i + micro_batch_size], pad_token_id)
+        for i in range(0, len(examples), micro_batch_size)
+    ]
+    total = sum(_count_targets(b["labels"]) for b in batches)
+    if total == 0:
+        raise ValueError("no response tokens to compute a loss on")
+    device = next(model.parameters()).device
+    loss_sum = 0.0
+    for b in tqdm(batches, desc="micro-batches", leave=False, disable=not progress):
+        b = {k: v.to(device) for k, v in b.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            b["labels"][:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        (loss / total).backward()
+        loss_sum += float(loss.detach())
+    return loss_sum / total, total
+
+
+def _bank_key(info: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _part_path(parts: Path, name: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return parts / f"{safe}-{digest}.safetensors"
+
+
+def _read_part(path: Path, key: str) -> tuple[np.ndarray, dict] | None:
+    if not path.exists():
+        return None
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        return f.get_tensor("row").numpy(), json.loads(meta["stats"])
+
+
+def estimate_gradients(
+    model: torch.nn.Module,
+    tokenizer,
+    mixture: Mixture,
+    *,
+    sketch: SketchSpec | None = None,
+    n: int = 200,
+    micro_batch_size: int = 16,
+    max_length: int = 512,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    out_dir: str | Path | None = None,
+    sources: Sequence[str] | None = None,
+    model_fingerprint: str = "",
+    progress: bool = True,
+) -> GradientBank:
+    """Estimate one sketched gradient per source at the model's current weights θ0.
+
+    The gradient of each source is the gradient of the mean response-token loss over its first
+    ``n`` calibration examples, accumulated over micro-batches; it is sketched parameter by
+    parameter right after ``backward``, so memory holds one model gradient and T × d floats,
+    never T × params.
+
+    With ``out_dir``, each finished source is written to ``out_dir/parts/`` at once and
+    reused on the next call with the same settings (resume after a kill; incremental addition
+    of sources), and the assembled bank is saved to ``out_dir``.
+
+    Args:
+        sketch: sketch kind/dim/seed (default: count-sketch at the default dimension).
+        n: calibration examples per source (fewer if the source has fewer).
+        include, exclude: parameter-name globs (see `select_parameters`).
+        sources: the sources to include (default: all of ``mixture``), in row order.
+        model_fingerprint: identifies θ0 so parts from another model are never reused.
+
+    Returns:
+        The bank, rows in the order of ``sources``.
+    """
+    sketch = sketch or SketchSpec()
+    names = tuple(sources) if sources is not None else mixture.names
+    selected = select_parameters(model, include, exclude)
+    device = next(model.parameters()).device
+    info = {
+        "model": model_fingerprint,
+        "parameters": {"include": list(include or []), "exclude": list(exclude or [])},
+        "n_parameters": int(sum(p.numel() for _, p in selected)),
+        "sketch": sketch.to_dict(),
+        "n": n,
+        "max_length": max_length,
+        "loss": "mean response-token cross-entropy over the calibration examples",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    key = _bank_key(info)
+    info = {**info, "key": key}
+    sk = build_sketch(sketch, [(nm, tuple(p.shape)) for nm, p in selected], device=device)
+    parts = Path(out_dir) / "parts" if out_dir is not None else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # Only the selected parameters need gradients; restore the flags afterwards.
+    chosen = {id(p) for _, p in selected}
+    flags = {nm: p.requires_grad for nm, p in model.named_parameters()}
+    for _, p in model.named_parameters():
+        p.requires_grad_(id(p) in chosen)
+    rows: list[np.ndarray] = []
+    stats: dict[str, dict] = {}
+    try:
+        bar = tqdm(names, desc="source gradients", unit="source", disable=not progress)
+        for name in bar:
+            cached = _read_part(_part_path(parts, name), key) if parts is not None else None
+            if cached is not None:
+                rows.append(cached[0])
+                stats[name] = cached[1]
+                continue
+            bar.set_postfix_str(name)
+            calib = mixture[name].calibration[:n]
+            if not calib:
+                raise ValueError(f"source {name!r} has no calibration examples")
+            t0 = time.perf_counter()
+            examples = tokenize_examples(tokenizer, calib, max_length)
+            model.zero_grad(set_to_none=True)
+            loss, n_tokens = source_gradient(
+                model, examples, pad_token_id=pad_id, micro_batch_size=micro_batch_size
+            )
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"source {name!r}: loss at θ0 is {loss}")
+            row = sk.zeros()
+            sq = torch.zeros((), dtype=torch.float64, device=device)
+            for pname, p in selected:
+                if p.grad is None:  # a parameter this loss does not reach contributes zero
+                    continue
+                sk.add_(row, pname, p.grad)
+                sq += p.grad.detach().double().pow(2).sum()
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            row_np = row.detach().cpu().numpy().astype(np.float32)
+            stats[name] = {
+                "n_examples": len(calib),
+                "n_response_tokens": n_tokens,
+                "loss": loss,
+                "grad_norm": float(sq.sqrt()),
+                "seconds": time.perf_counter() - t0,
+            }
+            if parts is not None:
+                payload = save_safetensors(
+                    {"row": torch.from_numpy(row_np)},
+                    metadata={"key": key, "source": name, "stats": json.dumps(stats[name])},
+                )
+                atomic_write_bytes(_part_path(parts, name), payload)
+            rows.append(row_np)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for nm, p in model.named_parameters():
+            p.requires_grad_(flags[nm])
+    bank = GradientBank(names, np.stack(rows).astype(np.float32), info, stats)
+    if out_dir is not None:
+        bank.save(out_dir)
+    return bank

@@ -1,0 +1,178 @@
+"""Figures: plotly builders, one function per figure, and `save_figure` (HTML + static images).
+
+Input: artifacts of a run (`ConflictSpace`, a source table). Output: ``go.Figure`` objects that
+never call ``.show()``; one palette and one font across every figure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from merit_lab.conflict import ConflictSpace
+
+__all__ = [
+    "PALETTE",
+    "color_map",
+    "plot_conflict_heatmap",
+    "plot_conflict_scatter",
+    "plot_explained_variance",
+    "save_figure",
+]
+
+log = logging.getLogger(__name__)
+
+# Okabe-Ito: distinguishable under the common colour-vision deficiencies, prints well in grey.
+PALETTE = (
+    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
+)  # fmt: skip
+FONT = {"family": "Helvetica, Arial, sans-serif", "size": 13}
+TEMPLATE = "simple_white"
+
+
+def color_map(values: Sequence) -> dict:
+    """A stable colour per distinct value (sorted), cycling the palette."""
+    return {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(sorted(set(values), key=str))}
+
+
+def _layout(fig: go.Figure, title: str, **kw) -> go.Figure:
+    fig.update_layout(template=TEMPLATE, font=FONT, title={"text": title, "x": 0.5}, **kw)
+    return fig
+
+
+def plot_conflict_heatmap(space: ConflictSpace, table: pd.DataFrame | None = None) -> go.Figure:
+    """The cosine matrix C in clustering order, diverging colours centred at 0.
+
+    Args:
+        table: optional per-source columns (indexed by source name) shown on hover.
+
+    Returns:
+        A heatmap whose ``z`` is ``C[order][:, order]`` and whose axes are the ordered names.
+    """
+    order = list(space.order)
+    names = [space.names[i] for i in order]
+    z = space.cosine[np.ix_(order, order)]
+    extra = [""] * len(names)
+    if table is not None:
+        cols = [c for c in table.columns if c not in ("source",)][:6]
+        extra = [
+            "<br>".join(f"{c}: {table.loc[n, c]}" for c in cols) if n in table.index else ""
+            for n in names
+        ]
+    hover = [
+        [
+            f"{names[i]} × {names[j]}<br>cos = {z[i, j]:+.3f}<br>{extra[i]}"
+            for j in range(len(names))
+        ]
+        for i in range(len(names))
+    ]
+    lim = float(np.abs(z[~np.eye(len(names), dtype=bool)]).max()) if len(names) > 1 else 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=names,
+            y=names,
+            zmin=-lim,
+            zmax=lim,
+            colorscale="RdBu_r",
+            text=hover,
+            hoverinfo="text",
+            colorbar={"title": "cos"},
+        )
+    )
+    fig.update_yaxes(autorange="reversed", tickfont={"size": 9})
+    fig.update_xaxes(tickangle=-60, tickfont={"size": 9})
+    return _layout(fig, "Gradient conflict matrix C (clustered)", width=760, height=700)
+
+
+def plot_conflict_scatter(
+    space: ConflictSpace,
+    table: pd.DataFrame | None = None,
+    *,
+    color: str | None = None,
+    dims: int = 2,
+) -> go.Figure:
+    """Sources in the PCA conflict space (PC1-2, or PC1-3 with ``dims=3``), a trace per colour.
+
+    Args:
+        table: per-source columns indexed by source name (hover text and colouring).
+        color: the column of ``table`` to colour by (a group, family or planted label).
+    """
+    if dims not in (2, 3):
+        raise ValueError("dims must be 2 or 3")
+    z = space.coords(dims)
+    names = list(space.names)
+    frame = pd.DataFrame(z, columns=[f"PC{i + 1}" for i in range(dims)], index=names)
+    if table is not None:
+        frame = frame.join(table.drop(columns=[c for c in frame.columns if c in table.columns]))
+    key = color if color is not None and color in frame.columns else None
+    values = frame[key].astype(str) if key else pd.Series("source", index=frame.index)
+    colors = color_map(values)
+    ev = space.explained_variance_ratio
+    hover_cols = [c for c in frame.columns if not c.startswith("PC")][:8]
+    fig = go.Figure()
+    for v in sorted(colors, key=str):
+        sub = frame[values == v]
+        text = [
+            f"<b>{n}</b><br>" + "<br>".join(f"{c}: {sub.loc[n, c]}" for c in hover_cols)
+            for n in sub.index
+        ]
+        marker = {"color": colors[v], "size": 9 if dims == 2 else 5, "line": {"width": 0.5}}
+        common = dict(name=str(v), text=text, hoverinfo="text", mode="markers", marker=marker)
+        if dims == 2:
+            fig.add_trace(go.Scatter(x=sub["PC1"], y=sub["PC2"], **common))
+        else:
+            fig.add_trace(go.Scatter3d(x=sub["PC1"], y=sub["PC2"], z=sub["PC3"], **common))
+    labels = [f"PC{i + 1} ({ev[i]:.0%})" for i in range(dims)]
+    if dims == 2:
+        fig.update_xaxes(title=labels[0], zeroline=True)
+        fig.update_yaxes(title=labels[1], zeroline=True)
+    else:
+        fig.update_layout(
+            scene={"xaxis_title": labels[0], "yaxis_title": labels[1], "zaxis_title": labels[2]}
+        )
+    title = f"Conflict space{f', coloured by {key}' if key else ''}"
+    return _layout(fig, title, width=720, height=560, legend_title_text=key or "")
+
+
+def plot_explained_variance(space: ConflictSpace, top: int = 10) -> go.Figure:
+    """Bars of each PCA axis's share of the variance of the normalised gradients, with the sum."""
+    ev = space.explained_variance_ratio[:top]
+    axes = [f"PC{i + 1}" for i in range(len(ev))]
+    fig = go.Figure(go.Bar(x=axes, y=ev, marker_color=PALETTE[0], name="per axis"))
+    fig.add_trace(
+        go.Scatter(x=axes, y=np.cumsum(ev), mode="lines+markers", name="cumulative",
+                   line={"color": PALETTE[3]})
+    )  # fmt: skip
+    fig.update_yaxes(title="explained variance", tickformat=".0%", range=[0, 1.02])
+    return _layout(fig, "Explained variance of the conflict space", width=620, height=400)
+
+
+def save_figure(
+    fig: go.Figure, stem: str | Path, *, formats: Sequence[str] = ("png", "svg")
+) -> list[Path]:
+    """Write ``<stem>.html`` always, plus static images when a renderer (kaleido) is available.
+
+    Returns:
+        The files written. A missing static renderer is logged once, not raised: the HTML holds
+        the figure either way.
+    """
+    from merit_lab.io import atomic_write_text
+
+    stem = Path(stem)
+    written = [atomic_write_text(stem.with_suffix(".html"), fig.to_html(include_plotlyjs=True))]
+    for fmt in formats:
+        path = stem.with_suffix(f".{fmt}")
+        try:
+            from merit_lab.io import atomic_write_bytes
+
+            written.append(atomic_write_bytes(path, fig.to_image(format=fmt, scale=2)))
+        except Exception as e:  # kaleido missing, or no Chromium for it to drive
+            log.warning("static export to %s skipped (%s); the HTML has the figure", fmt, e)
+            break
+    return written

@@ -1,0 +1,52 @@
+"""Shared fixtures: the demo tokenizer, a pico Llama, and a tiny mixture written to a tmp folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from merit_lab.models import build_pico_llama, load_tokenizer
+
+torch.set_num_threads(2)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def chat(prompt: str, response: str, **extra) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": response},
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    return load_tokenizer("demo")
+
+
+@pytest.fixture(scope="session")
+def pico_model(demo_tokenizer):
+    return build_pico_llama(vocab_size=len(demo_tokenizer), seed=0)
+
+
+@pytest.fixture
+def tiny_mixture_dir(tmp_path: Path) -> Path:
+    """Four sources of 12 short chat examples each, one JSONL file per source."""
+    folder = tmp_path / "mix"
+    for s, (op, fn) in enumerate(
+        [("add", lambda a, b: a + b), ("sub", lambda a, b: a - b), ("max", max), ("min", min)]
+    ):
+        pairs = zip(range(12), range(3, 15), strict=True)
+        recs = [chat(f"{op} {a} {b}", str(fn(a, b))) for a, b in pairs]
+        write_jsonl(folder / f"src{s}_{op}.jsonl", recs)
+    return folder

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import merit_lab.gradients as gradients_mod
+from merit_lab.formatting import tokenize_examples
+from merit_lab.gradients import GradientBank, estimate_gradients
+from merit_lab.mixture import load_mixture
+from merit_lab.sketch import SketchSpec
+
+EXACT = SketchSpec(kind="exact")
+
+
+@pytest.fixture(scope="module")
+def small_demo():
+    """Four demo sources; the first 12 calibration examples of each are used."""
+    m = load_mixture("demo")
+    return m.select(m.names[:4])
+
+
+def test_micro_batches_equal_one_batch(pico_model, demo_tokenizer, small_demo):
+    one = estimate_gradients(
+        pico_model, demo_tokenizer, small_demo, sketch=EXACT, n=12, micro_batch_size=12,
+        progress=False,
+    )  # fmt: skip
+    many = estimate_gradients(
+        pico_model, demo_tokenizer, small_demo, sketch=EXACT, n=12, micro_batch_size=5,
+        progress=False,
+    )  # fmt: skip
+    assert one.rows.shape == (4, sum(p.numel() for p in pico_model.parameters()))
+    np.testing.assert_allclose(many.rows, one.rows, rtol=1e-5, atol=1e-6 * np.abs(one.rows).max())
+    for name in small_demo.names:
+        assert one.stats[name]["loss"] == pytest.approx(many.stats[name]["loss"], rel=1e-6)
+        assert one.stats[name]["grad_norm"] == pytest.approx(np.linalg.norm(one.row(name)), 1e-5)
+
+
+def test_gradient_matches_finite_difference(pico_model, demo_tokenizer, small_demo):
+    model = copy.deepcopy(pico_model).double()
+    src = small_demo.sources[0]
+    bank = estimate_gradients(
+        model, demo_tokenizer, small_demo.select([src.name]), sketch=EXACT, n=6,
+        micro_batch_size=4, progress=False,
+    )  # fmt: skip
+    g = torch.from_numpy(bank.rows[0]).double()  # float32 storage of a float64 gradient
+    examples = tokenize_examples(demo_tokenizer, src.calibration[:6])
+    params = [p for p in model.parameters()]
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v /= v.norm()
+
+    def loss_at(x: torch.Tensor) -> float:
+        torch.nn.utils.vector_to_parameters(x, params)
+        with torch.no_grad():
+            loss, _ = _mean_loss(model, examples, demo_tokenizer.pad_token_id)
+        return loss
+
+    eps = 1e-5
+    fd = (loss_at(theta + eps * v) - loss_at(theta - eps * v)) / (2 * eps)
+    torch.nn.utils.vector_to_parameters(theta, params)
+    assert float(g @ v) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def _mean_loss(model, examples, pad_id):
+    from merit_lab.formatting import IGNORE_INDEX, collate
+
+    b = collate(examples, pad_id)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )  # fmt: skip
+    return float(loss), None
+
+
+def test_resume_after_kill_and_incremental_sources(
+    pico_model, demo_tokenizer, small_demo, tmp_path, monkeypatch
+):
+    kwargs = dict(sketch=SketchSpec(dim=256, seed=1), n=8, micro_batch_size=8, progress=False)
+    full = estimate_gradients(pico_model, demo_tokenizer, small_demo, **kwargs)
+    calls: list[int] = []
+    real = gradients_mod.source_gradient
+
+    def dies_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for a kill after two finished sources
+        return real(*a, **k)
+
+    monkeypatch.setattr(gradients_mod, "source_gradient", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_gradients(pico_model, demo_tokenizer, small_demo, out_dir=tmp_path, **kwargs)
+    assert len(list((tmp_path / "parts").glob("*.safetensors"))) == 2
+    assert not (tmp_path / "bank.json").exists()
+    assert all(p.requires_grad for p in pico_model.parameters())  # flags restored
+
+    calls.clear()
+    first3 = small_demo.names[:3]
+    bank = estimate_gradients(
+        pico_model, demo_tokenizer, small_demo, out_dir=tmp_path, sources=first3, **kwargs
+    )
+    assert len(calls) == 1  # only the unfinished source is computed
+    np.testing.assert_array_equal(bank.rows, full.rows[:3])
+
+    calls.clear()
+    bank = estimate_gradients(pico_model, demo_tokenizer, small_demo, out_dir=tmp_path, **kwargs)
+    assert len(calls) == 1  # adding one source computes only that one
+    np.testing.assert_array_equal(bank.rows, full.rows)
+    loaded = GradientBank.load(tmp_path)
+    assert loaded.names == small_demo.names
+    np.testing.assert_array_equal(loaded.rows, full.rows)
+
+    calls.clear()
+    other = estimate_gradients(
+        pico_model, demo_tokenizer, small_demo, out_dir=tmp_path,
+        **{**kwargs, "sketch": SketchSpec(dim=256, seed=2)},
+    )  # fmt: skip
+    assert len(calls) == 4  # another sketch seed never reuses old parts
+    assert not np.allclose(other.rows, full.rows)
+
+
+def test_two_processes_same_seed_identical_rows(pico_model, demo_tokenizer, small_demo, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import torch
+        torch.set_num_threads(2)
+        from merit_lab.gradients import estimate_gradients
+        from merit_lab.mixture import load_mixture
+        from merit_lab.models import build_pico_llama, load_tokenizer
+        from merit_lab.sketch import SketchSpec
+        tok = load_tokenizer("demo")
+        m = load_mixture("demo")
+        m = m.select(m.names[:4])
+        model = build_pico_llama(vocab_size=len(tok), seed=0)
+        estimate_gradients(model, tok, m, sketch=SketchSpec(dim=512, seed=7), n=8,
+                           out_dir=r"{tmp_path}", progress=False)
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1])
+    here = estimate_gradients(
+        pico_model, demo_tokenizer, small_demo, sketch=SketchSpec(dim=512, seed=7), n=8,
+        progress=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(GradientBank.load(tmp_path).rows, here.rows)
+
+
+def test_parameter_selection_and_non_finite_loss(pico_model, demo_tokenizer, small_demo):
+    mlp = estimate_gradients(
+        pico_model, demo_tokenizer, small_demo, sketch=EXACT, n=4, include=["*.mlp.*"],
+        progress=False,
+    )  # fmt: skip
+    n_mlp = sum(p.numel() for n, p in pico_model.named_parameters() if ".mlp." in n)
+    assert mlp.rows.shape[1] == n_mlp == mlp.info["n_parameters"]
+    broken = copy.deepcopy(pico_model)
+    with torch.no_grad():
+        broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=small_demo.names[0]):
+        estimate_gradients(broken, demo_tokenizer, small_demo, n=4, progress=False)
