@@ -1,0 +1,164 @@
+"""Evaluation stage: held-out loss and exact match of greedy answers, per source and checkpoint.
+
+Input: a model (or HF folder), its tokenizer and a `Mixture`. Output: a long table with one row
+per (model, source, metric), written to ``eval.parquet``; `summarize_eval` turns it into the
+paper-style table (rows = models, columns = per-family scores and their average).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from merit_lab.formatting import IGNORE_INDEX, collate, tokenize_examples
+from merit_lab.mixture import Mixture
+
+__all__ = ["evaluate_model", "greedy_answers", "heldout_loss", "summarize_eval"]
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[dict],
+    *,
+    max_length: int = 256,
+    batch_size: int = 32,
+) -> float:
+    """Mean response-token cross-entropy over ``examples`` (all their response tokens pooled)."""
+    toks = tokenize_examples(tokenizer, examples, max_length)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for i in range(0, len(toks), batch_size):
+        b = {k: v.to(device) for k, v in collate(toks[i : i + batch_size], pad).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                b["labels"][:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+        )
+        count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[dict],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy completions of each example's last assistant turn (prompt = everything before it)."""
+    device = next(model.parameters()).device
+    prompts = [
+        tokenizer.apply_chat_template(
+            ex["messages"][:-1], tokenize=False, add_generation_prompt=True
+        )
+        for ex in examples
+    ]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(
+                prompts[i : i + batch_size],
+                add_special_tokens=False,
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += [s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer,
+    mixture: Mixture,
+    *,
+    label: str,
+    split: str = "eval",
+    sources: Sequence[str] | None = None,
+    max_examples: int | None = None,
+    max_length: int = 256,
+    exact_match: bool = True,
+    max_new_tokens: int = 48,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Held-out loss (and exact match of greedy answers) of one model on every source.
+
+    Args:
+        label: the model's name in the table (e.g. "joint-1ep", "merit-2d").
+        split: which split to score (``eval`` = held out; ``train`` for the train-loss side of
+            the merge-readiness diagnostics).
+        max_examples: score only the first n examples per source (smoke settings).
+
+    Returns:
+        Long table: columns model, source, family, split, metric, value, n.
+    """
+    model.eval()
+    rows = []
+    names = list(sources) if sources is not None else list(mixture.names)
+    for name in tqdm(names, desc=f"evaluating {label}", unit="source", disable=not progress):
+        src = mixture[name]
+        examples = list(src.split(split))[:max_examples]
+        if not examples:
+            raise ValueError(f"source {name!r} has no {split} examples to evaluate")
+        family = str(src.metadata.get("family", name))
+        base = {"model": label, "source": name, "family": family, "split": split}
+        loss = heldout_loss(model, tokenizer, examples, max_length=max_length)
+        rows.append({**base, "metric": "loss", "value": loss, "n": len(examples)})
+        if exact_match:
+            answers = greedy_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+            refs = [ex["messages"][-1]["content"].strip() for ex in examples]
+            em = float(np.mean([a == r for a, r in zip(answers, refs, strict=True)]))
+            rows.append({**base, "metric": "exact_match", "value": em, "n": len(examples)})
+    return pd.DataFrame(rows)
+
+
+def summarize_eval(
+    table: pd.DataFrame | str | Path,
+    *,
+    metric: str = "exact_match",
+    split: str = "eval",
+    order: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """The paper's Table-2 layout: rows = models, columns = per-family means and their average.
+
+    Family scores are the mean over that family's sources; ``avg`` is the mean over families.
+    Exact match is reported in percent.
+    """
+    if not isinstance(table, pd.DataFrame):
+        table = pd.read_parquet(table)
+    sub = table[(table["metric"] == metric) & (table["split"] == split)]
+    if sub.empty:
+        raise ValueError(f"no {metric!r} rows on split {split!r}")
+    wide = sub.groupby(["model", "family"])["value"].mean().unstack("family")
+    wide["avg"] = wide.mean(axis=1)
+    if metric == "exact_match":
+        wide *= 100.0
+    if order is not None:
+        wide = wide.reindex([m for m in order if m in wide.index])
+    wide.columns.name = None
+    return wide

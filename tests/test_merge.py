@@ -1,0 +1,360 @@
+"""Tests for merit_lab.merge: numbers against independent computations on pico Llama checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from merit_lab.io import sha256_file
+from merit_lab.merge import (
+    MERGE_METHODS,
+    fingerprint_checkpoint,
+    merge_checkpoints,
+    merge_task_arithmetic,
+    merge_ties,
+)
+
+K = 3
+WEIGHTS = [0.5, 0.3, 0.2]
+SHARD = 40_000  # bytes: the ~91 KB fp32 pico model splits into 3 shards
+
+
+def _config(**kw) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        **kw,
+    )
+
+
+def _save_family(root: Path, dtype: torch.dtype, **cfg_kw) -> tuple[Path, list[Path]]:
+    """θ0 plus K branches θ0 + 0.01·N(0, 1) (seeded per branch), saved sharded by transformers."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(**cfg_kw)).to(dtype)
+    model.save_pretrained(root / "base", max_shard_size="40KB")
+    (root / "base" / "chat_template.jinja").write_text("BASE TEMPLATE")
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    base_fp = fingerprint_checkpoint(root / "base")
+    branches = []
+    for k in range(K):
+        gen = torch.Generator().manual_seed(100 + k)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(theta0[name] + 0.01 * torch.randn(p.shape, generator=gen).to(dtype))
+        model.save_pretrained(root / f"b{k}", max_shard_size="40KB")
+        (root / f"b{k}" / "chat_template.jinja").write_text("BRANCH TEMPLATE")
+        (root / f"b{k}" / "merit_branch.json").write_text(json.dumps({"base_fingerprint": base_fp}))
+        branches.append(root / f"b{k}")
+    return root / "base", branches
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory) -> tuple[Path, list[Path]]:
+    return _save_family(tmp_path_factory.mktemp("fp32"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory) -> tuple[Path, list[Path]]:
+    return _save_family(tmp_path_factory.mktemp("bf16"), torch.bfloat16)
+
+
+def _load(folder: Path) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        sd.update(load_file(f))
+    return sd
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(12)[None] % 64).logits
+
+
+def _no_trace(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), "temp folder left behind"
+
+
+# ----------------------------------------------------------------------------- linear / uniform
+def test_linear_fp32_matches_float64_average_and_loads(fp32, tmp_path):
+    _, branches = fp32
+    report = merge_checkpoints(branches, tmp_path / "m", weights=WEIGHTS, shard_size=SHARD)
+    sds = [_load(b) for b in branches]
+    ref = {
+        n: sum(w * sd[n].double() for w, sd in zip(WEIGHTS, sds, strict=True)).float()
+        for n in sds[0]
+    }
+    out = _load(tmp_path / "m")
+    assert len(list((tmp_path / "m").glob("model-*-of-00003.safetensors"))) == 3
+    assert out.keys() == ref.keys() and report.n_tensors == len(ref) == 21
+    for n in ref:
+        assert out[n].dtype == torch.float32
+        torch.testing.assert_close(out[n], ref[n], rtol=1e-6, atol=1e-8)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    independent = LlamaForCausalLM(_config())
+    independent.load_state_dict(ref)
+    torch.testing.assert_close(_logits(merged), _logits(independent), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_bf16_stays_bf16_and_equals_fp32_accumulation(bf16, tmp_path):
+    _, branches = bf16
+    merge_checkpoints(branches, tmp_path / "m", weights=WEIGHTS, shard_size=SHARD, progress=False)
+    sds = [_load(b) for b in branches]
+    out = _load(tmp_path / "m")
+    for n in sds[0]:
+        # the float32 accumulation merge_linear does: w0·θ0, then fused θ += w·θ_k
+        acc = sds[0][n].float() * WEIGHTS[0]
+        for w, sd in zip(WEIGHTS[1:], sds[1:], strict=True):
+            acc.add_(sd[n].float(), alpha=w)
+        assert out[n].dtype == torch.bfloat16
+        assert torch.equal(out[n], acc.to(torch.bfloat16)), n
+        # and within one bf16 rounding of the exact (float64) average
+        exact = sum(w * sd[n].double() for w, sd in zip(WEIGHTS, sds, strict=True))
+        torch.testing.assert_close(out[n].double(), exact, rtol=2**-8, atol=1e-6)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert merged.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_uniform_equals_linear_with_equal_weights(fp32, tmp_path):
+    _, branches = fp32
+    merge_checkpoints(branches, tmp_path / "u", method="uniform", progress=False)
+    merge_checkpoints(branches, tmp_path / "l", weights=[1 / 3] * 3, progress=False)
+    u, lin = _load(tmp_path / "u"), _load(tmp_path / "l")
+    assert all(torch.equal(u[n], lin[n]) for n in u)
+    assert [p.name for p in (tmp_path / "u").glob("*.safetensors")] == ["model.safetensors"]
+    assert not (tmp_path / "u" / "model.safetensors.index.json").exists()  # as save_pretrained
+
+
+def test_tied_embeddings_keep_the_inputs_keys(tmp_path):
+    base, branches = _save_family(tmp_path / "tied", torch.float32, tie_word_embeddings=True)
+    merge_checkpoints(branches, tmp_path / "m", base=base, progress=False)
+    out = _load(tmp_path / "m")
+    assert out.keys() == _load(branches[0]).keys() and "lm_head.weight" not in out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(merged.lm_head.weight, out["model.embed_tokens.weight"])
+
+
+# --------------------------------------------------------------------- task vectors, by hand
+def test_task_arithmetic_by_hand():
+    base = torch.tensor([1.0, 2.0, 3.0])
+    a, b = torch.tensor([2.0, 2.0, 2.0]), torch.tensor([1.0, 4.0, 3.0])  # δ = [1,0,-1], [0,2,0]
+    got = merge_task_arithmetic([a, b], [1.0, 1.0], base, lambda_=0.5)
+    assert torch.equal(got, torch.tensor([1.5, 3.0, 2.5]))  # θ0 + 0.5·[1, 2, -1]
+    got = merge_task_arithmetic([a, b], [0.25, 0.75], base)
+    assert torch.equal(got, torch.tensor([1.25, 3.5, 2.75]))  # θ0 + [.25, 1.5, -.25]
+
+
+def test_ties_by_hand():
+    base = torch.ones(5)
+    deltas = [
+        torch.tensor([0.5, -0.1, 0.3, -0.8, 0.05]),  # top-3 |.|: 0.8, 0.5, 0.3
+        torch.tensor([-0.2, 0.4, 0.6, -0.1, 0.7]),  # top-3: 0.7, 0.6, 0.4
+        torch.tensor([-0.9, 0.2, -0.05, 0.3, -0.6]),  # top-3: 0.9, 0.6, 0.3
+    ]
+    # trimmed:  [.5, 0, .3, -.8, 0], [0, .4, .6, 0, .7], [-.9, 0, 0, .3, -.6]
+    # sum:      [-.4, .4, .9, -.5, .1]  -> elected signs [-, +, +, -, +]
+    # agreeing: [-.9], [.4], [.3, .6], [-.8], [.7]  -> disjoint mean [-.9, .4, .45, -.8, .7]
+    got = merge_ties([base + d for d in deltas], [1.0] * 3, base, density=0.6, lambda_=0.5)
+    want = base + 0.5 * torch.tensor([-0.9, 0.4, 0.45, -0.8, 0.7])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_ties_weighted_election_and_zero_sum_counts_as_plus():
+    base = torch.zeros(2)
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([-3.0, 1.0])
+    # weighted: [3, -6], [-3, 1]; sum [0, -5] -> signs [+, -]; mean [3/3, -6/3]
+    got = merge_ties([a, b], [3.0, 1.0], base)
+    assert torch.equal(got, torch.tensor([1.0, -2.0]))
+    # unweighted: sum [-2, -1] -> [-, -]; agreeing [-3], [-2]
+    assert torch.equal(merge_ties([a, b], [1.0, 1.0], base), torch.tensor([-3.0, -2.0]))
+
+
+@pytest.mark.parametrize(
+    ("method", "params"), [("ties", {"density": 0.5, "lambda": 0.8}), ("task_arithmetic", {})]
+)
+def test_task_vector_checkpoints_apply_the_method_per_tensor(fp32, tmp_path, method, params):
+    base, branches = fp32
+    report = merge_checkpoints(
+        branches, tmp_path / "m", method=method, base=base, params=params, progress=False
+    )
+    sds, sd0, out = [_load(b) for b in branches], _load(base), _load(tmp_path / "m")
+    fn, kw = (
+        MERGE_METHODS[method].fn,
+        {k.replace("lambda", "lambda_"): v for k, v in params.items()},
+    )
+    for n in sd0:
+        torch.testing.assert_close(out[n], fn([sd[n] for sd in sds], [1.0] * K, sd0[n], **kw))
+    cfg = yaml.safe_load((tmp_path / "m" / "mergekit.yaml").read_text())
+    assert cfg["merge_method"] == method and cfg["base_model"] == str(base.resolve())
+    assert cfg["parameters"]["lambda"] == report.params["lambda"]
+    if method == "ties":
+        assert all(m["parameters"]["density"] == 0.5 for m in cfg["models"])
+
+
+# ----------------------------------------------------------------------- artifacts and manifest
+def test_manifest_index_and_mergekit_yaml(fp32, tmp_path):
+    base, branches = fp32
+    report = merge_checkpoints(
+        branches, tmp_path / "m", weights=WEIGHTS, base=base, shard_size=SHARD, progress=False
+    )
+    out = tmp_path / "m"
+    man = json.loads((out / "merge_manifest.json").read_text())
+    assert man["method"] == "linear" and man["weights"] == WEIGHTS
+    assert man["base_fingerprint"] == fingerprint_checkpoint(base) == report.base_fingerprint
+    for entry, folder in zip([*man["inputs"], man["base"]], [*branches, base], strict=True):
+        assert entry["path"] == str(folder.resolve())
+        assert entry["files"] == {p.name: sha256_file(p) for p in folder.glob("*.safetensors")}
+    on_disk = {p.name for p in out.iterdir()} - {"merge_manifest.json"}
+    assert set(man["output"]["files"]) == on_disk == set(report.output_sha256)
+    assert all(sha256_file(out / n) == h for n, h in man["output"]["files"].items())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = _load(out)
+    assert index["weight_map"].keys() == tensors.keys()
+    for key, shard in index["weight_map"].items():
+        assert key in load_file(out / shard)
+    for shard in set(index["weight_map"].values()):  # header padded to 8 bytes, as the format asks
+        assert int.from_bytes((out / shard).read_bytes()[:8], "little") % 8 == 0
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+    assert index["metadata"]["total_parameters"] == sum(t.numel() for t in tensors.values())
+    assert (out / "chat_template.jinja").read_text() == "BASE TEMPLATE"  # side files from θ0
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    cfg = yaml.safe_load((out / "mergekit.yaml").read_text())
+    assert cfg["merge_method"] == "linear" and cfg["out_dtype"] == "float32"
+    assert [m["model"] for m in cfg["models"]] == [str(b.resolve()) for b in branches]
+    assert [m["parameters"]["weight"] for m in cfg["models"]] == WEIGHTS
+
+
+def test_overwrite_replaces_an_existing_merge(fp32, tmp_path):
+    _, branches = fp32
+    merge_checkpoints(branches, tmp_path / "m", method="uniform", progress=False)
+    merge_checkpoints(branches, tmp_path / "m", weights=WEIGHTS, overwrite=True, progress=False)
+    assert json.loads((tmp_path / "m" / "merge_manifest.json").read_text())["method"] == "linear"
+
+
+def test_fingerprint_tracks_file_contents(fp32, tmp_path):
+    base, _ = fp32
+    shutil.copytree(base, tmp_path / "copy")
+    assert fingerprint_checkpoint(tmp_path / "copy") == fingerprint_checkpoint(base)
+    shard = next((tmp_path / "copy").glob("*.safetensors"))
+    sd = load_file(shard)
+    next(iter(sd.values()))[0] += 1
+    save_file(sd, shard, metadata={"format": "pt"})
+    assert fingerprint_checkpoint(tmp_path / "copy") != fingerprint_checkpoint(base)
+
+
+# ------------------------------------------------------------------------------------ refusals
+def _variant(src: Path, dst: Path, edit) -> Path:
+    """A one-file copy of checkpoint ``src`` whose state dict went through ``edit``."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    sd = _load(src)
+    edit(sd)
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _with_fingerprint(src: Path, dst: Path, fp: str) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "merit_branch.json").write_text(json.dumps({"base_fingerprint": fp}))
+    return dst
+
+
+def _nan(sd):
+    sd["model.norm.weight"][3] = float("nan")
+
+
+def _shift(sd):
+    sd["model.norm.weight"] += 1e-3
+
+
+REFUSALS = {
+    "missing key": (
+        lambda t, b, bs, bf: dict(
+            inputs=[bs[0], _variant(bs[1], t / "v", lambda sd: sd.pop("lm_head.weight"))]
+        ),
+        r"missing \['lm_head.weight'\]",
+    ),
+    "shape": (
+        lambda t, b, bs, bf: dict(
+            inputs=[
+                bs[0],
+                _variant(
+                    bs[1],
+                    t / "v",
+                    lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"][:16]}),
+                ),
+            ]
+        ),
+        r"'model.norm.weight' is F32\[32\] in .*b0 but F32\[16\] in .*v",
+    ),
+    "dtype": (lambda t, b, bs, bf: dict(inputs=[bs[0], bf[1][1]]), r"is F32\[.* but BF16\["),
+    "nan in input": (
+        lambda t, b, bs, bf: dict(inputs=[bs[0], _variant(bs[1], t / "v", _nan)]),
+        r"'model.norm.weight' has non-finite values in .*v",
+    ),
+    "non-finite result": (
+        lambda t, b, bs, bf: dict(
+            inputs=bs, base=b, method="task_arithmetic", params={"lambda": 1e300}
+        ),
+        r"task_arithmetic .*lambda.* gave non-finite values in 'model",
+    ),
+    "negative weight": (lambda t, b, bs, bf: dict(inputs=bs, weights=[1.2, -0.1, -0.1]), ">= 0"),
+    "sum != 1": (lambda t, b, bs, bf: dict(inputs=bs, weights=[0.5, 0.3, 0.3]), "summing to 1"),
+    "weight count": (lambda t, b, bs, bf: dict(inputs=bs, weights=[0.5, 0.5]), "2 weights for 3"),
+    "uniform weights": (
+        lambda t, b, bs, bf: dict(inputs=bs, method="uniform", weights=WEIGHTS),
+        "takes no weights",
+    ),
+    "unknown method": (lambda t, b, bs, bf: dict(inputs=bs, method="slerp"), "unknown merge"),
+    "unknown param": (
+        lambda t, b, bs, bf: dict(inputs=bs, base=b, method="ties", params={"k": 0.2}),
+        r"not \['k'\]",
+    ),
+    "density range": (
+        lambda t, b, bs, bf: dict(inputs=bs, base=b, method="ties", params={"density": 0}),
+        r"density must be in \(0, 1\]",
+    ),
+    "ties no base": (lambda t, b, bs, bf: dict(inputs=bs, method="ties"), "needs base="),
+    "task arithmetic no base": (
+        lambda t, b, bs, bf: dict(inputs=bs, method="task_arithmetic"),
+        "needs base=",
+    ),
+    "other base": (
+        lambda t, b, bs, bf: dict(inputs=bs, base=_variant(b, t / "b", _shift)),
+        "different base: its merit_branch.json records",
+    ),
+    "branches disagree": (
+        lambda t, b, bs, bf: dict(inputs=[bs[0], _with_fingerprint(bs[1], t / "v", "0" * 64)]),
+        "branches trained from different bases",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_leave_nothing_behind(fp32, bf16, tmp_path, case):
+    build, match = REFUSALS[case]
+    kwargs = build(tmp_path, fp32[0], fp32[1], bf16)
+    inputs = kwargs.pop("inputs")
+    with pytest.raises(ValueError, match=match):
+        merge_checkpoints(inputs, tmp_path / "out", progress=False, **kwargs)
+    _no_trace(tmp_path / "out")
+
+
+def test_refuses_an_existing_out_dir_and_leaves_it_alone(fp32, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        merge_checkpoints(fp32[1], tmp_path / "out", progress=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob(".out.*"))
