@@ -68,6 +68,7 @@ class Mixture:
     sources: tuple[Source, ...]
     origin: str = ""
     seed: int = 0
+    info: Mapping[str, Any] = field(default_factory=dict)  # sources.json beyond "sources"
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -98,7 +99,7 @@ class Mixture:
 
     def select(self, names: Iterable[str]) -> Mixture:
         """A mixture of the named sources, in the given order."""
-        return Mixture(tuple(self[n] for n in names), origin=self.origin, seed=self.seed)
+        return Mixture(tuple(self[n] for n in names), self.origin, self.seed, self.info)
 
     def metadata_table(self) -> list[dict[str, Any]]:
         """One dict per source: name, example counts per split and its metadata."""
@@ -234,17 +235,19 @@ def _split_examples(
     return tuple(train), tuple(calib), tuple(evals)
 
 
-def _read_metadata(folder: Path) -> dict[str, dict]:
+def _read_metadata(folder: Path) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Per-source metadata and the rest of ``sources.json`` (e.g. the names of planted axes)."""
     path = folder / "sources.json"
     if not path.exists():
-        return {}
+        return {}, {}
     from merit_lab.io import read_json
 
     meta = read_json(path)
-    sources = meta.get("sources", meta) if isinstance(meta, dict) else None
+    sources = meta.get("sources") if isinstance(meta, dict) else None
     if not isinstance(sources, dict):
-        raise MixtureError(f"{path}: expected {{'sources': {{name: {{...}}}}}}")
-    return {str(k): dict(v) for k, v in sources.items()}
+        raise MixtureError(f"{path}: expected {{'sources': {{name: {{...}}}}, ...}}")
+    info = {k: v for k, v in meta.items() if k != "sources"}
+    return {str(k): dict(v) for k, v in sources.items()}, info
 
 
 def _check_nonempty(name: str, train: Sequence, origin: str) -> None:
@@ -253,7 +256,7 @@ def _check_nonempty(name: str, train: Sequence, origin: str) -> None:
 
 
 def _load_folder(folder: Path, *, calibration_n: int, eval_fraction: float, seed: int) -> Mixture:
-    meta = _read_metadata(folder)
+    meta, info = _read_metadata(folder)
     sources = []
     if (folder / "train").is_dir():
         train_files = _source_files(folder / "train")
@@ -296,7 +299,7 @@ def _load_folder(folder: Path, *, calibration_n: int, eval_fraction: float, seed
                 name, examples, calibration_n=calibration_n, eval_fraction=eval_fraction, seed=seed
             )
             sources.append(Source(name, tr, ca, ev, meta.get(name, {}), str(path)))
-    return Mixture(tuple(sources), origin=str(folder), seed=seed)
+    return Mixture(tuple(sources), origin=str(folder), seed=seed, info=info)
 
 
 def _group_records(

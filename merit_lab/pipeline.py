@@ -123,7 +123,13 @@ def _stage_mixture(cfg: RunConfig, run: RunDir) -> None:
         )
     atomic_write_json(
         run.mixture,
-        {"key": key, "origin": mixture.origin, "seed": mixture.seed, "sources": sources},
+        {
+            "key": key,
+            "origin": mixture.origin,
+            "seed": mixture.seed,
+            "info": dict(mixture.info),
+            "sources": sources,
+        },
     )
 
 

@@ -1,0 +1,422 @@
+"""Training stage: fine-tune one branch (or the joint baseline) from θ0 on its sources.
+
+Input: a `BranchSpec` (``spec.json``): base model, mixture, sources, epochs, shared hyperparameters.
+Output: ``<output_dir>/`` with ``checkpoints/`` (resumable), ``final/`` (HF folder and
+``merit_branch.json``), ``log.jsonl`` (one line per optimizer step) and ``spec.json``.
+
+The loop is transformers' `Trainer`: its checkpoints restore weights, optimizer, scheduler, RNG and
+data position (``resume_from_checkpoint``), it does gradient accumulation with the right per-token
+normalisation, mixed precision and device placement, and people already know its folders. We
+keep the data order: a seeded example schedule read sequentially, so resuming skips exactly
+the batches trained and each source's token budget is the same whichever branch it lands in.
+Trainer loads ``optimizer.pt``/``scheduler.pt``/``rng_state.pth`` with ``torch.load(weights_only=
+True)`` and weights from safetensors; it still writes a pickled ``training_args.bin`` per
+checkpoint, which it never reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from merit_lab.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
+
+__all__ = ["BranchSpec", "branch_status", "train_branch", "train_branch_from_file"]
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+MANIFEST = "merit_branch.json"
+DEMO_BASE = Path(__file__).resolve().parents[1] / "data" / "demo" / "base"  # as models.py
+# Fields that may differ between a killed run and its resumption without changing the result
+# (a run folder may move, or go on on another machine).
+_RESUMABLE_CHANGES = ("output_dir", "device", "save_steps", "keep_checkpoints")
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """All one branch needs, self-contained so that any machine can train it from spec.json."""
+
+    name: str  # branch name, e.g. "0" or "joint"; used in logs and progress bars
+    base_model: str  # θ0: HF folder with safetensors weights (or "demo"); every branch shares it
+    output_dir: str  # branch folder: checkpoints/, final/, log.jsonl, spec.json
+    sources: tuple[str, ...]  # source names this branch trains on (all of them: joint baseline)
+    # load_mixture arguments (path, source_column, eval_fraction, seed, calibration_n); the same
+    # in every branch so every branch sees the same train split of each source
+    mixture: Mapping[str, Any] = field(default_factory=lambda: {"path": "demo"})
+    epochs: float = 1.0  # passes over each source's train split (1.0 = its token budget)
+    lr: float = 2e-5  # peak learning rate of AdamW, shared by all branches
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.03  # share of optimizer steps with linear warm-up
+    lr_scheduler: str = "cosine"  # "cosine", "linear" or "constant" after warm-up
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (0 turns it off)
+    max_length: int = 512  # tokens per example (right-truncated); tokens are counted after this
+    seed: int = 0  # data order and RNG; the same in every branch
+    device: str = "auto"  # "auto", "cpu" or "cuda" (one GPU per branch: pick it with the launcher)
+    dtype: str = "auto"  # compute dtype: "float32", or "bfloat16"/"float16" autocast over fp32
+    save_steps: int = 100  # write a resumable checkpoint every N optimizer steps
+    keep_checkpoints: bool = False  # keep checkpoints/ after final/ is written (~3x the weights)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))
+        object.__setattr__(self, "mixture", dict(self.mixture))
+        if not self.sources:
+            raise ValueError(f"branch {self.name!r}: no sources")
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"branch {self.name!r}: repeated sources {list(self.sources)}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {sorted(SCHEDULERS)}")
+        if not self.epochs > 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("need epochs > 0 and 0 <= warmup_ratio < 1")
+        if min(self.batch_size, self.grad_accum, self.save_steps, self.max_length) < 1:
+            raise ValueError("batch_size, grad_accum, save_steps and max_length must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-ready data (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["sources"] = list(self.sources)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BranchSpec:
+        """Build a spec from `to_dict` output; unknown keys are an error, not silently dropped."""
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown BranchSpec field(s) {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the spec as JSON (atomically)."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> BranchSpec:
+        """Read a spec written by `save`."""
+        return cls.from_dict(read_json(path))
+
+
+def _schedule(spec: BranchSpec, lengths: Mapping[str, Sequence[int]]) -> list[tuple[str, int]]:
+    """The training order: (source, example index) pairs, ``epochs`` passes over the union.
+
+    Each whole epoch is a fresh seeded permutation of the union; a fractional remainder takes
+    the first ``round(frac * n)`` examples of a per-source permutation seeded by the source name,
+    so a source contributes the same examples whichever branch it is in.
+    """
+    import numpy as np
+
+    whole, frac = int(spec.epochs), spec.epochs - int(spec.epochs)
+    union = [(s, i) for s in spec.sources for i in range(len(lengths[s]))]
+    order: list[tuple[str, int]] = []
+    for e in range(whole):
+        perm = np.random.default_rng([spec.seed, e]).permutation(len(union))
+        order += [union[j] for j in perm]
+    if frac > 1e-9:
+        part = []
+        for s in spec.sources:
+            salt = int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little")
+            perm = np.random.default_rng([spec.seed, salt]).permutation(len(lengths[s]))
+            part += [(s, int(i)) for i in perm[: round(frac * len(lengths[s]))]]
+        perm = np.random.default_rng([spec.seed, whole]).permutation(len(part))
+        order += [part[j] for j in perm]
+    return order
+
+
+class _ScheduleDataset:
+    """The schedule as a map-style dataset, read in order (Trainer's ``sequential`` sampler)."""
+
+    def __init__(self, examples: Mapping[str, Sequence], order: Sequence[tuple[str, int]]):
+        self.examples, self.order = examples, list(order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        s, j = self.order[i]
+        return self.examples[s][j]
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def _last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (written last) parses.
+
+    A kill during a save leaves a newer, partial folder; Trainer's own ``get_last_checkpoint``
+    would pick it and fail, so partial folders are removed here.
+    """
+    if not folder.is_dir():
+        return None
+    found = sorted(folder.glob("checkpoint-*"), key=_checkpoint_step, reverse=True)
+    for ckpt in found:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return ckpt
+        except (OSError, ValueError):
+            log.warning("removing incomplete checkpoint %s", ckpt)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def _read_log(path: Path) -> list[dict]:
+    out = []
+    for ln in path.read_text().splitlines() if path.exists() else ():
+        try:
+            out.append(json.loads(ln))
+        except ValueError:  # a line cut by a kill mid-write
+            break
+    return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the lines up to ``step``: steps after the checkpoint are trained and logged again."""
+    if path.exists():
+        keep = [r for r in _read_log(path) if r["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _make_callback(log_path: Path, name: str, epochs: float, total_steps: int):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class _BranchCallback(TrainerCallback):
+        """Appends one JSON line per logged step and drives one tqdm bar."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=total_steps, initial=state.global_step, desc=f"branch {name}")
+            self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+            self.tokens_per_s = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            rec = {
+                "step": state.global_step,
+                "total_steps": total_steps,
+                "loss": float(logs["loss"]),
+                "lr": float(logs.get("learning_rate", 0.0)),
+                "grad_norm": float(logs["grad_norm"]) if "grad_norm" in logs else None,
+                "tokens": int(state.num_input_tokens_seen),
+                "epoch": float(state.epoch or 0.0) * epochs,  # Trainer's single pass = `epochs`
+                "time": time.time(),
+            }
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+            seconds, tokens = time.perf_counter() - self.t0, state.num_input_tokens_seen
+            if tokens > self.tokens0:  # this session's throughput (a resumed run counts its part)
+                self.tokens_per_s = (tokens - self.tokens0) / seconds
+
+    return _BranchCallback()
+
+
+def _base_dtype(path: str):
+    import torch
+
+    cfg = read_json(Path(path) / "config.json")
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return getattr(torch, str(name), torch.float32)
+
+
+def _resolve_base(model: str) -> str:
+    """θ0's local folder: the merge compares branches by a fingerprint of its weight files."""
+    path = str(DEMO_BASE) if model == "demo" else model
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"base model {model!r}: no HF model folder at {path}")
+    return path
+
+
+def _write_spec(spec: BranchSpec) -> Path:
+    """Write ``<output_dir>/spec.json``, refusing a folder that holds a different branch.
+
+    Resuming someone else's checkpoints would silently mix two runs; only ``device`` may change.
+    """
+    path = Path(spec.output_dir) / "spec.json"
+    if path.is_file():
+        old = {k: v for k, v in read_json(path).items() if k not in _RESUMABLE_CHANGES}
+        new = {k: v for k, v in spec.to_dict().items() if k not in _RESUMABLE_CHANGES}
+        if old != new:
+            changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
+            raise ValueError(f"{path.parent} holds a different branch (fields {changed} differ)")
+    return spec.save(path)
+
+
+def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
+    """Fine-tune θ0 on the union of the spec's sources; resume from its last checkpoint if any.
+
+    Args:
+        spec: the branch to train.
+        callbacks: extra ``transformers.TrainerCallback`` objects (e.g. for notebooks or tests).
+
+    Returns:
+        ``<output_dir>/final``, an HF model folder with ``merit_branch.json``. A branch whose
+        ``final/`` is already complete is returned without training.
+    """
+    # Imported here: the launcher and `python -m merit_lab.train` start fast, and a spec that
+    # fails its checks fails before torch is loaded.
+    import numpy as np
+    import torch
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+    from merit_lab.formatting import collate, tokenize_examples
+    from merit_lab.merge import fingerprint_checkpoint
+    from merit_lab.mixture import load_mixture
+    from merit_lab.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    out = Path(spec.output_dir)
+    final = out / "final"
+    if (final / MANIFEST).is_file():
+        log.info("branch %s is done (%s); skipping", spec.name, final)
+        return final
+    _write_spec(spec)
+    base = _resolve_base(spec.base_model)
+    base_fingerprint = fingerprint_checkpoint(base)  # fails early on a base without safetensors
+    tokenizer = load_tokenizer(base)
+    mix_args = dict(spec.mixture)
+    mixture = load_mixture(mix_args.pop("path"), **mix_args).select(spec.sources)
+    examples = {s.name: tokenize_examples(tokenizer, s.train, spec.max_length) for s in mixture}
+    order = _schedule(spec, examples)
+    source_tokens = {s: 0 for s in spec.sources}
+    for s, j in order:
+        source_tokens[s] += examples[s][j].n_tokens
+    n_batches = math.ceil(len(order) / spec.batch_size)
+    total_steps = math.ceil(n_batches / spec.grad_accum)
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)  # "auto": bfloat16 on a GPU that has it
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=spec.lr,
+        weight_decay=spec.weight_decay,
+        lr_scheduler_type=SCHEDULERS[spec.lr_scheduler],
+        warmup_steps=math.ceil(spec.warmup_ratio * total_steps),
+        max_grad_norm=spec.max_grad_norm,
+        num_train_epochs=1,  # the schedule already holds `epochs` passes
+        train_sampling_strategy="sequential",  # the schedule is already shuffled, by our seed
+        seed=spec.seed,
+        logging_steps=1,
+        save_steps=spec.save_steps,
+        save_total_limit=1,  # rotation runs after the new checkpoint is complete
+        report_to="none",  # never wandb/mlflow/... even when installed
+        include_num_input_tokens_seen="non_padding",  # restored with trainer_state on resume
+        remove_unused_columns=False,
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,  # autocast over fp32 master weights, not pure half training
+        fp16=dtype == torch.float16,
+        disable_tqdm=True,
+        log_level="warning",
+    )
+    if args.n_gpu > 1:  # one GPU per branch; DataParallel would change the batch semantics
+        args._n_gpu = 1
+    model = load_model(base, device="cpu", dtype="float32")  # fp32 master weights
+    branch_cb = _make_callback(out / "log.jsonl", spec.name, spec.epochs, total_steps)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_ScheduleDataset(examples, order),
+        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        callbacks=[branch_cb, *callbacks],
+    )
+    trainer.remove_callback(ProgressCallback)  # our callback draws the bar and writes the log
+    trainer.remove_callback(PrinterCallback)
+    ckpt = _last_complete_checkpoint(out / "checkpoints")
+    _truncate_log(out / "log.jsonl", _checkpoint_step(ckpt) if ckpt else 0)
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+
+    tokens = int(trainer.state.num_input_tokens_seen)
+    if tokens != sum(source_tokens.values()):  # the schedule, not the loop, defines the budget
+        raise RuntimeError(f"trained {tokens} tokens, planned {sum(source_tokens.values())}")
+    history = _read_log(out / "log.jsonl")
+    manifest = {
+        "name": spec.name,
+        "base_model": spec.base_model,
+        "base_fingerprint": base_fingerprint,
+        "sources": list(spec.sources),
+        "epochs": spec.epochs,
+        "tokens": tokens,  # non-padding input tokens trained: the branch's merge weight N_k
+        "source_tokens": source_tokens,
+        "response_tokens": sum(examples[s][j].n_response_tokens for s, j in order),
+        "examples": len(order),
+        "steps": int(trainer.state.global_step),
+        "train_loss": float(np.mean([r["loss"] for r in history])) if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "tokens_per_s": branch_cb.tokens_per_s,  # of the last session, on `device`
+        "device": str(args.device),
+        "torch_threads": torch.get_num_threads(),
+        "spec": spec.to_dict(),
+    }
+    model = trainer.model.to("cpu", _base_dtype(base))  # same dtype as θ0, so merges line up
+    with atomic_dir(final, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MANIFEST, manifest)  # last: its presence marks final/ complete
+    if not spec.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return final
+
+
+def train_branch_from_file(path: str | Path) -> Path:
+    """Train the branch described by a ``spec.json`` (the CLI and launchers call this)."""
+    return train_branch(BranchSpec.load(path))
+
+
+def branch_status(output_dir: str | Path) -> dict[str, Any]:
+    """Where a branch stands, for a notebook to poll.
+
+    Returns:
+        ``state`` ("pending", "running" or "done"; a killed branch reads "running" until
+        relaunched, see ``updated``), ``step``, ``total_steps``, ``loss`` (last logged),
+        ``tokens`` and ``updated`` (unix time of the last log line, or None).
+    """
+    out = Path(output_dir)
+    history = _read_log(out / "log.jsonl")
+    last = history[-1] if history else {}
+    status = {
+        "name": out.name,
+        "state": "pending",
+        "step": last.get("step", 0),
+        "total_steps": last.get("total_steps"),
+        "loss": last.get("loss"),
+        "tokens": last.get("tokens", 0),
+        "updated": last.get("time"),
+    }
+    if (out / "final" / MANIFEST).is_file():
+        m = read_json(out / "final" / MANIFEST)
+        status.update(state="done", step=m["steps"], total_steps=m["steps"], tokens=m["tokens"])
+    elif history or (out / "checkpoints").is_dir():
+        status["state"] = "running"
+    return status
+
+
+def _main(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m merit_lab.train SPEC.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(train_branch_from_file(argv[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

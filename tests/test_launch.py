@@ -1,0 +1,107 @@
+"""Branch launching: in-process, local subprocesses (n_procs=2), submitit's local executor."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from merit_lab.demo.base import build_demo_tokenizer
+from merit_lab.launch import BranchFailedError, launch_branches
+from merit_lab.models import build_pico_llama
+from merit_lab.train import BranchSpec, branch_status
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> tuple[Path, Path]:
+    """A pico Llama θ0 with the demo tokenizer, and a 2-source mixture of 16 examples each."""
+    root = tmp_path_factory.mktemp("launch_assets")
+    tok = build_demo_tokenizer()
+    build_pico_llama(vocab_size=len(tok), seed=1).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    (root / "mix").mkdir()
+    for name, fn in {"add": lambda a, b: a + b, "min": min}.items():
+        rows = [{"prompt": f"{name} {a} {a % 5}", "response": str(fn(a, a % 5))} for a in range(16)]
+        (root / "mix" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "base", root / "mix"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Pico models train ~10x faster on one thread than on two (OpenMP sync dominates)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the subprocesses we start
+    yield
+    torch.set_num_threads(n)
+
+
+def make_spec(assets, out: Path, sources=("add",), **kw) -> BranchSpec:
+    base, mix = assets
+    return BranchSpec(
+        **{
+            "name": out.name,
+            "base_model": str(base),
+            "output_dir": str(out),
+            "sources": sources,
+            "mixture": {"path": str(mix), "eval_fraction": 0.0, "seed": 0, "calibration_n": 4},
+            "lr": 1e-2,
+            "batch_size": 4,
+            "max_length": 64,
+            "device": "cpu",
+            "dtype": "float32",
+            "save_steps": 2,
+            **kw,
+        }
+    )
+
+
+def manifest(final: Path) -> dict:
+    return json.loads((final / "merit_branch.json").read_text())
+
+
+def test_sequential_then_relaunch_skips(tmp_path, assets):
+    spec = make_spec(assets, tmp_path / "b0", sources=("add", "min"))
+    [final] = launch_branches([spec])
+    m = manifest(final)
+    assert m["steps"] == 8 and m["examples"] == 32 and m["sources"] == ["add", "min"]
+    t0 = time.perf_counter()
+    assert launch_branches([spec.save(tmp_path / "spec.json")], mode="local") == [final]
+    assert time.perf_counter() - t0 < 1.0  # finished: no subprocess was started
+    assert not (tmp_path / "b0" / "train.log").exists()
+
+
+def test_local_subprocesses_two_at_a_time(tmp_path, assets):
+    specs = [make_spec(assets, tmp_path / s, sources=(s,)) for s in ("add", "min")]
+    bad = make_spec(assets, tmp_path / "bad", base_model=str(tmp_path / "missing"))
+    # Three branches through two slots: the failure frees its slot and the others still finish.
+    with pytest.raises(BranchFailedError, match=r"(?s)branch 'bad' failed.*no HF model folder"):
+        launch_branches([specs[0], bad, specs[1]], mode="local", n_procs=2)
+    for spec in specs:
+        m = manifest(Path(spec.output_dir) / "final")
+        assert m["sources"] == list(spec.sources) and m["steps"] == 4 and m["examples"] == 16
+        assert m["tokens"] == sum(m["source_tokens"].values()) > 16 * 8
+        assert m["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)  # cores split 2 ways
+        assert branch_status(spec.output_dir)["state"] == "done"
+        assert (Path(spec.output_dir) / "train.log").is_file()
+    assert branch_status(bad.output_dir)["state"] == "pending"
+    # A re-launch of the good ones skips them and returns their final folders in order.
+    finals = launch_branches(specs, mode="local", n_procs=2)
+    assert finals == [tmp_path / "add" / "final", tmp_path / "min" / "final"]
+
+
+def test_submitit_local_executor(tmp_path, assets):
+    spec = make_spec(assets, tmp_path / "s0", sources=("min",))
+    finals = launch_branches(
+        [spec],
+        mode="slurm",
+        slurm={"cluster": "local", "timeout_min": 10},
+        executor_folder=tmp_path / "jobs",
+    )
+    assert finals == [tmp_path / "s0" / "final"]
+    assert manifest(finals[0])["steps"] == 4
+    assert any((tmp_path / "jobs").glob("*_log.out"))  # submitit's own job logs

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from merit_lab.cli import main
+from merit_lab.config import load_config
+from merit_lab.gradients import GradientBank
+from merit_lab.io import read_json
+from merit_lab.partition import Partition
+from merit_lab.pipeline import load_source_table, make_partition, run_pipeline
+
+
+def _config(tmp_path: Path, **extra) -> Path:
+    cfg = {
+        "name": "t",
+        "model": "demo",
+        "mixture": "demo",
+        "output_dir": str(tmp_path / "runs"),
+        "device": "cpu",
+        "calibration": {"n": 8, "micro_batch_size": 8},
+        "sketch": {"kind": "countsketch", "dim": 4096, "seed": 0},
+        "partition": {"method": "balanced", "r": 2},
+        **extra,
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys):
+    cfg = _config(tmp_path)
+    assert main(["run", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "t"
+    assert f"wrote {run.resolve()}" in out
+    for f in ["config.yaml", "mixture.json", "gradients/bank.safetensors", "gradients/bank.json",
+              "conflict.json", "partition.json"]:  # fmt: skip
+        assert (run / f).exists(), f
+    bank = GradientBank.load(run / "gradients")
+    mixture = read_json(run / "mixture.json")
+    assert bank.rows.shape == (len(mixture["sources"]), 4096)
+    part = Partition.load(run / "partition.json")
+    assert part.k == 4
+    assert sorted(n for g in part.groups for n in g) == sorted(bank.names)
+    assert sum(part.weights) == pytest.approx(1.0)
+    tokens = {s["name"]: s["train_tokens"] for s in mixture["sources"]}
+    expected = [sum(tokens[n] for n in g) / sum(tokens.values()) for g in part.groups]
+    np.testing.assert_allclose(part.weights, expected)
+
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert main(["run", str(cfg)]) == 0  # everything current: nothing is rewritten
+    changed = [
+        p for p, t in stamps.items() if p.stat().st_mtime_ns != t and p.name != "config.yaml"
+    ]
+    assert changed == []
+
+    assert main(["show", str(run)]) == 0
+    shown = capsys.readouterr().out
+    assert "partition: balanced, K=4" in shown and "4096 countsketch sketch" in shown
+    table = load_source_table(run)
+    assert set(table["group"]) == {"G0", "G1", "G2", "G3"}
+
+
+def test_changed_partition_setting_redoes_only_the_partition(tmp_path: Path):
+    run = run_pipeline(load_config(_config(tmp_path)))
+    bank_time = (run.gradients / "bank.safetensors").stat().st_mtime_ns
+    cfg = load_config(_config(tmp_path, partition={"method": "random", "k": 3, "seed": 1}))
+    run_pipeline(cfg)
+    assert (run.gradients / "bank.safetensors").stat().st_mtime_ns == bank_time
+    assert Partition.load(run.partition).k == 3
+
+
+def test_bad_config_and_k_larger_than_sources(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ncalibraton: {n: 3}\n")
+    assert main(["run", str(bad)]) == 2
+    assert "unknown keys ['calibraton']" in capsys.readouterr().err
+    run = run_pipeline(load_config(_config(tmp_path)), ["mixture", "gradients", "conflict"])
+    from merit_lab.conflict import ConflictSpace
+
+    space = ConflictSpace.load(run.conflict)
+    n = len(space.names)
+    with pytest.raises(ValueError, match="K"):
+        make_partition(space, dict.fromkeys(space.names, 1), dict.fromkeys(space.names, 1), k=n + 1)
