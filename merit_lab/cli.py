@@ -47,6 +47,23 @@ def _cmd_demo_base(args: argparse.Namespace) -> None:
     print(f"wrote the demo base model to {out}")
 
 
+def _cmd_train_branch(args: argparse.Namespace) -> None:
+    from merit_lab.train import train_branch_from_file
+
+    print(f"trained branch: {train_branch_from_file(args.spec)}")
+
+
+def _cmd_launch(args: argparse.Namespace) -> None:
+    from merit_lab.launch import launch_branches
+
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
+    slurm = {"partition": args.partition} if args.mode == "slurm" and args.partition else None
+    for path in launch_branches(
+        args.specs, mode=args.mode, n_procs=args.n_procs, gpus=gpus, slurm=slurm
+    ):
+        print(f"trained branch: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="merit-lab", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log each stage")
@@ -75,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default: data/demo/base)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=_cmd_demo_base)
+    t = sub.add_parser("train-branch", help="train one branch from its spec.json (resumes)")
+    t.add_argument("spec", help="runs/<name>/branches/<k>/spec.json")
+    t.set_defaults(func=_cmd_train_branch)
+
+    la = sub.add_parser("launch", help="train several branch specs: in-process, local, SLURM")
+    la.add_argument("specs", nargs="+", help="spec.json files")
+    la.add_argument("--mode", choices=["sequential", "local", "slurm"], default="sequential")
+    la.add_argument("--n-procs", type=int, help="local: concurrent CPU processes")
+    la.add_argument("--gpus", help="local: comma-separated GPU ids, one branch per GPU")
+    la.add_argument("--partition", help="slurm: partition name")
+    la.set_defaults(func=_cmd_launch)
     return p
 
 

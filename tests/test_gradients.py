@@ -19,6 +19,10 @@ from merit_lab.sketch import SketchSpec
 EXACT = SketchSpec(kind="exact")
 
 
+class _Killed(Exception):
+    """Stands in for SIGKILL (KeyboardInterrupt would stop pytest itself)."""
+
+
 @pytest.fixture(scope="module")
 def small_demo():
     """Four demo sources; the first 12 calibration examples of each are used."""
@@ -62,10 +66,14 @@ def test_gradient_matches_finite_difference(pico_model, demo_tokenizer, small_de
             loss, _ = _mean_loss(model, examples, demo_tokenizer.pad_token_id)
         return loss
 
-    eps = 1e-5
+    # Llama's RMSNorm computes in float32 even in a float64 model, so the loss carries ~1e-9
+    # noise: a larger step keeps that noise out of the difference quotient (the central
+    # difference's own error is O(eps^2) ~ 1e-6 relative here).
+    eps = 1e-3
     fd = (loss_at(theta + eps * v) - loss_at(theta - eps * v)) / (2 * eps)
     torch.nn.utils.vector_to_parameters(theta, params)
-    assert float(g @ v) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    assert float(g @ v) == pytest.approx(fd, rel=1e-4)
+    assert abs(float(g @ v)) > 1e-3  # the direction is not orthogonal to the gradient
 
 
 def _mean_loss(model, examples, pad_id):
@@ -86,16 +94,18 @@ def test_resume_after_kill_and_incremental_sources(
     kwargs = dict(sketch=SketchSpec(dim=256, seed=1), n=8, micro_batch_size=8, progress=False)
     full = estimate_gradients(pico_model, demo_tokenizer, small_demo, **kwargs)
     calls: list[int] = []
+    killed: list[int] = []
     real = gradients_mod.source_gradient
 
     def dies_on_third(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # stands in for a kill after two finished sources
+        if len(calls) == 3 and not killed:
+            killed.append(1)
+            raise _Killed  # stands in for a kill after two finished sources
         return real(*a, **k)
 
     monkeypatch.setattr(gradients_mod, "source_gradient", dies_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(_Killed):
         estimate_gradients(pico_model, demo_tokenizer, small_demo, out_dir=tmp_path, **kwargs)
     assert len(list((tmp_path / "parts").glob("*.safetensors"))) == 2
     assert not (tmp_path / "bank.json").exists()

@@ -86,3 +86,22 @@ def test_bad_config_and_k_larger_than_sources(tmp_path: Path, capsys):
     n = len(space.names)
     with pytest.raises(ValueError, match="K"):
         make_partition(space, dict.fromkeys(space.names, 1), dict.fromkeys(space.names, 1), k=n + 1)
+
+
+def test_public_api_resolves():
+    import merit_lab
+
+    for name in merit_lab.__all__:
+        assert getattr(merit_lab, name) is not None, name
+    with pytest.raises(AttributeError):
+        merit_lab.no_such_name  # noqa: B018
+
+
+def test_cli_train_branch_help(capsys):
+    from merit_lab.cli import build_parser
+
+    args = build_parser().parse_args(["launch", "a.json", "b.json", "--mode", "local"])
+    assert args.specs == ["a.json", "b.json"] and args.mode == "local"
+    with pytest.raises(SystemExit):
+        main(["train-branch", "--help"])
+    assert "spec.json" in capsys.readouterr().out
