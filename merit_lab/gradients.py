@@ -114,15 +114,11 @@ def source_gradient(
     loss_sum = 0.0
     for b in tqdm(batches, desc="micro-batches", leave=False, disable=not progress):
         b = {k: v.to(device) for k, v in b.items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            b["labels"][:, 1:].reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        (loss / total).backward()
-        loss_sum += float(loss.detach())
+        # The model's own shifted loss with num_items_in_batch = the global token count is
+        # sum(CE over this batch) / total: the same loss a plain training step computes.
+        loss = model(**b, num_items_in_batch=torch.tensor(total, device=device)).loss
+        loss.backward()
+        loss_sum += float(loss.detach()) * total
     return loss_sum / total, total
 
 
