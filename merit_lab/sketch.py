@@ -178,6 +178,21 @@ class GradientSketch:
             f"params={len(self._shapes)}, n={self.n_params})"
         )
 
+    def sketch_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sketch a flat gradient laid out as the ``exact`` kind lays it out (declared order).
+
+        Lets one exact gradient pass be compared with any sketch of the same gradients.
+
+        Args:
+            flat: (n_params,) the concatenated parameter gradients.
+        """
+        if flat.numel() != self.n_params:
+            raise ValueError(f"flat gradient has {flat.numel()} entries, expected {self.n_params}")
+        return self.sketch(
+            (name, flat[off : off + math.prod(shape)].view(shape))
+            for (name, shape), off in zip(self._shapes.items(), self._offsets.values(), strict=True)
+        )
+
     def zeros(self) -> torch.Tensor:
         """An empty row: (dim,) float32 on the sketch's device."""
         return torch.zeros(self.dim, dtype=torch.float32, device=self.device)

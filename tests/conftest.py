@@ -29,6 +29,16 @@ def chat(prompt: str, response: str, **extra) -> dict:
     }
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Training tests on pico models: one thread each (two threads contend on 2 busy cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the subprocesses we start
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     return load_tokenizer("demo")

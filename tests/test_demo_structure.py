@@ -33,15 +33,8 @@ def demo():
     # sketching inside estimate_gradients; test_gradients checks that path).
     params = [(n, tuple(p.shape)) for n, p in select_parameters(model)]
     sk = build_sketch(SketchSpec(), params)
-    rows = []
-    for row in exact.rows:
-        flat, off, named = torch.from_numpy(row), 0, []
-        for n, shape in params:
-            k = int(np.prod(shape))
-            named.append((n, flat[off : off + k].view(shape)))
-            off += k
-        rows.append(sk.sketch(named).numpy())
-    return mixture, exact, np.stack(rows)
+    rows = np.stack([sk.sketch_flat(torch.from_numpy(row)).numpy() for row in exact.rows])
+    return mixture, exact, rows
 
 
 def _labels(mixture, names, key):

@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from merit_lab.demo.base import build_demo_tokenizer
 from merit_lab.launch import BranchFailedError, launch_branches
 from merit_lab.models import build_pico_llama
 from merit_lab.train import BranchSpec, branch_status
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +29,6 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
         rows = [{"prompt": f"{name} {a} {a % 5}", "response": str(fn(a, a % 5))} for a in range(16)]
         (root / "mix" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "base", root / "mix"
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Pico models train ~10x faster on one thread than on two (OpenMP sync dominates)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the subprocesses we start
-    yield
-    torch.set_num_threads(n)
 
 
 def make_spec(assets, out: Path, sources=("add",), **kw) -> BranchSpec:

@@ -271,3 +271,15 @@ def test_countsketch_cpu_and_cuda_agree():
     row_cpu = build_sketch(spec, PARAMS).sketch(grads)
     row_gpu = build_sketch(spec, PARAMS, device=cuda).sketch([(n, g.cuda()) for n, g in grads])
     torch.testing.assert_close(row_gpu.cpu(), row_cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_sketch_flat_equals_per_parameter_sketch():
+    params = [("a", (3, 4)), ("b", (5,)), ("c", (2, 2, 2))]
+    gen = torch.Generator().manual_seed(0)
+    grads = [(n, torch.randn(s, generator=gen)) for n, s in params]
+    flat = torch.cat([g.flatten() for _, g in grads])
+    for spec in (SketchSpec(dim=16, seed=3), SketchSpec(kind="subsample", every=2)):
+        sk = build_sketch(spec, params)
+        torch.testing.assert_close(sk.sketch_flat(flat), sk.sketch(grads), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected 25"):
+        build_sketch(SketchSpec(dim=16), params).sketch_flat(flat[:-1])

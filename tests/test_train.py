@@ -29,6 +29,8 @@ from merit_lab.train import (
     train_branch,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 OPS = {"add": lambda a, b: a + b, "max": max}
 
@@ -48,16 +50,6 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
         (root / "mix").mkdir(exist_ok=True)
         (root / "mix" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "base", root / "mix"
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Pico models train ~10x faster on one thread than on two (OpenMP sync dominates)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the subprocesses we start
-    yield
-    torch.set_num_threads(n)
 
 
 def make_spec(assets, out: Path, **kw) -> BranchSpec:
