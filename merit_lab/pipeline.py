@@ -19,7 +19,7 @@ import pandas as pd
 from merit_lab.config import RunConfig, config_hash, load_config
 from merit_lab.conflict import ConflictSpace, compute_conflict_space
 from merit_lab.gradients import GradientBank, estimate_gradients
-from merit_lab.io import atomic_write_json, read_json, sha256_file
+from merit_lab.io import atomic_write_json, read_json
 from merit_lab.mixture import SPLITS, Mixture, load_mixture
 from merit_lab.partition import (
     Partition,
@@ -74,12 +74,11 @@ class RunDir:
 
 
 def _model_fingerprint(model: str) -> str:
-    """Hash of the weight files when ``model`` is a folder, else the hub id as given."""
-    folder = Path(model)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        return model
-    return config_hash([(f.name, sha256_file(f)) for f in files])
+    """`fingerprint_checkpoint` of a local folder (the value branches record as their base), else
+    the hub id as given."""
+    from merit_lab.merge import fingerprint_checkpoint
+
+    return fingerprint_checkpoint(model) if any(Path(model).glob("*.safetensors")) else model
 
 
 def load_run_mixture(cfg: RunConfig) -> Mixture:
@@ -138,9 +137,10 @@ def _stage_gradients(cfg: RunConfig, run: RunDir) -> None:
 
     names = [s["name"] for s in read_json(run.mixture)["sources"]]
     model_path = resolve_model_path(cfg.model)
+    fingerprint = _model_fingerprint(model_path)
     key = config_hash(
         cfg.mixture, cfg.seed, cfg.calibration, cfg.sketch, cfg.parameters, cfg.dtype, names,
-        _model_fingerprint(model_path),
+        fingerprint,
     )  # fmt: skip
     bank_json = run.gradients / "bank.json"
     if bank_json.exists() and read_json(bank_json)["info"].get("stage_key") == key:
@@ -163,7 +163,7 @@ def _stage_gradients(cfg: RunConfig, run: RunDir) -> None:
         exclude=cfg.parameters.exclude,
         out_dir=run.gradients,
         sources=names,
-        model_fingerprint=_model_fingerprint(model_path),
+        model_fingerprint=fingerprint,
     )
     GradientBank(bank.names, bank.rows, {**bank.info, "stage_key": key}, bank.stats).save(
         run.gradients

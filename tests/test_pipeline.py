@@ -41,6 +41,11 @@ def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys):
               "conflict.json", "partition.json"]:  # fmt: skip
         assert (run / f).exists(), f
     bank = GradientBank.load(run / "gradients")
+    from merit_lab.merge import fingerprint_checkpoint
+    from merit_lab.models import resolve_model_path
+
+    # The bank names θ0 the way trained branches do, so a merge can check both against it.
+    assert bank.info["model"] == fingerprint_checkpoint(resolve_model_path("demo"))
     mixture = read_json(run / "mixture.json")
     assert bank.rows.shape == (len(mixture["sources"]), 4096)
     part = Partition.load(run / "partition.json")

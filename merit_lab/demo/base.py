@@ -109,24 +109,13 @@ def _encode_batch(
     tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]]
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``attention_mask``/``labels`` with the prompt masked (-100)."""
-    rows: list[tuple[list[int], int]] = []
-    for prompt, response in pairs:
-        user = [{"role": "user", "content": prompt}]
-        head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(
-            [*user, {"role": "assistant", "content": response}], tokenize=False
-        )
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        rows.append((ids, len(tokenizer(head, add_special_tokens=False)["input_ids"])))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-        attention_mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    from merit_lab.formatting import collate, tokenize_example
+
+    examples = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
+        for p, r in pairs
+    ]
+    return collate([tokenize_example(tokenizer, ex) for ex in examples], tokenizer.pad_token_id)
 
 
 def pretrain_demo_base(
