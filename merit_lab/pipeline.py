@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -68,6 +67,15 @@ class RunDir:
     @property
     def partition(self) -> Path:
         return self.root / "partition.json"
+
+    def artifact(self, stage: str) -> Path:
+        """The file (or folder) whose presence marks ``stage`` as done."""
+        return {
+            "mixture": self.mixture,
+            "gradients": self.gradients / "bank.json",
+            "conflict": self.conflict,
+            "partition": self.partition,
+        }[stage]
 
     def load_config(self) -> RunConfig:
         return load_config(self.config)
@@ -275,12 +283,7 @@ def run_pipeline(
 def _clear_stage(run: RunDir, name: str) -> None:
     import shutil
 
-    path = {
-        "mixture": run.mixture,
-        "gradients": run.gradients,
-        "conflict": run.conflict,
-        "partition": run.partition,
-    }[name]
+    path = run.gradients if name == "gradients" else run.artifact(name)
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
@@ -333,15 +336,10 @@ def run_summary(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def stage_status(run_dir: str | Path) -> dict[str, Any]:
-    """Which artifacts exist in a run directory (for notebooks polling a run)."""
+def stage_status(run_dir: str | Path) -> dict[str, bool]:
+    """Which stages' artifacts exist in a run directory (for notebooks polling a run)."""
     run = RunDir(Path(run_dir))
-    return {
-        "mixture": run.mixture.exists(),
-        "gradients": (run.gradients / "bank.json").exists(),
-        "conflict": run.conflict.exists(),
-        "partition": run.partition.exists(),
-    }
+    return {name: run.artifact(name).exists() for name in STAGES}
 
 
 def load_source_table(run_dir: str | Path) -> pd.DataFrame:

@@ -162,15 +162,13 @@ def save_figure(
         The files written. A missing static renderer is logged once, not raised: the HTML holds
         the figure either way.
     """
-    from merit_lab.io import atomic_write_text
+    from merit_lab.io import atomic_write_bytes, atomic_write_text
 
     stem = Path(stem)
     written = [atomic_write_text(stem.with_suffix(".html"), fig.to_html(include_plotlyjs=True))]
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
         try:
-            from merit_lab.io import atomic_write_bytes
-
             written.append(atomic_write_bytes(path, fig.to_image(format=fmt, scale=2)))
         except Exception as e:  # kaleido missing, or no Chromium for it to drive
             log.warning("static export to %s skipped (%s); the HTML has the figure", fmt, e)

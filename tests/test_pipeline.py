@@ -66,6 +66,9 @@ def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys):
     assert main(["show", str(run)]) == 0
     shown = capsys.readouterr().out
     assert "partition: balanced, K=4" in shown and "4096 countsketch sketch" in shown
+    from merit_lab.pipeline import STAGES, stage_status
+
+    assert stage_status(run) == dict.fromkeys(STAGES, True)
     table = load_source_table(run)
     assert set(table["group"]) == {"G0", "G1", "G2", "G3"}
 
@@ -73,6 +76,10 @@ def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys):
 def test_changed_partition_setting_redoes_only_the_partition(tmp_path: Path):
     run = run_pipeline(load_config(_config(tmp_path)))
     bank_time = (run.gradients / "bank.safetensors").stat().st_mtime_ns
+    from merit_lab.pipeline import stage_status
+
+    (run.partition).unlink()
+    assert stage_status(run.root)["partition"] is False and stage_status(run.root)["conflict"]
     cfg = load_config(_config(tmp_path, partition={"method": "random", "k": 3, "seed": 1}))
     run_pipeline(cfg)
     assert (run.gradients / "bank.safetensors").stat().st_mtime_ns == bank_time

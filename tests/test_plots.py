@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from merit_lab.conflict import compute_conflict_space
+from merit_lab.plots import (
+    plot_conflict_heatmap,
+    plot_conflict_scatter,
+    plot_explained_variance,
+    save_figure,
+)
+
+
+@pytest.fixture(scope="module")
+def space():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    rows = [
+        s * a + t * b + 0.3 * rng.normal(size=50) for s in (1, -1) for t in (1, -1) for _ in "xy"
+    ]
+    return compute_conflict_space(np.stack(rows), [f"s{i}" for i in range(8)])
+
+
+def test_heatmap_shows_c_in_clustering_order(space):
+    fig = plot_conflict_heatmap(space)
+    order = list(space.order)
+    np.testing.assert_array_equal(np.asarray(fig.data[0].z), space.cosine[np.ix_(order, order)])
+    assert list(fig.data[0].x) == [space.names[i] for i in order]
+    assert fig.data[0].zmin == -fig.data[0].zmax  # diverging scale centred at 0
+
+
+def test_scatter_points_are_the_embedding(space):
+    table = pd.DataFrame(
+        {"source": space.names, "group": ["A"] * 4 + ["B"] * 4}, index=list(space.names)
+    )
+    fig = plot_conflict_scatter(space, table, color="group")
+    assert [t.name for t in fig.data] == ["A", "B"]
+    for trace, idx in zip(fig.data, (range(4), range(4, 8)), strict=True):
+        z = space.coords(2)[list(idx)]
+        np.testing.assert_allclose(trace.x, z[:, 0])
+        np.testing.assert_allclose(trace.y, z[:, 1])
+    fig3 = plot_conflict_scatter(space, dims=3)
+    np.testing.assert_allclose(fig3.data[0].z, space.coords(3)[:, 2])
+    bars = plot_explained_variance(space, top=3)
+    np.testing.assert_allclose(bars.data[0].y, space.explained_variance_ratio[:3])
+
+
+def test_save_figure_writes_html_even_without_a_static_renderer(space, tmp_path):
+    written = save_figure(plot_explained_variance(space), tmp_path / "ev")
+    assert written[0] == tmp_path / "ev.html"
+    assert "plotly" in written[0].read_text()[:100000].lower()
