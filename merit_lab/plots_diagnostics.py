@@ -1,0 +1,142 @@
+"""Figures of the merge-readiness diagnostics: one plotly builder per diagnostic.
+
+Input: the dicts and tables of `merit_lab.diagnostics` (interpolation curves, displacements,
+perturbation tables, spectral filtering), keyed by a model or pair label. Output: ``go.Figure``
+objects that never call ``.show()``; colours per label are stable across figures (`color_map`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from merit_lab.diagnostics import summarize_perturbation
+from merit_lab.plots import FONT, PALETTE, TEMPLATE, color_map
+
+__all__ = [
+    "plot_displacement",
+    "plot_interpolation",
+    "plot_perturbation",
+    "plot_spectral_filtering",
+]
+
+
+def _layout(fig: go.Figure, title: str, **kw) -> go.Figure:
+    fig.update_layout(template=TEMPLATE, font=FONT, title={"text": title, "x": 0.5}, **kw)
+    return fig
+
+
+def plot_interpolation(curves: Mapping[str, dict]) -> go.Figure:
+    """Loss along each linear path (solid) and its chord between the endpoints (dotted).
+
+    Args:
+        curves: pair label (e.g. "branch0→branch1") → an `interpolation_curve` result.
+
+    Returns:
+        Two traces per pair (curve, chord); the legend names each pair's barrier.
+    """
+    if not curves:
+        raise ValueError("no interpolation curves to plot")
+    colors = color_map(curves)
+    fig = go.Figure()
+    for label, c in curves.items():
+        alphas = np.asarray(c["alphas"])
+        chord = c["loss_a"] + alphas * (c["loss_b"] - c["loss_a"])
+        fig.add_trace(
+            go.Scatter(
+                x=alphas,
+                y=c["losses"],
+                mode="lines+markers",
+                name=f"{label} (barrier {c['barrier']:.3g})",
+                line={"color": colors[label]},
+                legendgroup=label,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=alphas,
+                y=chord,
+                mode="lines",
+                name=f"{label} chord",
+                line={"color": colors[label], "dash": "dot"},
+                legendgroup=label,
+                showlegend=False,
+            )
+        )
+    fig.update_xaxes(title="α  (θ = (1−α) θ_a + α θ_b)")
+    fig.update_yaxes(title="loss")
+    return _layout(fig, "Loss along linear interpolation paths", width=720, height=440)
+
+
+def plot_displacement(displacements: Mapping[str, dict]) -> go.Figure:
+    """Grouped bars of ‖θ − θ0‖ per layer, one bar colour per model; totals in the legend.
+
+    Args:
+        displacements: model label (e.g. "joint", "merged") → a `displacement` result.
+    """
+    if not displacements:
+        raise ValueError("no displacements to plot")
+    colors = color_map(displacements)
+    fig = go.Figure()
+    for label, d in displacements.items():
+        groups = list(d["per_layer"])
+        fig.add_trace(
+            go.Bar(
+                x=groups,
+                y=[d["per_layer"][g] for g in groups],
+                name=f"{label} (total {d['total']:.3g})",
+                marker_color=colors[label],
+            )
+        )
+    fig.update_xaxes(tickangle=-45)
+    fig.update_yaxes(title="‖θ − θ0‖")
+    return _layout(fig, "Distance to θ0 per layer", barmode="group", width=760, height=440)
+
+
+def plot_perturbation(tables: Mapping[str, pd.DataFrame]) -> go.Figure:
+    """Mean loss increase (± std over seeds) against the noise scale σ, a line per model.
+
+    Args:
+        tables: model label → a `perturbation_curve` table.
+    """
+    if not tables:
+        raise ValueError("no perturbation tables to plot")
+    colors = color_map(tables)
+    fig = go.Figure()
+    for label, table in tables.items():
+        s = summarize_perturbation(table)
+        fig.add_trace(
+            go.Scatter(
+                x=s.index,
+                y=s["delta_mean"],
+                error_y={"type": "data", "array": s["delta_std"], "visible": True},
+                mode="lines+markers",
+                name=label,
+                line={"color": colors[label]},
+            )
+        )
+    fig.update_xaxes(title="σ")
+    fig.update_yaxes(title="loss increase  L(θ + ε) − L(θ)")
+    return _layout(fig, "Flatness: loss under Gaussian weight noise", width=680, height=440)
+
+
+def plot_spectral_filtering(table: pd.DataFrame) -> go.Figure:
+    """Energy along each curvature eigenvector: branches (w-averaged) vs the merged model.
+
+    Args:
+        table: a `spectral_filtering` result (with ``eigval`` when given, shown on hover).
+    """
+    x = [f"u{int(i)}" for i in table["direction"]]
+    hover = [f"λ = {v:.3g}" for v in table["eigval"]] if "eigval" in table else [""] * len(x)
+    fig = go.Figure()
+    for col, name, color in (
+        ("branch_energy", "branches  Σ w_i (uᵀδ_i)²", PALETTE[0]),
+        ("merged_energy", "merged  (uᵀδ̄)²", PALETTE[1]),
+    ):
+        fig.add_trace(go.Bar(x=x, y=table[col], name=name, marker_color=color, hovertext=hover))
+    fig.update_yaxes(title="energy", type="log")
+    fig.update_xaxes(title="curvature eigenvector (descending λ)")
+    return _layout(fig, "Spectral filtering by the merge", barmode="group", width=680, height=420)
