@@ -19,9 +19,28 @@ def _cmd_run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, output_dir=args.output_dir)
     stages = [s for part in args.stages for s in part.split(",")] if args.stages else None
     t0 = time.perf_counter()
-    run = run_pipeline(cfg, stages, force=args.force)
+    run = run_pipeline(cfg, stages, until=args.until, force=args.force)
     print(run_summary(run.root))
+    if run.report.exists() and (stages is None or "report" in stages):
+        print(f"\n{_comparison(run)}\n\nreport: {run.report.resolve()}")
     print(f"\nwrote {run.root.resolve()} in {time.perf_counter() - t0:.1f} s")
+
+
+def _comparison(run) -> str:
+    """The held-out comparison as printed after a full run (the report has every table)."""
+    import pandas as pd
+
+    from merit_lab.evaluate import summarize_eval
+
+    table = pd.read_parquet(run.eval)
+    order = list(dict.fromkeys(table["model"]))
+    parts = []
+    for metric, title in [("loss", "held-out loss (lower is better)"),
+                          ("exact_match", "exact match, % (higher is better)")]:  # fmt: skip
+        if (table["metric"] == metric).any():
+            wide = summarize_eval(table, metric=metric, order=order)
+            parts.append(f"{title}:\n{wide.round(4 if metric == 'loss' else 1).to_string()}")
+    return "\n\n".join(parts)
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
@@ -72,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a config's stages into runs/<name>/ (resumes)")
     r.add_argument("config", help="run config YAML, e.g. configs/demo.yaml")
     r.add_argument(
-        "--stages", nargs="*", help="stages to run (default: all), e.g. mixture gradients"
+        "--stages",
+        nargs="*",
+        help="stages to run (default: all): mixture gradients conflict partition train merge "
+        "evaluate report",
     )
+    r.add_argument("--until", help="run the stages up to this one, e.g. --until partition")
     r.add_argument("--force", action="store_true", help="redo the named stages")
     r.add_argument("--output-dir", help="parent folder of the run directory (default from config)")
     r.set_defaults(func=_cmd_run)

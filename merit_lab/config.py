@@ -19,11 +19,16 @@ from merit_lab.sketch import SketchSpec
 
 __all__ = [
     "CalibrationConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "MergeConfig",
     "MixtureConfig",
     "ParameterConfig",
     "PartitionConfig",
     "RunConfig",
+    "TrainConfig",
     "config_hash",
+    "default_experiments",
     "load_config",
 ]
 
@@ -58,6 +63,79 @@ class PartitionConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters shared by every branch and baseline (MERIT changes only the data)."""
+
+    lr: float = 1e-3  # peak AdamW learning rate
+    batch_size: int = 32  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.05  # share of steps with linear warm-up
+    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    max_length: int = 256  # tokens per example; the mixture's token counts use the same length
+    seed: int = 0  # data order; the same in every branch
+    save_steps: int = 100  # resumable checkpoint every N optimizer steps
+    launcher: str = "sequential"  # sequential (in process) | local (subprocesses) | slurm
+    n_procs: int | None = None  # local: branches at a time on the CPU
+    gpus: tuple[int, ...] = ()  # local: GPU ids, one branch per GPU (empty: all visible)
+    slurm: dict = field(default_factory=dict)  # slurm: submitit parameters (partition, gpus...)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One row of the comparison table."""
+
+    name: str  # row label, e.g. "joint-1ep", "random-k4", "merit-2d"
+    kind: str = "split"  # joint (one model on every source) | split (branches + merge) | soup
+    epochs: float = 1.0  # passes over each source's train split
+    method: str | None = None  # split: balanced | random | kmeans; None: the run's partition.json
+    r: int | None = None  # split, balanced: K = 2^r
+    k: int | None = None  # split: K groups (instead of r)
+    seed: int = 0  # split: seed of random / k-means
+    seeds: tuple[int, ...] = (0, 1, 2)  # soup: training seeds of the joint runs averaged uniformly
+    merges: tuple[str, ...] = ("linear",)  # split: merge methods; rows beyond the first: name+m
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("joint", "split", "soup"):
+            raise ValueError(f"experiment {self.name!r}: kind must be joint, split or soup")
+        if not self.epochs > 0:
+            raise ValueError(f"experiment {self.name!r}: epochs must be > 0")
+        if self.kind == "split" and self.method is not None and self.r is None and self.k is None:
+            raise ValueError(f"experiment {self.name!r}: give r or k for method {self.method!r}")
+        if self.kind == "soup" and len(self.seeds) < 2:
+            raise ValueError(f"experiment {self.name!r}: a soup needs at least two seeds")
+
+
+def default_experiments() -> tuple[ExperimentConfig, ...]:
+    """The paper's comparison rows (θ0 is always evaluated): joint 1 and 2 epochs, a random
+    split into 4, MERIT with r = 1, 2, 3."""
+    return (
+        ExperimentConfig("joint-1ep", kind="joint", epochs=1.0),
+        ExperimentConfig("joint-2ep", kind="joint", epochs=2.0),
+        ExperimentConfig("random-k4", method="random", k=4),
+        ExperimentConfig("merit-1d", method="balanced", r=1),
+        ExperimentConfig("merit-2d", method="balanced", r=2),
+        ExperimentConfig("merit-3d", method="balanced", r=3),
+    )
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    params: dict = field(default_factory=dict)  # per method: {ties: {density: 0.5, lambda: 1}}
+    shard_size: int = 2**30  # most bytes per output shard
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    splits: tuple[str, ...] = ("eval",)  # loss on these splits (train: the diagnostics' side)
+    max_examples: int | None = None  # per source and split (None: all)
+    exact_match: bool = True  # greedy answers vs references, on the eval split
+    max_new_tokens: int = 48  # greedy answer length limit
+    batch_size: int = 64  # examples per forward / generate call
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "demo"  # run directory name: <output_dir>/<name>
     model: str = "demo"  # base model θ0: HF folder, hub id, or "demo" (data/demo/base)
@@ -71,6 +149,15 @@ class RunConfig:
     sketch: SketchSpec = field(default_factory=SketchSpec)
     parameters: ParameterConfig = field(default_factory=ParameterConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experiments: tuple[ExperimentConfig, ...] = field(default_factory=default_experiments)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.experiments]
+        if len(set(names)) != len(names) or "theta0" in names:
+            raise ValueError(f"experiment names must be unique and not 'theta0': {names}")
 
     @property
     def run_dir(self) -> Path:
@@ -103,7 +190,13 @@ def _build(cls: type, d: Any, where: str) -> Any:
     kwargs = {}
     for k, v in d.items():
         sub = _NESTED.get((cls, k))
-        if sub is not None:
+        if (cls, k) == (RunConfig, "experiments"):
+            if not isinstance(v, (list, tuple)):
+                raise ValueError(f"{where}.experiments: expected a list of experiments")
+            kwargs[k] = tuple(
+                _build(ExperimentConfig, e, f"{where}.experiments[{i}]") for i, e in enumerate(v)
+            )
+        elif sub is not None:
             kwargs[k] = _build(sub, v, f"{where}.{k}")
         elif isinstance(v, list):
             kwargs[k] = tuple(v)
@@ -118,17 +211,30 @@ _NESTED: dict[tuple[type, str], type] = {
     (RunConfig, "sketch"): SketchSpec,
     (RunConfig, "parameters"): ParameterConfig,
     (RunConfig, "partition"): PartitionConfig,
+    (RunConfig, "train"): TrainConfig,
+    (RunConfig, "merge"): MergeConfig,
+    (RunConfig, "eval"): EvalConfig,
 }
 
 
 def load_config(path: str | Path, **overrides: Any) -> RunConfig:
-    """Read a YAML run config; ``overrides`` replace top-level keys (e.g. ``output_dir``)."""
+    """Read a YAML run config; ``overrides`` replace its keys (``None`` values are ignored).
+
+    A mapping override merges into its section, so ``train={"lr": 1e-4}`` keeps the config's
+    other training settings; any other value (a list of experiments, a string) replaces the key.
+    """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: malformed YAML: {e}") from e
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k] = {**data[k], **v}
+        else:
+            data[k] = v
     return _build(RunConfig, data, str(path))
 
 

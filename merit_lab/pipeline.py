@@ -1,7 +1,9 @@
-"""The stage runner over a run directory: mixture → gradients → conflict → partition.
+"""The stage runner over a run directory: mixture → gradients → conflict → partition → train →
+merge → evaluate → report.
 
 Each stage reads the previous artifact from ``runs/<name>/`` and writes its own atomically; a
 stage whose artifact exists and was made from the same inputs is skipped, so re-running resumes.
+The wall time of every stage that did work is kept in ``timings.json``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,18 @@ class RunDir:
     def partition(self) -> Path:
         return self.root / "partition.json"
 
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.parquet"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
     def artifact(self, stage: str) -> Path:
         """The file (or folder) whose presence marks ``stage`` as done."""
         return {
@@ -75,6 +89,10 @@ class RunDir:
             "gradients": self.gradients / "bank.json",
             "conflict": self.conflict,
             "partition": self.partition,
+            "train": self.root / "train.json",
+            "merge": self.root / "merge.json",
+            "evaluate": self.eval,
+            "report": self.report,
         }[stage]
 
     def load_config(self) -> RunConfig:
@@ -102,21 +120,22 @@ def load_run_mixture(cfg: RunConfig) -> Mixture:
     )
 
 
-def _stage_mixture(cfg: RunConfig, run: RunDir) -> None:
+def _stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
     from merit_lab.formatting import tokenize_examples
     from merit_lab.models import load_tokenizer, resolve_model_path
 
-    key = config_hash(cfg.mixture, cfg.seed, cfg.calibration, cfg.model)
+    key = config_hash(cfg.mixture, cfg.seed, cfg.calibration, cfg.model, cfg.train.max_length)
     if run.mixture.exists() and read_json(run.mixture).get("key") == key:
         log.info("mixture: up to date")
-        return
+        return False
     mixture = load_run_mixture(cfg)
     tok = load_tokenizer(resolve_model_path(cfg.model), trust_remote_code=cfg.trust_remote_code)
     from tqdm.auto import tqdm
 
     sources = []
     for s in tqdm(mixture, desc="tokenising sources", unit="source"):
-        toks = tokenize_examples(tok, s.train, cfg.calibration.max_length)
+        # counted at the length branches train at: these counts are the merge weights' N_k
+        toks = tokenize_examples(tok, s.train, cfg.train.max_length)
         sources.append(
             {
                 "name": s.name,
@@ -138,9 +157,10 @@ def _stage_mixture(cfg: RunConfig, run: RunDir) -> None:
             "sources": sources,
         },
     )
+    return True
 
 
-def _stage_gradients(cfg: RunConfig, run: RunDir) -> None:
+def _stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
     from merit_lab.models import load_model, load_tokenizer, resolve_model_path
 
     names = [s["name"] for s in read_json(run.mixture)["sources"]]
@@ -153,7 +173,7 @@ def _stage_gradients(cfg: RunConfig, run: RunDir) -> None:
     bank_json = run.gradients / "bank.json"
     if bank_json.exists() and read_json(bank_json)["info"].get("stage_key") == key:
         log.info("gradients: up to date")
-        return
+        return False
     mixture = load_run_mixture(cfg)
     tok = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     model = load_model(
@@ -176,18 +196,20 @@ def _stage_gradients(cfg: RunConfig, run: RunDir) -> None:
     GradientBank(bank.names, bank.rows, {**bank.info, "stage_key": key}, bank.stats).save(
         run.gradients
     )
+    return True
 
 
-def _stage_conflict(cfg: RunConfig, run: RunDir) -> None:
+def _stage_conflict(cfg: RunConfig, run: RunDir) -> bool:
     bank_key = read_json(run.gradients / "bank.json")["info"]["stage_key"]
     if run.conflict.exists() and read_json(run.conflict).get("bank_key") == bank_key:
         log.info("conflict: up to date")
-        return
+        return False
     bank = GradientBank.load(run.gradients)
     space = compute_conflict_space(bank.rows, bank.names)
     data = space.to_dict()
     data["bank_key"] = bank_key
     atomic_write_json(run.conflict, data)
+    return True
 
 
 def _source_counts(run: RunDir) -> tuple[dict[str, int], dict[str, int]]:
@@ -223,7 +245,7 @@ def make_partition(
     raise ValueError(f"unknown partition method {method!r}; expected balanced, random or kmeans")
 
 
-def _stage_partition(cfg: RunConfig, run: RunDir) -> None:
+def _stage_partition(cfg: RunConfig, run: RunDir) -> bool:
     conflict_key = config_hash(read_json(run.conflict))
     key = config_hash(cfg.partition, conflict_key, read_json(run.mixture)["key"])
     if run.partition.exists():
@@ -231,7 +253,7 @@ def _stage_partition(cfg: RunConfig, run: RunDir) -> None:
         if existing.get("params", {}).get("stage_key") == key or existing.get("edit_log"):
             # Hand edits are never overwritten by a re-run; delete partition.json to redo it.
             log.info("partition: up to date (or hand-edited)")
-            return
+            return False
     space = ConflictSpace.load(run.conflict)
     examples, tokens = _source_counts(run)
     p = cfg.partition
@@ -239,22 +261,69 @@ def _stage_partition(cfg: RunConfig, run: RunDir) -> None:
     data = part.to_dict()
     data["params"] = {**data.get("params", {}), "stage_key": key}
     atomic_write_json(run.partition, data)
+    return True
 
 
-STAGES: dict[str, Callable[[RunConfig, RunDir], None]] = {
+def _stage_train(cfg: RunConfig, run: RunDir) -> bool:
+    """Every branch and joint run; finished ones are skipped, killed ones resume."""
+    from merit_lab.experiments import train_experiments, training_status
+
+    status = training_status(cfg)
+    if len(status) and (status["state"] == "done").all() and run.artifact("train").exists():
+        log.info("train: every branch is done")
+        return False
+    train_experiments(cfg)
+    status = training_status(cfg)
+    atomic_write_json(run.artifact("train"), {"branches": status.to_dict(orient="records")})
+    return True
+
+
+def _stage_merge(cfg: RunConfig, run: RunDir) -> bool:
+    from merit_lab.experiments import merge_rows
+
+    merged = merge_rows(cfg)
+    atomic_write_json(run.artifact("merge"), {"merges": merged})
+    return any(m["seconds"] > 0 for m in merged)
+
+
+def _stage_evaluate(cfg: RunConfig, run: RunDir) -> bool:
+    from merit_lab.experiments import evaluate_rows
+
+    return bool(evaluate_rows(cfg).attrs["evaluated"])
+
+
+def _stage_report(cfg: RunConfig, run: RunDir) -> bool:
+    from merit_lab.report import write_report
+
+    write_report(run.root)
+    return True
+
+
+STAGES: dict[str, Callable[[RunConfig, RunDir], bool]] = {
     "mixture": _stage_mixture,
     "gradients": _stage_gradients,
     "conflict": _stage_conflict,
     "partition": _stage_partition,
+    "train": _stage_train,
+    "merge": _stage_merge,
+    "evaluate": _stage_evaluate,
+    "report": _stage_report,
 }
 
 
 def run_pipeline(
-    cfg: RunConfig | str | Path, stages: Sequence[str] | None = None, *, force: bool = False
+    cfg: RunConfig | str | Path,
+    stages: Sequence[str] | None = None,
+    *,
+    until: str | None = None,
+    force: bool = False,
 ) -> RunDir:
     """Run ``stages`` (default: all, in order) of a config; skip those already complete.
 
     Args:
+        stages: the stages to run (in pipeline order whatever the order given).
+        until: run every stage up to and including this one (e.g. ``"partition"``: the
+            analysis before any training).
         force: redo the named stages even when their artifacts are current.
 
     Returns:
@@ -262,6 +331,10 @@ def run_pipeline(
     """
     if not isinstance(cfg, RunConfig):
         cfg = load_config(cfg)
+    if until is not None:
+        if until not in STAGES or stages is not None:
+            raise ValueError(f"until must be one of {list(STAGES)}, and not given with stages")
+        stages = list(STAGES)[: list(STAGES).index(until) + 1]
     stages = list(stages or STAGES)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -275,14 +348,26 @@ def run_pipeline(
         if force:
             _clear_stage(run, name)
         t0 = time.perf_counter()
-        STAGES[name](cfg, run)
-        log.info("%s: %.1f s", name, time.perf_counter() - t0)
+        did_work = STAGES[name](cfg, run)
+        seconds = time.perf_counter() - t0
+        log.info("%s: %.1f s%s", name, seconds, "" if did_work else " (up to date)")
+        if did_work:
+            timings = read_json(run.timings) if run.timings.exists() else {}
+            timings[name] = round(seconds, 2)
+            atomic_write_json(run.timings, timings)
     return run
 
 
 def _clear_stage(run: RunDir, name: str) -> None:
     import shutil
 
+    if name in ("train", "merge"):
+        raise ValueError(
+            f"--force {name} would retrain or re-merge everything; delete the branches/, joint/ "
+            "or merged/ folders you want redone instead (finished ones are skipped otherwise)"
+        )
+    if name == "evaluate":  # the per-model cache too, or it would be read back
+        shutil.rmtree(run.root / "eval", ignore_errors=True)
     path = run.gradients if name == "gradients" else run.artifact(name)
     if path.is_dir():
         shutil.rmtree(path)
@@ -333,6 +418,19 @@ def run_summary(run_dir: str | Path) -> str:
             lines.append(f"    group {g}: {len(members)} sources, {ex} examples, w={w:.3f}")
     else:
         lines.append("  partition: not yet")
+    if run.artifact("train").exists():
+        branches = read_json(run.artifact("train"))["branches"]
+        done = sum(b["state"] == "done" for b in branches)
+        tokens = sum(b["tokens"] for b in branches if b["state"] == "done")
+        lines.append(f"  train: {done}/{len(branches)} branch runs done, {tokens} tokens trained")
+    if run.artifact("merge").exists():
+        merges = read_json(run.artifact("merge"))["merges"]
+        lines.append(f"  merge: {', '.join(m['label'] for m in merges) or 'none'}")
+    if run.eval.exists():
+        models = pd.read_parquet(run.eval, columns=["model"])["model"].unique()
+        lines.append(f"  evaluate: {len(models)} models ({', '.join(models)})")
+    if run.report.exists():
+        lines.append(f"  report: {run.report}")
     return "\n".join(lines)
 
 

@@ -55,8 +55,11 @@ def test_evaluate_and_summarize(pico_model, demo_tokenizer, two_sources):
         pico_model, demo_tokenizer, two_sources, label="pico", max_examples=4, max_new_tokens=4,
         progress=False,
     )  # fmt: skip
-    assert set(table["metric"]) == {"loss", "exact_match"}
-    assert (table["n"] == 4).all() and len(table) == 4
+    assert set(table["metric"]) == {"loss", "exact_match", "similarity"}
+    assert (table["n"] == 4).all() and len(table) == 6
+    em = table[table.metric == "exact_match"].set_index("source")["value"]
+    sim = table[table.metric == "similarity"].set_index("source")["value"]
+    assert ((sim >= em) & (sim <= 1)).all()  # an exact answer has similarity 1
     fake = pd.DataFrame(
         [
             {"model": m, "source": s, "family": f, "split": "eval", "metric": "exact_match",
