@@ -174,3 +174,120 @@ def save_figure(
             log.warning("static export to %s skipped (%s); the HTML has the figure", fmt, e)
             break
     return written
+
+
+def _hover_lines(table: pd.DataFrame | None, name: str, columns: Sequence[str]) -> str:
+    if table is None or name not in table.index:
+        return ""
+    return "<br>".join(f"{c}: {table.loc[name, c]}" for c in columns)
+
+
+def plot_conflict_clustermap(
+    space: ConflictSpace, table: pd.DataFrame | None = None, *, hover_columns: int = 8
+) -> go.Figure:
+    """The cosine matrix C in clustering order under its dendrogram (average linkage on 1 − C).
+
+    The linkage is the one that made ``space.order`` (average, optimal leaf ordering), so the
+    dendrogram's leaves sit exactly above the heatmap's columns. Hovering a cell shows both
+    sources, their cosine and their ``table`` columns (family, tags, examples, tokens, ...).
+
+    Args:
+        space: the conflict space.
+        table: per-source columns indexed by source name, shown on hover.
+        hover_columns: at most this many table columns per source on hover.
+
+    Returns:
+        A figure whose first trace is the dendrogram (one line trace, absent when T < 3) and
+        whose last trace is a heatmap with ``z = C[order][:, order]`` on integer axes 0..T-1
+        labelled by the ordered names.
+    """
+    from plotly.subplots import make_subplots
+    from scipy.cluster.hierarchy import dendrogram, linkage
+    from scipy.spatial.distance import squareform
+
+    order = list(space.order)
+    names = [space.names[i] for i in order]
+    t = len(names)
+    z = space.cosine[np.ix_(order, order)]
+    cols = [] if table is None else [c for c in table.columns if c != "source"][:hover_columns]
+    info = [_hover_lines(table, n, cols) for n in names]
+    hover = [
+        [
+            f"<b>{names[i]}</b> × <b>{names[j]}</b><br>cos = {z[i, j]:+.3f}"
+            f"<br><br><b>{names[i]}</b><br>{info[i]}<br><br><b>{names[j]}</b><br>{info[j]}"
+            for j in range(t)
+        ]
+        for i in range(t)
+    ]
+    fig = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, row_heights=[0.18, 0.82], vertical_spacing=0.01
+    )
+    if t >= 3:
+        dist = np.clip(1.0 - space.cosine, 0.0, 2.0)
+        np.fill_diagonal(dist, 0.0)
+        link = linkage(squareform(dist, checks=False), method="average", optimal_ordering=True)
+        tree = dendrogram(link, no_plot=True)
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        for ic, dc in zip(tree["icoord"], tree["dcoord"], strict=True):
+            # scipy puts leaf i at x = 10 i + 5; the heatmap's column i is at x = i.
+            xs += [(x - 5.0) / 10.0 for x in ic] + [None]
+            ys += [*dc, None]
+        fig.add_trace(
+            go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#555555", "width": 1},
+                       hoverinfo="skip", showlegend=False, name="dendrogram"),
+            row=1, col=1,
+        )  # fmt: skip
+    lim = float(np.abs(z[~np.eye(t, dtype=bool)]).max()) if t > 1 else 1.0
+    fig.add_trace(
+        go.Heatmap(z=z, x=list(range(t)), y=list(range(t)), zmin=-lim, zmax=lim,
+                   colorscale="RdBu_r", text=hover, hoverinfo="text", customdata=names,
+                   colorbar={"title": "cos", "len": 0.8, "y": 0.4}, name="cosine"),
+        row=2, col=1,
+    )  # fmt: skip
+    ticks = {"tickvals": list(range(t)), "ticktext": names, "tickfont": {"size": 9}}
+    fig.update_xaxes(**ticks, tickangle=-60, row=2, col=1)
+    fig.update_yaxes(**ticks, autorange="reversed", row=2, col=1)
+    fig.update_yaxes(title="1 − cos", showticklabels=True, row=1, col=1)
+    fig.update_xaxes(showticklabels=False, row=1, col=1)
+    return _layout(fig, "Gradient conflict matrix C (clustered)", width=800, height=820)
+
+
+def plot_gradient_convergence(df: pd.DataFrame) -> go.Figure:
+    """How fast a source's gradient direction settles as calibration examples are added.
+
+    Args:
+        df: one row per (n, boot) with the cosine between the gradient of a bootstrap sample
+            of n examples and that of all of them (``convergence.gradient_convergence``); an
+            optional ``source`` column gives one curve per source.
+
+    Returns:
+        Per source, the mean cosine vs n (log axis) over a shaded 5–95% bootstrap band.
+    """
+    frame = df if "source" in df.columns else df.assign(source="all")
+    colors = color_map(frame["source"])
+    fig = go.Figure()
+    for src in sorted(colors, key=str):
+        sub = frame[frame["source"] == src].groupby("n")["cosine"]
+        stats = pd.DataFrame(
+            {"mean": sub.mean(), "lo": sub.quantile(0.05), "hi": sub.quantile(0.95)}
+        ).sort_index()
+        n = stats.index.to_numpy()
+        fig.add_trace(
+            go.Scatter(x=[*n, *n[::-1]], y=[*stats["hi"], *stats["lo"][::-1]], fill="toself",
+                       fillcolor=colors[src], opacity=0.2, line={"width": 0}, hoverinfo="skip",
+                       showlegend=False, legendgroup=str(src), name=f"{src} 5–95%")
+        )  # fmt: skip
+        fig.add_trace(
+            go.Scatter(x=n, y=stats["mean"], mode="lines+markers", name=str(src),
+                       legendgroup=str(src), line={"color": colors[src]})
+        )  # fmt: skip
+    fig.update_xaxes(title="calibration examples n", type="log")
+    fig.update_yaxes(title="cos(g_n, g_all)")
+    return _layout(
+        fig, "Gradient direction vs calibration sample size", width=680, height=440,
+        showlegend=len(colors) > 1,
+    )  # fmt: skip
+
+
+__all__ += ["plot_conflict_clustermap", "plot_gradient_convergence"]

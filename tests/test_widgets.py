@@ -1,0 +1,321 @@
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from merit_lab.conflict import compute_conflict_space
+from merit_lab.io import read_json
+from merit_lab.partition import Partition, predict_gain, split_balanced, split_random
+from merit_lab.widgets import (
+    ConflictExplorer,
+    PartitionEditor,
+    group_statistics,
+    place_sources,
+    project_onto_space,
+)
+
+T, D = 12, 40
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Twelve sources around three gradient directions (families a, b, c), with counts."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, D))
+    rows = np.stack([centres[i % 3] + 0.6 * rng.normal(size=D) for i in range(T)])
+    names = [f"s{i:02d}" for i in range(T)]
+    table = pd.DataFrame(
+        {
+            "source": names,
+            "family": ["abc"[i % 3] for i in range(T)],
+            "examples": rng.integers(20, 200, size=T),
+            "tokens": rng.integers(500, 5000, size=T),
+        }
+    ).set_index("source", drop=False)
+    return SimpleNamespace(
+        rows=rows, names=names, table=table, centres=centres,
+        space=compute_conflict_space(rows, names),
+    )  # fmt: skip
+
+
+def counts(w, col):
+    return {s: int(v) for s, v in w.table[col].items()}
+
+
+def independent_stats(part, w):
+    """Group statistics straight from the rows, with numpy only."""
+    unit = w.rows / np.linalg.norm(w.rows, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    pos = {s: i for i, s in enumerate(w.names)}
+    out = []
+    total = sum(part.tokens.values())
+    for g in part.groups:
+        idx = [pos[s] for s in g]
+        others = [pos[s] for s in part.sources if s not in g]
+        pairs = [cos[i, j] for a, i in enumerate(idx) for j in idx[a + 1 :]]
+        out.append(
+            {
+                "tokens": sum(part.tokens[s] for s in g),
+                "weight": sum(part.tokens[s] for s in g) / total,
+                "cohesion": np.mean(pairs) if pairs else np.nan,
+                "conflict": np.mean([cos[i, j] for i in idx for j in others]),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def assert_stats_match(editor, w):
+    stats, ref = editor.stats, independent_stats(editor.partition, w)
+    assert stats["weight"].sum() == pytest.approx(1.0)
+    for col in ("tokens", "weight", "cohesion", "conflict"):
+        np.testing.assert_allclose(stats[col].to_numpy(float), ref[col].to_numpy(float), atol=1e-9)
+    gain = predict_gain(editor.partition, w.rows, w.names)
+    assert stats["gain"].sum() == pytest.approx(gain, rel=1e-9)
+    assert editor.summary["gain"] == pytest.approx(gain, rel=1e-12)
+    for g, row in stats.iterrows():  # the displayed table shows the same numbers
+        assert f"<td>{int(row['tokens']):,}</td>" in editor.stats_html.value, g
+
+
+# -- conflict explorer -----------------------------------------------------------------------
+
+
+def test_explorer_heatmap_dendrogram_and_hover(world):
+    from scipy.cluster.hierarchy import dendrogram, linkage
+    from scipy.spatial.distance import squareform
+
+    ex = ConflictExplorer(world.space, world.table)
+    order = list(world.space.order)
+    heat = ex.heatmap.data[-1]
+    np.testing.assert_allclose(np.asarray(heat.z), world.space.cosine[np.ix_(order, order)])
+    assert list(heat.customdata) == [world.names[i] for i in order]
+    # The dendrogram's leaves are the heatmap's columns (same linkage as space.order).
+    link = linkage(
+        squareform(1 - world.space.cosine, checks=False), "average", optimal_ordering=True
+    )
+    assert dendrogram(link, no_plot=True)["leaves"] == order
+    assert ex.heatmap.data[0].name == "dendrogram"
+    a, b = world.names[order[0]], world.names[order[1]]
+    cell = heat.text[0][1]
+    assert a in cell and b in cell and f"{world.space.cosine[order[0], order[1]]:+.3f}" in cell
+    row = world.table.loc[a]
+    assert f"family: {row['family']}" in cell and f"examples: {row['examples']}" in cell
+    assert f"tokens: {row['tokens']}" in cell
+    np.testing.assert_allclose(ex.variance.data[0].y, world.space.explained_variance_ratio[:10])
+
+
+def test_explorer_scatter_colour_and_dims(world):
+    ex = ConflictExplorer(world.space, world.table)
+    assert ex.color.value == "family"
+    assert [t.name for t in ex.scatter.data] == ["a", "b", "c"]
+    z = world.space.coords(2)
+    a_rows = [i for i in range(T) if i % 3 == 0]
+    np.testing.assert_allclose(ex.scatter.data[0].x, z[a_rows, 0])
+    ex.color.value = "tokens"  # 12 distinct numbers: one trace on a continuous scale
+    assert len(ex.scatter.data) == 1
+    np.testing.assert_array_equal(ex.scatter.data[0].marker.color, world.table["tokens"])
+    ex.color.value = ex.NONE
+    ex.dims.value = 3
+    assert {t.type for t in ex.scatter.data} == {"scatter3d"}
+    np.testing.assert_allclose(ex.scatter.data[0].z, world.space.coords(3)[:, 2])
+    assert "Conflict space" in ex.scatter.layout.title.text
+
+
+def test_explorer_allies_and_conflicts(world):
+    ex = ConflictExplorer(world.space, world.table)
+    allies, conflicts = ex.allies_and_conflicts("s04", n=3)
+    cos = world.space.cosine[world.space.index("s04")].copy()
+    cos[world.space.index("s04")] = np.nan
+    order = np.argsort(-np.nan_to_num(cos, nan=-9))
+    assert allies["source"].tolist() == [world.names[i] for i in order[:3]]
+    assert conflicts["source"].tolist() == [
+        world.names[i] for i in np.argsort(np.nan_to_num(cos, nan=9))[:3]
+    ]
+    np.testing.assert_allclose(allies["cosine"], cos[order[:3]])
+    assert set(allies["family"]) == {"b"}  # s04 is family b: its allies are the other b's
+    ex.source.value = "s04"
+    assert allies["source"][0] in ex.panel.value and conflicts["source"][0] in ex.panel.value
+
+
+# -- partition editor ------------------------------------------------------------------------
+
+
+def test_editor_starts_balanced_and_stats_match_numpy(world):
+    ed = PartitionEditor(world.space, world.table, rows=world.rows, user="alice")
+    ref = split_balanced(world.space, counts(world, "examples"), counts(world, "tokens"), r=1)
+    assert ed.partition.groups == ref.groups
+    assert list(ed.target.options) == [("G0", 0), ("G1", 1)]
+    assert_stats_match(ed, world)
+    assert ed.widget.children  # something to display
+
+
+def test_editor_method_widget_resplits(world):
+    ed = PartitionEditor(world.space, world.table, rows=world.rows, user="alice")
+    before = ed.stats
+    ed.method.value = "random"
+    ref = split_random(world.names, counts(world, "examples"), counts(world, "tokens"), k=2, seed=0)
+    assert ed.partition.method == "random" and ed.partition.groups == ref.groups
+    assert not ed.stats.equals(before)
+    assert_stats_match(ed, world)
+    ed.size_by.value = "k"
+    ed.k.value = 3
+    assert ed.partition.k == 3 and len(ed.target.options) == 3
+    ed.seed.value = 5
+    assert ed.partition.params["seed"] == 5
+    assert_stats_match(ed, world)
+    assert [e["op"] for e in ed.partition.edit_log] == ["split"] * 4
+
+
+def test_editor_refuses_impossible_split(world):
+    ed = PartitionEditor(world.space, world.table, rows=world.rows)
+    before = ed.partition
+    assert not ed.split("balanced", r=T)
+    assert ed.partition is before and "refused" in ed.status.value
+
+
+def test_move_by_widgets_then_save_writes_edit_log(world, tmp_path):
+    path = tmp_path / "partition.json"
+    ed = PartitionEditor(world.space, world.table, rows=world.rows, path=path, user="alice")
+    src = ed.partition.groups[0][0]
+    ed.source.value = src
+    ed.target.value = 1
+    ed.move_button.click()
+    assert ed.partition.group_of(src) == 1
+    assert "moved" in ed.status.value and src in ed.status.value
+    assert_stats_match(ed, world)
+    assert ed.table.loc[src, "group"] == "G1"
+    ed.save_button.click()
+    doc = read_json(path)
+    assert src in doc["groups"][1] and sum(doc["weights"]) == pytest.approx(1.0)
+    entry = doc["edit_log"][-1]
+    assert (entry["op"], entry["source"], entry["from"], entry["to"]) == ("move", src, 0, 1)
+    assert entry["who"] == "alice" and entry["at"]
+    assert Partition.load(path).groups == ed.partition.groups
+    # Reopening the file continues from the hand-edited partition.
+    again = PartitionEditor(world.space, world.table, path=path)
+    assert again.partition.groups == ed.partition.groups
+
+
+def test_move_that_empties_a_group_is_refused(world):
+    names = world.names
+    part = Partition(
+        "manual", (tuple(names[:1]), tuple(names[1:])), counts(world, "examples"),
+        counts(world, "tokens"),
+    )  # fmt: skip
+    ed = PartitionEditor(world.space, world.table, rows=world.rows, partition=part)
+    stats_before, html_before = ed.stats, ed.stats_html.value
+    ed.source.value = names[0]
+    ed.target.value = 1
+    ed.move_button.click()
+    assert "empty" in ed.status.value and "refused" in ed.status.value
+    assert ed.partition is part and not ed.history
+    pd.testing.assert_frame_equal(ed.stats, stats_before)
+    assert ed.stats_html.value == html_before
+    assert not ed.drop(names[0]) and ed.partition is part
+    # A selection that includes the lone source is refused whole.
+    assert not ed.move_sources([names[0], names[5]], 1) and ed.partition is part
+
+
+def test_undo_restores_previous_partitions(world):
+    ed = PartitionEditor(world.space, world.table, rows=world.rows)
+    p0 = ed.partition
+    src = p0.groups[0][0]
+    ed.move(src, 1)
+    p1 = ed.partition
+    ed.method.value = "kmeans"
+    assert ed.partition.method == "kmeans"
+    ed.undo_button.click()
+    assert ed.partition is p1 and ed.method.value == "balanced"
+    ed.undo_button.click()
+    assert ed.partition is p0
+    assert not ed.undo() and "nothing to undo" in ed.status.value
+
+
+def test_selection_moves_selected_sources(world):
+    ed = PartitionEditor(world.space, world.table, rows=world.rows)
+    trace = ed.scatter.data[0]
+    assert list(trace.customdata) == world.names
+    np.testing.assert_allclose(trace.x, world.space.coords(2)[:, 0])
+    picked = [i for i, s in enumerate(world.names) if ed.partition.group_of(s) == 0][:2]
+    ed.target.value = 1
+    ed._on_selection(trace, SimpleNamespace(point_inds=picked), None)
+    assert all(ed.partition.group_of(world.names[i]) == 1 for i in picked)
+    assert len(ed.history) == 1  # one undo step for the whole selection
+    assert [e["op"] for e in ed.partition.edit_log] == ["move", "move"]
+
+
+def test_drop_and_downweight_are_logged(world, tmp_path):
+    ed = PartitionEditor(world.space, world.table, rows=world.rows, user="bob")
+    gone, light = ed.partition.groups[0][0], ed.partition.groups[1][0]
+    tok = ed.partition.tokens[light]
+    ed.source.value = gone
+    ed.drop_button.click()
+    assert gone not in ed.partition.tokens and ed.dropped == (gone,)
+    assert ed.table.loc[gone, "group"] == "dropped"
+    assert gone not in [v for _, v in ed.source.options]
+    ed.source.value = light
+    ed.factor.value = 0.25
+    ed.downweight_button.click()
+    assert ed.partition.tokens[light] == round(tok * 0.25)
+    assert_stats_match(ed, world)
+    assert ed.validate() == []
+    path = ed.save(tmp_path / "p.json")
+    log = read_json(path)["edit_log"]
+    assert log[0] | {"at": None} == {
+        "op": "drop",
+        "source": gone,
+        "from": 0,
+        "to": None,
+        "who": "bob",
+        "at": None,
+    }
+    assert log[1]["op"] == "downweight" and log[1]["factor"] == 0.25
+    assert (log[1]["tokens_before"], log[1]["tokens_after"]) == (tok, round(tok * 0.25))
+    # Re-splitting keeps the curation: the dropped source stays out, the weight stays low.
+    ed.method.value = "random"
+    assert gone not in ed.partition.tokens and ed.partition.tokens[light] == round(tok * 0.25)
+    marker = ed.scatter.data[0].marker
+    assert marker.symbol[world.names.index(gone)] == "x"
+
+
+def test_projection_reproduces_old_sources_and_matches_sklearn(world):
+    from sklearn.decomposition import PCA
+
+    space = world.space
+    np.testing.assert_allclose(project_onto_space(space, space.cosine), space.embedding, atol=1e-9)
+    unit = world.rows / np.linalg.norm(world.rows, axis=1, keepdims=True)
+    new = world.centres[1] + np.random.default_rng(1).normal(size=D)
+    u = new / np.linalg.norm(new)
+    mine = project_onto_space(space, (unit @ u)[None])[0, : space.n_axes]
+    pca = PCA(n_components=space.n_axes).fit(unit)
+    ref = pca.transform(u[None])[0]
+    signs = np.sign(np.sum(pca.transform(unit) * space.embedding[:, : space.n_axes], axis=0))
+    np.testing.assert_allclose(mine, ref * signs, atol=1e-9)
+
+
+def test_add_sources_joins_the_nearest_group(world):
+    names = world.names
+    fam = {s: world.table.loc[s, "family"] for s in names}
+    part = Partition(
+        "manual",
+        tuple(tuple(s for s in names if fam[s] == f) for f in "abc"),
+        counts(world, "examples"), counts(world, "tokens"),
+    )  # fmt: skip
+    ed = PartitionEditor(world.space, world.table, rows=world.rows, partition=part)
+    new_rows = world.centres[[2, 0]] + 0.1
+    assert ed.add_sources(["new_c", "new_a"], new_rows, {"new_c": 10, "new_a": 11},
+                          {"new_c": 100, "new_a": 110})  # fmt: skip
+    assert ed.partition.group_of("new_c") == 2 and ed.partition.group_of("new_a") == 0
+    coords = project_onto_space(world.space, np.ones((1, T)))
+    assert place_sources(world.space, part, coords).shape == (1,)
+    assert ed.space.n_sources == T + 2 and ed.validate() == []
+    assert [e["op"] for e in ed.partition.edit_log] == ["add", "add"]
+    assert len(ed.scatter.data[0].x) == T + 2
+    all_rows = np.vstack([world.rows, new_rows])
+    expect = group_statistics(ed.partition, compute_conflict_space(all_rows, ed.space.names))
+    pd.testing.assert_frame_equal(ed.stats.drop(columns="gain"), expect)
+    assert not ed.add_sources(["new_a"], new_rows[:1], {"new_a": 1}, {"new_a": 1})
+    ed.undo()
+    assert ed.partition is part and ed.space is world.space
