@@ -20,7 +20,13 @@ import plotly.graph_objects as go
 
 from merit_lab.io import atomic_write_text, read_json
 
-__all__ = ["markdown_table", "plot_comparison", "plot_training_curves", "write_report"]
+__all__ = [
+    "markdown_table",
+    "plot_comparison",
+    "plot_training_curves",
+    "training_logs",
+    "write_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +124,13 @@ def _save(fig: go.Figure, stem: Path) -> Path:
     return stem.with_suffix(".html")
 
 
-def _logs(run_root: Path) -> dict[str, list[dict]]:
+def training_logs(run_dir: str | Path) -> dict[str, list[dict]]:
+    """Every joint run's and branch's ``log.jsonl``, keyed by its folder relative to the run."""
     from merit_lab.train import _read_log
 
-    logs = {}
-    for p in sorted(run_root.glob("joint/*/log.jsonl")) + sorted(
-        run_root.glob("branches/*/*/log.jsonl")
-    ):
-        logs[str(p.parent.relative_to(run_root))] = _read_log(p)
-    return logs
+    root = Path(run_dir)
+    found = sorted(root.glob("joint/*/log.jsonl")) + sorted(root.glob("branches/*/*/log.jsonl"))
+    return {str(p.parent.relative_to(root)): _read_log(p) for p in found}
 
 
 def write_report(run_dir: str | Path, *, order: Sequence[str] | None = None) -> Path:
@@ -217,7 +221,7 @@ def write_report(run_dir: str | Path, *, order: Sequence[str] | None = None) -> 
         _figure_link(_save(plot_explained_variance(space), figs / "explained_variance"), run.root),
         "",
     ]
-    logs = _logs(run.root)
+    logs = training_logs(run.root)
     if logs:
         fig = plot_training_curves(logs)
         out += ["## Training", "", _figure_link(_save(fig, figs / "training"), run.root), ""]

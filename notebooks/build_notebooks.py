@@ -122,6 +122,159 @@ pd.crosstab(table["group"], [table[a] for a in AXES])""",
     ("code", 'plot_conflict_scatter(space, table, color="group", dims=3)'),
 ]
 
+NB02 = [
+    (
+        "md",
+        """# 02 · Branches and the one-shot merge
+
+With the partition from notebook 01, MERIT trains one **branch** per group, each from θ0 on its
+own sources only, with no communication between branches, then merges them **once** by
+token-weighted averaging, w_k = N_k / Σ_j N_j. This notebook walks through that:
+
+1. build the branch specs (`spec.json`: base model, sources, token budget, shared
+   hyperparameters) from the partition, together with the baselines on the same token budget;
+2. launch them (here in-process; the same specs run as local subprocesses or SLURM jobs);
+3. watch their progress and loss curves;
+4. merge each split into a normal Hugging Face folder;
+5. evaluate every model on the same held-out examples and compare, paper-style.
+
+Everything lives in the run directory, so each step resumes where it stopped.""",
+    ),
+    (
+        "code",
+        """from IPython.display import Markdown
+
+from merit_lab.config import load_config
+from merit_lab.evaluate import summarize_eval
+from merit_lab.experiments import (
+    evaluate_rows,
+    merge_rows,
+    plan_specs,
+    token_budget,
+    train_experiments,
+    training_status,
+)
+from merit_lab.io import read_json
+from merit_lab.partition import Partition
+from merit_lab.pipeline import run_pipeline
+from merit_lab.report import plot_comparison, plot_training_curves, training_logs""",
+    ),
+    (
+        "md",
+        "**Parameters.** `MERIT_SMOKE=1` trains on 5% of each source with two rows, so the "
+        "tests run this notebook in about a minute; otherwise it is the quick demo's config.",
+    ),
+    (
+        "code",
+        SETUP
+        + """
+CONFIG = ROOT / "configs" / "demo.yaml"
+overrides = {"output_dir": OUTPUT_DIR}
+if SMOKE:
+    overrides |= {
+        "name": "nb02-smoke",
+        "calibration": {"n": 16, "micro_batch_size": 16},
+        "train": {"batch_size": 8},
+        "experiments": [
+            {"name": "joint-1ep", "kind": "joint", "epochs": 0.05},
+            {"name": "merit-2d", "epochs": 0.05, "merges": ["linear", "ties"]},
+        ],
+        "eval": {"max_examples": 2, "max_new_tokens": 8, "splits": ["eval"]},
+    }
+cfg = load_config(CONFIG, **overrides)
+[(e.name, e.kind, e.epochs) for e in cfg.experiments]""",
+    ),
+    (
+        "md",
+        """## 1 · The partition
+
+The analysis stages of notebook 01 (they are skipped when already done). `partition.json` is
+the grouping an experiment with no `method` trains: edit it by hand and the branches follow.""",
+    ),
+    (
+        "code",
+        """run = run_pipeline(cfg, until="partition")
+part = Partition.load(run.partition)
+for k, (group, w) in enumerate(zip(part.groups, part.weights)):
+    print(f"group {k}: weight {w:.3f}, {len(group)} sources: {', '.join(group[:4])}, ...")""",
+    ),
+    (
+        "md",
+        """## 2 · Branch specs
+
+One `spec.json` per branch and baseline. Every spec shares the hyperparameters, seed and data
+order; only the sources differ. A joint run on every source for one epoch trains on exactly the
+tokens that all branches of a split train on together.""",
+    ),
+    (
+        "code",
+        """specs = plan_specs(cfg)
+first = specs[next(e.name for e in cfg.experiments if e.kind == "split")][0]
+{k: v for k, v in first.to_dict().items() if k != "mixture"}""",
+    ),
+    ("code", "training_status(cfg)"),
+    (
+        "md",
+        """## 3 · Launch
+
+`train_experiments` uses the config's launcher: `sequential` (in this process), `local`
+(subprocesses: one per GPU, or `n_procs` on the CPU) or `slurm` (submitit). Any branch can also
+run alone from a shell: `merit-lab train-branch runs/<name>/branches/<experiment>/<k>/spec.json`.
+Finished branches are skipped and a killed one resumes from its last checkpoint.""",
+    ),
+    ("code", "finals = train_experiments(cfg)"),
+    (
+        "md",
+        "From any other kernel or a shell, `training_status(cfg)` polls the same folders while "
+        "a launch is running.",
+    ),
+    ("code", "training_status(cfg)"),
+    ("code", "plot_training_curves(training_logs(run.root))"),
+    (
+        "md",
+        """## 4 · Merge once
+
+Each split becomes one Hugging Face folder under `merged/`, streamed one tensor at a time. The
+linear weights are the branches' trained tokens, which equal the partition's token weights.
+`merge_manifest.json` records the inputs' sha256 and `mergekit.yaml` reproduces the merge with
+mergekit.""",
+    ),
+    ("code", "merge_rows(cfg)"),
+    (
+        "code",
+        """manifest = read_json(run.root / "merged" / "merit-2d" / "merge_manifest.json")
+print("merge weights:    ", [round(w, 4) for w in manifest["weights"]])
+print("partition weights:", [round(w, 4) for w in part.weights])
+token_budget(cfg)""",
+    ),
+    (
+        "md",
+        """## 5 · Compare
+
+Every model (θ0, the baselines and the merges) is scored on the same held-out examples.
+Held-out loss is in nats per response token; exact match and character similarity in %.""",
+    ),
+    (
+        "code",
+        """table = evaluate_rows(cfg)
+order = list(dict.fromkeys(table["model"]))
+loss = summarize_eval(table, metric="loss", order=order)
+loss""",
+    ),
+    ("code", 'plot_comparison(loss, metric="loss")'),
+    ("code", 'summarize_eval(table, metric="exact_match", order=order)'),
+    (
+        "md",
+        "## 6 · The report\n\n`report.md` gathers these tables and the figures (the same "
+        "stage `make demo` ends with).",
+    ),
+    (
+        "code",
+        """run = run_pipeline(cfg, ["report"])
+Markdown(run.report.read_text())""",
+    ),
+]
+
 
 def _cells(spec: list[tuple[str, str]]) -> list:
     return [
@@ -145,7 +298,7 @@ def build(name: str, spec: list[tuple[str, str]]) -> Path:
     return path
 
 
-NOTEBOOKS = {"01_conflict_space": NB01}
+NOTEBOOKS = {"01_conflict_space": NB01, "02_branches_and_merge": NB02}
 
 if __name__ == "__main__":
     for name, spec in NOTEBOOKS.items():
