@@ -132,7 +132,7 @@ class EvalConfig:
     max_examples: int | None = None  # per source and split (None: all)
     exact_match: bool = True  # greedy answers vs references, on the eval split
     max_new_tokens: int = 48  # greedy answer length limit
-    batch_size: int = 64  # examples per forward / generate call
+    batch_size: int = 256  # examples per forward / generate call (pooled over sources)
 
 
 @dataclass(frozen=True)

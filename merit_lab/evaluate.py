@@ -61,8 +61,14 @@ def greedy_answers(
     *,
     max_new_tokens: int = 48,
     batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "greedy answers",
 ) -> list[str]:
-    """Greedy completions of each example's last assistant turn (prompt = everything before it)."""
+    """Greedy completions of each example's last assistant turn (prompt = everything before it).
+
+    Prompts are batched in length order (less padding, earlier stops), answers returned in input
+    order.
+    """
     device = next(model.parameters()).device
     prompts = [
         tokenizer.apply_chat_template(
@@ -70,13 +76,15 @@ def greedy_answers(
         )
         for ex in examples
     ]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     out: list[str] = []
+    starts = range(0, len(prompts), batch_size)
     try:
-        for i in range(0, len(prompts), batch_size):
+        for i in tqdm(starts, desc=desc, unit="batch", disable=not progress):
             enc = tokenizer(
-                prompts[i : i + batch_size],
+                [prompts[j] for j in order[i : i + batch_size]],
                 add_special_tokens=False,
                 padding=True,
                 return_tensors="pt",
@@ -92,7 +100,10 @@ def greedy_answers(
             out += [s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
-    return out
+    answers = [""] * len(prompts)
+    for j, text in zip(order, out, strict=True):
+        answers[j] = text
+    return answers
 
 
 def evaluate_model(
@@ -127,13 +138,24 @@ def evaluate_model(
         Long table: columns model, source, family, split, metric, value, n.
     """
     model.eval()
-    rows = []
     names = list(sources) if sources is not None else list(mixture.names)
-    for name in tqdm(names, desc=f"evaluating {label}", unit="source", disable=not progress):
-        src = mixture[name]
-        examples = list(src.split(split))[:max_examples]
-        if not examples:
+    chosen = {}
+    for name in names:
+        chosen[name] = list(mixture[name].split(split))[:max_examples]
+        if not chosen[name]:
             raise ValueError(f"source {name!r} has no {split} examples to evaluate")
+    answers: dict[str, list[str]] = {}
+    if exact_match:  # pooled over sources: fewer, fuller generate calls
+        pooled = [ex for name in names for ex in chosen[name]]
+        flat = greedy_answers(
+            model, tokenizer, pooled, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            progress=progress, desc=f"answers of {label}",
+        )  # fmt: skip
+        for name in names:
+            answers[name], flat = flat[: len(chosen[name])], flat[len(chosen[name]) :]
+    rows = []
+    for name in tqdm(names, desc=f"loss of {label}", unit="source", disable=not progress):
+        src, examples = mixture[name], chosen[name]
         family = str(src.metadata.get("family", name))
         base = {"model": label, "source": name, "family": family, "split": split}
         loss = heldout_loss(
@@ -141,11 +163,8 @@ def evaluate_model(
         )
         rows.append({**base, "metric": "loss", "value": loss, "n": len(examples)})
         if exact_match:
-            answers = greedy_answers(
-                model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
-            )
             refs = [ex["messages"][-1]["content"].strip() for ex in examples]
-            pairs = list(zip(answers, refs, strict=True))
+            pairs = list(zip(answers[name], refs, strict=True))
             em = float(np.mean([a == r for a, r in pairs]))
             sim = float(np.mean([SequenceMatcher(None, a, r).ratio() for a, r in pairs]))
             rows.append({**base, "metric": "exact_match", "value": em, "n": len(examples)})

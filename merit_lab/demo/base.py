@@ -123,10 +123,10 @@ def pretrain_demo_base(
     out_dir: Path,
     *,
     seed: int = 0,
-    steps: int = 500,
+    steps: int = 3000,
     batch_size: int = 64,
     lr: float = 3e-3,
-    warmup: int = 60,
+    warmup: int = 100,
     case_noise: float = 0.15,
     overwrite: bool = True,
 ) -> Path:
