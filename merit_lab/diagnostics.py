@@ -26,7 +26,6 @@ from merit_lab.curvature import (
     hvp,
     lanczos_top_eigs,
 )
-from merit_lab.evaluate import heldout_loss
 from merit_lab.formatting import IGNORE_INDEX, collate, tokenize_examples
 from merit_lab.gain_theory import (
     _as_2d,
@@ -139,15 +138,35 @@ def _check_same_keys(named: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
 def make_loss_fn(
     tokenizer, examples: Sequence[dict], max_length: int = 256, batch_size: int = 32
 ) -> LossFn:
-    """``loss_fn(model) -> float``: mean response-token cross-entropy on ``examples``."""
-    examples = list(examples)
-    if not examples:
-        raise ValueError("make_loss_fn needs at least one example")
+    """``loss_fn(model) -> float``: mean response-token cross-entropy on ``examples``.
 
+    The value is `heldout_loss`'s; the examples are tokenised and collated once, not per call
+    (a diagnostic evaluates the same examples at hundreds of weight settings).
+    """
+    toks = tokenize_examples(tokenizer, list(examples), max_length)
+    if not toks:
+        raise ValueError("make_loss_fn needs at least one example")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = [collate(toks[i : i + batch_size], pad) for i in range(0, len(toks), batch_size)]
+
+    @torch.no_grad()
     def loss_fn(model: torch.nn.Module) -> float:
-        return heldout_loss(
-            model, tokenizer, examples, max_length=max_length, batch_size=batch_size
-        )
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for batch in batches:
+            b = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            labels = b["labels"][:, 1:].reshape(-1)
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                    labels,
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
+            count += int((labels != IGNORE_INDEX).sum())
+        return total / max(count, 1)
 
     return loss_fn
 
