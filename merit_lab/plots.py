@@ -23,6 +23,7 @@ __all__ = [
     "plot_conflict_scatter",
     "plot_explained_variance",
     "save_figure",
+    "static_renderer_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,24 +154,67 @@ def plot_explained_variance(space: ConflictSpace, top: int = 10) -> go.Figure:
     return _layout(fig, "Explained variance of the conflict space", width=620, height=400)
 
 
+SYSTEM_CHROMIUM = "/usr/bin/chromium"  # Debian/Ubuntu: `apt-get install chromium`
+
+
+def static_renderer_problem() -> str | None:
+    """Why static export (PNG/SVG/PDF) cannot run here, or None when it can.
+
+    Kaleido ≥ 1 drives a Chromium/Chrome that choreographer finds: ``BROWSER_PATH`` first, then
+    the usual names on ``PATH`` and install locations. When it finds none but Debian's
+    ``/usr/bin/chromium`` is there, ``BROWSER_PATH`` is set to it for this process.
+    """
+    import importlib.metadata as md
+    import os
+
+    try:
+        version = md.version("kaleido")
+    except md.PackageNotFoundError:
+        return "kaleido is not installed: pip install 'kaleido>=1'"
+    if int(version.split(".")[0]) < 1:
+        return f"kaleido {version} is too old for plotly here: pip install -U 'kaleido>=1'"
+    if os.environ.get("BROWSER_PATH"):
+        return None
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        found = Chromium.find_browser(skip_local=False)
+    except Exception:  # an older choreographer: fall through to the system Chromium check
+        found = None
+    if found:
+        return None
+    if os.access(SYSTEM_CHROMIUM, os.X_OK):
+        os.environ["BROWSER_PATH"] = SYSTEM_CHROMIUM
+        return None
+    return (
+        "kaleido found no Chromium or Chrome: `apt-get install chromium` (Debian/Ubuntu), "
+        "`plotly_get_chrome` (downloads Chrome for Testing), or set BROWSER_PATH to a browser"
+    )
+
+
 def save_figure(
     fig: go.Figure, stem: str | Path, *, formats: Sequence[str] = ("png", "svg")
 ) -> list[Path]:
     """Write ``<stem>.html`` always, plus static images when a renderer (kaleido) is available.
 
     Returns:
-        The files written. A missing static renderer is logged once, not raised: the HTML holds
-        the figure either way.
+        The files written. A missing static renderer is logged (with how to install it), not
+        raised: the HTML holds the figure either way.
     """
     from merit_lab.io import atomic_write_bytes, atomic_write_text
 
     stem = Path(stem)
     written = [atomic_write_text(stem.with_suffix(".html"), fig.to_html(include_plotlyjs=True))]
+    problem = static_renderer_problem() if formats else None
+    if problem:
+        log.warning("static export to %s skipped: %s; the HTML has the figure",
+                    "/".join(formats), problem)  # fmt: skip
+        return written
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
         try:
             written.append(atomic_write_bytes(path, fig.to_image(format=fmt, scale=2)))
-        except Exception as e:  # kaleido missing, or no Chromium for it to drive
+        except Exception as e:  # Chromium failed to start or to render
             log.warning("static export to %s skipped (%s); the HTML has the figure", fmt, e)
             break
     return written

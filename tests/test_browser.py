@@ -1,0 +1,233 @@
+"""The curation workbench in a real browser: JupyterLab + headless Chromium (Playwright).
+
+Runs every cell of notebook 04 in the smoke setting, moves a source between groups with the
+editor's dropdowns and "Move", presses "Save", and checks partition.json on disk. Screenshots go
+to tests/artifacts/ (gitignored). Needs /usr/bin/chromium and the playwright package; never
+downloads a browser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+NOTEBOOK = "04_curation_workbench.ipynb"
+RUN_NAME = "nb04-smoke"  # the notebook's run name in the smoke setting
+RUN_ALL_TIMEOUT_S = 240
+
+
+def _skip_reason() -> str | None:
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} is missing (Debian/Ubuntu: apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright; no browser download needed)"
+    return None
+
+
+def _notebook() -> nbformat.NotebookNode:
+    """The committed notebook, or one built from its cell list while it is not committed."""
+    path = REPO / "notebooks" / NOTEBOOK
+    if path.exists():
+        return nbformat.read(path, as_version=4)
+    sys.path.insert(0, str(REPO / "notebooks"))
+    try:
+        from nb04_cells import NB04
+    finally:
+        sys.path.remove(str(REPO / "notebooks"))
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}  # fmt: skip
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+        for kind, src in NB04
+    ]
+    return nb
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_settings(folder: Path) -> None:
+    """Lab settings for a test: every cell in the DOM, no news or update pop-ups."""
+    settings = {
+        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+            "fetchNews": "false", "checkForUpdates": False,
+        },
+    }  # fmt: skip
+    for rel, value in settings.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[dict]:
+    """A JupyterLab server on a copy of the notebook (the repository's files stay untouched)."""
+    root = tmp_path / "lab"
+    (root / "notebooks").mkdir(parents=True)
+    shutil.copytree(REPO / "configs", root / "configs")
+    nbformat.write(_notebook(), root / "notebooks" / NOTEBOOK)
+    runs = tmp_path / "runs"
+    _write_settings(tmp_path / "settings")
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {
+        **os.environ,
+        "MERIT_SMOKE": "1",
+        "MERIT_OUTPUT_DIR": str(runs),
+        "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "OMP_NUM_THREADS": "1",
+    }
+    log = (tmp_path / "lab.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={root}", "--ServerApp.allow_root=True",
+         "--ServerApp.terminals_enabled=False", "--LabApp.news_url=None"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"JupyterLab did not start:\n{(tmp_path / 'lab.log').read_text()}")
+                time.sleep(0.5)
+        yield {"url": url, "token": token, "runs": runs, "log": tmp_path / "lab.log"}
+    finally:
+        proc.send_signal(signal.SIGINT)  # the server shuts its kernels down on SIGINT
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session: the server and its kernel
+            proc.wait(timeout=10)
+        log.close()
+
+
+def _accept_kernel_dialog(page) -> None:
+    """Lab may ask which kernel to start (a fresh settings folder): take the one proposed."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
+    with contextlib.suppress(PlaywrightTimeout):  # no dialog: the kernel started by itself
+        select.click(timeout=15_000)
+
+
+def _wait_for_run_all(page, timeout_s: float) -> None:
+    """Every code cell has run ("[n]:" prompts, none "[*]:") and the kernel is idle."""
+    page.wait_for_function(
+        """() => {
+            const prompts = [...document.querySelectorAll(
+                '.jp-Notebook .jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent.trim());
+            const idle = document.querySelector('.jp-Notebook-ExecutionIndicator');
+            return prompts.length > 0 && prompts.every(p => /^\\[\\d+\\]:$/.test(p))
+                && (!idle || idle.getAttribute('data-status') === 'idle');
+        }""",
+        timeout=timeout_s * 1000,
+        polling=1000,
+    )
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+def test_workbench_moves_a_source_and_saves_partition_json(lab):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    for old in ARTIFACTS.glob("workbench_*.png"):  # no stale picture from an earlier run
+        old.unlink()
+    partition_path = lab["runs"] / RUN_NAME / "partition.json"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        try:
+            page.goto(f"{lab['url']}/lab/tree/notebooks/{NOTEBOOK}?token={lab['token']}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+            _accept_kernel_dialog(page)
+            expect(page.locator(".jp-Notebook-ExecutionIndicator")).to_have_attribute(
+                "data-status", "idle", timeout=90_000
+            )
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+            _wait_for_run_all(page, RUN_ALL_TIMEOUT_S)
+            page.screenshot(path=ARTIFACTS / "workbench_run_all.png")
+            tracebacks = page.locator(".jp-OutputArea-output", has_text="Traceback")
+            assert tracebacks.count() == 0, tracebacks.first.inner_text()
+
+            move = page.get_by_role("button", name="Move", exact=True)
+            row = page.locator(".widget-hbox").filter(has=move)
+            editor = page.locator(".jp-OutputArea-output").filter(has=move)
+            expect(move).to_have_count(1)
+            move.scroll_into_view_if_needed()
+            editor.screenshot(path=ARTIFACTS / "workbench_editor_before.png")
+
+            before = json.loads(partition_path.read_text())
+            source_select, target_select = (
+                row.locator("select").nth(0),
+                row.locator("select").nth(1),
+            )
+            labels = source_select.locator("option").evaluate_all(
+                "options => options.map(o => o.textContent.trim())"
+            )
+            # ipywidgets shows spaces in option labels as no-break spaces: \s matches both
+            match = re.fullmatch(r"(.+)\s\(G(\d+)\)", labels[0] if labels else "")
+            assert match, f"unexpected source options: {labels[:3]}"
+            name, group = match.groups()
+            frm = int(group)
+            assert name in before["groups"][frm]
+            to = (frm + 1) % len(before["groups"])
+            source_select.select_option(index=0)
+            target_select.select_option(label=f"G{to}")
+            move.click()
+            expect(editor).to_contain_text(f"moved {name} from G{frm} to G{to}", timeout=30_000)
+
+            save_row = page.locator(".widget-hbox").filter(
+                has=page.get_by_role("button", name="Undo", exact=True)
+            )
+            save_row.get_by_role("button", name="Save", exact=True).click()
+            expect(editor).to_contain_text("saved ", timeout=30_000)
+            editor.screenshot(path=ARTIFACTS / "workbench_editor_after.png")
+        except Exception:
+            page.screenshot(path=ARTIFACTS / "workbench_failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()
+
+    after = json.loads(partition_path.read_text())
+    assert name in after["groups"][to] and name not in after["groups"][frm]
+    assert len(after["edit_log"]) == len(before["edit_log"]) + 1
+    entry = after["edit_log"][-1]
+    assert (entry["op"], entry["source"], entry["from"], entry["to"]) == ("move", name, frm, to)
+    assert entry["who"] and entry["at"]
+    untouched = [g for k, g in enumerate(before["groups"]) if k not in (frm, to)]
+    assert untouched == [g for k, g in enumerate(after["groups"]) if k not in (frm, to)]
