@@ -43,6 +43,25 @@ def _comparison(run) -> str:
     return "\n\n".join(parts)
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> None:
+    from merit_lab.config import load_config
+    from merit_lab.pipeline import run_pipeline
+
+    root = Path(args.run)
+    if not (root / "config.yaml").is_file():
+        raise FileNotFoundError(f"{root}: not a run directory (no config.yaml)")
+    cfg = load_config(root / "config.yaml", output_dir=str(root.parent), name=root.name)
+    run = run_pipeline(cfg, ["diagnose", "report"], force=args.force)
+    print(f"diagnostics: {(run.root / 'diagnostics').resolve()}\nreport: {run.report.resolve()}")
+
+
+def _cmd_figures(args: argparse.Namespace) -> None:
+    from merit_lab.figures import write_figures
+
+    written = write_figures(args.run, args.out, formats=args.formats.split(","))
+    print(f"{len(written)} files in {Path(args.out).resolve()}")
+
+
 def _cmd_show(args: argparse.Namespace) -> None:
     from merit_lab.pipeline import run_summary
 
@@ -94,12 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages",
         nargs="*",
         help="stages to run (default: all): mixture gradients conflict partition train merge "
-        "evaluate report",
+        "evaluate diagnose report",
     )
     r.add_argument("--until", help="run the stages up to this one, e.g. --until partition")
     r.add_argument("--force", action="store_true", help="redo the named stages")
     r.add_argument("--output-dir", help="parent folder of the run directory (default from config)")
     r.set_defaults(func=_cmd_run)
+
+    g = sub.add_parser("diagnose", help="merge-readiness diagnostics of a trained run + report")
+    g.add_argument("run", help="runs/<name> (train, merge and evaluate done)")
+    g.add_argument("--force", action="store_true", help="recompute every diagnostic")
+    g.set_defaults(func=_cmd_diagnose)
+
+    f = sub.add_parser("figures", help="every figure of a run in the paper style (HTML, PNG, SVG)")
+    f.add_argument("run", help="runs/<name> (conflict stage done)")
+    f.add_argument("--out", default="figures", help="output folder (default: figures/)")
+    f.add_argument(
+        "--formats", default="html,png,svg", help="html,json,png,svg,pdf (comma-separated)"
+    )
+    f.set_defaults(func=_cmd_figures)
 
     s = sub.add_parser("show", help="summarise a run directory")
     s.add_argument("run", help="runs/<name>")

@@ -19,6 +19,7 @@ from merit_lab.sketch import SketchSpec
 
 __all__ = [
     "CalibrationConfig",
+    "DiagnosticsConfig",
     "EvalConfig",
     "ExperimentConfig",
     "MergeConfig",
@@ -66,7 +67,7 @@ class PartitionConfig:
 class TrainConfig:
     """Hyperparameters shared by every branch and baseline (MERIT changes only the data)."""
 
-    lr: float = 1e-3  # peak AdamW learning rate
+    lr: float = 3e-4  # peak AdamW learning rate
     batch_size: int = 32  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_ratio: float = 0.05  # share of steps with linear warm-up
@@ -136,6 +137,19 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DiagnosticsConfig:
+    experiments: tuple[str, ...] = ()  # split experiments to diagnose (empty: every linear merge)
+    max_examples: int = 4  # per source, train and held-out examples pooled into the losses
+    alphas: int = 7  # points per interpolation path
+    sigmas: tuple[float, ...] = (0.0, 1e-3, 3e-3, 1e-2)  # Gaussian weight-noise scales
+    seeds: tuple[int, ...] = (0, 1, 2)  # noise draws per scale
+    hessian_k: int = 8  # top Hessian eigenpairs at θ0
+    hessian_iter: int = 20  # Lanczos steps
+    curvature_examples: int = 2  # calibration examples per source in the Hessian's loss
+    curvature_params: tuple[str, ...] = ()  # parameter globs of the Hessian (empty: all)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "demo"  # run directory name: <output_dir>/<name>
     model: str = "demo"  # base model θ0: HF folder, hub id, or "demo" (data/demo/base)
@@ -153,6 +167,7 @@ class RunConfig:
     experiments: tuple[ExperimentConfig, ...] = field(default_factory=default_experiments)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.experiments]
@@ -214,6 +229,7 @@ _NESTED: dict[tuple[type, str], type] = {
     (RunConfig, "train"): TrainConfig,
     (RunConfig, "merge"): MergeConfig,
     (RunConfig, "eval"): EvalConfig,
+    (RunConfig, "diagnostics"): DiagnosticsConfig,
 }
 
 

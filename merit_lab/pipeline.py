@@ -1,5 +1,5 @@
 """The stage runner over a run directory: mixture → gradients → conflict → partition → train →
-merge → evaluate → report.
+merge → evaluate → diagnose → report.
 
 Each stage reads the previous artifact from ``runs/<name>/`` and writes its own atomically; a
 stage whose artifact exists and was made from the same inputs is skipped, so re-running resumes.
@@ -92,6 +92,7 @@ class RunDir:
             "train": self.root / "train.json",
             "merge": self.root / "merge.json",
             "evaluate": self.eval,
+            "diagnose": self.root / "diagnostics" / "gain.json",
             "report": self.report,
         }[stage]
 
@@ -292,6 +293,34 @@ def _stage_evaluate(cfg: RunConfig, run: RunDir) -> bool:
     return bool(evaluate_rows(cfg).attrs["evaluated"])
 
 
+def _stage_diagnose(cfg: RunConfig, run: RunDir) -> bool:
+    """Merge-readiness diagnostics and the gain theory (``diagnostics/*.json``), resumable."""
+    from merit_lab.diagnose import run_diagnostics
+
+    if not any(e.kind == "split" and "linear" in e.merges for e in cfg.experiments):
+        log.info("diagnose: no split experiment with a linear merge")
+        return False
+
+    def stamps() -> dict:
+        return {p: p.stat().st_mtime_ns for p in (run.root / "diagnostics").glob("*.json")}
+
+    before = stamps()
+    d = cfg.diagnostics
+    run_diagnostics(
+        run.root,
+        experiments=list(d.experiments) or None,
+        max_examples=d.max_examples,
+        alphas=d.alphas,
+        sigmas=d.sigmas,
+        seeds=d.seeds,
+        hessian_k=d.hessian_k,
+        hessian_iter=d.hessian_iter,
+        curvature_examples=d.curvature_examples,
+        curvature_params=list(d.curvature_params) or None,
+    )
+    return stamps() != before
+
+
 def _stage_report(cfg: RunConfig, run: RunDir) -> bool:
     from merit_lab.report import write_report
 
@@ -307,6 +336,7 @@ STAGES: dict[str, Callable[[RunConfig, RunDir], bool]] = {
     "train": _stage_train,
     "merge": _stage_merge,
     "evaluate": _stage_evaluate,
+    "diagnose": _stage_diagnose,
     "report": _stage_report,
 }
 
@@ -368,6 +398,9 @@ def _clear_stage(run: RunDir, name: str) -> None:
         )
     if name == "evaluate":  # the per-model cache too, or it would be read back
         shutil.rmtree(run.root / "eval", ignore_errors=True)
+    if name == "diagnose":
+        shutil.rmtree(run.root / "diagnostics", ignore_errors=True)
+        return
     path = run.gradients if name == "gradients" else run.artifact(name)
     if path.is_dir():
         shutil.rmtree(path)

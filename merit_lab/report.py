@@ -117,10 +117,10 @@ def _figure_link(path: Path, run_root: Path) -> str:
     return f"[{path.stem} (interactive HTML)]({rel})"
 
 
-def _save(fig: go.Figure, stem: Path) -> Path:
+def _save(fig: go.Figure, stem: Path, formats: Sequence[str] = ()) -> Path:
     from merit_lab.plots import save_figure
 
-    save_figure(fig, stem)
+    save_figure(fig, stem, formats=formats)
     return stem.with_suffix(".html")
 
 
@@ -134,7 +134,10 @@ def training_logs(run_dir: str | Path) -> dict[str, list[dict]]:
 
 
 def write_report(run_dir: str | Path, *, order: Sequence[str] | None = None) -> Path:
-    """Write ``report.md`` and ``figures/`` for a run whose evaluate stage is done.
+    """Write ``report.md`` and ``figures/`` (HTML) for a run whose evaluate stage is done.
+
+    Static images are left to `merit_lab.figures.write_figures` (one browser for all of them):
+    exporting each here would start a browser per image.
 
     Args:
         run_dir: ``runs/<name>``.
@@ -203,6 +206,9 @@ def write_report(run_dir: str | Path, *, order: Sequence[str] | None = None) -> 
         out += ["## Train vs held-out loss (family average)", "", markdown_table(gap, fmt="{:.4f}"),
                 ""]  # fmt: skip
     out += _budget_section(cfg)
+    from merit_lab.diagnose import diagnostics_section
+
+    out += diagnostics_section(run.root, image_formats=())
     space = ConflictSpace.load(run.conflict)
     src = load_source_table(run.root)
     ev = ", ".join(f"PC{i + 1} {v:.1%}" for i, v in enumerate(space.explained_variance_ratio[:5]))
@@ -232,6 +238,12 @@ def write_report(run_dir: str | Path, *, order: Sequence[str] | None = None) -> 
         times.loc["total"] = times["seconds"].sum()
         out += ["## Wall time per stage (last run that did the work)", "",
                 markdown_table(times, fmt="{:.1f}"), ""]  # fmt: skip
+    out += [
+        "Figures are interactive HTML in `figures/` (a PNG shows inline where one exists). "
+        f"`merit-lab figures {run.root} --out figures/` writes every figure as HTML, PNG and SVG "
+        "in the paper style.",
+        "",
+    ]
     text = "\n".join(out)
     atomic_write_text(run.report, text)
     return run.report

@@ -6,11 +6,18 @@ Keeping the cells here as plain strings makes them lintable and reviewable in di
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nbformat
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # the nbXX_cells modules beside this file, however it is loaded
+
+from nb00_cells import NB00  # noqa: E402
+from nb03_cells import NB03  # noqa: E402
+from nb04_cells import NB04  # noqa: E402
+from nb05_cells import NB05  # noqa: E402
 
 SETUP = """import os
 from pathlib import Path
@@ -195,7 +202,7 @@ the grouping an experiment with no `method` trains: edit it by hand and the bran
         "code",
         """run = run_pipeline(cfg, until="partition")
 part = Partition.load(run.partition)
-for k, (group, w) in enumerate(zip(part.groups, part.weights)):
+for k, (group, w) in enumerate(zip(part.groups, part.weights, strict=True)):
     print(f"group {k}: weight {w:.3f}, {len(group)} sources: {', '.join(group[:4])}, ...")""",
     ),
     (
@@ -298,7 +305,14 @@ def build(name: str, spec: list[tuple[str, str]]) -> Path:
     return path
 
 
-NOTEBOOKS = {"01_conflict_space": NB01, "02_branches_and_merge": NB02}
+NOTEBOOKS = {
+    "00_quickstart": NB00,
+    "01_conflict_space": NB01,
+    "02_branches_and_merge": NB02,
+    "03_diagnostics": NB03,
+    "04_curation_workbench": NB04,
+    "05_paper_figures": NB05,
+}
 
 if __name__ == "__main__":
     for name, spec in NOTEBOOKS.items():
