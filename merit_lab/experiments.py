@@ -72,12 +72,6 @@ def branch_dirs(cfg: RunConfig, experiment: str) -> list[Path]:
     return [_root(cfg) / "branches" / experiment / str(k) for k in range(part.k)]
 
 
-def _source_counts(cfg: RunConfig) -> tuple[dict[str, int], dict[str, int]]:
-    sources = read_json(_root(cfg) / "mixture.json")["sources"]
-    examples = {s["name"]: s["n_train"] for s in sources}
-    return examples, {s["name"]: s["train_tokens"] for s in sources}
-
-
 def experiment_partition(cfg: RunConfig, exp: ExperimentConfig) -> Partition:
     """The grouping a split experiment trains, written to ``branches/<name>/partition.json``.
 
@@ -86,14 +80,14 @@ def experiment_partition(cfg: RunConfig, exp: ExperimentConfig) -> Partition:
     a different grouping is refused rather than mixed with the trained branches.
     """
     from merit_lab.conflict import ConflictSpace
-    from merit_lab.pipeline import make_partition
+    from merit_lab.pipeline import RunDir, make_partition, source_counts
 
     root = _root(cfg)
     if exp.method is None:
         part = Partition.load(root / "partition.json")
     else:
         space = ConflictSpace.load(root / "conflict.json")
-        examples, tokens = _source_counts(cfg)
+        examples, tokens = source_counts(RunDir(root))
         part = make_partition(
             space, examples, tokens, method=exp.method, r=exp.r, k=exp.k, seed=exp.seed
         )
@@ -114,25 +108,20 @@ def experiment_partition(cfg: RunConfig, exp: ExperimentConfig) -> Partition:
 
 def _spec(cfg: RunConfig, name: str, sources: Sequence[str], out: Path, epochs: float, seed: int):
     from merit_lab.models import resolve_model_path
+    from merit_lab.pipeline import mixture_args
     from merit_lab.train import BranchSpec
 
-    m, t = cfg.mixture, cfg.train
-    mix_path = Path(m.path).resolve() if Path(m.path).exists() else m.path
+    t = cfg.train
+    mixture = mixture_args(cfg)
+    if Path(mixture["path"]).exists():  # absolute, so the spec runs from any working directory
+        mixture["path"] = str(Path(mixture["path"]).resolve())
     base = resolve_model_path(cfg.model)
     return BranchSpec(
         name=name,
         base_model=str(Path(base).resolve()) if Path(base).exists() else base,
         output_dir=str(out.resolve()),
         sources=tuple(sources),
-        # exactly the arguments of pipeline.load_run_mixture, so every split matches the run's
-        mixture={
-            "path": str(mix_path),
-            "source_column": m.source_column,
-            "calibration_n": cfg.calibration.n,
-            "eval_fraction": m.eval_fraction,
-            "seed": cfg.seed,
-            "split": m.split,
-        },
+        mixture=mixture,
         epochs=epochs,
         lr=t.lr,
         batch_size=t.batch_size,
@@ -331,7 +320,8 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
     tables, evaluated = [], []
     tokenizer = None
     e = cfg.eval
-    for row in model_rows(cfg):
+    rows = model_rows(cfg)
+    for row in rows:
         if not any(row.model_dir.glob("*.safetensors")):
             raise FileNotFoundError(f"{row.label}: no model at {row.model_dir}; run train/merge")
         key = config_hash(e, fingerprint_checkpoint(row.model_dir), names, cfg.train.max_length)
@@ -375,7 +365,7 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
         _write_parquet(root / "eval.parquet", full)
     full.attrs["evaluated"] = evaluated  # the rows scored now (the others came from the cache)
     stale = {p.name for p in (root / "eval").glob("*.parquet")} - {
-        f"{r.label.replace('/', '_')}.parquet" for r in model_rows(cfg)
+        f"{r.label.replace('/', '_')}.parquet" for r in rows
     }
     for name in stale:  # rows no longer in the config
         (root / "eval" / name).unlink()

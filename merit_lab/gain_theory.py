@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from merit_lab.partition import Partition
+from merit_lab.partition import Partition, group_means
 
 __all__ = [
     "group_means",
@@ -123,30 +123,6 @@ def spectral_filtering(deltas, weights: Sequence[float], eigvecs, eigvals=None) 
     if eigvals is not None:
         table.insert(1, "eigval", np.asarray(eigvals, dtype=np.float64).reshape(-1))
     return table
-
-
-def group_means(
-    partition: Partition, rows, names: Sequence[str], *, normalize: bool = False
-) -> np.ndarray:
-    """Token-weighted mean gradient ḡ_k of each group: (K, d) float64 (as in `predict_gain`)."""
-    names = list(names)
-    if len(set(names)) != len(names):
-        raise ValueError("duplicate names")
-    x = _as_2d(rows, "rows")
-    if x.shape[0] != len(names):
-        raise ValueError(f"{x.shape[0]} rows but {len(names)} names")
-    pos = {s: i for i, s in enumerate(names)}
-    missing = [s for s in partition.sources if s not in pos]
-    if missing:
-        raise ValueError(f"no gradient row for sources: {missing}")
-    means = []
-    for group in partition.groups:
-        g = x[[pos[s] for s in group]]
-        if normalize:
-            g = g / np.linalg.norm(g, axis=1, keepdims=True)
-        tok = np.array([partition.tokens[s] for s in group], dtype=np.float64)
-        means.append(tok @ g / tok.sum())
-    return np.stack(means)
 
 
 def predicted_partition_gain(

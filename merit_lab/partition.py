@@ -25,6 +25,7 @@ from merit_lab.io import atomic_write_json, read_json
 
 __all__ = [
     "Partition",
+    "group_means",
     "predict_gain",
     "split_balanced",
     "split_balanced_k",
@@ -378,6 +379,44 @@ def split_kmeans(
     )
 
 
+def group_means(
+    partition: Partition,
+    rows: np.ndarray | torch.Tensor,
+    names: Sequence[str],
+    *,
+    normalize: bool = False,
+) -> np.ndarray:
+    """Token-weighted mean gradient ḡ_k of each group: (K, d) float64.
+
+    Args:
+        rows: (T, d) source gradients, any float dtype, numpy or torch.
+        names: (T,) row names; must include every source of the partition (others ignored).
+        normalize: average unit gradients instead of raw ones.
+    """
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate names")
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().to("cpu", torch.float64).numpy()
+    x = np.asarray(rows, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] != len(names):
+        raise ValueError(f"rows of shape {x.shape} for {len(names)} names")
+    if not np.isfinite(x).all():
+        raise ValueError("rows have NaN or infinite values")
+    pos = {s: i for i, s in enumerate(names)}
+    missing = [s for s in partition.sources if s not in pos]
+    if missing:
+        raise ValueError(f"no gradient row for sources: {missing}")
+    means = []
+    for group in partition.groups:
+        g = x[[pos[s] for s in group]]
+        if normalize:
+            g = g / np.linalg.norm(g, axis=1, keepdims=True)
+        tok = np.array([partition.tokens[s] for s in group], dtype=np.float64)
+        means.append(tok @ g / tok.sum())
+    return np.stack(means)
+
+
 def predict_gain(
     partition: Partition,
     rows: np.ndarray | torch.Tensor,
@@ -401,26 +440,8 @@ def predict_gain(
         eta: the learning-rate scale η.
         normalize: use unit gradients instead of raw ones.
     """
-    names = list(names)
-    if len(set(names)) != len(names):
-        raise ValueError("duplicate names")
-    if rows.shape[0] != len(names):
-        raise ValueError(f"{rows.shape[0]} rows but {len(names)} names")
-    pos = {s: i for i, s in enumerate(names)}
-    missing = [s for s in partition.sources if s not in pos]
-    if missing:
-        raise ValueError(f"no gradient row for sources: {missing}")
-    means = []
-    for group in partition.groups:
-        idx = [pos[s] for s in group]
-        g = rows[idx]
-        g = g.detach().to("cpu", torch.float64).numpy() if isinstance(g, torch.Tensor) else g
-        g = np.asarray(g, dtype=np.float64)
-        if normalize:
-            g = g / np.linalg.norm(g, axis=1, keepdims=True)
-        tok = np.array([partition.tokens[s] for s in group], dtype=np.float64)
-        means.append(tok @ g / tok.sum())
+    means = group_means(partition, rows, names, normalize=normalize)
     w = np.array(partition.weights)
-    gbar = w @ np.stack(means)
+    gbar = w @ means
     spread = sum(wk * float(np.sum((mk - gbar) ** 2)) for wk, mk in zip(w, means, strict=True))
     return 0.5 * eta**2 * spread

@@ -108,17 +108,24 @@ def _model_fingerprint(model: str) -> str:
     return fingerprint_checkpoint(model) if any(Path(model).glob("*.safetensors")) else model
 
 
+def mixture_args(cfg: RunConfig) -> dict:
+    """`load_mixture`'s arguments for a run (``path`` included): every stage and every branch
+    spec loads the mixture with exactly these, so all see the same splits."""
+    m = cfg.mixture
+    return {
+        "path": m.path,
+        "source_column": m.source_column,
+        "calibration_n": cfg.calibration.n,
+        "eval_fraction": m.eval_fraction,
+        "seed": cfg.seed,
+        "split": m.split,
+    }
+
+
 def load_run_mixture(cfg: RunConfig) -> Mixture:
     """The mixture a run config names, split as the run splits it."""
-    m = cfg.mixture
-    return load_mixture(
-        m.path,
-        source_column=m.source_column,
-        calibration_n=cfg.calibration.n,
-        eval_fraction=m.eval_fraction,
-        seed=cfg.seed,
-        split=m.split,
-    )
+    args = mixture_args(cfg)
+    return load_mixture(args.pop("path"), **args)
 
 
 def _stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
@@ -213,7 +220,8 @@ def _stage_conflict(cfg: RunConfig, run: RunDir) -> bool:
     return True
 
 
-def _source_counts(run: RunDir) -> tuple[dict[str, int], dict[str, int]]:
+def source_counts(run: RunDir) -> tuple[dict[str, int], dict[str, int]]:
+    """Per-source train examples and train tokens, from ``mixture.json``."""
     sources = read_json(run.mixture)["sources"]
     return (
         {s["name"]: s["n_train"] for s in sources},
@@ -256,7 +264,7 @@ def _stage_partition(cfg: RunConfig, run: RunDir) -> bool:
             log.info("partition: up to date (or hand-edited)")
             return False
     space = ConflictSpace.load(run.conflict)
-    examples, tokens = _source_counts(run)
+    examples, tokens = source_counts(run)
     p = cfg.partition
     part = make_partition(space, examples, tokens, method=p.method, r=p.r, k=p.k, seed=p.seed)
     data = part.to_dict()
