@@ -1,0 +1,280 @@
+"""Shared harness of the benchmarks: figures with targets, a printed table, JSON, peak RSS.
+
+Every benchmark module exposes ``run(quick: bool = False) -> Results`` and ends with
+``bench_main(run, __doc__)``, so it runs alone (``python -m benchmarks.bench_x [--quick]``) or
+inside ``python -m benchmarks.run_all`` (``make bench``). A figure is one number with its unit
+and, where the issue sets one, its target; the table prints them side by side and says whether
+each target is met.
+
+Peak memory is measured in a fresh child process (``spawn``, or a separate command), as the
+child's ``ru_maxrss`` minus its resident size before the measured work, so the parent's memory
+and the interpreter's imports never count.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Figure",
+    "Results",
+    "bench_main",
+    "command_peak",
+    "current_rss",
+    "in_child",
+    "machine",
+    "print_table",
+    "rel_slope_spread",
+    "write_json",
+]
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": lambda v, t: v <= t,
+    ">=": lambda v, t: v >= t,
+    "<": lambda v, t: v < t,
+    ">": lambda v, t: v > t,
+}
+
+
+@dataclass
+class Figure:
+    """One measured number, with its target when the issue sets one."""
+
+    section: str
+    name: str
+    value: float
+    unit: str = ""
+    target: tuple[str, float] | None = None  # (op, threshold), e.g. (">=", 0.9)
+    note: str = ""
+
+    @property
+    def ok(self) -> bool | None:
+        if self.target is None or not np.isfinite(self.value):
+            return None if self.target is None else False
+        op, thr = self.target
+        return _OPS[op](self.value, thr)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _fmt(v: float, unit: str) -> str:
+    if not np.isfinite(v):
+        return str(v)
+    if unit == "%":
+        return f"{v:.2f}%"
+    if unit == "×":
+        return f"{v:.3g}×" if abs(v) < 1000 else f"{v:,.0f}×"
+    a = abs(v)
+    s = f"{v:,.0f}" if a >= 1000 else f"{v:.4g}"
+    return f"{s} {unit}".rstrip()
+
+
+@dataclass
+class Results:
+    """The figures of one benchmark, plus raw measurements that go into the JSON only."""
+
+    bench: str
+    figures: list[Figure] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def add(
+        self,
+        section: str,
+        name: str,
+        value: float,
+        unit: str = "",
+        *,
+        target: tuple[str, float] | None = None,
+        note: str = "",
+    ) -> Figure:
+        if target is not None and target[0] not in _OPS:
+            raise ValueError(f"unknown target op {target[0]!r}")
+        fig = Figure(section, name, float(value), unit, target, note)
+        self.figures.append(fig)
+        return fig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bench": self.bench,
+            "seconds": round(self.seconds, 2),
+            "figures": [f.to_dict() for f in self.figures],
+            "raw": self.raw,
+        }
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        return write_json(path, {"machine": machine(), "results": [self.to_dict()]})
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomic JSON write (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def print_table(results: Sequence[Results], file=sys.stdout) -> None:
+    """One table of every figure: section, figure, value, target, met?"""
+    rows = [("section", "figure", "value", "target", "")]
+    for res in results:
+        for f in res.figures:
+            tgt = "" if f.target is None else f"{f.target[0]} {_fmt(f.target[1], f.unit)}"
+            mark = {True: "ok", False: "MISSED", None: ""}[f.ok]
+            rows.append((f.section, f.name, _fmt(f.value, f.unit), tgt, mark))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    widths[1] = min(widths[1], 64)
+    line = "  ".join("-" * w for w in widths)
+    print(line, file=file)
+    for i, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0]), r[1][: widths[1]].ljust(widths[1]),
+                 r[2].rjust(widths[2]), r[3].ljust(widths[3]), r[4]]  # fmt: skip
+        print("  ".join(cells).rstrip(), file=file)
+        if i == 0:
+            print(line, file=file)
+    print(line, file=file)
+    notes = [(f.name, f.note) for res in results for f in res.figures if f.note]
+    for name, note in notes:
+        print(f"  * {name}: {note}", file=file)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _child_entry(fn: Callable[..., Any], args: tuple, kwargs: dict, q: mp.Queue) -> None:
+    try:
+        base = current_rss()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds = time.perf_counter() - t0
+        q.put(("ok", out, seconds, _peak_rss() - base, base))
+    except BaseException as e:  # report any failure to the parent instead of hanging it
+        q.put(("error", f"{type(e).__name__}: {e}", 0.0, 0, 0))
+
+
+def in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float, int]:
+    """Run ``fn(*args, **kwargs)`` in a fresh spawned process.
+
+    Returns ``(fn's return value, seconds, peak RSS bytes above the child's RSS at the start
+    of the call)``. ``fn`` must be importable (a module-level function) and its result
+    picklable. The peak is ru_maxrss, which cannot go back down: the child's imports happen
+    before ``base`` is read, so only the measured work counts.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_entry, args=(fn, args, kwargs, q))
+    p.start()
+    status, out, seconds, peak, _ = q.get()
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark child failed: {out}")
+    return out, seconds, peak
+
+
+def command_peak(
+    cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None
+) -> tuple[float, int, str]:
+    """Run a command; return (wall seconds, its peak RSS in bytes, its combined output).
+
+    The peak is the child's own ru_maxrss from ``wait4`` (the largest of the process tree is
+    not included: the command must do its work in its main process, as mergekit does).
+    Raises with the output's tail when the command fails.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True
+    )
+    out_chunks = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out_chunks.append(line)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out = "".join(out_chunks)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024, out
+
+
+def rel_slope_spread(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """How far y/x strays from constant: (max - min) / mean of y/x. 0 for perfectly linear."""
+    r = np.asarray(ys, dtype=float) / np.asarray(xs, dtype=float)
+    return float((r.max() - r.min()) / r.mean())
+
+
+def bench_main(run: Callable[..., Results], doc: str | None) -> None:
+    """Standalone entry point shared by the bench modules: --quick, --out, prints the table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    res = run(quick=args.quick)
+    res.seconds = time.perf_counter() - t0
+    print_table([res])
+    if args.out:
+        res.write_json(args.out)
