@@ -24,6 +24,10 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
+# Speed and memory against their limits and peers (< 15 min on 2 cores); table + JSON.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all --out benchmarks/results.json
+
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
