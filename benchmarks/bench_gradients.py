@@ -1,7 +1,7 @@
 """Gradient bank against its physical limit: a plain training forward+backward.
 
-Measured on the demo base and the demo mixture (32 sources, the pipeline's calibration settings:
-n = 200 examples per source, micro-batches of 16, max length 256), in one process:
+Measured on the demo base and the demo mixture (32 sources) with the calibration settings of
+``configs/demo.yaml`` (n = 200 examples per source, micro-batches of 50, max length 256):
 
 * **stage / plain**: tokens/s of ``estimate_gradients`` (the whole stage: tokenising, response-
   only loss, backward, count-sketch, finite checks) against a plain training forward+backward
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,11 +31,12 @@ import torch
 from benchmarks.common import (
     Results,
     bench_main,
-    current_rss,
     in_child,
+    peak_rss,
     rel_slope_spread,
+    reset_peak_rss,
 )
-from merit_lab.config import CalibrationConfig
+from merit_lab.config import CalibrationConfig, load_config
 from merit_lab.formatting import collate, tokenize_examples
 from merit_lab.gradients import estimate_gradients, source_gradient
 from merit_lab.mixture import Mixture, load_mixture
@@ -42,6 +44,7 @@ from merit_lab.models import load_model, load_tokenizer, select_parameters
 from merit_lab.sketch import SketchSpec, build_sketch
 
 SECTION = "gradient bank"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def _log(msg: str) -> None:
@@ -113,22 +116,20 @@ def _per_example_seconds(model, tok, mix: Mixture, n: int, cal: CalibrationConfi
 
 def scale_child(t: int, n: int) -> dict:
     """One point of the T sweep, run in a fresh process: stage seconds and peak RSS growth."""
-    import resource
-
     torch.manual_seed(0)
     tok, model, mix = _setup()
     mix = _replicated(mix, t)
-    cal = CalibrationConfig()
+    cal = load_config(DEMO_CONFIG).calibration
     # Warm-up outside the measurement (first-call allocations, thread pools).
     estimate_gradients(model, tok, mix.select(mix.names[:1]), n=8, progress=False)
-    base = current_rss()
+    base = reset_peak_rss()
     t0 = time.perf_counter()
     bank = estimate_gradients(
         model, tok, mix, n=n, micro_batch_size=cal.micro_batch_size, max_length=cal.max_length,
         progress=False,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "T": t,
@@ -142,7 +143,7 @@ def scale_child(t: int, n: int) -> dict:
 def run(quick: bool = False) -> Results:
     res = Results("gradients")
     torch.manual_seed(0)
-    cal = CalibrationConfig()
+    cal = load_config(DEMO_CONFIG).calibration
     tok, model, mix = _setup(4 if quick else None)
     n = 16 if quick else cal.n
     n_params = sum(p.numel() for p in model.parameters())

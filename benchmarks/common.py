@@ -17,7 +17,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -33,11 +32,12 @@ __all__ = [
     "Results",
     "bench_main",
     "command_peak",
-    "current_rss",
     "in_child",
     "machine",
+    "peak_rss",
     "print_table",
     "rel_slope_spread",
+    "reset_peak_rss",
     "write_json",
 ]
 
@@ -140,8 +140,9 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def print_table(results: Sequence[Results], file=sys.stdout) -> None:
+def print_table(results: Sequence[Results], file=None) -> None:
     """One table of every figure: section, figure, value, target, met?"""
+    file = file or sys.stdout
     rows = [("section", "figure", "value", "target", "")]
     for res in results:
         for f in res.figures:
@@ -187,30 +188,36 @@ def machine() -> dict[str, Any]:
     }
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (Linux /proc; 0 elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+def _status_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field_name} in /proc/self/status")
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS and return that RSS in bytes.
+
+    Linux ≥ 4.0 (``echo 5 > /proc/self/clear_refs``); `peak_rss` then reads the new peak.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+def peak_rss() -> int:
+    """This process's peak RSS (VmHWM) in bytes since start or the last `reset_peak_rss`."""
+    return _status_kb("VmHWM")
 
 
 def _child_entry(fn: Callable[..., Any], args: tuple, kwargs: dict, q: mp.Queue) -> None:
     try:
-        base = current_rss()
+        base = reset_peak_rss()
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         seconds = time.perf_counter() - t0
-        q.put(("ok", out, seconds, _peak_rss() - base, base))
+        q.put(("ok", out, seconds, peak_rss() - base))
     except BaseException as e:  # report any failure to the parent instead of hanging it
-        q.put(("error", f"{type(e).__name__}: {e}", 0.0, 0, 0))
+        q.put(("error", f"{type(e).__name__}: {e}", 0.0, 0))
 
 
 def in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float, int]:
@@ -218,18 +225,32 @@ def in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, fl
 
     Returns ``(fn's return value, seconds, peak RSS bytes above the child's RSS at the start
     of the call)``. ``fn`` must be importable (a module-level function) and its result
-    picklable. The peak is ru_maxrss, which cannot go back down: the child's imports happen
-    before ``base`` is read, so only the measured work counts.
+    picklable. The peak is the child's VmHWM, reset just before the call, so neither the
+    child's imports nor the parent's memory count. (``ru_maxrss`` would not do: Linux carries
+    the parent's resident size at fork into the child's, across exec.)
     """
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child_entry, args=(fn, args, kwargs, q))
     p.start()
-    status, out, seconds, peak, _ = q.get()
+    status, out, seconds, peak = q.get()
     p.join()
     if status != "ok":
         raise RuntimeError(f"benchmark child failed: {out}")
     return out, seconds, peak
+
+
+# A small intermediate process runs the command and reports its ru_maxrss: the command then
+# starts from this wrapper's few MB rather than from the (large) benchmark process, whose
+# resident size Linux would otherwise carry into the command's ru_maxrss.
+_WRAPPER = """
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def command_peak(
@@ -237,25 +258,22 @@ def command_peak(
 ) -> tuple[float, int, str]:
     """Run a command; return (wall seconds, its peak RSS in bytes, its combined output).
 
-    The peak is the child's own ru_maxrss from ``wait4`` (the largest of the process tree is
-    not included: the command must do its work in its main process, as mergekit does).
-    Raises with the output's tail when the command fails.
+    The peak is the command's own ru_maxrss (its main process; the command must do its work
+    there, as mergekit does). Raises with the output's tail when the command fails.
     """
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True
-    )
-    out_chunks = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        out_chunks.append(line)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out = "".join(out_chunks)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024, out
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "maxrss"
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", _WRAPPER, str(report), *cmd],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}")
+        return seconds, int(report.read_text()), proc.stdout
 
 
 def rel_slope_spread(xs: Sequence[float], ys: Sequence[float]) -> float:
