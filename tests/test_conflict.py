@@ -75,13 +75,17 @@ def test_scale_invariance_and_input_types(monkeypatch):
     np.testing.assert_allclose(chunked.cosine, base.cosine, atol=1e-14)
 
 
-def test_planted_clusters_are_contiguous_in_order_and_split_by_axis_one():
+@pytest.mark.parametrize("optimal", [True, False], ids=["optimal-order", "plain-order"])
+def test_planted_clusters_are_contiguous_in_order_and_split_by_axis_one(optimal, monkeypatch):
+    if not optimal:  # what a large T gets: the linkage's own leaf order
+        monkeypatch.setattr(conflict, "_OPTIMAL_ORDER_MAX", 3)
     rng = np.random.default_rng(4)
     a = rng.standard_normal(400)
     signs = np.array([1, -1] * 5)  # interleaved so the order has work to do
     x = signs[:, None] * a + 0.3 * rng.standard_normal((10, 400))
     space = compute_conflict_space(x, _names(10))
     in_order = signs[list(space.order)]
+    assert sorted(space.order) == list(range(10))
     assert np.count_nonzero(np.diff(in_order)) == 1
     first = space.coords(1)[:, 0]
     assert np.all(np.sign(first) == signs) or np.all(np.sign(first) == -signs)
