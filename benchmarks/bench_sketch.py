@@ -37,9 +37,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import Results, bench_main
+from merit_lab.conflict import compute_conflict_space
 from merit_lab.gradients import estimate_gradients
 from merit_lab.mixture import load_mixture
 from merit_lab.models import load_model, load_tokenizer, select_parameters
+from merit_lab.partition import split_balanced
 from merit_lab.sketch import (
     _GAUSSIAN_BLOCK_ENTRIES,
     DEFAULT_SKETCH_DIM,
@@ -103,8 +105,20 @@ def exact_bank(n_sources: int, n: int, cache: Path | None) -> tuple[np.ndarray, 
         "parameters": int(bank.rows.shape[1]),
         "exact_bank_seconds": seconds,  # small when the cache already held the rows
         "cache_dir": str(cache) if cache is not None else None,
+        "names": list(bank.names),
+        "train_examples": {src.name: len(src.train) for src in mix},
     }
     return bank.rows, params, info
+
+
+PARTITION_RS = (1, 2, 3)
+
+
+def merit_partitions(rows: np.ndarray, names: Sequence[str], counts: dict) -> list[tuple]:
+    """MERIT's balanced splits at r = 1, 2, 3 (those with K ≤ T) of these rows (the groups)."""
+    space = compute_conflict_space(rows, names)
+    rs = [r for r in PARTITION_RS if 2**r <= len(names)]
+    return [split_balanced(space, counts, counts, r=r).groups for r in rs]
 
 
 def _sketch_library(spec: SketchSpec, params: Params, rows: np.ndarray) -> tuple[np.ndarray, float]:
@@ -175,11 +189,15 @@ def _aggregate(runs: list[dict]) -> dict:
         "bytes_per_source": runs[0]["bytes_per_source"],
         "seconds_per_source": float(np.median(secs)) if secs else float("nan"),
         "meets": bool(worst_max <= MAX_ERR and min_pearson >= MIN_PEARSON),
+        # MERIT partitions (r = 1, 2, 3, every seed) identical to the exact gradients' ones
+        "partitions_equal": sum(sum(r["partition_equal"]) for r in runs),
+        "partitions_total": sum(len(r["partition_equal"]) for r in runs),
     }
 
 
-def _record(kind, spec, seed, fid, n_params, secs, dim) -> dict:
+def _record(kind, spec, seed, fid, n_params, secs, dim, same) -> dict:
     return {
+        "partition_equal": same,
         "kind": kind,
         "dim": int(dim),
         "every": spec.every if kind == "subsample" else None,
@@ -198,9 +216,17 @@ def sweep(
     gauss_dims: Sequence[int],
     everies: Sequence[int],
     seeds: Sequence[int],
+    names: Sequence[str],
+    counts: dict,
 ) -> tuple[list[dict], list[dict]]:
-    """Every (kind, setting, seed): fidelity of the sketched rows against the exact ones."""
+    """Every (kind, setting, seed): fidelity of the sketched rows against the exact ones, and
+    whether MERIT's partitions (r = 1, 2, 3) come out the same as from the exact rows."""
     n_params = rows.shape[1]
+    reference = merit_partitions(rows, names, counts)
+
+    def same(sk: np.ndarray) -> list[bool]:
+        return [a == b for a, b in zip(merit_partitions(sk, names, counts), reference, strict=True)]
+
     runs: list[dict] = []
     summary: list[dict] = []
     for dim in cs_dims:
@@ -209,7 +235,16 @@ def sweep(
             spec = SketchSpec(kind="countsketch", dim=dim, seed=seed)
             sk, secs = _sketch_library(spec, params, rows)
             per.append(
-                _record("countsketch", spec, seed, sketch_fidelity(rows, sk), n_params, secs, dim)
+                _record(
+                    "countsketch",
+                    spec,
+                    seed,
+                    sketch_fidelity(rows, sk),
+                    n_params,
+                    secs,
+                    dim,
+                    same(sk),
+                )
             )
         summary.append(_aggregate(per))
         runs += per
@@ -220,7 +255,16 @@ def sweep(
             spec = SketchSpec(kind="gaussian", dim=dim, seed=seed)
             sk, secs = _sketch_gaussian(spec, params, rows, time_it=i == 0)
             per.append(
-                _record("gaussian", spec, seed, sketch_fidelity(rows, sk), n_params, secs, dim)
+                _record(
+                    "gaussian",
+                    spec,
+                    seed,
+                    sketch_fidelity(rows, sk),
+                    n_params,
+                    secs,
+                    dim,
+                    same(sk),
+                )
             )
         summary.append(_aggregate(per))
         runs += per
@@ -233,7 +277,14 @@ def sweep(
             offsets.add(build_sketch(spec, params)._sub_offset)
             per.append(
                 _record(
-                    "subsample", spec, seed, sketch_fidelity(rows, sk), n_params, secs, sk.shape[1]
+                    "subsample",
+                    spec,
+                    seed,
+                    sketch_fidelity(rows, sk),
+                    n_params,
+                    secs,
+                    sk.shape[1],
+                    same(sk),
                 )
             )
         summary.append({**_aggregate(per), "offsets": sorted(offsets)})
@@ -268,7 +319,7 @@ def tiled_check(rows: np.ndarray, params: Params, dim: int, tiles: int, seeds: S
 def _print_sweep(summary: list[dict], n_params: int) -> None:
     head = (
         f"{'sketch':<22}{'bytes/src':>12}{'s/src':>9}{'Pearson':>9}{'max|err|':>10}"
-        f"{'mean max':>10}{'mean|err|':>10}  met"
+        f"{'mean max':>10}{'mean|err|':>10}{'parts':>7}  met"
     )
     lines = [f"sketch sweep on {n_params:,} parameters (worst / mean over seeds):", head]
     for s in summary:
@@ -281,6 +332,7 @@ def _print_sweep(summary: list[dict], n_params: int) -> None:
             f"{label:<22}{s['bytes_per_source']:>12,}{s['seconds_per_source']:>9.3f}"
             f"{s['min_pearson']:>9.5f}{s['worst_max_abs_error']:>10.4f}"
             f"{s['mean_max_abs_error']:>10.4f}{s['mean_abs_error']:>10.5f}"
+            f"{s['partitions_equal']:>4}/{s['partitions_total']:<2}"
             f"  {'yes' if s['meets'] else 'no'}"
         )
     print("\n".join(lines), file=sys.stderr, flush=True)
@@ -307,8 +359,9 @@ def run(quick: bool = False) -> Results:
     t = rows.shape[0]
     _log(f"exact bank {rows.shape} in {info['exact_bank_seconds']:.1f} s; sweeping sketches")
     runs, summary = sweep(
-        rows, params, cs_dims=cs_dims, gauss_dims=gauss_dims, everies=everies, seeds=seeds
-    )
+        rows, params, cs_dims=cs_dims, gauss_dims=gauss_dims, everies=everies, seeds=seeds,
+        names=info["names"], counts=info["train_examples"],
+    )  # fmt: skip
     _print_sweep(summary, n_params)
     _log(f"count-sketch d={_p2(tile_dim)} on {tiles}× the parameters ({tiles * n_params:,})")
     tiled = tiled_check(rows, params, tile_dim, tiles, seeds)
@@ -392,6 +445,20 @@ def run(quick: bool = False) -> Results:
         target=(">=", MIN_PEARSON),
         note=ns,
     )
+    for label, s_ in (
+        (f"count-sketch default d={_p2(DEFAULT_SKETCH_DIM)}", default),
+        ("subsample 1/5 (paper)", next((x for x in summary if x.get("every") == 5), None)),
+    ):
+        if s_ is None:
+            continue
+        res.add(
+            SECTION,
+            f"{label}: MERIT partitions equal to exact's",
+            100 * s_["partitions_equal"] / s_["partitions_total"],
+            "%",
+            note=f"balanced splits at r = 1…3 (K ≤ T) × "
+            f"{len(seeds)} seeds, compared group by group with the exact gradients' splits",
+        )
     res.add(
         SECTION,
         f"count-sketch default d={_p2(DEFAULT_SKETCH_DIM)}: s per source",
