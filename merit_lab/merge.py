@@ -7,15 +7,19 @@ config/tokenizer files, and records `merge_manifest.json` plus an equivalent `me
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import keyword
 import math
 import os
 import shutil
 import struct
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -100,18 +104,33 @@ def merge_method(
 
 
 @merge_method("linear", reference_url="https://arxiv.org/abs/2203.05482", weight_rule="convex")
-def merge_linear(tensors: Tensors, weights: Sequence[float], base: Tensor | None = None) -> Tensor:
-    """θ̄ = Σ_k w_k θ_k: MERIT's merge when w_k = N_k / Σ_j N_j (token shares)."""
-    out = tensors[0] * weights[0]
+def merge_linear(
+    tensors: Tensors,
+    weights: Sequence[float],
+    base: Tensor | None = None,
+    *,
+    out: Tensor | None = None,
+) -> Tensor:
+    """θ̄ = Σ_k w_k θ_k: MERIT's merge when w_k = N_k / Σ_j N_j (token shares).
+
+    ``out``: a float32 tensor of the inputs' shape to write θ̄ into (else a new one).
+    """
+    out = torch.mul(tensors[0], weights[0], out=out)
     for t, w in zip(tensors[1:], weights[1:], strict=True):
         out.add_(t, alpha=w)
     return out
 
 
 @merge_method("uniform", reference_url="https://arxiv.org/abs/2203.05482", weight_rule="equal")
-def merge_uniform(tensors: Tensors, weights: Sequence[float], base: Tensor | None = None) -> Tensor:
+def merge_uniform(
+    tensors: Tensors,
+    weights: Sequence[float],
+    base: Tensor | None = None,
+    *,
+    out: Tensor | None = None,
+) -> Tensor:
     """Model soup: θ̄ = (1/K) Σ_k θ_k (``weights`` is ignored)."""
-    return merge_linear(tensors, [1.0 / len(tensors)] * len(tensors))
+    return merge_linear(tensors, [1.0 / len(tensors)] * len(tensors), out=out)
 
 
 @merge_method(
@@ -217,8 +236,38 @@ def _is_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi)) if t.numel() else True
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
 def _file_hashes(folder: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+    return {p.name: sha256_file(p) for p in _weight_files(folder)}
+
+
+def _sha256_stoppable(path: Path, stop: threading.Event, chunk: int = 1 << 20) -> str:
+    """`sha256_file` through one reused buffer (no allocation per chunk); gives up (returning
+    "") once ``stop`` is set, so a failed merge does not wait for the hashing of its inputs."""
+    h, buf = hashlib.sha256(), bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            if stop.is_set():
+                return ""
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _hash_thread(name: str) -> Iterator[tuple[ThreadPoolExecutor, threading.Event]]:
+    """One worker thread for sha256 work (hashlib releases the GIL on big buffers, so it runs
+    beside the merge); on exit, pending jobs are cancelled and a running one stops."""
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    try:
+        yield pool, stop
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fingerprint(hashes: Mapping[str, str]) -> str:
@@ -357,11 +406,34 @@ def _mergekit_config(
     return cfg | {"dtype": "float32", "out_dtype": _MERGEKIT_DTYPES.get(dtype, "float32")}
 
 
+class _Workspace:
+    """Two float32 buffers, taken in turn, for the results of methods that accept ``out=``.
+
+    A fresh allocation per tensor page-faults all of it in again, which costs about 5× the
+    arithmetic of a linear merge (measured on 128 MiB tensors); reused buffers fault once. Two,
+    because a written result may still be being hashed while the next one is computed: the
+    caller must let go of a result before taking the buffer after next (`_write_weights` waits
+    for each tensor's hash before it submits the next one's).
+    """
+
+    def __init__(self, numel: int) -> None:
+        self.numel, self.bufs, self.turn = numel, [None, None], 0
+
+    def take(self, shape: Sequence[int]) -> Tensor:
+        self.turn ^= 1
+        if self.bufs[self.turn] is None:  # untouched pages cost nothing until written
+            self.bufs[self.turn] = torch.empty(self.numel, dtype=torch.float32)
+        return self.bufs[self.turn][: math.prod(shape)].view(tuple(shape))
+
+
 def _merge_tensor(
     key: str, ckpts: Sequence[_Checkpoint], base: _Checkpoint | None, spec: MergeMethod,
-    weights: Sequence[float], params: Mapping[str, float],
+    weights: Sequence[float], params: Mapping[str, float], ws: _Workspace | None = None,
 ) -> Tensor:  # fmt: skip
-    """Load ``key`` from every input (and θ0), merge in float32, return it in the inputs' dtype."""
+    """Load ``key`` from every input (and θ0), merge in float32, return it in the inputs' dtype.
+
+    With ``ws`` (only for methods that take ``out=``) the float32 result lives in ``ws``.
+    """
     ts = [c.read(key) for c in ckpts]
     if not ts[0].is_floating_point():
         if any(not torch.equal(ts[0], t) for t in ts[1:]):
@@ -370,6 +442,8 @@ def _merge_tensor(
     dtype, ts = ts[0].dtype, [t.float() for t in ts]
     b = base.read(key).float() if base is not None else None
     kwargs = {(k + "_" if keyword.iskeyword(k) else k): v for k, v in params.items()}  # lambda
+    if ws is not None:
+        kwargs["out"] = ws.take(ts[0].shape)
     out = spec.fn(ts, weights, b, **kwargs).to(dtype)
     if not _is_finite(out):
         raise ValueError(f"{spec.name} {dict(params)} gave non-finite values in {key!r}")
@@ -379,22 +453,47 @@ def _merge_tensor(
 def _write_weights(
     tmp: Path, ckpts: Sequence[_Checkpoint], base: _Checkpoint | None, spec: MergeMethod,
     weights: Sequence[float], params: Mapping[str, float], shard_size: int, progress: bool,
-) -> list[str]:  # fmt: skip
-    """Merge tensor by tensor straight into shard files; write the index if there are several."""
+    hasher: ThreadPoolExecutor,
+) -> dict[str, str]:  # fmt: skip
+    """Merge tensor by tensor straight into shard files; write the index if there are several.
+
+    Returns each shard's sha256, computed on ``hasher``'s thread from the very bytes handed to
+    ``write`` while the next tensor is merged (re-reading the file would only read back the same
+    page cache). At most one written tensor waits for its hash, so memory stays ≈ (K + 2) copies
+    of the largest tensor.
+    """
     ref, shards = ckpts[0], _plan_shards(ckpts[0], shard_size)
     n = len(shards)
+    try:
+        takes_out = "out" in inspect.signature(spec.fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature: no ``out=``
+        takes_out = False
+    ws = _Workspace(max(math.prod(t[2]) for t in ref.tensors.values())) if takes_out else None
     names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     names = names if n > 1 else ["model.safetensors"]
+    digests: dict[str, str] = {}
+    pending: Future | None = None
     with tqdm(total=len(ref.tensors), desc=spec.name, unit="tensor", disable=not progress) as bar:
         for name, keys in zip(names, shards, strict=True):
+            h = hashlib.sha256()
             with open(tmp / name, "wb") as f:
-                f.write(_shard_header(keys, ref))
+                header = _shard_header(keys, ref)
+                f.write(header)
+                h.update(header)
                 for key in keys:
-                    out = _merge_tensor(key, ckpts, base, spec, weights, params)
-                    f.write(out.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
+                    out = _merge_tensor(key, ckpts, base, spec, weights, params, ws)
+                    data = out.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy
+                    f.write(data)
+                    if pending is not None:
+                        pending.result()  # the previous tensor's bytes are hashed: let them go
+                    pending = hasher.submit(h.update, data)  # FIFO: file order is kept
                     bar.update()
                 f.flush()
                 os.fsync(f.fileno())
+            if pending is not None:
+                pending.result()
+                pending = None
+            digests[name] = h.hexdigest()
     if n > 1:
         index = {
             "metadata": {
@@ -404,7 +503,7 @@ def _write_weights(
             "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys},
         }
         atomic_write_json(tmp / INDEX_NAME, index)
-    return names
+    return digests
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -492,17 +591,35 @@ def merge_checkpoints(
     for key, (_, _, shape) in ckpts[0].tensors.items():
         if "density" in prm and int(prm["density"] * math.prod(shape)) < 1:
             raise ValueError(f"density {prm['density']} keeps no entry of {key!r} {list(shape)}")
-    in_hashes = [_file_hashes(p) for p in inputs]
     base_hashes = _file_hashes(base) if base is not None else None
     base_fp = _check_same_base(inputs, _fingerprint(base_hashes) if base_hashes else None)
     dtype0 = next(iter(ckpts[0].tensors.values()))[1]
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        names = _write_weights(tmp, ckpts, base_ckpt, spec, w, prm, shard_size, progress)
+    # The inputs' sha256 (for the manifest) is computed on a thread beside the merge, and the
+    # output's while it is written: hashing is as costly as the merge itself, so done in series
+    # it would double the time (measured by benchmarks/bench_merge.py).
+    with (
+        _hash_thread("merge-hash-inputs") as (in_pool, stop),
+        _hash_thread("merge-hash-output") as (out_pool, _),
+        atomic_dir(out_dir, overwrite=overwrite) as tmp,
+    ):
+        in_jobs = [
+            {f.name: in_pool.submit(_sha256_stoppable, f, stop) for f in _weight_files(p)}
+            for p in inputs
+        ]
+        digests = _write_weights(
+            tmp, ckpts, base_ckpt, spec, w, prm, shard_size, progress, out_pool
+        )
+        names = list(digests)
         _copy_side_files(base if base is not None else inputs[0], tmp)
         mk = _mergekit_config(inputs, w, base, method, prm, dtype0)
         atomic_write_text(tmp / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
-        out_hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        out_hashes = {
+            p.name: digests.get(p.name) or sha256_file(p)
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        in_hashes = [{name: job.result() for name, job in jobs.items()} for jobs in in_jobs]
         seconds = time.perf_counter() - t0
         manifest = {
             "method": method,

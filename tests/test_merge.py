@@ -17,6 +17,7 @@ from merit_lab.merge import (
     MERGE_METHODS,
     fingerprint_checkpoint,
     merge_checkpoints,
+    merge_linear,
     merge_task_arithmetic,
     merge_ties,
 )
@@ -134,6 +135,16 @@ def test_uniform_equals_linear_with_equal_weights(fp32, tmp_path):
     assert all(torch.equal(u[n], lin[n]) for n in u)
     assert [p.name for p in (tmp_path / "u").glob("*.safetensors")] == ["model.safetensors"]
     assert not (tmp_path / "u" / "model.safetensors.index.json").exists()  # as save_pretrained
+
+
+def test_linear_into_a_given_buffer_gives_the_same_bits():
+    # merge_checkpoints reuses two buffers for the results of linear merges (no page faults)
+    gen = torch.Generator().manual_seed(0)
+    ts = [torch.randn(5, 7, generator=gen) for _ in range(K)]
+    buf = torch.full((5, 7), float("nan"))
+    out = merge_linear(ts, WEIGHTS, out=buf)
+    assert out.data_ptr() == buf.data_ptr()
+    assert torch.equal(out, merge_linear(ts, WEIGHTS))
 
 
 def test_tied_embeddings_keep_the_inputs_keys(tmp_path):

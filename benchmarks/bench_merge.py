@@ -1,0 +1,506 @@
+"""Merge stage: throughput against the disk's own limit, flat peak RSS, and mergekit's linear merge.
+
+Measures, on synthetic fp32 Llama checkpoints built from a config (θ0 + small seeded noise per
+branch, K = 4, saved by ``save_pretrained``, cached under ``.bench/merge/``):
+
+  a. the time of ``merge_checkpoints(method="linear")`` against the limit of the disk measured in
+     the same run: plain big-buffer Python reads of the K inputs' safetensors plus a write of the
+     output's bytes with the same fsync policy (one fsync per shard), in the same page-cache
+     state as the merge (warm: the files were just read; dropping caches needs root);
+  b. the merge's peak RSS (spawned child) as the model grows by layers at a fixed hidden size, so
+     the largest tensor (embedding / lm_head) stays the same: flat, about (K + 2) × that tensor;
+  c. mergekit's ``mergekit-yaml`` (installed in ``.bench/mergekit-venv``, made here on first use)
+     on the ``mergekit.yaml`` the merge writes: time and peak RSS ratios, and max |difference|.
+
+Run: .venv/bin/python -m benchmarks.bench_merge [--quick] [--out bench-merge.json]
+(``--quick``: tiny models, no mergekit unless its venv already works; under 30 s.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import Results, bench_main, command_peak, in_child
+from merit_lab.io import sha256_file
+from merit_lab.merge import merge_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / ".bench"
+CACHE = BENCH_DIR / "merge"
+MK_VENV = BENCH_DIR / "mergekit-venv"
+MK_TORCH, MK_VERSION = "torch==2.13.0", "mergekit==0.1.5"
+SECTION = "merge"
+K = 4
+WEIGHTS = [0.4, 0.3, 0.2, 0.1]
+NOISE = 1e-3
+EQUAL = "max |ours − mergekit| / max |tensor| (all tensors)"
+CHUNK = 1 << 26  # 64 MiB: the big buffer of the plain-I/O limit
+
+# The model grows by layers; hidden size and vocabulary (so the largest tensors) stay fixed.
+FULL = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "layers": (2, 5, 8),
+}
+QUICK = {
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 4000,
+    "layers": (1, 2, 4),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench_merge] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def _config_dict(sizes: dict, layers: int) -> dict:
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    return {k: sizes[k] for k in keys} | {
+        "vocab_size": sizes["vocab_size"],
+        "num_hidden_layers": layers,
+        "tie_word_embeddings": False,  # lm_head is its own (largest) tensor, as in most models
+    }
+
+
+def build_family(cfg: dict) -> list[Path]:
+    """K branch folders θ0 + NOISE·N(0, 1) (seeded), cached under ``.bench/merge/<key>``.
+
+    The family is built in a temp folder, fsynced (so no writeback runs during the timings) and
+    renamed, so an interrupted build never leaves a half family behind.
+    """
+    spec = {"config": cfg, "k": K, "noise": NOISE, "seed": 0, "dtype": "float32"}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    final = CACHE / f"L{cfg['num_hidden_layers']}-h{cfg['hidden_size']}-{key}"
+    branches = [final / f"b{k}" for k in range(K)]
+    if all((b / "config.json").is_file() for b in branches):
+        return branches
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    log(f"building {K} checkpoints {final.name} ...")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**cfg)).float()
+        theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for k in range(K):
+            gen = torch.Generator().manual_seed(1000 + k)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(theta0[n]).add_(torch.randn(p.shape, generator=gen), alpha=NOISE)
+            model.save_pretrained(tmp / f"b{k}")
+            for f in (tmp / f"b{k}").iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return branches
+
+
+def _family_facts(branches: list[Path]) -> dict:
+    """Input files, their bytes, and the largest tensor's bytes (from the headers)."""
+    files = [f for b in branches for f in sorted(b.glob("*.safetensors"))]
+    largest = 0
+    for f in files[: len(files) // K]:  # one branch: all have the same tensors
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for key, v in header.items():
+            if key != "__metadata__":
+                largest = max(largest, v["data_offsets"][1] - v["data_offsets"][0])
+    return {
+        "files": files,
+        "input_bytes": sum(f.stat().st_size for f in files),
+        "largest_tensor_bytes": largest,
+    }
+
+
+# ------------------------------------------------------------------------------- measurements
+def _merge_job(inputs: list[str], out: str, weights: list[float]) -> dict:
+    """One merge in a spawned child, under cProfile (few calls, so the overhead is small)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    report = merge_checkpoints(inputs, out, weights=weights, progress=False)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
+    return {
+        "report_seconds": report.seconds,  # merge_checkpoints' own clock (before the manifest)
+        "bytes_written": report.bytes_written,
+        "n_tensors": report.n_tensors,
+        "profile_main_thread": _categories(stats),
+        "top_tottime": [(f"{fn}:{line}({name})", round(v[2], 3)) for (fn, line, name), v in top],
+    }
+
+
+def _categories(stats: dict) -> dict[str, float]:
+    """Main-thread time by what it was doing (the hashing threads run beside it)."""
+    rules = {
+        "fsync": ("fsync",),
+        "write (into the page cache)": ("'write' of '_io",),
+        "waiting for sha256 threads": ("'acquire' of '_thread.lock'",),
+        "finite checks (aminmax)": ("aminmax", "isfinite"),
+        "merge arithmetic": ("merge_linear", "'add_'", "'mul'"),
+        "reading tensors (safe_open)": ("safe_open", "get_tensor", "get_slice", "offset_keys"),
+        "sha256 (in the main thread)": ("'update' of '_hashlib",),
+    }
+    out = dict.fromkeys(rules, 0.0)
+    total = 0.0
+    for (file, _, name), v in stats.items():
+        total += v[2]
+        if name == "read" and file.endswith("merge.py"):  # _Checkpoint.read: open, map, close
+            out["reading tensors (safe_open)"] += v[2]
+            continue
+        for cat, needles in rules.items():
+            if any(n.strip("'") in name for n in needles):
+                out[cat] += v[2]
+                break
+    out["everything else"] = total - sum(out.values())
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def disk_limit(files: list[Path], out_parent: Path, shard_bytes: list[int]) -> dict:
+    """Plain big-buffer I/O of the bytes the merge moves: read every input file, then write
+    ``shard_bytes`` to fresh files beside the merge's output, one fsync per file (as the merge
+    does per shard). The write reuses the last buffer read, so it writes real data."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    n_read = 0
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                n_read += n
+    t_read = time.perf_counter() - t0
+    tmp = Path(tempfile.mkdtemp(dir=out_parent, prefix=".limit-", suffix=".tmp"))
+    try:
+        t0 = time.perf_counter()
+        for i, size in enumerate(shard_bytes):
+            with open(tmp / f"shard{i}", "wb", buffering=0) as f:
+                left = size
+                while left:
+                    left -= f.write(view[: min(left, CHUNK)])
+                os.fsync(f.fileno())
+        t_write = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"read_s": t_read, "write_s": t_write, "bytes_read": n_read}
+
+
+def serial_hash_seconds(paths: list[Path]) -> float:
+    """sha256 of ``paths`` in one thread: the work the merge overlaps with its own."""
+    t0 = time.perf_counter()
+    for p in paths:
+        sha256_file(p)
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------- mergekit
+def _mergekit_works(probe: bool = True) -> bool:
+    """The venv was completed here (stamp) and, with ``probe``, mergekit still imports."""
+    if not (MK_VENV / ".bench-ok").is_file() or not (MK_VENV / "bin" / "mergekit-yaml").is_file():
+        return False
+    if not probe:  # --quick: a broken venv shows up as mergekit's own failure, in a note
+        return True
+    probe = [str(MK_VENV / "bin" / "python"), "-c", "import mergekit.merge"]
+    return subprocess.run(probe, capture_output=True, timeout=300).returncode == 0
+
+
+def ensure_mergekit(install: bool) -> tuple[Path | None, str]:
+    """The ``mergekit-yaml`` of ``.bench/mergekit-venv``, made here when missing or broken.
+
+    Returns (executable or None, how it was had, or why not)."""
+    if _mergekit_works(probe=install):
+        return MK_VENV / "bin" / "mergekit-yaml", "reused .bench/mergekit-venv"
+    if not install:
+        return None, "no working .bench/mergekit-venv (--quick never installs it)"
+    log(f"installing {MK_VERSION} into {MK_VENV.relative_to(ROOT)} (once) ...")
+    shutil.rmtree(MK_VENV, ignore_errors=True)
+    pip = [str(MK_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    steps = [
+        [shutil.which("python3") or sys.executable, "-m", "venv", str(MK_VENV)],
+        [*pip, MK_TORCH],  # the local CPU wheel first: a bare torch would pull a CUDA build
+        [*pip, MK_VERSION],
+    ]
+    for cmd in steps:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return None, f"`{' '.join(cmd[-2:])}` failed: {e}"
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+            return None, f"`{' '.join(cmd[-2:])}` exited {proc.returncode}: {tail[-400:]}"
+    (MK_VENV / ".bench-ok").write_text(f"{MK_TORCH} {MK_VERSION}\n")
+    if not _mergekit_works():
+        return None, "mergekit installed but `import mergekit.merge` fails"
+    return MK_VENV / "bin" / "mergekit-yaml", "installed into .bench/mergekit-venv"
+
+
+def compare_outputs(ours: Path, theirs: Path) -> dict:
+    """Max |ours − theirs| over every tensor, absolute and relative to the tensor's max |value|."""
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(f, framework="pt") as h:
+                out.update(dict.fromkeys(h.keys(), f))
+        return out
+
+    a, b = index(ours), index(theirs)
+    max_abs = max_rel = 0.0
+    exact = 0
+    dtypes = set()
+    for key in sorted(a.keys() & b.keys()):
+        with safe_open(a[key], framework="pt") as fa, safe_open(b[key], framework="pt") as fb:
+            x, y = fa.get_tensor(key), fb.get_tensor(key)
+        dtypes.add(f"{x.dtype}/{y.dtype}")
+        if x.shape != y.shape:
+            return {"error": f"{key}: shape {list(x.shape)} vs {list(y.shape)}"}
+        d = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+        scale = x.double().abs().max().item() if x.numel() else 0.0
+        max_abs, exact = max(max_abs, d), exact + (d == 0.0)
+        max_rel = max(max_rel, d / scale if scale else d)
+        del x, y
+    return {
+        "n_tensors": len(a.keys() & b.keys()),
+        "only_ours": sorted(a.keys() - b.keys())[:5],
+        "only_mergekit": sorted(b.keys() - a.keys())[:5],
+        "n_exact": exact,
+        "max_abs": max_abs,
+        "max_rel": max_rel,
+        "dtypes": sorted(dtypes),
+    }
+
+
+# ----------------------------------------------------------------------------------------- run
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def run(quick: bool = False) -> Results:
+    res = Results("merge")
+    sizes = QUICK if quick else FULL
+    reps = 1 if quick else 3
+    tgt = (lambda t: None) if quick else (lambda t: t)  # quick sizes are all fixed costs
+    work = BENCH_DIR / "merge-out"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        _run(res, sizes, reps, tgt, work, quick)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def _run(res: Results, sizes: dict, reps: int, tgt, work: Path, quick: bool) -> None:
+    families = {n: build_family(_config_dict(sizes, n)) for n in sizes["layers"]}
+    facts = {n: _family_facts(b) for n, b in families.items()}
+    big = max(families)
+    res.raw["models"] = {
+        f"L{n}": {
+            "input_bytes": f["input_bytes"],
+            "per_checkpoint_bytes": f["input_bytes"] // K,
+            "largest_tensor_bytes": f["largest_tensor_bytes"],
+        }
+        for n, f in facts.items()
+    }
+    res.raw |= {"k": K, "weights": WEIGHTS, "config": sizes, "reps": reps}
+    inputs, out = [str(b) for b in families[big]], work / "ours"
+
+    # a. the merge against plain I/O of the same bytes, alternated, best of `reps` each
+    per = facts[big]["input_bytes"] / K / 2**20
+    log(f"merge vs disk limit: K={K} x {per:.0f} MiB, {reps} rep(s) ...")
+    disk_limit(facts[big]["files"], work, [])  # warm the page cache (untimed)
+    merges, limits, peaks = [], [], []
+    for _ in range(reps):
+        shutil.rmtree(out, ignore_errors=True)
+        job, seconds, peak = in_child(_merge_job, inputs, str(out), WEIGHTS)
+        merges.append(job | {"merge_seconds": seconds})  # the whole call, manifest and rename too
+        peaks.append(peak)
+        shards = [f.stat().st_size for f in sorted(out.glob("*.safetensors"))]
+        limits.append(disk_limit(facts[big]["files"], work, shards))
+    best = min(merges, key=lambda j: j["merge_seconds"])
+    t_merge = best["merge_seconds"]
+    t_read = min(x["read_s"] for x in limits)
+    t_write = min(x["write_s"] for x in limits)
+    t_limit = t_read + t_write
+    moved = facts[big]["input_bytes"] + best["bytes_written"]
+    t_hash_in = serial_hash_seconds(facts[big]["files"])
+    t_hash_out = serial_hash_seconds(sorted(out.glob("*.safetensors")))
+    ratio = t_merge / t_limit
+    parts = sorted(best["profile_main_thread"].items(), key=lambda kv: -kv[1])
+    where = ", ".join(f"{k} {v:.2f} s" for k, v in parts)
+    verdict = ""
+    if not quick and ratio > 1.3:
+        verdict = (
+            f". MISSED by {(ratio / 1.3 - 1) * 100:.0f}%: the merge's own CPU work (sha256 of "
+            f"every byte, {t_hash_in + t_hash_out:.1f} s in one thread, plus the arithmetic and "
+            "finite checks) shares 2 cores that the plain I/O has to itself"
+        )
+    res.add(
+        SECTION,
+        "merge time / disk limit (read K inputs + write output + fsync)",
+        ratio,
+        "×",
+        target=tgt(("<=", 1.3)),
+        note=(
+            f"merge {t_merge:.2f} s vs limit {t_limit:.2f} s (read "
+            f"{_gb(facts[big]['input_bytes'])} {t_read:.2f} s + write "
+            f"{_gb(best['bytes_written'])} with fsync {t_write:.2f} s), "
+            f"best of {reps}, warm page cache (the files were just read; dropping caches needs "
+            f"root). The merge also hashes all of it (sha256 in one thread: inputs "
+            f"{t_hash_in:.2f} s + output {t_hash_out:.2f} s), on threads beside the merge. "
+            f"Main thread of the best merge: {where}{verdict}"
+            + ("; --quick: a tiny model, so fixed costs dominate (no target)" if quick else "")
+        ),
+    )
+    res.add(SECTION, "merge throughput (bytes read + written / s)", moved / t_merge / 1e9, "GB/s")
+    res.raw["throughput"] = {
+        "merge_seconds": [j["merge_seconds"] for j in merges],
+        "limit": limits,
+        "ratio_per_rep": [
+            j["merge_seconds"] / (x["read_s"] + x["write_s"])
+            for j, x in zip(merges, limits, strict=True)
+        ],
+        "bytes_read": facts[big]["input_bytes"],
+        "bytes_written": best["bytes_written"],
+        "serial_sha256_inputs_s": t_hash_in,
+        "serial_sha256_output_s": t_hash_out,
+        "breakdown_main_thread_s": best["profile_main_thread"],
+        "top_tottime_main_thread_s": best["top_tottime"],
+    }
+
+    # b. peak RSS as the model grows by layers (largest tensor fixed)
+    rss = {big: max(peaks)}
+    for n in sorted(families)[:-1]:
+        log(f"peak RSS: L{n} ...")
+        o = work / f"rss-L{n}"
+        _, _, rss[n] = in_child(_merge_job, [str(b) for b in families[n]], str(o), WEIGHTS)
+        shutil.rmtree(o, ignore_errors=True)
+    small, largest = min(rss), facts[big]["largest_tensor_bytes"]
+    grow = facts[big]["input_bytes"] / facts[small]["input_bytes"]
+    res.add(
+        SECTION,
+        f"peak RSS L{big} / L{small} (model {grow:.2f}× bigger)",
+        rss[big] / rss[small],
+        "×",
+        target=tgt(("<=", 1.3)),
+        note="; ".join(f"L{n}: {rss[n] / 2**20:.0f} MiB" for n in sorted(rss)),
+    )
+    res.add(
+        SECTION,
+        f"peak RSS / ((K+2) × largest tensor), L{big}",
+        rss[big] / ((K + 2) * largest),
+        "×",
+        target=tgt(("<=", 1.25)),
+        note=f"largest tensor {largest / 2**20:.0f} MiB (embedding / lm_head), K={K}",
+    )
+    res.raw["peak_rss_bytes"] = {f"L{n}": v for n, v in sorted(rss.items())}
+
+    # c. mergekit on the same inputs, from the mergekit.yaml the merge wrote
+    _vs_mergekit(res, inputs, out, work, quick, tgt)
+
+
+def _vs_mergekit(res: Results, inputs: list[str], out: Path, work: Path, quick: bool, tgt) -> None:
+    exe, how = ensure_mergekit(install=not quick)
+    res.raw["mergekit"] = {"venv": how}
+    if exe is None:
+        log(f"mergekit skipped: {how}")
+        res.add(SECTION, "mergekit comparison", math.nan, note=f"skipped: {how}")
+        return
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cfg = work / "mergekit.yaml"
+    shutil.copy(out / "mergekit.yaml", cfg)  # our merge's own record of itself
+    ours = work / "ours-cmd"
+    code = (
+        "import json, sys; from merit_lab.merge import merge_checkpoints as m; "
+        "a = json.loads(sys.argv[1]); m(a['inputs'], a['out'], weights=a['w'], progress=False)"
+    )
+    args = json.dumps({"inputs": inputs, "out": str(ours), "w": WEIGHTS})
+    log("our merge as a command ...")
+    t_ours, rss_ours, _ = command_peak([sys.executable, "-c", code, args], env=env, cwd=str(ROOT))
+    theirs = work / "mergekit"
+    cmd = [str(exe), str(cfg), str(theirs), "--no-cuda", "--no-copy-tokenizer"]
+    cmd += ["--no-write-model-card", "--quiet"]
+    log(f"mergekit: {' '.join(cmd[1:])} ...")
+    try:
+        t_mk, rss_mk, mk_out = command_peak(cmd, env=env, cwd=str(work))
+    except RuntimeError as e:
+        res.raw["mergekit"]["error"] = str(e)[-2000:]
+        res.add(SECTION, "mergekit comparison", math.nan, note=f"mergekit failed: {e!s:.300}")
+        return
+    cmp = compare_outputs(ours, theirs)
+    res.raw["mergekit"] |= {
+        "command": cmd[1:],
+        "config": (cfg.read_text()),
+        "seconds": t_mk,
+        "peak_rss_bytes": rss_mk,
+        "ours_command_seconds": t_ours,
+        "ours_command_peak_rss_bytes": rss_ours,
+        "output_tail": mk_out[-1500:],
+        "compare": cmp,
+    }
+    basis = "both as commands: interpreter start, imports and merge; peak RSS of the process"
+    res.add(
+        SECTION,
+        "mergekit time / ours",
+        t_mk / t_ours,
+        "×",
+        note=f"mergekit {t_mk:.1f} s vs ours {t_ours:.1f} s ({basis})",
+    )
+    res.add(
+        SECTION,
+        "mergekit peak RSS / ours",
+        rss_mk / rss_ours,
+        "×",
+        note=f"mergekit {rss_mk / 2**20:.0f} MiB vs ours {rss_ours / 2**20:.0f} MiB",
+    )
+    if "error" in cmp or cmp["only_ours"] or cmp["only_mergekit"]:
+        res.add(SECTION, EQUAL, math.nan, target=tgt(("<=", 1e-6)), note=str(cmp))
+        return
+    same = f"{cmp['n_exact']}/{cmp['n_tensors']} tensors bit-identical"
+    if cmp["n_exact"] < cmp["n_tensors"]:
+        same += (
+            f", max abs diff {cmp['max_abs']:.3g} (mergekit sums 0 + Σ w·θ by addcmul_, ours "
+            "w1·θ1 then add_: roundings may differ by an ulp)"
+        )
+    res.add(
+        SECTION,
+        EQUAL,
+        cmp["max_rel"],
+        target=tgt(("<=", 1e-6)),
+        note=f"fp32 in and out on both sides ({', '.join(cmp['dtypes'])}); {same}",
+    )
+
+
+if __name__ == "__main__":
+    bench_main(run, __doc__)
