@@ -22,7 +22,7 @@ __all__ = ["ConflictSpace", "compute_conflict_space"]
 
 _FORMAT = "merit-lab/conflict"
 _VERSION = 1
-# Columns of the bank converted to float64 at a time: bounds the temporary to T × 2**16 × 8 bytes.
+# Columns of the bank multiplied at a time: bounds the temporaries to T × 2**16 entries.
 _COL_CHUNK = 2**16
 # Optimal leaf ordering (flips subtrees so neighbours in the heatmap are most alike) costs
 # O(T^3): 1.3 s at T = 1000 against 0.03 s for the linkage. Above this many sources the heatmap
@@ -132,19 +132,27 @@ class ConflictSpace:
 
 
 def _gram(rows: np.ndarray | torch.Tensor) -> tuple[np.ndarray, list[int]]:
-    """G = X Xᵀ in float64, a block of columns at a time, and the rows with non-finite entries."""
+    """G = X Xᵀ, a block of columns at a time, summed in float64; and the non-finite rows.
+
+    Each block's product is taken in the rows' own precision: float64 rows in float64, float32
+    (and half-precision) rows in float32, which is 2× faster and ~1e-7 off in the cosines
+    (measured against float64) — four orders below a 2^18 count-sketch's own error (~5e-3).
+    """
     t, d = rows.shape
     gram = np.zeros((t, t), dtype=np.float64)
     bad = np.zeros(t, dtype=bool)
     for lo in range(0, d, _COL_CHUNK):
         block = rows[:, lo : lo + _COL_CHUNK]
         if isinstance(block, torch.Tensor):
-            block = block.detach().to("cpu", torch.float64).numpy()
-        block = np.array(block, dtype=np.float64)  # a copy: zeroed in place below
+            block = block.detach().to("cpu")
+            block = block.numpy() if block.dtype == torch.float64 else block.float().numpy()
+        block = np.asarray(block)
+        if block.dtype != np.float64:
+            block = block.astype(np.float32, copy=False)
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             bad |= ~finite
-            block[~finite] = 0.0
+            block = np.where(finite[:, None], block, block.dtype.type(0))
         gram += block @ block.T  # numpy computes a product with its own transpose by syrk
     return gram, np.flatnonzero(bad).tolist()
 
