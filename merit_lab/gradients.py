@@ -158,6 +158,7 @@ def estimate_gradients(
     sources: Sequence[str] | None = None,
     model_fingerprint: str = "",
     progress: bool = True,
+    prefetch: bool | None = None,
 ) -> GradientBank:
     """Estimate one sketched gradient per source at the model's current weights θ0.
 
@@ -176,6 +177,8 @@ def estimate_gradients(
         include, exclude: parameter-name globs (see `select_parameters`).
         sources: the sources to include (default: all of ``mixture``), in row order.
         model_fingerprint: identifies θ0 so parts from another model are never reused.
+        prefetch: tokenise the next source on a thread during this one's fwd+bwd (default:
+            on for GPUs, off on the CPU, where it only contends for the cores).
 
     Returns:
         The bank, rows in the order of ``sources``.
@@ -221,11 +224,14 @@ def estimate_gradients(
             raise ValueError(f"source {names[i]!r} has no calibration examples")
         return tokenize_examples(tokenizer, calib, max_length)
 
-    # The next source is tokenised on a thread while this one's forward/backward runs (torch
-    # releases the GIL): tokenising through the chat template costs ~10% of a CPU fwd+bwd on
-    # the demo, and far more beside a GPU's.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-    ahead = pool.submit(tokenize, todo[0]) if todo else None
+    # With prefetch, the next source is tokenised on a thread while this one's forward/backward
+    # runs. Tokenising through the chat template costs ~10% of a CPU fwd+bwd on the demo and
+    # far more beside a GPU's, where the CPU is otherwise idle; on the CPU the cores are already
+    # busy with the fwd+bwd, and a thread only contends (measured), so auto = off there.
+    if prefetch is None:
+        prefetch = device.type != "cpu"
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize") if prefetch else None
+    ahead = pool.submit(tokenize, todo[0]) if pool is not None and todo else None
     try:
         bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="source gradients",
                    unit="source", disable=not progress)  # fmt: skip
@@ -234,8 +240,11 @@ def estimate_gradients(
             bar.set_postfix_str(name)
             calib = mixture[name].calibration[:n]
             t0 = time.perf_counter()
-            examples = ahead.result()
-            ahead = pool.submit(tokenize, todo[j + 1]) if j + 1 < len(todo) else None
+            if pool is None:
+                examples = tokenize(i)
+            else:
+                examples = ahead.result()
+                ahead = pool.submit(tokenize, todo[j + 1]) if j + 1 < len(todo) else None
             model.zero_grad(set_to_none=True)
             loss, n_tokens = source_gradient(
                 model, examples, pad_token_id=pad_id, micro_batch_size=micro_batch_size
@@ -270,7 +279,8 @@ def estimate_gradients(
             bar.update()
         bar.close()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         model.zero_grad(set_to_none=True)
         for nm, p in model.named_parameters():
             p.requires_grad_(flags[nm])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import torch
 import merit_lab.gradients as gradients_mod
 from merit_lab.formatting import tokenize_examples
 from merit_lab.gradients import GradientBank, estimate_gradients
-from merit_lab.mixture import load_mixture
+from merit_lab.mixture import Mixture, load_mixture
 from merit_lab.sketch import SketchSpec
 
 EXACT = SketchSpec(kind="exact")
@@ -173,3 +174,18 @@ def test_parameter_selection_and_non_finite_loss(pico_model, demo_tokenizer, sma
         broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=small_demo.names[0]):
         estimate_gradients(broken, demo_tokenizer, small_demo, n=4, progress=False)
+
+
+def test_prefetch_thread_changes_nothing_and_errors_name_their_source(
+    pico_model, demo_tokenizer, small_demo
+):
+    kw = {"sketch": SketchSpec(dim=512, seed=3), "n": 8, "progress": False}
+    sync = estimate_gradients(pico_model, demo_tokenizer, small_demo, prefetch=False, **kw)
+    ahead = estimate_gradients(pico_model, demo_tokenizer, small_demo, prefetch=True, **kw)
+    np.testing.assert_array_equal(ahead.rows, sync.rows)
+    assert list(ahead.stats) == list(sync.stats) == list(small_demo.names)
+    empty = dataclasses.replace(small_demo.sources[2], calibration=())
+    broken = Mixture((*small_demo.sources[:2], empty, *small_demo.sources[3:]))
+    for prefetch in (False, True):
+        with pytest.raises(ValueError, match=f"source {empty.name!r} has no calibration"):
+            estimate_gradients(pico_model, demo_tokenizer, broken, prefetch=prefetch, **kw)
