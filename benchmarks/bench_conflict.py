@@ -2,7 +2,7 @@
 
 Synthetic gradient banks with structure (a low-rank signal shared by clusters of sources, plus
 per-source noise and per-source norms spread over a decade), float32 rows at the default sketch
-width (``DEFAULT_SKETCH_DIM`` = 2^17), for T = 8, 32, 136 and 1000 sources. For each T it times
+width (``DEFAULT_SKETCH_DIM``, 2^18), for T = 8, 32, 136 and 1000 sources. For each T it times
 
   * ``compute_conflict_space`` (Gram matrix, cosines, PCA by eigendecomposition, heatmap order),
     with the Gram matrix and the heatmap order also timed on their own (inside the same call);
@@ -13,7 +13,8 @@ width (``DEFAULT_SKETCH_DIM`` = 2^17), for T = 8, 32, 136 and 1000 sources. For 
 Target: conflict space + MERIT partition for T = 1000 in under 5 s (the paper reports about 30
 minutes for the similarity matrix at T = 136, computed on far wider rows, so the ratio at T = 136
 is context, not like-for-like). T = 1000 runs in a fresh process, which also measures its peak
-memory above the 512 MB bank itself. Times are single runs for T = 1000 and the best of 3 below.
+memory above the bank itself (1 GB at T = 1000). Times are single runs for T = 1000 and the best
+of 3 below.
 
 Run: .venv/bin/python -m benchmarks.bench_conflict [--quick] [--out bench-conflict.json]
 """
