@@ -435,7 +435,7 @@ def _vs_mergekit(res: Results, inputs: list[str], out: Path, work: Path, quick: 
     res.raw["mergekit"] = {"venv": how}
     if exe is None:
         log(f"mergekit skipped: {how}")
-        res.add(SECTION, "mergekit comparison", math.nan, note=f"skipped: {how}")
+        res.skip(SECTION, "mergekit comparison", how)
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cfg = work / "mergekit.yaml"
@@ -456,7 +456,7 @@ def _vs_mergekit(res: Results, inputs: list[str], out: Path, work: Path, quick: 
         t_mk, rss_mk, mk_out = command_peak(cmd, env=env, cwd=str(work))
     except RuntimeError as e:
         res.raw["mergekit"]["error"] = str(e)[-2000:]
-        res.add(SECTION, "mergekit comparison", math.nan, note=f"mergekit failed: {e!s:.300}")
+        res.skip(SECTION, "mergekit comparison", f"mergekit failed: {e!s:.300}")
         return
     cmp = compare_outputs(ours, theirs)
     res.raw["mergekit"] |= {

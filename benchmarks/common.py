@@ -59,9 +59,12 @@ class Figure:
     unit: str = ""
     target: tuple[str, float] | None = None  # (op, threshold), e.g. (">=", 0.9)
     note: str = ""
+    skipped: bool = False  # not measured in this run; ``note`` says why
 
     @property
     def ok(self) -> bool | None:
+        if self.skipped:
+            return None
         if self.target is None or not np.isfinite(self.value):
             return None if self.target is None else False
         op, thr = self.target
@@ -108,6 +111,12 @@ class Results:
         self.figures.append(fig)
         return fig
 
+    def skip(self, section: str, name: str, reason: str) -> Figure:
+        """Record a figure this run could not measure (e.g. a peer tool that failed to install)."""
+        fig = Figure(section, name, float("nan"), note=reason, skipped=True)
+        self.figures.append(fig)
+        return fig
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "bench": self.bench,
@@ -148,7 +157,8 @@ def print_table(results: Sequence[Results], file=None) -> None:
         for f in res.figures:
             tgt = "" if f.target is None else f"{f.target[0]} {_fmt(f.target[1], f.unit)}"
             mark = {True: "ok", False: "MISSED", None: ""}[f.ok]
-            rows.append((f.section, f.name, _fmt(f.value, f.unit), tgt, mark))
+            value = "skipped" if f.skipped else _fmt(f.value, f.unit)
+            rows.append((f.section, f.name, value, tgt, mark))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     widths[1] = min(widths[1], 64)
     line = "  ".join("-" * w for w in widths)

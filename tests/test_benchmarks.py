@@ -54,6 +54,8 @@ def test_figures_compare_against_their_targets(capsys):
     assert "MISSED" in table and " ok" in table
     assert [f["ok"] for f in res.to_dict()["figures"]] == [True, False, False, None]
     assert Figure("s", "x", 1.0).to_dict()["ok"] is None
+    skipped = res.skip("s", "peer", "not installed")
+    assert skipped.ok is None and skipped.to_dict()["skipped"] is True
 
 
 @pytest.mark.slow
@@ -66,5 +68,5 @@ def test_every_benchmark_runs_in_quick_mode(tmp_path, capsys):
     for r in data["results"]:
         assert r["figures"], f"{r['bench']} reported no figures"
         for f in r["figures"]:
-            assert math.isfinite(f["value"]), f
+            assert math.isfinite(f["value"]) or (f["skipped"] and f["note"]), f
     assert "targets missed" in capsys.readouterr().out
