@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import Results, bench_main, command_peak, in_child
-from merit_lab.io import sha256_file
+from merit_lab.io import atomic_dir, sha256_file
 from merit_lab.merge import merge_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,9 +97,7 @@ def build_family(cfg: dict) -> list[Path]:
     hf_logging.disable_progress_bar()
 
     log(f"building {K} checkpoints {final.name} ...")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(final, overwrite=True) as tmp:
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**cfg)).float()
         theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -113,12 +111,6 @@ def build_family(cfg: dict) -> list[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return branches
 
 

@@ -195,13 +195,13 @@ def _aggregate(runs: list[dict]) -> dict:
     }
 
 
-def _record(kind, spec, seed, fid, n_params, secs, dim, same) -> dict:
+def _record(spec: SketchSpec, fid: dict, n_params: int, secs: float, dim: int, same) -> dict:
     return {
         "partition_equal": same,
-        "kind": kind,
+        "kind": spec.kind,
         "dim": int(dim),
-        "every": spec.every if kind == "subsample" else None,
-        "seed": seed,
+        "every": spec.every if spec.kind == "subsample" else None,
+        "seed": spec.seed,
         **fid,
         "bytes_per_source": bytes_per_source(spec, n_params),
         "seconds_per_source": secs,
@@ -227,69 +227,31 @@ def sweep(
     def same(sk: np.ndarray) -> list[bool]:
         return [a == b for a, b in zip(merit_partitions(sk, names, counts), reference, strict=True)]
 
+    settings = (
+        [[SketchSpec(kind="countsketch", dim=d, seed=sd) for sd in seeds] for d in cs_dims]
+        + [[SketchSpec(kind="gaussian", dim=d, seed=sd) for sd in seeds] for d in gauss_dims]
+        + [[SketchSpec(kind="subsample", every=e, seed=sd) for sd in seeds] for e in everies]
+    )
     runs: list[dict] = []
     summary: list[dict] = []
-    for dim in cs_dims:
+    for specs in settings:
         per = []
-        for seed in seeds:
-            spec = SketchSpec(kind="countsketch", dim=dim, seed=seed)
-            sk, secs = _sketch_library(spec, params, rows)
-            per.append(
-                _record(
-                    "countsketch",
-                    spec,
-                    seed,
-                    sketch_fidelity(rows, sk),
-                    n_params,
-                    secs,
-                    dim,
-                    same(sk),
-                )
-            )
-        summary.append(_aggregate(per))
+        for i, spec in enumerate(specs):
+            if spec.kind == "gaussian":  # batched; timed on the first seed only
+                sk, secs = _sketch_gaussian(spec, params, rows, time_it=i == 0)
+            else:
+                sk, secs = _sketch_library(spec, params, rows)
+            fid = sketch_fidelity(rows, sk)
+            per.append(_record(spec, fid, n_params, secs, sk.shape[1], same(sk)))
+        agg = _aggregate(per)
+        if specs[0].kind == "subsample":
+            agg["offsets"] = sorted({build_sketch(sp, params)._sub_offset for sp in specs})
+            label = f"subsample 1/{specs[0].every}"
+        else:
+            label = f"{specs[0].kind} d={_p2(specs[0].dim)}"
+        summary.append(agg)
         runs += per
-        _log(f"count-sketch d={_p2(dim)}: worst max|err| {summary[-1]['worst_max_abs_error']:.4f}")
-    for dim in gauss_dims:
-        per = []
-        for i, seed in enumerate(seeds):
-            spec = SketchSpec(kind="gaussian", dim=dim, seed=seed)
-            sk, secs = _sketch_gaussian(spec, params, rows, time_it=i == 0)
-            per.append(
-                _record(
-                    "gaussian",
-                    spec,
-                    seed,
-                    sketch_fidelity(rows, sk),
-                    n_params,
-                    secs,
-                    dim,
-                    same(sk),
-                )
-            )
-        summary.append(_aggregate(per))
-        runs += per
-        _log(f"gaussian d={_p2(dim)}: worst max|err| {summary[-1]['worst_max_abs_error']:.4f}")
-    for every in everies:
-        per, offsets = [], set()
-        for seed in seeds:
-            spec = SketchSpec(kind="subsample", every=every, seed=seed)
-            sk, secs = _sketch_library(spec, params, rows)
-            offsets.add(build_sketch(spec, params)._sub_offset)
-            per.append(
-                _record(
-                    "subsample",
-                    spec,
-                    seed,
-                    sketch_fidelity(rows, sk),
-                    n_params,
-                    secs,
-                    sk.shape[1],
-                    same(sk),
-                )
-            )
-        summary.append({**_aggregate(per), "offsets": sorted(offsets)})
-        runs += per
-        _log(f"subsample 1/{every}: worst max|err| {summary[-1]['worst_max_abs_error']:.4f}")
+        _log(f"{label}: worst max|err| {agg['worst_max_abs_error']:.4f}")
     return runs, summary
 
 

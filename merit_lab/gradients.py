@@ -238,7 +238,6 @@ def estimate_gradients(
         for j, i in enumerate(todo):
             name = names[i]
             bar.set_postfix_str(name)
-            calib = mixture[name].calibration[:n]
             t0 = time.perf_counter()
             if pool is None:
                 examples = tokenize(i)
@@ -263,7 +262,7 @@ def estimate_gradients(
                 torch.cuda.synchronize(device)
             row_np = row.detach().cpu().numpy()
             stats[name] = {
-                "n_examples": len(calib),
+                "n_examples": len(examples),
                 "n_response_tokens": n_tokens,
                 "loss": loss,
                 "grad_norm": float(sq.sqrt()),
