@@ -168,7 +168,7 @@ def _categories(stats: dict) -> dict[str, float]:
     total = 0.0
     for (file, _, name), v in stats.items():
         total += v[2]
-        if name == "read" and file.endswith("merge.py"):  # _Checkpoint.read: open, map, close
+        if name == "read" and file.endswith("checkpoints.py"):  # Checkpoint.read: open, map, close
             out["reading tensors (safe_open)"] += v[2]
             continue
         for cat, needles in rules.items():

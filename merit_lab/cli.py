@@ -45,18 +45,18 @@ def _comparison(run) -> str:
 
 def _cmd_diagnose(args: argparse.Namespace) -> None:
     from merit_lab.config import load_config
-    from merit_lab.pipeline import run_pipeline
+    from merit_lab.pipeline import RunDir, run_pipeline
 
-    root = Path(args.run)
-    if not (root / "config.yaml").is_file():
-        raise FileNotFoundError(f"{root}: not a run directory (no config.yaml)")
-    cfg = load_config(root / "config.yaml", output_dir=str(root.parent), name=root.name)
+    root = RunDir(Path(args.run))
+    if not root.config.is_file():
+        raise FileNotFoundError(f"{root.root}: not a run directory (no config.yaml)")
+    cfg = load_config(root.config, output_dir=str(root.root.parent), name=root.root.name)
     run = run_pipeline(cfg, ["diagnose", "report"], force=args.force)
-    print(f"diagnostics: {(run.root / 'diagnostics').resolve()}\nreport: {run.report.resolve()}")
+    print(f"diagnostics: {run.diagnostics.resolve()}\nreport: {run.report.resolve()}")
 
 
 def _cmd_figures(args: argparse.Namespace) -> None:
-    from merit_lab.figures import write_figures
+    from merit_lab.pipeline.figures import write_figures
 
     written = write_figures(args.run, args.out, formats=args.formats.split(","))
     print(f"{len(written)} files in {Path(args.out).resolve()}")

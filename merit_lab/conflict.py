@@ -18,7 +18,11 @@ import torch
 
 from merit_lab.io import atomic_write_json, read_json
 
-__all__ = ["ConflictSpace", "compute_conflict_space"]
+__all__ = [
+    "ConflictSpace",
+    "compute_conflict_space",
+    "space_from_cosine",
+]
 
 _FORMAT = "merit-lab/conflict"
 _VERSION = 1
@@ -91,6 +95,33 @@ class ConflictSpace:
         if not 0 <= r <= self.n_sources:
             raise ValueError(f"r must be in [0, {self.n_sources}], got {r}")
         return self.embedding[:, :r].copy()
+
+    def select(self, names: Sequence[str]) -> ConflictSpace:
+        """The conflict space of a subset of the sources (PCA redone on their cosines)."""
+        idx = [self.index(n) for n in names]
+        return space_from_cosine(self.cosine[np.ix_(idx, idx)], [self.names[i] for i in idx])
+
+    def project(self, cosines: np.ndarray) -> np.ndarray:
+        """PCA coordinates of a new unit gradient from its cosines to this space's sources.
+
+        With V, Λ the eigenpairs of J C J and u the new unit row, the score on axis ℓ is
+        (u − ū)ᵀ(Uᵀ J v_ℓ)/√λ_ℓ = Σ_t v_ℓt (c_t − C̄_t)/√λ_ℓ (constants vanish as v_ℓ ⊥ 1).
+
+        Args:
+            cosines: (T,) cosines of the new source to ``names``, in their order.
+
+        Returns:
+            (T,) float64 coordinates; zero on axes without variance. A source of the space
+            projects onto its own embedding row.
+        """
+        c = np.asarray(cosines, dtype=np.float64).reshape(-1)
+        if c.shape != (self.n_sources,):
+            raise ValueError(f"need {self.n_sources} cosines, got {c.shape}")
+        lam = self.eigenvalues
+        out = np.zeros(self.n_sources)
+        pos = lam > 0
+        out[pos] = (self.embedding[:, pos].T @ (c - self.cosine.mean(axis=1))) / lam[pos]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +229,15 @@ def compute_conflict_space(rows: np.ndarray | torch.Tensor, names: Sequence[str]
     if zero.size:
         raise ValueError(f"zero gradient for sources: {[names[i] for i in zero]}")
     cosine = np.clip(gram / np.outer(norms, norms), -1.0, 1.0)
+    return space_from_cosine(cosine, names)
+
+
+def space_from_cosine(cosine: np.ndarray, names: Sequence[str]) -> ConflictSpace:
+    """The conflict space of T sources from their (T, T) cosine matrix alone (the PCA of unit
+    gradients needs nothing else; see `compute_conflict_space`)."""
+    names = tuple(names)
+    t = len(names)
+    cosine = np.array(cosine, dtype=np.float64)
     cosine = (cosine + cosine.T) / 2
     np.fill_diagonal(cosine, 1.0)
 

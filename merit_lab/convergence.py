@@ -15,8 +15,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from merit_lab.config import CalibrationConfig
 from merit_lab.formatting import tokenize_examples
-from merit_lab.gradients import source_gradient
+from merit_lab.gradients import grads_only_for, source_gradient
 from merit_lab.models import select_parameters
 from merit_lab.sketch import SketchSpec, build_sketch
 
@@ -33,7 +34,7 @@ def sketch_example_gradients(
     examples: Sequence[dict],
     *,
     sketch: SketchSpec | None = None,
-    max_length: int = 256,
+    max_length: int = CalibrationConfig.max_length,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = False,
@@ -68,22 +69,14 @@ def sketch_example_gradients(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokenized = tokenize_examples(tokenizer, examples, max_length)
 
-    chosen = {id(p) for _, p in selected}
-    flags = {nm: p.requires_grad for nm, p in model.named_parameters()}
-    for _, p in model.named_parameters():
-        p.requires_grad_(id(p) in chosen)
     rows = np.zeros((len(tokenized), sk.dim), dtype=np.float32)
     tokens = np.zeros(len(tokenized), dtype=np.int64)
-    try:
+    with grads_only_for(model, selected):
         for i, ex in enumerate(tqdm(tokenized, desc="example gradients", disable=not progress)):
             model.zero_grad(set_to_none=True)
             _, tokens[i] = source_gradient(model, [ex], pad_token_id=pad_id, micro_batch_size=1)
             row = sk.sketch((nm, p.grad) for nm, p in selected if p.grad is not None)
             rows[i] = row.detach().cpu().numpy()
-    finally:
-        model.zero_grad(set_to_none=True)
-        for nm, p in model.named_parameters():
-            p.requires_grad_(flags[nm])
     return rows, tokens
 
 
@@ -151,7 +144,7 @@ def gradient_convergence(
     ns: Sequence[int] = DEFAULT_NS,
     n_boot: int = 20,
     seed: int = 0,
-    max_length: int = 256,
+    max_length: int = CalibrationConfig.max_length,
     *,
     sketch: SketchSpec | None = None,
     include: Sequence[str] | None = None,

@@ -16,7 +16,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from merit_lab.formatting import IGNORE_INDEX, collate, tokenize_examples
+from merit_lab.config import EvalConfig, TrainConfig
+from merit_lab.formatting import (
+    collate,
+    count_response_tokens,
+    response_token_loss,
+    tokenize_examples,
+)
 from merit_lab.mixture import Mixture
 
 __all__ = ["evaluate_model", "greedy_answers", "heldout_loss", "summarize_eval"]
@@ -30,27 +36,18 @@ def heldout_loss(
     tokenizer,
     examples: Sequence[dict],
     *,
-    max_length: int = 256,
-    batch_size: int = 32,
+    max_length: int = TrainConfig.max_length,
+    batch_size: int = EvalConfig.batch_size,
 ) -> float:
-    """Mean response-token cross-entropy over ``examples`` (all their response tokens pooled)."""
+    """Mean response-token cross-entropy over ``examples`` (all their response tokens pooled).
+
+    0.0 when there is no response token to score.
+    """
     toks = tokenize_examples(tokenizer, examples, max_length)
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count = 0.0, 0
-    for i in range(0, len(toks), batch_size):
-        b = {k: v.to(device) for k, v in collate(toks[i : i + batch_size], pad).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        total += float(
-            torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                b["labels"][:, 1:].reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-        )
-        count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+    batches = [collate(toks[i : i + batch_size], pad) for i in range(0, len(toks), batch_size)]
+    count = max(sum(count_response_tokens(b["labels"]) for b in batches), 1)
+    return float(sum(float(response_token_loss(model, b, num_items=count)) for b in batches))
 
 
 @torch.no_grad()
@@ -59,8 +56,8 @@ def greedy_answers(
     tokenizer,
     examples: Sequence[dict],
     *,
-    max_new_tokens: int = 48,
-    batch_size: int = 64,
+    max_new_tokens: int = EvalConfig.max_new_tokens,
+    batch_size: int = EvalConfig.batch_size,
     progress: bool = False,
     desc: str = "greedy answers",
 ) -> list[str]:
@@ -115,10 +112,10 @@ def evaluate_model(
     split: str = "eval",
     sources: Sequence[str] | None = None,
     max_examples: int | None = None,
-    max_length: int = 256,
+    max_length: int = TrainConfig.max_length,
     exact_match: bool = True,
-    max_new_tokens: int = 48,
-    batch_size: int = 64,
+    max_new_tokens: int = EvalConfig.max_new_tokens,
+    batch_size: int = EvalConfig.batch_size,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Held-out loss (and exact match of greedy answers) of one model on every source.

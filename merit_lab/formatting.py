@@ -1,21 +1,28 @@
 """Formatting stage: turn a chat example into ``input_ids`` and ``labels`` with the prompt masked.
 
 Input: a normalised example (``{"messages": [...]}``) and a tokenizer. Output: token ids where
-every label outside the assistant responses is -100, so losses count response tokens only.
+every label outside the assistant responses is -100, and `response_token_loss`, the one loss
+over those labels that gradients, evaluation and diagnostics all compute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
+
+from merit_lab.config import TrainConfig
 
 __all__ = [
     "IGNORE_INDEX",
     "TokenizedExample",
     "collate",
+    "count_response_tokens",
     "render_spans",
+    "response_logits",
+    "response_token_loss",
     "tokenize_example",
     "tokenize_examples",
 ]
@@ -91,7 +98,9 @@ def render_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[i
     return "".join(parts), spans
 
 
-def tokenize_example(tokenizer, example: dict, max_length: int = 512) -> TokenizedExample:
+def tokenize_example(
+    tokenizer, example: dict, max_length: int = TrainConfig.max_length
+) -> TokenizedExample:
     """Tokenise one example; a token is a label iff it starts inside an assistant span.
 
     Truncates on the right to ``max_length`` tokens.
@@ -115,7 +124,7 @@ def tokenize_example(tokenizer, example: dict, max_length: int = 512) -> Tokeniz
 
 
 def tokenize_examples(
-    tokenizer, examples: Sequence[dict], max_length: int = 512
+    tokenizer, examples: Sequence[dict], max_length: int = TrainConfig.max_length
 ) -> list[TokenizedExample]:
     """Tokenise a list of examples (see `tokenize_example`)."""
     return [tokenize_example(tokenizer, ex, max_length) for ex in examples]
@@ -133,3 +142,49 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, t
         labels[i, :n] = torch.tensor(ex.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def count_response_tokens(labels: Tensor) -> int:
+    """Positions a causal LM is scored on in a (B, L) ``labels`` batch: labels ≠ -100 after the
+    shift (position 0's label is never a target: token j is predicted from tokens < j)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def response_logits(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The logits (n, V) at the n scored positions of a `collate` batch and their labels (n,).
+
+    Position t predicts token t+1, so logits[:, :-1] meet labels[:, 1:]; only response labels
+    are kept. The batch is moved to the model's device; the logits keep the model's dtype.
+    """
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    labels = batch["labels"][:, 1:].to(device)
+    keep = labels != IGNORE_INDEX  # (B, L-1): indexing with it copies only the n kept rows
+    return logits[:, :-1][keep], labels[keep]
+
+
+def response_token_loss(
+    model: torch.nn.Module, batch: Mapping[str, Tensor], num_items: int | None = None
+) -> Tensor:
+    """Cross-entropy summed over a batch's response tokens, divided by ``num_items``.
+
+    With ``num_items=None`` it is the batch's mean response-token loss. Over micro-batches of
+    one set, ``num_items`` = the set's `count_response_tokens` makes the per-batch values (and
+    their gradients) add up to the set's mean exactly, as transformers' ``num_items_in_batch``
+    does; a mean of per-batch means would weight short batches up.
+
+    Args:
+        model: a causal LM returning ``.logits`` (B, L, V).
+        batch: ``input_ids``, ``attention_mask`` and ``labels`` (B, L) int64 (`collate`).
+        num_items: the divisor (default: this batch's scored positions).
+
+    Returns:
+        A scalar tensor with a graph when gradients are on; the softmax runs in at least
+        float32 (half precision would blur the loss and its curvature; float64 models stay
+        float64).
+    """
+    logits, labels = response_logits(model, batch)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    total = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    return total / (labels.numel() if num_items is None else num_items)

@@ -7,11 +7,12 @@ keeps what it finished and a larger mixture computes only its new sources.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +22,22 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from merit_lab.formatting import IGNORE_INDEX, collate, tokenize_examples
+from merit_lab.config import CalibrationConfig
+from merit_lab.formatting import (
+    collate,
+    count_response_tokens,
+    response_token_loss,
+    tokenize_examples,
+)
 from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
 from merit_lab.mixture import Mixture
 from merit_lab.models import select_parameters
 from merit_lab.sketch import SketchSpec, build_sketch
 
-__all__ = ["GradientBank", "estimate_gradients", "source_gradient"]
+__all__ = ["GradientBank", "estimate_gradients", "grads_only_for", "source_gradient"]
 
 
 @dataclass(frozen=True)
@@ -79,9 +87,22 @@ class GradientBank:
         return cls(tuple(meta["names"]), rows, meta["info"], meta["stats"])
 
 
-def _count_targets(batch_labels: torch.Tensor) -> int:
-    # A causal LM predicts token j from tokens < j, so position 0's label is never a target.
-    return int((batch_labels[:, 1:] != IGNORE_INDEX).sum())
+@contextlib.contextmanager
+def grads_only_for(
+    model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]]
+) -> Iterator[None]:
+    """Inside, only the ``selected`` parameters require grad (backward skips the rest); on exit
+    ``.grad`` is cleared and every parameter's ``requires_grad`` flag is restored."""
+    chosen = {id(p) for _, p in selected}
+    flags = {nm: p.requires_grad for nm, p in model.named_parameters()}
+    for _, p in model.named_parameters():
+        p.requires_grad_(id(p) in chosen)
+    try:
+        yield
+    finally:
+        model.zero_grad(set_to_none=True)
+        for nm, p in model.named_parameters():
+            p.requires_grad_(flags[nm])
 
 
 def source_gradient(
@@ -89,14 +110,15 @@ def source_gradient(
     examples: Sequence,
     *,
     pad_token_id: int,
-    micro_batch_size: int = 16,
+    micro_batch_size: int = CalibrationConfig.micro_batch_size,
     progress: bool = False,
 ) -> tuple[float, int]:
     """Accumulate into ``.grad`` the gradient of the mean response-token loss over ``examples``.
 
     Each micro-batch's summed cross-entropy is divided by the total number of response tokens
-    of all examples before ``backward``, so the accumulated gradient equals the full-batch
-    gradient of the mean (not a mean of per-batch means).
+    of all examples before ``backward`` (`response_token_loss` with ``num_items``), so the
+    accumulated gradient equals the full-batch gradient of the mean (not a mean of per-batch
+    means).
 
     Args:
         examples: `TokenizedExample`s.
@@ -108,39 +130,130 @@ def source_gradient(
         collate(examples[i : i + micro_batch_size], pad_token_id)
         for i in range(0, len(examples), micro_batch_size)
     ]
-    total = sum(_count_targets(b["labels"]) for b in batches)
+    total = sum(count_response_tokens(b["labels"]) for b in batches)
     if total == 0:
         raise ValueError("no response tokens to compute a loss on")
-    device = next(model.parameters()).device
-    loss_sum = 0.0
+    loss = 0.0
     for b in tqdm(batches, desc="micro-batches", leave=False, disable=not progress):
-        b = {k: v.to(device) for k, v in b.items()}
-        # The model's own shifted loss with num_items_in_batch = the global token count is
-        # sum(CE over this batch) / total: the same loss a plain training step computes.
-        loss = model(**b, num_items_in_batch=torch.tensor(total, device=device)).loss
-        loss.backward()
-        loss_sum += float(loss.detach()) * total
-    return loss_sum / total, total
+        part = response_token_loss(model, b, num_items=total)
+        part.backward()
+        loss += float(part.detach())
+    return loss, total
 
 
 def _bank_key(info: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _part_path(parts: Path, name: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return parts / f"{safe}-{digest}.safetensors"
+class _Parts:
+    """The finished sources of an interrupted or smaller bank: one file each in ``parts/``.
 
+    A part is reused only when its key matches: the bank's settings and the source's own key
+    (its examples' content), so another model, sketch or edited source is computed again.
+    """
 
-def _read_part(path: Path, key: str) -> tuple[np.ndarray, dict] | None:
-    if not path.exists():
-        return None
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("key") != key:
+    def __init__(self, folder: Path, bank_key: str, source_keys: Mapping[str, str]) -> None:
+        self.folder, self.bank_key, self.source_keys = folder, bank_key, dict(source_keys)
+
+    def path(self, name: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        return self.folder / f"{safe}-{digest}.safetensors"
+
+    def key(self, name: str) -> str:
+        return _bank_key({"bank": self.bank_key, "source": self.source_keys.get(name, "")})
+
+    def read(self, name: str) -> tuple[np.ndarray, dict] | None:
+        """(row (d,), stats) of a finished source, or None when absent or stale."""
+        if not self.path(name).exists():
             return None
-        return f.get_tensor("row").numpy(), json.loads(meta["stats"])
+        with safe_open(self.path(name), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != self.key(name):
+                return None
+            return f.get_tensor("row").numpy(), json.loads(meta["stats"])
+
+    def write(self, name: str, row: np.ndarray, stats: Mapping[str, Any]) -> None:
+        meta = {"key": self.key(name), "source": name, "stats": json.dumps(stats)}
+        payload = save_safetensors({"row": torch.from_numpy(row)}, metadata=meta)
+        atomic_write_bytes(self.path(name), payload)
+
+
+def _bank_info(
+    model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]], sketch: SketchSpec, *,
+    n: int, max_length: int, include: Sequence[str] | None, exclude: Sequence[str] | None,
+    model_fingerprint: str,
+) -> dict[str, Any]:  # fmt: skip
+    """What the rows depend on, and its hash as ``key``."""
+    info = {
+        "model": model_fingerprint,
+        "parameters": {"include": list(include or []), "exclude": list(exclude or [])},
+        "n_parameters": int(sum(p.numel() for _, p in selected)),
+        "sketch": sketch.to_dict(),
+        "n": n,
+        "max_length": max_length,
+        "loss": "mean response-token cross-entropy over the calibration examples",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    return {**info, "key": _bank_key(info)}
+
+
+def _tokenized(
+    todo: Sequence[int], tokenize: Callable[[int], list], prefetch: bool
+) -> Iterator[tuple[int, list]]:
+    """(i, tokenised examples) for each source index in ``todo``, in order.
+
+    With ``prefetch`` the next source is tokenised on a thread while the caller works on this
+    one. Tokenising through the chat template costs ~10% of a CPU fwd+bwd on the demo and far
+    more beside a GPU's, where the CPU is otherwise idle; on the CPU the cores are already busy
+    with the fwd+bwd, and a thread only contends (measured).
+    """
+    if not prefetch:
+        for i in todo:
+            yield i, tokenize(i)
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+    try:
+        ahead = pool.submit(tokenize, todo[0]) if todo else None
+        for j, i in enumerate(todo):
+            examples = ahead.result()
+            ahead = pool.submit(tokenize, todo[j + 1]) if j + 1 < len(todo) else None
+            yield i, examples
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _sketch_source(
+    model: torch.nn.Module, sk, selected: Sequence[tuple[str, Tensor]], examples: list,
+    name: str, pad_token_id: int, micro_batch_size: int,
+) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    """One source's sketched gradient (d,) float32 and its stats, sketched right after backward."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    loss, n_tokens = source_gradient(
+        model, examples, pad_token_id=pad_token_id, micro_batch_size=micro_batch_size
+    )
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"source {name!r}: loss at θ0 is {loss}")
+    row = sk.zeros()
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for pname, p in selected:
+        if p.grad is None:  # a parameter this loss does not reach contributes zero
+            continue
+        sk.add_(row, pname, p.grad)
+        sq += p.grad.detach().double().pow(2).sum()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats = {
+        "n_examples": len(examples),
+        "n_response_tokens": n_tokens,
+        "loss": loss,
+        "grad_norm": float(sq.sqrt()),
+        "seconds": time.perf_counter() - t0,
+    }
+    return row.detach().cpu().numpy(), stats
 
 
 def estimate_gradients(
@@ -149,14 +262,15 @@ def estimate_gradients(
     mixture: Mixture,
     *,
     sketch: SketchSpec | None = None,
-    n: int = 200,
-    micro_batch_size: int = 16,
-    max_length: int = 512,
+    n: int = CalibrationConfig.n,
+    micro_batch_size: int = CalibrationConfig.micro_batch_size,
+    max_length: int = CalibrationConfig.max_length,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     out_dir: str | Path | None = None,
     sources: Sequence[str] | None = None,
     model_fingerprint: str = "",
+    source_keys: Mapping[str, str] | None = None,
     progress: bool = True,
     prefetch: bool | None = None,
 ) -> GradientBank:
@@ -177,6 +291,8 @@ def estimate_gradients(
         include, exclude: parameter-name globs (see `select_parameters`).
         sources: the sources to include (default: all of ``mixture``), in row order.
         model_fingerprint: identifies θ0 so parts from another model are never reused.
+        source_keys: per source, a key of its examples (e.g. a content hash): a part is reused
+            only when its source's key is unchanged, so an edited source is redone alone.
         prefetch: tokenise the next source on a thread during this one's fwd+bwd (default:
             on for GPUs, off on the CPU, where it only contends for the cores).
 
@@ -187,33 +303,19 @@ def estimate_gradients(
     names = tuple(sources) if sources is not None else mixture.names
     selected = select_parameters(model, include, exclude)
     device = next(model.parameters()).device
-    info = {
-        "model": model_fingerprint,
-        "parameters": {"include": list(include or []), "exclude": list(exclude or [])},
-        "n_parameters": int(sum(p.numel() for _, p in selected)),
-        "sketch": sketch.to_dict(),
-        "n": n,
-        "max_length": max_length,
-        "loss": "mean response-token cross-entropy over the calibration examples",
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    }
-    key = _bank_key(info)
-    info = {**info, "key": key}
+    info = _bank_info(model, selected, sketch, n=n, max_length=max_length, include=include,
+                      exclude=exclude, model_fingerprint=model_fingerprint)  # fmt: skip
     sk = build_sketch(sketch, [(nm, tuple(p.shape)) for nm, p in selected], device=device)
-    parts = Path(out_dir) / "parts" if out_dir is not None else None
+    parts = None
+    if out_dir is not None:
+        parts = _Parts(Path(out_dir) / "parts", info["key"], source_keys or {})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    # Only the selected parameters need gradients; restore the flags afterwards.
-    chosen = {id(p) for _, p in selected}
-    flags = {nm: p.requires_grad for nm, p in model.named_parameters()}
-    for _, p in model.named_parameters():
-        p.requires_grad_(id(p) in chosen)
     # Rows go straight into the bank's array: memory holds the bank once (plus one model
     # gradient), not a list of rows and a stacked copy.
     rows = np.empty((len(names), sk.dim), dtype=np.float32)
     stats: dict[str, dict] = {}
     for i, name in enumerate(names):  # parts a killed run already finished are reused
-        cached = _read_part(_part_path(parts, name), key) if parts is not None else None
+        cached = parts.read(name) if parts is not None else None
         if cached is not None:
             rows[i], stats[name] = cached
     todo = [i for i, name in enumerate(names) if name not in stats]
@@ -224,65 +326,19 @@ def estimate_gradients(
             raise ValueError(f"source {names[i]!r} has no calibration examples")
         return tokenize_examples(tokenizer, calib, max_length)
 
-    # With prefetch, the next source is tokenised on a thread while this one's forward/backward
-    # runs. Tokenising through the chat template costs ~10% of a CPU fwd+bwd on the demo and
-    # far more beside a GPU's, where the CPU is otherwise idle; on the CPU the cores are already
-    # busy with the fwd+bwd, and a thread only contends (measured), so auto = off there.
-    if prefetch is None:
-        prefetch = device.type != "cpu"
-    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize") if prefetch else None
-    ahead = pool.submit(tokenize, todo[0]) if pool is not None and todo else None
-    try:
-        bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="source gradients",
-                   unit="source", disable=not progress)  # fmt: skip
-        for j, i in enumerate(todo):
-            name = names[i]
-            bar.set_postfix_str(name)
-            t0 = time.perf_counter()
-            if pool is None:
-                examples = tokenize(i)
-            else:
-                examples = ahead.result()
-                ahead = pool.submit(tokenize, todo[j + 1]) if j + 1 < len(todo) else None
-            model.zero_grad(set_to_none=True)
-            loss, n_tokens = source_gradient(
-                model, examples, pad_token_id=pad_id, micro_batch_size=micro_batch_size
+    stream = _tokenized(todo, tokenize, device.type != "cpu" if prefetch is None else prefetch)
+    bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="source gradients",
+               unit="source", disable=not progress)  # fmt: skip
+    with grads_only_for(model, selected), contextlib.closing(stream), bar:
+        for i, examples in stream:
+            bar.set_postfix_str(names[i])
+            row, stats[names[i]] = _sketch_source(
+                model, sk, selected, examples, names[i], pad_id, micro_batch_size
             )
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"source {name!r}: loss at θ0 is {loss}")
-            row = sk.zeros()
-            sq = torch.zeros((), dtype=torch.float64, device=device)
-            for pname, p in selected:
-                if p.grad is None:  # a parameter this loss does not reach contributes zero
-                    continue
-                sk.add_(row, pname, p.grad)
-                sq += p.grad.detach().double().pow(2).sum()
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            row_np = row.detach().cpu().numpy()
-            stats[name] = {
-                "n_examples": len(examples),
-                "n_response_tokens": n_tokens,
-                "loss": loss,
-                "grad_norm": float(sq.sqrt()),
-                "seconds": time.perf_counter() - t0,
-            }
             if parts is not None:
-                payload = save_safetensors(
-                    {"row": torch.from_numpy(row_np)},
-                    metadata={"key": key, "source": name, "stats": json.dumps(stats[name])},
-                )
-                atomic_write_bytes(_part_path(parts, name), payload)
-            rows[i] = row_np
+                parts.write(names[i], row, stats[names[i]])
+            rows[i] = row
             bar.update()
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        model.zero_grad(set_to_none=True)
-        for nm, p in model.named_parameters():
-            p.requires_grad_(flags[nm])
     stats = {name: stats[name] for name in names}  # row order, cached or not
     bank = GradientBank(names, rows, info, stats)
     if out_dir is not None:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from merit_lab.train import MANIFEST, BranchSpec, _write_spec, train_branch, train_branch_from_file
+from merit_lab.train import MANIFEST, BranchSpec, train_branch, train_branch_from_file, write_spec
 
 __all__ = ["BranchFailedError", "launch_branches"]
 
@@ -43,7 +43,7 @@ def _resolve(specs: Sequence[BranchSpec | str | Path]) -> list[tuple[BranchSpec,
     out = []
     for item in specs:
         spec = item if isinstance(item, BranchSpec) else BranchSpec.load(item)
-        out.append((spec, _write_spec(spec)))
+        out.append((spec, write_spec(spec)))
     names = [s.output_dir for s, _ in out]
     if len(set(map(os.path.abspath, names))) != len(names):
         raise ValueError(f"two branches share an output_dir: {names}")

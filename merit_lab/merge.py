@@ -1,25 +1,18 @@
 """Merge stage: K branch checkpoints (HF folders of safetensors) -> one merged HF model folder.
 
 Streams one tensor at a time from every input through a registered merge method (token-weighted
-`linear` by default), writes safetensors shards + index the way `save_pretrained` does, copies
-config/tokenizer files, and records `merge_manifest.json` plus an equivalent `mergekit.yaml`.
+`linear` by default) into safetensors shards (reading, hashing and shard writing live in
+`merit_lab.checkpoints`), and records `merge_manifest.json` plus an equivalent `mergekit.yaml`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import inspect
-import json
 import keyword
 import math
-import os
-import shutil
-import struct
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -28,17 +21,27 @@ from types import MappingProxyType
 
 import torch
 import yaml
-from safetensors import safe_open
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from merit_lab.checkpoints import (
+    Checkpoint,
+    copy_side_files,
+    file_hashes,
+    fingerprint_checkpoint,
+    fingerprint_hashes,
+    hash_thread,
+    is_finite,
+    sha256_stoppable,
+    weight_files,
+    write_shards,
+)
 from merit_lab.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 __all__ = [
     "MERGE_METHODS",
     "MergeMethod",
     "MergeReport",
-    "fingerprint_checkpoint",
+    "fingerprint_checkpoint",  # re-exported: it lives in merit_lab.checkpoints
     "merge_checkpoints",
     "merge_linear",
     "merge_method",
@@ -47,20 +50,6 @@ __all__ = [
     "merge_uniform",
 ]
 
-INDEX_NAME = "model.safetensors.index.json"
-# What from_pretrained / AutoTokenizer / AutoProcessor read besides the weights, copied from θ0
-# (or the first input). merit_branch.json describes one branch, so it is not copied.
-_SIDE_FILES = (  # noqa: SIM905  (a list of 13 names would take 15 lines)
-    "config.json generation_config.json tokenizer.json tokenizer_config.json tokenizer.model "
-    "special_tokens_map.json added_tokens.json vocab.json merges.txt chat_template.json "
-    "preprocessor_config.json processor_config.json video_preprocessor_config.json"
-).split()
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
 Tensors = Sequence[Tensor]  # the K inputs' values of one parameter, float32, same shape
 _MERGEKIT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -187,108 +176,6 @@ def merge_ties(
     return base + lambda_ * (num / den).view_as(base)
 
 
-# ------------------------------------------------------------------------------------- reading
-@dataclass(frozen=True)
-class _Checkpoint:
-    """Header-only view of an HF model folder: each tensor's file, dtype and shape."""
-
-    folder: Path
-    tensors: Mapping[str, tuple[str, str, tuple[int, ...]]]  # key -> (file, dtype, shape)
-
-    @classmethod
-    def open(cls, folder: Path) -> _Checkpoint:
-        if (folder / INDEX_NAME).is_file():
-            files = sorted(set(read_json(folder / INDEX_NAME)["weight_map"].values()))
-        elif (folder / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise ValueError(f"{folder}: no model.safetensors or {INDEX_NAME}")
-        tensors = {}
-        for name in files:
-            if not (folder / name).is_file():
-                raise ValueError(f"{folder}: {INDEX_NAME} names a missing file {name}")
-            with safe_open(folder / name, framework="pt") as f:
-                for key in f.offset_keys():  # the order save_pretrained wrote: layer by layer
-                    dtype, shape = f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())
-                    if dtype not in _DTYPES:
-                        raise ValueError(f"{folder / name}: unsupported dtype {dtype} of {key!r}")
-                    tensors[key] = (name, dtype, shape)
-        return cls(folder, tensors)
-
-    def read(self, key: str) -> Tensor:
-        """Load one tensor. The file is opened per tensor on purpose: safe_open maps it, and
-        mapped pages stay resident while it is open, so handles held for the whole merge would
-        lift peak RSS towards the size of all inputs (measured: 1240 vs 481 MiB)."""
-        with safe_open(self.folder / self.tensors[key][0], framework="pt") as f:
-            t = f.get_tensor(key)
-        if t.is_floating_point() and not _is_finite(t):
-            raise ValueError(f"tensor {key!r} has non-finite values in {self.folder}")
-        return t
-
-    def nbytes(self, key: str) -> int:
-        _, dtype, shape = self.tensors[key]
-        return math.prod(shape) * _DTYPES[dtype].itemsize
-
-
-def _is_finite(t: Tensor) -> bool:
-    # NaN and ±inf both surface in min/max; isfinite(t).all() would allocate a full bool mask
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi)) if t.numel() else True
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
-
-
-def _file_hashes(folder: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in _weight_files(folder)}
-
-
-def _sha256_stoppable(path: Path, stop: threading.Event, chunk: int = 1 << 20) -> str:
-    """`sha256_file` through one reused buffer (no allocation per chunk); gives up (returning
-    "") once ``stop`` is set, so a failed merge does not wait for the hashing of its inputs."""
-    h, buf = hashlib.sha256(), bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            if stop.is_set():
-                return ""
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _hash_thread(name: str) -> Iterator[tuple[ThreadPoolExecutor, threading.Event]]:
-    """One worker thread for sha256 work (hashlib releases the GIL on big buffers, so it runs
-    beside the merge); on exit, pending jobs are cancelled and a running one stops."""
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-    try:
-        yield pool, stop
-    finally:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _fingerprint(hashes: Mapping[str, str]) -> str:
-    h = hashlib.sha256()
-    for name, digest in sorted(hashes.items()):
-        h.update(f"{name}\0{digest}\n".encode())
-    return h.hexdigest()
-
-
-def fingerprint_checkpoint(folder: str | Path) -> str:
-    """sha256 over the sorted (file name, sha256) pairs of the folder's ``*.safetensors`` files.
-
-    Branch training records it as ``base_fingerprint`` in ``merit_branch.json`` so that the
-    merge can refuse branches that started from another θ0. Re-sharding θ0 changes it.
-    """
-    hashes = _file_hashes(Path(folder))
-    if not hashes:
-        raise ValueError(f"{folder}: no .safetensors files to fingerprint")
-    return _fingerprint(hashes)
-
-
 # ---------------------------------------------------------------------------------- validation
 def _resolve_weights(spec: MergeMethod, weights: Sequence[float] | None, k: int) -> list[float]:
     if spec.weight_rule == "equal":
@@ -319,7 +206,7 @@ def _resolve_params(spec: MergeMethod, params: Mapping[str, float] | None) -> di
     return out
 
 
-def _check_compatible(ckpts: Sequence[_Checkpoint]) -> None:
+def _check_compatible(ckpts: Sequence[Checkpoint]) -> None:
     ref = ckpts[0]
     for c in ckpts[1:]:
         missing, extra = set(ref.tensors) - set(c.tensors), set(c.tensors) - set(ref.tensors)
@@ -358,33 +245,6 @@ def _check_same_base(inputs: Sequence[Path], base_fp: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- writing
-def _plan_shards(ckpt: _Checkpoint, shard_size: int) -> list[list[str]]:
-    """Greedy in key order like huggingface_hub's splitter; a tensor over the limit goes alone."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key in ckpt.tensors:
-        if shards[-1] and size + ckpt.nbytes(key) > shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += ckpt.nbytes(key)
-    return shards
-
-
-def _shard_header(keys: Sequence[str], ckpt: _Checkpoint) -> bytes:
-    """A safetensors header for ``keys`` in this order; the data follows it back to back."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}  # transformers checks it
-    offset = 0
-    for key in keys:
-        _, dtype, shape = ckpt.tensors[key]
-        end = offset + ckpt.nbytes(key)
-        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}
-        offset = end
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def _mergekit_config(
     inputs: Sequence[Path], weights: Sequence[float], base: Path | None, method: str,
     params: Mapping[str, float], dtype: str,
@@ -412,7 +272,7 @@ class _Workspace:
     A fresh allocation per tensor page-faults all of it in again, which costs about 5× the
     arithmetic of a linear merge (measured on 128 MiB tensors); reused buffers fault once. Two,
     because a written result may still be being hashed while the next one is computed: the
-    caller must let go of a result before taking the buffer after next (`_write_weights` waits
+    caller must let go of a result before taking the buffer after next (`write_shards` waits
     for each tensor's hash before it submits the next one's).
     """
 
@@ -427,7 +287,7 @@ class _Workspace:
 
 
 def _merge_tensor(
-    key: str, ckpts: Sequence[_Checkpoint], base: _Checkpoint | None, spec: MergeMethod,
+    key: str, ckpts: Sequence[Checkpoint], base: Checkpoint | None, spec: MergeMethod,
     weights: Sequence[float], params: Mapping[str, float], ws: _Workspace | None = None,
 ) -> Tensor:  # fmt: skip
     """Load ``key`` from every input (and θ0), merge in float32, return it in the inputs' dtype.
@@ -445,73 +305,9 @@ def _merge_tensor(
     if ws is not None:
         kwargs["out"] = ws.take(ts[0].shape)
     out = spec.fn(ts, weights, b, **kwargs).to(dtype)
-    if not _is_finite(out):
+    if not is_finite(out):
         raise ValueError(f"{spec.name} {dict(params)} gave non-finite values in {key!r}")
     return out
-
-
-def _write_weights(
-    tmp: Path, ckpts: Sequence[_Checkpoint], base: _Checkpoint | None, spec: MergeMethod,
-    weights: Sequence[float], params: Mapping[str, float], shard_size: int, progress: bool,
-    hasher: ThreadPoolExecutor,
-) -> dict[str, str]:  # fmt: skip
-    """Merge tensor by tensor straight into shard files; write the index if there are several.
-
-    Returns each shard's sha256, computed on ``hasher``'s thread from the very bytes handed to
-    ``write`` while the next tensor is merged (re-reading the file would only read back the same
-    page cache). At most one written tensor waits for its hash, so memory stays ≈ (K + 2) copies
-    of the largest tensor.
-    """
-    ref, shards = ckpts[0], _plan_shards(ckpts[0], shard_size)
-    n = len(shards)
-    try:
-        takes_out = "out" in inspect.signature(spec.fn).parameters
-    except (TypeError, ValueError):  # a callable without a signature: no ``out=``
-        takes_out = False
-    ws = _Workspace(max(math.prod(t[2]) for t in ref.tensors.values())) if takes_out else None
-    names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    names = names if n > 1 else ["model.safetensors"]
-    digests: dict[str, str] = {}
-    pending: Future | None = None
-    with tqdm(total=len(ref.tensors), desc=spec.name, unit="tensor", disable=not progress) as bar:
-        for name, keys in zip(names, shards, strict=True):
-            h = hashlib.sha256()
-            with open(tmp / name, "wb") as f:
-                header = _shard_header(keys, ref)
-                f.write(header)
-                h.update(header)
-                for key in keys:
-                    out = _merge_tensor(key, ckpts, base, spec, weights, params, ws)
-                    data = out.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy
-                    f.write(data)
-                    if pending is not None:
-                        pending.result()  # the previous tensor's bytes are hashed: let them go
-                    pending = hasher.submit(h.update, data)  # FIFO: file order is kept
-                    bar.update()
-                f.flush()
-                os.fsync(f.fileno())
-            if pending is not None:
-                pending.result()
-                pending = None
-            digests[name] = h.hexdigest()
-    if n > 1:
-        index = {
-            "metadata": {
-                "total_parameters": sum(math.prod(t[2]) for t in ref.tensors.values()),
-                "total_size": sum(map(ref.nbytes, ref.tensors)),
-            },
-            "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys},
-        }
-        atomic_write_json(tmp / INDEX_NAME, index)
-    return digests
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
-    for name in [*_SIDE_FILES, *(p.name for p in sorted(src.glob("*.jinja")))]:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    if (src / "additional_chat_templates").is_dir():
-        shutil.copytree(src / "additional_chat_templates", dst / "additional_chat_templates")
 
 
 # ----------------------------------------------------------------------------------- the stage
@@ -530,6 +326,102 @@ class MergeReport:
     base_sha256: Mapping[str, str] | None
     output_sha256: Mapping[str, str]  # every output file except the manifest itself
     base_fingerprint: str | None  # the θ0 the branches share, from base or merit_branch.json
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A merge's arguments once resolved and checked against each other (not yet the files)."""
+
+    inputs: list[Path]
+    out_dir: Path
+    base: Path | None
+    spec: MergeMethod
+    weights: list[float]
+    params: dict[str, float]
+
+
+def _check_request(
+    inputs: Sequence[str | Path], out_dir: str | Path, method: str,
+    weights: Sequence[float] | None, base: str | Path | None,
+    params: Mapping[str, float] | None, overwrite: bool,
+) -> _Request:  # fmt: skip
+    inputs, out_dir = [Path(p) for p in inputs], Path(out_dir)
+    base = Path(base) if base is not None else None
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}; known: {sorted(MERGE_METHODS)}")
+    spec = MERGE_METHODS[method]
+    if not inputs:
+        raise ValueError("no inputs to merge")
+    if spec.needs_base and base is None:
+        raise ValueError(f"method {method!r} needs base= (the θ0 the branches started from)")
+    w, prm = _resolve_weights(spec, weights, len(inputs)), _resolve_params(spec, params)
+    if out_dir.exists() and not overwrite:
+        raise ValueError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    for p in [*inputs, *([base] if base is not None else [])]:
+        if not p.is_dir():
+            raise ValueError(f"{p} is not a folder")
+        if p.resolve() == out_dir.resolve():
+            raise ValueError(f"{out_dir} is one of the inputs; write the merge elsewhere")
+    return _Request(inputs, out_dir, base, spec, w, prm)
+
+
+def _open_inputs(req: _Request) -> tuple[list[Checkpoint], Checkpoint | None]:
+    """Read every header and check what headers can tell before anything is written."""
+    ckpts = [Checkpoint.open(p) for p in req.inputs]
+    base_ckpt = Checkpoint.open(req.base) if req.base is not None else None
+    _check_compatible([*ckpts, *([base_ckpt] if base_ckpt else [])])
+    density = req.params.get("density")
+    for key, (_, _, shape) in ckpts[0].tensors.items():
+        if density is not None and int(density * math.prod(shape)) < 1:
+            raise ValueError(f"density {density} keeps no entry of {key!r} {list(shape)}")
+    return ckpts, base_ckpt
+
+
+def _write_merged_weights(
+    tmp: Path, req: _Request, ckpts: Sequence[Checkpoint], base: Checkpoint | None,
+    shard_size: int, progress: bool, hasher: ThreadPoolExecutor,
+) -> dict[str, str]:  # fmt: skip
+    """Merge tensor by tensor into shard files (`write_shards`); returns each shard's sha256.
+
+    `write_shards` lets go of a tensor's bytes before the one after next is produced, which is
+    what `_Workspace`'s two buffers need; memory stays ≈ (K + 2) copies of the largest tensor.
+    """
+    try:
+        takes_out = "out" in inspect.signature(req.spec.fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature: no ``out=``
+        takes_out = False
+    numel = max(math.prod(t[2]) for t in ckpts[0].tensors.values())
+    ws = _Workspace(numel) if takes_out else None
+
+    def produce(key: str) -> Tensor:
+        return _merge_tensor(key, ckpts, base, req.spec, req.weights, req.params, ws)
+
+    return write_shards(tmp, ckpts[0], produce, shard_size=shard_size, hasher=hasher,
+                        desc=req.spec.name, progress=progress)  # fmt: skip
+
+
+def _manifest(
+    req: _Request, in_hashes: Sequence[Mapping[str, str]], base_hashes: Mapping[str, str] | None,
+    base_fp: str | None, out_hashes: Mapping[str, str], n_tensors: int, dtype: str,
+    seconds: float,
+) -> dict:  # fmt: skip
+    """``merge_manifest.json``: method, weights, every input's and output's file hashes."""
+    return {
+        "method": req.spec.name,
+        "reference_url": req.spec.reference_url,
+        "weights": req.weights,
+        "params": req.params,
+        "inputs": [
+            {"path": str(p.resolve()), "files": h}
+            for p, h in zip(req.inputs, in_hashes, strict=True)
+        ],
+        "base": req.base and {"path": str(req.base.resolve()), "files": base_hashes},
+        "base_fingerprint": base_fp,
+        "output": {"files": out_hashes, "n_tensors": n_tensors, "dtype": dtype},
+        "merit_lab_version": _version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+    }
 
 
 def merge_checkpoints(
@@ -567,52 +459,27 @@ def merge_checkpoints(
         A `MergeReport`.
     """
     t0 = time.perf_counter()
-    inputs, out_dir = [Path(p) for p in inputs], Path(out_dir)
-    base = Path(base) if base is not None else None
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; known: {sorted(MERGE_METHODS)}")
-    spec = MERGE_METHODS[method]
-    if not inputs:
-        raise ValueError("no inputs to merge")
-    if spec.needs_base and base is None:
-        raise ValueError(f"method {method!r} needs base= (the θ0 the branches started from)")
-    w, prm = _resolve_weights(spec, weights, len(inputs)), _resolve_params(spec, params)
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    sources = [*inputs, *([base] if base is not None else [])]
-    for p in sources:
-        if not p.is_dir():
-            raise ValueError(f"{p} is not a folder")
-        if p.resolve() == out_dir.resolve():
-            raise ValueError(f"{out_dir} is one of the inputs; write the merge elsewhere")
-    ckpts = [_Checkpoint.open(p) for p in inputs]
-    base_ckpt = _Checkpoint.open(base) if base is not None else None
-    _check_compatible([*ckpts, *([base_ckpt] if base_ckpt else [])])
-    for key, (_, _, shape) in ckpts[0].tensors.items():
-        if "density" in prm and int(prm["density"] * math.prod(shape)) < 1:
-            raise ValueError(f"density {prm['density']} keeps no entry of {key!r} {list(shape)}")
-    base_hashes = _file_hashes(base) if base is not None else None
-    base_fp = _check_same_base(inputs, _fingerprint(base_hashes) if base_hashes else None)
-    dtype0 = next(iter(ckpts[0].tensors.values()))[1]
+    req = _check_request(inputs, out_dir, method, weights, base, params, overwrite)
+    ckpts, base_ckpt = _open_inputs(req)
+    base_hashes = file_hashes(req.base) if req.base is not None else None
+    base_fp = _check_same_base(req.inputs, fingerprint_hashes(base_hashes) if base_hashes else None)
+    n_tensors, dtype0 = len(ckpts[0].tensors), next(iter(ckpts[0].tensors.values()))[1]
 
     # The inputs' sha256 (for the manifest) is computed on a thread beside the merge, and the
     # output's while it is written: hashing is as costly as the merge itself, so done in series
     # it would double the time (measured by benchmarks/bench_merge.py).
     with (
-        _hash_thread("merge-hash-inputs") as (in_pool, stop),
-        _hash_thread("merge-hash-output") as (out_pool, _),
-        atomic_dir(out_dir, overwrite=overwrite) as tmp,
+        hash_thread("merge-hash-inputs") as (in_pool, stop),
+        hash_thread("merge-hash-output") as (out_pool, _),
+        atomic_dir(req.out_dir, overwrite=overwrite) as tmp,
     ):
         in_jobs = [
-            {f.name: in_pool.submit(_sha256_stoppable, f, stop) for f in _weight_files(p)}
-            for p in inputs
+            {f.name: in_pool.submit(sha256_stoppable, f, stop) for f in weight_files(p)}
+            for p in req.inputs
         ]
-        digests = _write_weights(
-            tmp, ckpts, base_ckpt, spec, w, prm, shard_size, progress, out_pool
-        )
-        names = list(digests)
-        _copy_side_files(base if base is not None else inputs[0], tmp)
-        mk = _mergekit_config(inputs, w, base, method, prm, dtype0)
+        digests = _write_merged_weights(tmp, req, ckpts, base_ckpt, shard_size, progress, out_pool)
+        copy_side_files(req.base if req.base is not None else req.inputs[0], tmp)
+        mk = _mergekit_config(req.inputs, req.weights, req.base, method, req.params, dtype0)
         atomic_write_text(tmp / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
         out_hashes = {
             p.name: digests.get(p.name) or sha256_file(p)
@@ -621,30 +488,16 @@ def merge_checkpoints(
         }
         in_hashes = [{name: job.result() for name, job in jobs.items()} for jobs in in_jobs]
         seconds = time.perf_counter() - t0
-        manifest = {
-            "method": method,
-            "reference_url": spec.reference_url,
-            "weights": w,
-            "params": prm,
-            "inputs": [
-                {"path": str(p.resolve()), "files": h}
-                for p, h in zip(inputs, in_hashes, strict=True)
-            ],
-            "base": base and {"path": str(base.resolve()), "files": base_hashes},
-            "base_fingerprint": base_fp,
-            "output": {"files": out_hashes, "n_tensors": len(ckpts[0].tensors), "dtype": dtype0},
-            "merit_lab_version": _version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(seconds, 3),
-        }
+        manifest = _manifest(req, in_hashes, base_hashes, base_fp, out_hashes, n_tensors, dtype0,
+                             seconds)  # fmt: skip
         atomic_write_json(tmp / "merge_manifest.json", manifest)
-        bytes_written = sum((tmp / n).stat().st_size for n in names)
+        bytes_written = sum((tmp / n).stat().st_size for n in digests)
     return MergeReport(
-        out_dir=out_dir,
+        out_dir=req.out_dir,
         method=method,
-        weights=tuple(w),
-        params=MappingProxyType(prm),
-        n_tensors=len(ckpts[0].tensors),
+        weights=tuple(req.weights),
+        params=MappingProxyType(req.params),
+        n_tensors=n_tensors,
         bytes_written=bytes_written,
         seconds=seconds,
         input_sha256=tuple(MappingProxyType(h) for h in in_hashes),

@@ -2,7 +2,7 @@
 
 Input: a ``ConflictSpace`` (or just names for the random baseline) and per-source example and
 token counts. Output: a ``Partition`` of the sources into K groups with token merge weights,
-saved as partition.json; ``predict_gain`` scores any partition by the first-order merging gain.
+saved as partition.json (`merit_lab.diagnostics.gain.predict_gain` scores any partition).
 """
 
 from __future__ import annotations
@@ -11,22 +11,21 @@ import datetime as _dt
 import math
 import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-import torch
 
 from merit_lab.conflict import ConflictSpace
 from merit_lab.io import atomic_write_json, read_json
 
 __all__ = [
+    "PARTITION_METHODS",
     "Partition",
-    "group_means",
-    "predict_gain",
+    "make_partition",
     "split_balanced",
     "split_balanced_k",
     "split_kmeans",
@@ -48,6 +47,12 @@ class Partition:
         tokens: per-source training tokens (the token budget; it sets the merge weights).
         params: the settings used (r, k, seed, axes, ...), JSON-serialisable.
         edit_log: hand edits applied after the split, oldest first.
+        dropped: sources a hand edit removed from the mixture (they train in no row).
+        fractions: source → the share f < 1 of its train examples the rows train (a seeded
+            subset, `merit_lab.curation.fraction_subset`); ``examples`` and ``tokens`` already
+            count only that subset, so the weights are those the merge will use.
+
+    Edits (`move`, `drop`, `downweight`, `add`) return a new partition with the edit logged.
     """
 
     method: str
@@ -56,6 +61,8 @@ class Partition:
     tokens: Mapping[str, int]
     params: Mapping[str, Any] = field(default_factory=dict)
     edit_log: tuple[dict, ...] = ()
+    dropped: tuple[str, ...] = ()
+    fractions: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(g) for g in self.groups)
@@ -74,6 +81,20 @@ class Partition:
             object.__setattr__(self, what, MappingProxyType({s: counts[s] for s in members}))
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
         object.__setattr__(self, "edit_log", tuple(dict(e) for e in self.edit_log))
+        dropped = tuple(dict.fromkeys(self.dropped))
+        both = sorted(set(dropped) & set(members))
+        if both:
+            raise ValueError(f"sources both dropped and in a group: {both}")
+        object.__setattr__(self, "dropped", dropped)
+        fractions = {}
+        for s, f in dict(self.fractions).items():
+            if s not in members:
+                raise ValueError(f"fraction for {s!r}, which is in no group")
+            if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f <= 1:
+                raise ValueError(f"fraction of {s!r} must be in (0, 1], got {f!r}")
+            if f < 1:
+                fractions[s] = float(f)
+        object.__setattr__(self, "fractions", MappingProxyType(fractions))
 
     @property
     def k(self) -> int:
@@ -129,21 +150,95 @@ class Partition:
         groups = [list(g) for g in self.groups]
         groups[src].remove(source)
         groups[to_group].append(source)
-        entry = {
-            "op": "move",
-            "source": source,
-            "from": src,
-            "to": to_group,
-            "who": who,
-            "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+        return self._edited(
+            {"op": "move", "source": source, "from": src, "to": to_group}, who, groups=groups
+        )
+
+    def drop(self, source: str, who: str = "user") -> Partition:
+        """A new partition without ``source``: it trains in no row (joint, soup or split).
+
+        Raises:
+            ValueError: unknown source, or a drop that would empty its group (move another
+                source in first, or drop it from a partition with fewer groups).
+        """
+        src = self.group_of(source)
+        if len(self.groups[src]) == 1:
+            raise ValueError(f"dropping {source!r} would empty group {src}")
+        groups = [[s for s in g if s != source] for g in self.groups]
+        return self._edited(
+            {"op": "drop", "source": source, "from": src}, who, groups=groups,
+            dropped=(*self.dropped, source), remove=source,
+        )  # fmt: skip
+
+    def downweight(
+        self, source: str, fraction: float, *, examples: int, tokens: int, who: str = "user"
+    ) -> Partition:
+        """A new partition in which ``source`` trains a seeded ``fraction`` of its examples.
+
+        Args:
+            fraction: in (0, 1]; 1 undoes a down-weight.
+            examples, tokens: what that subset holds (`merit_lab.curation.EditSession` counts
+                them from the mixture's per-example tokens), so the weights stay exact.
+        """
+        self.group_of(source)
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        old = self.fractions.get(source, 1.0)
+        if float(fraction) == old:
+            raise ValueError(f"{source!r} already trains a fraction {old:g}")
+        fractions = {**self.fractions, source: float(fraction)}
+        return self._edited(
+            {"op": "downweight", "source": source, "from": old, "to": float(fraction)}, who,
+            fractions=fractions, counts={source: (examples, tokens)},
+        )  # fmt: skip
+
+    def add(
+        self, source: str, to_group: int, *, examples: int, tokens: int, who: str = "user"
+    ) -> Partition:
+        """A new partition with a source that was not in it (new, or dropped before) in group
+        ``to_group``; ``examples``/``tokens`` are its train counts."""
+        if source in self.sources:
+            raise ValueError(f"{source!r} is already in group {self.group_of(source)}")
+        if not 0 <= to_group < self.k:
+            raise ValueError(f"group {to_group} does not exist (K = {self.k})")
+        groups = [list(g) for g in self.groups]
+        groups[to_group].append(source)
+        return self._edited(
+            {"op": "add", "source": source, "to": to_group}, who, groups=groups,
+            dropped=tuple(s for s in self.dropped if s != source), counts={source: (examples,
+            tokens)},
+        )  # fmt: skip
+
+    def _edited(
+        self,
+        entry: dict,
+        who: str,
+        *,
+        groups: Sequence[Sequence[str]] | None = None,
+        dropped: tuple[str, ...] | None = None,
+        fractions: Mapping[str, float] | None = None,
+        counts: Mapping[str, tuple[int, int]] = MappingProxyType({}),
+        remove: str | None = None,
+    ) -> Partition:
+        """A copy with the given fields replaced and ``entry`` appended to the edit log."""
+        examples = {s: n for s, n in self.examples.items() if s != remove}
+        tokens = {s: n for s, n in self.tokens.items() if s != remove}
+        for s, (n_ex, n_tok) in counts.items():
+            examples[s], tokens[s] = n_ex, n_tok
+        fractions = dict(self.fractions if fractions is None else fractions)
+        fractions.pop(remove, None)
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         return Partition(
             method=self.method,
-            groups=tuple(tuple(g) for g in groups),
-            examples=self.examples,
-            tokens=self.tokens,
+            groups=tuple(tuple(g) for g in (self.groups if groups is None else groups)),
+            examples=examples,
+            tokens=tokens,
             params=self.params,
-            edit_log=(*self.edit_log, entry),
+            edit_log=(*self.edit_log, {**entry, "who": who, "at": stamp}),
+            dropped=self.dropped if dropped is None else dropped,
+            fractions=fractions,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +256,8 @@ class Partition:
             "tokens": dict(self.tokens),
             "params": dict(self.params),
             "edit_log": [dict(e) for e in self.edit_log],
+            "dropped": list(self.dropped),
+            "fractions": dict(self.fractions),
         }
 
     @classmethod
@@ -176,6 +273,8 @@ class Partition:
             tokens=d["tokens"],
             params=d.get("params", {}),
             edit_log=tuple(d.get("edit_log", ())),
+            dropped=tuple(d.get("dropped", ())),
+            fractions=d.get("fractions", {}),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -379,69 +478,58 @@ def split_kmeans(
     )
 
 
-def group_means(
-    partition: Partition,
-    rows: np.ndarray | torch.Tensor,
-    names: Sequence[str],
+# name → builder(space, examples, tokens, *, r, k, seed) -> Partition. A new partition method is
+# one function registered here; `make_partition`, the config and the editor then know it.
+PartitionMethod = Callable[..., Partition]
+PARTITION_METHODS: dict[str, PartitionMethod] = {}
+
+
+def partition_method(name: str) -> Callable[[PartitionMethod], PartitionMethod]:
+    """Register ``fn(space, examples, tokens, *, r, k, seed)`` as partition method ``name``."""
+
+    def register(fn: PartitionMethod) -> PartitionMethod:
+        PARTITION_METHODS[name] = fn
+        return fn
+
+    return register
+
+
+@partition_method("balanced")
+def _make_balanced(space, examples, tokens, *, r, k, seed) -> Partition:
+    if r is not None and k is None:
+        return split_balanced(space, examples, tokens, r=r)
+    return split_balanced_k(space, examples, tokens, k=k if k is not None else 2**r)
+
+
+@partition_method("random")
+def _make_random(space, examples, tokens, *, r, k, seed) -> Partition:
+    return split_random(space.names, examples, tokens, k=k if k is not None else 2**r, seed=seed)
+
+
+@partition_method("kmeans")
+def _make_kmeans(space, examples, tokens, *, r, k, seed) -> Partition:
+    return split_kmeans(space, examples, tokens, k=k if k is not None else 2**r, seed=seed)
+
+
+def make_partition(
+    space: ConflictSpace,
+    examples: Mapping[str, int],
+    tokens: Mapping[str, int],
     *,
-    normalize: bool = False,
-) -> np.ndarray:
-    """Token-weighted mean gradient ḡ_k of each group: (K, d) float64.
+    method: str = "balanced",
+    r: int | None = None,
+    k: int | None = None,
+    seed: int = 0,
+) -> Partition:
+    """A partition by method name (`PARTITION_METHODS`); ``r`` gives K = 2^r, else ``k`` is K.
 
-    Args:
-        rows: (T, d) source gradients, any float dtype, numpy or torch.
-        names: (T,) row names; must include every source of the partition (others ignored).
-        normalize: average unit gradients instead of raw ones.
+    ``examples``/``tokens`` may hold more sources than ``space`` (only the space's are used).
     """
-    names = list(names)
-    if len(set(names)) != len(names):
-        raise ValueError("duplicate names")
-    if isinstance(rows, torch.Tensor):
-        rows = rows.detach().to("cpu", torch.float64).numpy()
-    x = np.asarray(rows, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] != len(names):
-        raise ValueError(f"rows of shape {x.shape} for {len(names)} names")
-    if not np.isfinite(x).all():
-        raise ValueError("rows have NaN or infinite values")
-    pos = {s: i for i, s in enumerate(names)}
-    missing = [s for s in partition.sources if s not in pos]
-    if missing:
-        raise ValueError(f"no gradient row for sources: {missing}")
-    means = []
-    for group in partition.groups:
-        g = x[[pos[s] for s in group]]
-        if normalize:
-            g = g / np.linalg.norm(g, axis=1, keepdims=True)
-        tok = np.array([partition.tokens[s] for s in group], dtype=np.float64)
-        means.append(tok @ g / tok.sum())
-    return np.stack(means)
-
-
-def predict_gain(
-    partition: Partition,
-    rows: np.ndarray | torch.Tensor,
-    names: Sequence[str],
-    eta: float = 1.0,
-    *,
-    normalize: bool = False,
-) -> float:
-    """First-order merging gain with H = I: ½ η² Σ_k w_k ‖ḡ_k − ḡ‖².
-
-    Branch k moves by δ_k ≈ −η ḡ_k from θ0, so the merge gain ½ Σ_ℓ λ_ℓ Var_w(u_ℓᵀ δ_k) with
-    H = I is the w-weighted variance of the group gradients. ḡ_k is the token-weighted mean of
-    group k's raw gradients (``normalize=True``: of unit gradients), w_k the partition's token
-    weights and ḡ = Σ_k w_k ḡ_k. For K = 2 with w = (½, ½) it is the paper's
-    η²/8 (ḡ1 − ḡ2)ᵀ(ḡ1 − ḡ2). Sketched rows estimate it (inner products are preserved).
-
-    Args:
-        partition: the grouping to score.
-        rows: (T, d) source gradients, any float dtype, numpy or torch.
-        names: (T,) row names; must include every source of the partition (others ignored).
-        eta: the learning-rate scale η.
-        normalize: use unit gradients instead of raw ones.
-    """
-    means = group_means(partition, rows, names, normalize=normalize)
-    w = np.array(partition.weights)
-    gbar = w @ means
-    spread = sum(wk * float(np.sum((mk - gbar) ** 2)) for wk, mk in zip(w, means, strict=True))
-    return 0.5 * eta**2 * spread
+    if r is None and k is None:
+        raise ValueError("give r (K = 2^r groups) or k")
+    if method not in PARTITION_METHODS:
+        raise ValueError(f"unknown partition method {method!r}; expected one of "
+                         f"{sorted(PARTITION_METHODS)}")  # fmt: skip
+    ex = {s: examples[s] for s in space.names if s in examples}
+    tok = {s: tokens[s] for s in space.names if s in tokens}
+    return PARTITION_METHODS[method](space, ex, tok, r=r, k=k, seed=seed)

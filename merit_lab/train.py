@@ -30,9 +30,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from merit_lab.config import RunConfig, TrainConfig
 from merit_lab.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 
-__all__ = ["BranchSpec", "branch_status", "train_branch", "train_branch_from_file"]
+__all__ = [
+    "BranchSpec",
+    "branch_status",
+    "read_log",
+    "train_branch",
+    "train_branch_from_file",
+    "write_spec",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +64,36 @@ class BranchSpec:
     # in every branch so every branch sees the same train split of each source
     mixture: Mapping[str, Any] = field(default_factory=lambda: {"path": "demo"})
     epochs: float = 1.0  # passes over each source's train split (1.0 = its token budget)
-    lr: float = 2e-5  # peak learning rate of AdamW, shared by all branches
-    batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_ratio: float = 0.03  # share of optimizer steps with linear warm-up
-    lr_scheduler: str = "cosine"  # "cosine", "linear" or "constant" after warm-up
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    max_grad_norm: float = 1.0  # gradient clipping (0 turns it off)
-    max_length: int = 512  # tokens per example (right-truncated); tokens are counted after this
-    seed: int = 0  # data order and RNG; the same in every branch
-    device: str = "auto"  # "auto", "cpu" or "cuda" (one GPU per branch: pick it with the launcher)
-    dtype: str = "auto"  # compute dtype: "float32", or "bfloat16"/"float16" autocast over fp32
-    save_steps: int = 100  # write a resumable checkpoint every N optimizer steps
+    lr: float = TrainConfig.lr  # peak learning rate of AdamW, shared by all branches
+    batch_size: int = TrainConfig.batch_size  # examples per micro-batch
+    grad_accum: int = TrainConfig.grad_accum  # micro-batches per optimizer step
+    warmup_ratio: float = TrainConfig.warmup_ratio  # share of optimizer steps with linear warm-up
+    lr_scheduler: str = TrainConfig.lr_scheduler  # "cosine", "linear" or "constant" after warm-up
+    weight_decay: float = TrainConfig.weight_decay  # AdamW decoupled weight decay
+    max_grad_norm: float = TrainConfig.max_grad_norm  # gradient clipping (0 turns it off)
+    max_length: int = (
+        TrainConfig.max_length
+    )  # tokens per example (right-truncated), counted after it
+    seed: int = TrainConfig.seed  # data order and RNG; the same in every branch
+    device: str = RunConfig.device  # auto | cpu | cuda (one GPU per branch: the launcher picks)
+    dtype: str = RunConfig.dtype  # float32, or bfloat16/float16 autocast over fp32
+    save_steps: int = TrainConfig.save_steps  # write a resumable checkpoint every N optimizer steps
     keep_checkpoints: bool = False  # keep checkpoints/ after final/ is written (~3x the weights)
+    # source → share f < 1 of its train examples to train (a hand down-weight): the seeded subset
+    # `merit_lab.curation.fraction_subset(source, n, f, mixture seed)`, the same in every row
+    fractions: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
         object.__setattr__(self, "mixture", dict(self.mixture))
+        object.__setattr__(self, "fractions", {s: float(f) for s, f in self.fractions.items()})
+        stray = sorted(set(self.fractions) - set(self.sources))
+        if stray:
+            raise ValueError(
+                f"branch {self.name!r}: fractions for sources it does not train {stray}"
+            )
+        if any(not 0 < f <= 1 for f in self.fractions.values()):
+            raise ValueError(f"branch {self.name!r}: fractions must be in (0, 1]")
         if not self.sources:
             raise ValueError(f"branch {self.name!r}: no sources")
         if len(set(self.sources)) != len(self.sources):
@@ -88,6 +109,8 @@ class BranchSpec:
         """The spec as JSON-ready data (tuples become lists)."""
         d = dataclasses.asdict(self)
         d["sources"] = list(self.sources)
+        if not self.fractions:  # absent when unused: specs written before curation stay equal
+            d.pop("fractions")
         return d
 
     @classmethod
@@ -171,7 +194,8 @@ def _last_complete_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def _read_log(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
+    """A branch's ``log.jsonl``, one record per logged step; a line cut by a kill ends it."""
     out = []
     for ln in path.read_text().splitlines() if path.exists() else ():
         try:
@@ -184,7 +208,7 @@ def _read_log(path: Path) -> list[dict]:
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the lines up to ``step``: steps after the checkpoint are trained and logged again."""
     if path.exists():
-        keep = [r for r in _read_log(path) if r["step"] <= step]
+        keep = [r for r in read_log(path) if r["step"] <= step]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -229,6 +253,19 @@ def _make_callback(log_path: Path, name: str, epochs: float, total_steps: int):
     return _BranchCallback()
 
 
+def _train_examples(spec: BranchSpec, source, tokenizer) -> list:
+    """A source's tokenised train examples, only the down-weighted subset where it has one."""
+    from merit_lab.curation import fraction_subset
+    from merit_lab.formatting import tokenize_examples
+
+    train = source.train
+    f = spec.fractions.get(source.name, 1.0)
+    if f < 1:
+        keep = fraction_subset(source.name, len(train), f, spec.mixture.get("seed", 0))
+        train = [train[i] for i in keep]
+    return tokenize_examples(tokenizer, train, spec.max_length)
+
+
 def _base_dtype(path: str):
     import torch
 
@@ -245,7 +282,7 @@ def _resolve_base(model: str) -> str:
     return path
 
 
-def _write_spec(spec: BranchSpec) -> Path:
+def write_spec(spec: BranchSpec) -> Path:
     """Write ``<output_dir>/spec.json``, refusing a folder that holds a different branch.
 
     Resuming someone else's checkpoints would silently mix two runs; only ``device`` may change.
@@ -260,46 +297,37 @@ def _write_spec(spec: BranchSpec) -> Path:
     return spec.save(path)
 
 
-def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
-    """Fine-tune θ0 on the union of the spec's sources; resume from its last checkpoint if any.
+@dataclass(frozen=True)
+class _Plan:
+    """What a branch trains: tokenised examples per source, the order they are read in, and
+    the token budget that order spends per source."""
 
-    Args:
-        spec: the branch to train.
-        callbacks: extra ``transformers.TrainerCallback`` objects (e.g. for notebooks or tests).
+    examples: Mapping[str, Sequence[Any]]  # source → `TokenizedExample`s
+    order: Sequence[tuple[str, int]]  # (source, example index), read sequentially
+    source_tokens: Mapping[str, int]
+    total_steps: int
 
-    Returns:
-        ``<output_dir>/final``, an HF model folder with ``merit_branch.json``. A branch whose
-        ``final/`` is already complete is returned without training.
-    """
-    # Imported here: the launcher and `python -m merit_lab.train` start fast, and a spec that
-    # fails its checks fails before torch is loaded.
-    import numpy as np
-    import torch
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
-    from merit_lab.formatting import collate, tokenize_examples
-    from merit_lab.merge import fingerprint_checkpoint
+def _plan(spec: BranchSpec, tokenizer) -> _Plan:
     from merit_lab.mixture import load_mixture
-    from merit_lab.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    out = Path(spec.output_dir)
-    final = out / "final"
-    if (final / MANIFEST).is_file():
-        log.info("branch %s is done (%s); skipping", spec.name, final)
-        return final
-    _write_spec(spec)
-    base = _resolve_base(spec.base_model)
-    base_fingerprint = fingerprint_checkpoint(base)  # fails early on a base without safetensors
-    tokenizer = load_tokenizer(base)
     mix_args = dict(spec.mixture)
     mixture = load_mixture(mix_args.pop("path"), **mix_args).select(spec.sources)
-    examples = {s.name: tokenize_examples(tokenizer, s.train, spec.max_length) for s in mixture}
+    examples = {s.name: _train_examples(spec, s, tokenizer) for s in mixture}
     order = _schedule(spec, examples)
     source_tokens = {s: 0 for s in spec.sources}
     for s, j in order:
         source_tokens[s] += examples[s][j].n_tokens
     n_batches = math.ceil(len(order) / spec.batch_size)
-    total_steps = math.ceil(n_batches / spec.grad_accum)
+    return _Plan(examples, order, source_tokens, math.ceil(n_batches / spec.grad_accum))
+
+
+def _training_args(spec: BranchSpec, out: Path, total_steps: int):
+    """transformers ``TrainingArguments`` for the spec; the schedule already holds the epochs."""
+    import torch
+    from transformers import TrainingArguments
+
+    from merit_lab.models import resolve_device, resolve_dtype
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)  # "auto": bfloat16 on a GPU that has it
@@ -329,48 +357,108 @@ def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
     )
     if args.n_gpu > 1:  # one GPU per branch; DataParallel would change the batch semantics
         args._n_gpu = 1
-    model = load_model(base, device="cpu", dtype="float32")  # fp32 master weights
-    branch_cb = _make_callback(out / "log.jsonl", spec.name, spec.epochs, total_steps)
+    return args
+
+
+def _make_trainer(base: str, tokenizer, plan: _Plan, args, callbacks: Sequence[Any]):
+    from transformers import PrinterCallback, ProgressCallback, Trainer
+
+    from merit_lab.formatting import collate
+    from merit_lab.models import load_model
+
     trainer = Trainer(
-        model=model,
+        model=load_model(base, device="cpu", dtype="float32"),  # fp32 master weights
         args=args,
-        train_dataset=_ScheduleDataset(examples, order),
+        train_dataset=_ScheduleDataset(plan.examples, plan.order),
         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
-        callbacks=[branch_cb, *callbacks],
+        callbacks=list(callbacks),
     )
     trainer.remove_callback(ProgressCallback)  # our callback draws the bar and writes the log
     trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _train_resuming(trainer, out: Path) -> None:
+    """Train from the last complete checkpoint (if any), re-logging the steps after it."""
     ckpt = _last_complete_checkpoint(out / "checkpoints")
     _truncate_log(out / "log.jsonl", _checkpoint_step(ckpt) if ckpt else 0)
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
 
+
+def _manifest(
+    spec: BranchSpec, base_fingerprint: str, plan: _Plan, trainer, tokens_per_s: float | None,
+    out: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """``merit_branch.json``: what was trained, its token budget (the merge weight) and loss."""
+    import numpy as np
+    import torch
+
     tokens = int(trainer.state.num_input_tokens_seen)
-    if tokens != sum(source_tokens.values()):  # the schedule, not the loop, defines the budget
-        raise RuntimeError(f"trained {tokens} tokens, planned {sum(source_tokens.values())}")
-    history = _read_log(out / "log.jsonl")
-    manifest = {
+    planned = sum(plan.source_tokens.values())
+    if tokens != planned:  # the schedule, not the loop, defines the budget
+        raise RuntimeError(f"trained {tokens} tokens, planned {planned}")
+    history = read_log(out / "log.jsonl")
+    return {
         "name": spec.name,
         "base_model": spec.base_model,
         "base_fingerprint": base_fingerprint,
         "sources": list(spec.sources),
         "epochs": spec.epochs,
         "tokens": tokens,  # non-padding input tokens trained: the branch's merge weight N_k
-        "source_tokens": source_tokens,
-        "response_tokens": sum(examples[s][j].n_response_tokens for s, j in order),
-        "examples": len(order),
+        "source_tokens": dict(plan.source_tokens),
+        "fractions": dict(spec.fractions),
+        "response_tokens": sum(plan.examples[s][j].n_response_tokens for s, j in plan.order),
+        "examples": len(plan.order),
         "steps": int(trainer.state.global_step),
         "train_loss": float(np.mean([r["loss"] for r in history])) if history else None,
         "final_loss": history[-1]["loss"] if history else None,
-        "tokens_per_s": branch_cb.tokens_per_s,  # of the last session, on `device`
-        "device": str(args.device),
+        "tokens_per_s": tokens_per_s,  # of the last session, on `device`
+        "device": str(trainer.args.device),
         "torch_threads": torch.get_num_threads(),
         "spec": spec.to_dict(),
     }
-    model = trainer.model.to("cpu", _base_dtype(base))  # same dtype as θ0, so merges line up
+
+
+def _save_final(final: Path, model, tokenizer, base: str, manifest: Mapping[str, Any]) -> None:
+    model = model.to("cpu", _base_dtype(base))  # same dtype as θ0, so merges line up
     with atomic_dir(final, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MANIFEST, manifest)  # last: its presence marks final/ complete
+
+
+def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
+    """Fine-tune θ0 on the union of the spec's sources; resume from its last checkpoint if any.
+
+    Args:
+        spec: the branch to train.
+        callbacks: extra ``transformers.TrainerCallback`` objects (e.g. for notebooks or tests).
+
+    Returns:
+        ``<output_dir>/final``, an HF model folder with ``merit_branch.json``. A branch whose
+        ``final/`` is already complete is returned without training.
+    """
+    # Imported here (and torch/transformers in the helpers): the launcher and `python -m
+    # merit_lab.train` start fast, and a spec that fails its checks fails before torch loads.
+    from merit_lab.checkpoints import fingerprint_checkpoint
+    from merit_lab.models import load_tokenizer
+
+    out = Path(spec.output_dir)
+    final = out / "final"
+    if (final / MANIFEST).is_file():
+        log.info("branch %s is done (%s); skipping", spec.name, final)
+        return final
+    write_spec(spec)
+    base = _resolve_base(spec.base_model)
+    base_fingerprint = fingerprint_checkpoint(base)  # fails early on a base without safetensors
+    tokenizer = load_tokenizer(base)
+    plan = _plan(spec, tokenizer)
+    args = _training_args(spec, out, plan.total_steps)
+    branch_cb = _make_callback(out / "log.jsonl", spec.name, spec.epochs, plan.total_steps)
+    trainer = _make_trainer(base, tokenizer, plan, args, [branch_cb, *callbacks])
+    _train_resuming(trainer, out)
+    manifest = _manifest(spec, base_fingerprint, plan, trainer, branch_cb.tokens_per_s, out)
+    _save_final(final, trainer.model, tokenizer, base, manifest)
     if not spec.keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return final
@@ -390,7 +478,7 @@ def branch_status(output_dir: str | Path) -> dict[str, Any]:
         ``tokens`` and ``updated`` (unix time of the last log line, or None).
     """
     out = Path(output_dir)
-    history = _read_log(out / "log.jsonl")
+    history = read_log(out / "log.jsonl")
     last = history[-1] if history else {}
     status = {
         "name": out.name,

@@ -49,7 +49,7 @@ conflicts) and checks that the conflict space finds what was planted.""",
 from merit_lab.conflict import ConflictSpace
 from merit_lab.io import read_json
 from merit_lab.pipeline import load_source_table, run_pipeline, run_summary
-from merit_lab.plots import (
+from merit_lab.viz.plots import (
     plot_conflict_heatmap,
     plot_conflict_scatter,
     plot_explained_variance,
@@ -153,7 +153,7 @@ Everything lives in the run directory, so each step resumes where it stopped."""
 
 from merit_lab.config import load_config
 from merit_lab.evaluate import summarize_eval
-from merit_lab.experiments import (
+from merit_lab.pipeline.experiments import (
     evaluate_rows,
     merge_rows,
     plan_specs,
@@ -164,7 +164,7 @@ from merit_lab.experiments import (
 from merit_lab.io import read_json
 from merit_lab.partition import Partition
 from merit_lab.pipeline import run_pipeline
-from merit_lab.report import plot_comparison, plot_training_curves, training_logs""",
+from merit_lab.pipeline.report import plot_comparison, plot_training_curves, training_logs""",
     ),
     (
         "md",

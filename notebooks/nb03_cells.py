@@ -39,7 +39,7 @@ of the paper's findings may not reproduce.""",
         """from IPython.display import Markdown
 
 from merit_lab.config import load_config
-from merit_lab.diagnose import (
+from merit_lab.pipeline.diagnose import (
     diagnostics_figures,
     diagnostics_section,
     diagnostics_tables,

@@ -1,7 +1,8 @@
 """Cells of notebook 04, the curation workbench (imported by build_notebooks.py).
 
-The browser test (tests/test_browser.py) runs every cell in JupyterLab, then moves a source with
-the editor's dropdowns and buttons: keep one editor, shown once, with its "Move" and "Save".
+The browser test (tests/test_browser.py) runs every cell in JupyterLab, then moves, drops and
+down-weights sources with the editor's dropdowns and buttons: keep one editor, shown once, and
+leave ``partition.json`` unsaved until the browser presses "Save".
 """
 
 from __future__ import annotations
@@ -27,32 +28,32 @@ the way a data curator would, and change them by hand where you know better:
 1. **explore** the conflict matrix, the PCA scatter and, per source, its nearest allies and
    strongest conflicts;
 2. **check** that the calibration sample pins down a source's gradient direction;
-3. **edit** the partition (move, drop or down-weight sources, re-split, undo) and save
-   `partition.json` with a log of every edit; the branches of notebook 02 train whatever it
-   says.
+3. **edit** the partition from a script: drop a source, keep only part of another, move a
+   third, undo;
+4. **edit** it again with buttons, and save `partition.json` with a log of every edit; the
+   branches of notebook 02 train whatever it says.
 
-Every button calls a plain method (`editor.move(...)`, `editor.save()`), so any edit can also be
-scripted and replayed.""",
+Steps 3 and 4 drive the same object, an `EditSession`: the buttons only call its methods, so
+anything you click can also be written down, replayed and tested without a browser.""",
     ),
     (
         "code",
         """from IPython.display import HTML, display
 
 from merit_lab.config import load_config
-from merit_lab.conflict import ConflictSpace
 from merit_lab.convergence import gradient_convergence
-from merit_lab.figures import CONVERGENCE_FILE
-from merit_lab.gradients import GradientBank
 from merit_lab.models import load_model, load_tokenizer, resolve_model_path
 from merit_lab.partition import Partition
-from merit_lab.pipeline import load_run_mixture, load_source_table, run_pipeline
-from merit_lab.plots import plot_gradient_convergence
-from merit_lab.widgets import ConflictExplorer, PartitionEditor""",
+from merit_lab.pipeline import load_edit_session, load_run_mixture, load_source_table, run_pipeline
+from merit_lab.viz.editor import PartitionEditor
+from merit_lab.viz.explorer import ConflictExplorer
+from merit_lab.viz.plots import plot_gradient_convergence""",
     ),
     (
         "md",
         "**Parameters.** `MERIT_SMOKE=1` shrinks the calibration set and the convergence check "
-        "so the tests run this notebook in about a minute; otherwise it is the demo config.",
+        "so the tests run this notebook in about a minute; otherwise it is the demo config. "
+        "`FRACTION` is the share of a source's examples the scripted down-weight keeps.",
     ),
     (
         "code",
@@ -61,6 +62,7 @@ from merit_lab.widgets import ConflictExplorer, PartitionEditor""",
 CONFIG = ROOT / "configs" / "demo.yaml"
 overrides = {"output_dir": OUTPUT_DIR}
 NS, N_BOOT = (10, 20, 40, 80, 160, 200), 20  # calibration sizes to check, bootstrap samples
+FRACTION = 0.5
 if SMOKE:
     overrides |= {"name": "nb04-smoke", "calibration": {"n": 8, "micro_batch_size": 8}}
     NS, N_BOOT = (2, 4, 8), 5
@@ -72,12 +74,15 @@ cfg.name, cfg.calibration.n""",
         """## 1 · The run
 
 The analysis stages (mixture → gradients → conflict → partition), skipped when already done.
-A partition that carries hand edits is never overwritten by a re-run.""",
+A partition that carries hand edits is never overwritten by a re-run. `load_edit_session`
+opens the run's `partition.json` for editing, together with everything an edit needs: the
+conflict space of every source, the tokens of each train example and the run's seed.""",
     ),
     (
         "code",
         """run = run_pipeline(cfg, until="partition")
-space = ConflictSpace.load(run.conflict)
+session = load_edit_session(run.root)
+space = session.space
 table = load_source_table(run.root)
 table[["family", "examples", "tokens", "grad_norm", "group"]].head()""",
     ),
@@ -126,54 +131,114 @@ convergence = gradient_convergence(
     model, tokenizer, {s: mixture[s].calibration for s in SOURCES},
     ns=NS, n_boot=N_BOOT, max_length=cfg.calibration.max_length, progress=not SMOKE,
 )  # fmt: skip
-convergence.to_parquet(run.root / CONVERGENCE_FILE)
+convergence.to_parquet(run.convergence)
 plot_gradient_convergence(convergence)""",
     ),
     (
         "md",
-        """## 4 · Edit the partition
+        """## 4 · Edit the partition from a script
 
-The editor starts from the run's `partition.json`. Change the method or the number of groups
-and it re-splits; pick a source and a group and press **Move**; **Drop** leaves a source out,
-**Down-weight** scales its token count (and so its merge weight); a box or lasso selection on
-the scatter moves the selected sources to the chosen group; **Undo** steps back. The table below
-the buttons shows each group's size, cohesion (mean cosine inside), conflict (mean cosine with
-the other groups) and predicted merge gain. **Save** writes `partition.json` with the edit log.""",
+Three hand edits, each a method of the session that returns one line saying what it did:
+
+- **drop** a source: it leaves the mixture, and no row (joint baseline, soup or split) trains
+  it;
+- **down-weight** a source to a fraction f: every row trains the same seeded f of its examples,
+  and the merge weights follow the tokens actually trained;
+- **move** a source to another group.""",
     ),
     (
         "code",
-        """bank = GradientBank.load(run.gradients)
-editor = PartitionEditor(space, table, rows=bank, path=run.partition)
+        """G0, G1 = session.partition.groups[0], session.partition.groups[1]
+print(session.drop(G0[-1]))
+print(session.downweight(G0[0], FRACTION))
+print(session.move(G1[0], 0))
+session.stats()""",
+    ),
+    (
+        "md",
+        """The partition now records the curation itself, so every later stage can read it: the
+dropped sources, the fraction of each down-weighted one, and the merge weights
+w_k = N_k / Σ_j N_j recomputed from the tokens each group still trains.""",
+    ),
+    (
+        "code",
+        """edited = session.partition
+print("dropped:      ", edited.dropped)
+print("fractions:    ", dict(edited.fractions))
+print("merge weights:", [round(w, 3) for w in edited.weights])
+[(e["op"], e["source"]) for e in edited.edit_log]""",
+    ),
+    (
+        "md",
+        """An edit that would break the partition is refused with a `ValueError` that says why, and
+nothing changes: here a fraction above 1, and a move to a group that does not exist.""",
+    ),
+    (
+        "code",
+        """K = session.partition.k
+for edit, args in [(session.downweight, (G0[0], 1.5)), (session.move, (G1[1], K))]:
+    try:
+        edit(*args)
+    except ValueError as refusal:
+        print("refused:", refusal)
+session.partition is edited""",
+    ),
+    (
+        "md",
+        """Nothing is on disk yet: `session.save()` would write `partition.json`. This tutorial
+undoes its three edits instead, one step at a time, and hands the session to the editor.""",
+    ),
+    (
+        "code",
+        """while session.history:
+    print(session.undo())
+session.partition.groups == Partition.load(run.partition).groups""",
+    ),
+    (
+        "md",
+        """## 5 · Edit with the widget
+
+The editor is a view of the same session. Change the method or the number of groups and it
+re-splits; pick a source and a group and press **Move**; **Drop** leaves a source out;
+**Down-weight** keeps the `fraction` of its examples (a hollow marker on the scatter; dropped
+sources are grey crosses); **Add** puts back a dropped source, or places one added to the
+mixture after the split, in the group its gradient is nearest to; a box or lasso selection on
+the scatter moves the selected sources to the chosen group; **Undo** steps back. A refused edit
+says why in red and changes nothing. The table below the buttons shows each group's size, token
+weight, cohesion (mean cosine inside) and conflict (mean cosine with the other groups), and the
+predicted merge gain when the session holds the gradients. **Save** writes `partition.json`
+with the edit log.""",
+    ),
+    (
+        "code",
+        """editor = PartitionEditor(session, table)
 editor.widget""",
     ),
     (
         "md",
-        """The same edits from Python: move the first source to the next group, read the new
-statistics, then undo (the buttons call exactly these methods).""",
+        """The buttons call these methods; each returns whether the edit was applied and shows its
+message under the buttons. Move the first source to the next group, read the status, undo:""",
     ),
     (
         "code",
         """source = editor.partition.groups[0][0]
 editor.move(source, 1)
 display(HTML(editor.status.value))
-editor.stats""",
-    ),
-    (
-        "code",
-        """editor.undo()
+editor.undo()
 editor.summary""",
     ),
     (
         "md",
-        """## 5 · Save
+        """## 6 · Save
 
 Press **Save** above (or call `editor.save()`). The file on disk is what the branches train:
-reload it to see the groups and the edit log, with who changed what and when.""",
+reload it to see the groups, the curation and the edit log, with who changed what and when.""",
     ),
     (
         "code",
         """saved = Partition.load(run.partition)
 print(f"K = {saved.k}, weights {[round(w, 3) for w in saved.weights]}")
+print(f"dropped {list(saved.dropped)}, fractions {dict(saved.fractions)}")
 saved.edit_log""",
     ),
 ]

@@ -1,7 +1,9 @@
 """The curation workbench in a real browser: JupyterLab + headless Chromium (Playwright).
 
-Runs every cell of notebook 04 in the smoke setting, moves a source between groups with the
-editor's dropdowns and "Move", presses "Save", and checks partition.json on disk. Screenshots go
+Runs every cell of notebook 04 in the smoke setting, then with the editor's dropdowns and buttons
+moves a source between groups ("Move"), drops another ("Drop"), keeps a quarter of a third
+("Down-weight"), presses "Save", and checks partition.json on disk: the groups, ``dropped``,
+``fractions``, the exact token count of the kept subset and the edit log. Screenshots go
 to tests/artifacts/ (gitignored). Needs /usr/bin/chromium and the playwright package; never
 downloads a browser.
 """
@@ -159,8 +161,20 @@ def _wait_for_run_all(page, timeout_s: float) -> None:
     )
 
 
+def _select_source(select, name: str) -> None:
+    """Pick ``name`` in the editor's source dropdown (labels read "name (G<k>)")."""
+    labels = select.locator("option").evaluate_all(
+        "options => options.map(o => o.textContent.trim())"
+    )
+    # ipywidgets shows spaces in option labels as no-break spaces: \s matches both
+    index = next(
+        i for i, lab in enumerate(labels) if re.fullmatch(rf"{re.escape(name)}\s\(G\d+\)", lab)
+    )
+    select.select_option(index=index)
+
+
 @pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
-def test_workbench_moves_a_source_and_saves_partition_json(lab):
+def test_workbench_edits_and_saves_partition_json(lab):
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -211,6 +225,22 @@ def test_workbench_moves_a_source_and_saves_partition_json(lab):
             move.click()
             expect(editor).to_contain_text(f"moved {name} from G{frm} to G{to}", timeout=30_000)
 
+            # Drop a source of the group that just grew (it keeps at least two).
+            gone = before["groups"][to][0]
+            drop = page.get_by_role("button", name="Drop", exact=True)
+            _select_source(source_select, gone)
+            drop.click()
+            expect(editor).to_contain_text(f"dropped {gone} from G{to}", timeout=30_000)
+
+            # Keep a quarter of another source: type the fraction, then "Down-weight".
+            light = next(s for s in before["groups"][frm] if s != name)
+            _select_source(source_select, light)
+            fraction = page.locator(".widget-hbox").filter(has=drop).locator("input")
+            fraction.fill("0.25")
+            fraction.press("Enter")  # a text widget syncs its value on Enter or blur
+            page.get_by_role("button", name="Down-weight", exact=True).click()
+            expect(editor).to_contain_text(f"down-weighted {light} to 0.25", timeout=30_000)
+
             save_row = page.locator(".widget-hbox").filter(
                 has=page.get_by_role("button", name="Undo", exact=True)
             )
@@ -225,9 +255,30 @@ def test_workbench_moves_a_source_and_saves_partition_json(lab):
 
     after = json.loads(partition_path.read_text())
     assert name in after["groups"][to] and name not in after["groups"][frm]
-    assert len(after["edit_log"]) == len(before["edit_log"]) + 1
-    entry = after["edit_log"][-1]
-    assert (entry["op"], entry["source"], entry["from"], entry["to"]) == ("move", name, frm, to)
-    assert entry["who"] and entry["at"]
+    assert len(after["edit_log"]) == len(before["edit_log"]) + 3
+    move_entry, drop_entry, down_entry = after["edit_log"][-3:]
+    assert (move_entry["op"], move_entry["source"], move_entry["from"], move_entry["to"]) == (
+        "move", name, frm, to,
+    )  # fmt: skip
+    assert move_entry["who"] and move_entry["at"]
     untouched = [g for k, g in enumerate(before["groups"]) if k not in (frm, to)]
     assert untouched == [g for k, g in enumerate(after["groups"]) if k not in (frm, to)]
+    # The drop: out of every group and listed, with no counts left.
+    assert (drop_entry["op"], drop_entry["source"], drop_entry["from"]) == ("drop", gone, to)
+    assert after["dropped"] == [gone]
+    assert all(gone not in g for g in after["groups"]) and gone not in after["tokens"]
+    # The down-weight: the fraction, and exactly the examples and tokens of the seeded subset.
+    assert (down_entry["op"], down_entry["source"], down_entry["to"]) == ("downweight", light, 0.25)
+    assert after["fractions"] == {light: 0.25}
+    from merit_lab.config import load_config
+    from merit_lab.curation import fraction_subset
+
+    run = lab["runs"] / RUN_NAME
+    per_example = {
+        s["name"]: s["train_example_tokens"]
+        for s in json.loads((run / "mixture.json").read_text())["sources"]
+    }[light]
+    kept = fraction_subset(light, len(per_example), 0.25, load_config(run / "config.yaml").seed)
+    assert after["examples"][light] == len(kept) == round(0.25 * len(per_example))
+    assert after["tokens"][light] == sum(per_example[i] for i in kept)
+    assert sum(after["weights"]) == pytest.approx(1.0)

@@ -11,8 +11,8 @@ from merit_lab.convergence import (
 )
 from merit_lab.gradients import estimate_gradients
 from merit_lab.mixture import Mixture, Source
-from merit_lab.plots import plot_gradient_convergence
 from merit_lab.sketch import SketchSpec
+from merit_lab.viz.plots import plot_gradient_convergence
 from tests.conftest import chat
 
 SPEC = SketchSpec(kind="countsketch", dim=2**12, seed=3)

@@ -10,7 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merit_lab.diagnose import (
+from merit_lab.diagnostics.gain import predict_gain
+from merit_lab.gradients import GradientBank
+from merit_lab.io import read_json
+from merit_lab.partition import Partition
+from merit_lab.pipeline import run_pipeline
+from merit_lab.pipeline.diagnose import (
     BARRIER_NOISE,
     DIAGNOSTICS,
     RunProbe,
@@ -19,10 +24,6 @@ from merit_lab.diagnose import (
     diagnostics_tables,
     run_diagnostics,
 )
-from merit_lab.gradients import GradientBank
-from merit_lab.io import read_json
-from merit_lab.partition import Partition, predict_gain
-from merit_lab.pipeline import run_pipeline
 from tests.test_experiments import _config, slice_dir  # noqa: F401  (slice_dir: a fixture)
 
 SETTINGS = {
@@ -54,6 +55,12 @@ def diag_run(slice_dir, tmp_path_factory):  # noqa: F811
     run = run_pipeline(cfg, until="evaluate")  # the report stage is not needed here
     yield run, run_diagnostics(run.root, **SETTINGS)
     torch.set_num_threads(threads)
+
+
+def test_the_registry_writes_the_files_the_report_reads():
+    from merit_lab.pipeline import report_diagnostics
+
+    assert tuple(DIAGNOSTICS) == tuple(report_diagnostics.DIAGNOSTICS)
 
 
 def test_every_file_is_written_with_its_key(diag_run):

@@ -32,10 +32,11 @@ from merit_lab.diagnostics import (
     stack_deltas,
     summarize_perturbation,
 )
+from merit_lab.diagnostics.gain import predict_gain
 from merit_lab.evaluate import heldout_loss
 from merit_lab.formatting import IGNORE_INDEX
 from merit_lab.models import build_pico_llama, select_parameters
-from merit_lab.partition import Partition, predict_gain
+from merit_lab.partition import Partition
 from tests.conftest import chat
 
 EXAMPLES = [chat(f"add {a} {b}", str(a + b)) for a, b in [(1, 2), (3, 4), (5, 9)]]
@@ -438,7 +439,7 @@ def test_predicted_partition_gain_with_curvature(partition_rows):
 
 # ------------------------------------------------------------------------------------ figures
 def test_diagnostic_figures_carry_the_numbers():
-    from merit_lab.plots_diagnostics import (
+    from merit_lab.viz.plots_diagnostics import (
         plot_displacement,
         plot_interpolation,
         plot_perturbation,

@@ -16,7 +16,7 @@ from merit_lab.config import ExperimentConfig, load_config
 from merit_lab.conflict import ConflictSpace
 from merit_lab.demo import DEMO_DIR
 from merit_lab.evaluate import summarize_eval
-from merit_lab.experiments import experiment_partition, model_rows, token_budget
+from merit_lab.pipeline.experiments import experiment_partition, model_rows, token_budget
 from merit_lab.io import read_json
 from merit_lab.partition import Partition
 from merit_lab.pipeline import RunDir, make_partition, run_pipeline
@@ -189,7 +189,7 @@ def test_interrupted_training_resumes_in_the_pipeline(slice_dir, tmp_path, one_t
     """A joint run killed after its step-2 checkpoint is resumed, not restarted, by a re-run."""
     from transformers import TrainerCallback
 
-    from merit_lab.experiments import plan_specs
+    from merit_lab.pipeline.experiments import plan_specs
     from merit_lab.train import train_branch
 
     cfg = _config(

@@ -15,10 +15,11 @@ import plotly.io as pio
 import pytest
 
 from merit_lab.conflict import ConflictSpace, compute_conflict_space
-from merit_lab.figures import CONVERGENCE_FILE, PAPER, collect_figures, write_figures
-from merit_lab.io import atomic_write_json
-from merit_lab.partition import split_balanced
-from merit_lab.plots import PALETTE, static_renderer_problem
+from merit_lab.io import atomic_write_json, read_json
+from merit_lab.partition import Partition, split_balanced
+from merit_lab.pipeline.figures import CONVERGENCE_FILE, PAPER, collect_figures, write_figures
+from merit_lab.viz.export import static_renderer_problem
+from merit_lab.viz.style import MUTED, PALETTE
 
 NAMES = [f"{fam}-{i}" for fam in ("add", "sub") for i in range(4)]
 
@@ -96,6 +97,26 @@ def test_collect_figures_on_a_run_without_later_stages(run_dir, tmp_path):
         collect_figures(tmp_path / "nothing")
 
 
+def test_collect_figures_when_the_partition_covers_part_of_the_mixture(run_dir, tmp_path):
+    """A curated run: one source dropped, one down-weighted, one in mixture.json only."""
+    for name in ("conflict.json", "eval.parquet"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+    mixture = read_json(run_dir / "mixture.json")
+    mixture["sources"].append(
+        {"name": "new-0", "n_train": 5, "train_tokens": 50, "metadata": {"family": "new"}}
+    )
+    atomic_write_json(tmp_path / "mixture.json", mixture)
+    part = Partition.load(run_dir / "partition.json").drop("add-1")
+    part.downweight("sub-2", 0.5, examples=6, tokens=150).save(tmp_path / "partition.json")
+    figs = collect_figures(tmp_path)
+    scatter = figs["conflict_scatter"]
+    assert [t.name for t in scatter.data] == ["G0", "G1", "dropped"]
+    assert scatter.data[-1].marker.color == MUTED
+    assert "add-1" in scatter.data[-1].text[0]
+    assert len(figs["conflict_scatter_3d"].data) == 3
+    assert "group: dropped" in str(figs["conflict_heatmap"].data[0].text)
+
+
 def test_exported_figures_hold_the_run_data_in_the_paper_style(run_dir, tmp_path):
     written = write_figures(run_dir, tmp_path / "figs", formats=("html", "json"))
     names = {p.name for p in written}
@@ -132,9 +153,9 @@ def test_exported_figures_hold_the_run_data_in_the_paper_style(run_dir, tmp_path
 def test_missing_static_renderer_is_named_and_html_still_written(run_dir, tmp_path, monkeypatch,
                                                                   caplog):  # fmt: skip
     monkeypatch.setattr(
-        "merit_lab.figures.static_renderer_problem", lambda: "kaleido is not installed: pip ..."
+        "merit_lab.viz.export.static_renderer_problem", lambda: "kaleido is not installed: pip ..."
     )
-    with caplog.at_level(logging.WARNING, logger="merit_lab.figures"):
+    with caplog.at_level(logging.WARNING, logger="merit_lab.viz.export"):
         written = write_figures(run_dir, tmp_path, formats=("html", "png"))
     assert "kaleido is not installed" in caplog.text
     assert not list(tmp_path.glob("*.png"))

@@ -10,9 +10,9 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from merit_lab.conflict import ConflictSpace, compute_conflict_space
+from merit_lab.diagnostics.gain import predict_gain
 from merit_lab.partition import (
     Partition,
-    predict_gain,
     split_balanced,
     split_balanced_k,
     split_kmeans,

@@ -5,12 +5,17 @@ import pandas as pd
 import pytest
 
 from merit_lab.conflict import compute_conflict_space
-from merit_lab.plots import (
+from merit_lab.viz.export import save_figure
+from merit_lab.viz.plots import (
+    INACTIVE_SYMBOLS,
+    plot_comparison,
+    plot_conflict_clustermap,
     plot_conflict_heatmap,
     plot_conflict_scatter,
     plot_explained_variance,
-    save_figure,
+    plot_training_curves,
 )
+from merit_lab.viz.style import MUTED, PALETTE
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +50,36 @@ def test_scatter_points_are_the_embedding(space):
     np.testing.assert_allclose(fig3.data[0].z, space.coords(3)[:, 2])
     bars = plot_explained_variance(space, top=3)
     np.testing.assert_allclose(bars.data[0].y, space.explained_variance_ratio[:3])
+
+
+def test_scatter_draws_sources_in_no_row_apart(space):
+    """A curated run's table: dropped and unplaced sources, one source the space lacks, and one
+    table row the space lacks (a source added to mixture.json after the conflict stage)."""
+    groups = ["G0", "G0", "dropped", "G1", "G1", "unplaced", "G1"]
+    table = pd.DataFrame({"group": groups}, index=list(space.names[:7]))
+    table.loc["new-source", "group"] = "unplaced"
+    for dims in (2, 3):
+        fig = plot_conflict_scatter(space, table, color="group", dims=dims)
+        assert [t.name for t in fig.data] == ["G0", "G1", "dropped", "unplaced", "n/a"]
+        assert [t.marker.color for t in fig.data[:2]] == list(PALETTE[:2])  # groups keep theirs
+        for t in fig.data[2:]:
+            assert t.marker.color == MUTED and t.marker.symbol == INACTIVE_SYMBOLS[t.name]
+        shown = [n.split("<br>")[0][3:-4] for t in fig.data for n in t.text]
+        assert sorted(shown) == sorted(space.names)  # every source of the space, once
+    for fig in (plot_conflict_heatmap(space, table), plot_conflict_clustermap(space, table)):
+        assert "group: dropped" in str(fig.data[-1].text)
+
+
+def test_comparison_and_training_figures_hold_their_numbers():
+    wide = pd.DataFrame({"add": [10.0, 50.0], "avg": [10.0, 50.0]}, index=["theta0", "merged"])
+    bars = plot_comparison(wide, metric="exact_match")
+    assert [t.name for t in bars.data] == ["theta0", "merged"]
+    np.testing.assert_allclose(bars.data[1].y, [50.0, 50.0])
+    assert "Exact match" in bars.layout.title.text
+    logs = {"joint/ep1-s0": [{"loss": 2.0, "tokens": 10}, {"loss": 1.0, "tokens": 20}], "x": []}
+    curves = plot_training_curves(logs, smooth=1)
+    assert len(curves.data) == 1
+    np.testing.assert_allclose(curves.data[0].y, [2.0, 1.0])
 
 
 def test_save_figure_writes_html_even_without_a_static_renderer(space, tmp_path):

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from merit_lab.checkpoints import fingerprint_checkpoint
 from merit_lab.demo.base import build_demo_tokenizer
 from merit_lab.formatting import tokenize_examples
-from merit_lab.merge import fingerprint_checkpoint
 from merit_lab.mixture import load_mixture
 from merit_lab.models import build_pico_llama, load_tokenizer
 from merit_lab.train import (

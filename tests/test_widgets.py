@@ -1,3 +1,5 @@
+"""The conflict explorer and the partition editor: a thin view that drives an `EditSession`."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,15 +9,12 @@ import pandas as pd
 import pytest
 
 from merit_lab.conflict import compute_conflict_space
+from merit_lab.curation import EditSession, place_by_projection, subset_counts
+from merit_lab.diagnostics.gain import predict_gain
 from merit_lab.io import read_json
-from merit_lab.partition import Partition, predict_gain, split_balanced, split_random
-from merit_lab.widgets import (
-    ConflictExplorer,
-    PartitionEditor,
-    group_statistics,
-    place_sources,
-    project_onto_space,
-)
+from merit_lab.partition import Partition, split_balanced, split_random
+from merit_lab.viz.editor import PartitionEditor
+from merit_lab.viz.explorer import ConflictExplorer
 
 T, D = 12, 40
 
@@ -27,16 +26,18 @@ def world():
     centres = rng.normal(size=(3, D))
     rows = np.stack([centres[i % 3] + 0.6 * rng.normal(size=D) for i in range(T)])
     names = [f"s{i:02d}" for i in range(T)]
+    example_tokens = {s: rng.integers(5, 60, size=int(rng.integers(20, 200))).tolist()
+                      for s in names}  # fmt: skip
     table = pd.DataFrame(
         {
             "source": names,
             "family": ["abc"[i % 3] for i in range(T)],
-            "examples": rng.integers(20, 200, size=T),
-            "tokens": rng.integers(500, 5000, size=T),
+            "examples": [len(example_tokens[s]) for s in names],
+            "tokens": [sum(example_tokens[s]) for s in names],
         }
     ).set_index("source", drop=False)
     return SimpleNamespace(
-        rows=rows, names=names, table=table, centres=centres,
+        rows=rows, names=names, table=table, centres=centres, example_tokens=example_tokens,
         space=compute_conflict_space(rows, names),
     )  # fmt: skip
 
@@ -142,17 +143,44 @@ def test_explorer_allies_and_conflicts(world):
 # -- partition editor ------------------------------------------------------------------------
 
 
+def editor(w, **kwargs) -> PartitionEditor:
+    """The editor's space form: it builds its own session from the table."""
+    return PartitionEditor(w.space, w.table, rows=w.rows, example_tokens=w.example_tokens,
+                           **kwargs)  # fmt: skip
+
+
+def without_times(part: Partition) -> dict:
+    doc = part.to_dict()
+    doc["edit_log"] = [{k: v for k, v in e.items() if k != "at"} for e in doc["edit_log"]]
+    return doc
+
+
 def test_editor_starts_balanced_and_stats_match_numpy(world):
-    ed = PartitionEditor(world.space, world.table, rows=world.rows, user="alice")
+    ed = editor(world, user="alice")
     ref = split_balanced(world.space, counts(world, "examples"), counts(world, "tokens"), r=1)
     assert ed.partition.groups == ref.groups
     assert list(ed.target.options) == [("G0", 0), ("G1", 1)]
     assert_stats_match(ed, world)
     assert ed.widget.children  # something to display
+    assert ed.add_button.disabled and ed.add_source.options == ()  # every source is placed
+
+
+def test_editor_is_a_view_of_its_session(world):
+    part = split_balanced(world.space, counts(world, "examples"), counts(world, "tokens"), r=1)
+    session = EditSession(part, world.space, example_tokens=world.example_tokens, rows=world.rows)
+    ed = PartitionEditor(session, world.table)
+    assert ed.session is session and ed.partition is part
+    session.move(part.groups[0][0], 1)  # an edit made on the session...
+    assert ed.partition is session.partition  # ...is what the editor shows after a redraw
+    assert ed.undo() and session.partition is part
+    with pytest.raises(TypeError, match="rows"):
+        PartitionEditor(session, rows=world.rows)
+    bare = PartitionEditor(session)  # no table: the hover shows the session's own counts
+    assert bare.table.loc[part.groups[1][0], "examples"] == part.examples[part.groups[1][0]]
 
 
 def test_editor_method_widget_resplits(world):
-    ed = PartitionEditor(world.space, world.table, rows=world.rows, user="alice")
+    ed = editor(world, user="alice")
     before = ed.stats
     ed.method.value = "random"
     ref = split_random(world.names, counts(world, "examples"), counts(world, "tokens"), k=2, seed=0)
@@ -169,15 +197,15 @@ def test_editor_method_widget_resplits(world):
 
 
 def test_editor_refuses_impossible_split(world):
-    ed = PartitionEditor(world.space, world.table, rows=world.rows)
+    ed = editor(world)
     before = ed.partition
     assert not ed.split("balanced", r=T)
-    assert ed.partition is before and "refused" in ed.status.value
+    assert ed.partition is before and "split refused" in ed.status.value
 
 
 def test_move_by_widgets_then_save_writes_edit_log(world, tmp_path):
     path = tmp_path / "partition.json"
-    ed = PartitionEditor(world.space, world.table, rows=world.rows, path=path, user="alice")
+    ed = editor(world, path=path, user="alice")
     src = ed.partition.groups[0][0]
     ed.source.value = src
     ed.target.value = 1
@@ -187,6 +215,7 @@ def test_move_by_widgets_then_save_writes_edit_log(world, tmp_path):
     assert_stats_match(ed, world)
     assert ed.table.loc[src, "group"] == "G1"
     ed.save_button.click()
+    assert "saved" in ed.status.value
     doc = read_json(path)
     assert src in doc["groups"][1] and sum(doc["weights"]) == pytest.approx(1.0)
     entry = doc["edit_log"][-1]
@@ -204,22 +233,23 @@ def test_move_that_empties_a_group_is_refused(world):
         "manual", (tuple(names[:1]), tuple(names[1:])), counts(world, "examples"),
         counts(world, "tokens"),
     )  # fmt: skip
-    ed = PartitionEditor(world.space, world.table, rows=world.rows, partition=part)
+    ed = editor(world, partition=part)
     stats_before, html_before = ed.stats, ed.stats_html.value
     ed.source.value = names[0]
     ed.target.value = 1
     ed.move_button.click()
-    assert "empty" in ed.status.value and "refused" in ed.status.value
+    assert "empty" in ed.status.value and "move refused" in ed.status.value
     assert ed.partition is part and not ed.history
     pd.testing.assert_frame_equal(ed.stats, stats_before)
     assert ed.stats_html.value == html_before
     assert not ed.drop(names[0]) and ed.partition is part
+    assert "drop refused" in ed.status.value
     # A selection that includes the lone source is refused whole.
     assert not ed.move_sources([names[0], names[5]], 1) and ed.partition is part
 
 
 def test_undo_restores_previous_partitions(world):
-    ed = PartitionEditor(world.space, world.table, rows=world.rows)
+    ed = editor(world)
     p0 = ed.partition
     src = p0.groups[0][0]
     ed.move(src, 1)
@@ -234,7 +264,7 @@ def test_undo_restores_previous_partitions(world):
 
 
 def test_selection_moves_selected_sources(world):
-    ed = PartitionEditor(world.space, world.table, rows=world.rows)
+    ed = editor(world)
     trace = ed.scatter.data[0]
     assert list(trace.customdata) == world.names
     np.testing.assert_allclose(trace.x, world.space.coords(2)[:, 0])
@@ -246,76 +276,83 @@ def test_selection_moves_selected_sources(world):
     assert [e["op"] for e in ed.partition.edit_log] == ["move", "move"]
 
 
-def test_drop_and_downweight_are_logged(world, tmp_path):
-    ed = PartitionEditor(world.space, world.table, rows=world.rows, user="bob")
-    gone, light = ed.partition.groups[0][0], ed.partition.groups[1][0]
-    tok = ed.partition.tokens[light]
+def test_drop_and_downweight_by_widgets_equal_session_edits(world, tmp_path):
+    part = split_balanced(world.space, counts(world, "examples"), counts(world, "tokens"), r=1)
+    session = EditSession(part, world.space, example_tokens=world.example_tokens, seed=3,
+                          rows=world.rows, user="bob")  # fmt: skip
+    ed = PartitionEditor(EditSession(part, world.space, example_tokens=world.example_tokens,
+                                     seed=3, rows=world.rows, user="bob"), world.table)  # fmt: skip
+    gone, light = part.groups[0][0], part.groups[1][0]
     ed.source.value = gone
     ed.drop_button.click()
+    session.drop(gone)
+    assert without_times(ed.partition) == without_times(session.partition)
     assert gone not in ed.partition.tokens and ed.dropped == (gone,)
     assert ed.table.loc[gone, "group"] == "dropped"
     assert gone not in [v for _, v in ed.source.options]
+    assert ed.add_source.options == ((f"{gone} (dropped)", gone),)
     ed.source.value = light
-    ed.factor.value = 0.25
+    ed.factor.value = 0.25  # the former name of the fraction widget
+    assert ed.fraction.value == 0.25
     ed.downweight_button.click()
-    assert ed.partition.tokens[light] == round(tok * 0.25)
+    session.downweight(light, 0.25)
+    assert without_times(ed.partition) == without_times(session.partition)
+    n_ex, n_tok = subset_counts(light, world.example_tokens[light], 0.25, seed=3)
+    assert n_ex == round(0.25 * len(world.example_tokens[light]))
+    assert (ed.partition.examples[light], ed.partition.tokens[light]) == (n_ex, n_tok)
+    assert dict(ed.partition.fractions) == {light: 0.25}
+    assert f"down-weighted {light} to 0.25" in ed.status.value
     assert_stats_match(ed, world)
-    assert ed.validate() == []
-    path = ed.save(tmp_path / "p.json")
-    log = read_json(path)["edit_log"]
-    assert log[0] | {"at": None} == {
-        "op": "drop",
-        "source": gone,
-        "from": 0,
-        "to": None,
-        "who": "bob",
-        "at": None,
-    }
-    assert log[1]["op"] == "downweight" and log[1]["factor"] == 0.25
-    assert (log[1]["tokens_before"], log[1]["tokens_after"]) == (tok, round(tok * 0.25))
-    # Re-splitting keeps the curation: the dropped source stays out, the weight stays low.
-    ed.method.value = "random"
-    assert gone not in ed.partition.tokens and ed.partition.tokens[light] == round(tok * 0.25)
-    marker = ed.scatter.data[0].marker
+    marker, text = ed.scatter.data[0].marker, ed.scatter.data[0].text
     assert marker.symbol[world.names.index(gone)] == "x"
+    assert marker.symbol[world.names.index(light)] == "circle-open"
+    assert "fraction: 0.25" in text[world.names.index(light)]
+    assert "dropped" in ed.stats_html.value and f"{light} ×0.25" in ed.stats_html.value
+    doc = read_json(ed.save(tmp_path / "p.json"))
+    assert doc["dropped"] == [gone] and doc["fractions"] == {light: 0.25}
+    assert [e["op"] for e in doc["edit_log"]] == ["drop", "downweight"]
+    # Re-splitting keeps the curation: the dropped source stays out, the fraction stays.
+    ed.method.value = "random"
+    assert gone not in ed.partition.tokens and ed.partition.tokens[light] == n_tok
+    assert ed.scatter.data[0].marker.symbol[world.names.index(gone)] == "x"
 
 
-def test_projection_reproduces_old_sources_and_matches_sklearn(world):
-    from sklearn.decomposition import PCA
-
-    space = world.space
-    np.testing.assert_allclose(project_onto_space(space, space.cosine), space.embedding, atol=1e-9)
-    unit = world.rows / np.linalg.norm(world.rows, axis=1, keepdims=True)
-    new = world.centres[1] + np.random.default_rng(1).normal(size=D)
-    u = new / np.linalg.norm(new)
-    mine = project_onto_space(space, (unit @ u)[None])[0, : space.n_axes]
-    pca = PCA(n_components=space.n_axes).fit(unit)
-    ref = pca.transform(u[None])[0]
-    signs = np.sign(np.sum(pca.transform(unit) * space.embedding[:, : space.n_axes], axis=0))
-    np.testing.assert_allclose(mine, ref * signs, atol=1e-9)
+def test_downweight_without_example_tokens_is_refused(world):
+    ed = PartitionEditor(world.space, world.table, rows=world.rows)
+    before = ed.partition
+    assert not ed.downweight(world.names[0], 0.5)
+    assert "down-weight refused" in ed.status.value and "per-example" in ed.status.value
+    assert not ed.downweight(world.names[0], 1.5)
+    assert ed.partition is before and not ed.history
 
 
-def test_add_sources_joins_the_nearest_group(world):
+def test_add_control_places_an_unplaced_source_by_projection(world, tmp_path):
     names = world.names
     fam = {s: world.table.loc[s, "family"] for s in names}
+    new = names[-1]  # in the space (it has a gradient) but in no group yet
     part = Partition(
         "manual",
-        tuple(tuple(s for s in names if fam[s] == f) for f in "abc"),
-        counts(world, "examples"), counts(world, "tokens"),
+        tuple(tuple(s for s in names[:-1] if fam[s] == f) for f in "abc"),
+        {s: counts(world, "examples")[s] for s in names[:-1]},
+        {s: counts(world, "tokens")[s] for s in names[:-1]},
     )  # fmt: skip
-    ed = PartitionEditor(world.space, world.table, rows=world.rows, partition=part)
-    new_rows = world.centres[[2, 0]] + 0.1
-    assert ed.add_sources(["new_c", "new_a"], new_rows, {"new_c": 10, "new_a": 11},
-                          {"new_c": 100, "new_a": 110})  # fmt: skip
-    assert ed.partition.group_of("new_c") == 2 and ed.partition.group_of("new_a") == 0
-    coords = project_onto_space(world.space, np.ones((1, T)))
-    assert place_sources(world.space, part, coords).shape == (1,)
-    assert ed.space.n_sources == T + 2 and ed.validate() == []
-    assert [e["op"] for e in ed.partition.edit_log] == ["add", "add"]
-    assert len(ed.scatter.data[0].x) == T + 2
-    all_rows = np.vstack([world.rows, new_rows])
-    expect = group_statistics(ed.partition, compute_conflict_space(all_rows, ed.space.names))
-    pd.testing.assert_frame_equal(ed.stats.drop(columns="gain"), expect)
-    assert not ed.add_sources(["new_a"], new_rows[:1], {"new_a": 1}, {"new_a": 1})
+    path = tmp_path / "partition.json"
+    ed = editor(world, partition=part, path=path)
+    assert ed.unplaced == (new,) and ed.table.loc[new, "group"] == "unplaced"
+    assert ed.scatter.data[0].marker.symbol[names.index(new)] == "diamond-open"
+    ed.save_button.click()  # blocked: the new source is neither placed nor dropped
+    assert "save refused" in ed.status.value and not path.exists()
+    assert ed.add_source.options == ((f"{new} (unplaced)", new),) and not ed.add_button.disabled
+    assert ed.add_to.value == -1  # by projection
+    ed.add_button.click()
+    expect = place_by_projection(world.space, part, new)
+    assert expect == 2  # s11 is family c
+    assert ed.partition.group_of(new) == expect
+    assert f"added {new} to G{expect} (projection)" in ed.status.value
+    assert ed.add_button.disabled and ed.validate() == []
     ed.undo()
-    assert ed.partition is part and ed.space is world.space
+    ed.add_to.value = 0
+    ed.add_button.click()
+    assert ed.partition.group_of(new) == 0 and "(by hand)" in ed.status.value
+    ed.save_button.click()
+    assert "saved" in ed.status.value and new in read_json(path)["groups"][0]

@@ -1,8 +1,8 @@
 """Figures of the merge-readiness diagnostics: one plotly builder per diagnostic.
 
 Input: the dicts and tables of `merit_lab.diagnostics` (interpolation curves, displacements,
-perturbation tables, spectral filtering), keyed by a model or pair label. Output: ``go.Figure``
-objects that never call ``.show()``; colours per label are stable across figures (`color_map`).
+perturbation tables, spectral filtering), or the loaded ``diagnostics/*.json`` documents
+(`plot_diagnostics_files`). Output: ``go.Figure`` objects that never call ``.show()``.
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from merit_lab.diagnostics import summarize_perturbation
-from merit_lab.plots import FONT, PALETTE, TEMPLATE, color_map
+from merit_lab.viz.style import PALETTE, color_map, layout
 
 __all__ = [
+    "figure_stem",
+    "plot_diagnostics_files",
     "plot_displacement",
     "plot_interpolation",
     "plot_perturbation",
     "plot_spectral_filtering",
 ]
-
-
-def _layout(fig: go.Figure, title: str, **kw) -> go.Figure:
-    fig.update_layout(template=TEMPLATE, font=FONT, title={"text": title, "x": 0.5}, **kw)
-    return fig
 
 
 def plot_interpolation(curves: Mapping[str, dict]) -> go.Figure:
@@ -68,7 +65,7 @@ def plot_interpolation(curves: Mapping[str, dict]) -> go.Figure:
         )
     fig.update_xaxes(title="α  (θ = (1−α) θ_a + α θ_b)")
     fig.update_yaxes(title="loss")
-    return _layout(fig, "Loss along linear interpolation paths", width=720, height=440)
+    return layout(fig, "Loss along linear interpolation paths", width=720, height=440)
 
 
 def plot_displacement(displacements: Mapping[str, dict]) -> go.Figure:
@@ -93,7 +90,7 @@ def plot_displacement(displacements: Mapping[str, dict]) -> go.Figure:
         )
     fig.update_xaxes(tickangle=-45)
     fig.update_yaxes(title="‖θ − θ0‖")
-    return _layout(fig, "Distance to θ0 per layer", barmode="group", width=760, height=440)
+    return layout(fig, "Distance to θ0 per layer", barmode="group", width=760, height=440)
 
 
 def plot_perturbation(tables: Mapping[str, pd.DataFrame]) -> go.Figure:
@@ -120,7 +117,7 @@ def plot_perturbation(tables: Mapping[str, pd.DataFrame]) -> go.Figure:
         )
     fig.update_xaxes(title="σ")
     fig.update_yaxes(title="loss increase  L(θ + ε) − L(θ)")
-    return _layout(fig, "Flatness: loss under Gaussian weight noise", width=680, height=440)
+    return layout(fig, "Flatness: loss under Gaussian weight noise", width=680, height=440)
 
 
 def plot_spectral_filtering(table: pd.DataFrame) -> go.Figure:
@@ -139,4 +136,53 @@ def plot_spectral_filtering(table: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Bar(x=x, y=table[col], name=name, marker_color=color, hovertext=hover))
     fig.update_yaxes(title="energy", type="log")
     fig.update_xaxes(title="curvature eigenvector (descending λ)")
-    return _layout(fig, "Spectral filtering by the merge", barmode="group", width=680, height=420)
+    return layout(fig, "Spectral filtering by the merge", barmode="group", width=680, height=420)
+
+
+def figure_stem(label: str) -> str:
+    """A file stem for a row or experiment label (``merit-2d+ties`` → ``merit-2d_ties``)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
+def plot_diagnostics_files(d: Mapping[str, dict]) -> dict[str, go.Figure]:
+    """Every diagnostics figure of a run, by file stem, from its loaded ``diagnostics/*.json``.
+
+    Args:
+        d: diagnostic name ("paths", "displacement", "perturbation", "gain", ...) → the JSON
+            document the diagnose stage wrote; missing ones are skipped.
+
+    Returns:
+        ``diag_paths_<exp>`` (train loss along each path), ``diag_displacement``,
+        ``diag_perturbation``, ``diag_spectral_<row>``, as their documents exist.
+    """
+    figs: dict[str, go.Figure] = {}
+    if "paths" in d:
+        figs |= _path_figures(d["paths"]["paths"])
+    if "displacement" in d:
+        shown = {lb: v for lb, v in d["displacement"]["models"].items() if v["kind"] != "branch"}
+        if shown:
+            figs["diag_displacement"] = plot_displacement(shown)
+    if "perturbation" in d:
+        draws = pd.DataFrame(d["perturbation"]["draws"])
+        tables = {lb: g for lb, g in draws.groupby("model", sort=False) if "/" not in lb}
+        figs["diag_perturbation"] = plot_perturbation(tables or dict(list(draws.groupby("model"))))
+    if "gain" in d:
+        for e in d["gain"]["experiments"]:
+            fig = plot_spectral_filtering(pd.DataFrame(e["spectral_filtering"]).astype(float))
+            fig.update_layout(title={"text": f"Spectral filtering by the merge: {e['row']}"})
+            figs[f"diag_spectral_{figure_stem(e['row'])}"] = fig
+    return figs
+
+
+def _path_figures(paths: list[dict]) -> dict[str, go.Figure]:
+    """One interpolation figure per experiment, over its train-loss paths."""
+    curves: dict[str, dict[str, dict]] = {}
+    for p in paths:
+        if p["split"] == "train":
+            curves.setdefault(p["experiment"], {})[f"{p['a']} → {p['b']}"] = p
+    figs = {}
+    for exp, pairs in curves.items():
+        fig = plot_interpolation(pairs)
+        fig.update_layout(title={"text": f"Train loss along linear paths: {figure_stem(exp)}"})
+        figs[f"diag_paths_{figure_stem(exp)}"] = fig
+    return figs

@@ -2,8 +2,7 @@
 
 Input: a model, checkpoints (state dicts, models or HF safetensors folders) and a loss function.
 Output: loss along linear paths (barriers), distances to θ0 and the norm inequality, and loss
-under Gaussian weight noise. Also the one import point for `merit_lab.curvature` (Hessian /
-Gauss-Newton eigenpairs) and `merit_lab.gain_theory` (measured vs predicted merging gain).
+under Gaussian weight noise.
 """
 
 from __future__ import annotations
@@ -18,46 +17,32 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merit_lab.curvature import (
-    CurvatureSpectrum,
-    build_curvature_matvec,
-    exact_hessian,
-    hessian_top_eigs,
-    hvp,
-    lanczos_top_eigs,
-)
-from merit_lab.formatting import IGNORE_INDEX, collate, tokenize_examples
-from merit_lab.gain_theory import (
-    _as_2d,
-    _check_weights,
-    group_means,
-    merging_gain,
-    predicted_partition_gain,
-    quadratic_gain_prediction,
-    spectral_filtering,
+from merit_lab.checkpoints import Checkpoint
+from merit_lab.config import EvalConfig, TrainConfig
+from merit_lab.diagnostics.gain import as_matrix, check_weights
+from merit_lab.formatting import (
+    collate,
+    count_response_tokens,
+    response_logits,
+    response_token_loss,
+    tokenize_examples,
 )
 
 __all__ = [
-    "CurvatureSpectrum",
+    "LossFn",
+    "LossGraphFn",
     "ResponseLoss",
-    "build_curvature_matvec",
+    "Weights",
+    "as_weights",
     "displacement",
     "displacement_ratio",
-    "exact_hessian",
-    "group_means",
-    "hessian_top_eigs",
-    "hvp",
+    "float_tensors",
     "interpolation_curve",
-    "lanczos_top_eigs",
     "load_weights",
     "make_loss_fn",
     "make_loss_graph_fn",
-    "merging_gain",
     "norm_inequality",
     "perturbation_curve",
-    "predicted_partition_gain",
-    "quadratic_gain_prediction",
-    "spectral_filtering",
     "stack_deltas",
     "summarize_perturbation",
 ]
@@ -73,9 +58,7 @@ class _Lazy(Mapping):
     """Read-only name → tensor view of an HF safetensors folder, one tensor read per lookup."""
 
     def __init__(self, folder: Path) -> None:
-        from merit_lab.merge import _Checkpoint
-
-        self._ckpt = _Checkpoint.open(Path(folder))
+        self._ckpt = Checkpoint.open(Path(folder))
 
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._ckpt.tensors:
@@ -89,7 +72,7 @@ class _Lazy(Mapping):
         return len(self._ckpt.tensors)
 
 
-def _as_mapping(theta: Weights) -> Mapping[str, Tensor]:
+def as_weights(theta: Weights) -> Mapping[str, Tensor]:
     """Model → its parameters (tied ones once); folder → a lazy view; mapping → itself."""
     if isinstance(theta, torch.nn.Module):
         return {n: p.detach() for n, p in theta.named_parameters()}
@@ -104,7 +87,7 @@ def load_weights(theta: Weights) -> dict[str, Tensor]:
     Args:
         theta: a state dict, a model (its parameters, tied ones once) or an HF safetensors folder.
     """
-    src = _as_mapping(theta)
+    src = as_weights(theta)
     out = {k: src[k].detach().to("cpu").clone() for k in src}
     return {k: v for k, v in out.items() if v.is_floating_point()}
 
@@ -116,7 +99,7 @@ def _check_finite(t: Tensor, what: str) -> None:
 
 def _float_keys(m: Mapping[str, Tensor]) -> list[str]:
     if isinstance(m, _Lazy):  # dtype from the header: no tensor read
-        return [k for k, (_, dt, _) in m._ckpt.tensors.items() if dt.startswith(("F", "BF"))]
+        return m._ckpt.float_keys()
     return [k for k in m if m[k].is_floating_point()]
 
 
@@ -136,7 +119,10 @@ def _check_same_keys(named: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
 
 
 def make_loss_fn(
-    tokenizer, examples: Sequence[dict], max_length: int = 256, batch_size: int = 32
+    tokenizer,
+    examples: Sequence[dict],
+    max_length: int = TrainConfig.max_length,
+    batch_size: int = EvalConfig.batch_size,
 ) -> LossFn:
     """``loss_fn(model) -> float``: mean response-token cross-entropy on ``examples``.
 
@@ -148,25 +134,11 @@ def make_loss_fn(
         raise ValueError("make_loss_fn needs at least one example")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [collate(toks[i : i + batch_size], pad) for i in range(0, len(toks), batch_size)]
+    count = max(sum(count_response_tokens(b["labels"]) for b in batches), 1)
 
     @torch.no_grad()
     def loss_fn(model: torch.nn.Module) -> float:
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        for batch in batches:
-            b = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            labels = b["labels"][:, 1:].reshape(-1)
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                    labels,
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
-            count += int((labels != IGNORE_INDEX).sum())
-        return total / max(count, 1)
+        return float(sum(float(response_token_loss(model, b, num_items=count)) for b in batches))
 
     return loss_fn
 
@@ -187,26 +159,21 @@ class ResponseLoss:
         missing = {"input_ids", "attention_mask", "labels"} - set(batch)
         if missing:
             raise ValueError(f"batch lacks {sorted(missing)}")
-        if not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
+        if count_response_tokens(batch["labels"]) == 0:
             raise ValueError("batch has no labelled token to score")
         self.batch = dict(batch)
 
     def logits_and_labels(self, model: torch.nn.Module) -> tuple[Tensor, Tensor]:
-        device = next(model.parameters()).device
-        b = {k: v.to(device) for k, v in self.batch.items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        labels = b["labels"][:, 1:].reshape(-1)
-        keep = labels != IGNORE_INDEX
-        return logits[:, :-1].reshape(-1, logits.shape[-1])[keep], labels[keep]
+        """The labelled positions' logits (n, V) and labels (n,) (`response_logits`)."""
+        return response_logits(model, self.batch)
 
     def __call__(self, model: torch.nn.Module) -> Tensor:
-        logits, labels = self.logits_and_labels(model)
-        # at least float32, as heldout_loss: half-precision softmax would blur the curvature
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return torch.nn.functional.cross_entropy(logits, labels)
+        return response_token_loss(model, self.batch)
 
 
-def make_loss_graph_fn(tokenizer, examples: Sequence[dict], max_length: int = 256) -> ResponseLoss:
+def make_loss_graph_fn(
+    tokenizer, examples: Sequence[dict], max_length: int = TrainConfig.max_length
+) -> ResponseLoss:
     """A differentiable ``loss_graph_fn(model) -> Tensor`` on ``examples``, all in one batch."""
     toks = tokenize_examples(tokenizer, list(examples), max_length)
     if not toks:
@@ -215,7 +182,7 @@ def make_loss_graph_fn(tokenizer, examples: Sequence[dict], max_length: int = 25
     return ResponseLoss(collate(toks, pad))
 
 
-def _float_params(model: torch.nn.Module) -> dict[str, Tensor]:
+def float_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
     """Every floating-point parameter and buffer of the model, by state-dict name (tied: each)."""
     sd = model.state_dict(keep_vars=True)
     return {k: v for k, v in sd.items() if v.is_floating_point()}
@@ -254,7 +221,7 @@ def interpolation_curve(
         raise ValueError(f"alphas must be a non-empty 1-D finite sequence, got {alphas!r}")
     a, b = load_weights(theta_a), load_weights(theta_b)
     keys = _check_same_keys({"theta_a": a, "theta_b": b})
-    target = _float_params(model)
+    target = float_tensors(model)
     unknown = [k for k in keys if k not in target]
     if unknown:
         raise ValueError(f"tensors not in the model: {unknown[:5]} (first 5)")
@@ -299,7 +266,7 @@ class _restored:
     """Context: copy the named model tensors, restore them on exit and check bit-identity."""
 
     def __init__(self, model: torch.nn.Module, keys: Sequence[str] | None = None) -> None:
-        target = _float_params(model)
+        target = float_tensors(model)
         self.target = {k: target[k] for k in (keys if keys is not None else target)}
 
     def __enter__(self) -> _restored:
@@ -342,7 +309,7 @@ def displacement(theta: Weights, theta0: Weights, by: str | Callable = "layer") 
     """
     if by not in ("layer", "module", "tensor") and not callable(by):
         raise ValueError(f"by must be 'layer', 'module', 'tensor' or a callable, got {by!r}")
-    t, t0 = _as_mapping(theta), _as_mapping(theta0)
+    t, t0 = as_weights(theta), as_weights(theta0)
     keys = _check_same_keys({"theta": t, "theta0": t0})
     per_tensor: dict[str, float] = {}
     sq: dict[str, float] = {}
@@ -384,11 +351,11 @@ def norm_inequality(thetas: Sequence[Weights], weights: Sequence[float], theta0:
     Returns:
         dict with ``lhs``, ``rhs``, ``spread`` (= rhs − lhs, computed directly) and ``holds``.
     """
-    srcs = [_as_mapping(t) for t in thetas]
+    srcs = [as_weights(t) for t in thetas]
     if not srcs:
         raise ValueError("norm_inequality needs at least one checkpoint")
-    w = _check_weights(weights, len(srcs))
-    t0 = _as_mapping(theta0)
+    w = check_weights(weights, len(srcs))
+    t0 = as_weights(theta0)
     keys = _check_same_keys({"theta0": t0, **{f"thetas[{i}]": s for i, s in enumerate(srcs)}})
     lhs = rhs = spread = 0.0
     for k in keys:
@@ -484,8 +451,8 @@ def summarize_perturbation(table: pd.DataFrame) -> pd.DataFrame:
 
 def stack_deltas(thetas: Sequence[Weights], theta0: Weights) -> np.ndarray:
     """Flat displacements δ_i = θ_i − θ0: (n, dim) float64, tensors in θ0's key order."""
-    t0 = _as_mapping(theta0)
-    srcs = [_as_mapping(t) for t in thetas]
+    t0 = as_weights(theta0)
+    srcs = [as_weights(t) for t in thetas]
     keys = _check_same_keys({"theta0": t0, **{f"thetas[{i}]": s for i, s in enumerate(srcs)}})
     base = [t0[k].detach().to("cpu", torch.float64).reshape(-1) for k in keys]
     rows = [
@@ -497,4 +464,4 @@ def stack_deltas(thetas: Sequence[Weights], theta0: Weights) -> np.ndarray:
         )
         for s in srcs
     ]
-    return _as_2d(torch.stack(rows), "deltas")
+    return as_matrix(torch.stack(rows), "deltas")

@@ -15,18 +15,23 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from merit_lab.partition import Partition, group_means
+from merit_lab.partition import Partition
 
 __all__ = [
+    "as_matrix",
+    "check_weights",
+    "gain_terms",
     "group_means",
     "merging_gain",
+    "predict_gain",
     "predicted_partition_gain",
     "quadratic_gain_prediction",
     "spectral_filtering",
 ]
 
 
-def _check_weights(weights: Sequence[float], n: int) -> np.ndarray:
+def check_weights(weights: Sequence[float], n: int) -> np.ndarray:
+    """``weights`` as (n,) float64; ValueError unless finite, ≥ 0 and summing to 1."""
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (n,):
         raise ValueError(f"{w.size} weights for {n} checkpoints")
@@ -38,13 +43,14 @@ def _check_weights(weights: Sequence[float], n: int) -> np.ndarray:
 def merging_gain(losses_i: Sequence[float], weights: Sequence[float], loss_merged: float) -> float:
     """Measured merging gain Σ_i w_i L(θ_i) − L(θ̄): positive when the merge beats its branches."""
     losses = np.asarray(losses_i, dtype=np.float64)
-    w = _check_weights(weights, losses.size)
+    w = check_weights(weights, losses.size)
     if not np.isfinite(losses).all() or not np.isfinite(loss_merged):
         raise ValueError("losses must be finite")
     return float(w @ losses - loss_merged)
 
 
-def _as_2d(x, what: str) -> np.ndarray:
+def as_matrix(x: np.ndarray | Tensor, what: str) -> np.ndarray:
+    """A finite 2-D float64 array from numpy or torch; ValueError naming ``what`` otherwise."""
     if isinstance(x, Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()
     x = np.asarray(x, dtype=np.float64)
@@ -56,11 +62,11 @@ def _as_2d(x, what: str) -> np.ndarray:
 
 
 def _projections(deltas, weights, eigvecs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = _as_2d(deltas, "deltas")
-    u = _as_2d(eigvecs, "eigvecs")
+    d = as_matrix(deltas, "deltas")
+    u = as_matrix(eigvecs, "eigvecs")
     if u.shape[0] != d.shape[1]:
         raise ValueError(f"eigvecs have {u.shape[0]} rows but deltas {d.shape[1]} columns")
-    w = _check_weights(weights, d.shape[0])
+    w = check_weights(weights, d.shape[0])
     return d, w, d @ u
 
 
@@ -125,29 +131,73 @@ def spectral_filtering(deltas, weights: Sequence[float], eigvecs, eigvals=None) 
     return table
 
 
-def predicted_partition_gain(
+def group_means(
     partition: Partition,
-    rows,
+    rows: np.ndarray | Tensor,
+    names: Sequence[str],
+    *,
+    normalize: bool = False,
+) -> np.ndarray:
+    """Token-weighted mean gradient ḡ_k of each group: (K, d) float64.
+
+    Args:
+        rows: (T, d) source gradients, any float dtype, numpy or torch.
+        names: (T,) row names; must include every source of the partition (others ignored).
+        normalize: average unit gradients instead of raw ones.
+    """
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate names")
+    if isinstance(rows, Tensor):
+        rows = rows.detach().to("cpu", torch.float64).numpy()
+    x = np.asarray(rows, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] != len(names):
+        raise ValueError(f"rows of shape {x.shape} for {len(names)} names")
+    if not np.isfinite(x).all():
+        raise ValueError("rows have NaN or infinite values")
+    pos = {s: i for i, s in enumerate(names)}
+    missing = [s for s in partition.sources if s not in pos]
+    if missing:
+        raise ValueError(f"no gradient row for sources: {missing}")
+    means = []
+    for group in partition.groups:
+        g = x[[pos[s] for s in group]]
+        if normalize:
+            g = g / np.linalg.norm(g, axis=1, keepdims=True)
+        tok = np.array([partition.tokens[s] for s in group], dtype=np.float64)
+        means.append(tok @ g / tok.sum())
+    return np.stack(means)
+
+
+def gain_terms(
+    partition: Partition,
+    rows: np.ndarray | Tensor,
     names: Sequence[str],
     eta: float = 1.0,
     curvature: str = "identity",
-    diag=None,
-    eigvals=None,
-    eigvecs=None,
+    diag: np.ndarray | Tensor | None = None,
+    eigvals: np.ndarray | Tensor | None = None,
+    eigvecs: np.ndarray | Tensor | None = None,
     *,
     normalize: bool = False,
-) -> float:
-    """First-order merging gain of a K-group split before training: ½ η² Σ_k w_k D_kᵀ H D_k.
+) -> np.ndarray:
+    """Each group's term ½ η² w_k D_kᵀ H D_k of the predicted merging gain: (K,) float64.
 
-    D_k = ḡ_k − ḡ with ḡ = Σ_k w_k ḡ_k (branch k moves by δ_k ≈ −η ḡ_k). For K = 2 and
-    w = (½, ½) it is the paper's η²/8 (ḡ1 − ḡ2)ᵀ H (ḡ1 − ḡ2); with H = I it is `predict_gain`.
+    The one implementation of the predicted gain before training: `predicted_partition_gain`
+    and `predict_gain` are its sum, and per-group tables show the terms. D_k = ḡ_k − ḡ with
+    ḡ_k the token-weighted mean gradient of group k (`group_means`), w_k the partition's token
+    weights (the weights the merge uses) and ḡ = Σ_k w_k ḡ_k: branch k moves by δ_k ≈ −η ḡ_k.
     ``rows``, ``diag`` and ``eigvecs`` must share coordinates (a sketch of the gradients needs
     the curvature in the same sketch).
 
     Args:
-        rows: (T, d) source gradients; names: (T,) their sources.
+        partition: the grouping to score.
+        rows: (T, d) source gradients, any float dtype, numpy or torch.
+        names: (T,) row names; must include every source of the partition (others ignored).
+        eta: the learning-rate scale η.
         curvature: "identity" (H = I), "diag" (H = diag(``diag``), e.g. a diagonal Fisher, (d,))
             or "subspace" (H = U diag(λ) Uᵀ from ``eigvals`` (k,) and ``eigvecs`` (d, k)).
+        normalize: use unit gradients instead of raw ones.
     """
     means = group_means(partition, rows, names, normalize=normalize)
     w = np.asarray(partition.weights, dtype=np.float64)
@@ -164,11 +214,59 @@ def predicted_partition_gain(
     elif curvature == "subspace":
         if eigvals is None or eigvecs is None:
             raise ValueError("curvature='subspace' needs eigvals and eigvecs")
-        u = _as_2d(eigvecs, "eigvecs")
+        u = as_matrix(eigvecs, "eigvecs")
         lam = np.asarray(eigvals, dtype=np.float64).reshape(-1)
         if u.shape != (dev.shape[1], lam.size):
             raise ValueError(f"eigvecs {u.shape} do not match d={dev.shape[1]}, k={lam.size}")
         quad = ((dev @ u) ** 2) @ lam
     else:
         raise ValueError(f"curvature must be 'identity', 'diag' or 'subspace', got {curvature!r}")
-    return float(0.5 * eta**2 * (w @ quad))
+    return 0.5 * eta**2 * w * quad
+
+
+def predicted_partition_gain(
+    partition: Partition,
+    rows: np.ndarray | Tensor,
+    names: Sequence[str],
+    eta: float = 1.0,
+    curvature: str = "identity",
+    diag: np.ndarray | Tensor | None = None,
+    eigvals: np.ndarray | Tensor | None = None,
+    eigvecs: np.ndarray | Tensor | None = None,
+    *,
+    normalize: bool = False,
+) -> float:
+    """First-order merging gain of a K-group split before training: ½ η² Σ_k w_k D_kᵀ H D_k.
+
+    The sum of `gain_terms` (see there for the arguments). For K = 2 and w = (½, ½) it is the
+    paper's η²/8 (ḡ1 − ḡ2)ᵀ H (ḡ1 − ḡ2); with H = I it is `predict_gain`.
+    """
+    terms = gain_terms(partition, rows, names, eta, curvature, diag, eigvals, eigvecs,
+                       normalize=normalize)  # fmt: skip
+    return float(terms.sum())
+
+
+def predict_gain(
+    partition: Partition,
+    rows: np.ndarray | Tensor,
+    names: Sequence[str],
+    eta: float = 1.0,
+    *,
+    normalize: bool = False,
+) -> float:
+    """First-order merging gain with H = I: ½ η² Σ_k w_k ‖ḡ_k − ḡ‖².
+
+    Branch k moves by δ_k ≈ −η ḡ_k from θ0, so the merge gain ½ Σ_ℓ λ_ℓ Var_w(u_ℓᵀ δ_k) with
+    H = I is the w-weighted variance of the group gradients. ḡ_k is the token-weighted mean of
+    group k's raw gradients (``normalize=True``: of unit gradients), w_k the partition's token
+    weights and ḡ = Σ_k w_k ḡ_k. For K = 2 with w = (½, ½) it is the paper's
+    η²/8 (ḡ1 − ḡ2)ᵀ(ḡ1 − ḡ2). Sketched rows estimate it (inner products are preserved).
+
+    Args:
+        partition: the grouping to score.
+        rows: (T, d) source gradients, any float dtype, numpy or torch.
+        names: (T,) row names; must include every source of the partition (others ignored).
+        eta: the learning-rate scale η.
+        normalize: use unit gradients instead of raw ones.
+    """
+    return predicted_partition_gain(partition, rows, names, eta, normalize=normalize)

@@ -1,49 +1,45 @@
-"""Figures: plotly builders, one function per figure, and `save_figure` (HTML + static images).
+"""Plot builders of a run's figures: conflict space, model comparison, training curves.
 
-Input: artifacts of a run (`ConflictSpace`, a source table). Output: ``go.Figure`` objects that
-never call ``.show()``; one palette and one font across every figure.
+Input: objects (`ConflictSpace`, a per-source table, evaluation tables, training-log rows).
+Output: ``go.Figure`` objects that never call ``.show()``; the look is `merit_lab.viz.style`.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from merit_lab.conflict import ConflictSpace
+from merit_lab.viz.export import save_figure, static_renderer_problem
+from merit_lab.viz.style import MUTED, PALETTE, color_map, layout
 
 __all__ = [
+    "INACTIVE_SYMBOLS",
+    "METRICS",
     "PALETTE",
     "color_map",
+    "plot_comparison",
+    "plot_conflict_clustermap",
     "plot_conflict_heatmap",
     "plot_conflict_scatter",
     "plot_explained_variance",
+    "plot_gradient_convergence",
+    "plot_training_curves",
     "save_figure",
     "static_renderer_problem",
 ]
 
-log = logging.getLogger(__name__)
-
-# Okabe-Ito: distinguishable under the common colour-vision deficiencies, prints well in grey.
-PALETTE = (
-    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
-)  # fmt: skip
-FONT = {"family": "Helvetica, Arial, sans-serif", "size": 13}
-TEMPLATE = "simple_white"
-
-
-def color_map(values: Sequence) -> dict:
-    """A stable colour per distinct value (sorted), cycling the palette."""
-    return {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(sorted(set(values), key=str))}
-
-
-def _layout(fig: go.Figure, title: str, **kw) -> go.Figure:
-    fig.update_layout(template=TEMPLATE, font=FONT, title={"text": title, "x": 0.5}, **kw)
-    return fig
+METRICS = {  # metric -> (title, unit, higher is better)
+    "exact_match": ("Exact match of greedy answers", "%", True),
+    "similarity": ("Character similarity of greedy answers", "%", True),
+    "loss": ("Held-out loss", "nats per response token", False),
+}
+# Colour values of sources that train in no row: grey, with their own marker (valid in 2-D and
+# 3-D scatters). "dropped" and "unplaced" are the `group` a run's source table gives them.
+INACTIVE_SYMBOLS = {"dropped": "x", "unplaced": "circle-open", "n/a": "circle-open"}
 
 
 def plot_conflict_heatmap(space: ConflictSpace, table: pd.DataFrame | None = None) -> go.Figure:
@@ -88,7 +84,7 @@ def plot_conflict_heatmap(space: ConflictSpace, table: pd.DataFrame | None = Non
     )
     fig.update_yaxes(autorange="reversed", tickfont={"size": 9})
     fig.update_xaxes(tickangle=-60, tickfont={"size": 9})
-    return _layout(fig, "Gradient conflict matrix C (clustered)", width=760, height=700)
+    return layout(fig, "Gradient conflict matrix C (clustered)", width=760, height=700)
 
 
 def plot_conflict_scatter(
@@ -101,8 +97,11 @@ def plot_conflict_scatter(
     """Sources in the PCA conflict space (PC1-2, or PC1-3 with ``dims=3``), a trace per colour.
 
     Args:
-        table: per-source columns indexed by source name (hover text and colouring).
-        color: the column of ``table`` to colour by (a group, family or planted label).
+        table: per-source columns indexed by source name (hover text and colouring); it may
+            hold sources the space lacks (ignored) and lack some the space has ("n/a").
+        color: the column of ``table`` to colour by (a group, family or planted label). The
+            values of `INACTIVE_SYMBOLS` ("dropped", "unplaced": sources that train in no row)
+            are drawn grey with their own marker, after the coloured traces.
     """
     if dims not in (2, 3):
         raise ValueError("dims must be 2 or 3")
@@ -112,18 +111,29 @@ def plot_conflict_scatter(
     if table is not None:
         frame = frame.join(table.drop(columns=[c for c in frame.columns if c in table.columns]))
     key = color if color is not None and color in frame.columns else None
-    values = frame[key].astype(str) if key else pd.Series("source", index=frame.index)
-    colors = color_map(values)
+    if key:  # a source missing from the table has no value to colour by
+        values = frame[key].astype(object).where(frame[key].notna(), "n/a").astype(str)
+    else:
+        values = pd.Series("source", index=frame.index)
+    colors = color_map(v for v in values if v not in INACTIVE_SYMBOLS)
+    inactive = [v for v in INACTIVE_SYMBOLS if (values == v).any()]
     ev = space.explained_variance_ratio
     hover_cols = [c for c in frame.columns if not c.startswith("PC")][:8]
     fig = go.Figure()
-    for v in sorted(colors, key=str):
+    for v in [*sorted(colors, key=str), *inactive]:
         sub = frame[values == v]
         text = [
             f"<b>{n}</b><br>" + "<br>".join(f"{c}: {sub.loc[n, c]}" for c in hover_cols)
             for n in sub.index
         ]
-        marker = {"color": colors[v], "size": 9 if dims == 2 else 5, "line": {"width": 0.5}}
+        marker = {
+            "color": colors.get(v, MUTED),
+            "size": 9 if dims == 2 else 5,
+            "line": {"width": 0.5},
+            "symbol": INACTIVE_SYMBOLS.get(v, "circle"),
+        }
+        if v in INACTIVE_SYMBOLS:  # hollow or crossed, so they read as "not trained"
+            marker["line"] = {"width": 1.5, "color": MUTED}
         common = dict(name=str(v), text=text, hoverinfo="text", mode="markers", marker=marker)
         if dims == 2:
             fig.add_trace(go.Scatter(x=sub["PC1"], y=sub["PC2"], **common))
@@ -138,7 +148,7 @@ def plot_conflict_scatter(
             scene={"xaxis_title": labels[0], "yaxis_title": labels[1], "zaxis_title": labels[2]}
         )
     title = f"Conflict space{f', coloured by {key}' if key else ''}"
-    return _layout(fig, title, width=720, height=560, legend_title_text=key or "")
+    return layout(fig, title, width=720, height=560, legend_title_text=key or "")
 
 
 def plot_explained_variance(space: ConflictSpace, top: int = 10) -> go.Figure:
@@ -151,73 +161,7 @@ def plot_explained_variance(space: ConflictSpace, top: int = 10) -> go.Figure:
                    line={"color": PALETTE[3]})
     )  # fmt: skip
     fig.update_yaxes(title="explained variance", tickformat=".0%", range=[0, 1.02])
-    return _layout(fig, "Explained variance of the conflict space", width=620, height=400)
-
-
-SYSTEM_CHROMIUM = "/usr/bin/chromium"  # Debian/Ubuntu: `apt-get install chromium`
-
-
-def static_renderer_problem() -> str | None:
-    """Why static export (PNG/SVG/PDF) cannot run here, or None when it can.
-
-    Kaleido ≥ 1 drives a Chromium/Chrome that choreographer finds: ``BROWSER_PATH`` first, then
-    the usual names on ``PATH`` and install locations. When it finds none but Debian's
-    ``/usr/bin/chromium`` is there, ``BROWSER_PATH`` is set to it for this process.
-    """
-    import importlib.metadata as md
-    import os
-
-    try:
-        version = md.version("kaleido")
-    except md.PackageNotFoundError:
-        return "kaleido is not installed: pip install 'kaleido>=1'"
-    if int(version.split(".")[0]) < 1:
-        return f"kaleido {version} is too old for plotly here: pip install -U 'kaleido>=1'"
-    if os.environ.get("BROWSER_PATH"):
-        return None
-    try:
-        from choreographer.browsers.chromium import Chromium
-
-        found = Chromium.find_browser(skip_local=False)
-    except Exception:  # an older choreographer: fall through to the system Chromium check
-        found = None
-    if found:
-        return None
-    if os.access(SYSTEM_CHROMIUM, os.X_OK):
-        os.environ["BROWSER_PATH"] = SYSTEM_CHROMIUM
-        return None
-    return (
-        "kaleido found no Chromium or Chrome: `apt-get install chromium` (Debian/Ubuntu), "
-        "`plotly_get_chrome` (downloads Chrome for Testing), or set BROWSER_PATH to a browser"
-    )
-
-
-def save_figure(
-    fig: go.Figure, stem: str | Path, *, formats: Sequence[str] = ("png", "svg")
-) -> list[Path]:
-    """Write ``<stem>.html`` always, plus static images when a renderer (kaleido) is available.
-
-    Returns:
-        The files written. A missing static renderer is logged (with how to install it), not
-        raised: the HTML holds the figure either way.
-    """
-    from merit_lab.io import atomic_write_bytes, atomic_write_text
-
-    stem = Path(stem)
-    written = [atomic_write_text(stem.with_suffix(".html"), fig.to_html(include_plotlyjs=True))]
-    problem = static_renderer_problem() if formats else None
-    if problem:
-        log.warning("static export to %s skipped: %s; the HTML has the figure",
-                    "/".join(formats), problem)  # fmt: skip
-        return written
-    for fmt in formats:
-        path = stem.with_suffix(f".{fmt}")
-        try:
-            written.append(atomic_write_bytes(path, fig.to_image(format=fmt, scale=2)))
-        except Exception as e:  # Chromium failed to start or to render
-            log.warning("static export to %s skipped (%s); the HTML has the figure", fmt, e)
-            break
-    return written
+    return layout(fig, "Explained variance of the conflict space", width=620, height=400)
 
 
 def _hover_lines(table: pd.DataFrame | None, name: str, columns: Sequence[str]) -> str:
@@ -294,7 +238,7 @@ def plot_conflict_clustermap(
     fig.update_yaxes(**ticks, autorange="reversed", row=2, col=1)
     fig.update_yaxes(title="1 − cos", showticklabels=True, row=1, col=1)
     fig.update_xaxes(showticklabels=False, row=1, col=1)
-    return _layout(fig, "Gradient conflict matrix C (clustered)", width=800, height=820)
+    return layout(fig, "Gradient conflict matrix C (clustered)", width=800, height=820)
 
 
 def plot_gradient_convergence(df: pd.DataFrame) -> go.Figure:
@@ -328,10 +272,58 @@ def plot_gradient_convergence(df: pd.DataFrame) -> go.Figure:
         )  # fmt: skip
     fig.update_xaxes(title="calibration examples n", type="log")
     fig.update_yaxes(title="cos(g_n, g_all)")
-    return _layout(
+    return layout(
         fig, "Gradient direction vs calibration sample size", width=680, height=440,
         showlegend=len(colors) > 1,
     )  # fmt: skip
 
 
-__all__ += ["plot_conflict_clustermap", "plot_gradient_convergence"]
+def plot_comparison(wide: pd.DataFrame, *, metric: str) -> go.Figure:
+    """Grouped bars: one group per family (and the average), one bar per model.
+
+    Args:
+        wide: models × families (+ ``avg``), as `merit_lab.evaluate.summarize_eval` returns.
+        metric: a key of `METRICS` (its title, unit and direction), or any other name.
+    """
+    title, unit, higher = METRICS.get(metric, (metric, "", True))
+    colors = color_map(list(wide.index))
+    fig = go.Figure()
+    for model, row in wide.iterrows():
+        fig.add_bar(
+            name=str(model),
+            x=[str(c) for c in wide.columns],
+            y=row.to_numpy(dtype=float),
+            marker_color=colors[model],
+            hovertemplate=f"{model}<br>%{{x}}: %{{y:.3f}} {unit}<extra></extra>",
+        )
+    better = "higher is better" if higher else "lower is better"
+    fig.update_layout(barmode="group", yaxis_title=f"{unit} ({better})", xaxis_title="family")
+    if not higher:  # losses: zoom on the differences, not the distance from zero
+        lo, hi = np.nanmin(wide.to_numpy()), np.nanmax(wide.to_numpy())
+        fig.update_yaxes(range=[lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9)])
+    return layout(fig, title)
+
+
+def plot_training_curves(logs: Mapping[str, Sequence[dict]], *, smooth: int = 10) -> go.Figure:
+    """Training loss against tokens seen, one line per branch/joint run (moving average).
+
+    Args:
+        logs: run label → its ``log.jsonl`` rows (each with ``loss`` and ``tokens``).
+        smooth: the moving-average window in logged steps.
+    """
+    colors = color_map(list(logs))
+    fig = go.Figure()
+    for name, rows in logs.items():
+        if not rows:
+            continue
+        loss = pd.Series([r["loss"] for r in rows]).rolling(smooth, min_periods=1).mean()
+        fig.add_scatter(
+            x=[r["tokens"] for r in rows],
+            y=loss,
+            mode="lines",
+            name=name,
+            line={"color": colors[name], "width": 1.5},
+            hovertemplate=f"{name}<br>tokens %{{x}}<br>loss %{{y:.3f}}<extra></extra>",
+        )
+    fig.update_layout(xaxis_title="tokens trained", yaxis_title="training loss (moving average)")
+    return layout(fig, "Branch and joint training")

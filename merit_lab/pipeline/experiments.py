@@ -16,17 +16,26 @@ trains on the same token budget as all branches of a split together.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from merit_lab.checkpoints import fingerprint_checkpoint
 from merit_lab.config import ExperimentConfig, RunConfig, config_hash
-from merit_lab.io import atomic_write_bytes, read_json
-from merit_lab.partition import Partition
+from merit_lab.evaluate import evaluate_model
+from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
+from merit_lab.launch import launch_branches
+from merit_lab.merge import merge_checkpoints
+from merit_lab.models import load_model, load_tokenizer, resolve_model_path
+from merit_lab.partition import Partition, make_partition
+from merit_lab.pipeline.rundir import RunDir, load_run_mixture, mixture_args, source_counts
+from merit_lab.train import MANIFEST, BranchSpec, branch_status
 
 __all__ = [
     "ModelRow",
@@ -58,43 +67,95 @@ class ModelRow:
     merge_method: str | None = None  # split/soup: the merge method
 
 
-def _root(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir)
+def _run(cfg: RunConfig) -> RunDir:
+    return RunDir(Path(cfg.run_dir))
 
 
-def _joint_dir(cfg: RunConfig, epochs: float, seed: int) -> Path:
-    return _root(cfg) / "joint" / f"ep{epochs:g}-s{seed}"
+@dataclass(frozen=True)
+class Curation:
+    """What the rows train, read once from the run's ``partition.json``.
+
+    Attributes:
+        sources: the kept sources, in ``mixture.json`` order (dropped ones left out).
+        fractions: source → the share f < 1 of its train examples every row trains.
+        dropped: sources a hand edit removed (they train in no row).
+        partition: the run's partition (None before the partition stage).
+    """
+
+    sources: tuple[str, ...]
+    fractions: Mapping[str, float]
+    dropped: tuple[str, ...]
+    partition: Partition | None
+
+
+def load_curation(cfg: RunConfig) -> Curation:
+    """The curated mixture every row trains: the run partition's sources and fractions.
+
+    Raises:
+        ValueError: a hand-edited partition that leaves a source of ``mixture.json`` neither
+            placed nor dropped (added to the mixture after the edit): add or drop it first,
+            rather than train without it unannounced.
+    """
+    run = _run(cfg)
+    names = run.source_names()
+    if not run.partition.exists():
+        return Curation(tuple(names), {}, (), None)
+    part = run.load_partition()
+    kept = set(part.sources)
+    unknown = sorted(kept - set(names))
+    if unknown:
+        raise ValueError(f"{run.partition}: sources not in mixture.json: {unknown}")
+    unplaced = [n for n in names if n not in kept and n not in part.dropped]
+    if unplaced:
+        raise ValueError(
+            f"{run.partition}: sources {unplaced} are in the mixture but in no group and not "
+            "dropped; place them (EditSession.add) or drop them before training"
+        )
+    return Curation(tuple(n for n in names if n in kept), dict(part.fractions), part.dropped, part)
 
 
 def branch_dirs(cfg: RunConfig, experiment: str) -> list[Path]:
     """The branch folders of a split experiment, in group order (needs its partition)."""
-    part = Partition.load(_root(cfg) / "branches" / experiment / "partition.json")
-    return [_root(cfg) / "branches" / experiment / str(k) for k in range(part.k)]
+    run = _run(cfg)
+    return [run.branch_dir(experiment, k) for k in range(run.load_partition(experiment).k)]
+
+
+def _curated_split(cfg: RunConfig, exp: ExperimentConfig, cur: Curation) -> Partition:
+    """A recomputed split of the curated sources: their own conflict space, the counts of what
+    they train (down-weighted subsets included), the curation's fractions carried along."""
+    run = _run(cfg)
+    space = run.load_space()
+    if set(cur.sources) != set(space.names):
+        space = space.select(cur.sources)
+    if cur.partition is not None:
+        examples, tokens = dict(cur.partition.examples), dict(cur.partition.tokens)
+    else:
+        examples, tokens = source_counts(run)
+    part = make_partition(space, examples, tokens, method=exp.method, r=exp.r, k=exp.k,
+                          seed=exp.seed)  # fmt: skip
+    if cur.fractions or cur.dropped:
+        part = replace(part, fractions=cur.fractions, dropped=cur.dropped)
+    return part
 
 
 def experiment_partition(cfg: RunConfig, exp: ExperimentConfig) -> Partition:
     """The grouping a split experiment trains, written to ``branches/<name>/partition.json``.
 
     ``method: null`` takes the run's ``partition.json`` (hand edits included); otherwise the
-    partition is recomputed from the conflict space. Once a branch of the experiment has started,
-    a different grouping is refused rather than mixed with the trained branches.
+    curated sources are split again in their own conflict space. Once a branch of the experiment
+    has started, a different grouping is refused rather than mixed with the trained branches.
     """
-    from merit_lab.conflict import ConflictSpace
-    from merit_lab.pipeline import RunDir, make_partition, source_counts
-
-    root = _root(cfg)
-    if exp.method is None:
-        part = Partition.load(root / "partition.json")
-    else:
-        space = ConflictSpace.load(root / "conflict.json")
-        examples, tokens = source_counts(RunDir(root))
-        part = make_partition(
-            space, examples, tokens, method=exp.method, r=exp.r, k=exp.k, seed=exp.seed
-        )
-    path = root / "branches" / exp.name / "partition.json"
+    run = _run(cfg)
+    cur = load_curation(cfg)
+    part = cur.partition if exp.method is None else _curated_split(cfg, exp, cur)
+    if part is None:
+        raise FileNotFoundError(f"{run.partition} is missing: run the partition stage")
+    path = run.experiment_partition(exp.name)
     if path.exists():
         old = Partition.load(path)
-        if old.groups == part.groups and dict(old.tokens) == dict(part.tokens):
+        if (old.groups, dict(old.tokens), dict(old.fractions)) == (
+            part.groups, dict(part.tokens), dict(part.fractions)
+        ):  # fmt: skip
             return old
         started = [d for d in path.parent.iterdir() if d.is_dir() and (d / "spec.json").exists()]
         if started:
@@ -106,11 +167,15 @@ def experiment_partition(cfg: RunConfig, exp: ExperimentConfig) -> Partition:
     return part
 
 
-def _spec(cfg: RunConfig, name: str, sources: Sequence[str], out: Path, epochs: float, seed: int):
-    from merit_lab.models import resolve_model_path
-    from merit_lab.pipeline import mixture_args
-    from merit_lab.train import BranchSpec
-
+def _spec(
+    cfg: RunConfig,
+    name: str,
+    sources: Sequence[str],
+    out: Path,
+    epochs: float,
+    seed: int,
+    fractions: Mapping[str, float],
+) -> BranchSpec:
     t = cfg.train
     mixture = mixture_args(cfg)
     if Path(mixture["path"]).exists():  # absolute, so the spec runs from any working directory
@@ -135,41 +200,44 @@ def _spec(cfg: RunConfig, name: str, sources: Sequence[str], out: Path, epochs: 
         device=cfg.device,
         dtype=cfg.dtype,
         save_steps=t.save_steps,
+        fractions={s: f for s, f in fractions.items() if s in sources},
     )
 
 
 def plan_specs(cfg: RunConfig, experiments: Sequence[str] | None = None) -> dict[str, list]:
     """Branch specs per experiment (joint: one; soup: one per seed; split: one per group).
 
-    Writes each experiment's partition; joint runs with the same epochs and seed are one
+    Every row trains the curated mixture (`load_curation`): dropped sources in none, a
+    down-weighted source's same seeded subset in all, so joint and split rows keep one token
+    budget. Writes each experiment's partition; joint runs with the same epochs and seed are one
     folder, so a soup's seed-0 member is the ``joint-1ep`` model itself.
     """
-    names = list(mixture_names(cfg))
+    run = _run(cfg)
+    cur = load_curation(cfg)
     out: dict[str, list] = {}
     for exp in cfg.experiments:
         if experiments is not None and exp.name not in experiments:
             continue
-        if exp.kind == "joint":
-            d = _joint_dir(cfg, exp.epochs, cfg.train.seed)
-            out[exp.name] = [_spec(cfg, d.name, names, d, exp.epochs, cfg.train.seed)]
-        elif exp.kind == "soup":
+        if exp.kind in ("joint", "soup"):
+            seeds = [cfg.train.seed] if exp.kind == "joint" else list(exp.seeds)
             out[exp.name] = [
-                _spec(cfg, d.name, names, d, exp.epochs, s)
-                for s in exp.seeds
-                for d in [_joint_dir(cfg, exp.epochs, s)]
+                _spec(cfg, d.name, cur.sources, d, exp.epochs, s, cur.fractions)
+                for s in seeds
+                for d in [run.joint_dir(exp.epochs, s)]
             ]
         else:
             part = experiment_partition(cfg, exp)
-            root = _root(cfg) / "branches" / exp.name
             out[exp.name] = [
-                _spec(cfg, f"{exp.name}/{k}", g, root / str(k), exp.epochs, cfg.train.seed)
+                _spec(cfg, f"{exp.name}/{k}", g, run.branch_dir(exp.name, k), exp.epochs,
+                      cfg.train.seed, part.fractions)
                 for k, g in enumerate(part.groups)
-            ]
+            ]  # fmt: skip
     return out
 
 
 def mixture_names(cfg: RunConfig) -> list[str]:
-    return [s["name"] for s in read_json(_root(cfg) / "mixture.json")["sources"]]
+    """The sources the rows train and are scored on: the curated mixture."""
+    return list(load_curation(cfg).sources)
 
 
 def train_experiments(cfg: RunConfig, experiments: Sequence[str] | None = None) -> list[Path]:
@@ -178,7 +246,6 @@ def train_experiments(cfg: RunConfig, experiments: Sequence[str] | None = None) 
     Returns:
         The ``final/`` folders, each once.
     """
-    from merit_lab.launch import launch_branches
 
     unique: dict[str, object] = {}
     for specs in plan_specs(cfg, experiments).values():
@@ -196,7 +263,6 @@ def train_experiments(cfg: RunConfig, experiments: Sequence[str] | None = None) 
 
 def training_status(cfg: RunConfig) -> pd.DataFrame:
     """One row per branch/joint run: experiment, state, step, total steps, loss, tokens."""
-    from merit_lab.train import branch_status
 
     rows = []
     for exp, specs in plan_specs(cfg).items():
@@ -207,29 +273,26 @@ def training_status(cfg: RunConfig) -> pd.DataFrame:
 
 def model_rows(cfg: RunConfig) -> list[ModelRow]:
     """θ0, then every experiment's model(s), in config order (needs the split partitions)."""
-    from merit_lab.models import resolve_model_path
-
-    root = _root(cfg)
+    run = _run(cfg)
     rows = [ModelRow(THETA0, THETA0, THETA0, Path(resolve_model_path(cfg.model)))]
     for exp in cfg.experiments:
         if exp.kind == "joint":
-            d = _joint_dir(cfg, exp.epochs, cfg.train.seed) / "final"
+            d = run.joint_dir(exp.epochs, cfg.train.seed) / "final"
             rows.append(ModelRow(exp.name, exp.name, "joint", d))
         elif exp.kind == "soup":
-            ins = tuple(_joint_dir(cfg, exp.epochs, s) / "final" for s in exp.seeds)
-            rows.append(ModelRow(exp.name, exp.name, "soup", root / "merged" / exp.name, ins,
+            ins = tuple(run.joint_dir(exp.epochs, s) / "final" for s in exp.seeds)
+            rows.append(ModelRow(exp.name, exp.name, "soup", run.merged_dir(exp.name), ins,
                                  "uniform"))  # fmt: skip
         else:
             ins = tuple(d / "final" for d in branch_dirs(cfg, exp.name))
             for i, method in enumerate(exp.merges):
                 label = exp.name if i == 0 else f"{exp.name}+{method}"
-                merged = root / "merged" / label
+                merged = run.merged_dir(label)
                 rows.append(ModelRow(label, exp.name, "split", merged, ins, method))
     return rows
 
 
 def _merge_key(row: ModelRow, weights: Sequence[float], params: dict) -> str:
-    from merit_lab.merge import fingerprint_checkpoint
 
     return config_hash(
         row.merge_method, list(weights), params, [fingerprint_checkpoint(p) for p in row.inputs]
@@ -246,9 +309,6 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
     Returns:
         Per merged row: label, method, weights, seconds (0 when skipped), output folder.
     """
-    from merit_lab.merge import merge_checkpoints
-    from merit_lab.models import resolve_model_path
-    from merit_lab.train import MANIFEST
 
     base = Path(resolve_model_path(cfg.model))
     done = []
@@ -290,8 +350,6 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
 
 def _stamp_manifest(path: Path, key: str, tokens: Sequence[int]) -> None:
     """Record the stage key and the branch token counts N_k beside the merge's own facts."""
-    from merit_lab.io import atomic_write_json
-
     data = read_json(path)
     data.update(merit_key=key, branch_tokens=list(tokens))
     atomic_write_json(path, data)
@@ -307,14 +365,8 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
         The long table (written to ``eval.parquet``): model, kind, source, family, split,
         metric, value, n; ``.attrs["evaluated"]`` lists the rows scored in this call.
     """
-    import torch
 
-    from merit_lab.evaluate import evaluate_model
-    from merit_lab.merge import fingerprint_checkpoint
-    from merit_lab.models import load_model, load_tokenizer
-    from merit_lab.pipeline import load_run_mixture
-
-    root = _root(cfg)
+    run = _run(cfg)
     mixture = load_run_mixture(cfg)
     names = mixture_names(cfg)
     tables, evaluated = [], []
@@ -325,7 +377,7 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
         if not any(row.model_dir.glob("*.safetensors")):
             raise FileNotFoundError(f"{row.label}: no model at {row.model_dir}; run train/merge")
         key = config_hash(e, fingerprint_checkpoint(row.model_dir), names, cfg.train.max_length)
-        cache = root / "eval" / f"{row.label.replace('/', '_')}.parquet"
+        cache = run.eval_cache(row.label)
         if cache.is_file():
             old = pd.read_parquet(cache)
             if len(old) and (old["key"] == key).all():
@@ -361,19 +413,18 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     full = pd.concat(tables, ignore_index=True).drop(columns="key")
-    if evaluated or not (root / "eval.parquet").is_file():
-        _write_parquet(root / "eval.parquet", full)
+    if evaluated or not run.eval.is_file():
+        _write_parquet(run.eval, full)
     full.attrs["evaluated"] = evaluated  # the rows scored now (the others came from the cache)
-    stale = {p.name for p in (root / "eval").glob("*.parquet")} - {
-        f"{r.label.replace('/', '_')}.parquet" for r in rows
+    stale = {p.name for p in run.eval_dir.glob("*.parquet")} - {
+        run.eval_cache(r.label).name for r in rows
     }
     for name in stale:  # rows no longer in the config
-        (root / "eval" / name).unlink()
+        (run.eval_dir / name).unlink()
     return full
 
 
 def _write_parquet(path: Path, table: pd.DataFrame) -> None:
-    import io
 
     buf = io.BytesIO()
     table.to_parquet(buf, index=False)
@@ -382,7 +433,6 @@ def _write_parquet(path: Path, table: pd.DataFrame) -> None:
 
 def token_budget(cfg: RunConfig) -> pd.DataFrame:
     """Per row: branches, trained tokens in total and per branch (the same-budget check)."""
-    from merit_lab.train import MANIFEST
 
     rows = []
     for row in model_rows(cfg):

@@ -1,0 +1,151 @@
+"""Paper figures: every figure a run has, in one publication style, as HTML, PNG and SVG.
+
+Input: a run directory (``conflict.json``, ``mixture.json``, ``partition.json``; ``eval.parquet``,
+training logs, ``diagnostics/`` and ``convergence.parquet`` when present). Output:
+``<out_dir>/<stem>.{html,png,svg}`` and ``captions.md``. The files are read here; the figures are
+built, styled and written by `merit_lab.viz`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from merit_lab.evaluate import summarize_eval
+from merit_lab.io import atomic_write_text
+from merit_lab.pipeline.report import training_logs
+from merit_lab.pipeline.report_diagnostics import diagnostics_figures
+from merit_lab.pipeline.rundir import RunDir, load_source_table
+from merit_lab.viz.export import FIGURE_FORMATS, write_figure_files
+from merit_lab.viz.plots import (
+    METRICS,
+    plot_comparison,
+    plot_conflict_clustermap,
+    plot_conflict_heatmap,
+    plot_conflict_scatter,
+    plot_explained_variance,
+    plot_gradient_convergence,
+    plot_training_curves,
+)
+from merit_lab.viz.style import PAPER, Figure, PaperStyle, paper_layout
+
+__all__ = [
+    "CONVERGENCE_FILE",
+    "PAPER",
+    "PaperStyle",
+    "collect_figures",
+    "paper_layout",
+    "write_figures",
+]
+
+log = logging.getLogger(__name__)
+
+CONVERGENCE_FILE = "convergence.parquet"  # a run's gradient_convergence table (notebook 04)
+# Figures that need the full page width: many tick labels, 3-D scenes, many grouped bars.
+WIDE_STEMS = ("conflict_clustermap", "conflict_heatmap", "conflict_scatter_3d", "compare_",
+              "diag_disp")  # fmt: skip
+
+
+def _conflict_figures(run: RunDir) -> dict[str, Figure]:
+    space = run.load_space()
+    # mixture.json may hold sources the partition does not (dropped, unplaced): the table says
+    # so in `group`, and the builders draw them apart
+    table = load_source_table(run.root) if run.mixture.exists() else None
+    color = next((c for c in ("group", "family") if table is not None and c in table), None)
+    figs = {
+        "conflict_clustermap": plot_conflict_clustermap(space, table),
+        "conflict_heatmap": plot_conflict_heatmap(space, table),
+        "conflict_scatter": plot_conflict_scatter(space, table, color=color),
+    }
+    if space.n_sources >= 3:
+        fig3 = plot_conflict_scatter(space, table, color=color, dims=3)
+        figs["conflict_scatter_3d"] = fig3.update_layout(
+            title_text=f"{fig3.layout.title.text}, PC1-3"
+        )
+    figs["explained_variance"] = plot_explained_variance(space)
+    return figs
+
+
+def _eval_figures(path: Path) -> dict[str, Figure]:
+    table = pd.read_parquet(path)
+    order = list(dict.fromkeys(table["model"]))
+    figs = {}
+    for metric in [*METRICS, *sorted(set(table["metric"]) - set(METRICS))]:
+        if ((table["metric"] == metric) & (table["split"] == "eval")).any():
+            wide = summarize_eval(table, metric=metric, split="eval", order=order)
+            figs[f"compare_{metric}"] = plot_comparison(wide, metric=metric)
+    return figs
+
+
+def _diagnostics_figures(run: RunDir) -> dict[str, Figure]:
+    try:
+        return diagnostics_figures(run.root)
+    except (KeyError, TypeError, ValueError) as e:  # one odd file must not block the rest
+        log.warning("diagnostics figures skipped: %s", e)
+        return {}
+
+
+def collect_figures(run_dir: str | Path) -> dict[str, Figure]:
+    """Every figure a run's artifacts allow, by file stem, in their interactive style.
+
+    Always (once the conflict stage is done): ``conflict_clustermap``, ``conflict_heatmap``
+    (``z = C[order][:, order]``), ``conflict_scatter`` and ``conflict_scatter_3d`` (coloured by
+    group, or by family before the partition stage) and ``explained_variance``. Then, as their
+    files exist: ``compare_<metric>`` (``eval.parquet``), ``training`` (branch and joint logs),
+    ``diag_*`` (``diagnostics/``) and ``gradient_convergence`` (``convergence.parquet``).
+    """
+    run = RunDir(Path(run_dir))
+    if not run.conflict.exists():
+        raise FileNotFoundError(f"{run.conflict} is missing: run the pipeline up to 'conflict'")
+    figs = _conflict_figures(run)
+    if run.eval.exists():
+        figs |= _eval_figures(run.eval)
+    logs = training_logs(run.root)
+    if any(logs.values()):
+        figs["training"] = plot_training_curves(logs)
+    if run.diagnostics.is_dir():
+        figs |= _diagnostics_figures(run)
+    if run.convergence.exists():
+        figs["gradient_convergence"] = plot_gradient_convergence(pd.read_parquet(run.convergence))
+    return figs
+
+
+def write_figures(
+    run_dir: str | Path,
+    out_dir: str | Path = "figures",
+    formats: Sequence[str] = ("html", "png", "svg"),
+    *,
+    style: PaperStyle = PAPER,
+) -> list[Path]:
+    """Write every figure of a run in the paper style (``collect_figures``, ``paper_layout``).
+
+    Args:
+        run_dir: ``runs/<name>``.
+        out_dir: the folder to write (relative paths are relative to the working directory).
+        formats: any of "html" (standalone but for one shared ``plotly.min.js`` beside it),
+            "json" (the figure as plotly JSON), "png", "svg", "pdf".
+        style: fonts, sizes and PNG resolution.
+
+    Returns:
+        The files written, figure by figure, then ``captions.md``. Without a static renderer
+        (kaleido + Chromium) the images are skipped with a logged message saying what to
+        install; HTML and JSON are written either way.
+    """
+    unknown = sorted(set(formats) - set(FIGURE_FORMATS))
+    if unknown:
+        raise ValueError(f"unknown formats {unknown}; expected html, json, png, svg or pdf")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = collect_figures(run_dir)
+    figs = {
+        stem: paper_layout(fig, wide=stem.startswith(WIDE_STEMS), style=style)
+        for stem, fig in raw.items()
+    }
+    written = write_figure_files(figs, out, formats, scale=style.scale)
+    captions = [f"- `{stem}`: {fig.layout.title.text or ''}" for stem, fig in raw.items()]
+    written.append(atomic_write_text(out / "captions.md", "\n".join(captions) + "\n"))
+    log.info("wrote %d figure files to %s", len(written), out)
+    return written

@@ -1,0 +1,394 @@
+"""Report stage: ``report.md`` and ``figures/*.html`` from a run directory's artifacts.
+
+Input: ``mixture.json``, ``conflict.json``, ``partition.json``, the branches' logs and manifests,
+``merged/*/merge_manifest.json``, ``eval.parquet``, ``diagnostics/`` and ``timings.json``. Output:
+``report.md``, one section per entry of `REPORT_SECTIONS`, in order. Every number is read from
+those files; nothing is recomputed here. Figures are built by `merit_lab.viz`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from merit_lab.config import RunConfig
+from merit_lab.evaluate import summarize_eval
+from merit_lab.io import atomic_write_text, read_json
+from merit_lab.partition import Partition
+from merit_lab.pipeline.experiments import model_rows, token_budget
+from merit_lab.pipeline.markdown import figure_link, markdown_table
+from merit_lab.pipeline.report_diagnostics import diagnostics_section
+from merit_lab.pipeline.rundir import RunDir, load_source_table
+from merit_lab.viz.export import save_figure
+from merit_lab.viz.plots import (
+    METRICS,
+    plot_comparison,
+    plot_conflict_heatmap,
+    plot_conflict_scatter,
+    plot_explained_variance,
+    plot_training_curves,
+)
+from merit_lab.viz.style import Figure
+
+__all__ = [
+    "METRICS",
+    "REPORT_SECTIONS",
+    "ReportContext",
+    "curated_mixture_table",
+    "edit_log_table",
+    "markdown_table",
+    "plot_comparison",
+    "plot_training_curves",
+    "report_section",
+    "training_logs",
+    "write_report",
+]
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What every report section reads: the run, its config and its loaded tables.
+
+    Attributes:
+        run: the run directory.
+        cfg: its ``config.yaml``.
+        eval_table: ``eval.parquet`` (one row per model, source, split and metric).
+        order: row order of the tables (model labels).
+        sources: `load_source_table`: one row per source of ``mixture.json`` (the original
+            mixture), with ``group`` G<k> / dropped / unplaced and ``fraction``.
+        partition: the run's ``partition.json`` (None before the partition stage).
+    """
+
+    run: RunDir
+    cfg: RunConfig
+    eval_table: pd.DataFrame
+    order: list[str]
+    sources: pd.DataFrame
+    partition: Partition | None
+
+    def figure(self, fig: Figure, stem: str) -> str:
+        """Save ``fig`` as ``figures/<stem>.html`` and return its markdown link."""
+        path = self.run.figures / f"{stem}.html"
+        save_figure(fig, path.with_suffix(""), formats=())
+        return figure_link(path, self.run.root)
+
+
+ReportSection = Callable[[ReportContext], list[str]]
+REPORT_SECTIONS: dict[str, ReportSection] = {}  # name -> section, in report order
+
+
+def report_section(name: str) -> Callable[[ReportSection], ReportSection]:
+    """Register a section of ``report.md`` (sections appear in registration order)."""
+
+    def register(fn: ReportSection) -> ReportSection:
+        if name in REPORT_SECTIONS:
+            raise ValueError(f"report section {name!r} is registered twice")
+        REPORT_SECTIONS[name] = fn
+        return fn
+
+    return register
+
+
+def write_report(run_dir: str | Path, *, order: Sequence[str] | None = None) -> Path:
+    """Write ``report.md`` and ``figures/`` (HTML) for a run whose evaluate stage is done.
+
+    Static images are left to `merit_lab.pipeline.figures.write_figures` (one browser for all
+    of them): exporting each here would start a browser per image.
+
+    Args:
+        run_dir: ``runs/<name>``.
+        order: row order of the tables (default: the order models were evaluated in).
+
+    Returns:
+        The report's path.
+    """
+    ctx = load_report_context(run_dir, order=order)
+    lines = [line for section in REPORT_SECTIONS.values() for line in section(ctx)]
+    return atomic_write_text(ctx.run.report, "\n".join(lines))
+
+
+def load_report_context(
+    run_dir: str | Path, *, order: Sequence[str] | None = None
+) -> ReportContext:
+    """Read what the sections need once: config, ``eval.parquet``, sources and partition."""
+    run = RunDir(Path(run_dir))
+    table = pd.read_parquet(run.eval)
+    return ReportContext(
+        run=run,
+        cfg=run.load_config(),
+        eval_table=table,
+        order=list(order or dict.fromkeys(table["model"])),
+        sources=load_source_table(run.root),
+        partition=run.load_partition() if run.partition.exists() else None,
+    )
+
+
+def training_logs(run_dir: str | Path) -> dict[str, list[dict]]:
+    """Every joint run's and branch's ``log.jsonl``, keyed by its folder relative to the run."""
+    run = RunDir(Path(run_dir))
+    return {str(p.parent.relative_to(run.root)): _read_jsonl(p) for p in run.training_logs()}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut by a kill mid-write
+            break
+    return out
+
+
+# ---------------------------------------------------------------------------------- sections
+@report_section("header")
+def header_section(ctx: ReportContext) -> list[str]:
+    cfg, tr = ctx.cfg, ctx.cfg.train
+    src = ctx.sources
+    return [
+        f"# MERIT run `{cfg.name}`",
+        "",
+        f"- base model θ0: `{cfg.model}`; mixture `{cfg.mixture.path}`: "
+        f"{len(src)} sources, {int(src['examples'].sum())} train examples, "
+        f"{int(src['tokens'].sum())} train tokens",
+        f"- training (shared by every branch and baseline): lr {tr.lr:g}, batch "
+        f"{tr.batch_size}×{tr.grad_accum}, {tr.lr_scheduler} schedule, "
+        f"warm-up {tr.warmup_ratio:g}, max length {tr.max_length}, "
+        f"seed {tr.seed}, device `{cfg.device}`, dtype `{cfg.dtype}`",
+        "- every number below is read from this run's files "
+        "(`eval.parquet`, `merged/*/merge_manifest.json`, `branches/*/*/final/merit_branch.json`, "
+        "`timings.json`)",
+        "",
+    ]
+
+
+@report_section("curated mixture")
+def curated_mixture_section(ctx: ReportContext) -> list[str]:
+    if ctx.partition is None:
+        return []
+    changed = curated_mixture_table(ctx.sources, ctx.partition)
+    if changed.empty:
+        return ["The mixture is trained as loaded: `partition.json` records no hand edits.", ""]
+    src, part = ctx.sources, ctx.partition
+    kept = list(part.sources)
+    ex, tok = int(src["examples"].sum()), int(src["tokens"].sum())
+    ex_c = sum(int(part.examples[s]) for s in kept)
+    tok_c = sum(int(part.tokens[s]) for s in kept)
+    out = [
+        "## Curated mixture",
+        "",
+        "Hand edits in `partition.json` change what every row trains (joint, soup and split "
+        "alike): a dropped or unplaced source trains in no row, a down-weighted one trains a "
+        "seeded fraction of its examples, and the merge weights follow the tokens trained.",
+        "",
+        markdown_table(changed),
+        "",
+        f"- original mixture: {len(src)} sources, {ex} train examples, {tok} train tokens",
+        f"- curated (trained): {len(kept)} sources, {ex_c} train examples, {tok_c} train tokens "
+        f"({tok_c / max(tok, 1):.1%} of the tokens)",
+        "",
+    ]
+    if part.edit_log:
+        out += ["### Edit log", "", markdown_table(edit_log_table(part.edit_log)), ""]
+    return out
+
+
+@report_section("comparison")
+def comparison_section(ctx: ReportContext) -> list[str]:
+    table = ctx.eval_table
+    held = table[table["split"] == "eval"]
+    sub_n = held.groupby("model")["n"].sum()
+    if sub_n.nunique() != 1:
+        raise ValueError(f"models were scored on different held-out sets: {sub_n.to_dict()}")
+    out = [
+        f"Every model is scored on the same held-out examples: {int(sub_n.iloc[0])} per metric "
+        f"({held.groupby('model')['source'].nunique().iloc[0]} sources). Family columns average "
+        "the family's sources; `avg` averages the families.",
+        "",
+    ]
+    for metric, (title, unit, higher) in METRICS.items():
+        if not (table["metric"] == metric).any():
+            continue
+        wide = summarize_eval(table, metric=metric, order=ctx.order)
+        out += [
+            f"## {title} ({unit}, {'higher' if higher else 'lower'} is better)",
+            "",
+            markdown_table(wide, fmt="{:.1f}" if unit == "%" else "{:.4f}",
+                           bold="max" if higher else "min"),
+            "",
+            ctx.figure(plot_comparison(wide, metric=metric), f"compare_{metric}"),
+            "",
+        ]  # fmt: skip
+    return out
+
+
+@report_section("train vs held-out")
+def train_vs_heldout_section(ctx: ReportContext) -> list[str]:
+    table = ctx.eval_table
+    if not (table["split"] == "train").any():
+        return []
+    tr = summarize_eval(table, metric="loss", split="train", order=ctx.order)["avg"]
+    ev = summarize_eval(table, metric="loss", split="eval", order=ctx.order)["avg"]
+    gap = pd.DataFrame({"train loss": tr, "held-out loss": ev, "gap": ev - tr})
+    return ["## Train vs held-out loss (family average)", "", markdown_table(gap, fmt="{:.4f}"),
+            ""]  # fmt: skip
+
+
+@report_section("token budget")
+def token_budget_section(ctx: ReportContext) -> list[str]:
+    budget = token_budget(ctx.cfg)
+    if budget.empty:
+        return []
+    weights = {}
+    for row in model_rows(ctx.cfg):
+        manifest = row.model_dir / "merge_manifest.json"
+        if row.inputs and manifest.is_file():
+            w = read_json(manifest)["weights"]
+            weights[row.label] = ", ".join(f"{x:.3f}" for x in w) if w else "uniform"
+    budget = budget.set_index("model")
+    budget["merge weights"] = [weights.get(m, "") for m in budget.index]
+    budget["branch_tokens"] = [json.dumps(v) for v in budget["branch_tokens"]]
+    budget = budget.rename(columns={"branch_tokens": "tokens per branch"})
+    return [
+        "## Token budget and merge weights",
+        "",
+        "Split rows train every source once across their branches, the same tokens as the joint "
+        "run of the same epochs; linear merges weight branch k by w_k = N_k / Σ_j N_j.",
+        "",
+        markdown_table(budget, fmt="{:.0f}"),
+        "",
+    ]
+
+
+@report_section("diagnostics")
+def diagnostics_report_section(ctx: ReportContext) -> list[str]:
+    return diagnostics_section(ctx.run.root, image_formats=())
+
+
+@report_section("conflict space")
+def conflict_space_section(ctx: ReportContext) -> list[str]:
+    space, src = ctx.run.load_space(), ctx.sources
+    ev = ", ".join(f"PC{i + 1} {v:.1%}" for i, v in enumerate(space.explained_variance_ratio[:5]))
+    return [
+        "## Conflict space",
+        "",
+        f"Explained variance of the normalised source gradients: {ev}.",
+        "",
+        ctx.figure(plot_conflict_heatmap(space, src), "conflict_heatmap"),
+        "",
+        ctx.figure(plot_conflict_scatter(space, src, color="group"), "conflict_scatter"),
+        "",
+        ctx.figure(plot_explained_variance(space), "explained_variance"),
+        "",
+    ]
+
+
+@report_section("training")
+def training_section(ctx: ReportContext) -> list[str]:
+    logs = training_logs(ctx.run.root)
+    if not logs:
+        return []
+    return ["## Training", "", ctx.figure(plot_training_curves(logs), "training"), ""]
+
+
+@report_section("timings")
+def timings_section(ctx: ReportContext) -> list[str]:
+    if not ctx.run.timings.exists():
+        return []
+    times = pd.DataFrame({"seconds": pd.Series(read_json(ctx.run.timings), dtype=float)})
+    times.index.name = "stage"
+    times.loc["total"] = times["seconds"].sum()
+    return ["## Wall time per stage (last run that did the work)", "",
+            markdown_table(times, fmt="{:.1f}"), ""]  # fmt: skip
+
+
+@report_section("footer")
+def footer_section(ctx: ReportContext) -> list[str]:
+    return [
+        "Figures are interactive HTML in `figures/` (a PNG shows inline where one exists). "
+        f"`merit-lab figures {ctx.run.root} --out figures/` writes every figure as HTML, PNG and "
+        "SVG in the paper style.",
+        "",
+    ]
+
+
+# ---------------------------------------------------------------------------- curated mixture
+def curated_mixture_table(sources: pd.DataFrame, partition: Partition) -> pd.DataFrame:
+    """Per source a hand edit touched, or that trains in no row: what changed and the counts.
+
+    Args:
+        sources: `load_source_table` (``examples``, ``tokens``, ``group``), the original mixture.
+        partition: the run's partition (its ``examples``/``tokens`` count what is trained).
+
+    Returns:
+        Indexed by source, in mixture order: ``change``, ``group``, the original ``examples``
+        and ``tokens``, and the ``trained examples``/``trained tokens`` (0 for a source in no
+        group). Empty when nothing was edited and every source is placed.
+    """
+    changes: dict[str, list[str]] = {}
+    for e in partition.edit_log:
+        changes.setdefault(e["source"], []).append(_describe_edit(e))
+    for s in partition.dropped:
+        changes.setdefault(s, ["dropped"])
+    for s, f in partition.fractions.items():
+        changes.setdefault(s, [f"down-weighted to {f:g}"])
+    groups = sources["group"] if "group" in sources else pd.Series(dtype=str)
+    for s in groups.index[groups == "unplaced"]:
+        changes.setdefault(s, []).append("not placed: trains in no row")
+    names = [s for s in sources.index if s in changes] + sorted(set(changes) - set(sources.index))
+    kept = set(partition.sources)
+    rows = [
+        {
+            "source": s,
+            "change": "; ".join(changes[s]),
+            "group": groups.get(s, f"G{partition.group_of(s)}" if s in kept else "–"),
+            "examples": int(sources["examples"].get(s, 0)),
+            "tokens": int(sources["tokens"].get(s, 0)),
+            "trained examples": int(partition.examples[s]) if s in kept else 0,
+            "trained tokens": int(partition.tokens[s]) if s in kept else 0,
+        }
+        for s in names
+    ]
+    columns = ["change", "group", "examples", "tokens", "trained examples", "trained tokens"]
+    return pd.DataFrame(rows, columns=["source", *columns]).set_index("source")
+
+
+def edit_log_table(edit_log: Sequence[dict]) -> pd.DataFrame:
+    """The edit log, oldest first: ``op``, ``source``, ``detail``, ``who``, ``at``."""
+    rows = [
+        {"op": e.get("op", ""), "source": e.get("source", ""), "detail": _edit_detail(e),
+         "who": e.get("who", ""), "at": e.get("at", "")}
+        for e in edit_log
+    ]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["op", "source", "detail", "who", "at"])
+    table.index = pd.RangeIndex(1, len(table) + 1, name="#")
+    return table
+
+
+def _describe_edit(e: dict) -> str:
+    op = e.get("op")
+    if op == "drop":
+        return "dropped"
+    if op == "downweight":
+        return f"down-weighted to {e['to']:g}"
+    if op == "add":
+        return f"added to G{e['to']}"
+    if op == "move":
+        return f"moved G{e['from']} → G{e['to']}"
+    return str(op)
+
+
+def _edit_detail(e: dict) -> str:
+    op = e.get("op")
+    if op == "move":
+        return f"G{e['from']} → G{e['to']}"
+    if op == "drop":
+        return f"from G{e['from']}"
+    if op == "add":
+        return f"to G{e['to']}"
+    if op == "downweight":
+        return f"fraction {e['from']:g} → {e['to']:g}"
+    return ""

@@ -1,0 +1,278 @@
+"""The run directory: every path of ``runs/<name>/``, every stored stage key, and the readers.
+
+The bottom of `merit_lab.pipeline`: it imports only the library. Every other pipeline module asks
+`RunDir` where an artifact lives and whether it is current (`RunDir.is_current`), so the layout
+is written down once (docs/architecture.md, "The run directory").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from merit_lab.config import RunConfig, load_config
+from merit_lab.io import read_json
+from merit_lab.mixture import Mixture, load_mixture
+
+__all__ = [
+    "DROPPED",
+    "UNPLACED",
+    "RunDir",
+    "load_run_mixture",
+    "load_source_table",
+    "mixture_args",
+    "source_counts",
+]
+
+DROPPED = "dropped"  # the `group` of a source a hand edit removed from the mixture
+UNPLACED = "unplaced"  # the `group` of a source in mixture.json that no partition holds yet
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run's artifacts, the stage keys stored in them and their readers."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ------------------------------------------------------------------ top-level artifacts
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def mixture(self) -> Path:
+        return self.root / "mixture.json"
+
+    @property
+    def gradients(self) -> Path:
+        return self.root / "gradients"
+
+    @property
+    def bank_json(self) -> Path:
+        return self.gradients / "bank.json"
+
+    @property
+    def conflict(self) -> Path:
+        return self.root / "conflict.json"
+
+    @property
+    def partition(self) -> Path:
+        return self.root / "partition.json"
+
+    @property
+    def train_json(self) -> Path:
+        return self.root / "train.json"
+
+    @property
+    def merge_json(self) -> Path:
+        return self.root / "merge.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.parquet"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def diagnostics(self) -> Path:
+        return self.root / "diagnostics"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
+    @property
+    def convergence(self) -> Path:
+        """A run's gradient-convergence table (written by notebook 04)."""
+        return self.root / "convergence.parquet"
+
+    # --------------------------------------------------------------------- nested artifacts
+    def experiment_dir(self, experiment: str) -> Path:
+        return self.root / "branches" / experiment
+
+    def experiment_partition(self, experiment: str) -> Path:
+        """The grouping a split experiment trains."""
+        return self.experiment_dir(experiment) / "partition.json"
+
+    def branch_dir(self, experiment: str, k: int) -> Path:
+        return self.experiment_dir(experiment) / str(k)
+
+    def joint_dir(self, epochs: float, seed: int) -> Path:
+        """A joint run (shared by joint rows and soups: a soup's seed-0 member is joint-1ep)."""
+        return self.root / "joint" / f"ep{epochs:g}-s{seed}"
+
+    def merged_dir(self, label: str) -> Path:
+        return self.root / "merged" / label
+
+    def eval_cache(self, label: str) -> Path:
+        return self.eval_dir / f"{label.replace('/', '_')}.parquet"
+
+    def diagnostic(self, name: str) -> Path:
+        return self.diagnostics / f"{name}.json"
+
+    @property
+    def curvature_tensors(self) -> Path:
+        return self.diagnostics / "curvature.safetensors"
+
+    def training_logs(self) -> list[Path]:
+        """Every joint run's and branch's ``log.jsonl``: joint runs first, then branches."""
+        return sorted(self.root.glob("joint/*/log.jsonl")) + sorted(
+            self.root.glob("branches/*/*/log.jsonl")
+        )
+
+    # ------------------------------------------------------------------------- stage keys
+    def artifact(self, stage: str) -> Path:
+        """The file whose presence marks ``stage`` as done."""
+        return {
+            "mixture": self.mixture,
+            "gradients": self.bank_json,
+            "conflict": self.conflict,
+            "partition": self.partition,
+            "train": self.train_json,
+            "merge": self.merge_json,
+            "evaluate": self.eval,
+            "diagnose": self.diagnostic("gain"),
+            "report": self.report,
+        }[stage]
+
+    def stored_key(self, stage: str) -> str | None:
+        """The key of the inputs ``stage``'s artifact was made from (None: absent or keyless).
+
+        mixture, conflict: ``key``; gradients: ``info.stage_key``; partition: ``params.stage_key``.
+        """
+        path = self.artifact(stage)
+        if not path.is_file() or path.suffix != ".json":
+            return None
+        data = read_json(path)
+        if stage == "gradients":
+            return data.get("info", {}).get("stage_key")
+        if stage == "partition":
+            return data.get("params", {}).get("stage_key")
+        return data.get("key")
+
+    def is_current(self, stage: str, key: str) -> bool:
+        """Whether ``stage``'s artifact exists and was made from inputs with this key."""
+        return self.stored_key(stage) == key
+
+    # ----------------------------------------------------------------------------- readers
+    def load_config(self) -> RunConfig:
+        return load_config(self.config)
+
+    def read_mixture(self) -> dict[str, Any]:
+        """``mixture.json``: sources with counts, calibration ids and metadata."""
+        return read_json(self.mixture)
+
+    def source_names(self) -> list[str]:
+        """Every source of ``mixture.json`` (the original mixture, before curation)."""
+        return [s["name"] for s in self.read_mixture()["sources"]]
+
+    def load_space(self):
+        from merit_lab.conflict import ConflictSpace
+
+        return ConflictSpace.load(self.conflict)
+
+    def load_partition(self, experiment: str | None = None):
+        """The run's ``partition.json`` (or a split experiment's own)."""
+        from merit_lab.partition import Partition
+
+        return Partition.load(
+            self.partition if experiment is None else self.experiment_partition(experiment)
+        )
+
+    def load_bank(self):
+        from merit_lab.gradients import GradientBank
+
+        return GradientBank.load(self.gradients)
+
+    def example_tokens(self) -> dict[str, list[int]]:
+        """Per source, the tokens of each train example (what a down-weighted subset sums)."""
+        return {
+            s["name"]: list(s.get("train_example_tokens", ()))
+            for s in self.read_mixture()["sources"]
+        }
+
+
+def mixture_args(cfg: RunConfig) -> dict:
+    """`load_mixture`'s arguments for a run (``path`` included): every stage and every branch
+    spec loads the mixture with exactly these, so all see the same splits."""
+    m = cfg.mixture
+    return {
+        "path": m.path,
+        "source_column": m.source_column,
+        "calibration_n": cfg.calibration.n,
+        "eval_fraction": m.eval_fraction,
+        "seed": cfg.seed,
+        "split": m.split,
+    }
+
+
+def load_run_mixture(cfg: RunConfig) -> Mixture:
+    """The mixture a run config names, split as the run splits it."""
+    args = mixture_args(cfg)
+    return load_mixture(args.pop("path"), **args)
+
+
+def source_counts(run: RunDir) -> tuple[dict[str, int], dict[str, int]]:
+    """Per-source train examples and train tokens, from ``mixture.json``."""
+    sources = run.read_mixture()["sources"]
+    return (
+        {s["name"]: s["n_train"] for s in sources},
+        {s["name"]: s["train_tokens"] for s in sources},
+    )
+
+
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def load_source_table(run_dir: str | Path) -> pd.DataFrame:
+    """One row per source of ``mixture.json`` (indexed by name): counts, metadata, θ0 loss and
+    gradient norm, and the curation.
+
+    ``group`` is ``G<k>`` for a source of the partition, ``dropped`` for one a hand edit removed,
+    ``unplaced`` for one added to the mixture after the partition was made; ``fraction`` is the
+    share of its train examples the rows train (1 unless down-weighted). Columns appear as their
+    artifacts exist, so it works on a partly finished run.
+    """
+    run = RunDir(Path(run_dir))
+    rows = []
+    for s in run.read_mixture()["sources"]:
+        meta = {k: v for k, v in s["metadata"].items() if isinstance(v, _SCALAR)}
+        rows.append(
+            {"source": s["name"], **meta, "examples": s["n_train"], "tokens": s["train_tokens"]}
+        )
+    table = pd.DataFrame(rows).set_index("source", drop=False)
+    if run.bank_json.exists():
+        stats = read_json(run.bank_json)["stats"]
+        table["loss_theta0"] = [stats.get(n, {}).get("loss") for n in table.index]
+        table["grad_norm"] = [stats.get(n, {}).get("grad_norm") for n in table.index]
+    if run.partition.exists():
+        part = run.load_partition()
+        kept = set(part.sources)
+        table["group"] = [
+            f"G{part.group_of(n)}" if n in kept else DROPPED if n in part.dropped else UNPLACED
+            for n in table.index
+        ]
+        table["fraction"] = [float(part.fractions.get(n, 1.0)) for n in table.index]
+    return table
+
+
+def safe_stem(label: str) -> str:
+    """A file stem for a row label (``merit-2d+ties`` → ``merit-2d_ties``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", label)

@@ -1,0 +1,240 @@
+"""The top of the pipeline: ``STAGES`` and the loop over a run directory, mixture → gradients →
+conflict → partition → train → merge → evaluate → diagnose → report.
+
+Each stage reads the previous artifact from ``runs/<name>/`` and writes its own atomically; a
+stage whose artifact exists and was made from the same inputs is skipped, so re-running resumes.
+The wall time of every stage that did work is kept in ``timings.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from merit_lab.config import RunConfig, load_config
+from merit_lab.conflict import ConflictSpace
+from merit_lab.gradients import GradientBank
+from merit_lab.io import atomic_write_json, read_json
+from merit_lab.partition import Partition
+from merit_lab.pipeline.analysis import (
+    stage_conflict,
+    stage_gradients,
+    stage_mixture,
+    stage_partition,
+)
+from merit_lab.pipeline.diagnose import run_diagnostics
+from merit_lab.pipeline.experiments import (
+    evaluate_rows,
+    merge_rows,
+    train_experiments,
+    training_status,
+)
+from merit_lab.pipeline.report import write_report
+from merit_lab.pipeline.rundir import RunDir
+
+__all__ = ["STAGES", "run_pipeline", "run_summary", "stage_status"]
+
+log = logging.getLogger(__name__)
+
+
+def _stage_train(cfg: RunConfig, run: RunDir) -> bool:
+    """Every branch and joint run; finished ones are skipped, killed ones resume."""
+    status = training_status(cfg)
+    if len(status) and (status["state"] == "done").all() and run.artifact("train").exists():
+        log.info("train: every branch is done")
+        return False
+    train_experiments(cfg)
+    status = training_status(cfg)
+    atomic_write_json(run.artifact("train"), {"branches": status.to_dict(orient="records")})
+    return True
+
+
+def _stage_merge(cfg: RunConfig, run: RunDir) -> bool:
+    merged = merge_rows(cfg)
+    atomic_write_json(run.artifact("merge"), {"merges": merged})
+    return any(m["seconds"] > 0 for m in merged)
+
+
+def _stage_evaluate(cfg: RunConfig, run: RunDir) -> bool:
+    return bool(evaluate_rows(cfg).attrs["evaluated"])
+
+
+def _stage_diagnose(cfg: RunConfig, run: RunDir) -> bool:
+    """Merge-readiness diagnostics and the gain theory (``diagnostics/*.json``), resumable."""
+    if not any(e.kind == "split" and "linear" in e.merges for e in cfg.experiments):
+        log.info("diagnose: no split experiment with a linear merge")
+        return False
+
+    def stamps() -> dict:
+        return {p: p.stat().st_mtime_ns for p in run.diagnostics.glob("*.json")}
+
+    before = stamps()
+    d = cfg.diagnostics
+    run_diagnostics(
+        run.root,
+        experiments=list(d.experiments) or None,
+        max_examples=d.max_examples,
+        alphas=d.alphas,
+        sigmas=d.sigmas,
+        seeds=d.seeds,
+        hessian_k=d.hessian_k,
+        hessian_iter=d.hessian_iter,
+        curvature_examples=d.curvature_examples,
+        curvature_params=list(d.curvature_params) or None,
+    )
+    return stamps() != before
+
+
+def _stage_report(cfg: RunConfig, run: RunDir) -> bool:
+    write_report(run.root)
+    return True
+
+
+STAGES: dict[str, Callable[[RunConfig, RunDir], bool]] = {
+    "mixture": stage_mixture,
+    "gradients": stage_gradients,
+    "conflict": stage_conflict,
+    "partition": stage_partition,
+    "train": _stage_train,
+    "merge": _stage_merge,
+    "evaluate": _stage_evaluate,
+    "diagnose": _stage_diagnose,
+    "report": _stage_report,
+}
+
+
+def run_pipeline(
+    cfg: RunConfig | str | Path,
+    stages: Sequence[str] | None = None,
+    *,
+    until: str | None = None,
+    force: bool = False,
+) -> RunDir:
+    """Run ``stages`` (default: all, in order) of a config; skip those already complete.
+
+    Args:
+        stages: the stages to run (in pipeline order whatever the order given).
+        until: run every stage up to and including this one (e.g. ``"partition"``: the
+            analysis before any training).
+        force: redo the named stages even when their artifacts are current.
+
+    Returns:
+        The run directory.
+    """
+    if not isinstance(cfg, RunConfig):
+        cfg = load_config(cfg)
+    if until is not None:
+        if until not in STAGES or stages is not None:
+            raise ValueError(f"until must be one of {list(STAGES)}, and not given with stages")
+        stages = list(STAGES)[: list(STAGES).index(until) + 1]
+    stages = list(stages or STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
+    run = RunDir(cfg.run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    cfg.save(run.config)
+    for name in STAGES:
+        if name not in stages:
+            continue
+        if force:
+            _clear_stage(run, name)
+        t0 = time.perf_counter()
+        did_work = STAGES[name](cfg, run)
+        seconds = time.perf_counter() - t0
+        log.info("%s: %.1f s%s", name, seconds, "" if did_work else " (up to date)")
+        if did_work:
+            timings = read_json(run.timings) if run.timings.exists() else {}
+            timings[name] = round(seconds, 2)
+            atomic_write_json(run.timings, timings)
+    return run
+
+
+def _clear_stage(run: RunDir, name: str) -> None:
+    import shutil
+
+    if name in ("train", "merge"):
+        raise ValueError(
+            f"--force {name} would retrain or re-merge everything; delete the branches/, joint/ "
+            "or merged/ folders you want redone instead (finished ones are skipped otherwise)"
+        )
+    if name == "evaluate":  # the per-model cache too, or it would be read back
+        shutil.rmtree(run.eval_dir, ignore_errors=True)
+    if name == "diagnose":
+        shutil.rmtree(run.diagnostics, ignore_errors=True)
+        return
+    path = run.gradients if name == "gradients" else run.artifact(name)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """A plain-text summary of what a run directory holds."""
+    run = RunDir(Path(run_dir))
+    if not run.config.exists():
+        raise FileNotFoundError(f"{run.root}: not a run directory (no config.yaml)")
+    cfg = run.load_config()
+    lines = [f"run {cfg.name} at {run.root}", f"  model: {cfg.model}"]
+    if run.mixture.exists():
+        srcs = read_json(run.mixture)["sources"]
+        n_ex = sum(s["n_train"] for s in srcs)
+        n_tok = sum(s["train_tokens"] for s in srcs)
+        lines.append(f"  mixture: {len(srcs)} sources, {n_ex} train examples, {n_tok} train tokens")
+    else:
+        lines.append("  mixture: not yet")
+    if (run.gradients / "bank.json").exists():
+        bank = GradientBank.load(run.gradients)
+        sk = bank.info["sketch"]
+        lines.append(
+            f"  gradients: {bank.rows.shape[0]} x {bank.rows.shape[1]} {sk['kind']} sketch "
+            f"(seed {sk['seed']}), {bank.info['n_parameters']} parameters, n={bank.info['n']}, "
+            f"{bank.rows[0].nbytes} bytes/source"
+        )
+    else:
+        lines.append("  gradients: not yet")
+    if run.conflict.exists():
+        space = ConflictSpace.load(run.conflict)
+        ev = ", ".join(f"{v:.2f}" for v in space.explained_variance_ratio[:5])
+        off = space.cosine[~np.eye(len(space.names), dtype=bool)]
+        lines.append(
+            f"  conflict: T={len(space.names)}, cosine range [{off.min():.2f}, {off.max():.2f}], "
+            f"explained variance of PC1-5: {ev}"
+        )
+    else:
+        lines.append("  conflict: not yet")
+    if run.partition.exists():
+        part = Partition.load(run.partition)
+        lines.append(f"  partition: {part.method}, K={part.k} {dict(part.params)}")
+        for g, (members, ex, w) in enumerate(
+            zip(part.groups, part.group_examples, part.weights, strict=True)
+        ):
+            lines.append(f"    group {g}: {len(members)} sources, {ex} examples, w={w:.3f}")
+    else:
+        lines.append("  partition: not yet")
+    if run.artifact("train").exists():
+        branches = read_json(run.artifact("train"))["branches"]
+        done = sum(b["state"] == "done" for b in branches)
+        tokens = sum(b["tokens"] for b in branches if b["state"] == "done")
+        lines.append(f"  train: {done}/{len(branches)} branch runs done, {tokens} tokens trained")
+    if run.artifact("merge").exists():
+        merges = read_json(run.artifact("merge"))["merges"]
+        lines.append(f"  merge: {', '.join(m['label'] for m in merges) or 'none'}")
+    if run.eval.exists():
+        models = pd.read_parquet(run.eval, columns=["model"])["model"].unique()
+        lines.append(f"  evaluate: {len(models)} models ({', '.join(models)})")
+    if run.report.exists():
+        lines.append(f"  report: {run.report}")
+    return "\n".join(lines)
+
+
+def stage_status(run_dir: str | Path) -> dict[str, bool]:
+    """Which stages' artifacts exist in a run directory (for notebooks polling a run)."""
+    run = RunDir(Path(run_dir))
+    return {name: run.artifact(name).exists() for name in STAGES}

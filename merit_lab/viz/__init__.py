@@ -1,0 +1,50 @@
+"""The view layer: the only place plotly, ipywidgets, anywidget and kaleido are imported.
+
+`style` (palette, fonts, the paper style), `export` (HTML and static images), `plots` and
+`plots_diagnostics` (figure builders over objects, never paths), and the explorer and editor
+widgets. Names load lazily (PEP 562): importing one module does not import plotly's widgets.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Figure": "style",
+    "MUTED": "style",
+    "PALETTE": "style",
+    "PAPER": "style",
+    "PaperStyle": "style",
+    "color_map": "style",
+    "layout": "style",
+    "paper_layout": "style",
+    "save_figure": "export",
+    "static_renderer_problem": "export",
+    "write_figure_files": "export",
+    "METRICS": "plots",
+    "plot_comparison": "plots",
+    "plot_conflict_clustermap": "plots",
+    "plot_conflict_heatmap": "plots",
+    "plot_conflict_scatter": "plots",
+    "plot_explained_variance": "plots",
+    "plot_gradient_convergence": "plots",
+    "plot_training_curves": "plots",
+    "plot_diagnostics_files": "plots_diagnostics",
+    "plot_displacement": "plots_diagnostics",
+    "plot_interpolation": "plots_diagnostics",
+    "plot_perturbation": "plots_diagnostics",
+    "plot_spectral_filtering": "plots_diagnostics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"merit_lab.viz.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'merit_lab.viz' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

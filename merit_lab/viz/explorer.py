@@ -1,0 +1,146 @@
+"""The conflict explorer: clustered heatmap, PCA scatter, explained variance, allies/conflicts.
+
+Input: a run's ``ConflictSpace`` and per-source table (``load_source_table``). Output: a widget
+for a notebook (every panel is also a figure or a DataFrame, so it runs from Python too).
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import ipywidgets as widgets
+import pandas as pd
+import plotly.graph_objects as go
+
+from merit_lab.conflict import ConflictSpace
+from merit_lab.viz.figure_view import FigureView, align_table
+from merit_lab.viz.plots import (
+    PALETTE,
+    plot_conflict_clustermap,
+    plot_conflict_scatter,
+    plot_explained_variance,
+)
+
+__all__ = ["ConflictExplorer"]
+
+
+class ConflictExplorer:
+    """Clustered heatmap with dendrogram, PCA scatter, explained variance and a per-source panel.
+
+    Attributes:
+        heatmap: the dendrogram + heatmap figure (``plot_conflict_clustermap``).
+        scatter: the PCA scatter; ``color`` and ``dims`` redraw it.
+        variance: explained-variance bars.
+        color: Dropdown of table columns to colour the scatter by ("(none)" for one colour).
+        dims: ToggleButtons, 2 or 3 (labels "2-D", "3-D").
+        source: Dropdown of sources for the panel; ``n_neighbours``: how many to list.
+        panel: HTML with the selected source's allies and conflicts.
+        widget: the VBox to display.
+
+    Args:
+        space: the run's conflict space.
+        table: per-source columns (``load_source_table``); metadata, counts and groups appear
+            on hover and in the colour dropdown.
+    """
+
+    NONE = "(none)"
+
+    def __init__(self, space: ConflictSpace, table: pd.DataFrame | None = None) -> None:
+        self.space = space
+        self.table = align_table(table, space.names)
+        columns = [c for c in self.table.columns if c != "source"]
+        default = next((c for c in ("group", "family") if c in columns), self.NONE)
+        self.color = widgets.Dropdown(
+            options=[self.NONE, *columns], value=default, description="colour by"
+        )
+        self.dims = widgets.ToggleButtons(
+            options=[("2-D", 2), ("3-D", 3)], value=2, description="scatter"
+        )
+        self.dims.disabled = space.n_sources < 3
+        self.source = widgets.Dropdown(options=list(space.names), description="source")
+        self.n_neighbours = widgets.BoundedIntText(
+            value=min(5, space.n_sources - 1), min=1, max=max(space.n_sources - 1, 1),
+            description="show",
+        )  # fmt: skip
+        self.panel = widgets.HTML()
+
+        self._heatmap = FigureView(plot_conflict_clustermap(space, self.table))
+        self._scatter = FigureView(self.scatter_figure(self.color.value, self.dims.value))
+        self._variance = FigureView(plot_explained_variance(space))
+        self.color.observe(self._redraw_scatter, names="value")
+        self.dims.observe(self._redraw_scatter, names="value")
+        self.source.observe(self._redraw_panel, names="value")
+        self.n_neighbours.observe(self._redraw_panel, names="value")
+        self._redraw_panel()
+        self.widget = widgets.VBox(
+            [
+                self._heatmap.view,
+                widgets.HBox([self.color, self.dims]),
+                widgets.HBox([self._scatter.view, self._variance.view]),
+                widgets.HBox([self.source, self.n_neighbours]),
+                self.panel,
+            ]
+        )
+
+    @property
+    def heatmap(self) -> go.Figure:
+        return self._heatmap.fig
+
+    @property
+    def scatter(self) -> go.Figure:
+        return self._scatter.fig
+
+    @property
+    def variance(self) -> go.Figure:
+        return self._variance.fig
+
+    def scatter_figure(self, color: str | None = None, dims: int = 2) -> go.Figure:
+        """The PCA scatter coloured by a table column.
+
+        A numeric column with more distinct values than the palette has colours gets a
+        continuous colour scale (one trace); any other column one trace per value.
+        """
+        color = None if color in (None, self.NONE) else color
+        values = self.table[color] if color else None
+        if values is None or not (
+            pd.api.types.is_numeric_dtype(values) and values.nunique() > len(PALETTE)
+        ):
+            return plot_conflict_scatter(self.space, self.table, color=color, dims=dims)
+        fig = plot_conflict_scatter(self.space, self.table, dims=dims)
+        fig.update_traces(
+            marker={"color": values.to_numpy(), "colorscale": "Viridis", "showscale": True,
+                    "colorbar": {"title": color}},
+        )  # fmt: skip
+        return fig.update_layout(title_text=f"Conflict space, coloured by {color}")
+
+    def allies_and_conflicts(self, source: str, n: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The ``n`` sources most aligned with ``source`` and the ``n`` most opposed.
+
+        Returns:
+            (allies, conflicts): frames with ``source``, ``cosine`` and the table's other
+            columns, allies by decreasing cosine, conflicts by increasing cosine; ``source``
+            itself is never listed.
+        """
+        i = self.space.index(source)
+        cos = pd.Series(self.space.cosine[i], index=self.space.names).drop(source)
+        extra = self.table.drop(columns=["source"]).loc[cos.index]
+        frame = pd.concat([cos.rename("cosine"), extra], axis=1)
+        frame.insert(0, "source", cos.index)
+        # mergesort is stable: ties keep the space's source order, in both directions.
+        allies = frame.sort_values("cosine", ascending=False, kind="mergesort").head(n)
+        conflicts = frame.sort_values("cosine", ascending=True, kind="mergesort").head(n)
+        return allies.reset_index(drop=True), conflicts.reset_index(drop=True)
+
+    def _redraw_scatter(self, _change: Any = None) -> None:
+        self._scatter.replace(self.scatter_figure(self.color.value, self.dims.value))
+
+    def _redraw_panel(self, _change: Any = None) -> None:
+        allies, conflicts = self.allies_and_conflicts(self.source.value, self.n_neighbours.value)
+        fmt = {"cosine": "{:+.3f}".format}
+        self.panel.value = (
+            f"<h4>{html.escape(self.source.value)}</h4>"
+            f"<b>Nearest allies</b> (highest cosine){allies.to_html(index=False, formatters=fmt)}"
+            f"<b>Strongest conflicts</b> (lowest cosine)"
+            f"{conflicts.to_html(index=False, formatters=fmt)}"
+        )

@@ -1,0 +1,92 @@
+"""The look of every figure: palette, font, template, one `layout`, and the paper style.
+
+Input: a ``go.Figure`` built anywhere in `merit_lab.viz`. Output: the same figure styled for the
+screen (`layout`) or a copy sized and styled for print (`paper_layout`, `PAPER`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import plotly.graph_objects as go
+
+__all__ = [
+    "FONT",
+    "MUTED",
+    "PALETTE",
+    "PAPER",
+    "TEMPLATE",
+    "Figure",
+    "PaperStyle",
+    "color_map",
+    "layout",
+    "paper_layout",
+]
+
+# Okabe-Ito: distinguishable under the common colour-vision deficiencies, prints well in grey.
+PALETTE = (
+    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
+)  # fmt: skip
+MUTED = "#BBBBBB"  # sources that train in no row (dropped, or not placed yet)
+FONT = {"family": "Helvetica, Arial, sans-serif", "size": 13}
+TEMPLATE = "simple_white"
+Figure = go.Figure  # the figure type, for annotations outside viz (which never imports plotly)
+
+
+def color_map(values: Sequence) -> dict:
+    """A stable colour per distinct value (sorted), cycling the palette."""
+    return {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(sorted(set(values), key=str))}
+
+
+def layout(fig: go.Figure, title: str, **kw) -> go.Figure:
+    """Apply the screen style (template, font, centred ``title``) and any layout ``kw``; returns
+    ``fig`` itself."""
+    fig.update_layout(template=TEMPLATE, font=FONT, title={"text": title, "x": 0.5}, **kw)
+    return fig
+
+
+@dataclass(frozen=True)
+class PaperStyle:
+    """The one place the look of exported figures is set (sizes in CSS px, 96 per inch)."""
+
+    font_family: str = "Arial, Helvetica, Liberation Sans, sans-serif"
+    font_size: int = 10  # 7.5 pt printed at the figure's own width
+    column_width: int = 336  # 3.5 in: one column of a two-column paper
+    page_width: int = 696  # 7.25 in: a figure* across both columns
+    max_height: int = 720
+    scale: float = 3.0  # PNG pixels per px: about 290 dpi at print size
+    show_title: bool = False  # a paper's caption carries the title; captions.md keeps them
+
+
+PAPER = PaperStyle()
+
+
+def paper_layout(fig: go.Figure, *, wide: bool = False, style: PaperStyle = PAPER) -> go.Figure:
+    """A copy of ``fig`` in the paper style: white background, one font, the palette, sized for a
+    column (or the page with ``wide``) at the figure's own aspect ratio. Data are untouched."""
+    out = go.Figure(fig)
+    width = style.page_width if wide else style.column_width
+    w0, h0 = fig.layout.width or 700, fig.layout.height or 450
+    height = min(style.max_height, round(h0 * width / w0))
+    title = fig.layout.title.text if style.show_title else None
+    out.update_layout(
+        template="simple_white",
+        font={"family": style.font_family, "size": style.font_size, "color": "black"},
+        title={"text": title, "x": 0.5, "font": {"size": style.font_size + 1}},
+        colorway=list(PALETTE),
+        paper_bgcolor="white",
+        plot_bgcolor="white",
+        width=width,
+        height=height,
+        margin={"l": 10, "r": 10, "t": 30 if title else 10, "b": 10, "autoexpand": True},
+        # above the plot, left-aligned: at column width a legend on the right halves the plot
+        legend={"font": {"size": style.font_size - 1}, "orientation": "h", "x": 0,
+                "xanchor": "left", "y": 1.0, "yanchor": "bottom", "bgcolor": "rgba(0,0,0,0)"},
+    )  # fmt: skip
+    out.update_xaxes(automargin=True, title_standoff=4)
+    out.update_yaxes(automargin=True, title_standoff=4)
+    if any(t.type == "scatter3d" for t in out.data):  # the default camera crops the axis titles
+        out.update_layout(scene_camera_eye={"x": 1.6, "y": 1.6, "z": 0.9},
+                          margin={"l": 0, "r": 0, "t": 30, "b": 0})  # fmt: skip
+    return out

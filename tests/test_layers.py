@@ -1,0 +1,171 @@
+"""The three layers hold: every import of the package (function bodies included) read with ast.
+
+library (``merit_lab/*.py``, ``diagnostics/``, ``demo/``) never imports ``pipeline`` or ``viz``;
+``viz`` never imports ``pipeline``; plotly / ipywidgets / anywidget / kaleido only in ``viz``;
+``pipeline/rundir.py`` is the bottom of ``pipeline`` and ``runner.py`` its top; no cycle; no
+private name imported from another module; no module over 550 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "merit_lab"
+VIEW_LIBRARIES = {"plotly", "ipywidgets", "anywidget", "kaleido"}
+MAX_LINES = 550
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _imports(name: str) -> list[tuple[str, str | None, int]]:
+    """(imported module, imported name or None, line) for every import in a module."""
+    path = MODULES[name]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, None, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                out.append(
+                    (sub, None, node.lineno) if sub in MODULES else (base, a.name, node.lineno)
+                )
+    return out
+
+
+def _layer(module: str) -> str:
+    if module == "merit_lab":
+        return "facade"  # lazy re-exports of the public names (importlib strings, no imports)
+    if module == "merit_lab.cli":
+        return "cli"
+    for layer in ("pipeline", "viz"):
+        if module == f"merit_lab.{layer}" or module.startswith(f"merit_lab.{layer}."):
+            return layer
+    return "library"
+
+
+def _internal(target: str) -> str | None:
+    """The package module an import resolves to (None for third-party imports)."""
+    while target and target not in MODULES:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+GRAPH = {
+    m: {t for imp, _, _ in _imports(m) if (t := _internal(imp)) is not None and t != m}
+    for m in MODULES
+}
+
+
+def test_every_module_is_parsed():
+    assert {"merit_lab.pipeline.rundir", "merit_lab.pipeline.runner", "merit_lab.curation",
+            "merit_lab.checkpoints", "merit_lab.viz.editor"} <= set(MODULES)  # fmt: skip
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_layer_rules(module):
+    layer = _layer(module)
+    problems = []
+    for imp, _, line in _imports(module):
+        top = imp.split(".")[0]
+        target = _internal(imp)
+        if top in VIEW_LIBRARIES and layer != "viz":
+            problems.append(f"line {line}: {imp} outside merit_lab.viz")
+        if target is None:
+            continue
+        if layer == "library" and _layer(target) in ("pipeline", "viz", "cli"):
+            problems.append(f"line {line}: the library imports {target}")
+        if layer == "viz" and _layer(target) in ("pipeline", "cli"):
+            problems.append(f"line {line}: viz imports {target}")
+        if layer == "pipeline" and _layer(target) == "cli":
+            problems.append(f"line {line}: pipeline imports {target}")
+    assert not problems, f"{module}: " + "; ".join(problems)
+
+
+def test_rundir_is_the_bottom_and_runner_the_top_of_pipeline():
+    below = [t for t in GRAPH["merit_lab.pipeline.rundir"] if _layer(t) == "pipeline"]
+    assert below == [], f"rundir imports {below}"
+    above = [m for m, ts in GRAPH.items() if "merit_lab.pipeline.runner" in ts]
+    assert set(above) <= {"merit_lab.cli"}, f"{above} import the runner"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of more than one module."""
+    index, low, stack, on, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_import_cycle():
+    assert _cycles(GRAPH) == []
+
+
+def test_cycle_detector_finds_a_planted_cycle():
+    planted = {**GRAPH, "merit_lab.io": {*GRAPH["merit_lab.io"], "merit_lab.pipeline.runner"}}
+    (cycle,) = _cycles(planted)
+    assert {"merit_lab.io", "merit_lab.pipeline.runner"} <= set(cycle)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_private_names_across_modules(module):
+    private = [
+        f"{imp}.{name} (line {line})"
+        for imp, name, line in _imports(module)
+        if name and name.startswith("_") and _internal(imp) not in (None, module)
+        and name not in ("__version__", "__all__")
+    ]  # fmt: skip
+    assert not private, f"{module} imports private names: {private}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_module_size(module):
+    n = len(MODULES[module].read_text(encoding="utf-8").splitlines())
+    assert n <= MAX_LINES, f"{module}: {n} lines (split past {MAX_LINES})"
+
+
+@pytest.mark.parametrize("package", ["merit_lab", "merit_lab.pipeline"])
+def test_lazy_exports_resolve(package):
+    """Every public name of a lazy ``__init__`` loads from the module it names."""
+    mod = importlib.import_module(package)
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None
