@@ -153,6 +153,9 @@ Everything lives in the run directory, so each step resumes where it stopped."""
 
 from merit_lab.config import load_config
 from merit_lab.evaluate import summarize_eval
+from merit_lab.io import read_json
+from merit_lab.partition import Partition
+from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.experiments import (
     evaluate_rows,
     merge_rows,
@@ -161,10 +164,8 @@ from merit_lab.pipeline.experiments import (
     train_experiments,
     training_status,
 )
-from merit_lab.io import read_json
-from merit_lab.partition import Partition
-from merit_lab.pipeline import run_pipeline
-from merit_lab.pipeline.report import plot_comparison, plot_training_curves, training_logs""",
+from merit_lab.pipeline.report import training_logs
+from merit_lab.viz.plots import plot_comparison, plot_training_curves""",
     ),
     (
         "md",

@@ -39,13 +39,13 @@ of the paper's findings may not reproduce.""",
         """from IPython.display import Markdown
 
 from merit_lab.config import load_config
+from merit_lab.pipeline import run_pipeline, run_summary
 from merit_lab.pipeline.diagnose import (
     diagnostics_figures,
     diagnostics_section,
     diagnostics_tables,
     run_diagnostics,
-)
-from merit_lab.pipeline import run_pipeline, run_summary""",
+)""",
     ),
     (
         "md",

@@ -31,8 +31,8 @@ From a shell: `merit-lab figures runs/demo --out figures/`.""",
         """from IPython.display import Image
 
 from merit_lab.config import load_config
-from merit_lab.pipeline.figures import PAPER, collect_figures, write_figures
-from merit_lab.pipeline import run_pipeline, stage_status""",
+from merit_lab.pipeline import run_pipeline, stage_status
+from merit_lab.pipeline.figures import PAPER, collect_figures, write_figures""",
     ),
     (
         "md",

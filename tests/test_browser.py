@@ -28,6 +28,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from merit_lab.config import load_config
+from merit_lab.curation import fraction_subset
+
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,9 +273,6 @@ def test_workbench_edits_and_saves_partition_json(lab):
     # The down-weight: the fraction, and exactly the examples and tokens of the seeded subset.
     assert (down_entry["op"], down_entry["source"], down_entry["to"]) == ("downweight", light, 0.25)
     assert after["fractions"] == {light: 0.25}
-    from merit_lab.config import load_config
-    from merit_lab.curation import fraction_subset
-
     run = lab["runs"] / RUN_NAME
     per_example = {
         s["name"]: s["train_example_tokens"]

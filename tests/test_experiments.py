@@ -16,10 +16,10 @@ from merit_lab.config import ExperimentConfig, load_config
 from merit_lab.conflict import ConflictSpace
 from merit_lab.demo import DEMO_DIR
 from merit_lab.evaluate import summarize_eval
-from merit_lab.pipeline.experiments import experiment_partition, model_rows, token_budget
 from merit_lab.io import read_json
 from merit_lab.partition import Partition
 from merit_lab.pipeline import RunDir, make_partition, run_pipeline
+from merit_lab.pipeline.experiments import experiment_partition, model_rows, token_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",

@@ -178,14 +178,17 @@ def load_edit_session(run_dir: str | Path, partition: Partition | None = None) -
 
     The session knows every source of ``mixture.json`` with a gradient (so it can place one that
     was added after the split), each source's per-example train tokens (so a down-weight counts
-    exactly what the rows will train) and the run's seed (which examples a fraction keeps).
+    exactly what the rows will train), the run's seed (which examples a fraction keeps) and the
+    gradient rows (the predicted gain of each edit).
     """
     run = RunDir(Path(run_dir))
     cfg = run.load_config()
+    space = run.load_space()
     return EditSession(
         partition if partition is not None else run.load_partition(),
-        run.load_space(),
+        space,
         example_tokens=run.example_tokens(),
         seed=cfg.seed,
+        rows=run.load_bank().select(space.names).rows,  # the predicted gain of each edit
         path=run.partition,
     )

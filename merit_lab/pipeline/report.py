@@ -23,6 +23,7 @@ from merit_lab.pipeline.experiments import model_rows, token_budget
 from merit_lab.pipeline.markdown import figure_link, markdown_table
 from merit_lab.pipeline.report_diagnostics import diagnostics_section
 from merit_lab.pipeline.rundir import RunDir, load_source_table
+from merit_lab.train import read_log
 from merit_lab.viz.export import save_figure
 from merit_lab.viz.plots import (
     METRICS,
@@ -130,17 +131,7 @@ def load_report_context(
 def training_logs(run_dir: str | Path) -> dict[str, list[dict]]:
     """Every joint run's and branch's ``log.jsonl``, keyed by its folder relative to the run."""
     run = RunDir(Path(run_dir))
-    return {str(p.parent.relative_to(run.root)): _read_jsonl(p) for p in run.training_logs()}
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else ():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut by a kill mid-write
-            break
-    return out
+    return {str(p.parent.relative_to(run.root)): read_log(p) for p in run.training_logs()}
 
 
 # ---------------------------------------------------------------------------------- sections

@@ -204,25 +204,23 @@ class PartitionEditor:
         """Every source of the space with its current ``group`` ("G0".., "dropped",
         "unplaced"), ``fraction`` and the ``examples``/``tokens`` it trains (full counts for a
         source in no group), then the table's other columns."""
-        part, full = self.partition, self.session.example_tokens
-        out = self._table.copy()
-        group, fraction, examples, tokens = [], [], [], []
+        part, full, out = self.partition, self.session.example_tokens, self._table
+        given = {c: out[c].to_dict() if c in out else {} for c in ("examples", "tokens")}
+        columns: dict[str, list] = {"group": [], "fraction": [], "examples": [], "tokens": []}
         for s in out.index:
             if s in part.tokens:
-                group.append(group_label(part.group_of(s)))
-                examples.append(part.examples[s])
-                tokens.append(part.tokens[s])
+                group, ex, tok = group_label(part.group_of(s)), part.examples[s], part.tokens[s]
             else:
-                group.append(DROPPED if s in part.dropped else UNPLACED)
-                ex = len(full[s]) if full.get(s) else out.get("examples", {}).get(s, math.nan)
-                tok = sum(full[s]) if full.get(s) else out.get("tokens", {}).get(s, math.nan)
-                examples.append(ex)
-                tokens.append(tok)
-            fraction.append(float(part.fractions.get(s, 1.0)))
-        first = {"group": group, "fraction": fraction, "examples": examples, "tokens": tokens}
-        rest = out.drop(columns=[c for c in first if c in out.columns])
-        return pd.concat([rest[["source"]], pd.DataFrame(first, index=out.index),
-                          rest.drop(columns="source")], axis=1)  # fmt: skip
+                group = DROPPED if s in part.dropped else UNPLACED
+                ex = len(full[s]) if full.get(s) else given["examples"].get(s, math.nan)
+                tok = sum(full[s]) if full.get(s) else given["tokens"].get(s, math.nan)
+            for c, v in zip(columns, (group, part.fractions.get(s, 1.0), ex, tok), strict=True):
+                columns[c].append(v)
+        rest = out.drop(columns=[c for c in columns if c in out.columns])
+        return pd.concat(
+            [rest[["source"]], pd.DataFrame(columns, index=out.index), rest.drop(columns="source")],
+            axis=1,
+        )
 
     def validate(self) -> list[str]:
         """`EditSession.validate`: problems that block ``save``."""
