@@ -23,6 +23,8 @@ from merit_lab.conflict import ConflictSpace
 from merit_lab.partition import Partition, make_partition
 
 __all__ = [
+    "DROPPED",
+    "UNPLACED",
     "EditSession",
     "fraction_subset",
     "group_label",
@@ -31,6 +33,10 @@ __all__ = [
     "subset_counts",
     "within_between",
 ]
+
+
+DROPPED = "dropped"  # the `group` of a source a hand edit removed from the mixture
+UNPLACED = "unplaced"  # the `group` of a source with a gradient that no group holds yet
 
 
 def fraction_subset(source: str, n: int, fraction: float, seed: int = 0) -> np.ndarray:

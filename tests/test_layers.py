@@ -163,7 +163,7 @@ def test_module_size(module):
     assert n <= MAX_LINES, f"{module}: {n} lines (split past {MAX_LINES})"
 
 
-@pytest.mark.parametrize("package", ["merit_lab", "merit_lab.pipeline"])
+@pytest.mark.parametrize("package", ["merit_lab", "merit_lab.pipeline", "merit_lab.viz"])
 def test_lazy_exports_resolve(package):
     """Every public name of a lazy ``__init__`` loads from the module it names."""
     mod = importlib.import_module(package)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,16 @@ def test_curated_mixture_table_lists_moves_and_additions(run_dir):
     assert table.loc[NEW[0], "group"] == "G0"
     assert table.loc[NEW[0], ["trained examples", "trained tokens"]].tolist() == [5, 50]
     assert list(edit_log_table(part.edit_log)["op"]) == ["move", "add"]
+
+
+def test_curated_mixture_table_accepts_a_resplit_in_the_log(run_dir):
+    """A re-split (EditSession.split) logs an entry without a source: the table skips it."""
+    part = Partition.load(run_dir / "partition.json")
+    entry = {"op": "split", "method": "random", "params": {"k": 2}, "who": "x", "at": "t"}
+    part = replace(part, edit_log=(*part.edit_log, entry)).drop(part.groups[0][0])
+    table = curated_mixture_table(load_source_table(run_dir).drop(columns="group"), part)
+    assert list(table.index) == [part.dropped[0]]
+    assert list(edit_log_table(part.edit_log)["op"]) == ["split", "drop"]
 
 
 def test_markdown_helpers(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from merit_lab.config import RunConfig
+from merit_lab.curation import UNPLACED
 from merit_lab.evaluate import summarize_eval
 from merit_lab.io import atomic_write_text, read_json
 from merit_lab.partition import Partition
@@ -321,13 +322,14 @@ def curated_mixture_table(sources: pd.DataFrame, partition: Partition) -> pd.Dat
     """
     changes: dict[str, list[str]] = {}
     for e in partition.edit_log:
-        changes.setdefault(e["source"], []).append(_describe_edit(e))
+        if "source" in e:  # a re-split (op "split") names no source
+            changes.setdefault(e["source"], []).append(_describe_edit(e))
     for s in partition.dropped:
         changes.setdefault(s, ["dropped"])
     for s, f in partition.fractions.items():
         changes.setdefault(s, [f"down-weighted to {f:g}"])
     groups = sources["group"] if "group" in sources else pd.Series(dtype=str)
-    for s in groups.index[groups == "unplaced"]:
+    for s in groups.index[groups == UNPLACED]:
         changes.setdefault(s, []).append("not placed: trains in no row")
     names = [s for s in sources.index if s in changes] + sorted(set(changes) - set(sources.index))
     kept = set(partition.sources)

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from merit_lab.config import RunConfig, load_config
+from merit_lab.curation import DROPPED, UNPLACED
 from merit_lab.io import read_json
 from merit_lab.mixture import Mixture, load_mixture
 
@@ -27,9 +28,6 @@ __all__ = [
     "mixture_args",
     "source_counts",
 ]
-
-DROPPED = "dropped"  # the `group` of a source a hand edit removed from the mixture
-UNPLACED = "unplaced"  # the `group` of a source in mixture.json that no partition holds yet
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ _EXPORTS = {
     "plot_interpolation": "plots_diagnostics",
     "plot_perturbation": "plots_diagnostics",
     "plot_spectral_filtering": "plots_diagnostics",
+    "ConflictExplorer": "explorer",
+    "PartitionEditor": "editor",
 }
 
 __all__ = sorted(_EXPORTS)

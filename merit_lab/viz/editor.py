@@ -20,14 +20,13 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from merit_lab.conflict import ConflictSpace
-from merit_lab.curation import EditSession, group_label
+from merit_lab.curation import DROPPED, UNPLACED, EditSession, group_label
 from merit_lab.partition import Partition, make_partition
 from merit_lab.viz.figure_view import FigureView, align_table
 from merit_lab.viz.plots import color_map
 
 __all__ = ["PartitionEditor"]
 
-DROPPED, UNPLACED = "dropped", "unplaced"  # the `group` of a source in no group
 DROPPED_COLOR, UNPLACED_COLOR = "#BBBBBB", "#555555"
 METHODS = (("balanced PCA", "balanced"), ("random", "random"), ("k-means", "kmeans"))
 BY_PROJECTION = -1  # the ``add_to`` value that places an added source by projection

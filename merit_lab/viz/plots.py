@@ -13,6 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from merit_lab.conflict import ConflictSpace
+from merit_lab.curation import DROPPED, UNPLACED
 from merit_lab.viz.export import save_figure, static_renderer_problem
 from merit_lab.viz.style import MUTED, PALETTE, color_map, layout
 
@@ -39,7 +40,7 @@ METRICS = {  # metric -> (title, unit, higher is better)
 }
 # Colour values of sources that train in no row: grey, with their own marker (valid in 2-D and
 # 3-D scatters). "dropped" and "unplaced" are the `group` a run's source table gives them.
-INACTIVE_SYMBOLS = {"dropped": "x", "unplaced": "circle-open", "n/a": "circle-open"}
+INACTIVE_SYMBOLS = {DROPPED: "x", UNPLACED: "circle-open", "n/a": "circle-open"}
 
 
 def plot_conflict_heatmap(space: ConflictSpace, table: pd.DataFrame | None = None) -> go.Figure:
