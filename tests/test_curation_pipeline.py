@@ -14,7 +14,14 @@ from merit_lab.curation import fraction_subset, subset_counts
 from merit_lab.demo import DEMO_DIR
 from merit_lab.io import read_json
 from merit_lab.mixture import load_mixture
-from merit_lab.pipeline import RunDir, load_edit_session, load_source_table, run_pipeline
+from merit_lab.partition import Partition
+from merit_lab.pipeline import (
+    RunDir,
+    load_edit_session,
+    load_source_table,
+    run_pipeline,
+    run_summary,
+)
 from merit_lab.pipeline.experiments import plan_specs, token_budget
 from merit_lab.pipeline.figures import write_figures
 from merit_lab.train import MANIFEST
@@ -152,3 +159,26 @@ def test_report_and_figures_build_on_the_curated_run(curated_run, tmp_path):
     written = write_figures(run.root, tmp_path / "figs", formats=["html"])
     stems = {Path(p).stem for p in written}
     assert {"conflict_scatter", "compare_loss", "training"} <= stems
+
+
+def test_summary_states_the_curation(curated_run):
+    run, f = curated_run
+    text = run_summary(run.root)
+    assert "curation: 3 hand edits" in text
+    assert f"dropped: {f['dropped']}" in text and f"down-weighted: {f['weighted']} 0.5" in text
+
+
+def test_an_unplaced_source_stops_training_before_any_work(curated_run, tmp_path):
+    """A source added to the mixture after a hand edit must be placed or dropped first."""
+    run, f = curated_run
+    part = run.load_partition()
+    unplaced = part.drop(f["moved"])  # as if f["moved"] were a new source nobody placed
+    doc = unplaced.to_dict()
+    doc["dropped"] = [s for s in doc["dropped"] if s != f["moved"]]
+    saved = run.partition.read_text()
+    try:
+        Partition.from_dict(doc).save(run.partition)
+        with pytest.raises(ValueError, match=f"{f['moved']}.*in no group and not dropped"):
+            plan_specs(f["cfg"])
+    finally:
+        run.partition.write_text(saved)

@@ -20,7 +20,6 @@ from merit_lab.config import RunConfig, load_config
 from merit_lab.conflict import ConflictSpace
 from merit_lab.gradients import GradientBank
 from merit_lab.io import atomic_write_json, read_json
-from merit_lab.partition import Partition
 from merit_lab.pipeline.analysis import (
     stage_conflict,
     stage_gradients,
@@ -210,12 +209,20 @@ def run_summary(run_dir: str | Path) -> str:
     else:
         lines.append("  conflict: not yet")
     if run.partition.exists():
-        part = Partition.load(run.partition)
+        part = run.load_partition()
         lines.append(f"  partition: {part.method}, K={part.k} {dict(part.params)}")
         for g, (members, ex, w) in enumerate(
             zip(part.groups, part.group_examples, part.weights, strict=True)
         ):
             lines.append(f"    group {g}: {len(members)} sources, {ex} examples, w={w:.3f}")
+        unplaced = [n for n in run.source_names() if n not in part.tokens and n not in part.dropped]
+        if part.edit_log or unplaced:
+            fr = ", ".join(f"{s} {f:g}" for s, f in part.fractions.items()) or "none"
+            lines.append(
+                f"    curation: {len(part.edit_log)} hand edits; dropped: "
+                f"{', '.join(part.dropped) or 'none'}; down-weighted: {fr}; unplaced (train "
+                f"refuses to start until placed or dropped): {', '.join(unplaced) or 'none'}"
+            )
     else:
         lines.append("  partition: not yet")
     if run.artifact("train").exists():
