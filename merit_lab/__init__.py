@@ -31,6 +31,8 @@ _EXPORTS = {
     "ConflictSpace": "conflict",
     "compute_conflict_space": "conflict",
     "Partition": "partition",
+    "make_partition": "partition",
+    "EditSession": "curation",
     "predict_gain": "diagnostics.gain",
     "split_balanced": "partition",
     "split_balanced_k": "partition",
@@ -48,6 +50,7 @@ _EXPORTS = {
     "load_config": "config",
     "RunDir": "pipeline.rundir",
     "load_source_table": "pipeline.rundir",
+    "load_edit_session": "pipeline.analysis",
     "run_pipeline": "pipeline.runner",
     "run_summary": "pipeline.runner",
 }
