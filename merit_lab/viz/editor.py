@@ -21,14 +21,14 @@ import plotly.graph_objects as go
 
 from merit_lab.conflict import ConflictSpace
 from merit_lab.curation import DROPPED, UNPLACED, EditSession, group_label
-from merit_lab.partition import Partition, make_partition
+from merit_lab.partition import PARTITION_METHODS, Partition, make_partition
 from merit_lab.viz.figure_view import FigureView, align_table
 from merit_lab.viz.plots import color_map
 
 __all__ = ["PartitionEditor"]
 
 DROPPED_COLOR, UNPLACED_COLOR = "#BBBBBB", "#555555"
-METHODS = (("balanced PCA", "balanced"), ("random", "random"), ("k-means", "kmeans"))
+_LABELS = {"balanced": "balanced PCA", "kmeans": "k-means"}  # others show their registry name
 BY_PROJECTION = -1  # the ``add_to`` value that places an added source by projection
 
 
@@ -90,8 +90,8 @@ class PartitionEditor:
         self._syncing = False
 
         n = session.space.n_sources
-        self.method = widgets.Dropdown(options=list(METHODS), value="balanced",
-                                       description="method")  # fmt: skip
+        methods = [(_LABELS.get(m, m), m) for m in PARTITION_METHODS]
+        self.method = widgets.Dropdown(options=methods, value="balanced", description="method")
         self.size_by = widgets.ToggleButtons(
             options=[("r (K = 2^r)", "r"), ("K", "k")], value="r", description="groups by"
         )
@@ -322,7 +322,7 @@ class PartitionEditor:
         try:
             n = len(part.sources)
             self.k.max, self.r.max = n, max(n - 1, 1)
-            if part.method in dict(METHODS).values():
+            if part.method in PARTITION_METHODS:
                 self.method.value = part.method
             self.k.value = part.k
             power_of_two = part.k & (part.k - 1) == 0
