@@ -15,9 +15,11 @@ from typing import Any
 
 import yaml
 
-from merit_lab.sketch import SketchSpec
+from merit_lab.io import atomic_write_text
 
 __all__ = [
+    "DEFAULT_SKETCH_DIM",
+    "SKETCH_KINDS",
     "CalibrationConfig",
     "DiagnosticsConfig",
     "EvalConfig",
@@ -27,6 +29,7 @@ __all__ = [
     "ParameterConfig",
     "PartitionConfig",
     "RunConfig",
+    "SketchSpec",
     "TrainConfig",
     "config_hash",
     "default_experiments",
@@ -47,6 +50,43 @@ class CalibrationConfig:
     n: int = 200  # calibration examples per source (the paper: direction stable from ~160-200)
     micro_batch_size: int = 16  # examples per forward/backward; gradients accumulate exactly
     max_length: int = 256  # tokens per example, truncated on the right
+
+
+DEFAULT_SKETCH_DIM = 2**18
+"""Count-sketch width: 1 MiB per source whatever the model's size. The smallest power of two
+whose max cosine error over the demo's 496 source pairs stays ≤ 0.005 at each of 3 seeds (0.0050
+worst; 2^17: 0.0067; `python -m benchmarks.bench_sketch`). The error is ~1/sqrt(dim) and grows
+slowly with the number of pairs: for hundreds of sources, 2^19 keeps the same margin."""
+
+SKETCH_KINDS = ("countsketch", "gaussian", "subsample", "exact")
+
+
+@dataclass(frozen=True)
+class SketchSpec:
+    """Which linear map compresses a gradient; stored in bank.json so rows can be reproduced."""
+
+    kind: str = "countsketch"  # "countsketch" | "gaussian" | "subsample" | "exact"
+    dim: int = DEFAULT_SKETCH_DIM  # output width for countsketch / gaussian (ignored otherwise)
+    seed: int = 0  # hashes, signs, projections and the subsample offset all derive from it
+    every: int = 5  # subsample: keep every k-th coordinate (the paper's 1 in 5)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SKETCH_KINDS:
+            raise ValueError(f"unknown sketch kind {self.kind!r}; expected one of {SKETCH_KINDS}")
+        if self.kind in ("countsketch", "gaussian") and not 1 <= self.dim < 2**31:
+            raise ValueError(f"sketch dim must be in [1, 2**31), got {self.dim}")
+        if self.every < 1:
+            raise ValueError(f"subsample 'every' must be >= 1, got {self.every}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SketchSpec:
+        unknown = set(d) - {"kind", "dim", "seed", "every"}
+        if unknown:
+            raise ValueError(f"unknown SketchSpec fields: {sorted(unknown)}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -182,8 +222,6 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def save(self, path: str | Path) -> Path:
-        from merit_lab.io import atomic_write_text
-
         return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod

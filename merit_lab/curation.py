@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from merit_lab.conflict import ConflictSpace
+from merit_lab.diagnostics.gain import gain_terms, predict_gain
 from merit_lab.partition import Partition, make_partition
 
 __all__ = [
@@ -87,8 +88,6 @@ def group_statistics(
         and the other groups' sources; NaN for K = 1) and, with ``rows``, ``gain``: the
         group's term of the predicted merging gain (the column sums to `predict_gain`).
     """
-    from merit_lab.diagnostics.gain import gain_terms
-
     members = [[space.index(s) for s in g] for g in partition.groups]
     placed = [i for g in members for i in g]
     c = space.cosine
@@ -215,8 +214,6 @@ class EditSession:
     def summary(self) -> dict[str, float]:
         """``within`` / ``between``: mean cosine over same-group / cross-group pairs; ``gain``:
         the predicted merging gain of the partition (NaN without gradient rows)."""
-        from merit_lab.diagnostics.gain import predict_gain
-
         within, between = within_between(self.partition, self.space)
         gain = math.nan
         if self.rows is not None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from merit_lab.io import read_json
+
 __all__ = [
     "Mixture",
     "MixtureError",
@@ -240,8 +242,6 @@ def _read_metadata(folder: Path) -> tuple[dict[str, dict], dict[str, Any]]:
     path = folder / "sources.json"
     if not path.exists():
         return {}, {}
-    from merit_lab.io import read_json
-
     meta = read_json(path)
     sources = meta.get("sources") if isinstance(meta, dict) else None
     if not isinstance(sources, dict):

@@ -11,11 +11,11 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
+
+from merit_lab.config import DEFAULT_SKETCH_DIM, SKETCH_KINDS, SketchSpec
 
 __all__ = [
     "DEFAULT_SKETCH_DIM",
@@ -27,13 +27,6 @@ __all__ = [
     "sketch_fidelity",
 ]
 
-DEFAULT_SKETCH_DIM = 2**18
-"""Count-sketch width: 1 MiB per source whatever the model's size. The smallest power of two
-whose max cosine error over the demo's 496 source pairs stays ≤ 0.005 at each of 3 seeds (0.0050
-worst; 2^17: 0.0067; `python -m benchmarks.bench_sketch`). The error is ~1/sqrt(dim) and grows
-slowly with the number of pairs: for hundreds of sources, 2^19 keeps the same margin."""
-
-SKETCH_KINDS = ("countsketch", "gaussian", "subsample", "exact")
 
 # Coordinates hashed per step, which bounds the temporaries whatever the parameter size. On CPU
 # small chunks stay in cache and below malloc's mmap threshold (2**22 is ~5x slower there); on
@@ -45,34 +38,6 @@ _CHUNK_GPU = 2**22
 # and depends on dim only.
 _GAUSSIAN_BLOCK_ENTRIES = 2**20
 _MASK32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class SketchSpec:
-    """Which linear map compresses a gradient; stored in bank.json so rows can be reproduced."""
-
-    kind: str = "countsketch"  # "countsketch" | "gaussian" | "subsample" | "exact"
-    dim: int = DEFAULT_SKETCH_DIM  # output width for countsketch / gaussian (ignored otherwise)
-    seed: int = 0  # hashes, signs, projections and the subsample offset all derive from it
-    every: int = 5  # subsample: keep every k-th coordinate (the paper's 1 in 5)
-
-    def __post_init__(self) -> None:
-        if self.kind not in SKETCH_KINDS:
-            raise ValueError(f"unknown sketch kind {self.kind!r}; expected one of {SKETCH_KINDS}")
-        if self.kind in ("countsketch", "gaussian") and not 1 <= self.dim < 2**31:
-            raise ValueError(f"sketch dim must be in [1, 2**31), got {self.dim}")
-        if self.every < 1:
-            raise ValueError(f"subsample 'every' must be >= 1, got {self.every}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SketchSpec:
-        unknown = set(d) - {"kind", "dim", "seed", "every"}
-        if unknown:
-            raise ValueError(f"unknown SketchSpec fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 def _digest(*parts: object) -> bytes:

@@ -22,7 +22,7 @@ from merit_lab.pipeline import (
     run_pipeline,
     run_summary,
 )
-from merit_lab.pipeline.experiments import plan_specs, token_budget
+from merit_lab.pipeline.experiments import evaluate_rows, merge_rows, plan_specs, token_budget
 from merit_lab.pipeline.figures import write_figures
 from merit_lab.train import MANIFEST
 
@@ -182,3 +182,16 @@ def test_an_unplaced_source_stops_training_before_any_work(curated_run, tmp_path
             plan_specs(f["cfg"])
     finally:
         run.partition.write_text(saved)
+
+
+def test_rundir_keys_say_every_artifact_is_current(curated_run):
+    """A re-run of merge and evaluate does no work: RunDir reads each artifact's stored key."""
+    run, f = curated_run
+    manifest = read_json(run.merged_dir("hand") / "merge_manifest.json")
+    assert run.stored_key("merged", "hand") == manifest["merit_key"]
+    assert not run.is_current("merged", "another key", "hand")
+    cached = pd.read_parquet(run.eval_cache("hand"))
+    assert run.stored_key("eval", "hand") == cached["key"].iloc[0]
+    assert run.stored_key("conflict") == run.stored_key("gradients") is not None
+    assert all(m["seconds"] == 0.0 for m in merge_rows(f["cfg"]))
+    assert evaluate_rows(f["cfg"], progress=False).attrs["evaluated"] == []

@@ -13,11 +13,17 @@ import json
 import logging
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from merit_lab.checkpoints import fingerprint_checkpoint
 from merit_lab.config import RunConfig, config_hash
 from merit_lab.conflict import ConflictSpace, compute_conflict_space
 from merit_lab.curation import EditSession
+from merit_lab.formatting import tokenize_examples
+from merit_lab.gradients import GradientBank, estimate_gradients
 from merit_lab.io import atomic_write_json, read_json
 from merit_lab.mixture import SPLITS, Source
+from merit_lab.models import load_model, load_tokenizer, resolve_model_path
 from merit_lab.partition import Partition, make_partition
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture, source_counts
 
@@ -37,8 +43,6 @@ log = logging.getLogger(__name__)
 def model_fingerprint(model: str) -> str:
     """`fingerprint_checkpoint` of a local folder (the value branches record as their base), else
     the hub id as given."""
-    from merit_lab.checkpoints import fingerprint_checkpoint
-
     return fingerprint_checkpoint(model) if any(Path(model).glob("*.safetensors")) else model
 
 
@@ -49,11 +53,6 @@ def _content_key(source: Source) -> str:
 
 
 def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
-    from tqdm.auto import tqdm
-
-    from merit_lab.formatting import tokenize_examples
-    from merit_lab.models import load_tokenizer, resolve_model_path
-
     mixture = load_run_mixture(cfg)
     content = {s.name: _content_key(s) for s in mixture}
     key = config_hash(
@@ -95,8 +94,6 @@ def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
 
 
 def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
-    from merit_lab.gradients import GradientBank, estimate_gradients
-    from merit_lab.models import load_model, load_tokenizer, resolve_model_path
 
     content = {s["name"]: s.get("content_key", "") for s in run.read_mixture()["sources"]}
     names = list(content)
@@ -143,7 +140,7 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
 
 def stage_conflict(cfg: RunConfig, run: RunDir) -> bool:
     bank_key = run.stored_key("gradients")
-    if run.conflict.exists() and read_json(run.conflict).get("bank_key") == bank_key:
+    if run.is_current("conflict", bank_key):
         log.info("conflict: up to date")
         return False
     bank = run.load_bank()
@@ -157,12 +154,12 @@ def stage_partition(cfg: RunConfig, run: RunDir) -> bool:
     key = config_hash(
         cfg.partition, config_hash(read_json(run.conflict)), run.stored_key("mixture")
     )
-    if run.partition.exists():
-        existing = read_json(run.partition)
-        if existing.get("params", {}).get("stage_key") == key or existing.get("edit_log"):
-            # Hand edits are never overwritten by a re-run; delete partition.json to redo it.
-            log.info("partition: up to date (or hand-edited)")
-            return False
+    # Hand edits are never overwritten by a re-run; delete partition.json to redo it.
+    if run.is_current("partition", key) or (
+        run.partition.exists() and read_json(run.partition).get("edit_log")
+    ):
+        log.info("partition: up to date (or hand-edited)")
+        return False
     space = ConflictSpace.load(run.conflict)
     examples, tokens = source_counts(run)
     p = cfg.partition

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
@@ -303,13 +302,6 @@ def _compute_curvature(ctx: DiagnosticContext) -> dict:
     return data
 
 
-def _tensors_key(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("key")
-
-
 def _compute_gain(ctx: DiagnosticContext) -> dict:
     tensors = load_file(ctx.probe.run.curvature_tensors)
     return _gain(ctx.probe, ctx.results["curvature"], tensors, ctx.progress)
@@ -337,7 +329,7 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
         settings=_curvature_settings,
         compute=_compute_curvature,
         fingerprints=lambda ctx: ctx.fps[THETA0],
-        tensors_current=lambda ctx, key: _tensors_key(ctx.probe.run.curvature_tensors) == key,
+        tensors_current=lambda ctx, key: ctx.probe.run.is_current("curvature", key),
     ),
     "gain": Diagnostic(
         settings=_gain_settings,
@@ -352,7 +344,7 @@ def _update(ctx: DiagnosticContext, name: str) -> dict:
     diag, path = DIAGNOSTICS[name], ctx.probe.run.diagnostic(name)
     settings = diag.settings(ctx)
     key = ctx.keys[name] = config_hash(name, settings, diag.fingerprints(ctx))
-    if path.is_file() and read_json(path).get("key") == key and diag.tensors_current(ctx, key):
+    if ctx.probe.run.is_current("diagnostic", key, name) and diag.tensors_current(ctx, key):
         log.info("diagnostics %s: up to date", name)
         return read_json(path)
     t0 = time.perf_counter()

@@ -310,7 +310,7 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
         Per merged row: label, method, weights, seconds (0 when skipped), output folder.
     """
 
-    base = Path(resolve_model_path(cfg.model))
+    run, base = _run(cfg), Path(resolve_model_path(cfg.model))
     done = []
     for row in model_rows(cfg):
         if not row.inputs:
@@ -323,7 +323,7 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
         params = dict(cfg.merge.params.get(row.merge_method, {}))
         key = _merge_key(row, weights or [], params)
         manifest = row.model_dir / "merge_manifest.json"
-        if manifest.is_file() and read_json(manifest).get("merit_key") == key:
+        if run.is_current("merged", key, row.label):
             done.append({"label": row.label, "method": row.merge_method, "seconds": 0.0})
             continue
         report = merge_checkpoints(
@@ -378,11 +378,9 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
             raise FileNotFoundError(f"{row.label}: no model at {row.model_dir}; run train/merge")
         key = config_hash(e, fingerprint_checkpoint(row.model_dir), names, cfg.train.max_length)
         cache = run.eval_cache(row.label)
-        if cache.is_file():
-            old = pd.read_parquet(cache)
-            if len(old) and (old["key"] == key).all():
-                tables.append(old)
-                continue
+        if run.is_current("eval", key, row.label):
+            tables.append(pd.read_parquet(cache))
+            continue
         tokenizer = tokenizer or load_tokenizer(row.model_dir, trust_remote_code=False)
         model = load_model(row.model_dir, device=cfg.device, dtype=cfg.dtype)
         parts = []

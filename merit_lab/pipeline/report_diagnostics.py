@@ -16,6 +16,8 @@ import pandas as pd
 from merit_lab.io import read_json
 from merit_lab.pipeline.markdown import figure_link, markdown_table
 from merit_lab.pipeline.rundir import RunDir
+from merit_lab.viz.export import save_figure
+from merit_lab.viz.plots_diagnostics import plot_diagnostics_files
 from merit_lab.viz.style import Figure
 
 __all__ = [
@@ -124,8 +126,6 @@ def _nan(x) -> float:
 def diagnostics_figures(run_dir: str | Path) -> dict[str, Figure]:
     """Figures by file stem: ``diag_paths_<exp>`` (train loss along each path),
     ``diag_displacement``, ``diag_perturbation``, ``diag_spectral_<exp>``."""
-    from merit_lab.viz.plots_diagnostics import plot_diagnostics_files
-
     return plot_diagnostics_files(load_diagnostics(run_dir))
 
 
@@ -158,8 +158,6 @@ def diagnostics_section(
 
 def _save_figures(root: Path, image_formats: Sequence[str]) -> Links:
     """Write every diagnostics figure under ``figures/``; stem → its markdown link."""
-    from merit_lab.viz.export import save_figure
-
     folder = RunDir(root).figures
     links = {}
     for stem, fig in diagnostics_figures(root).items():

@@ -15,9 +15,12 @@ from typing import Any
 import pandas as pd
 
 from merit_lab.config import RunConfig, load_config
+from merit_lab.conflict import ConflictSpace
 from merit_lab.curation import DROPPED, UNPLACED
+from merit_lab.gradients import GradientBank
 from merit_lab.io import read_json
 from merit_lab.mixture import Mixture, load_mixture
+from merit_lab.partition import Partition
 
 __all__ = [
     "DROPPED",
@@ -150,24 +153,41 @@ class RunDir:
             "report": self.report,
         }[stage]
 
-    def stored_key(self, stage: str) -> str | None:
-        """The key of the inputs ``stage``'s artifact was made from (None: absent or keyless).
+    def stored_key(self, stage: str, item: str | None = None) -> str | None:
+        """The key of the inputs an artifact was made from (None: absent or keyless).
 
-        mixture, conflict: ``key``; gradients: ``info.stage_key``; partition: ``params.stage_key``.
+        Stages: mixture keeps it as ``key``, conflict the bank's as ``bank_key``, gradients
+        as ``info.stage_key``, partition as ``params.stage_key``. Per-item artifacts, ``item``
+        naming one: ``"merged"`` (a row's ``merge_manifest.json``: ``merit_key``), ``"eval"``
+        (a row's cached table: its ``key`` column), ``"diagnostic"``
+        (``diagnostics/<name>.json``: ``key``), ``"curvature"`` (the safetensors metadata).
         """
-        path = self.artifact(stage)
+        if stage == "eval":
+            path = self.eval_cache(item)
+            if not path.is_file():
+                return None
+            keys = pd.read_parquet(path, columns=["key"])["key"].unique()
+            return str(keys[0]) if len(keys) == 1 else None
+        if stage == "curvature":
+            return _safetensors_key(self.curvature_tensors)
+        if stage == "merged":
+            path, field = self.merged_dir(item) / "merge_manifest.json", "merit_key"
+        elif stage == "diagnostic":
+            path, field = self.diagnostic(item), "key"
+        elif stage == "conflict":  # made from the bank with that key
+            path, field = self.conflict, "bank_key"
+        else:
+            path, field = self.artifact(stage), "key"
         if not path.is_file() or path.suffix != ".json":
             return None
         data = read_json(path)
-        if stage == "gradients":
-            return data.get("info", {}).get("stage_key")
-        if stage == "partition":
-            return data.get("params", {}).get("stage_key")
-        return data.get("key")
+        if stage in ("gradients", "partition"):
+            return data.get("info" if stage == "gradients" else "params", {}).get("stage_key")
+        return data.get(field)
 
-    def is_current(self, stage: str, key: str) -> bool:
-        """Whether ``stage``'s artifact exists and was made from inputs with this key."""
-        return self.stored_key(stage) == key
+    def is_current(self, stage: str, key: str, item: str | None = None) -> bool:
+        """Whether an artifact exists and was made from inputs with this key."""
+        return self.stored_key(stage, item) == key
 
     # ----------------------------------------------------------------------------- readers
     def load_config(self) -> RunConfig:
@@ -182,21 +202,15 @@ class RunDir:
         return [s["name"] for s in self.read_mixture()["sources"]]
 
     def load_space(self):
-        from merit_lab.conflict import ConflictSpace
-
         return ConflictSpace.load(self.conflict)
 
     def load_partition(self, experiment: str | None = None):
         """The run's ``partition.json`` (or a split experiment's own)."""
-        from merit_lab.partition import Partition
-
         return Partition.load(
             self.partition if experiment is None else self.experiment_partition(experiment)
         )
 
     def load_bank(self):
-        from merit_lab.gradients import GradientBank
-
         return GradientBank.load(self.gradients)
 
     def example_tokens(self) -> dict[str, list[int]]:
@@ -274,3 +288,12 @@ def load_source_table(run_dir: str | Path) -> pd.DataFrame:
 def safe_stem(label: str) -> str:
     """A file stem for a row label (``merit-2d+ties`` → ``merit-2d_ties``)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", label)
+
+
+def _safetensors_key(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("key")
