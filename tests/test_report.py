@@ -150,7 +150,9 @@ def test_curated_mixture_table_accepts_a_resplit_in_the_log(run_dir):
     part = replace(part, edit_log=(*part.edit_log, entry)).drop(part.groups[0][0])
     table = curated_mixture_table(load_source_table(run_dir).drop(columns="group"), part)
     assert list(table.index) == [part.dropped[0]]
-    assert list(edit_log_table(part.edit_log)["op"]) == ["split", "drop"]
+    log = edit_log_table(part.edit_log)
+    assert list(log["op"]) == ["split", "drop"]
+    assert log["detail"].iloc[0] == "re-split: random {'k': 2}"
 
 
 def test_markdown_helpers(tmp_path):

@@ -379,7 +379,9 @@ def _edit_detail(e: dict) -> str:
     if op == "move":
         return f"G{e['from']} → G{e['to']}"
     if op == "drop":
-        return f"from G{e['from']}"
+        return "it was in no group" if e.get("from") is None else f"from G{e['from']}"
+    if op == "split":
+        return f"re-split: {e.get('method')} {e.get('params', {})}"
     if op == "add":
         return f"to G{e['to']}"
     if op == "downweight":
