@@ -169,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"merit-lab: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:  # a config's problems: one line each
+            print(f"merit-lab: error: {line}", file=sys.stderr)
         return 2
     return 0
 

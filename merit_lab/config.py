@@ -1,7 +1,9 @@
 """Run configuration: frozen dataclasses loaded from and saved to YAML beside the artifacts.
 
 Every field has a one-line comment; unknown keys are refused so a typo never silently falls back
-to a default.
+to a default. Loading checks each value against its field's type (``1e-3``, a string to YAML 1.1,
+is read as a number) and range, and names every problem by its key path; the choices that live in
+registries (merge methods, splits, launchers...) are checked by `merit_lab.validate`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,8 @@ from merit_lab.io import atomic_write_text
 
 __all__ = [
     "DEFAULT_SKETCH_DIM",
+    "DEVICES",
+    "EXPERIMENT_KINDS",
     "SKETCH_KINDS",
     "CalibrationConfig",
     "DiagnosticsConfig",
@@ -37,6 +45,36 @@ __all__ = [
 ]
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+EXPERIMENT_KINDS = ("joint", "split", "soup")
+
+
+def _refuse(problems: list[str]) -> None:
+    """One ValueError, a line per problem (``field: what is wrong``); `_build` adds the path."""
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def _below(obj: Any, low: float, *names: str) -> list[str]:
+    """A problem for each named field (None: unset, skipped) under ``low``."""
+    values = {n: getattr(obj, n) for n in names}
+    return [
+        f"{n}: must be >= {low}, got {v!r}" for n, v in values.items() if v is not None and v < low
+    ]
+
+
+def _unless(ok: bool, problem: str) -> list[str]:
+    return [] if ok else [problem]
+
+
+def _not_one_of(name: str, what: str, value: Any, choices: typing.Iterable[str]) -> list[str]:
+    choices = list(choices)
+    listed = ", ".join(choices)
+    return _unless(
+        value in choices, f"{name}: unknown {what} {value!r}; {what} must be one of: {listed}"
+    )
+
+
 @dataclass(frozen=True)
 class MixtureConfig:
     path: str = "demo"  # "demo", a folder/file of sources, or a `datasets` name / saved folder
@@ -44,12 +82,23 @@ class MixtureConfig:
     eval_fraction: float = 0.1  # held out per source when there is no eval split
     split: str = "train"  # split of a `datasets` dataset to read
 
+    def __post_init__(self) -> None:
+        _refuse(
+            _unless(
+                0 <= self.eval_fraction < 1,
+                f"eval_fraction: must be in [0, 1), got {self.eval_fraction!r}",
+            )
+        )
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     n: int = 200  # calibration examples per source (the paper: direction stable from ~160-200)
     micro_batch_size: int = 16  # examples per forward/backward; gradients accumulate exactly
     max_length: int = 256  # tokens per example, truncated on the right
+
+    def __post_init__(self) -> None:
+        _refuse(_below(self, 1, "n", "micro_batch_size") + _below(self, 8, "max_length"))
 
 
 DEFAULT_SKETCH_DIM = 2**18
@@ -71,12 +120,15 @@ class SketchSpec:
     every: int = 5  # subsample: keep every k-th coordinate (the paper's 1 in 5)
 
     def __post_init__(self) -> None:
-        if self.kind not in SKETCH_KINDS:
-            raise ValueError(f"unknown sketch kind {self.kind!r}; expected one of {SKETCH_KINDS}")
-        if self.kind in ("countsketch", "gaussian") and not 1 <= self.dim < 2**31:
-            raise ValueError(f"sketch dim must be in [1, 2**31), got {self.dim}")
-        if self.every < 1:
-            raise ValueError(f"subsample 'every' must be >= 1, got {self.every}")
+        _refuse(
+            _not_one_of("kind", "sketch kind", self.kind, SKETCH_KINDS)
+            + _unless(
+                self.kind not in ("countsketch", "gaussian") or 1 <= self.dim < 2**31,
+                f"dim: sketch dim must be in [1, 2**31), got {self.dim!r}",
+            )
+            + _below(self, 1, "every")
+            + _below(self, 0, "seed")
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,6 +154,13 @@ class PartitionConfig:
     k: int | None = None  # number of groups instead of r (any K)
     seed: int = 0  # seed of random / k-means
 
+    def __post_init__(self) -> None:
+        _refuse(
+            _below(self, 0, "r", "seed")
+            + _below(self, 1, "k")
+            + _unless(self.r is not None or self.k is not None, "r: give r (K = 2^r groups) or k")
+        )
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -122,6 +181,19 @@ class TrainConfig:
     gpus: tuple[int, ...] = ()  # local: GPU ids, one branch per GPU (empty: all visible)
     slurm: dict = field(default_factory=dict)  # slurm: submitit parameters (partition, gpus...)
 
+    def __post_init__(self) -> None:
+        _refuse(
+            _unless(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
+            + _below(self, 1, "batch_size", "grad_accum", "save_steps", "n_procs")
+            + _unless(
+                0 <= self.warmup_ratio < 1,
+                f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}",
+            )
+            + _below(self, 0, "weight_decay", "max_grad_norm", "seed")
+            + _below(self, 8, "max_length")
+            + _unless(all(g >= 0 for g in self.gpus), f"gpus: ids must be >= 0, got {self.gpus}")
+        )
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -138,14 +210,28 @@ class ExperimentConfig:
     merges: tuple[str, ...] = ("linear",)  # split: merge methods; rows beyond the first: name+m
 
     def __post_init__(self) -> None:
-        if self.kind not in ("joint", "split", "soup"):
-            raise ValueError(f"experiment {self.name!r}: kind must be joint, split or soup")
-        if not self.epochs > 0:
-            raise ValueError(f"experiment {self.name!r}: epochs must be > 0")
-        if self.kind == "split" and self.method is not None and self.r is None and self.k is None:
-            raise ValueError(f"experiment {self.name!r}: give r or k for method {self.method!r}")
-        if self.kind == "soup" and len(self.seeds) < 2:
-            raise ValueError(f"experiment {self.name!r}: a soup needs at least two seeds")
+        split, soup = self.kind == "split", self.kind == "soup"
+        _refuse(
+            _unless(bool(self.name), "name: must not be empty")
+            + _not_one_of("kind", "kind", self.kind, EXPERIMENT_KINDS)
+            + _unless(self.epochs > 0, f"epochs: must be > 0, got {self.epochs!r}")
+            + _below(self, 0, "r", "seed")
+            + _below(self, 1, "k")
+            + _unless(
+                not split or self.method is None or self.r is not None or self.k is not None,
+                f"r: give r or k for method {self.method!r}",
+            )
+            + _unless(
+                not soup or len(set(self.seeds)) >= 2,
+                f"seeds: a soup needs at least two seeds, all different; got {self.seeds}",
+            )
+            + _unless(all(s >= 0 for s in self.seeds), f"seeds: must be >= 0, got {self.seeds}")
+            + _unless(not split or len(self.merges) >= 1, "merges: give at least one merge method")
+            + _unless(
+                len(set(self.merges)) == len(self.merges),
+                f"merges: a method is listed twice: {self.merges}",
+            )
+        )
 
 
 def default_experiments() -> tuple[ExperimentConfig, ...]:
@@ -166,6 +252,9 @@ class MergeConfig:
     params: dict = field(default_factory=dict)  # per method: {ties: {density: 0.5, lambda: 1}}
     shard_size: int = 2**30  # most bytes per output shard
 
+    def __post_init__(self) -> None:
+        _refuse(_below(self, 1, "shard_size"))
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -174,6 +263,12 @@ class EvalConfig:
     exact_match: bool = True  # greedy answers vs references, on the eval split
     max_new_tokens: int = 48  # greedy answer length limit
     batch_size: int = 256  # examples per forward / generate call (pooled over sources)
+
+    def __post_init__(self) -> None:
+        _refuse(
+            _unless(len(self.splits) >= 1, "splits: give at least one split")
+            + _below(self, 1, "max_examples", "max_new_tokens", "batch_size")
+        )
 
 
 @dataclass(frozen=True)
@@ -187,6 +282,17 @@ class DiagnosticsConfig:
     hessian_iter: int = 20  # Lanczos steps
     curvature_examples: int = 2  # calibration examples per source in the Hessian's loss
     curvature_params: tuple[str, ...] = ()  # parameter globs of the Hessian (empty: all)
+
+    def __post_init__(self) -> None:
+        _refuse(
+            _below(self, 1, "max_examples", "hessian_k", "hessian_iter", "curvature_examples")
+            + _below(self, 2, "alphas")
+            + _unless(all(s >= 0 for s in self.sigmas), f"sigmas: must be >= 0, got {self.sigmas}")
+            + _unless(
+                len(self.seeds) >= 1 and all(s >= 0 for s in self.seeds),
+                f"seeds: give at least one seed, each >= 0; got {self.seeds}",
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -211,8 +317,23 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.experiments]
-        if len(set(names)) != len(names) or "theta0" in names:
-            raise ValueError(f"experiment names must be unique and not 'theta0': {names}")
+        device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None
+        _refuse(
+            _unless(
+                bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+                f"name: must be a folder name, got {self.name!r}",
+            )
+            + _unless(
+                len(set(names)) == len(names) and "theta0" not in names,
+                f"experiments: names must be unique and not 'theta0': {names}",
+            )
+            + _unless(
+                device_ok,
+                f"device: unknown device {self.device!r}; device must be one "
+                f"of: {', '.join(DEVICES)}",
+            )
+            + _below(self, 0, "seed")
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -225,37 +346,110 @@ class RunConfig:
         return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        return _build(cls, d, "config")
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> RunConfig:
+        """A config from a mapping (as YAML gives it); one ValueError lists every problem, each
+        line ``<where>: <key path>: <what is wrong>``."""
+        problems: list[str] = []
+        cfg = _build(cls, d, "", problems)
+        if problems:
+            raise ValueError("\n".join(f"{where}: {p}" for p in problems))
+        return cfg
 
 
-def _build(cls: type, d: Any, where: str) -> Any:
+def _build(cls: type, d: Any, where: str, problems: list[str]) -> Any:
+    """``cls`` from the mapping ``d`` at key path ``where``; None if it has problems (appended)."""
     if isinstance(d, cls):
         return d
     if cls is MixtureConfig and isinstance(d, str):
-        return MixtureConfig(path=d)
+        d = {"path": d}
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+        problems.append(_key(where, f"expected a mapping, got {d!r}", sep=": "))
+        return None
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
+    hints = typing.get_type_hints(cls)
+    before = len(problems)
+    unknown = sorted(str(k) for k in set(d) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
-    kwargs = {}
+        problems.append(_key(where, f"unknown keys {unknown}; known: {sorted(fields)}", sep=": "))
+    required = [
+        n
+        for n, f in fields.items()
+        if n not in d
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    problems.extend(f"{_key(where, name)}: required" for name in required)
+    kwargs = {}  # the values that have the right type: their ranges are checked even so
     for k, v in d.items():
-        sub = _NESTED.get((cls, k))
+        if k not in fields:
+            continue
+        path, sub, n = _key(where, k), _NESTED.get((cls, k)), len(problems)
         if (cls, k) == (RunConfig, "experiments"):
             if not isinstance(v, (list, tuple)):
-                raise ValueError(f"{where}.experiments: expected a list of experiments")
-            kwargs[k] = tuple(
-                _build(ExperimentConfig, e, f"{where}.experiments[{i}]") for i, e in enumerate(v)
-            )
+                problems.append(f"{path}: expected a list of experiments, got {v!r}")
+                continue
+            built = [_build(ExperimentConfig, e, f"{path}[{i}]", problems) for i, e in enumerate(v)]
+            value = tuple(e for e in built if e is not None)
         elif sub is not None:
-            kwargs[k] = _build(sub, v, f"{where}.{k}")
-        elif isinstance(v, list):
-            kwargs[k] = tuple(v)
+            value = _build(sub, v, path, problems)
         else:
-            kwargs[k] = v
-    return cls(**kwargs)
+            value = _coerce(v, hints[k], path, problems)
+        if len(problems) == n:
+            kwargs[k] = value
+    if required:
+        return None
+    try:
+        obj = cls(**kwargs)
+    except ValueError as e:  # the ranges and choices of __post_init__, a line per problem
+        problems.extend(_key(where, line) for line in str(e).splitlines())
+        return None
+    return obj if len(problems) == before else None
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _key(where: str, rest: str, sep: str = ".") -> str:
+    return f"{where}{sep}{rest}" if where else rest
+
+
+def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
+    """``value`` as the annotated type ``hint`` (int, float, bool, str, X | None, tuple[X, ...],
+    dict); a problem is appended when it is not one. A float field takes an int as it is (so
+    hashes of existing configs do not move) and a numeric string as a float: YAML 1.1 reads
+    ``1e-3`` (no dot) as the string "1e-3"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _coerce(value, hint, path, problems)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            example = f", e.g. [{value}]" if isinstance(value, (str, int, float)) else ""
+            problems.append(f"{path}: expected a list{example}, got {value!r}")
+            return value
+        return tuple(_coerce(v, args[0], f"{path}[{i}]", problems) for i, v in enumerate(value))
+    expected = {
+        dict: "a mapping",
+        bool: "true or false",
+        str: "a string",
+        float: "a number",
+        int: "an integer",
+    }[origin or hint]
+    if (origin or hint) in (dict, bool, str) and isinstance(value, origin or hint):
+        return value
+    if hint in (int, float) and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            number = float(value)
+        if isinstance(number, (int, float)) and math.isfinite(number):
+            if hint is float:
+                return value if isinstance(value, (int, float)) else number
+            if isinstance(number, int) or number.is_integer():
+                return int(number)
+    problems.append(f"{path}: expected {expected}, got {value!r}")
+    return value
 
 
 _NESTED: dict[tuple[type, str], type] = {
@@ -278,6 +472,8 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     other training settings; any other value (a list of experiments, a string) replaces the key.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -289,7 +485,7 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
             data[k] = {**data[k], **v}
         else:
             data[k] = v
-    return _build(RunConfig, data, str(path))
+    return RunConfig.from_dict(data, where=str(path))
 
 
 def config_hash(*parts: Any) -> str:

@@ -1,4 +1,5 @@
-"""Atomic file I/O shared by every stage: temp file (or folder) + rename, JSON helpers, hashing.
+"""Atomic file I/O shared by every stage: temp file (or folder) + rename, JSON helpers, hashing,
+and the one-writer lock of a folder.
 
 A killed process leaves either the old artifact or the new one, never half of one.
 """
@@ -8,18 +9,28 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "LockHeldError",
     "atomic_dir",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "hold_lock",
     "read_json",
     "sha256_file",
 ]
@@ -93,3 +104,121 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class LockHeldError(FileExistsError):
+    """Another process holds the lock: the message names it (pid, host, since, command)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    """The lock's holder; None when the file vanished. A file still being written (created but
+    not yet filled) is re-read for up to a second before it is called malformed."""
+    for _ in range(10):
+        try:
+            holder = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
+                return holder
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            pass
+        time.sleep(0.1)
+    raise LockHeldError(
+        f"{path}: a lock file that names no holder; if no merit-lab process is writing "
+        f"{path.parent}, delete {path}"
+    )
+
+
+def _held_message(path: Path, holder: dict[str, Any], why: str) -> str:
+    return (
+        f"{path.parent} is being written by pid {holder['pid']} on host {holder.get('host')!r} "
+        f"since {holder.get('started')} (command: {holder.get('command')!r}). {why}"
+    )
+
+
+def _acquire(path: Path, me: dict[str, Any]) -> bool:
+    """Create the lock file holding ``me``; False when this process already holds it."""
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        if holder is None:  # released between our open and our read
+            continue
+        if holder.get("host") != me["host"]:
+            raise LockHeldError(
+                _held_message(
+                    path,
+                    holder,
+                    "That host's process cannot be checked from here, so the lock is not taken "
+                    f"over: wait for it to finish, or, if that host or its process is gone, "
+                    f"delete {path}.",
+                )
+            )
+        if holder["pid"] == me["pid"]:
+            return False
+        if _pid_alive(holder["pid"]):
+            raise LockHeldError(
+                _held_message(
+                    path,
+                    holder,
+                    f"Wait for it to finish, or stop it (kill {holder['pid']}) and run again.",
+                )
+            )
+        log.warning(
+            "%s: taking over the lock of pid %s (started %s, %r), which is no longer running",
+            path, holder["pid"], holder.get("started"), holder.get("command"),
+        )  # fmt: skip
+        if _read_holder(path) == holder:  # not replaced by another taker meanwhile
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+@contextlib.contextmanager
+def hold_lock(path: str | os.PathLike, *, command: str | None = None) -> Iterator[Path]:
+    """Hold ``path`` as a lock file for the block: one writer per folder at a time.
+
+    The file holds JSON ``{pid, host, started, command}`` and is created with ``O_CREAT|O_EXCL``,
+    so two processes cannot both take it; it is removed when the block ends, by an exception
+    too. A lock this process already holds is entered again (nested calls; the outermost block
+    removes it). A lock whose process is dead on this host is taken over with a warning; one
+    from another host never is (its process cannot be checked from here).
+
+    Args:
+        command: what the holder is doing, shown to a refused writer (default: ``sys.argv``).
+
+    Raises:
+        LockHeldError: a live process (or one on another host) holds the lock.
+    """
+    path = Path(path)
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command if command is not None else shlex.join(sys.argv),
+    }
+    if not _acquire(path, me):
+        yield path
+        return
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError, LockHeldError):
+            if _read_holder(path) == me:  # never remove a lock another process took over
+                path.unlink()

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -105,12 +106,22 @@ class BranchSpec:
         if min(self.batch_size, self.grad_accum, self.save_steps, self.max_length) < 1:
             raise ValueError("batch_size, grad_accum, save_steps and max_length must be >= 1")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The spec as JSON-ready data (tuples become lists)."""
+    def to_dict(self, *, relative_to: str | Path | None = None) -> dict[str, Any]:
+        """The spec as JSON-ready data (tuples become lists).
+
+        Args:
+            relative_to: the folder of the file the data goes to; when that file lies in
+                ``output_dir`` (``spec.json``, ``final/merit_branch.json``), ``output_dir`` is
+                written relative to it ("." or ".."), so the branch folder can move.
+        """
         d = dataclasses.asdict(self)
         d["sources"] = list(self.sources)
         if not self.fractions:  # absent when unused: specs written before curation stay equal
             d.pop("fractions")
+        if relative_to is not None:
+            out, folder = Path(self.output_dir).resolve(), Path(relative_to).resolve()
+            if folder == out or out in folder.parents:
+                d["output_dir"] = Path(os.path.relpath(out, folder)).as_posix()
         return d
 
     @classmethod
@@ -122,13 +133,19 @@ class BranchSpec:
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
-        """Write the spec as JSON (atomically)."""
-        return atomic_write_json(path, self.to_dict())
+        """Write the spec as JSON (atomically); an ``output_dir`` holding the file is stored
+        relative to it."""
+        return atomic_write_json(path, self.to_dict(relative_to=Path(path).parent))
 
     @classmethod
     def load(cls, path: str | Path) -> BranchSpec:
-        """Read a spec written by `save`."""
-        return cls.from_dict(read_json(path))
+        """Read a spec written by `save`; a relative ``output_dir`` is taken from the file's
+        folder (wherever the run has moved), an absolute one as it is."""
+        data = read_json(path)
+        out = data.get("output_dir")
+        if isinstance(out, str) and not Path(out).is_absolute():
+            data["output_dir"] = str((Path(path).parent / out).resolve())
+        return cls.from_dict(data)
 
 
 def _schedule(spec: BranchSpec, lengths: Mapping[str, Sequence[int]]) -> list[tuple[str, int]]:
@@ -415,7 +432,7 @@ def _manifest(
         "tokens_per_s": tokens_per_s,  # of the last session, on `device`
         "device": str(trainer.args.device),
         "torch_threads": torch.get_num_threads(),
-        "spec": spec.to_dict(),
+        "spec": spec.to_dict(relative_to=out / "final"),  # output_dir: ".." (moves with it)
     }
 
 

@@ -29,7 +29,13 @@ import torch
 from merit_lab.checkpoints import fingerprint_checkpoint
 from merit_lab.config import ExperimentConfig, RunConfig, config_hash
 from merit_lab.evaluate import evaluate_model
-from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
+from merit_lab.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    sha256_file,
+)
 from merit_lab.launch import launch_branches
 from merit_lab.merge import merge_checkpoints
 from merit_lab.models import load_model, load_tokenizer, resolve_model_path
@@ -324,6 +330,7 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
         key = _merge_key(row, weights or [], params)
         manifest = row.model_dir / "merge_manifest.json"
         if run.is_current("merged", key, row.label):
+            _repoint_merge_records(row, base if base.is_dir() else None)
             done.append({"label": row.label, "method": row.merge_method, "seconds": 0.0})
             continue
         report = merge_checkpoints(
@@ -353,6 +360,35 @@ def _stamp_manifest(path: Path, key: str, tokens: Sequence[int]) -> None:
     data = read_json(path)
     data.update(merit_key=key, branch_tokens=list(tokens))
     atomic_write_json(path, data)
+
+
+def _repoint_merge_records(row: ModelRow, base: Path | None) -> None:
+    """Point a current merge's records (``merge_manifest.json``, ``mergekit.yaml``) at where its
+    inputs are now, after the run (or θ0) moved: the same files, so every hash stays true."""
+    import yaml
+
+    path = row.model_dir / "merge_manifest.json"
+    data = read_json(path)
+    inputs = [str(p.resolve()) for p in row.inputs]
+    base_path = str(base.resolve()) if base is not None else None
+    recorded_base = (data.get("base") or {}).get("path")
+    if [i["path"] for i in data["inputs"]] == inputs and recorded_base in (None, base_path):
+        return
+    for entry, p in zip(data["inputs"], inputs, strict=True):
+        entry["path"] = p
+    if recorded_base is not None and base_path is not None:
+        data["base"]["path"] = base_path
+    mk_path = row.model_dir / "mergekit.yaml"
+    if mk_path.is_file():
+        mk = yaml.safe_load(mk_path.read_text(encoding="utf-8"))
+        for model, p in zip(mk["models"], inputs, strict=True):
+            model["model"] = p
+        if "base_model" in mk and base_path is not None:
+            mk["base_model"] = base_path
+        atomic_write_text(mk_path, yaml.safe_dump(mk, sort_keys=False))
+        data["output"]["files"]["mergekit.yaml"] = sha256_file(mk_path)
+    atomic_write_json(path, data)
+    log.info("%s: merge records re-pointed at the inputs' new location", row.label)
 
 
 def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:

@@ -7,7 +7,9 @@ is written down once (docs/architecture.md, "The run directory").
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from merit_lab.config import RunConfig, load_config
 from merit_lab.conflict import ConflictSpace
 from merit_lab.curation import DROPPED, UNPLACED
 from merit_lab.gradients import GradientBank
-from merit_lab.io import read_json
+from merit_lab.io import hold_lock, read_json
 from merit_lab.mixture import Mixture, load_mixture
 from merit_lab.partition import Partition
 
@@ -98,6 +100,22 @@ class RunDir:
     @property
     def timings(self) -> Path:
         return self.root / "timings.json"
+
+    @property
+    def lock(self) -> Path:
+        """``.lock``: the one writer's pid, host, start time and command, while it runs."""
+        return self.root / ".lock"
+
+    @contextlib.contextmanager
+    def writer_lock(self, command: str | None = None) -> Iterator[RunDir]:
+        """Be the run's one writer for the block (`merit_lab.io.hold_lock` on `lock`).
+
+        Raises:
+            LockHeldError: another live process writes this run (the message names it).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with hold_lock(self.lock, command=command):
+            yield self
 
     @property
     def convergence(self) -> Path:

@@ -3,7 +3,8 @@ conflict → partition → train → merge → evaluate → diagnose → report.
 
 Each stage reads the previous artifact from ``runs/<name>/`` and writes its own atomically; a
 stage whose artifact exists and was made from the same inputs is skipped, so re-running resumes.
-The wall time of every stage that did work is kept in ``timings.json``.
+The wall time of every stage that did work is kept in ``timings.json``. One process writes a run
+at a time: the loop holds ``runs/<name>/.lock`` (`RunDir.writer_lock`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from merit_lab.pipeline.experiments import (
 )
 from merit_lab.pipeline.report import write_report
 from merit_lab.pipeline.rundir import RunDir
+from merit_lab.validate import validate_config
 
 __all__ = ["STAGES", "run_pipeline", "run_summary", "stage_status"]
 
@@ -124,6 +126,10 @@ def run_pipeline(
 
     Returns:
         The run directory.
+
+    Raises:
+        LockHeldError: another live process is writing the run (``runs/<name>/.lock`` names
+            it); the lock of a process that died on this host is taken over with a warning.
     """
     if not isinstance(cfg, RunConfig):
         cfg = load_config(cfg)
@@ -135,9 +141,16 @@ def run_pipeline(
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
+    validate_config(cfg, diagnose="diagnose" in stages)  # every choice, model, device: no work yet
     run = RunDir(cfg.run_dir)
-    run.root.mkdir(parents=True, exist_ok=True)
-    cfg.save(run.config)
+    with run.writer_lock():  # one writer per run; a second one is refused, naming the first
+        cfg.save(run.config)
+        _run_stages(cfg, run, stages, force)
+    return run
+
+
+def _run_stages(cfg: RunConfig, run: RunDir, stages: Sequence[str], force: bool) -> None:
+    """The loop: each named stage in pipeline order, its wall time kept when it did work."""
     for name in STAGES:
         if name not in stages:
             continue
@@ -151,7 +164,6 @@ def run_pipeline(
             timings = read_json(run.timings) if run.timings.exists() else {}
             timings[name] = round(seconds, 2)
             atomic_write_json(run.timings, timings)
-    return run
 
 
 def _clear_stage(run: RunDir, name: str) -> None:

@@ -1,0 +1,180 @@
+"""Checks of a run config against the registries and the machine, before any work.
+
+Input: a `RunConfig` (its types and ranges were checked when it was built). Output: nothing, or
+one ValueError with a line per problem: its key path and, for a choice, the valid choices.
+`config.py` stays free of torch; the registries named here (merge methods, partition methods,
+splits, launchers, schedulers, dtypes) live in modules that import it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from merit_lab.config import RunConfig
+from merit_lab.launch import MODES
+from merit_lab.merge import MERGE_METHODS
+from merit_lab.mixture import SPLITS
+from merit_lab.models import DTYPES
+from merit_lab.partition import PARTITION_METHODS
+from merit_lab.train import SCHEDULERS
+
+__all__ = ["config_problems", "validate_config"]
+
+# A hub id is "name" or "org/name"; a path starts with / . ~ or has more than one separator.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def validate_config(cfg: RunConfig, *, diagnose: bool = True) -> None:
+    """Raise one ValueError listing every problem of ``cfg`` (see `config_problems`)."""
+    problems = config_problems(cfg, diagnose=diagnose)
+    if problems:
+        raise ValueError("\n".join(f"config {cfg.name!r}: {p}" for p in problems))
+
+
+def config_problems(cfg: RunConfig, *, diagnose: bool = True) -> list[str]:
+    """Every choice of ``cfg`` that names nothing registered, and what this machine cannot do.
+
+    Each line is ``<key path>: <what is wrong>``; a choice lists the valid ones.
+
+    Args:
+        diagnose: check ``diagnostics.experiments`` against the experiments too. Off when the
+            diagnose stage does not run: a notebook that overrides the experiments of a config
+            to train a smaller table need not restate its diagnostics.
+    """
+    problems = [
+        *_choice("dtype", "dtype", cfg.dtype, ["auto", *DTYPES]),
+        *_choice("partition.method", "partition method", cfg.partition.method, PARTITION_METHODS),
+        *_choice("train.lr_scheduler", "lr_scheduler", cfg.train.lr_scheduler, SCHEDULERS),
+        *_choice("train.launcher", "launcher", cfg.train.launcher, MODES),
+        *(
+            p
+            for i, s in enumerate(cfg.eval.splits)
+            for p in _choice(f"eval.splits[{i}]", "split", s, SPLITS)
+        ),
+        *_experiment_problems(cfg),
+        *_merge_param_problems(cfg.merge.params),
+        *(_diagnostics_problems(cfg) if diagnose else []),
+        *_model_problems(cfg.model),
+        *_device_problems(cfg),
+    ]
+    if cfg.train.launcher == "slurm" and importlib.util.find_spec("submitit") is None:
+        problems.append("train.launcher: 'slurm' needs submitit (pip install submitit)")
+    return problems
+
+
+def _choice(key: str, what: str, value: object, choices: Iterable[str]) -> list[str]:
+    """The config.py wording: ``key: unknown <what> 'x'; <what> must be one of: a, b``."""
+    choices = list(choices)
+    if value in choices:
+        return []
+    return [f"{key}: unknown {what} {value!r}; {what} must be one of: {', '.join(choices)}"]
+
+
+def _experiment_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+    for i, e in enumerate(cfg.experiments):
+        key = f"experiments[{i}]"
+        if e.method is not None:
+            problems += _choice(f"{key}.method", "partition method", e.method, PARTITION_METHODS)
+        for j, m in enumerate(e.merges):
+            problems += _choice(f"{key}.merges[{j}]", "merge method", m, MERGE_METHODS)
+    return problems
+
+
+def _merge_param_problems(params: dict) -> list[str]:
+    problems = []
+    for method, prm in params.items():
+        key = f"merge.params.{method}"
+        if method not in MERGE_METHODS:
+            problems += _choice(key, "merge method", method, MERGE_METHODS)
+            continue
+        if not isinstance(prm, dict):
+            problems.append(f"{key}: expected a mapping of parameters, got {prm!r}")
+            continue
+        known = MERGE_METHODS[method].defaults
+        for name, value in prm.items():
+            if name not in known:
+                takes = ", ".join(known) or "no parameters"
+                problems.append(f"{key}.{name}: unknown parameter; {method} takes: {takes}")
+            elif not _finite(value):
+                problems.append(f"{key}.{name}: expected a finite number, got {value!r}")
+            elif name == "density" and not 0 < float(value) <= 1:
+                problems.append(f"{key}.density: must be in (0, 1], got {value!r}")
+    return problems
+
+
+def _finite(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _diagnostics_problems(cfg: RunConfig) -> list[str]:
+    """Diagnostics compare a split experiment's linear merge with its joint run."""
+    valid = [e.name for e in cfg.experiments if e.kind == "split" and "linear" in e.merges]
+    problems = []
+    for i, name in enumerate(cfg.diagnostics.experiments):
+        if name not in valid:
+            choices = ", ".join(valid) or "none in this config"
+            problems.append(
+                f"diagnostics.experiments[{i}]: {name!r} is not a split experiment of this config "
+                f"with a linear merge; choose from: {choices}"
+            )
+    return problems
+
+
+def _model_problems(model: str) -> list[str]:
+    """A local folder must hold a Hugging Face model; a hub id is left to the hub."""
+    if model == "demo":
+        return []
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return []
+        return [f"model: {model!r} is a folder without config.json (not a Hugging Face model)"]
+    if path.exists():
+        return [f"model: {model!r} is a file; give a Hugging Face model folder or a hub id"]
+    if _HUB_ID.fullmatch(model):
+        return []
+    return [
+        f'model: {model!r}: no such folder, and not a hub id (org/name); use "demo", a '
+        "Hugging Face model folder or a hub id"
+    ]
+
+
+def _device_problems(cfg: RunConfig) -> list[str]:
+    """A CUDA device that this machine lacks fails now, not after the CPU stages."""
+    wants_gpus = cfg.train.launcher == "local" and cfg.train.gpus
+    if not cfg.device.startswith("cuda") and not wants_gpus:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        if cfg.device.startswith("cuda"):
+            return [
+                f"device: {cfg.device!r} but torch.cuda.is_available() is False; use auto or cpu"
+            ]
+        return [
+            f"train.gpus: {list(cfg.train.gpus)} but torch.cuda.is_available() is False; "
+            "leave gpus empty"
+        ]
+    count = torch.cuda.device_count()
+    problems = []
+    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= count:
+        problems.append(
+            f"device: {cfg.device!r} but this machine has {count} CUDA device(s): "
+            f"cuda:0 to cuda:{count - 1}"
+        )
+    if wants_gpus and any(g >= count for g in cfg.train.gpus):
+        problems.append(
+            f"train.gpus: {list(cfg.train.gpus)} but this machine has {count} CUDA "
+            f"device(s): ids 0 to {count - 1}"
+        )
+    return problems

@@ -1,0 +1,253 @@
+"""A config is checked when it is loaded and before any work: types (``1e-3`` is a number),
+ranges, every choice against its registry (with the valid choices), the model folder and the
+device; one message names each problem by its key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from merit_lab.cli import main
+from merit_lab.config import RunConfig, TrainConfig, load_config
+from merit_lab.merge import MERGE_METHODS
+from merit_lab.mixture import SPLITS
+from merit_lab.partition import PARTITION_METHODS
+from merit_lab.pipeline import run_pipeline
+from merit_lab.validate import validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLIT = "experiments: [{name: m, method: balanced, r: 1}]\n"
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    """The message a config's YAML text fails with, at load or at validation."""
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        validate_config(load_config(path))
+    return str(info.value)
+
+
+# (YAML, the key path the message names, the choices it lists)
+MISTAKES = [
+    ("train: {lr: fast}\n", "train.lr: expected a number, got 'fast'", []),
+    ("train: {lr: -1e-3}\n", "train.lr: must be > 0", []),
+    ("train: {batch_size: 0}\n", "train.batch_size: must be >= 1", []),
+    ("train: {batch_size: 2.5}\n", "train.batch_size: expected an integer", []),
+    ("train: {grad_accum: -1}\n", "train.grad_accum: must be >= 1", []),
+    ("train: {warmup_ratio: 1.0}\n", "train.warmup_ratio: must be in [0, 1)", []),
+    ("train: {weight_decay: -0.1}\n", "train.weight_decay: must be >= 0", []),
+    ("train: {save_steps: 0}\n", "train.save_steps: must be >= 1", []),
+    ("train: {n_procs: 0}\n", "train.n_procs: must be >= 1", []),
+    ("train: {gpus: '0,1'}\n", "train.gpus: expected a list", []),
+    ("train: {lr_scheduler: cosin}\n", "train.lr_scheduler", ["cosine", "linear", "constant"]),
+    ("train: {launcher: slurmm}\n", "train.launcher", ["sequential", "local", "slurm"]),
+    ("device: gpu\n", "device: unknown device 'gpu'", ["auto", "cpu", "cuda", "cuda:N"]),
+    ("dtype: fp16\n", "dtype: unknown dtype 'fp16'", ["auto", "float32", "bfloat16", "float16"]),
+    ("sketch: {kind: fft}\n", "sketch.kind", ["countsketch", "gaussian", "subsample", "exact"]),
+    ("sketch: {dim: 0}\n", "sketch.dim", []),
+    ("partition: {method: spectral}\n", "partition.method", list(PARTITION_METHODS)),
+    ("partition: {r: -1}\n", "partition.r: must be >= 0", []),
+    ("partition: {r: null, k: 0}\n", "partition.k: must be >= 1", []),
+    ("calibration: {n: 0}\n", "calibration.n: must be >= 1", []),
+    ("calibration: {micro_batch_size: -4}\n", "calibration.micro_batch_size: must be >= 1", []),
+    ("calibration: {max_length: 4}\n", "calibration.max_length: must be >= 8", []),
+    ("calibration: 200\n", "calibration: expected a mapping", []),
+    ("mixture: {eval_fraction: 1}\n", "mixture.eval_fraction: must be in [0, 1)", []),
+    ("seed: -1\n", "seed: must be >= 0", []),
+    ("experiments: joint-1ep\n", "experiments: expected a list of experiments", []),
+    (
+        "experiments: [{name: a, kind: ensemble}]\n",
+        "experiments[0].kind",
+        ["joint", "split", "soup"],
+    ),
+    ("experiments: [{kind: joint}]\n", "experiments[0].name: required", []),
+    (
+        "experiments: [{name: a, kind: joint, epochs: 0}]\n",
+        "experiments[0].epochs: must be > 0",
+        [],
+    ),
+    ("experiments: [{name: s, kind: soup, seeds: [1, 1]}]\n", "experiments[0].seeds", []),
+    (
+        "experiments: [{name: a, method: kmean, k: 2}]\n",
+        "experiments[0].method",
+        list(PARTITION_METHODS),
+    ),
+    (
+        "experiments: [{name: a, merges: [linear, tie]}]\n",
+        "experiments[0].merges[1]",
+        list(MERGE_METHODS),
+    ),
+    ("experiments: [{name: a, merges: linear}]\n", "experiments[0].merges: expected a list", []),
+    ("merge: {params: {tie: {density: 0.5}}}\n", "merge.params.tie", list(MERGE_METHODS)),
+    ("merge: {params: {ties: {densty: 0.5}}}\n", "merge.params.ties.densty", ["density", "lambda"]),
+    ("merge: {params: {ties: {density: 2}}}\n", "merge.params.ties.density: must be in (0, 1]", []),
+    ("eval: {splits: [test]}\n", "eval.splits[0]", list(SPLITS)),
+    ("eval: {splits: []}\n", "eval.splits: give at least one split", []),
+    ("eval: {max_new_tokens: 0}\n", "eval.max_new_tokens: must be >= 1", []),
+    ("eval: {max_examples: 0}\n", "eval.max_examples: must be >= 1", []),
+    ("eval: {exact_match: sure}\n", "eval.exact_match: expected true or false", []),
+    ("diagnostics: {alphas: 1}\n", "diagnostics.alphas: must be >= 2", []),
+    ("diagnostics: {sigmas: [0, -1e-3]}\n", "diagnostics.sigmas: must be >= 0", []),
+    ("diagnostics: {hessian_k: 0}\n", "diagnostics.hessian_k: must be >= 1", []),
+    (
+        "diagnostics: {experiments: [joint-1ep]}\n",
+        "diagnostics.experiments[0]",
+        ["merit-1d", "merit-2d", "random-k4"],
+    ),
+    (SPLIT + "diagnostics: {experiments: [m2]}\n", "diagnostics.experiments[0]", ["m"]),
+    ("model: ./no/such/model\n", "model: './no/such/model': no such folder, and not a hub id", []),
+    ("name: a/b\n", "name: must be a folder name", []),
+    ("trian: {lr: 1.0e-4}\n", "unknown keys ['trian']", ["train"]),
+]
+
+
+@pytest.mark.parametrize(("text", "names", "choices"), MISTAKES, ids=[m[1] for m in MISTAKES])
+def test_a_newcomer_mistake_names_its_key_and_the_choices(tmp_path, text, names, choices):
+    message = _error(tmp_path, text)
+    assert names in message
+    for choice in choices:
+        assert choice in message, (choice, message)
+    assert str(tmp_path / "x.yaml") in message or message.startswith("config ")
+
+
+def test_every_problem_is_listed_in_one_message(tmp_path):
+    message = _error(
+        tmp_path, "train: {lr: fast, batch_size: 0}\ncalibration: {n: 0}\ndevice: gpu\n"
+    )
+    lines = message.splitlines()
+    assert len(lines) == 4
+    assert all(line.startswith(f"{tmp_path / 'x.yaml'}: ") for line in lines)
+    for key in ["train.lr", "train.batch_size", "calibration.n", "device"]:
+        assert any(f": {key}: " in line for line in lines), key
+
+
+def test_registry_problems_are_listed_together(tmp_path):
+    message = _error(tmp_path, "dtype: half\ntrain: {launcher: mpi}\neval: {splits: [test]}\n")
+    assert len(message.splitlines()) == 3
+    assert all(line.startswith("config 'demo': ") for line in message.splitlines())
+
+
+def test_yaml_1e_minus_3_is_a_number(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train: {lr: 1e-3}\ndiagnostics: {sigmas: [0, 1e-3]}\n")
+    assert yaml.safe_load(path.read_text())["train"]["lr"] == "1e-3"  # YAML 1.1: a string
+    cfg = load_config(path)
+    assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
+    assert cfg.diagnostics.sigmas == (0, 0.001)
+
+
+def test_numbers_keep_their_yaml_form_where_they_are_right(tmp_path):
+    # an int in a float field stays an int: the stored keys of existing runs do not move
+    path = tmp_path / "x.yaml"
+    path.write_text("experiments: [{name: j, kind: joint, epochs: 1}]\ncalibration: {n: 8.0}\n")
+    cfg = load_config(path)
+    assert cfg.experiments[0].epochs == 1 and isinstance(cfg.experiments[0].epochs, int)
+    assert cfg.calibration.n == 8 and isinstance(cfg.calibration.n, int)
+
+
+def test_the_demo_configs_load_validate_and_round_trip():
+    for name in ["demo.yaml", "demo-full.yaml"]:
+        cfg = load_config(ROOT / "configs" / name)
+        validate_config(cfg)
+        assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    validate_config(RunConfig())
+
+
+def test_direct_construction_checks_ranges_too():
+    with pytest.raises(ValueError, match="lr: must be > 0"):
+        TrainConfig(lr=0.0)
+
+
+def test_a_hub_id_is_left_to_the_hub_and_a_bare_folder_is_refused(tmp_path):
+    validate_config(RunConfig(model="org/name"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="without config.json"):
+        validate_config(RunConfig(model=str(folder)))
+    (folder / "config.json").write_text("{}")
+    validate_config(RunConfig(model=str(folder)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_fails_before_any_work(tmp_path):
+    message = _error(tmp_path, "device: cuda\n")
+    assert "device: 'cuda' but torch.cuda.is_available() is False; use auto or cpu" in message
+
+
+def test_a_bad_config_fails_before_any_work(tmp_path):
+    path = tmp_path / "x.yaml"
+    out = tmp_path / "runs"
+    path.write_text(
+        yaml.safe_dump({"name": "bad", "output_dir": str(out), "train": {"launcher": "mpi"}})
+    )
+    with pytest.raises(ValueError, match="train.launcher"):
+        run_pipeline(path)
+    cfg = load_config(path)
+    with pytest.raises(ValueError, match="train.launcher"):
+        run_pipeline(cfg, until="mixture")
+    assert not (out / "bad").exists() or not any((out / "bad").iterdir())
+
+
+def test_cli_prints_the_problems_and_exits_2(tmp_path, capsys):
+    path = tmp_path / "x.yaml"
+    path.write_text("train: {lr: fast}\ndtype: half\n")
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"merit-lab: error: {path}: train.lr: expected a number, got 'fast'" in err
+    path.write_text("dtype: half\n")
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "runs")]) == 2
+    assert "merit-lab: error: config 'demo': dtype: unknown dtype 'half'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_command_shows_no_traceback(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("eval: {splits: [test]}\n")
+    exe = Path(sys.executable).parent / "merit-lab"
+    proc = subprocess.run(
+        [str(exe), "run", str(path), "--output-dir", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "eval.splits[0]: unknown split 'test'" in proc.stderr
+    missing = subprocess.run(
+        [str(exe), "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True, timeout=300
+    )
+    assert missing.returncode == 2 and "no such config file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_config_still_imports_without_torch():
+    code = "import sys, merit_lab.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_diagnostics_experiments_are_checked_when_the_diagnose_stage_runs(tmp_path):
+    # a notebook that trains a smaller table than its config need not restate the diagnostics
+    path = tmp_path / "x.yaml"
+    out = tmp_path / "runs"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "small",
+                "output_dir": str(out),
+                "experiments": [{"name": "merit-1d", "r": 1, "method": "balanced"}],
+                "diagnostics": {"experiments": ["merit-2d"]},
+            }
+        )
+    )
+    cfg = load_config(path)
+    validate_config(cfg, diagnose=False)
+    with pytest.raises(ValueError, match=r"diagnostics.experiments\[0\]: 'merit-2d'.*merit-1d"):
+        run_pipeline(cfg, ["diagnose", "report"])
+    assert not (out / "small").exists()
