@@ -27,7 +27,9 @@ __all__ = [
     "DEFAULT_SKETCH_DIM",
     "DEVICES",
     "EXPERIMENT_KINDS",
+    "LONG_EXAMPLE_POLICIES",
     "SKETCH_KINDS",
+    "SMALL_SOURCE_POLICIES",
     "CalibrationConfig",
     "DiagnosticsConfig",
     "EvalConfig",
@@ -47,6 +49,8 @@ __all__ = [
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 EXPERIMENT_KINDS = ("joint", "split", "soup")
+LONG_EXAMPLE_POLICIES = ("truncate_prompt", "skip", "truncate_right")  # formatting.tokenize_example
+SMALL_SOURCE_POLICIES = ("refuse", "warn")  # the mixture stage, on a source short of examples
 
 
 def _refuse(problems: list[str]) -> None:
@@ -81,6 +85,10 @@ class MixtureConfig:
     source_column: str = "source"  # source column for single-table inputs
     eval_fraction: float = 0.1  # held out per source when there is no eval split
     split: str = "train"  # split of a `datasets` dataset to read
+    # an example over max_length: drop its first prompt tokens, "skip" it, or "truncate_right"
+    long_examples: str = "truncate_prompt"
+    # a source short of calibration.n calibration examples, or with no train/eval: "refuse"/"warn"
+    small_sources: str = "refuse"
 
     def __post_init__(self) -> None:
         _refuse(
@@ -88,6 +96,8 @@ class MixtureConfig:
                 0 <= self.eval_fraction < 1,
                 f"eval_fraction: must be in [0, 1), got {self.eval_fraction!r}",
             )
+            + _not_one_of("long_examples", "policy", self.long_examples, LONG_EXAMPLE_POLICIES)
+            + _not_one_of("small_sources", "policy", self.small_sources, SMALL_SOURCE_POLICIES)
         )
 
 
@@ -95,7 +105,7 @@ class MixtureConfig:
 class CalibrationConfig:
     n: int = 200  # calibration examples per source (the paper: direction stable from ~160-200)
     micro_batch_size: int = 16  # examples per forward/backward; gradients accumulate exactly
-    max_length: int = 256  # tokens per example, truncated on the right
+    max_length: int = 256  # tokens per example; longer ones as mixture.long_examples says
 
     def __post_init__(self) -> None:
         _refuse(_below(self, 1, "n", "micro_batch_size") + _below(self, 8, "max_length"))

@@ -16,10 +16,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from merit_lab.config import EvalConfig, TrainConfig
+from merit_lab.config import EvalConfig, MixtureConfig, TrainConfig
 from merit_lab.formatting import (
     collate,
     count_response_tokens,
+    kept_examples,
     response_token_loss,
     tokenize_examples,
 )
@@ -38,12 +39,14 @@ def heldout_loss(
     *,
     max_length: int = TrainConfig.max_length,
     batch_size: int = EvalConfig.batch_size,
+    long_examples: str = MixtureConfig.long_examples,
 ) -> float:
     """Mean response-token cross-entropy over ``examples`` (all their response tokens pooled).
 
-    0.0 when there is no response token to score.
+    0.0 when there is no response token to score. Over-long examples are fitted (or left out)
+    by ``long_examples`` (`formatting.tokenize_example`).
     """
-    toks = tokenize_examples(tokenizer, examples, max_length)
+    toks = tokenize_examples(tokenizer, examples, max_length, long_examples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [collate(toks[i : i + batch_size], pad) for i in range(0, len(toks), batch_size)]
     count = max(sum(count_response_tokens(b["labels"]) for b in batches), 1)
@@ -113,6 +116,7 @@ def evaluate_model(
     sources: Sequence[str] | None = None,
     max_examples: int | None = None,
     max_length: int = TrainConfig.max_length,
+    long_examples: str = MixtureConfig.long_examples,
     exact_match: bool = True,
     max_new_tokens: int = EvalConfig.max_new_tokens,
     batch_size: int = EvalConfig.batch_size,
@@ -129,6 +133,8 @@ def evaluate_model(
         split: which split to score (``eval`` = held out; ``train`` for the train-loss side of
             the merge-readiness diagnostics).
         max_examples: score only the first n examples per source (smoke settings).
+        long_examples: the over-long policy; under ``skip`` such examples are not scored at all
+            (neither loss nor exact match), so ``n`` counts the scored ones.
         batch_size: examples per forward pass and per ``generate`` call.
 
     Returns:
@@ -138,7 +144,9 @@ def evaluate_model(
     names = list(sources) if sources is not None else list(mixture.names)
     chosen = {}
     for name in names:
-        chosen[name] = list(mixture[name].split(split))[:max_examples]
+        chosen[name] = kept_examples(
+            tokenizer, mixture[name].split(split), max_length, long_examples, limit=max_examples
+        )
         if not chosen[name]:
             raise ValueError(f"source {name!r} has no {split} examples to evaluate")
     answers: dict[str, list[str]] = {}
@@ -156,8 +164,9 @@ def evaluate_model(
         family = str(src.metadata.get("family", name))
         base = {"model": label, "source": name, "family": family, "split": split}
         loss = heldout_loss(
-            model, tokenizer, examples, max_length=max_length, batch_size=batch_size
-        )
+            model, tokenizer, examples, max_length=max_length, batch_size=batch_size,
+            long_examples=long_examples,
+        )  # fmt: skip
         rows.append({**base, "metric": "loss", "value": loss, "n": len(examples)})
         if exact_match:
             refs = [ex["messages"][-1]["content"].strip() for ex in examples]

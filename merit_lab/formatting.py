@@ -2,24 +2,29 @@
 
 Input: a normalised example (``{"messages": [...]}``) and a tokenizer. Output: token ids where
 every label outside the assistant responses is -100, and `response_token_loss`, the one loss
-over those labels that gradients, evaluation and diagnostics all compute.
+over those labels that gradients, evaluation and diagnostics all compute. An example over
+``max_length`` is fitted here, and only here, by the ``mixture.long_examples`` policy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 from torch import Tensor
 
-from merit_lab.config import TrainConfig
+from merit_lab.config import LONG_EXAMPLE_POLICIES, MixtureConfig, TrainConfig
 
 __all__ = [
     "IGNORE_INDEX",
+    "OVERFLOW_ACTIONS",
     "TokenizedExample",
     "collate",
+    "count_overflow",
     "count_response_tokens",
+    "kept_examples",
     "render_spans",
     "response_logits",
     "response_token_loss",
@@ -30,14 +35,23 @@ __all__ = [
 IGNORE_INDEX = -100
 FALLBACK_USER = "### User:\n"
 FALLBACK_ASSISTANT = "### Assistant:\n"
+# What was done to an example over max_length: its prompt lost its first tokens (response
+# intact); the response alone was too long, so the prompt went and the response was cut on the
+# right; cut on the right (``truncate_right``); left out (``skip``).
+OVERFLOW_ACTIONS = ("truncated_prompt", "response_truncated", "truncated_right", "skipped")
 
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """One example as model input: ``input_ids`` and ``labels`` (L,), -100 outside responses."""
+    """One example as model input: ``input_ids`` and ``labels`` (L,), -100 outside responses.
+
+    ``overflow`` is "" when the example fits in ``max_length``, else one of `OVERFLOW_ACTIONS`
+    (a ``skipped`` example holds no tokens).
+    """
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    overflow: str = ""
 
     @property
     def n_tokens(self) -> int:
@@ -98,16 +112,50 @@ def render_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[i
     return "".join(parts), spans
 
 
+def _fit(
+    ids: list[int], labels: list[int], max_length: int, policy: str
+) -> tuple[list[int], list[int], str]:
+    """Fit an over-long sequence into ``max_length`` tokens by ``policy``: (ids, labels, action)."""
+    if policy == "skip":
+        return [], [], "skipped"
+    if policy == "truncate_right":
+        return ids[:max_length], labels[:max_length], "truncated_right"
+    # truncate_prompt: the prompt is everything before the first response token (BOS and a
+    # system turn included); it loses tokens from its start, the response keeps all of its own.
+    first = next(j for j, t in enumerate(labels) if t != IGNORE_INDEX)
+    if len(ids) - first <= max_length:
+        return ids[-max_length:], labels[-max_length:], "truncated_prompt"
+    end = first + max_length
+    return ids[first:end], labels[first:end], "response_truncated"
+
+
 def tokenize_example(
-    tokenizer, example: dict, max_length: int = TrainConfig.max_length
+    tokenizer,
+    example: dict,
+    max_length: int = TrainConfig.max_length,
+    long_examples: str = MixtureConfig.long_examples,
 ) -> TokenizedExample:
     """Tokenise one example; a token is a label iff it starts inside an assistant span.
 
-    Truncates on the right to ``max_length`` tokens.
+    An example over ``max_length`` tokens is fitted by the ``long_examples`` policy (the one
+    place it is applied: gradients, training, evaluation and the mixture's counts all call this):
+
+    - ``truncate_prompt``: tokens are dropped from the start of the prompt (everything before the
+      first response token, BOS included) until it fits, so every response token is kept; when
+      the response alone is longer, the prompt is dropped and the response cut on the right
+      (``overflow="response_truncated"``).
+    - ``skip``: an empty example with ``overflow="skipped"``; `tokenize_examples` leaves it out.
+    - ``truncate_right``: the first ``max_length`` tokens (may cut the response away).
 
     Raises:
-        ValueError: when truncation leaves no response token (the example would carry no loss).
+        ValueError: an unknown policy, or no response token left (the example would carry no
+            loss: an empty response, or ``truncate_right`` cutting the whole response away).
     """
+    if long_examples not in LONG_EXAMPLE_POLICIES:
+        raise ValueError(
+            f"long_examples: unknown policy {long_examples!r}; "
+            f"policy must be one of: {', '.join(LONG_EXAMPLE_POLICIES)}"
+        )
     text, spans = render_spans(tokenizer, example["messages"])
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
@@ -115,19 +163,63 @@ def tokenize_example(
     for j, (a, b) in enumerate(enc["offset_mapping"]):
         if b > a and any(s <= a < e for s, e in spans):
             labels[j] = ids[j]
-    ids, labels = ids[:max_length], labels[:max_length]
+    name = example.get("id", "?")
     if all(t == IGNORE_INDEX for t in labels):
-        raise ValueError(
-            f"example {example.get('id', '?')!r}: no response tokens within max_length={max_length}"
-        )
-    return TokenizedExample(tuple(ids), tuple(labels))
+        raise ValueError(f"example {name!r}: no response tokens (empty response?)")
+    overflow = ""
+    if len(ids) > max_length:
+        ids, labels, overflow = _fit(ids, labels, max_length, long_examples)
+        if overflow == "truncated_right" and all(t == IGNORE_INDEX for t in labels):
+            raise ValueError(
+                f"example {name!r}: no response tokens within max_length={max_length} "
+                "(mixture.long_examples: truncate_right); use truncate_prompt or skip"
+            )
+    return TokenizedExample(tuple(ids), tuple(labels), overflow)
 
 
 def tokenize_examples(
-    tokenizer, examples: Sequence[dict], max_length: int = TrainConfig.max_length
+    tokenizer,
+    examples: Iterable[dict],
+    max_length: int = TrainConfig.max_length,
+    long_examples: str = MixtureConfig.long_examples,
+    *,
+    limit: int | None = None,
 ) -> list[TokenizedExample]:
-    """Tokenise a list of examples (see `tokenize_example`)."""
-    return [tokenize_example(tokenizer, ex, max_length) for ex in examples]
+    """Tokenise examples (see `tokenize_example`), leaving out the ``skipped`` ones.
+
+    Args:
+        limit: stop after this many kept examples (e.g. the first n calibration examples that a
+            ``skip`` policy keeps).
+    """
+    toks = (tokenize_example(tokenizer, ex, max_length, long_examples) for ex in examples)
+    return list(islice((t for t in toks if t.overflow != "skipped"), limit))
+
+
+def kept_examples(
+    tokenizer,
+    examples: Iterable[dict],
+    max_length: int = TrainConfig.max_length,
+    long_examples: str = MixtureConfig.long_examples,
+    *,
+    limit: int | None = None,
+) -> list[dict]:
+    """The examples (as given, untokenised) that ``long_examples`` keeps: all but the over-long
+    ones under ``skip``; at most ``limit``."""
+    if long_examples != "skip":
+        return list(islice(examples, limit))
+    fits = (
+        ex
+        for ex in examples
+        if tokenize_example(tokenizer, ex, max_length, long_examples).overflow != "skipped"
+    )
+    return list(islice(fits, limit))
+
+
+def count_overflow(toks: Iterable[TokenizedExample]) -> dict[str, int]:
+    """How many examples were over ``max_length`` (``n``) and what was done to them, per action
+    of `OVERFLOW_ACTIONS` (actions that never happened are left out)."""
+    actions = [t.overflow for t in toks if t.overflow]
+    return {"n": len(actions), **{a: actions.count(a) for a in OVERFLOW_ACTIONS if a in actions}}
 
 
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:

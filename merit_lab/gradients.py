@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merit_lab.config import CalibrationConfig
+from merit_lab.config import CalibrationConfig, MixtureConfig
 from merit_lab.formatting import (
     collate,
     count_response_tokens,
@@ -182,7 +182,7 @@ class _Parts:
 def _bank_info(
     model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]], sketch: SketchSpec, *,
     n: int, max_length: int, include: Sequence[str] | None, exclude: Sequence[str] | None,
-    model_fingerprint: str,
+    model_fingerprint: str, long_examples: str,
 ) -> dict[str, Any]:  # fmt: skip
     """What the rows depend on, and its hash as ``key``."""
     info = {
@@ -192,6 +192,7 @@ def _bank_info(
         "sketch": sketch.to_dict(),
         "n": n,
         "max_length": max_length,
+        "long_examples": long_examples,
         "loss": "mean response-token cross-entropy over the calibration examples",
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
@@ -265,6 +266,7 @@ def estimate_gradients(
     n: int = CalibrationConfig.n,
     micro_batch_size: int = CalibrationConfig.micro_batch_size,
     max_length: int = CalibrationConfig.max_length,
+    long_examples: str = MixtureConfig.long_examples,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     out_dir: str | Path | None = None,
@@ -287,7 +289,8 @@ def estimate_gradients(
 
     Args:
         sketch: sketch kind/dim/seed (default: count-sketch at the default dimension).
-        n: calibration examples per source (fewer if the source has fewer).
+        n: calibration examples per source (fewer if the source has fewer): the first ``n``
+            that the ``long_examples`` policy keeps (`formatting.tokenize_example`).
         include, exclude: parameter-name globs (see `select_parameters`).
         sources: the sources to include (default: all of ``mixture``), in row order.
         model_fingerprint: identifies θ0 so parts from another model are never reused.
@@ -304,7 +307,8 @@ def estimate_gradients(
     selected = select_parameters(model, include, exclude)
     device = next(model.parameters()).device
     info = _bank_info(model, selected, sketch, n=n, max_length=max_length, include=include,
-                      exclude=exclude, model_fingerprint=model_fingerprint)  # fmt: skip
+                      exclude=exclude, model_fingerprint=model_fingerprint,
+                      long_examples=long_examples)  # fmt: skip
     sk = build_sketch(sketch, [(nm, tuple(p.shape)) for nm, p in selected], device=device)
     parts = None
     if out_dir is not None:
@@ -321,10 +325,12 @@ def estimate_gradients(
     todo = [i for i, name in enumerate(names) if name not in stats]
 
     def tokenize(i: int) -> list:
-        calib = mixture[names[i]].calibration[:n]
-        if not calib:
-            raise ValueError(f"source {names[i]!r} has no calibration examples")
-        return tokenize_examples(tokenizer, calib, max_length)
+        calib = mixture[names[i]].calibration
+        toks = tokenize_examples(tokenizer, calib, max_length, long_examples, limit=n)
+        if not toks:
+            kept = " kept by mixture.long_examples: skip" if calib else ""
+            raise ValueError(f"source {names[i]!r} has no calibration examples{kept}")
+        return toks
 
     stream = _tokenized(todo, tokenize, device.type != "cpu" if prefetch is None else prefetch)
     bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="source gradients",

@@ -31,7 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from merit_lab.config import RunConfig, TrainConfig
+from merit_lab.config import LONG_EXAMPLE_POLICIES, MixtureConfig, RunConfig, TrainConfig
 from merit_lab.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 
 __all__ = [
@@ -74,7 +74,8 @@ class BranchSpec:
     max_grad_norm: float = TrainConfig.max_grad_norm  # gradient clipping (0 turns it off)
     max_length: int = (
         TrainConfig.max_length
-    )  # tokens per example (right-truncated), counted after it
+    )  # tokens per example, counted after fitting by long_examples
+    long_examples: str = MixtureConfig.long_examples  # over max_length: formatting.tokenize_example
     seed: int = TrainConfig.seed  # data order and RNG; the same in every branch
     device: str = RunConfig.device  # auto | cpu | cuda (one GPU per branch: the launcher picks)
     dtype: str = RunConfig.dtype  # float32, or bfloat16/float16 autocast over fp32
@@ -99,6 +100,8 @@ class BranchSpec:
             raise ValueError(f"branch {self.name!r}: no sources")
         if len(set(self.sources)) != len(self.sources):
             raise ValueError(f"branch {self.name!r}: repeated sources {list(self.sources)}")
+        if self.long_examples not in LONG_EXAMPLE_POLICIES:
+            raise ValueError(f"long_examples must be one of {list(LONG_EXAMPLE_POLICIES)}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {sorted(SCHEDULERS)}")
         if not self.epochs > 0 or not 0 <= self.warmup_ratio < 1:
@@ -116,6 +119,8 @@ class BranchSpec:
         """
         d = dataclasses.asdict(self)
         d["sources"] = list(self.sources)
+        if self.long_examples == MixtureConfig.long_examples:  # absent at the default, so
+            d.pop("long_examples")  # specs written before the policy existed stay equal
         if not self.fractions:  # absent when unused: specs written before curation stay equal
             d.pop("fractions")
         if relative_to is not None:
@@ -271,16 +276,20 @@ def _make_callback(log_path: Path, name: str, epochs: float, total_steps: int):
 
 
 def _train_examples(spec: BranchSpec, source, tokenizer) -> list:
-    """A source's tokenised train examples, only the down-weighted subset where it has one."""
+    """A source's tokenised train examples, only the down-weighted subset where it has one.
+
+    The subset is drawn from the examples the ``long_examples`` policy keeps, as ``mixture.json``
+    counts them (``train_example_tokens``), so `curation.subset_counts` matches what trains.
+    """
     from merit_lab.curation import fraction_subset
     from merit_lab.formatting import tokenize_examples
 
-    train = source.train
+    train = tokenize_examples(tokenizer, source.train, spec.max_length, spec.long_examples)
     f = spec.fractions.get(source.name, 1.0)
     if f < 1:
         keep = fraction_subset(source.name, len(train), f, spec.mixture.get("seed", 0))
         train = [train[i] for i in keep]
-    return tokenize_examples(tokenizer, train, spec.max_length)
+    return train
 
 
 def _base_dtype(path: str):

@@ -47,12 +47,14 @@ def test_fallback_layout_without_chat_template(demo_tokenizer):
     assert tok.decode(list(ex.input_ids)).startswith("### User:\nabc")
 
 
-def test_truncation_that_removes_the_response_is_refused(demo_tokenizer):
+def test_right_truncation_that_removes_the_response_is_refused(demo_tokenizer):
     example = {"id": "e1", "messages": [
         {"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b"}
     ]}  # fmt: skip
     with pytest.raises(ValueError, match="'e1': no response tokens within max_length=10"):
-        tokenize_example(demo_tokenizer, example, max_length=10)
+        tokenize_example(demo_tokenizer, example, max_length=10, long_examples="truncate_right")
+    # the default policy keeps the response instead (tests/test_long_and_small.py)
+    assert tokenize_example(demo_tokenizer, example, max_length=10).n_response_tokens == 2
 
 
 def test_collate_pads_right_and_masks(demo_tokenizer):

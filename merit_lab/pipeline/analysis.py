@@ -1,9 +1,10 @@
 """The analysis stages, before any training: mixture → gradients → conflict → partition.
 
-Input: a run config. Output: ``mixture.json`` (counts, per-example tokens, a content key per
-source), ``gradients/`` (the sketched bank, one part per source), ``conflict.json`` and
-``partition.json``. Each stage keys its artifact by the content of its inputs, so a new or
-edited source redoes exactly what depends on it (only that source's gradient).
+Input: a run config. Output: ``mixture.json`` (counts, per-example tokens, a content key, the
+over-long examples and any shortfall per source), ``gradients/`` (the sketched bank, one part
+per source), ``conflict.json`` and ``partition.json``. Each stage keys its artifact by the
+content of its inputs, so a new or edited source redoes exactly what depends on it (only that
+source's gradient).
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ from merit_lab.checkpoints import fingerprint_checkpoint
 from merit_lab.config import RunConfig, config_hash
 from merit_lab.conflict import ConflictSpace, compute_conflict_space
 from merit_lab.curation import EditSession
-from merit_lab.formatting import tokenize_examples
+from merit_lab.formatting import count_overflow, tokenize_example
 from merit_lab.gradients import GradientBank, estimate_gradients
 from merit_lab.io import atomic_write_json, read_json
-from merit_lab.mixture import SPLITS, Source
+from merit_lab.mixture import (
+    SPLITS,
+    MixtureError,
+    Source,
+    small_source_message,
+    source_shortfall,
+)
 from merit_lab.models import load_model, load_tokenizer, resolve_model_path
 from merit_lab.partition import Partition, make_partition
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture, source_counts
@@ -52,6 +59,20 @@ def _content_key(source: Source) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _check_small_sources(cfg: RunConfig, counts: dict[str, dict[str, int]]) -> dict[str, dict]:
+    """Sources short of examples (name → counts and shortfall); raises under ``refuse``."""
+    short = {}
+    for name, c in counts.items():
+        lacks = source_shortfall(c, cfg.calibration.n)
+        if lacks:
+            short[name] = {**c, "shortfall": lacks}
+    if short and cfg.mixture.small_sources == "refuse":
+        raise MixtureError(small_source_message(short))
+    if short:
+        log.warning("mixture.small_sources: warn; going on with %s", small_source_message(short))
+    return short
+
+
 def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
     mixture = load_run_mixture(cfg)
     content = {s.name: _content_key(s) for s in mixture}
@@ -61,25 +82,56 @@ def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
     if run.is_current("mixture", key):
         log.info("mixture: up to date")
         return False
+    # a source too small for the run is refused before any tokenisation work
+    _check_small_sources(
+        cfg, {s.name: {f"n_{sp}": len(s.split(sp)) for sp in SPLITS} for s in mixture}
+    )
     tok = load_tokenizer(resolve_model_path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    policy = cfg.mixture.long_examples
+    # each split at the length its consumer tokenises it at (train: the branches; eval: the
+    # evaluation; calibration: the gradient stage)
+    lengths = {"train": cfg.train.max_length, "calibration": cfg.calibration.max_length}
+    lengths["eval"] = cfg.train.max_length
     sources = []
     for s in tqdm(mixture, desc="tokenising sources", unit="source"):
-        # counted at the length branches train at: these counts are the merge weights' N_k
-        toks = tokenize_examples(tok, s.train, cfg.train.max_length)
+        toks = {
+            sp: [tokenize_example(tok, ex, lengths[sp], policy) for ex in s.split(sp)]
+            for sp in SPLITS
+        }
+        # under `skip` an over-long example leaves its split before anything is counted
+        kept = {
+            sp: [
+                (ex, t)
+                for ex, t in zip(s.split(sp), toks[sp], strict=True)
+                if t.overflow != "skipped"
+            ]
+            for sp in SPLITS
+        }
+        train = [t for _, t in kept["train"]]
         sources.append(
             {
                 "name": s.name,
-                **{f"n_{sp}": len(s.split(sp)) for sp in SPLITS},
-                "train_tokens": sum(t.n_tokens for t in toks),
-                "train_response_tokens": sum(t.n_response_tokens for t in toks),
-                "calibration_ids": [ex["id"] for ex in s.calibration[: cfg.calibration.n]],
+                **{f"n_{sp}": len(kept[sp]) for sp in SPLITS},
+                # counted at the length branches train at: these counts are the merge weights' N_k
+                "train_tokens": sum(t.n_tokens for t in train),
+                "train_response_tokens": sum(t.n_response_tokens for t in train),
+                "calibration_ids": [ex["id"] for ex, _ in kept["calibration"][: cfg.calibration.n]],
                 "metadata": dict(s.metadata),
                 "origin": s.origin,
                 "content_key": content[s.name],
                 # what a down-weighted subset of this source trains (curation.subset_counts)
-                "train_example_tokens": [t.n_tokens for t in toks],
+                "train_example_tokens": [t.n_tokens for t in train],
+                # per split: how many were over max_length, and what the policy did to them
+                "long_examples": {sp: count_overflow(toks[sp]) for sp in SPLITS},
+                "shortfall": "",
             }
         )
+    # `skip` may have left a source short: checked again on what it kept
+    short = _check_small_sources(
+        cfg, {e["name"]: {f"n_{sp}": e[f"n_{sp}"] for sp in SPLITS} for e in sources}
+    )
+    for entry in sources:
+        entry["shortfall"] = short.get(entry["name"], {}).get("shortfall", "")
     atomic_write_json(
         run.mixture,
         {
@@ -87,6 +139,11 @@ def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
             "origin": mixture.origin,
             "seed": mixture.seed,
             "info": dict(mixture.info),
+            "policies": {
+                "long_examples": policy,
+                "small_sources": cfg.mixture.small_sources,
+                "max_length": lengths,
+            },
             "sources": sources,
         },
     )
@@ -127,6 +184,7 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
         max_length=cfg.calibration.max_length,
         include=cfg.parameters.include,
         exclude=cfg.parameters.exclude,
+        long_examples=cfg.mixture.long_examples,
         out_dir=run.gradients,
         sources=names,
         model_fingerprint=fingerprint,

@@ -202,6 +202,7 @@ def _spec(
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         max_length=t.max_length,
+        long_examples=cfg.mixture.long_examples,
         seed=seed,
         device=cfg.device,
         dtype=cfg.dtype,
@@ -412,7 +413,13 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
     for row in rows:
         if not any(row.model_dir.glob("*.safetensors")):
             raise FileNotFoundError(f"{row.label}: no model at {row.model_dir}; run train/merge")
-        key = config_hash(e, fingerprint_checkpoint(row.model_dir), names, cfg.train.max_length)
+        key = config_hash(
+            e,
+            fingerprint_checkpoint(row.model_dir),
+            names,
+            cfg.train.max_length,
+            cfg.mixture.long_examples,
+        )
         cache = run.eval_cache(row.label)
         if run.is_current("eval", key, row.label):
             tables.append(pd.read_parquet(cache))
@@ -431,6 +438,7 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
                     sources=names,
                     max_examples=e.max_examples,
                     max_length=cfg.train.max_length,
+                    long_examples=cfg.mixture.long_examples,
                     exact_match=e.exact_match and split == "eval",
                     max_new_tokens=e.max_new_tokens,
                     batch_size=e.batch_size,

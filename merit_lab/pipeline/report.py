@@ -42,6 +42,7 @@ __all__ = [
     "ReportContext",
     "curated_mixture_table",
     "edit_log_table",
+    "long_and_small_table",
     "markdown_table",
     "plot_comparison",
     "plot_training_curves",
@@ -155,6 +156,45 @@ def header_section(ctx: ReportContext) -> list[str]:
         "`timings.json`)",
         "",
     ]
+
+
+@report_section("long and small sources")
+def long_and_small_section(ctx: ReportContext) -> list[str]:
+    table = long_and_small_table(ctx.run.read_mixture())
+    if table.empty:
+        return []
+    pol = ctx.run.read_mixture().get("policies", {})
+    return [
+        "## Over-long examples and small sources",
+        "",
+        f"Examples over `max_length` {pol.get('max_length', {})} were handled by "
+        f"`mixture.long_examples: {pol.get('long_examples', '?')}` (counts per split: over-long, "
+        "then what was done); a source short of examples was let through by "
+        f"`mixture.small_sources: {pol.get('small_sources', '?')}`.",
+        "",
+        markdown_table(table),
+        "",
+    ]
+
+
+def long_and_small_table(mixture: dict) -> pd.DataFrame:
+    """The sources of a ``mixture.json`` with an over-long example or a shortfall (else empty).
+
+    Columns: ``train``, ``calibration``, ``eval`` (e.g. ``3 (truncated_prompt 3)``: over-long
+    examples of that split and what the policy did to them) and ``shortfall``.
+    """
+
+    def cell(counts: dict) -> str:
+        done = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "n")
+        return f"{counts.get('n', 0)} ({done})" if counts.get("n") else "0"
+
+    rows = []
+    for s in mixture["sources"]:
+        long = s.get("long_examples", {})
+        if any(c.get("n") for c in long.values()) or s.get("shortfall"):
+            splits = {sp: cell(long.get(sp, {})) for sp in ("train", "calibration", "eval")}
+            rows.append({"source": s["name"], **splits, "shortfall": s.get("shortfall") or "–"})
+    return pd.DataFrame(rows).set_index("source") if rows else pd.DataFrame()
 
 
 @report_section("curated mixture")
