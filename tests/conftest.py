@@ -19,6 +19,22 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def write_demo_slice(out: Path, sources: list[str], counts: dict[str, int]) -> Path:
+    """The first ``counts[split]`` examples of each demo source per split, with the metadata
+    of those sources (``sources.json``): a small mixture with the demo's planted labels."""
+    from merit_lab.demo import DEMO_DIR
+
+    for split, n in counts.items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for s in sources:
+            lines = (DEMO_DIR / split / f"{s}.jsonl").read_text().splitlines()[:n]
+            (out / split / f"{s}.jsonl").write_text("\n".join(lines) + "\n")
+    meta = json.loads((DEMO_DIR / "sources.json").read_text())
+    meta["sources"] = {s: meta["sources"][s] for s in sources}
+    (out / "sources.json").write_text(json.dumps(meta))
+    return out
+
+
 def chat(prompt: str, response: str, **extra) -> dict:
     return {
         "messages": [

@@ -11,7 +11,6 @@ import pytest
 
 from merit_lab.config import load_config
 from merit_lab.curation import fraction_subset, subset_counts
-from merit_lab.demo import DEMO_DIR
 from merit_lab.io import read_json
 from merit_lab.mixture import load_mixture
 from merit_lab.partition import Partition
@@ -25,6 +24,7 @@ from merit_lab.pipeline import (
 from merit_lab.pipeline.experiments import evaluate_rows, merge_rows, plan_specs, token_budget
 from merit_lab.pipeline.figures import write_figures
 from merit_lab.train import MANIFEST
+from tests.conftest import write_demo_slice
 
 SOURCES = [
     "reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
@@ -39,14 +39,7 @@ def curated_run(tmp_path_factory) -> tuple[RunDir, dict]:
     to 0.5, one moved; then trained, merged, evaluated and reported."""
     out = tmp_path_factory.mktemp("curated")
     data = out / "data"
-    for split, n in [("train", N_TRAIN), ("calibration", 12), ("eval", 3)]:
-        (data / split).mkdir(parents=True)
-        for s in SOURCES:
-            lines = (DEMO_DIR / split / f"{s}.jsonl").read_text().splitlines()[:n]
-            (data / split / f"{s}.jsonl").write_text("\n".join(lines) + "\n")
-    meta = read_json(DEMO_DIR / "sources.json")
-    meta["sources"] = {s: meta["sources"][s] for s in SOURCES}
-    (data / "sources.json").write_text(json.dumps(meta))
+    write_demo_slice(data, SOURCES, {"train": N_TRAIN, "calibration": 12, "eval": 3})
     cfg_path = out / "run.yaml"
     cfg_path.write_text(
         json.dumps(

@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 from merit_lab.config import ExperimentConfig, load_config
 from merit_lab.conflict import ConflictSpace
-from merit_lab.demo import DEMO_DIR
 from merit_lab.evaluate import summarize_eval
 from merit_lab.io import read_json
 from merit_lab.partition import Partition
 from merit_lab.pipeline import RunDir, make_partition, run_pipeline
 from merit_lab.pipeline.experiments import experiment_partition, model_rows, token_budget
+from tests.conftest import write_demo_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
@@ -29,16 +29,8 @@ SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-up
 @pytest.fixture(scope="module")
 def slice_dir(tmp_path_factory) -> Path:
     """Four demo sources, 24 train / 20 calibration / 6 eval examples each, with metadata."""
-    out = tmp_path_factory.mktemp("slice")
-    for split, n in [("train", 24), ("calibration", 20), ("eval", 6)]:
-        (out / split).mkdir()
-        for s in SOURCES:
-            lines = (DEMO_DIR / split / f"{s}.jsonl").read_text().splitlines()[:n]
-            (out / split / f"{s}.jsonl").write_text("\n".join(lines) + "\n")
-    meta = read_json(DEMO_DIR / "sources.json")
-    meta["sources"] = {s: meta["sources"][s] for s in SOURCES}
-    (out / "sources.json").write_text(json.dumps(meta))
-    return out
+    counts = {"train": 24, "calibration": 20, "eval": 6}
+    return write_demo_slice(tmp_path_factory.mktemp("slice"), SOURCES, counts)
 
 
 def _config(slice_dir: Path, out: Path, **over):

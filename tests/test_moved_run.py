@@ -4,7 +4,6 @@ so nothing is retrained, re-merged or re-evaluated, and no file keeps the old lo
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import torch
 import yaml
 
 from merit_lab.config import load_config
-from merit_lab.demo import DEMO_DIR
 from merit_lab.io import read_json
 from merit_lab.pipeline import RunDir, run_pipeline, run_summary
 from merit_lab.pipeline.experiments import evaluate_rows, merge_rows
 from merit_lab.pipeline.report import write_report
 from merit_lab.train import MANIFEST, BranchSpec
+from tests.conftest import write_demo_slice
 
 SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
            "shift-a-verbose-lower"]  # fmt: skip
@@ -31,14 +30,7 @@ def moved_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("moved")
     data = base / "data"  # outside the run: it stays where it is
-    for split, n in [("train", 12), ("calibration", 8), ("eval", 2)]:
-        (data / split).mkdir(parents=True)
-        for s in SOURCES:
-            lines = (DEMO_DIR / split / f"{s}.jsonl").read_text().splitlines()[:n]
-            (data / split / f"{s}.jsonl").write_text("\n".join(lines) + "\n")
-    meta = read_json(DEMO_DIR / "sources.json")
-    meta["sources"] = {s: meta["sources"][s] for s in SOURCES}
-    (data / "sources.json").write_text(json.dumps(meta))
+    write_demo_slice(data, SOURCES, {"train": 12, "calibration": 8, "eval": 2})
     cfg_path = base / "run.yaml"
     cfg_path.write_text(
         yaml.safe_dump(

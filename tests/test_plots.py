@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import pytest
 
 from merit_lab.conflict import compute_conflict_space
@@ -15,7 +16,7 @@ from merit_lab.viz.plots import (
     plot_explained_variance,
     plot_training_curves,
 )
-from merit_lab.viz.style import MUTED, PALETTE
+from merit_lab.viz.style import MUTED, PALETTE, paper_layout
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,25 @@ def test_save_figure_writes_html_even_without_a_static_renderer(space, tmp_path)
     written = save_figure(plot_explained_variance(space), tmp_path / "ev")
     assert written[0] == tmp_path / "ev.html"
     assert "plotly" in written[0].read_text()[:100000].lower()
+
+
+def test_training_curves_one_colour_and_one_legend_entry_per_experiment():
+    rows = [{"loss": 1.0, "tokens": 10}, {"loss": 0.5, "tokens": 20}]
+    logs = {"joint/ep1-s0": rows, "branches/m/0": rows, "branches/m/1": rows,
+            "branches/r/0": rows}  # fmt: skip
+    fig = plot_training_curves(logs)
+    assert [t.name for t in fig.data] == ["joint ep1-s0", "m", "m", "r"]
+    assert [t.showlegend for t in fig.data] == [True, True, False, True]
+    colors = [t.line.color for t in fig.data]
+    assert colors[1] == colors[2] and len({colors[0], colors[1], colors[3]}) == 3
+
+
+def test_paper_layout_grows_by_the_legend_rows_it_needs():
+    """Twelve long legend entries need rows of their own: the plot keeps its height."""
+    def fig(n: int) -> go.Figure:
+        return go.Figure([go.Scatter(x=[0, 1], y=[0, 1], name=f"branch {i} → merged model")
+                          for i in range(n)]).update_layout(width=700, height=450)  # fmt: skip
+
+    one, twelve = paper_layout(fig(1)).layout.height, paper_layout(fig(12)).layout.height
+    assert twelve - one == 11 * (3 * 9 + 1)  # one entry per row at column width, font 9
+    assert len(PALETTE) >= 9 and len(set(PALETTE)) == len(PALETTE)

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 CONVERGENCE_FILE = "convergence.parquet"  # a run's gradient_convergence table (notebook 04)
 # Figures that need the full page width: many tick labels, 3-D scenes, many grouped bars.
 WIDE_STEMS = ("conflict_clustermap", "conflict_heatmap", "conflict_scatter_3d", "compare_",
-              "diag_disp")  # fmt: skip
+              "diag_disp", "diag_paths", "training")  # fmt: skip
 
 
 def _conflict_figures(run: RunDir) -> dict[str, Figure]:

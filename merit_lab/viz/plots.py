@@ -308,23 +308,38 @@ def plot_comparison(wide: pd.DataFrame, *, metric: str) -> go.Figure:
 def plot_training_curves(logs: Mapping[str, Sequence[dict]], *, smooth: int = 10) -> go.Figure:
     """Training loss against tokens seen, one line per branch/joint run (moving average).
 
+    The branches of one experiment share a colour and one legend entry (``branches/merit-2d/0``
+    and ``/1`` are both "merit-2d"); each joint run is its own entry. The run's full label is in
+    the hover.
+
     Args:
         logs: run label → its ``log.jsonl`` rows (each with ``loss`` and ``tokens``).
         smooth: the moving-average window in logged steps.
     """
-    colors = color_map(list(logs))
-    fig = go.Figure()
+    groups = {name: _training_group(name) for name in logs}
+    colors = color_map(list(groups.values()))
+    fig, shown = go.Figure(), set()
     for name, rows in logs.items():
         if not rows:
             continue
+        group = groups[name]
         loss = pd.Series([r["loss"] for r in rows]).rolling(smooth, min_periods=1).mean()
         fig.add_scatter(
             x=[r["tokens"] for r in rows],
             y=loss,
             mode="lines",
-            name=name,
-            line={"color": colors[name], "width": 1.5},
+            name=group,
+            legendgroup=group,
+            showlegend=group not in shown,
+            line={"color": colors[group], "width": 1.5},
             hovertemplate=f"{name}<br>tokens %{{x}}<br>loss %{{y:.3f}}<extra></extra>",
         )
+        shown.add(group)
     fig.update_layout(xaxis_title="tokens trained", yaxis_title="training loss (moving average)")
     return layout(fig, "Branch and joint training")
+
+
+def _training_group(label: str) -> str:
+    """The legend entry of a training log: its experiment for a branch, else the run itself."""
+    parts = label.split("/")
+    return parts[1] if parts[0] == "branches" and len(parts) == 3 else label.replace("/", " ")

@@ -6,6 +6,7 @@ screen (`layout`) or a copy sized and styled for print (`paper_layout`, `PAPER`)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,8 +26,11 @@ __all__ = [
 ]
 
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies, prints well in grey.
+# Okabe-Ito's eight, then four of Tol's muted set: a comparison table's 9+ rows get distinct
+# colours before the palette cycles.
 PALETTE = (
     "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
+    "#882255", "#44AA99", "#999933", "#332288",
 )  # fmt: skip
 MUTED = "#BBBBBB"  # sources that train in no row (dropped, or not placed yet)
 FONT = {"family": "Helvetica, Arial, sans-serif", "size": 13}
@@ -68,7 +72,8 @@ def paper_layout(fig: go.Figure, *, wide: bool = False, style: PaperStyle = PAPE
     out = go.Figure(fig)
     width = style.page_width if wide else style.column_width
     w0, h0 = fig.layout.width or 700, fig.layout.height or 450
-    height = min(style.max_height, round(h0 * width / w0))
+    # the legend sits above the plot: grow the figure by its rows so it never covers the data
+    height = min(style.max_height, round(h0 * width / w0)) + _legend_height(fig, width, style)
     title = fig.layout.title.text if style.show_title else None
     out.update_layout(
         template="simple_white",
@@ -90,3 +95,18 @@ def paper_layout(fig: go.Figure, *, wide: bool = False, style: PaperStyle = PAPE
         out.update_layout(scene_camera_eye={"x": 1.6, "y": 1.6, "z": 0.9},
                           margin={"l": 0, "r": 0, "t": 30, "b": 0})  # fmt: skip
     return out
+
+
+def _legend_height(fig: go.Figure, width: int, style: PaperStyle) -> int:
+    """Pixels a horizontal legend of ``fig``'s entries takes at ``width`` (0 without one).
+
+    Entries are laid out in rows of equal slots sized for the longest name (symbol ~40 px plus
+    ~0.6 em per character), a row ~3 font sizes high (measured on kaleido renders).
+    """
+    names = [t.name for t in fig.data if t.name and t.showlegend is not False]
+    if not names or fig.layout.showlegend is False:
+        return 0
+    font = style.font_size - 1
+    slot = 40 + 0.6 * font * max(len(n) for n in names)
+    per_row = max(1, int((width - 20) // slot))
+    return math.ceil(len(names) / per_row) * (3 * font + 1)
