@@ -102,6 +102,7 @@ def test_training_curves_one_colour_and_one_legend_entry_per_experiment():
 
 def test_paper_layout_grows_by_the_legend_rows_it_needs():
     """Twelve long legend entries need rows of their own: the plot keeps its height."""
+
     def fig(n: int) -> go.Figure:
         return go.Figure([go.Scatter(x=[0, 1], y=[0, 1], name=f"branch {i} → merged model")
                           for i in range(n)]).update_layout(width=700, height=450)  # fmt: skip
