@@ -16,13 +16,16 @@ import plotly.graph_objects as go
 from merit_lab.conflict import ConflictSpace
 from merit_lab.viz.figure_view import FigureView, align_table
 from merit_lab.viz.plots import (
-    PALETTE,
     plot_conflict_clustermap,
     plot_conflict_scatter,
     plot_explained_variance,
 )
 
 __all__ = ["ConflictExplorer"]
+
+# A numeric column with more distinct values than this is a quantity (token counts, losses),
+# drawn on a colour scale, not as categories.
+MAX_NUMERIC_LEVELS = 8
 
 
 class ConflictExplorer:
@@ -98,13 +101,13 @@ class ConflictExplorer:
     def scatter_figure(self, color: str | None = None, dims: int = 2) -> go.Figure:
         """The PCA scatter coloured by a table column.
 
-        A numeric column with more distinct values than the palette has colours gets a
-        continuous colour scale (one trace); any other column one trace per value.
+        A numeric column with more than `MAX_NUMERIC_LEVELS` distinct values gets a continuous
+        colour scale (one trace); any other column one trace per value.
         """
         color = None if color in (None, self.NONE) else color
         values = self.table[color] if color else None
         if values is None or not (
-            pd.api.types.is_numeric_dtype(values) and values.nunique() > len(PALETTE)
+            pd.api.types.is_numeric_dtype(values) and values.nunique() > MAX_NUMERIC_LEVELS
         ):
             return plot_conflict_scatter(self.space, self.table, color=color, dims=dims)
         fig = plot_conflict_scatter(self.space, self.table, dims=dims)
