@@ -74,7 +74,10 @@ class Checkpoint:
         """Read every weight file's header (no tensor data); ValueError on a broken folder."""
         folder = Path(folder)
         if (folder / INDEX_NAME).is_file():
-            files = sorted(set(read_json(folder / INDEX_NAME)["weight_map"].values()))
+            weight_map = read_json(folder / INDEX_NAME).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{folder / INDEX_NAME}: no weight_map (tensor name -> file)")
+            files = sorted(set(weight_map.values()))
         elif (folder / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
@@ -83,12 +86,7 @@ class Checkpoint:
         for name in files:
             if not (folder / name).is_file():
                 raise ValueError(f"{folder}: {INDEX_NAME} names a missing file {name}")
-            with safe_open(folder / name, framework="pt") as f:
-                for key in f.offset_keys():  # the order save_pretrained wrote: layer by layer
-                    dtype, shape = f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())
-                    if dtype not in DTYPES:
-                        raise ValueError(f"{folder / name}: unsupported dtype {dtype} of {key!r}")
-                    tensors[key] = (name, dtype, shape)
+            tensors.update({k: (name, *v) for k, v in _read_header(folder / name).items()})
         return cls(folder, tensors)
 
     def read(self, key: str) -> Tensor:
@@ -98,7 +96,10 @@ class Checkpoint:
         with safe_open(self.folder / self.tensors[key][0], framework="pt") as f:
             t = f.get_tensor(key)
         if t.is_floating_point() and not is_finite(t):
-            raise ValueError(f"tensor {key!r} has non-finite values in {self.folder}")
+            raise ValueError(
+                f"tensor {key!r} has non-finite values in {self.folder}; the checkpoint is "
+                "unusable (a diverged branch: delete its folder and train it again)"
+            )
         return t
 
     def nbytes(self, key: str) -> int:
@@ -109,6 +110,25 @@ class Checkpoint:
     def float_keys(self) -> list[str]:
         """The floating-point tensors' keys, from the headers (no tensor is read)."""
         return [k for k, (_, dt, _) in self.tensors.items() if dt.startswith(("F", "BF"))]
+
+
+def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Key → (dtype, shape) of one safetensors file, in file order; a file that is cut short or
+    not safetensors at all raises a ValueError naming it (safetensors' own error is not one)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            # the order save_pretrained wrote: layer by layer
+            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                      for k in f.offset_keys()}  # fmt: skip
+    except Exception as e:  # SafetensorError, OSError: the file cannot be read as safetensors
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({e}); it is cut short or corrupt: "
+            "download or save it again"
+        ) from e
+    for key, (dtype, _) in header.items():
+        if dtype not in DTYPES:
+            raise ValueError(f"{path}: unsupported dtype {dtype} of {key!r}")
+    return header
 
 
 def is_finite(t: Tensor) -> bool:
@@ -171,7 +191,11 @@ def fingerprint_checkpoint(folder: str | Path) -> str:
     """
     hashes = file_hashes(Path(folder))
     if not hashes:
-        raise ValueError(f"{folder}: no .safetensors files to fingerprint")
+        raise ValueError(
+            f"{folder}: no .safetensors weight files to fingerprint; save the model there with "
+            "save_pretrained(safe_serialization=True) (a branch: delete its folder and train it "
+            "again)"
+        )
     return fingerprint_hashes(hashes)
 
 
@@ -260,8 +284,10 @@ def write_shards(
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy config, tokenizer and chat-template files (what is not weights) from ``src``."""
-    for name in [*SIDE_FILES, *(p.name for p in sorted(src.glob("*.jinja")))]:
+    """Copy config, tokenizer and chat-template files (what is not weights) from ``src``, and a
+    model's own code (``*.py``, read under ``trust_remote_code``)."""
+    extra = sorted(p.name for p in [*src.glob("*.jinja"), *src.glob("*.py")])
+    for name in [*SIDE_FILES, *extra]:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     if (src / "additional_chat_templates").is_dir():

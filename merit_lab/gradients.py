@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,7 +38,15 @@ from merit_lab.mixture import Mixture
 from merit_lab.models import select_parameters
 from merit_lab.sketch import SketchSpec, build_sketch
 
-__all__ = ["GradientBank", "estimate_gradients", "grads_only_for", "source_gradient"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "GradientBank",
+    "NonFiniteLossError",
+    "estimate_gradients",
+    "grads_only_for",
+    "source_gradient",
+]
 
 
 @dataclass(frozen=True)
@@ -78,12 +87,31 @@ class GradientBank:
 
     @classmethod
     def load(cls, folder: str | Path) -> GradientBank:
+        """Read a saved bank; a cut, corrupt or inconsistent one raises a ValueError naming
+        the file and how to rebuild it (the finished sources in ``parts/`` are reused)."""
         folder = Path(folder)
         meta = read_json(folder / "bank.json")
-        with safe_open(folder / "bank.safetensors", framework="pt") as f:
-            rows = f.get_tensor("rows").numpy()
+        redo = (
+            f"delete {folder}/bank.safetensors and bank.json and run the gradients stage "
+            "again: the finished sources in parts/ are reused"
+        )
+        try:
+            with safe_open(folder / "bank.safetensors", framework="pt") as f:
+                rows = f.get_tensor("rows").numpy()
+        except Exception as e:  # SafetensorError (a cut file), OSError, a missing "rows"
+            raise ValueError(
+                f"{folder}/bank.safetensors: not a readable safetensors file ({e}); {redo}"
+            ) from e
         if rows.shape[0] != len(meta["names"]):
-            raise ValueError(f"{folder}: {rows.shape[0]} rows but {len(meta['names'])} names")
+            raise ValueError(
+                f"{folder}: {rows.shape[0]} rows but {len(meta['names'])} names; {redo}"
+            )
+        finite = np.isfinite(rows).all(axis=1)
+        bad = [n for n, ok in zip(meta["names"], finite, strict=True) if not ok]
+        if bad:
+            raise ValueError(
+                f"{folder}/bank.safetensors: non-finite values in the rows of {bad}; {redo}"
+            )
         return cls(tuple(meta["names"]), rows, meta["info"], meta["stats"])
 
 
@@ -141,6 +169,26 @@ def source_gradient(
     return loss, total
 
 
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The loss at θ0 is NaN or inf: a ValueError too, so the command prints it as one line."""
+
+
+def _non_finite_message(model: torch.nn.Module, name: str, loss: float) -> str:
+    """Why a source's loss at θ0 is not finite: θ0's own non-finite weights, named, or else
+    an overflow of the dtype."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    where = getattr(getattr(model, "config", None), "_name_or_path", "") or "θ0"
+    if bad:
+        return (
+            f"source {name!r}: loss at θ0 is {loss}: θ0 ({where}) has non-finite weights in "
+            f"{bad[:5]} ({len(bad)} tensor(s)); use a base model whose weights are finite"
+        )
+    return (
+        f"source {name!r}: loss at θ0 is {loss} though θ0's weights are finite; the dtype "
+        "may overflow: try dtype: float32"
+    )
+
+
 def _bank_key(info: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -167,11 +215,15 @@ class _Parts:
         """(row (d,), stats) of a finished source, or None when absent or stale."""
         if not self.path(name).exists():
             return None
-        with safe_open(self.path(name), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != self.key(name):
-                return None
-            return f.get_tensor("row").numpy(), json.loads(meta["stats"])
+        try:
+            with safe_open(self.path(name), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != self.key(name):
+                    return None
+                return f.get_tensor("row").numpy(), json.loads(meta["stats"])
+        except Exception as e:  # a part cut short (a killed copy): it is a cache, so redo it
+            log.warning("%s: unreadable (%s); computing source %r again", self.path(name), e, name)
+            return None
 
     def write(self, name: str, row: np.ndarray, stats: Mapping[str, Any]) -> None:
         meta = {"key": self.key(name), "source": name, "stats": json.dumps(stats)}
@@ -236,7 +288,7 @@ def _sketch_source(
         model, examples, pad_token_id=pad_token_id, micro_batch_size=micro_batch_size
     )
     if not np.isfinite(loss):
-        raise FloatingPointError(f"source {name!r}: loss at θ0 is {loss}")
+        raise NonFiniteLossError(_non_finite_message(model, name, loss))
     row = sk.zeros()
     sq = torch.zeros((), dtype=torch.float64, device=device)
     for pname, p in selected:

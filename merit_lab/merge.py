@@ -206,6 +206,9 @@ def _resolve_params(spec: MergeMethod, params: Mapping[str, float] | None) -> di
     return out
 
 
+_SAME_ARCHITECTURE = "every input must have θ0's architecture: train the odd one again from θ0"
+
+
 def _check_compatible(ckpts: Sequence[Checkpoint]) -> None:
     ref = ckpts[0]
     for c in ckpts[1:]:
@@ -214,14 +217,14 @@ def _check_compatible(ckpts: Sequence[Checkpoint]) -> None:
             raise ValueError(
                 f"{c.folder} has other tensors than {ref.folder}: missing "
                 f"{sorted(missing)[:5]} ({len(missing)} in all), extra {sorted(extra)[:5]} "
-                f"({len(extra)} in all)"
+                f"({len(extra)} in all); {_SAME_ARCHITECTURE}"
             )
         for key, (_, dtype, shape) in ref.tensors.items():
             _, dtype_c, shape_c = c.tensors[key]
             if (dtype, shape) != (dtype_c, shape_c):
                 raise ValueError(
                     f"tensor {key!r} is {dtype}{list(shape)} in {ref.folder} "
-                    f"but {dtype_c}{list(shape_c)} in {c.folder}"
+                    f"but {dtype_c}{list(shape_c)} in {c.folder}; {_SAME_ARCHITECTURE}"
                 )
 
 
@@ -235,7 +238,8 @@ def _check_same_base(inputs: Sequence[Path], base_fp: str | None) -> str | None:
         if base_fp is not None and fp != base_fp:
             raise ValueError(
                 f"{p} was trained from a different base: its merit_branch.json records "
-                f"base_fingerprint {fp[:12]}…, the given base has {base_fp[:12]}…"
+                f"base_fingerprint {fp[:12]}…, the given base has {base_fp[:12]}…; train it "
+                "again from this base (delete its folder), or merge with the base it had"
             )
         seen.setdefault(fp, p)
     if len(seen) > 1:

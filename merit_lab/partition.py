@@ -283,10 +283,16 @@ class Partition:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Partition:
+        """Read partition.json; every problem is one ValueError that starts with the path."""
         try:
-            return cls.from_dict(read_json(path))
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+            data = read_json(path)  # the error names the path and line
+        except ValueError as e:
+            raise ValueError(f"{e}; fix it, or delete it: the partition stage writes one") from e
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as e:
+            what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{path}: {what}") from e
 
 
 def _check_counts(counts: Mapping[str, int], names: Sequence[str], what: str) -> dict[str, int]:

@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 MANIFEST = "merit_branch.json"
-DEMO_BASE = Path(__file__).resolve().parents[1] / "data" / "demo" / "base"  # as models.py
 # Fields that may differ between a killed run and its resumption without changing the result
 # (a run folder may move, or go on on another machine).
 _RESUMABLE_CHANGES = ("output_dir", "device", "save_steps", "keep_checkpoints")
@@ -84,6 +83,7 @@ class BranchSpec:
     # source → share f < 1 of its train examples to train (a hand down-weight): the seeded subset
     # `merit_lab.curation.fraction_subset(source, n, f, mixture seed)`, the same in every row
     fractions: Mapping[str, float] = field(default_factory=dict)
+    trust_remote_code: bool = False  # let transformers run θ0's own code (the run's setting)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -123,6 +123,8 @@ class BranchSpec:
             d.pop("long_examples")  # specs written before the policy existed stay equal
         if not self.fractions:  # absent when unused: specs written before curation stay equal
             d.pop("fractions")
+        if not self.trust_remote_code:  # likewise
+            d.pop("trust_remote_code")
         if relative_to is not None:
             out, folder = Path(self.output_dir).resolve(), Path(relative_to).resolve()
             if folder == out or out in folder.parents:
@@ -301,8 +303,11 @@ def _base_dtype(path: str):
 
 
 def _resolve_base(model: str) -> str:
-    """θ0's local folder: the merge compares branches by a fingerprint of its weight files."""
-    path = str(DEMO_BASE) if model == "demo" else model
+    """θ0's local folder ("demo", a fetched model, a folder or a hub id's snapshot): the merge
+    compares branches by a fingerprint of its weight files."""
+    from merit_lab.models import resolve_model_path
+
+    path = resolve_model_path(model)
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"base model {model!r}: no HF model folder at {path}")
     return path
@@ -386,14 +391,18 @@ def _training_args(spec: BranchSpec, out: Path, total_steps: int):
     return args
 
 
-def _make_trainer(base: str, tokenizer, plan: _Plan, args, callbacks: Sequence[Any]):
+def _make_trainer(
+    spec: BranchSpec, base: str, tokenizer, plan: _Plan, args, callbacks: Sequence[Any]
+):
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
     from merit_lab.formatting import collate
     from merit_lab.models import load_model
 
     trainer = Trainer(
-        model=load_model(base, device="cpu", dtype="float32"),  # fp32 master weights
+        model=load_model(  # fp32 master weights
+            base, device="cpu", dtype="float32", trust_remote_code=spec.trust_remote_code
+        ),
         args=args,
         train_dataset=_ScheduleDataset(plan.examples, plan.order),
         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
@@ -477,11 +486,11 @@ def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
     write_spec(spec)
     base = _resolve_base(spec.base_model)
     base_fingerprint = fingerprint_checkpoint(base)  # fails early on a base without safetensors
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_tokenizer(base, trust_remote_code=spec.trust_remote_code)
     plan = _plan(spec, tokenizer)
     args = _training_args(spec, out, plan.total_steps)
     branch_cb = _make_callback(out / "log.jsonl", spec.name, spec.epochs, plan.total_steps)
-    trainer = _make_trainer(base, tokenizer, plan, args, [branch_cb, *callbacks])
+    trainer = _make_trainer(spec, base, tokenizer, plan, args, [branch_cb, *callbacks])
     _train_resuming(trainer, out)
     manifest = _manifest(spec, base_fingerprint, plan, trainer, branch_cb.tokens_per_s, out)
     _save_final(final, trainer.model, tokenizer, base, manifest)

@@ -14,10 +14,12 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from merit_lab.checkpoints import INDEX_NAME, Checkpoint
 from merit_lab.config import RunConfig
+from merit_lab.io import read_json
 from merit_lab.launch import MODES
 from merit_lab.merge import MERGE_METHODS
-from merit_lab.mixture import SPLITS
+from merit_lab.mixture import SPLITS, count_sources
 from merit_lab.models import DTYPES
 from merit_lab.partition import PARTITION_METHODS
 from merit_lab.train import SCHEDULERS
@@ -26,6 +28,8 @@ __all__ = ["config_problems", "validate_config"]
 
 # A hub id is "name" or "org/name"; a path starts with / . ~ or has more than one separator.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def validate_config(cfg: RunConfig, *, diagnose: bool = True) -> None:
@@ -59,6 +63,7 @@ def config_problems(cfg: RunConfig, *, diagnose: bool = True) -> list[str]:
         *_merge_param_problems(cfg.merge.params),
         *(_diagnostics_problems(cfg) if diagnose else []),
         *_model_problems(cfg.model),
+        *_mixture_problems(cfg),
         *_device_problems(cfg),
     ]
     if cfg.train.launcher == "slurm" and importlib.util.find_spec("submitit") is None:
@@ -136,9 +141,7 @@ def _model_problems(model: str) -> list[str]:
         return []
     path = Path(model).expanduser()
     if path.is_dir():
-        if (path / "config.json").is_file():
-            return []
-        return [f"model: {model!r} is a folder without config.json (not a Hugging Face model)"]
+        return [f"model: {model!r}{p}" for p in _folder_problems(path)[:1]]
     if path.exists():
         return [f"model: {model!r} is a file; give a Hugging Face model folder or a hub id"]
     if _HUB_ID.fullmatch(model):
@@ -147,6 +150,68 @@ def _model_problems(model: str) -> list[str]:
         f'model: {model!r}: no such folder, and not a hub id (org/name); use "demo", a '
         "Hugging Face model folder or a hub id"
     ]
+
+
+def _folder_problems(path: Path) -> list[str]:
+    """What keeps a local folder from loading as a model: config, weights (headers only, so a
+    corrupt or cut file is met now, not after the CPU stages), tokenizer. Each starts with the
+    text that follows ``model: 'path'``."""
+    if not (path / "config.json").is_file():
+        return [
+            " is a folder without config.json (not a Hugging Face model); save the model there "
+            "with save_pretrained"
+        ]
+    try:
+        read_json(path / "config.json")
+    except ValueError as e:
+        return [f": {e}"]
+    if not any(path.glob("*.safetensors")) and not (path / INDEX_NAME).is_file():
+        return [
+            ": no .safetensors weights; merit-lab loads safetensors only (convert pickled .bin "
+            "weights with save_pretrained(safe_serialization=True))"
+        ]
+    try:
+        Checkpoint.open(path)
+    except ValueError as e:
+        return [f": {e}"]
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return [
+            f": no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer there "
+            "too (tokenizer.save_pretrained)"
+        ]
+    return []
+
+
+def _mixture_problems(cfg: RunConfig) -> list[str]:
+    """A mixture path that names nothing, and K groups of fewer than K sources (counted from
+    the file names of a local folder, before any stage reads them)."""
+    path = cfg.mixture.path
+    if path != "demo" and not Path(path).exists() and not _HUB_ID.fullmatch(path):
+        return [f"mixture.path: {path!r}: no such folder or file, and not a `datasets` hub name"]
+    if path == "demo":
+        from merit_lab.demo import DEMO_DIR  # imports transformers: only for the demo
+
+        path = str(DEMO_DIR)
+    n = count_sources(path)
+    if not n:  # not countable from names, or no sources (the mixture stage says so)
+        return []
+    splits = [("partition", cfg.partition.r, cfg.partition.k)] + [
+        (f"experiments[{i}]", e.r, e.k)
+        for i, e in enumerate(cfg.experiments)
+        if e.kind == "split" and e.method is not None  # None: the run's partition
+    ]
+    problems = []
+    for key, r, k in splits:
+        groups = k if k is not None else 2 ** (r or 0)
+        where = f"the mixture {path} has {n} sources"
+        if groups > n and k is not None:
+            problems.append(f"{key}.k: K = {k} groups but {where}; use k <= {n}")
+        elif groups > n:
+            problems.append(
+                f"{key}.r: {r} gives K = {groups} groups but {where}; use r <= "
+                f"{n.bit_length() - 1} (or k <= {n})"
+            )
+    return problems
 
 
 def _device_problems(cfg: RunConfig) -> list[str]:

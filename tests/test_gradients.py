@@ -124,6 +124,13 @@ def test_resume_after_kill_and_incremental_sources(
     bank = estimate_gradients(pico_model, demo_tokenizer, small_demo, out_dir=tmp_path, **kwargs)
     assert len(calls) == 1  # adding one source computes only that one
     np.testing.assert_array_equal(bank.rows, full.rows)
+
+    calls.clear()
+    part = sorted((tmp_path / "parts").glob("*.safetensors"))[0]
+    part.write_bytes(part.read_bytes()[:40])  # a part cut short (a killed copy): redone
+    bank = estimate_gradients(pico_model, demo_tokenizer, small_demo, out_dir=tmp_path, **kwargs)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(bank.rows, full.rows)
     loaded = GradientBank.load(tmp_path)
     assert loaded.names == small_demo.names
     np.testing.assert_array_equal(loaded.rows, full.rows)
@@ -172,8 +179,12 @@ def test_parameter_selection_and_non_finite_loss(pico_model, demo_tokenizer, sma
     broken = copy.deepcopy(pico_model)
     with torch.no_grad():
         broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=small_demo.names[0]):
+    with pytest.raises(ValueError, match=small_demo.names[0]) as err:  # a FloatingPointError too
         estimate_gradients(broken, demo_tokenizer, small_demo, n=4, progress=False)
+    assert isinstance(err.value, FloatingPointError)
+    assert "non-finite weights in ['model.layers.0.mlp.up_proj.weight'] (1 tensor(s))" in str(
+        err.value
+    )
 
 
 def test_prefetch_thread_changes_nothing_and_errors_name_their_source(

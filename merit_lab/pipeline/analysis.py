@@ -30,7 +30,7 @@ from merit_lab.mixture import (
     small_source_message,
     source_shortfall,
 )
-from merit_lab.models import load_model, load_tokenizer, resolve_model_path
+from merit_lab.models import load_model, load_tokenizer, model_source, resolve_model_path
 from merit_lab.partition import Partition, make_partition
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture, source_counts
 
@@ -190,9 +190,8 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
         model_fingerprint=fingerprint,
         source_keys=content,  # a part is reused only for the same examples
     )
-    GradientBank(bank.names, bank.rows, {**bank.info, "stage_key": key}, bank.stats).save(
-        run.gradients
-    )
+    info = {**bank.info, "stage_key": key, "model_source": model_source(cfg.model)}
+    GradientBank(bank.names, bank.rows, info, bank.stats).save(run.gradients)
     return True
 
 

@@ -208,6 +208,7 @@ def _spec(
         dtype=cfg.dtype,
         save_steps=t.save_steps,
         fractions={s: f for s, f in fractions.items() if s in sources},
+        trust_remote_code=cfg.trust_remote_code,
     )
 
 
@@ -424,8 +425,11 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
         if run.is_current("eval", key, row.label):
             tables.append(pd.read_parquet(cache))
             continue
-        tokenizer = tokenizer or load_tokenizer(row.model_dir, trust_remote_code=False)
-        model = load_model(row.model_dir, device=cfg.device, dtype=cfg.dtype)
+        remote = cfg.trust_remote_code
+        tokenizer = tokenizer or load_tokenizer(row.model_dir, trust_remote_code=remote)
+        model = load_model(
+            row.model_dir, device=cfg.device, dtype=cfg.dtype, trust_remote_code=remote
+        )
         parts = []
         for split in e.splits:
             parts.append(

@@ -213,7 +213,10 @@ class RunDir:
 
     def read_mixture(self) -> dict[str, Any]:
         """``mixture.json``: sources with counts, calibration ids and metadata."""
-        return read_json(self.mixture)
+        try:
+            return read_json(self.mixture)
+        except ValueError as e:  # the error names the path and line
+            raise ValueError(f"{e}; delete it and run the mixture stage again") from e
 
     def source_names(self) -> list[str]:
         """Every source of ``mixture.json`` (the original mixture, before curation)."""
@@ -223,10 +226,22 @@ class RunDir:
         return ConflictSpace.load(self.conflict)
 
     def load_partition(self, experiment: str | None = None):
-        """The run's ``partition.json`` (or a split experiment's own)."""
-        return Partition.load(
-            self.partition if experiment is None else self.experiment_partition(experiment)
-        )
+        """The run's ``partition.json`` (or a split experiment's own).
+
+        Raises:
+            ValueError: it names a source that ``mixture.json`` does not have (a typo in a hand
+                edit, a source renamed since): the message says which and what to do.
+        """
+        path = self.partition if experiment is None else self.experiment_partition(experiment)
+        part = Partition.load(path)
+        if self.mixture.is_file():
+            unknown = sorted(set(part.sources) - set(self.source_names()))
+            if unknown:
+                raise ValueError(
+                    f"{path}: sources not in mixture.json: {unknown}; fix the names in "
+                    f"{path.name} (or delete it: the partition stage writes a new one)"
+                )
+        return part
 
     def load_bank(self):
         return GradientBank.load(self.gradients)

@@ -21,6 +21,7 @@ from merit_lab.config import RunConfig, load_config
 from merit_lab.conflict import ConflictSpace
 from merit_lab.gradients import GradientBank
 from merit_lab.io import atomic_write_json, read_json
+from merit_lab.models import remote_code_problem, resolve_model_path
 from merit_lab.pipeline.analysis import (
     stage_conflict,
     stage_gradients,
@@ -142,6 +143,10 @@ def run_pipeline(
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
     validate_config(cfg, diagnose="diagnose" in stages)  # every choice, model, device: no work yet
+    resolve_model_path(cfg.model)  # a hub id resolves once here; an unfetched model fails here
+    problem = remote_code_problem(cfg.model, cfg.trust_remote_code)
+    if problem:
+        raise ValueError(f"config {cfg.name!r}: {problem}")
     run = RunDir(cfg.run_dir)
     with run.writer_lock():  # one writer per run; a second one is refused, naming the first
         cfg.save(run.config)

@@ -1,0 +1,88 @@
+"""The gradient stage on a real pretrained model: SmolLM2-135M-Instruct against its plain fwd+bwd.
+
+Measured with the calibration settings of ``configs/smollm2.yaml`` (16 dialogues per source, micro-
+batches of 8, max length 256) on its 8 chatterbot sources (``merit-lab fetch-data chatterbot``),
+every parameter (134.5M) count-sketched to 2^18:
+
+* **plain fwd+bwd tokens/s**: a training forward+backward (the model's own loss) over the same
+  pre-collated micro-batches: the floor the stage cannot beat;
+* **stage tokens/s** and their ratio (target ≥ 0.9×, as on the demo base).
+
+Rounds alternate the two sides; the figures are the medians, the notes give the spread. Skipped
+(and saying why) where the model or the data are not fetched.
+
+Run: python -m benchmarks.bench_smollm2 [--quick] [--out bench-smollm2.json]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.bench_gradients import _plain_fwd_bwd
+from benchmarks.common import Results, bench_main
+from merit_lab.config import load_config
+from merit_lab.fetch import RECORD, fetched_model_path
+from merit_lab.formatting import collate, tokenize_examples
+from merit_lab.gradients import estimate_gradients
+from merit_lab.mixture import load_mixture
+from merit_lab.models import load_model, load_tokenizer
+
+SECTION = "gradient bank, SmolLM2-135M"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"
+
+
+def run(quick: bool = False) -> Results:
+    res = Results("smollm2")
+    cfg = load_config(CONFIG)
+    data = Path(cfg.mixture.path)
+    if not (fetched_model_path("smollm2") / RECORD).is_file() or not data.is_dir():
+        res.skip(SECTION, "stage ÷ plain fwd+bwd", "run `merit-lab fetch-model smollm2` and "
+                 "`merit-lab fetch-data chatterbot` first")  # fmt: skip
+        return res
+    cal = cfg.calibration
+    torch.manual_seed(0)
+    tok, model = load_tokenizer("smollm2"), load_model("smollm2", device="cpu")
+    mix = load_mixture(data, calibration_n=cal.n, eval_fraction=cfg.mixture.eval_fraction)
+    if quick:
+        mix = mix.select(mix.names[:2])
+    n = 4 if quick else cal.n
+    batches = [
+        collate(ex[i : i + cal.micro_batch_size], tok.pad_token_id)
+        for ex in (tokenize_examples(tok, s.calibration[:n], cal.max_length) for s in mix)
+        for i in range(0, len(ex), cal.micro_batch_size)
+    ]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    _plain_fwd_bwd(model, batches[:1])  # warm-up
+    plain, stage = [], []
+    for rep in range(1 if quick else 3):
+        plain.append(_plain_fwd_bwd(model, batches))
+        t0 = time.perf_counter()
+        estimate_gradients(
+            model, tok, mix, n=n, micro_batch_size=cal.micro_batch_size,
+            max_length=cal.max_length, progress=False,
+        )  # fmt: skip
+        stage.append(time.perf_counter() - t0)
+        print(f"[smollm2] round {rep + 1}: plain {plain[-1]:.1f} s, stage {stage[-1]:.1f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
+    spread = f"{len(mix)} sources x {n} examples, {tokens:,} tokens; {len(plain)} rounds"
+    res.add(SECTION, "plain fwd+bwd", tokens / float(np.median(plain)), "tok/s",
+            note=f"{spread}, {min(plain):.1f}-{max(plain):.1f} s")  # fmt: skip
+    res.add(
+        SECTION,
+        "gradient stage",
+        tokens / float(np.median(stage)),
+        "tok/s",
+        note=f"{min(stage):.1f}-{max(stage):.1f} s (tokenising, response loss, sketch)",
+    )
+    res.add(SECTION, "stage ÷ plain fwd+bwd", float(np.median(plain) / np.median(stage)), "×",
+            target=(">=", 0.9))  # fmt: skip
+    return res
+
+
+if __name__ == "__main__":
+    bench_main(run, __doc__)
