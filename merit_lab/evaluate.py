@@ -55,6 +55,17 @@ def heldout_loss(
     return float(sum(float(response_token_loss(model, b, num_items=count)) for b in batches))
 
 
+def _left_padded(rows: Sequence[Sequence[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Prompts as one batch padded on the left: generation continues every row's right end."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @torch.no_grad()
 def greedy_answers(
     model: torch.nn.Module,
@@ -62,6 +73,7 @@ def greedy_answers(
     examples: Sequence[dict],
     *,
     max_new_tokens: int = EvalConfig.max_new_tokens,
+    max_length: int = TrainConfig.max_length,
     batch_size: int = EvalConfig.batch_size,
     progress: bool = False,
     desc: str = "greedy answers",
@@ -69,35 +81,31 @@ def greedy_answers(
     """Greedy completions of each example's last assistant turn (prompt = everything before it,
     laid out as in training: `formatting.render_prompt`).
 
-    Prompts are batched in length order (less padding, earlier stops), answers returned in input
-    order.
+    A prompt over ``max_length`` tokens keeps its last ``max_length`` (as the default
+    ``truncate_prompt`` policy fits a training example). Prompts are batched in length order
+    (less padding, earlier stops), answers returned in input order.
     """
     device = next(model.parameters()).device
-    prompts = [render_prompt(tokenizer, last_turn(ex["messages"])[0]) for ex in examples]
+    prompts = [
+        tokenizer(render_prompt(tokenizer, last_turn(ex["messages"])[0]),
+                  add_special_tokens=False)["input_ids"][-max_length:]
+        for ex in examples
+    ]  # fmt: skip
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
     out: list[str] = []
     starts = range(0, len(prompts), batch_size)
-    try:
-        for i in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-            enc = tokenizer(
-                [prompts[j] for j in order[i : i + batch_size]],
-                add_special_tokens=False,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            out += [s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
+    for i in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        rows = [prompts[j] for j in order[i : i + batch_size]]
+        enc = {k: v.to(device) for k, v in _left_padded(rows, tokenizer.pad_token_id).items()}
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        out += [s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True)]
     answers = [""] * len(prompts)
     for j, text in zip(order, out, strict=True):
         answers[j] = text
@@ -151,8 +159,8 @@ def evaluate_model(
     if exact_match:  # pooled over sources: fewer, fuller generate calls
         pooled = [ex for name in names for ex in chosen[name]]
         flat = greedy_answers(
-            model, tokenizer, pooled, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            progress=progress, desc=f"answers of {label}",
+            model, tokenizer, pooled, max_new_tokens=max_new_tokens, max_length=max_length,
+            batch_size=batch_size, progress=progress, desc=f"answers of {label}",
         )  # fmt: skip
         for name in names:
             answers[name], flat = flat[: len(chosen[name])], flat[len(chosen[name]) :]

@@ -8,6 +8,7 @@ splits, launchers, schedulers, dtypes) live in modules that import it.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import math
 import re
@@ -24,7 +25,7 @@ from merit_lab.models import DTYPES
 from merit_lab.partition import PARTITION_METHODS
 from merit_lab.train import SCHEDULERS
 
-__all__ = ["config_problems", "validate_config"]
+__all__ = ["config_problems", "curvature_memory_problem", "validate_config"]
 
 # A hub id is "name" or "org/name"; a path starts with / . ~ or has more than one separator.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -243,3 +244,39 @@ def _device_problems(cfg: RunConfig) -> list[str]:
             f"device(s): ids 0 to {count - 1}"
         )
     return problems
+
+
+def curvature_memory_problem(cfg: RunConfig, model_dir: str | Path) -> str | None:
+    """The Hessian's Lanczos basis keeps ``hessian_iter`` float64 vectors of every parameter in
+    ``diagnostics.curvature_params``: a basis that cannot fit this machine's available memory
+    is refused before any stage runs, not met by the OOM killer after training (SmolLM2-135M
+    with every parameter and 20 steps needs 22 GB)."""
+    d = cfg.diagnostics
+    try:
+        layout = Checkpoint.open(model_dir)
+    except ValueError:
+        return None  # the model's own check names what is wrong with the folder
+    keys = [k for k in layout.float_keys() if not d.curvature_params or
+            any(fnmatch.fnmatchcase(k, p) for p in d.curvature_params)]  # fmt: skip
+    dim = sum(math.prod(layout.tensors[k][2]) for k in keys)
+    need = 8 * dim * (d.hessian_iter + 4)  # the basis, and a few vectors of the iteration
+    free = _available_memory()
+    if free is None or need <= 0.75 * free:
+        return None
+    return (
+        f"diagnostics: the Hessian needs about {need / 2**30:.1f} GiB ({d.hessian_iter} Lanczos "
+        f"vectors of {dim:,} parameters in float64) and this machine has "
+        f"{free / 2**30:.1f} GiB available; name fewer parameters in "
+        'diagnostics.curvature_params (e.g. ["model.layers.0.*"]) or lower hessian_iter'
+    )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

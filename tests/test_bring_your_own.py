@@ -1,8 +1,8 @@
 """A model as a researcher brings it: a hub id (resolved once to its snapshot in the Hugging Face
 cache, offline here), with its own modelling code (``trust_remote_code``), a tokenizer without a
 pad token and without a chat template (the plain layout), through every stage: gradients,
-branches, the linear / TIES / task-arithmetic merges (which need θ0), evaluation and greedy
-answers. And the chatterbot corpus loader on a wheel built here."""
+branches, the linear / TIES / task-arithmetic merges (which need θ0), evaluation, greedy
+answers, diagnostics and the report. And the chatterbot corpus loader on a wheel built here."""
 
 from __future__ import annotations
 
@@ -105,6 +105,16 @@ def _config(tmp: Path, **over) -> Path:
             {"name": "merit-1d", "merges": ["linear", "ties", "task_arithmetic"]},
         ],
         "eval": {"max_examples": 2, "max_new_tokens": 4},
+        "diagnostics": {
+            "experiments": ["merit-1d"],
+            "max_examples": 1,
+            "alphas": 3,
+            "sigmas": [0.0, 0.01],
+            "seeds": [0],
+            "hessian_k": 1,
+            "hessian_iter": 3,
+            "curvature_examples": 1,
+        },
         **over,
     }
     path = tmp / "byo.yaml"
@@ -139,8 +149,7 @@ def test_remote_code_without_trust_is_refused_before_any_work(offline_hub, tmp_p
 
 def test_every_stage_runs_on_a_hub_id_with_remote_code(offline_hub, tmp_path, one_thread):
     cfg = load_config(_config(tmp_path))
-    run = run_pipeline(cfg, ["mixture", "gradients", "conflict", "partition", "train", "merge",
-                             "evaluate"])  # fmt: skip
+    run = run_pipeline(cfg)  # every stage, diagnostics and report included
     bank = read_json(run.bank_json)["info"]
     assert bank["model_source"] == {"given": REPO, "path": str(offline_hub), "revision": COMMIT}
     specs = sorted(run.root.glob("**/spec.json"))
@@ -157,6 +166,10 @@ def test_every_stage_runs_on_a_hub_id_with_remote_code(offline_hub, tmp_path, on
                                  "merit-1d+task_arithmetic"}  # fmt: skip
     assert losses.notna().all() and (losses > 0).all()
     assert (table.metric == "exact_match").any()
+    assert sorted(p.stem for p in run.diagnostics.glob("*.json")) == [
+        "curvature", "displacement", "gain", "paths", "perturbation"
+    ]  # fmt: skip
+    assert f"`{REPO}`" in run.report.read_text()
     # the plain layout: greedy prompts end where trained responses start
     tok = load_tokenizer(REPO, trust_remote_code=True)
     assert render_prompt(tok, [{"role": "user", "content": "ab"}]).endswith("### Assistant:\n")

@@ -261,3 +261,25 @@ def test_diagnostics_experiments_are_checked_when_the_diagnose_stage_runs(tmp_pa
     with pytest.raises(ValueError, match=r"diagnostics.experiments\[0\]: 'merit-2d'.*merit-1d"):
         run_pipeline(cfg, ["diagnose", "report"])
     assert not (out / "small").exists()
+
+
+def test_a_hessian_that_cannot_fit_in_memory_is_refused_before_any_work(
+    tmp_path, monkeypatch, capsys
+):
+    import merit_lab.validate as validate
+
+    monkeypatch.setattr(validate, "_available_memory", lambda: 64 * 2**20)  # 64 MiB free
+    path = tmp_path / "c.yaml"
+    path.write_text(f"output_dir: {tmp_path}\nexperiments: [{{name: m, method: balanced, r: 1}}]\n")
+    cfg = load_config(path)
+    problem = validate.curvature_memory_problem(cfg, ROOT / "data" / "demo" / "base")
+    # the demo base has 653,056 parameters; 20 Lanczos vectors + 4 in float64
+    assert problem is not None and f"{8 * 24 * 653_056 / 2**30:.1f} GiB" in problem
+    assert "20 Lanczos vectors of 653,056 parameters" in problem
+    assert "diagnostics.curvature_params" in problem
+    assert main(["run", str(path)]) == 2  # the whole pipeline, diagnose included: no work
+    assert "the Hessian needs about" in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "mixture.json").exists()
+    assert main(["run", str(path), "--stages", "mixture"]) == 0  # no diagnose stage: no check
+    small = load_config(path, diagnostics={"curvature_params": ["*.norm.weight"]})
+    assert validate.curvature_memory_problem(small, ROOT / "data" / "demo" / "base") is None

@@ -31,23 +31,46 @@ def test_heldout_loss_pools_response_tokens(pico_model, demo_tokenizer, two_sour
     assert got == pytest.approx(np.mean(nll), rel=1e-5)
 
 
+def _argmax_answer(model, tok, ids: list[int], n: int) -> str:
+    """One token at a time, no cache, no batch: the reference greedy answer to prompt ``ids``."""
+    ids, new = torch.tensor([ids]), []
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
+def _prompt_ids(tok, example: dict) -> list[int]:
+    prompt = tok.apply_chat_template(
+        example["messages"][:-1], tokenize=False, add_generation_prompt=True
+    )
+    return tok(prompt, add_special_tokens=False)["input_ids"]
+
+
 def test_batched_greedy_equals_one_by_one_argmax(pico_model, demo_tokenizer, two_sources):
     examples = list(two_sources.sources[0].eval[:3]) + list(two_sources.sources[1].eval[:2])
     batched = greedy_answers(pico_model, demo_tokenizer, examples, max_new_tokens=6, batch_size=5)
     for ex, got in zip(examples, batched, strict=True):
-        prompt = demo_tokenizer.apply_chat_template(
-            ex["messages"][:-1], tokenize=False, add_generation_prompt=True
-        )
-        ids = demo_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        new = []
-        for _ in range(6):
-            with torch.no_grad():
-                nxt = int(pico_model(input_ids=ids).logits[0, -1].argmax())
-            if nxt == demo_tokenizer.eos_token_id:
-                break
-            new.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-        assert got == demo_tokenizer.decode(new, skip_special_tokens=True).strip()
+        assert got == _argmax_answer(pico_model, demo_tokenizer, _prompt_ids(demo_tokenizer, ex), 6)
+
+
+def test_an_over_long_prompt_keeps_its_last_max_length_tokens(pico_model, demo_tokenizer):
+    long = {"messages": [{"role": "user", "content": "abcdefghij" * 6},
+                         {"role": "assistant", "content": "x"}]}  # fmt: skip
+    short = {"messages": [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "y"}]}
+    ids = _prompt_ids(demo_tokenizer, long)
+    assert len(ids) > 24
+    got = greedy_answers(
+        pico_model, demo_tokenizer, [short, long], max_new_tokens=3, max_length=24
+    )  # fmt: skip
+    assert got[1] == _argmax_answer(pico_model, demo_tokenizer, ids[-24:], 3)
+    assert got[0] == _argmax_answer(
+        pico_model, demo_tokenizer, _prompt_ids(demo_tokenizer, short), 3
+    )
 
 
 def test_evaluate_and_summarize(pico_model, demo_tokenizer, two_sources):

@@ -96,6 +96,8 @@ def test_report_sections_in_order_and_unedited_mixture(run_dir):
         "## Wall time per stage (last run that did the work)",
     ]
     assert "8 sources, 108 train examples, 3600 train tokens" in text
+    # 8 sources x 4 held-out examples, scored on two metrics: 32 examples, not 64 rows' worth
+    assert "the same held-out examples: 32 per metric (8 sources)" in text
     for fig in ("compare_loss", "conflict_scatter", "training"):
         assert (run_dir / "figures" / f"{fig}.html").is_file() and f"figures/{fig}" in text
 

@@ -231,7 +231,7 @@ def curated_mixture_section(ctx: ReportContext) -> list[str]:
 @report_section("comparison")
 def comparison_section(ctx: ReportContext) -> list[str]:
     table = ctx.eval_table
-    held = table[table["split"] == "eval"]
+    held = table[(table["split"] == "eval") & (table["metric"] == "loss")]  # n: examples
     sub_n = held.groupby("model")["n"].sum()
     if sub_n.nunique() != 1:
         raise ValueError(f"models were scored on different held-out sets: {sub_n.to_dict()}")

@@ -37,7 +37,7 @@ from merit_lab.pipeline.experiments import (
 )
 from merit_lab.pipeline.report import write_report
 from merit_lab.pipeline.rundir import RunDir
-from merit_lab.validate import validate_config
+from merit_lab.validate import curvature_memory_problem, validate_config
 
 __all__ = ["STAGES", "run_pipeline", "run_summary", "stage_status"]
 
@@ -143,10 +143,13 @@ def run_pipeline(
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
     validate_config(cfg, diagnose="diagnose" in stages)  # every choice, model, device: no work yet
-    resolve_model_path(cfg.model)  # a hub id resolves once here; an unfetched model fails here
-    problem = remote_code_problem(cfg.model, cfg.trust_remote_code)
-    if problem:
-        raise ValueError(f"config {cfg.name!r}: {problem}")
+    model_dir = resolve_model_path(cfg.model)  # a hub id resolves once; an unfetched model fails
+    for problem in (
+        remote_code_problem(cfg.model, cfg.trust_remote_code),
+        curvature_memory_problem(cfg, model_dir) if "diagnose" in stages else None,
+    ):
+        if problem:
+            raise ValueError(f"config {cfg.name!r}: {problem}")
     run = RunDir(cfg.run_dir)
     with run.writer_lock():  # one writer per run; a second one is refused, naming the first
         cfg.save(run.config)
