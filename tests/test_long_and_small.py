@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from merit_lab.formatting import IGNORE_INDEX, count_overflow, tokenize_example,
 from merit_lab.io import read_json
 from merit_lab.mixture import MixtureError
 from merit_lab.pipeline import run_pipeline
-from merit_lab.pipeline.report import long_and_small_table
+from merit_lab.pipeline.report import long_and_small_section, long_and_small_table
 from merit_lab.train import BranchSpec
 from tests.conftest import chat
 
@@ -140,6 +141,10 @@ def test_a_long_example_no_longer_aborts_a_run(tmp_path: Path, one_thread):
     run = run_pipeline(cfg, until="evaluate")
     data = read_json(run.mixture)
     assert data["sources"][0]["long_examples"]["calibration"] == {"n": 1, "truncated_prompt": 1}
+    ctx = SimpleNamespace(run=SimpleNamespace(read_mixture=lambda: data))
+    text = "\n".join(long_and_small_section(ctx))
+    assert "truncate_prompt" in text and "no source is short of examples" in text
+    assert "let through" not in text
     assert (run.root / "eval.parquet").exists()
     spec = BranchSpec.load(next(run.root.glob("joint/*/spec.json")))  # the default: omitted
     assert spec.long_examples == "truncate_prompt"

@@ -164,13 +164,19 @@ def long_and_small_section(ctx: ReportContext) -> list[str]:
     if table.empty:
         return []
     pol = ctx.run.read_mixture().get("policies", {})
+    short = (table["shortfall"] != "–").any() if "shortfall" in table else False
     return [
         "## Over-long examples and small sources",
         "",
         f"Examples over `max_length` {pol.get('max_length', {})} were handled by "
         f"`mixture.long_examples: {pol.get('long_examples', '?')}` (counts per split: over-long, "
-        "then what was done); a source short of examples was let through by "
-        f"`mixture.small_sources: {pol.get('small_sources', '?')}`.",
+        "then what was done)"
+        + (
+            "; a source short of examples was let through by "
+            f"`mixture.small_sources: {pol.get('small_sources', '?')}`."
+            if short
+            else "; no source is short of examples."
+        ),
         "",
         markdown_table(table),
         "",
