@@ -157,8 +157,8 @@ def _convert(gguf: Path, out: Path, record: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     config = loaded.config
-    config.quantization_config = None
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # the GGUF's: the rebuilt model is plain float32
+        del config.quantization_config
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict())
     model.eval()

@@ -110,3 +110,17 @@ def test_evaluation_scores_theta0_and_the_merge(smollm2_run):
     assert set(loss.index.get_level_values(0)) == {"theta0", "merit-1d"}
     assert loss.between(0.01, 20).all()
     assert Path(run.merged_dir("merit-1d") / "chat_template.jinja").is_file()
+
+
+def test_the_fetched_folder_is_a_plain_checked_model(smollm2_dir):
+    from merit_lab.fetch import FETCHABLE_MODELS, RECORD, fetch_model
+
+    record = read_json(smollm2_dir / RECORD)
+    assert record["gguf_sha256"] == FETCHABLE_MODELS["smollm2"].sha256
+    assert record["check"]["answer"] == "The capital of France is Paris."
+    config = read_json(smollm2_dir / "config.json")
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert "<|im_start|>assistant" in (smollm2_dir / "chat_template.jinja").read_text()
+    before = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
+    assert fetch_model("smollm2") == smollm2_dir  # fetched: nothing is redone
+    assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == before

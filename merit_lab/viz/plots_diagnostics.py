@@ -183,6 +183,8 @@ def _path_figures(paths: list[dict]) -> dict[str, go.Figure]:
     figs = {}
     for exp, pairs in curves.items():
         fig = plot_interpolation(pairs)
-        fig.update_layout(title={"text": f"Train loss along linear paths: {figure_stem(exp)}"})
+        chord = "dotted: the chord between the ends"
+        title = f"Train loss along linear paths ({chord}): {figure_stem(exp)}"
+        fig.update_layout(title={"text": title})
         figs[f"diag_paths_{figure_stem(exp)}"] = fig
     return figs
