@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean bench
+.PHONY: demo test lint format install clean bench bench-gpu
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 # Speed and memory against their limits and peers (< 15 min on 2 cores); table + JSON.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all --out benchmarks/results.json
+
+# The gradient stage and the merge of ~0.5B and ~1.5B Qwen2-style models on the CUDA card present
+# (~4 min on one H100); table + JSON. No $(STAMP): its venv gets a CPU torch. With another Python
+# (CUDA torch, transformers, tokenizers): make bench-gpu BIN=$(dirname $(command -v python3))
+bench-gpu:
+	$(BIN)/python -m benchmarks.bench_gpu --out benchmarks/results_gpu.json
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -285,10 +285,20 @@ def write_shards(
 
 def copy_side_files(src: Path, dst: Path) -> None:
     """Copy config, tokenizer and chat-template files (what is not weights) from ``src``, and a
-    model's own code (``*.py``, read under ``trust_remote_code``)."""
+    model's own code (``*.py``, read under ``trust_remote_code``).
+
+    Contents only (``copyfile``, not ``copy2``): the copies get the modes of new files under the
+    umask, not those of θ0's files (private ones would make the merged folder unreadable).
+    """
     extra = sorted(p.name for p in [*src.glob("*.jinja"), *src.glob("*.py")])
     for name in [*SIDE_FILES, *extra]:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    if (src / "additional_chat_templates").is_dir():
-        shutil.copytree(src / "additional_chat_templates", dst / "additional_chat_templates")
+            shutil.copyfile(src / name, dst / name)
+    templates = src / "additional_chat_templates"
+    for path in sorted(templates.rglob("*")) if templates.is_dir() else ():
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)

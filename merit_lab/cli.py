@@ -63,9 +63,37 @@ def _cmd_figures(args: argparse.Namespace) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
-    from merit_lab.pipeline import run_summary
+    from merit_lab.io import lock_holder
+    from merit_lab.pipeline import RunDir, run_summary
 
     print(run_summary(args.run))
+    run = RunDir(Path(args.run))
+    temp = run.temp_entries()
+    if temp:
+        total = sum(size for _, size in temp)
+        print(f"  temp entries: {len(temp)}, {_size(total)}")
+        for path, size in temp:
+            print(f"    {path}  {_size(size)}")
+        holder = lock_holder(run.lock)
+        if holder is not None and holder["alive"] is not False:
+            print(
+                f"    {run.lock} names a writer that may be running (pid {holder.get('pid')} on "
+                f"{holder.get('host')!r}): these may be its writes in progress; leave them"
+            )
+        else:
+            print(
+                "    left by killed writes: the next `merit-lab run` removes those of the stages "
+                "it runs (or delete them by hand)"
+            )
+
+
+def _size(n: float) -> str:
+    """Bytes as ``812 B``, ``2.5 MiB``, ``14.0 GiB``."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> None:

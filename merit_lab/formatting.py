@@ -292,7 +292,8 @@ def response_logits(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> tupl
     """
     device = next(model.parameters()).device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    # use_cache=False: no KV cache is built for a scoring pass (memory, and checkpointing)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     labels = batch["labels"][:, 1:].to(device)
     keep = labels != IGNORE_INDEX  # (B, L-1): indexing with it copies only the n kept rows
     return logits[:, :-1][keep], labels[keep]

@@ -43,8 +43,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "GradientBank",
     "NonFiniteLossError",
+    "checkpointed",
     "estimate_gradients",
     "grads_only_for",
+    "micro_batches",
+    "read_part",
+    "request_info",
     "source_gradient",
 ]
 
@@ -133,12 +137,32 @@ def grads_only_for(
             p.requires_grad_(flags[nm])
 
 
+def micro_batches(
+    examples: Sequence, *, size: int = CalibrationConfig.micro_batch_size, tokens: int | None = None
+) -> list[list]:
+    """Split ``examples`` into micro-batches: ``size`` examples each, or with ``tokens`` as many
+    as fit ``tokens`` padded positions (longest first, so each batch pads little; an example
+    longer than ``tokens`` goes alone). The split changes only the summation order of the
+    gradient, not its value."""
+    if tokens is None:
+        return [list(examples[i : i + size]) for i in range(0, len(examples), size)]
+    out: list[list] = []
+    for ex in sorted(examples, key=lambda e: -e.n_tokens):  # stable: ties keep their order
+        if out and (len(out[-1]) + 1) * out[-1][0].n_tokens <= tokens:
+            out[-1].append(ex)
+        else:
+            out.append([ex])
+    return out
+
+
 def source_gradient(
     model: torch.nn.Module,
     examples: Sequence,
     *,
     pad_token_id: int,
     micro_batch_size: int = CalibrationConfig.micro_batch_size,
+    micro_batch_tokens: int | None = None,
+    after_backward: Callable[[float], None] | None = None,
     progress: bool = False,
 ) -> tuple[float, int]:
     """Accumulate into ``.grad`` the gradient of the mean response-token loss over ``examples``.
@@ -150,13 +174,16 @@ def source_gradient(
 
     Args:
         examples: `TokenizedExample`s.
+        micro_batch_size, micro_batch_tokens: the micro-batches (`micro_batches`).
+        after_backward: called with each micro-batch's loss share after its backward (e.g. to
+            sketch and clear ``.grad``, so half-precision gradients are summed in float32).
 
     Returns:
         (mean loss, number of response tokens).
     """
     batches = [
-        collate(examples[i : i + micro_batch_size], pad_token_id)
-        for i in range(0, len(examples), micro_batch_size)
+        collate(b, pad_token_id)
+        for b in micro_batches(examples, size=micro_batch_size, tokens=micro_batch_tokens)
     ]
     total = sum(count_response_tokens(b["labels"]) for b in batches)
     if total == 0:
@@ -165,8 +192,42 @@ def source_gradient(
     for b in tqdm(batches, desc="micro-batches", leave=False, disable=not progress):
         part = response_token_loss(model, b, num_items=total)
         part.backward()
-        loss += float(part.detach())
+        value = float(part.detach())
+        loss += value
+        if after_backward is not None:
+            after_backward(value)
     return loss, total
+
+
+@contextlib.contextmanager
+def checkpointed(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside, activations are recomputed in backward (transformers' gradient checkpointing,
+    non-reentrant): memory for one layer's activations instead of all. Only the checkpointed
+    layers are put in training mode (transformers checkpoints a layer only then); dropout and
+    every other module stay in eval mode, so the gradient is the same as without."""
+    layers = []
+    if enabled:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"{type(model).__name__} does not support gradient checkpointing; set "
+                "calibration.gradient_checkpointing: false"
+            )
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        for m in layers:
+            m.training = True  # this module only, not its children (dropout stays off)
+    try:
+        yield
+    finally:
+        if enabled:
+            for m in layers:
+                m.training = False
+            disable = getattr(model, "activation_checkpointing_disable", None)
+            (disable or model.gradient_checkpointing_disable)()
 
 
 class NonFiniteLossError(FloatingPointError, ValueError):
@@ -231,23 +292,47 @@ class _Parts:
         atomic_write_bytes(self.path(name), payload)
 
 
-def _bank_info(
-    model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]], sketch: SketchSpec, *,
-    n: int, max_length: int, include: Sequence[str] | None, exclude: Sequence[str] | None,
-    model_fingerprint: str, long_examples: str,
+def read_part(
+    out_dir: str | Path, name: str, info: Mapping[str, Any], source_keys: Mapping[str, str]
+) -> tuple[np.ndarray, dict] | None:
+    """(row, stats) of source ``name`` from ``out_dir/parts/`` when current for the bank
+    ``info`` and the source's key, else None."""
+    return _Parts(Path(out_dir) / "parts", info["key"], source_keys).read(name)
+
+
+def request_info(
+    *, sketch: SketchSpec, n: int, max_length: int, long_examples: str, preset: str = "all",
+    include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+    model_fingerprint: str = "", **_: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    """What the rows depend on, and its hash as ``key``."""
-    info = {
+    """The bank-info fields fixed by the request alone, before θ0 is loaded (a launcher uses
+    them to find the parts of an earlier launch it can reuse). Extra keyword arguments (the
+    micro-batching, checkpointing) change no row and are ignored."""
+    return {
         "model": model_fingerprint,
-        "parameters": {"include": list(include or []), "exclude": list(exclude or [])},
-        "n_parameters": int(sum(p.numel() for _, p in selected)),
+        "parameters": {"preset": preset, "include": list(include or []),
+                       "exclude": list(exclude or [])},
         "sketch": sketch.to_dict(),
         "n": n,
         "max_length": max_length,
         "long_examples": long_examples,
         "loss": "mean response-token cross-entropy over the calibration examples",
+    }  # fmt: skip
+
+
+def _bank_info(
+    model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]], sketch: SketchSpec, *,
+    n: int, max_length: int, include: Sequence[str] | None, exclude: Sequence[str] | None,
+    preset: str, model_fingerprint: str, long_examples: str,
+) -> dict[str, Any]:  # fmt: skip
+    """What the rows depend on, and its hash as ``key``."""
+    info = {
+        **request_info(sketch=sketch, n=n, max_length=max_length, long_examples=long_examples,
+                       preset=preset, include=include, exclude=exclude,
+                       model_fingerprint=model_fingerprint),
+        "n_parameters": int(sum(p.numel() for _, p in selected)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    }
+    }  # fmt: skip
     return {**info, "key": _bank_key(info)}
 
 
@@ -278,15 +363,22 @@ def _tokenized(
 
 def _sketch_source(
     model: torch.nn.Module, sk, selected: Sequence[tuple[str, Tensor]], examples: list,
-    name: str, pad_token_id: int, micro_batch_size: int,
+    name: str, pad_token_id: int, *, micro_batch_size: int, micro_batch_tokens: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
-    """One source's sketched gradient (d,) float32 and its stats, sketched right after backward."""
+    """One source's sketched gradient (d,) float32 and its stats, sketched right after backward.
+
+    The micro-batch gradients are summed in ``.grad`` (the model's dtype) and sketched once into
+    the float32 row. For a bfloat16 model, summing each micro-batch's sketch in float32 instead
+    changed the cosine to the exact float32 gradient by < 1% of its own error (the bf16
+    forward's), at twice the GPU time (`benchmarks/bench_precision.py`, `bench_gpu.py`).
+    """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
     loss, n_tokens = source_gradient(
-        model, examples, pad_token_id=pad_token_id, micro_batch_size=micro_batch_size
-    )
+        model, examples, pad_token_id=pad_token_id, micro_batch_size=micro_batch_size,
+        micro_batch_tokens=micro_batch_tokens,
+    )  # fmt: skip
     if not np.isfinite(loss):
         raise NonFiniteLossError(_non_finite_message(model, name, loss))
     row = sk.zeros()
@@ -295,13 +387,14 @@ def _sketch_source(
         if p.grad is None:  # a parameter this loss does not reach contributes zero
             continue
         sk.add_(row, pname, p.grad)
-        sq += p.grad.detach().double().pow(2).sum()
+        sq += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square()
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats = {
         "n_examples": len(examples),
         "n_response_tokens": n_tokens,
+        "n_tokens": sum(ex.n_tokens for ex in examples),
         "loss": loss,
         "grad_norm": float(sq.sqrt()),
         "seconds": time.perf_counter() - t0,
@@ -317,14 +410,18 @@ def estimate_gradients(
     sketch: SketchSpec | None = None,
     n: int = CalibrationConfig.n,
     micro_batch_size: int = CalibrationConfig.micro_batch_size,
+    micro_batch_tokens: int | None = CalibrationConfig.micro_batch_tokens,
+    gradient_checkpointing: bool = CalibrationConfig.gradient_checkpointing,
     max_length: int = CalibrationConfig.max_length,
     long_examples: str = MixtureConfig.long_examples,
+    preset: str = "all",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     out_dir: str | Path | None = None,
     sources: Sequence[str] | None = None,
     model_fingerprint: str = "",
     source_keys: Mapping[str, str] | None = None,
+    save_bank: bool = True,
     progress: bool = True,
     prefetch: bool | None = None,
 ) -> GradientBank:
@@ -333,17 +430,21 @@ def estimate_gradients(
     The gradient of each source is the gradient of the mean response-token loss over its first
     ``n`` calibration examples, accumulated over micro-batches; it is sketched parameter by
     parameter right after ``backward``, so memory holds one model gradient and T × d floats,
-    never T × params.
+    never T × params. A bfloat16/float16 model's gradient is sketched into float32 rows.
 
     With ``out_dir``, each finished source is written to ``out_dir/parts/`` at once and
     reused on the next call with the same settings (resume after a kill; incremental addition
-    of sources), and the assembled bank is saved to ``out_dir``.
+    of sources; several workers each computing some sources, `merit_lab.gradient_jobs`), and
+    the assembled bank is saved to ``out_dir`` (unless ``save_bank`` is false: a worker).
 
     Args:
         sketch: sketch kind/dim/seed (default: count-sketch at the default dimension).
         n: calibration examples per source (fewer if the source has fewer): the first ``n``
             that the ``long_examples`` policy keeps (`formatting.tokenize_example`).
-        include, exclude: parameter-name globs (see `select_parameters`).
+        micro_batch_size, micro_batch_tokens: examples per forward/backward, or padded tokens
+            per forward/backward (`micro_batches`).
+        gradient_checkpointing: recompute activations in backward (`checkpointed`).
+        preset, include, exclude: the parameters (see `select_parameters`).
         sources: the sources to include (default: all of ``mixture``), in row order.
         model_fingerprint: identifies θ0 so parts from another model are never reused.
         source_keys: per source, a key of its examples (e.g. a content hash): a part is reused
@@ -352,14 +453,15 @@ def estimate_gradients(
             on for GPUs, off on the CPU, where it only contends for the cores).
 
     Returns:
-        The bank, rows in the order of ``sources``.
+        The bank, rows in the order of ``sources``; ``info["throughput"]`` holds the tokens,
+        seconds and tokens/s of the sources computed in this call.
     """
     sketch = sketch or SketchSpec()
     names = tuple(sources) if sources is not None else mixture.names
-    selected = select_parameters(model, include, exclude)
+    selected = select_parameters(model, include, exclude, preset)
     device = next(model.parameters()).device
     info = _bank_info(model, selected, sketch, n=n, max_length=max_length, include=include,
-                      exclude=exclude, model_fingerprint=model_fingerprint,
+                      exclude=exclude, preset=preset, model_fingerprint=model_fingerprint,
                       long_examples=long_examples)  # fmt: skip
     sk = build_sketch(sketch, [(nm, tuple(p.shape)) for nm, p in selected], device=device)
     parts = None
@@ -387,18 +489,33 @@ def estimate_gradients(
     stream = _tokenized(todo, tokenize, device.type != "cpu" if prefetch is None else prefetch)
     bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="source gradients",
                unit="source", disable=not progress)  # fmt: skip
-    with grads_only_for(model, selected), contextlib.closing(stream), bar:
+    done = {"tokens": 0, "seconds": 0.0}
+    with (
+        grads_only_for(model, selected),
+        checkpointed(model, gradient_checkpointing),
+        contextlib.closing(stream),
+        bar,
+    ):
         for i, examples in stream:
-            bar.set_postfix_str(names[i])
             row, stats[names[i]] = _sketch_source(
-                model, sk, selected, examples, names[i], pad_id, micro_batch_size
-            )
+                model, sk, selected, examples, names[i], pad_id,
+                micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens,
+            )  # fmt: skip
             if parts is not None:
                 parts.write(names[i], row, stats[names[i]])
             rows[i] = row
+            done["tokens"] += stats[names[i]]["n_tokens"]
+            done["seconds"] += stats[names[i]]["seconds"]
+            bar.set_postfix_str(f"{names[i]}, {done['tokens'] / done['seconds']:,.0f} tok/s")
             bar.update()
     stats = {name: stats[name] for name in names}  # row order, cached or not
-    bank = GradientBank(names, rows, info, stats)
-    if out_dir is not None:
+    throughput = {
+        **done,
+        "sources": len(todo),
+        "device": str(device),
+        "tokens_per_s": done["tokens"] / done["seconds"] if done["seconds"] else None,
+    }
+    bank = GradientBank(names, rows, {**info, "throughput": throughput}, stats)  # fmt: skip
+    if out_dir is not None and save_bank:
         bank.save(out_dir)
     return bank

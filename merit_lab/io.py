@@ -1,7 +1,8 @@
 """Atomic file I/O shared by every stage: temp file (or folder) + rename, JSON helpers, hashing,
-and the one-writer lock of a folder.
+the temp entries' one naming pattern and their sweep, and the one-writer lock of a folder.
 
-A killed process leaves either the old artifact or the new one, never half of one.
+A killed process leaves either the old artifact or the new one, never half of one; what it was
+writing stays behind as a temp entry (`is_temp_name`) until the folder's writer sweeps it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import shlex
 import shutil
 import socket
+import stat
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -25,22 +29,169 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "TEMP_PATTERN",
     "LockHeldError",
     "atomic_dir",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "current_umask",
+    "entry_size",
+    "find_temp",
     "hold_lock",
+    "is_temp_name",
+    "lock_holder",
     "read_json",
+    "remove_temp",
     "sha256_file",
+    "sweep_temp",
+    "temp_leftovers_of",
+    "temp_name",
 ]
 
 
+# --------------------------------------------------------------------------------- temp entries
+# ".<final name>.<8 random chars>.tmp" beside the final path: hidden, named for the artifact it
+# becomes, and the names tempfile.mkstemp/mkdtemp gave before, so older leftovers match too.
+TEMP_PATTERN = re.compile(r"^\.(?P<final>.+)\.[a-z0-9_]{8}\.tmp$")
+_TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+_UMASK_LOCK = threading.Lock()
+
+
+def temp_name(final_name: str) -> str:
+    """A fresh temp name for the artifact ``final_name``: ``.<final_name>.<8 random>.tmp``."""
+    return f".{final_name}.{''.join(secrets.choice(_TOKEN_CHARS) for _ in range(8))}.tmp"
+
+
+def is_temp_name(name: str, final_name: str | None = None) -> bool:
+    """Whether ``name`` is a temp entry's (of the artifact ``final_name``, when given)."""
+    m = TEMP_PATTERN.match(name)
+    return m is not None and (final_name is None or m["final"] == final_name)
+
+
+def _create_temp(final: Path, *, folder: bool) -> tuple[Path, int]:
+    """Create a temp file (returns its open fd) or folder (fd -1) beside ``final``, exclusively.
+
+    Created with 0o666 / 0o777 like any ``open()`` / ``mkdir()``, so the kernel applies the
+    umask (or the folder's default ACL) exactly as for a normal write: mkstemp/mkdtemp would
+    make them 0600/0700 whatever the umask.
+    """
+    for _ in range(100):
+        tmp = final.parent / temp_name(final.name)
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+                return tmp, -1
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{final.parent}: no free temp name for {final.name}")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``,
+    kernel ≥ 4.7); elsewhere set and restored under a lock (``os.umask`` is process-wide: for
+    that instant 0o077, so a file another thread creates then is too private, never too open)."""
+    with (
+        contextlib.suppress(OSError, ValueError),
+        open("/proc/self/status", encoding="ascii", errors="replace") as f,
+    ):
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def _widen_private_modes(root: Path) -> None:
+    """Give ``root`` and every entry under it that is private (no group or other bit: mkstemp,
+    mkdtemp, a copy of a private file) the bits a normal ``open()``/``mkdir()`` would: the
+    owner's bits copied to group and other, less the umask (0600 → 0644 under umask 0022).
+    Entries with any group or other bit are left as made (a default ACL may have set them)."""
+    mask = current_umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for p in [dirpath, *(os.path.join(dirpath, n) for n in [*dirnames, *filenames])]:
+            st = os.lstat(p)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode) or mode & 0o077:
+                continue
+            own = (mode >> 6) & 0o7
+            if (opened := mode | (((own << 3) | own) & ~mask & 0o077)) != mode:
+                os.chmod(p, opened)
+
+
+def find_temp(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """The temp entries in ``folder`` (and, ``recursive``, in its subfolders; a temp folder's
+    inside is not searched: it goes as a whole). Sorted; [] when ``folder`` is absent."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        found += [Path(dirpath, n) for n in [*dirnames, *filenames] if is_temp_name(n)]
+        dirnames[:] = [d for d in dirnames if recursive and not is_temp_name(d)]
+    return sorted(found)
+
+
+def temp_leftovers_of(final: str | os.PathLike) -> list[Path]:
+    """The temp entries beside ``final`` that were on their way to become it."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    return sorted(p for p in final.parent.iterdir() if is_temp_name(p.name, final.name))
+
+
+def entry_size(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of every file under a folder (0 for what vanished meanwhile)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        with contextlib.suppress(OSError):
+            return path.lstat().st_size
+        return 0
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for n in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+    return total
+
+
+def remove_temp(paths: list[Path]) -> list[Path]:
+    """Delete temp entries (files or whole folders), logging each with its size; returns them.
+
+    Only the one writer of the folder may call this: anyone else's temp entry may be a write in
+    progress. Names that are not temp names are refused.
+    """
+    for p in paths:
+        if not is_temp_name(p.name):
+            raise ValueError(f"{p}: not a temp entry ({TEMP_PATTERN.pattern}); not removed")
+        log.warning("removing %s (%d bytes), left by a killed write", p, entry_size(p))
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    return list(paths)
+
+
+def sweep_temp(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Remove the leftovers of killed writes in ``folder``: `remove_temp` over `find_temp`.
+
+    Call it only as the folder's one writer, before writing (a branch folder at the start of
+    its training; a run's folders under the run lock, see ``RunDir.sweep_temp``).
+    """
+    return remove_temp(find_temp(folder, recursive=recursive))
+
+
+# ------------------------------------------------------------------------------- atomic writes
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``.
+
+    The file gets the mode a plain ``open(path, "wb")`` of a new file would (umask applied).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp, fd = _create_temp(path, folder=False)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -87,6 +238,10 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     """Build a folder under a temp name and rename it to ``final`` only if the block succeeds.
 
     On any exception the temp folder is removed and ``final`` is untouched (absent if it was).
+    Before the rename, the folder and every private entry in it get normal modes (see
+    `_widen_private_modes`). An old ``final`` is renamed aside (to a temp name) before the new
+    one takes its place and deleted after, so a kill leaves the old or the new folder in place,
+    or, in the instant between the two renames, both as temp entries.
 
     Yields:
         The temporary folder to write into.
@@ -95,15 +250,22 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists")
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp, _ = _create_temp(final, folder=True)
+    old = None
     try:
         yield tmp
+        _widen_private_modes(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            old = final.parent / temp_name(final.name)
+            os.replace(final, old)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not final.exists():
+            os.replace(old, final)  # put the old folder back
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class LockHeldError(FileExistsError):
@@ -188,6 +350,20 @@ def _acquire(path: Path, me: dict[str, Any]) -> bool:
         if _read_holder(path) == holder:  # not replaced by another taker meanwhile
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def lock_holder(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Who holds a lock file (None: nobody): its JSON plus ``alive``, whether that process runs
+    (None when it is on another host, or the file names no holder)."""
+    path = Path(path)
+    try:
+        holder = _read_holder(path)
+    except LockHeldError:
+        return {"alive": None}
+    if holder is None:
+        return None
+    same_host = holder.get("host") == socket.gethostname()
+    return {**holder, "alive": _pid_alive(holder["pid"]) if same_host else None}
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 
 Input: `BranchSpec`s (or paths to ``spec.json`` files). Output: each branch's ``final/`` folder.
 Branches never talk to each other, so every mode is a plain job queue; a re-launch resumes each
-unfinished branch from its last checkpoint and skips finished ones.
+unfinished branch from its last checkpoint and skips finished ones. A branch with
+``procs_per_branch`` N > 1 is N processes in every mode: ``torchrun`` (sequential and local) or
+one submitit job of N tasks (slurm).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from merit_lab.distributed import export_submitit_env, finish_process_group, torchrun_command
 from merit_lab.train import MANIFEST, BranchSpec, train_branch, train_branch_from_file, write_spec
 
 __all__ = ["BranchFailedError", "launch_branches"]
@@ -50,55 +54,97 @@ def _resolve(specs: Sequence[BranchSpec | str | Path]) -> list[tuple[BranchSpec,
     return out
 
 
+def _command(spec: BranchSpec, path: Path) -> list[str]:
+    """``python -m merit_lab.train SPEC``, or torchrun of N of them for an N-process branch."""
+    if spec.procs_per_branch > 1:
+        return torchrun_command(path, spec.procs_per_branch)
+    return [sys.executable, "-m", "merit_lab.train", str(path)]
+
+
+def _copy_output(src, logf, echo) -> None:
+    """Copy a child's output to its log file and to ``echo`` (this process's stderr)."""
+    for chunk in iter(lambda: os.read(src.fileno(), 1 << 14), b""):
+        logf.write(chunk)
+        logf.flush()
+        echo.write(chunk.decode(errors="replace"))
+        echo.flush()
+
+
 def _run_local(
     todo: list[tuple[BranchSpec, Path]],
     *,
     n_procs: int | None,
     gpus: Sequence[int] | None,
     poll_s: float = 0.2,
+    echo: bool = False,
 ) -> None:
-    """A queue of ``python -m merit_lab.train SPEC`` subprocesses, one per slot."""
-    if gpus is None and n_procs is None:
+    """A queue of ``python -m merit_lab.train SPEC`` subprocesses (``torchrun`` for N-process
+    branches), in slots: one per GPU, or ``n_procs`` on the CPU.
+
+    A branch of N processes takes N free GPUs (``CUDA_VISIBLE_DEVICES``); on the CPU it takes
+    one slot and its N processes share that slot's cores. ``echo`` also copies each child's
+    output to this process's stderr (the sequential mode's progress bars).
+    """
+    if gpus is None and n_procs is None and any(s.device != "cpu" for s, _ in todo):
         import torch
 
         gpus = list(range(torch.cuda.device_count())) or None
     if gpus is not None and not gpus:
         raise ValueError("gpus=[] leaves no slot to run a branch in")
-    slots = [{"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus or ()] or [{}] * max(1, n_procs or 1)
-    # Split the cores between the processes: oversubscribed BLAS/OpenMP threads thrash.
-    threads = str(max(1, (os.cpu_count() or 1) // len(slots)))
-    slots = [{**slot, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for slot in slots]
+    units = list(gpus or range(max(1, n_procs or 1)))  # GPU ids, or CPU slots
+    wide = [s.name for s, _ in todo if gpus and s.procs_per_branch > len(units)]
+    if wide:
+        raise ValueError(f"branches {wide} need more processes than the {len(units)} GPUs given")
+    cores = os.cpu_count() or 1
     # The children import merit_lab from wherever this process did, installed or not.
     pkg_root = str(Path(__file__).resolve().parents[1])
     pythonpath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
     queue = list(todo)
-    free = list(range(len(slots)))
-    running: dict[int, tuple[subprocess.Popen, BranchSpec, Any]] = {}
+    free = list(units)
+    running: list[tuple[subprocess.Popen, BranchSpec, Any, list, threading.Thread | None]] = []
     failures = []
     try:
         while queue or running:
-            while queue and free:
+            while queue and len(free) >= (need := queue[0][0].procs_per_branch if gpus else 1):
                 spec, path = queue.pop(0)
-                slot = free.pop(0)
+                taken, free = free[:need], free[need:]
+                # Split the cores between the processes: oversubscribed BLAS/OpenMP threads thrash.
+                per_proc = len(units) if gpus else len(units) * spec.procs_per_branch
+                threads = str(max(1, cores // per_proc))
+                env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": threads,
+                       "MKL_NUM_THREADS": threads}  # fmt: skip
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, taken))
                 # held open for the child's lifetime, closed when it exits
                 logf = open(Path(spec.output_dir) / LOG_NAME, "ab")  # noqa: SIM115
-                env = {**os.environ, **slots[slot], "PYTHONPATH": pythonpath}
-                cmd = [sys.executable, "-m", "merit_lab.train", str(path)]
-                proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
-                running[slot] = (proc, spec, logf)
+                out = subprocess.PIPE if echo else logf
+                cmd = _command(spec, path)
+                proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+                copier = None
+                if echo:
+                    copier = threading.Thread(
+                        target=_copy_output, args=(proc.stdout, logf, sys.stderr), daemon=True
+                    )
+                    copier.start()
+                running.append((proc, spec, logf, taken, copier))
             time.sleep(poll_s)
-            for slot, (proc, spec, logf) in list(running.items()):
+            for item in list(running):
+                proc, spec, logf, taken, copier = item
                 if proc.poll() is None:
                     continue
+                if copier is not None:
+                    copier.join()
                 logf.close()
-                del running[slot]
-                free.append(slot)
+                running.remove(item)
+                free += taken
                 if proc.returncode != 0:
                     failures.append((spec, f"exit status {proc.returncode}"))
     finally:  # on Ctrl-C (or any error here) stop our own children; checkpoints let them resume
-        for proc, _, logf in running.values():
-            proc.terminate()
+        for proc, _, logf, _, copier in running:
+            proc.terminate()  # torchrun passes it on to its workers
             proc.wait()
+            if copier is not None:
+                copier.join(timeout=5)
             logf.close()
     if failures:
         raise BranchFailedError(
@@ -110,6 +156,17 @@ def _run_local(
         )
 
 
+def _train_task(path: str) -> Path:
+    """One submitit task: one process of a branch (its rank from the job's task id)."""
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        export_submitit_env()
+    final = train_branch_from_file(path)
+    finish_process_group()
+    return final
+
+
 def _run_submitit(
     todo: list[tuple[BranchSpec, Path]], slurm: Mapping[str, Any], folder: Path
 ) -> None:
@@ -119,13 +176,19 @@ def _run_submitit(
     params = {**_SLURM_DEFAULTS, **slurm}
     cluster = params.pop("cluster", None)  # None: SLURM if sbatch is there, else local
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    executor.update_parameters(**params)
-    with executor.batch():  # one array submission on SLURM
-        jobs = [executor.submit(train_branch_from_file, str(path)) for _, path in todo]
+    jobs = []
+    # One job array per process count: the parameters describe one process of a branch, so an
+    # N-process branch is one job of N x the tasks (and GPUs), its ranks from submitit's env.
+    for procs in sorted({s.procs_per_branch for s, _ in todo}):
+        scaled = {k: procs * params[k] for k in ("tasks_per_node", "gpus_per_node") if k in params}
+        executor.update_parameters(**{**params, **scaled})
+        group = [(s, p) for s, p in todo if s.procs_per_branch == procs]
+        with executor.batch():  # one array submission on SLURM
+            jobs += [(s, executor.submit(_train_task, str(p))) for s, p in group]
     failures = []
-    for (spec, _), job in zip(todo, jobs, strict=True):
+    for spec, job in jobs:
         try:
-            job.result()
+            job.results()
         except Exception as e:  # submitit wraps the worker's traceback in its own errors
             stderr = job.stderr() or ""
             tail = "\n".join(stderr.splitlines()[-TAIL_LINES:])
@@ -149,12 +212,16 @@ def launch_branches(
         specs: branch specs, or paths to ``spec.json`` files.
         mode: "sequential" (in this process, one after the other), "local" (subprocesses
             running ``python -m merit_lab.train SPEC``), or "slurm" (submitit jobs).
-        n_procs: local mode without GPUs: branches at a time, each with cores // n_procs
-            torch threads.
-        gpus: local mode: GPU indices, one branch per GPU at a time (``CUDA_VISIBLE_DEVICES``).
-            Default: every visible GPU, or one CPU process when there is none and no n_procs.
+        n_procs: local mode without GPUs: branches at a time, each process with
+            cores // (n_procs x procs_per_branch) torch threads.
+        gpus: local mode: GPU indices, one per process of a branch at a time
+            (``CUDA_VISIBLE_DEVICES``). Default: every visible GPU, or one CPU slot when there
+            is none and no n_procs. Sequential mode runs an N-process branch with these
+            defaults.
         slurm: submitit parameters, e.g. ``{"slurm_partition": "gpu", "gpus_per_node": 1,
-            "timeout_min": 600}``; ``{"cluster": "local"}`` runs submitit's local executor.
+            "timeout_min": 600}``; ``{"cluster": "local"}`` runs submitit's local executor. They
+            describe one process: an N-process branch gets N x ``tasks_per_node`` and
+            ``gpus_per_node``.
         executor_folder: where submitit keeps its pickles and logs (default: ``submitit/``
             beside the first branch folder).
 
@@ -168,8 +235,11 @@ def launch_branches(
     # Finished branches cost nothing; skipping them here also saves a process start each.
     todo = [(s, p) for s, p in resolved if not (Path(s.output_dir) / "final" / MANIFEST).is_file()]
     if mode == "sequential":
-        for spec, _ in todo:
-            train_branch(spec)
+        for spec, path in todo:  # an N-process branch: torchrun, its output echoed here
+            if spec.procs_per_branch > 1:
+                _run_local([(spec, path)], n_procs=None, gpus=None, echo=True)
+            else:
+                train_branch(spec)
     elif mode == "local":
         _run_local(todo, n_procs=n_procs, gpus=gpus)
     elif todo:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "PARAMETER_PRESETS",
     "build_pico_llama",
     "load_model",
     "load_tokenizer",
@@ -186,30 +187,75 @@ def load_model(
     return net.to(dev).eval()
 
 
+# Named parameter selections, by the module names transformers uses (Llama, Qwen2, Mistral,
+# Gemma, GPT-2/NeoX, Phi; Qwen2-VL / LLaVA / Idefics for the image-text ones).
+_VISION = re.compile(r"(^|\.)(visual|vision_tower|vision_model|vision_encoder|image_encoder)\.")
+_PROJECTOR = re.compile(
+    r"(^|\.)(multi_modal_projector|mm_projector|visual\.merger|connector|vision_proj)\."
+)
+_PRESET_PATTERNS = {
+    "attention": re.compile(r"(^|\.)(self_attn|attention|attn|self_attention)\."),
+    "mlp": re.compile(r"(^|\.)(mlp|feed_forward|ffn)\."),
+}
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+PARAMETER_PRESETS = ("all", "attention", "mlp", "language", "vision", "projector", "last-N")
+
+
+def _preset_filter(names: Sequence[str], preset: str) -> list[str]:
+    """The parameter names a preset keeps (see `PARAMETER_PRESETS`)."""
+    if preset == "all":
+        return list(names)
+    if preset == "vision":  # the vision tower, without the projector inside it (Qwen2-VL)
+        return [n for n in names if _VISION.search(n) and not _PROJECTOR.search(n)]
+    if preset == "projector":
+        return [n for n in names if _PROJECTOR.search(n)]
+    text = [n for n in names if not _VISION.search(n) and not _PROJECTOR.search(n)]
+    if preset == "language":
+        return text
+    if preset in _PRESET_PATTERNS:  # the language model's attention / MLP blocks
+        return [n for n in text if _PRESET_PATTERNS[preset].search(n)]
+    m = re.fullmatch(r"last-([1-9]\d*)", preset)
+    if not m:
+        raise ValueError(
+            f"unknown parameter preset {preset!r}; expected one of {PARAMETER_PRESETS}"
+        )
+    layer = {n: int(x.group(1)) for n in text if (x := _LAYER.search(n))}
+    keep = set(sorted(set(layer.values()))[-int(m.group(1)) :])
+    return [n for n in text if layer.get(n) in keep]
+
+
 def select_parameters(
     model: torch.nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    preset: str = "all",
 ) -> list[tuple[str, torch.nn.Parameter]]:
-    """The trainable parameters whose names match any ``include`` glob and no ``exclude`` glob.
+    """The trainable parameters a ``preset`` keeps whose names match any ``include`` glob and no
+    ``exclude`` glob.
 
-    Globs use ``fnmatch`` (``*`` matches dots too), e.g. ``"*.mlp.*"`` or ``"*embed_tokens*"``.
-    Tied parameters appear once (``named_parameters`` deduplicates them).
+    Presets: ``all``; ``attention`` / ``mlp`` (the language model's attention or MLP blocks);
+    ``language`` (everything but a vision tower and projector: the whole model for a text-only
+    LM); ``vision`` (the vision tower); ``projector`` (the image-to-text projector); ``last-N``
+    (the language model's last N transformer layers). Globs use ``fnmatch`` (``*`` matches dots
+    too), e.g. ``"*.mlp.*"`` or ``"*embed_tokens*"``. Tied parameters appear once
+    (``named_parameters`` deduplicates them).
 
     Raises:
-        ValueError: when the patterns select nothing.
+        ValueError: when the preset and patterns select nothing, naming the preset.
     """
+    params = dict(p for p in model.named_parameters() if p[1].requires_grad)
     chosen = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name in _preset_filter(list(params), preset):
         if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
             continue
         if exclude and any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
             continue
-        chosen.append((name, p))
+        chosen.append((name, params[name]))
     if not chosen:
-        raise ValueError(f"parameter patterns include={include} exclude={exclude} select nothing")
+        raise ValueError(
+            f"parameter preset {preset!r} with include={include} exclude={exclude} selects "
+            f"nothing of this model ({len(params)} trainable tensors, e.g. {list(params)[:3]})"
+        )
     return chosen
 
 

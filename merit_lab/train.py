@@ -11,7 +11,8 @@ keep the data order: a seeded example schedule read sequentially, so resuming sk
 the batches trained and each source's token budget is the same whichever branch it lands in.
 Trainer loads ``optimizer.pt``/``scheduler.pt``/``rng_state.pth`` with ``torch.load(weights_only=
 True)`` and weights from safetensors; it still writes a pickled ``training_args.bin`` per
-checkpoint, which it never reads back.
+checkpoint, which it never reads back. With ``procs_per_branch`` N > 1 this runs in N processes
+on the same global batch (`merit_lab.distributed`: torchrun, DDP/FSDP); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,7 +32,22 @@ from pathlib import Path
 from typing import Any
 
 from merit_lab.config import LONG_EXAMPLE_POLICIES, MixtureConfig, RunConfig, TrainConfig
-from merit_lab.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from merit_lab.distributed import (
+    DISTRIBUTED_MODES,
+    NULL_EXAMPLE,
+    barrier,
+    check_sharding,
+    collate_with_nulls,
+    finish_process_group,
+    is_main_process,
+    make_branch_callback,
+    null_padding,
+    process_training_args,
+    save_final_model,
+    split_global_batch,
+    world_size,
+)
+from merit_lab.io import atomic_write_json, atomic_write_text, read_json, sweep_temp
 
 __all__ = [
     "BranchSpec",
@@ -48,8 +63,17 @@ log = logging.getLogger(__name__)
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 MANIFEST = "merit_branch.json"
 # Fields that may differ between a killed run and its resumption without changing the result
-# (a run folder may move, or go on on another machine).
-_RESUMABLE_CHANGES = ("output_dir", "device", "save_steps", "keep_checkpoints")
+# (a run folder may move, or go on on another machine, with another process count: the global
+# batch and the data order do not depend on it).
+_RESUMABLE_CHANGES = (
+    "output_dir", "device", "save_steps", "keep_checkpoints", "procs_per_branch",
+    "gradient_checkpointing",
+)  # fmt: skip
+# Fields left out of spec.json at these values, so specs written before they existed stay equal.
+_OMITTED_AT_DEFAULT = {
+    "long_examples": MixtureConfig.long_examples, "fractions": {}, "trust_remote_code": False,
+    "procs_per_branch": 1, "distributed": "ddp", "gradient_checkpointing": False,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,12 +95,10 @@ class BranchSpec:
     lr_scheduler: str = TrainConfig.lr_scheduler  # "cosine", "linear" or "constant" after warm-up
     weight_decay: float = TrainConfig.weight_decay  # AdamW decoupled weight decay
     max_grad_norm: float = TrainConfig.max_grad_norm  # gradient clipping (0 turns it off)
-    max_length: int = (
-        TrainConfig.max_length
-    )  # tokens per example, counted after fitting by long_examples
+    max_length: int = TrainConfig.max_length  # tokens per example, after long_examples fits it
     long_examples: str = MixtureConfig.long_examples  # over max_length: formatting.tokenize_example
     seed: int = TrainConfig.seed  # data order and RNG; the same in every branch
-    device: str = RunConfig.device  # auto | cpu | cuda (one GPU per branch: the launcher picks)
+    device: str = RunConfig.device  # auto | cpu | cuda (the launcher picks each process's GPU)
     dtype: str = RunConfig.dtype  # float32, or bfloat16/float16 autocast over fp32
     save_steps: int = TrainConfig.save_steps  # write a resumable checkpoint every N optimizer steps
     keep_checkpoints: bool = False  # keep checkpoints/ after final/ is written (~3x the weights)
@@ -84,6 +106,11 @@ class BranchSpec:
     # `merit_lab.curation.fraction_subset(source, n, f, mixture seed)`, the same in every row
     fractions: Mapping[str, float] = field(default_factory=dict)
     trust_remote_code: bool = False  # let transformers run θ0's own code (the run's setting)
+    # processes training this branch together (torchrun; one per GPU, or CPU processes over
+    # gloo), each on a share of the same global batch, so the result does not depend on it
+    procs_per_branch: int = TrainConfig.procs_per_branch
+    distributed: str = TrainConfig.distributed  # ddp (a full copy per process) | fsdp (sharded)
+    gradient_checkpointing: bool = TrainConfig.gradient_checkpointing  # less memory, same weights
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -108,6 +135,10 @@ class BranchSpec:
             raise ValueError("need epochs > 0 and 0 <= warmup_ratio < 1")
         if min(self.batch_size, self.grad_accum, self.save_steps, self.max_length) < 1:
             raise ValueError("batch_size, grad_accum, save_steps and max_length must be >= 1")
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise ValueError(f"distributed must be one of {list(DISTRIBUTED_MODES)}")
+        # before any work: a global batch that N processes cannot share is refused here
+        split_global_batch(self.batch_size, self.grad_accum, self.procs_per_branch, self.name)
 
     def to_dict(self, *, relative_to: str | Path | None = None) -> dict[str, Any]:
         """The spec as JSON-ready data (tuples become lists).
@@ -119,12 +150,9 @@ class BranchSpec:
         """
         d = dataclasses.asdict(self)
         d["sources"] = list(self.sources)
-        if self.long_examples == MixtureConfig.long_examples:  # absent at the default, so
-            d.pop("long_examples")  # specs written before the policy existed stay equal
-        if not self.fractions:  # absent when unused: specs written before curation stay equal
-            d.pop("fractions")
-        if not self.trust_remote_code:  # likewise
-            d.pop("trust_remote_code")
+        for k, default in _OMITTED_AT_DEFAULT.items():
+            if d[k] == default:
+                d.pop(k)
         if relative_to is not None:
             out, folder = Path(self.output_dir).resolve(), Path(relative_to).resolve()
             if folder == out or out in folder.parents:
@@ -182,15 +210,20 @@ def _schedule(spec: BranchSpec, lengths: Mapping[str, Sequence[int]]) -> list[tu
 
 
 class _ScheduleDataset:
-    """The schedule as a map-style dataset, read in order (Trainer's ``sequential`` sampler)."""
+    """The schedule as a map-style dataset, read in order (Trainer's ``sequential`` sampler),
+    then ``padding`` null examples (`merit_lab.distributed.null_padding`)."""
 
-    def __init__(self, examples: Mapping[str, Sequence], order: Sequence[tuple[str, int]]):
-        self.examples, self.order = examples, list(order)
+    def __init__(
+        self, examples: Mapping[str, Sequence], order: Sequence[tuple[str, int]], padding: int = 0
+    ):
+        self.examples, self.order, self.padding = examples, list(order), padding
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.order) + self.padding
 
     def __getitem__(self, i: int):
+        if i >= len(self.order):
+            return NULL_EXAMPLE
         s, j = self.order[i]
         return self.examples[s][j]
 
@@ -236,47 +269,6 @@ def _truncate_log(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def _make_callback(log_path: Path, name: str, epochs: float, total_steps: int):
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    class _BranchCallback(TrainerCallback):
-        """Appends one JSON line per logged step and drives one tqdm bar."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=total_steps, initial=state.global_step, desc=f"branch {name}")
-            self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-            self.tokens_per_s = None
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            rec = {
-                "step": state.global_step,
-                "total_steps": total_steps,
-                "loss": float(logs["loss"]),
-                "lr": float(logs.get("learning_rate", 0.0)),
-                "grad_norm": float(logs["grad_norm"]) if "grad_norm" in logs else None,
-                "tokens": int(state.num_input_tokens_seen),
-                "epoch": float(state.epoch or 0.0) * epochs,  # Trainer's single pass = `epochs`
-                "time": time.time(),
-            }
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.bar.close()
-            seconds, tokens = time.perf_counter() - self.t0, state.num_input_tokens_seen
-            if tokens > self.tokens0:  # this session's throughput (a resumed run counts its part)
-                self.tokens_per_s = (tokens - self.tokens0) / seconds
-
-    return _BranchCallback()
-
-
 def _train_examples(spec: BranchSpec, source, tokenizer) -> list:
     """A source's tokenised train examples, only the down-weighted subset where it has one.
 
@@ -316,11 +308,17 @@ def _resolve_base(model: str) -> str:
 def write_spec(spec: BranchSpec) -> Path:
     """Write ``<output_dir>/spec.json``, refusing a folder that holds a different branch.
 
-    Resuming someone else's checkpoints would silently mix two runs; only ``device`` may change.
+    Resuming someone else's checkpoints would silently mix two runs; only `_RESUMABLE_CHANGES`
+    may differ, and the process count only under DDP (FSDP checkpoints are not re-sharded here).
     """
     path = Path(spec.output_dir) / "spec.json"
     if path.is_file():
-        old = {k: v for k, v in read_json(path).items() if k not in _RESUMABLE_CHANGES}
+        data = read_json(path)
+        procs = data.get("procs_per_branch", 1)
+        if spec.distributed == "fsdp" and procs != spec.procs_per_branch:
+            raise ValueError(f"{path.parent}: an FSDP branch resumes with the {procs} processes "
+                             f"it started with, not {spec.procs_per_branch}")  # fmt: skip
+        old = {k: v for k, v in data.items() if k not in _RESUMABLE_CHANGES}
         new = {k: v for k, v in spec.to_dict().items() if k not in _RESUMABLE_CHANGES}
         if old != new:
             changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
@@ -362,10 +360,11 @@ def _training_args(spec: BranchSpec, out: Path, total_steps: int):
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)  # "auto": bfloat16 on a GPU that has it
+    batch, accum = split_global_batch(spec.batch_size, spec.grad_accum, world_size())
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.grad_accum,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
         learning_rate=spec.lr,
         weight_decay=spec.weight_decay,
         lr_scheduler_type=SCHEDULERS[spec.lr_scheduler],
@@ -385,6 +384,7 @@ def _training_args(spec: BranchSpec, out: Path, total_steps: int):
         fp16=dtype == torch.float16,
         disable_tqdm=True,
         log_level="warning",
+        **process_training_args(device.type, spec.distributed, spec.gradient_checkpointing),
     )
     if args.n_gpu > 1:  # one GPU per branch; DataParallel would change the batch semantics
         args._n_gpu = 1
@@ -396,7 +396,9 @@ def _make_trainer(
 ):
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
-    from merit_lab.formatting import collate
+    # every rank runs the same number of micro-batches: a short last round is filled with nulls
+    padding = null_padding(len(plan.order), args.per_device_train_batch_size, world_size())
+
     from merit_lab.models import load_model
 
     trainer = Trainer(
@@ -404,8 +406,8 @@ def _make_trainer(
             base, device="cpu", dtype="float32", trust_remote_code=spec.trust_remote_code
         ),
         args=args,
-        train_dataset=_ScheduleDataset(plan.examples, plan.order),
-        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        train_dataset=_ScheduleDataset(plan.examples, plan.order, padding),
+        data_collator=partial(collate_with_nulls, pad_token_id=tokenizer.pad_token_id),
         callbacks=list(callbacks),
     )
     trainer.remove_callback(ProgressCallback)  # our callback draws the bar and writes the log
@@ -415,8 +417,11 @@ def _make_trainer(
 
 def _train_resuming(trainer, out: Path) -> None:
     """Train from the last complete checkpoint (if any), re-logging the steps after it."""
+    if is_main_process():  # removes cut checkpoints, before any other rank looks
+        ckpt = _last_complete_checkpoint(out / "checkpoints")
+        _truncate_log(out / "log.jsonl", _checkpoint_step(ckpt) if ckpt else 0)
+    barrier()
     ckpt = _last_complete_checkpoint(out / "checkpoints")
-    _truncate_log(out / "log.jsonl", _checkpoint_step(ckpt) if ckpt else 0)
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
 
 
@@ -447,19 +452,12 @@ def _manifest(
         "steps": int(trainer.state.global_step),
         "train_loss": float(np.mean([r["loss"] for r in history])) if history else None,
         "final_loss": history[-1]["loss"] if history else None,
-        "tokens_per_s": tokens_per_s,  # of the last session, on `device`
-        "device": str(trainer.args.device),
+        "tokens_per_s": tokens_per_s,  # of the last session, all its processes together
+        "device": str(trainer.args.device),  # rank 0's
+        "procs": world_size(),  # processes of the last session
         "torch_threads": torch.get_num_threads(),
         "spec": spec.to_dict(relative_to=out / "final"),  # output_dir: ".." (moves with it)
     }
-
-
-def _save_final(final: Path, model, tokenizer, base: str, manifest: Mapping[str, Any]) -> None:
-    model = model.to("cpu", _base_dtype(base))  # same dtype as θ0, so merges line up
-    with atomic_dir(final, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / MANIFEST, manifest)  # last: its presence marks final/ complete
 
 
 def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
@@ -483,19 +481,23 @@ def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
     if (final / MANIFEST).is_file():
         log.info("branch %s is done (%s); skipping", spec.name, final)
         return final
-    write_spec(spec)
+    if is_main_process():
+        sweep_temp(out)  # a killed write's leftovers (final/, log); only rank 0 writes here
+        write_spec(spec)
     base = _resolve_base(spec.base_model)
     base_fingerprint = fingerprint_checkpoint(base)  # fails early on a base without safetensors
     tokenizer = load_tokenizer(base, trust_remote_code=spec.trust_remote_code)
     plan = _plan(spec, tokenizer)
     args = _training_args(spec, out, plan.total_steps)
-    branch_cb = _make_callback(out / "log.jsonl", spec.name, spec.epochs, plan.total_steps)
+    branch_cb = make_branch_callback(out / "log.jsonl", spec.name, spec.epochs, plan.total_steps)
     trainer = _make_trainer(spec, base, tokenizer, plan, args, [branch_cb, *callbacks])
+    check_sharding(trainer, spec.distributed)
     _train_resuming(trainer, out)
     manifest = _manifest(spec, base_fingerprint, plan, trainer, branch_cb.tokens_per_s, out)
-    _save_final(final, trainer.model, tokenizer, base, manifest)
-    if not spec.keep_checkpoints:
+    save_final_model(final, trainer, tokenizer, _base_dtype(base), MANIFEST, manifest)
+    if not spec.keep_checkpoints and is_main_process():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    barrier()  # every rank returns once final/ is complete
     return final
 
 
@@ -537,7 +539,10 @@ def _main(argv: Sequence[str]) -> int:
         print("usage: python -m merit_lab.train SPEC.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(train_branch_from_file(argv[0]))
+    final = train_branch_from_file(argv[0])
+    finish_process_group()
+    if is_main_process():
+        print(final)
     return 0
 
 

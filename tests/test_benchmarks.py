@@ -70,3 +70,42 @@ def test_every_benchmark_runs_in_quick_mode(tmp_path, capsys):
         for f in r["figures"]:
             assert math.isfinite(f["value"]) or (f["skipped"] and f["note"]), f
     assert "targets missed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_gpu_tiny_writes_every_field(tmp_path):
+    """`python -m benchmarks.bench_gpu --tiny` on the CPU: the same code as on a card, every
+    field of the JSON present and sane. No speed is asserted (the rates need only be positive;
+    on a shared CPU a round of a 1M-parameter model is noise), and no GPU memory off CUDA."""
+    from benchmarks import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    argv = ["--tiny", "--device", "cpu", "--out", str(out), "--workdir", str(tmp_path / "w")]
+    assert bench_gpu.main(argv) == 0
+    data = json.loads(out.read_text())
+    m = data["machine"]
+    assert m["device"] == "cpu" and m["gpu"] is None and m["date"] and m["torch"]
+    assert "cuda_version" in m and m["transformers"]
+    assert data["tiny"] is True and data["rounds"] == 3
+    assert data["anchor"]["tokens_per_s"] == 28000 and "not our setup" in data["anchor"]["note"]
+    assert data["multi_gpu"].startswith("not measured")
+    (size,) = data["sizes"].values()
+    assert 0.5e6 < size["parameters"] < 2e6
+    for dtype, g in (("bfloat16", size["bf16"]), ("float32", size["fp32"])):
+        assert g["dtype"] == dtype and g["tokens"] > 0
+        assert g["stage_tokens_counted_by_stage"] in (None, g["tokens"])
+        for side in ("plain", "stage"):
+            assert len(g[side]["seconds"]) == 3 and all(t > 0 for t in g[side]["seconds"])
+            assert 0 < g[side]["rate_min"] <= g[side]["rate"] <= g[side]["rate_max"]
+        assert g["ratio"] == pytest.approx(g["stage"]["rate"] / g["plain"]["rate"])
+        assert 0 < g["ratio"] < math.inf and all(r > 0 for r in g["ratio_per_round"])
+        assert g["sketch_step"]["median_s"] > 0 and 0 < g["sketch_share"] < math.inf
+        assert g["peak_bytes"] == {"plain": None, "stage": None, "sketch": None}
+        assert math.isfinite(g["loss_mean"]) and g["loss_mean"] > 0
+    mg = size["merge"]
+    assert mg["k"] == 2 and mg["bytes_written"] > 0 and mg["bytes_read"] >= 2 * mg["bytes_written"]
+    assert mg["merge_median_s"] > 0 and mg["floor_median_s"] > 0 and mg["ratio"] > 0
+    assert not (tmp_path / "w" / "tiny").exists()  # the checkpoints are cleaned up
+    names = {f["name"] for f in data["results"][0]["figures"]}
+    assert {"stage ÷ plain fwd+bwd", "merge time ÷ disk floor"} <= names
+    assert all(f["target"] is None for f in data["results"][0]["figures"])  # --tiny: no targets

@@ -96,3 +96,10 @@ def test_submitit_local_executor(tmp_path, assets):
     assert finals == [tmp_path / "s0" / "final"]
     assert manifest(finals[0])["steps"] == 4
     assert any((tmp_path / "jobs").glob("*_log.out"))  # submitit's own job logs
+
+
+def test_a_branch_wider_than_the_gpus_given_is_refused(tmp_path, assets):
+    spec = make_spec(assets, tmp_path / "w", procs_per_branch=2)  # batch 4: 2 x 2 per process
+    with pytest.raises(ValueError, match=r"branches \['w'\] need more processes than the 1 GPUs"):
+        launch_branches([spec], mode="local", gpus=[0])
+    assert not (tmp_path / "w" / "train.log").exists()  # nothing was started

@@ -283,3 +283,30 @@ def test_sketch_flat_equals_per_parameter_sketch():
         torch.testing.assert_close(sk.sketch_flat(flat), sk.sketch(grads), rtol=0, atol=0)
     with pytest.raises(ValueError, match="expected 25"):
         build_sketch(SketchSpec(dim=16), params).sketch_flat(flat[:-1])
+
+
+def test_cached_hashes_give_the_same_map(monkeypatch):
+    """Count-sketch with its buckets and signs cached (int32, sign in the top bit; the GPU
+    default) equals the uncached map bitwise, on the first call and on the cached ones; a
+    budget that fits only some parameters caches those and hashes the rest."""
+    monkeypatch.setattr(sk, "_CHUNK_CPU", 1000)  # several chunks per parameter
+    params = [("a", (70, 50)), ("b", (3001,)), ("c", (4, 4))]
+    gen = torch.Generator().manual_seed(0)
+    grads = [(n, torch.randn(s, generator=gen)) for n, s in params]
+    spec = SketchSpec(dim=257, seed=5)
+    plain = build_sketch(spec, params, cache_bytes=0)
+    cached = build_sketch(spec, params, cache_bytes=10**9)
+    part = build_sketch(spec, params, cache_bytes=4 * 3500)  # a's 3500 entries, then nothing
+    ref = plain.sketch(grads)
+    for _ in range(2):  # the first call fills the cache, the second reads it
+        assert torch.equal(cached.sketch(grads), ref)
+        assert torch.equal(part.sketch(grads), ref)
+    assert sum(c.numel() for c in cached._codes.values()) == 3500 + 3001 + 16
+    assert sum(c.numel() for c in part._codes.values()) == 3500
+    assert not plain._codes
+    # at the largest dim the bucket uses all 31 bits below the sign: the code still round-trips
+    bucket, sign = sk._buckets_and_signs(5, "b", 2**31 - 1, 0, 100_000, torch.device("cpu"))
+    assert int(bucket.max()) > 2**30
+    code = torch.where(sign < 0, bucket - 2**31, bucket).to(torch.int32)
+    assert torch.equal(code.bitwise_and(sk._LOW31).long(), bucket)
+    assert torch.equal(code < 0, sign < 0)

@@ -9,6 +9,7 @@ source's gradient).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,17 @@ from merit_lab.config import RunConfig, config_hash
 from merit_lab.conflict import ConflictSpace, compute_conflict_space
 from merit_lab.curation import EditSession
 from merit_lab.formatting import count_overflow, tokenize_example
-from merit_lab.gradients import GradientBank, estimate_gradients
+from merit_lab.gradient_jobs import (
+    WORKERS_DIR,
+    GradientJob,
+    agreed_info,
+    assemble_bank,
+    current_sources,
+    job_paths,
+    launch_jobs,
+    shard_sources,
+)
+from merit_lab.gradients import GradientBank, estimate_gradients, request_info
 from merit_lab.io import atomic_write_json, read_json
 from merit_lab.mixture import (
     SPLITS,
@@ -32,7 +43,7 @@ from merit_lab.mixture import (
 )
 from merit_lab.models import load_model, load_tokenizer, model_source, resolve_model_path
 from merit_lab.partition import Partition, make_partition
-from merit_lab.pipeline.rundir import RunDir, load_run_mixture, source_counts
+from merit_lab.pipeline.rundir import RunDir, load_run_mixture, mixture_args, source_counts
 
 __all__ = [
     "load_edit_session",
@@ -151,7 +162,6 @@ def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
 
 
 def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
-
     content = {s["name"]: s.get("content_key", "") for s in run.read_mixture()["sources"]}
     names = list(content)
     model_path = resolve_model_path(cfg.model)
@@ -159,7 +169,7 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
     key = config_hash(
         cfg.mixture,
         cfg.seed,
-        cfg.calibration,
+        dataclasses.replace(cfg.calibration, workers=1),  # the worker count changes no row
         cfg.sketch,
         cfg.parameters,
         cfg.dtype,
@@ -169,30 +179,115 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
     if run.is_current("gradients", key):
         log.info("gradients: up to date")
         return False
+    if cfg.calibration.workers > 1:
+        bank = _sharded_bank(cfg, run, names, content, model_path, fingerprint)
+    else:
+        bank = _one_process_bank(cfg, run, names, content, model_path, fingerprint)
+    info = {**bank.info, "stage_key": key, "model_source": model_source(cfg.model)}
+    GradientBank(bank.names, bank.rows, info, bank.stats).save(run.gradients)
+    return True
+
+
+def _bank_settings(cfg: RunConfig) -> dict:
+    """`estimate_gradients` / `GradientJob` keyword arguments from the run's config."""
+    cal, par = cfg.calibration, cfg.parameters
+    return dict(
+        n=cal.n, micro_batch_size=cal.micro_batch_size, micro_batch_tokens=cal.micro_batch_tokens,
+        gradient_checkpointing=cal.gradient_checkpointing, max_length=cal.max_length,
+        long_examples=cfg.mixture.long_examples, preset=par.preset,
+    )  # fmt: skip
+
+
+def _one_process_bank(
+    cfg: RunConfig, run: RunDir, names: list[str], content: dict, model_path: str, fingerprint: str
+) -> GradientBank:
     mixture = load_run_mixture(cfg)
     tok = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     model = load_model(
         model_path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
     )
-    bank = estimate_gradients(
-        model,
-        tok,
-        mixture,
-        sketch=cfg.sketch,
-        n=cfg.calibration.n,
-        micro_batch_size=cfg.calibration.micro_batch_size,
-        max_length=cfg.calibration.max_length,
-        include=cfg.parameters.include,
-        exclude=cfg.parameters.exclude,
-        long_examples=cfg.mixture.long_examples,
-        out_dir=run.gradients,
-        sources=names,
-        model_fingerprint=fingerprint,
-        source_keys=content,  # a part is reused only for the same examples
-    )
-    info = {**bank.info, "stage_key": key, "model_source": model_source(cfg.model)}
-    GradientBank(bank.names, bank.rows, info, bank.stats).save(run.gradients)
-    return True
+    return estimate_gradients(
+        model, tok, mixture, sketch=cfg.sketch, include=cfg.parameters.include,
+        exclude=cfg.parameters.exclude, out_dir=run.gradients, sources=names,
+        model_fingerprint=fingerprint, source_keys=content,  # parts: reused for the same examples
+        **_bank_settings(cfg),
+    )  # fmt: skip
+
+
+def _sharded_bank(
+    cfg: RunConfig, run: RunDir, names: list[str], content: dict, model_path: str, fingerprint: str
+) -> GradientBank:
+    """The bank from ``calibration.workers`` workers launched like the branches (train.launcher;
+    "sequential" runs them as local processes). Sources with a current part are not redone:
+    a killed worker's finished sources, or the sources of an earlier, smaller mixture."""
+    request = request_info(
+        sketch=cfg.sketch, include=cfg.parameters.include, exclude=cfg.parameters.exclude,
+        model_fingerprint=fingerprint, **_bank_settings(cfg),
+    )  # fmt: skip
+    info = _earlier_info(run.gradients, request)
+    done = current_sources(run.gradients, names, info, content) if info else []
+    todo = [s for s in names if s not in done]
+    throughput: dict = {"tokens": 0, "seconds": 0.0, "sources": 0, "workers": {}}
+    if todo:
+        info, throughput = _launch_workers(cfg, run, todo, content, model_path, fingerprint, info)
+    bank = assemble_bank(run.gradients, names, info, content)
+    log.info("gradients: %d sources by %d workers, %d reused", len(todo),
+             len(throughput["workers"]), len(done))  # fmt: skip
+    return GradientBank(bank.names, bank.rows, {**info, "throughput": throughput}, bank.stats)
+
+
+def _earlier_info(folder: Path, request: dict) -> dict | None:
+    """The bank info an earlier worker reported for the same request (its parts are reusable)."""
+    for path in sorted(
+        (folder / WORKERS_DIR).glob("*.done.json"), key=lambda p: -p.stat().st_mtime
+    ):
+        info = read_json(path)["info"]
+        if all(info.get(k) == v for k, v in request.items()):
+            return info
+    return None
+
+
+def _launch_workers(
+    cfg: RunConfig, run: RunDir, todo: list[str], content: dict, model_path: str,
+    fingerprint: str, earlier: dict | None,
+) -> tuple[dict, dict]:  # fmt: skip
+    counts = {s["name"]: s for s in run.read_mixture()["sources"]}
+    cost = {  # calibration tokens, estimated from the source's mean train example
+        s: min(cfg.calibration.n, counts[s]["n_calibration"] or cfg.calibration.n)
+        * counts[s]["train_tokens"]
+        / max(1, counts[s]["n_train"])
+        for s in todo
+    }
+    mixture = mixture_args(cfg)
+    if Path(mixture["path"]).exists():  # absolute: a worker may start in another directory
+        mixture["path"] = str(Path(mixture["path"]).resolve())
+    for old in (run.gradients / WORKERS_DIR).glob("*.json"):  # an earlier launch's jobs
+        old.unlink()
+    paths = []
+    for i, shard in enumerate(shard_sources(todo, cost, cfg.calibration.workers)):
+        job_file = job_paths(run.gradients, i)[0]
+        job = GradientJob(
+            worker=i, model=str(Path(model_path).resolve()), out_dir=str(run.gradients.resolve()),
+            sources=tuple(shard), mixture=mixture, sketch=cfg.sketch.to_dict(),
+            include=cfg.parameters.include, exclude=cfg.parameters.exclude, device=cfg.device,
+            dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+            model_fingerprint=fingerprint, source_keys={s: content[s] for s in shard},
+            **_bank_settings(cfg),
+        )  # fmt: skip
+        paths.append(job.save(job_file))
+    t = cfg.train
+    mode = "local" if t.launcher == "sequential" else t.launcher
+    dones = launch_jobs(paths, mode=mode, n_procs=t.n_procs, gpus=list(t.gpus) or None,
+                        slurm=t.slurm)  # fmt: skip
+    info = agreed_info(dones if earlier is None else [*dones, {"info": earlier}])
+    workers = {str(d["worker"]): d["throughput"] for d in dones}
+    throughput = {
+        "tokens": sum(w["tokens"] for w in workers.values()),
+        "seconds": max(w["seconds"] for w in workers.values()),
+        "sources": sum(w["sources"] for w in workers.values()),
+        "workers": workers,
+    }
+    return info, throughput
 
 
 def stage_conflict(cfg: RunConfig, run: RunDir) -> bool:

@@ -209,6 +209,9 @@ def _spec(
         save_steps=t.save_steps,
         fractions={s: f for s, f in fractions.items() if s in sources},
         trust_remote_code=cfg.trust_remote_code,
+        procs_per_branch=t.procs_per_branch,  # each launcher mode runs N processes per branch
+        distributed=t.distributed,
+        gradient_checkpointing=t.gradient_checkpointing,
     )
 
 

@@ -23,7 +23,7 @@ from merit_lab.partition import Partition
 from merit_lab.pipeline.experiments import model_rows, token_budget
 from merit_lab.pipeline.markdown import figure_link, markdown_table
 from merit_lab.pipeline.report_diagnostics import diagnostics_section
-from merit_lab.pipeline.rundir import RunDir, load_source_table
+from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir, load_source_table
 from merit_lab.train import read_log
 from merit_lab.viz.export import save_figure
 from merit_lab.viz.plots import (
@@ -336,11 +336,22 @@ def training_section(ctx: ReportContext) -> list[str]:
 def timings_section(ctx: ReportContext) -> list[str]:
     if not ctx.run.timings.exists():
         return []
-    times = pd.DataFrame({"seconds": pd.Series(read_json(ctx.run.timings), dtype=float)})
+    record = read_json(ctx.run.timings)
+    rates = record.get(THROUGHPUT_KEY, {})
+    seconds = {k: v for k, v in record.items() if k != THROUGHPUT_KEY}
+    times = pd.DataFrame({"seconds": pd.Series(seconds, dtype=float)})
     times.index.name = "stage"
     times.loc["total"] = times["seconds"].sum()
-    return ["## Wall time per stage (last run that did the work)", "",
-            markdown_table(times, fmt="{:.1f}"), ""]  # fmt: skip
+    lines = ["## Wall time per stage (last run that did the work)", ""]
+    if rates:  # tokens/s over the stage's wall time; the workers' or branches' own beside
+        times["tokens/s"] = [rates.get(k, {}).get("stage", float("nan")) for k in times.index]
+        for stage, r in rates.items():
+            each = r.get("workers") or r.get("branches") or {}
+            if len(each) > 1:
+                listed = ", ".join(f"{k} {v:,.0f}" for k, v in each.items())
+                lines.append(f"- {stage}: {r['tokens']:,} tokens; tokens/s of each: {listed}")
+        lines.append("")
+    return [*lines, markdown_table(times, fmt="{:.1f}"), ""]
 
 
 @report_section("footer")

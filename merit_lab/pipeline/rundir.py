@@ -8,8 +8,10 @@ is written down once (docs/architecture.md, "The run directory").
 from __future__ import annotations
 
 import contextlib
+import os
 import re
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,21 @@ from merit_lab.config import RunConfig, load_config
 from merit_lab.conflict import ConflictSpace
 from merit_lab.curation import DROPPED, UNPLACED
 from merit_lab.gradients import GradientBank
-from merit_lab.io import hold_lock, read_json
+from merit_lab.io import (
+    LockHeldError,
+    entry_size,
+    find_temp,
+    hold_lock,
+    read_json,
+    remove_temp,
+    temp_leftovers_of,
+)
 from merit_lab.mixture import Mixture, load_mixture
 from merit_lab.partition import Partition
 
 __all__ = [
     "DROPPED",
+    "THROUGHPUT_KEY",
     "UNPLACED",
     "RunDir",
     "load_run_mixture",
@@ -33,6 +44,8 @@ __all__ = [
     "mixture_args",
     "source_counts",
 ]
+
+THROUGHPUT_KEY = "tokens_per_s"  # in timings.json beside the seconds: {stage: rates}
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,53 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         with hold_lock(self.lock, command=command):
             yield self
+
+    # ------------------------------------------------------------------------- temp entries
+    def stage_outputs(self, stage: str) -> list[Path]:
+        """What ``stage`` writes (files and folders): where its killed writes leave temp entries."""
+        return {
+            "mixture": [self.mixture],
+            "gradients": [self.gradients],
+            "conflict": [self.conflict],
+            "partition": [self.partition],
+            "train": [self.root / "branches", self.root / "joint", self.train_json],
+            "merge": [self.root / "merged", self.merge_json],
+            "evaluate": [self.eval_dir, self.eval],
+            "diagnose": [self.diagnostics],
+            "report": [self.report, self.figures],
+        }[stage]
+
+    def sweep_temp(self, stages: Iterable[str]) -> list[Path]:
+        """Remove the temp entries that killed writes of ``stages`` left (and of the runner's
+        own ``config.yaml``, ``timings.json``), before those stages start; returns them.
+
+        Only the holder of ``.lock`` may: every writer of a run holds it or is a child it
+        launches after the sweep (branch training, gradient workers), so no temp entry of a
+        live write is removed. Per stage, not the whole run: a folder some other tool writes
+        without the lock (``merit-lab figures --out``, a notebook) is left alone unless a stage
+        that is about to rewrite it runs.
+
+        Raises:
+            LockHeldError: this process does not hold ``.lock``.
+        """
+        holder = read_json(self.lock) if self.lock.is_file() else {}
+        if (holder.get("pid"), holder.get("host")) != (os.getpid(), socket.gethostname()):
+            raise LockHeldError(
+                f"{self.root}: only the writer holding {self.lock} removes its temp entries "
+                f"(held by {holder.get('pid', 'nobody')}); take it with RunDir.writer_lock()"
+            )
+        found: set[Path] = set()
+        outputs = [p for s in stages for p in self.stage_outputs(s)]
+        for path in [self.config, self.timings, *outputs]:
+            found.update(temp_leftovers_of(path))
+            if path.is_dir():
+                found.update(find_temp(path))
+        return remove_temp(sorted(found))
+
+    def temp_entries(self) -> list[tuple[Path, int]]:
+        """Every temp entry under the run with its size in bytes: leftovers of killed writes,
+        or writes in progress while a writer holds ``.lock``."""
+        return [(p, entry_size(p)) for p in find_temp(self.root)]
 
     @property
     def convergence(self) -> Path:

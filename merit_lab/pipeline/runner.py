@@ -36,7 +36,7 @@ from merit_lab.pipeline.experiments import (
     training_status,
 )
 from merit_lab.pipeline.report import write_report
-from merit_lab.pipeline.rundir import RunDir
+from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir
 from merit_lab.validate import curvature_memory_problem, validate_config
 
 __all__ = ["STAGES", "run_pipeline", "run_summary", "stage_status"]
@@ -152,6 +152,7 @@ def run_pipeline(
             raise ValueError(f"config {cfg.name!r}: {problem}")
     run = RunDir(cfg.run_dir)
     with run.writer_lock():  # one writer per run; a second one is refused, naming the first
+        run.sweep_temp(stages)  # leftovers of these stages' killed writes: nothing else writes
         cfg.save(run.config)
         _run_stages(cfg, run, stages, force)
     return run
@@ -164,14 +165,43 @@ def _run_stages(cfg: RunConfig, run: RunDir, stages: Sequence[str], force: bool)
             continue
         if force:
             _clear_stage(run, name)
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         did_work = STAGES[name](cfg, run)
         seconds = time.perf_counter() - t0
         log.info("%s: %.1f s%s", name, seconds, "" if did_work else " (up to date)")
         if did_work:
             timings = read_json(run.timings) if run.timings.exists() else {}
             timings[name] = round(seconds, 2)
+            rates = _throughput(run, name, seconds, started)
+            if rates:
+                timings.setdefault(THROUGHPUT_KEY, {})[name] = rates
             atomic_write_json(run.timings, timings)
+
+
+def _throughput(run: RunDir, name: str, seconds: float, started: float) -> dict | None:
+    """Tokens/s of a stage that processes tokens: over its wall time (loading included), and
+    per gradient worker or per branch trained in it (their own compute time)."""
+    if name == "gradients":
+        t = read_json(run.bank_json)["info"].get("throughput") or {}
+        if not t.get("tokens"):
+            return None
+        workers = {w: round(v["tokens_per_s"], 1) for w, v in t.get("workers", {}).items()}
+        if not workers and t.get("tokens_per_s"):
+            workers = {"0": round(t["tokens_per_s"], 1)}
+        return {"tokens": t["tokens"], "stage": round(t["tokens"] / seconds, 1),
+                "workers": workers}  # fmt: skip
+    if name == "train":
+        manifests = [p for p in run.root.glob("*/**/final/merit_branch.json")
+                     if p.stat().st_mtime >= started]  # fmt: skip
+        if not manifests:
+            return None
+        branches = {
+            str(p.parent.parent.relative_to(run.root)): read_json(p) for p in sorted(manifests)
+        }
+        tokens = sum(m["tokens"] for m in branches.values())
+        per = {b: round(m["tokens_per_s"], 1) for b, m in branches.items() if m.get("tokens_per_s")}
+        return {"tokens": tokens, "stage": round(tokens / seconds, 1), "branches": per}
+    return None
 
 
 def _clear_stage(run: RunDir, name: str) -> None:
