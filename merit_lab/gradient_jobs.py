@@ -69,6 +69,7 @@ class GradientJob:
     device: str = "auto"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    tokenizer: str = ""  # a tokenizer folder of its own ("": θ0's)
     model_fingerprint: str = ""  # keys the parts: another θ0's parts are never reused
     source_keys: Mapping[str, str] = field(default_factory=dict)  # keys the parts per source
 
@@ -126,7 +127,7 @@ def run_job(job: GradientJob | str | Path) -> dict[str, Any]:
     job = job if isinstance(job, GradientJob) else GradientJob.load(job)
     mix_args = dict(job.mixture)
     mixture = load_mixture(mix_args.pop("path"), **mix_args).select(job.sources)
-    tok = load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
+    tok = load_tokenizer(job.tokenizer or job.model, trust_remote_code=job.trust_remote_code)
     model = load_model(
         job.model, device=job.device, dtype=job.dtype, trust_remote_code=job.trust_remote_code
     )
@@ -197,28 +198,32 @@ def launch_jobs(
 
     Args:
         paths: job files (`GradientJob.save`).
-        mode: "sequential" (one after the other in this process), "local" (one subprocess per
-            worker at a time: one per GPU, or ``n_procs`` CPU processes sharing the cores) or
-            "slurm" (one submitit job each, an array on SLURM) — the branches' launchers.
+        mode: "sequential" (one after the other in this process), "local" (subprocesses: one
+            per GPU at a time, or ``n_procs`` CPU processes sharing the cores, default all of
+            them) or "slurm" (one submitit job each, an array on SLURM): the branches' modes.
     Raises:
         RuntimeError: naming each failed worker with its log tail, after the others finished.
     """
-    from merit_lab import jobs as queue
+    from merit_lab.jobs import LocalJob, module_command, run_local, run_submitit
 
     specs = [GradientJob.load(p) for p in paths]
     if mode == "sequential":
         return [run_job(job) for job in specs]
     names = [f"gradient worker {j.worker}" for j in specs]
     if mode == "local":
-        slots = queue.cpu_slots(n_procs or (None if gpus is not None else len(specs)), gpus)
-        logs = [job_paths(j.out_dir, j.worker)[0].with_suffix("").with_suffix(".log")
-                for j in specs]  # fmt: skip
-        queue.run_local("merit_lab.gradient_jobs", [str(p) for p in paths], logs, names=names,
-                        slots=slots)  # fmt: skip
+        logs = [job_paths(j.out_dir, j.worker)[0].with_name(f"{j.worker}.log") for j in specs]
+        jobs = [LocalJob(name, module_command("merit_lab.gradient_jobs", p), log)
+                for name, p, log in zip(names, paths, logs, strict=True)]  # fmt: skip
+        import torch
+
+        cuda = any(j.device != "cpu" for j in specs) and torch.cuda.is_available()
+        if n_procs is None and gpus is None and not cuda:
+            n_procs = len(jobs)  # every worker at once, the cores split between them
+        run_local(jobs, n_procs=n_procs, gpus=gpus, use_gpus=cuda)
     elif mode == "slurm":
         folder = Path(executor_folder or Path(specs[0].out_dir) / WORKERS_DIR / "submitit")
-        queue.run_submitit(run_job, [str(p) for p in paths], names=names, slurm=slurm or {},
-                           folder=folder, job_name="merit-gradients")  # fmt: skip
+        run_submitit(run_job, [str(p) for p in paths], names=names, slurm=slurm or {},
+                     folder=folder, job_name="merit-gradients")  # fmt: skip
     else:
         raise ValueError(f"mode must be sequential, local or slurm, not {mode!r}")
     return [read_json(job_paths(j.out_dir, j.worker)[1]) for j in specs]

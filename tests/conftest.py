@@ -35,6 +35,49 @@ def write_demo_slice(out: Path, sources: list[str], counts: dict[str, int]) -> P
     return out
 
 
+def write_pico_branch_assets(
+    root: Path, *, seed: int = 0, n: int = 24, ops=None, partner=lambda a: (7 * a) % 13
+) -> tuple[Path, Path]:
+    """A pico Llama θ0 with the demo tokenizer in ``root/base``, and one JSONL source per op of
+    ``n`` arithmetic examples ("add 3 8" → "11") in ``root/mix``: the branch tests' fixture."""
+    from merit_lab.demo.base import build_demo_tokenizer
+
+    ops = ops or {"add": lambda a, b: a + b, "max": max}
+    tok = build_demo_tokenizer()
+    build_pico_llama(vocab_size=len(tok), seed=seed).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    for name, fn in ops.items():
+        rows = [
+            {"prompt": f"{name} {a} {partner(a)}", "response": str(fn(a, partner(a)))}
+            for a in range(n)
+        ]
+        write_jsonl(root / "mix" / f"{name}.jsonl", rows)
+    return root / "base", root / "mix"
+
+
+def write_tiny_run_config(path: Path, data: Path, output_dir: Path, **extra) -> Path:
+    """A run config over ``data`` small enough for every stage in seconds: n = 8, one joint and
+    one MERIT-1D row, two held-out examples per source (``extra`` adds or replaces sections)."""
+    import yaml
+
+    cfg = {
+        "name": "tiny",
+        "mixture": str(data),
+        "output_dir": str(output_dir),
+        "calibration": {"n": 8, "micro_batch_size": 8},
+        "partition": {"method": "balanced", "r": 1},
+        "train": {"batch_size": 8, "lr": 1e-3, "save_steps": 50},
+        "experiments": [
+            {"name": "joint-1ep", "kind": "joint", "epochs": 1},
+            {"name": "merit-1d", "merges": ["linear"]},
+        ],
+        "eval": {"max_examples": 2, "max_new_tokens": 4},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def chat(prompt: str, response: str, **extra) -> dict:
     return {
         "messages": [

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from merit_lab.cli import main
@@ -36,7 +35,7 @@ from merit_lab.io import (
     temp_name,
 )
 from merit_lab.pipeline import RunDir, run_pipeline, runner
-from tests.conftest import write_demo_slice
+from tests.conftest import write_demo_slice, write_tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
@@ -98,34 +97,10 @@ def _kill_in_write(args: dict, tmp: Path) -> None:
 
 
 def _config(folder: Path, data: Path) -> Path:
+    diagnostics = {"max_examples": 1, "alphas": 2, "sigmas": [0.0], "seeds": [0], "hessian_k": 1,
+                   "hessian_iter": 2, "curvature_examples": 1}  # fmt: skip
     path = folder / "run.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "mixture": str(data),
-                "output_dir": str(folder / "runs"),
-                "calibration": {"n": 8, "micro_batch_size": 8},
-                "partition": {"method": "balanced", "r": 1},
-                "train": {"batch_size": 8, "lr": 1e-3, "save_steps": 50},
-                "experiments": [
-                    {"name": "joint-1ep", "kind": "joint", "epochs": 1},
-                    {"name": "merit-1d", "merges": ["linear"]},
-                ],
-                "eval": {"max_examples": 2, "max_new_tokens": 4},
-                "diagnostics": {
-                    "max_examples": 1,
-                    "alphas": 2,
-                    "sigmas": [0.0],
-                    "seeds": [0],
-                    "hessian_k": 1,
-                    "hessian_iter": 2,
-                    "curvature_examples": 1,
-                },
-            }
-        )
-    )
-    return path
+    return write_tiny_run_config(path, data, folder / "runs", diagnostics=diagnostics)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from merit_lab.demo.base import build_demo_tokenizer
 from merit_lab.distributed import (
     NULL_EXAMPLE,
     collate_with_nulls,
@@ -34,31 +33,19 @@ from merit_lab.distributed import (
 )
 from merit_lab.formatting import TokenizedExample
 from merit_lab.launch import launch_branches
-from merit_lab.models import build_pico_llama
 from merit_lab.train import BranchSpec, branch_status, read_log, train_branch, write_spec
+from tests.conftest import write_pico_branch_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {"atol": 1e-6, "rtol": 1e-5}
-OPS = {"add": lambda a, b: a + b, "max": max}
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> tuple[Path, Path]:
     """A pico Llama θ0 with the demo tokenizer, and a 2-source mixture of 24 examples each."""
-    root = tmp_path_factory.mktemp("dist_assets")
-    tok = build_demo_tokenizer()
-    build_pico_llama(vocab_size=len(tok), seed=0).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    (root / "mix").mkdir()
-    for name, fn in OPS.items():
-        rows = [
-            {"prompt": f"{name} {a} {(7 * a) % 13}", "response": str(fn(a, (7 * a) % 13))}
-            for a in range(24)
-        ]
-        (root / "mix" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "base", root / "mix"
+    return write_pico_branch_assets(tmp_path_factory.mktemp("dist_assets"))
 
 
 def make_spec(assets, out: Path, **kw) -> BranchSpec:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from merit_lab.demo.base import build_demo_tokenizer
 from merit_lab.launch import BranchFailedError, launch_branches
-from merit_lab.models import build_pico_llama
 from merit_lab.train import BranchSpec, branch_status
+from tests.conftest import write_pico_branch_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,15 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> tuple[Path, Path]:
     """A pico Llama θ0 with the demo tokenizer, and a 2-source mixture of 16 examples each."""
-    root = tmp_path_factory.mktemp("launch_assets")
-    tok = build_demo_tokenizer()
-    build_pico_llama(vocab_size=len(tok), seed=1).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    (root / "mix").mkdir()
-    for name, fn in {"add": lambda a, b: a + b, "min": min}.items():
-        rows = [{"prompt": f"{name} {a} {a % 5}", "response": str(fn(a, a % 5))} for a in range(16)]
-        (root / "mix" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "base", root / "mix"
+    return write_pico_branch_assets(
+        tmp_path_factory.mktemp("launch_assets"),
+        seed=1,
+        n=16,
+        ops={"add": lambda a, b: a + b, "min": min},
+        partner=lambda a: a % 5,
+    )
 
 
 def make_spec(assets, out: Path, sources=("add",), **kw) -> BranchSpec:
@@ -100,6 +97,6 @@ def test_submitit_local_executor(tmp_path, assets):
 
 def test_a_branch_wider_than_the_gpus_given_is_refused(tmp_path, assets):
     spec = make_spec(assets, tmp_path / "w", procs_per_branch=2)  # batch 4: 2 x 2 per process
-    with pytest.raises(ValueError, match=r"branches \['w'\] need more processes than the 1 GPUs"):
+    with pytest.raises(ValueError, match=r"branch 'w' needs 2 GPUs: more than the 1 given"):
         launch_branches([spec], mode="local", gpus=[0])
     assert not (tmp_path / "w" / "train.log").exists()  # nothing was started

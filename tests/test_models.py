@@ -18,7 +18,7 @@ def test_select_parameters_by_globs(pico_model):
     assert mlp and all(".mlp." in n for n in mlp)
     no_embed = [n for n, _ in select_parameters(pico_model, exclude=["*embed_tokens*", "lm_head*"])]
     assert len(no_embed) == len(all_names) - 2
-    with pytest.raises(ValueError, match="select nothing"):
+    with pytest.raises(ValueError, match="selects nothing"):
         select_parameters(pico_model, include=["nope.*"])
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from merit_lab.config import load_config
 from merit_lab.io import read_json
@@ -17,7 +16,7 @@ from merit_lab.pipeline import RunDir, run_pipeline, run_summary
 from merit_lab.pipeline.experiments import evaluate_rows, merge_rows
 from merit_lab.pipeline.report import write_report
 from merit_lab.train import MANIFEST, BranchSpec
-from tests.conftest import write_demo_slice
+from tests.conftest import write_demo_slice, write_tiny_run_config
 
 SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
            "shift-a-verbose-lower"]  # fmt: skip
@@ -31,24 +30,7 @@ def moved_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     base = tmp_path_factory.mktemp("moved")
     data = base / "data"  # outside the run: it stays where it is
     write_demo_slice(data, SOURCES, {"train": 12, "calibration": 8, "eval": 2})
-    cfg_path = base / "run.yaml"
-    cfg_path.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "mixture": str(data),
-                "output_dir": str(base / "old"),
-                "calibration": {"n": 8, "micro_batch_size": 8},
-                "partition": {"method": "balanced", "r": 1},
-                "train": {"batch_size": 8, "lr": 1e-3, "save_steps": 50},
-                "experiments": [
-                    {"name": "joint-1ep", "kind": "joint", "epochs": 1},
-                    {"name": "merit-1d", "merges": ["linear"]},
-                ],
-                "eval": {"max_examples": 2, "max_new_tokens": 4},
-            }
-        )
-    )
+    cfg_path = write_tiny_run_config(base / "run.yaml", data, base / "old")
     cfg = load_config(cfg_path)
     run_pipeline(cfg, until="partition")
     old = run_pipeline(cfg, STAGES).root

@@ -17,10 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from merit_lab.checkpoints import fingerprint_checkpoint
-from merit_lab.demo.base import build_demo_tokenizer
 from merit_lab.formatting import tokenize_examples
 from merit_lab.mixture import load_mixture
-from merit_lab.models import build_pico_llama, load_tokenizer
+from merit_lab.models import load_tokenizer
 from merit_lab.train import (
     BranchSpec,
     _last_complete_checkpoint,
@@ -28,28 +27,17 @@ from merit_lab.train import (
     branch_status,
     train_branch,
 )
+from tests.conftest import write_pico_branch_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-OPS = {"add": lambda a, b: a + b, "max": max}
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> tuple[Path, Path]:
     """A pico Llama θ0 with the demo tokenizer, and a 2-source mixture of 24 examples each."""
-    root = tmp_path_factory.mktemp("train_assets")
-    tok = build_demo_tokenizer()
-    build_pico_llama(vocab_size=len(tok), seed=0).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    for name, fn in OPS.items():
-        rows = [
-            {"prompt": f"{name} {a} {(7 * a) % 13}", "response": str(fn(a, (7 * a) % 13))}
-            for a in range(24)
-        ]
-        (root / "mix").mkdir(exist_ok=True)
-        (root / "mix" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "base", root / "mix"
+    return write_pico_branch_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 def make_spec(assets, out: Path, **kw) -> BranchSpec:

@@ -277,8 +277,8 @@ def _launch_workers(
         paths.append(job.save(job_file))
     t = cfg.train
     mode = "local" if t.launcher == "sequential" else t.launcher
-    dones = launch_jobs(paths, mode=mode, n_procs=t.n_procs, gpus=list(t.gpus) or None,
-                        slurm=t.slurm)  # fmt: skip
+    # every worker at once (on train.gpus, else every visible GPU, else the CPU cores)
+    dones = launch_jobs(paths, mode=mode, gpus=list(t.gpus) or None, slurm=t.slurm)
     info = agreed_info(dones if earlier is None else [*dones, {"info": earlier}])
     workers = {str(d["worker"]): d["throughput"] for d in dones}
     throughput = {
