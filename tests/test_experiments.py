@@ -90,6 +90,17 @@ def test_report_numbers_come_from_eval_parquet(full_run):
         np.testing.assert_allclose(got.to_numpy(), want.to_numpy().round(digits), atol=1e-9)
     assert list(got.index) == ["theta0", "joint-1ep", "random-k2", "merit-1d", "merit-1d+ties",
                                "soup"]  # fmt: skip
+    results = read_json(run.results)  # what the README cites: the same numbers, unrounded
+    assert results["models"] == list(got.index)
+    for metric in ("loss", "exact_match", "similarity"):
+        avg = summarize_eval(table, metric=metric)["avg"]
+        assert results["metrics"][metric]["avg"] == pytest.approx(avg.to_dict(), abs=1e-12)
+    assert results["held_out_examples_per_metric"] == int(
+        table[(table["split"] == "eval") & (table["metric"] == "loss")]
+        .groupby("model")["n"]
+        .sum()
+        .iloc[0]
+    )
     for fig in ["compare_loss", "conflict_heatmap", "conflict_scatter", "training"]:
         assert (run.root / "figures" / f"{fig}.html").is_file()
         assert f"figures/{fig}" in text

@@ -18,7 +18,7 @@ import pandas as pd
 from merit_lab.config import RunConfig
 from merit_lab.curation import UNPLACED
 from merit_lab.evaluate import summarize_eval
-from merit_lab.io import atomic_write_text, read_json
+from merit_lab.io import atomic_write_json, atomic_write_text, read_json
 from merit_lab.partition import Partition
 from merit_lab.pipeline.experiments import model_rows, token_budget
 from merit_lab.pipeline.markdown import figure_link, markdown_table
@@ -111,7 +111,30 @@ def write_report(run_dir: str | Path, *, order: Sequence[str] | None = None) -> 
     """
     ctx = load_report_context(run_dir, order=order)
     lines = [line for section in REPORT_SECTIONS.values() for line in section(ctx)]
+    atomic_write_json(ctx.run.results, results_record(ctx))
     return atomic_write_text(ctx.run.report, "\n".join(lines))
+
+
+def results_record(ctx: ReportContext) -> dict:
+    """``results.json``: the comparison table's numbers (per model, each metric's family
+    average on the held-out split, as the report shows them), so a README or a paper can cite
+    one file of one run."""
+    table = ctx.eval_table
+    held = table[(table["split"] == "eval") & (table["metric"] == "loss")]
+    metrics = {}
+    for metric, (_title, unit, higher) in METRICS.items():
+        if (table["metric"] == metric).any():
+            avg = summarize_eval(table, metric=metric, order=ctx.order)["avg"]
+            metrics[metric] = {"unit": unit, "higher_is_better": higher,
+                               "avg": {m: float(v) for m, v in avg.items()}}  # fmt: skip
+    return {
+        "run": ctx.cfg.name,
+        "model": ctx.cfg.model,
+        "mixture": str(ctx.cfg.mixture.path),
+        "models": list(ctx.order),
+        "held_out_examples_per_metric": int(held.groupby("model")["n"].sum().iloc[0]),
+        "metrics": metrics,
+    }
 
 
 def load_report_context(

@@ -103,6 +103,10 @@ class RunDir:
         return self.root / "diagnostics"
 
     @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.md"
 
@@ -142,7 +146,7 @@ class RunDir:
             "merge": [self.root / "merged", self.merge_json],
             "evaluate": [self.eval_dir, self.eval],
             "diagnose": [self.diagnostics],
-            "report": [self.report, self.figures],
+            "report": [self.report, self.results, self.figures],
         }[stage]
 
     def sweep_temp(self, stages: Iterable[str]) -> list[Path]:
