@@ -125,9 +125,11 @@ class CalibrationConfig:
 
 DEFAULT_SKETCH_DIM = 2**18
 """Count-sketch width: 1 MiB per source whatever the model's size. The smallest power of two
-whose max cosine error over the demo's 496 source pairs stays ≤ 0.005 at each of 3 seeds (0.0050
-worst; 2^17: 0.0067; `python -m benchmarks.bench_sketch`). The error is ~1/sqrt(dim) and grows
-slowly with the number of pairs: for hundreds of sources, 2^19 keeps the same margin."""
+whose max cosine error over the demo's 496 source pairs stayed ≤ 0.005 at seeds 0-2 (0.0050
+worst; 2^17: 0.0067; `python -m benchmarks.bench_sketch`). Over other seeds and gradients 0.005
+holds at the median seed, not every seed (0.0116 at the worst of 64: heavy coordinates sharing
+a bucket; `tests/test_demo_structure.py`). The error is ~1/sqrt(dim) and grows slowly with the
+number of pairs: 2^19 halves the typical error (it still exceeded 0.005 at 3 of 16 seeds)."""
 
 SKETCH_KINDS = ("countsketch", "gaussian", "subsample", "exact")
 

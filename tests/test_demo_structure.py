@@ -1,11 +1,19 @@
-"""The demo's planted conflict structure, recovered through the package's own pipeline.
+"""The demo's planted conflict structure and the default sketch's fidelity, on real gradients.
 
-One exact gradient per demo source at the committed base model (all parameters, 200 calibration
-examples each) is computed once; the default count-sketch is applied to the same gradients, so
-sketch fidelity and structure recovery are measured on real source gradients at θ0.
+Exact gradients of every demo source at the committed base (all 653k parameters, 200 examples
+each) are computed twice, once per module (about 40 s each on 2 cores):
+
+- ``demo``: the calibration split, which is what the gradient stage uses and what
+  ``benchmarks/bench_sketch.py`` chose the default width 2^18 on (sketch seeds 0, 1, 2);
+- ``heldout``: the first 200 train examples of each source, which played no part in that choice.
+
+The count-sketch is linear, so sketching the exact rows equals sketching inside
+``estimate_gradients`` (test_gradients checks that path).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,54 +22,134 @@ from sklearn.metrics import adjusted_rand_score
 
 from merit_lab.conflict import compute_conflict_space
 from merit_lab.gradients import estimate_gradients
-from merit_lab.mixture import load_mixture
+from merit_lab.mixture import Mixture, load_mixture
 from merit_lab.models import load_model, load_tokenizer, select_parameters
 from merit_lab.partition import split_balanced
 from merit_lab.sketch import SketchSpec, build_sketch, sketch_fidelity
 
+MAX_ERR = 0.005  # the target that fixed DEFAULT_SKETCH_DIM (config.py, benchmarks/bench_sketch.py)
+SELECTION_SEEDS = (0, 1, 2)  # the seeds the width was chosen at
+HELDOUT_SEEDS = tuple(range(3, 11))  # the next eight, fixed before looking at any of them
+
 
 @pytest.fixture(scope="module")
-def demo():
-    tok = load_tokenizer("demo")
+def base():
     model = load_model("demo", device="cpu")
-    mixture = load_mixture("demo")
-    exact = estimate_gradients(
+    return load_tokenizer("demo"), model, [(n, tuple(p.shape)) for n, p in select_parameters(model)]
+
+
+def _exact_rows(base, mixture: Mixture) -> np.ndarray:
+    tok, model, _ = base
+    bank = estimate_gradients(
         model, tok, mixture, sketch=SketchSpec(kind="exact"), n=200, micro_batch_size=50,
         progress=False,
     )  # fmt: skip
-    # The default sketch of the very same gradients (the sketch is linear, so this equals
-    # sketching inside estimate_gradients; test_gradients checks that path).
-    params = [(n, tuple(p.shape)) for n, p in select_parameters(model)]
-    sk = build_sketch(SketchSpec(), params)
-    rows = np.stack([sk.sketch_flat(torch.from_numpy(row)).numpy() for row in exact.rows])
-    return mixture, exact, rows
+    assert list(bank.names) == list(mixture.names)
+    return bank.rows
+
+
+def _sketched(base, rows: np.ndarray, spec: SketchSpec) -> np.ndarray:
+    sk = build_sketch(spec, base[2])
+    return np.stack([sk.sketch_flat(torch.from_numpy(row)).numpy() for row in rows])
+
+
+@pytest.fixture(scope="module")
+def demo(base):
+    """The demo mixture, its exact calibration gradients and their default sketch (seed 0)."""
+    mixture = load_mixture("demo")
+    exact = _exact_rows(base, mixture)
+    return mixture, exact, _sketched(base, exact, SketchSpec())
+
+
+@pytest.fixture(scope="module")
+def heldout(base):
+    """Exact gradients of each demo source's first 200 *train* examples (same sources, other
+    examples): gradients the default sketch width was not chosen on."""
+    mixture = load_mixture("demo")
+    swapped = Mixture(
+        tuple(dataclasses.replace(s, calibration=s.train[:200]) for s in mixture),
+        mixture.origin, mixture.seed, mixture.info,
+    )  # fmt: skip
+    other_ids = {e["id"] for s in swapped for e in s.calibration}
+    assert other_ids.isdisjoint(e["id"] for s in mixture for e in s.calibration)
+    return mixture, _exact_rows(base, swapped)
 
 
 def _labels(mixture, names, key):
     return [mixture[n].metadata[key] for n in names]
 
 
-def test_default_sketch_preserves_cosines(demo):
-    _, exact, sketched = demo
-    fid = sketch_fidelity(exact.rows, sketched)
-    assert fid["pearson"] >= 0.99, fid
+def test_default_sketch_meets_the_target_it_was_chosen_at(demo, base):
+    """In-sample: the README's "max cosine error ≤ 0.005 at 3 seeds" on the very gradients and
+    seeds 2^18 was picked on (measured 0.0043, 0.0050, 0.0043)."""
+    _, exact, _ = demo
+    for seed in SELECTION_SEEDS:
+        fid = sketch_fidelity(exact, _sketched(base, exact, SketchSpec(seed=seed)))
+        assert fid["max_abs_error"] <= MAX_ERR, (seed, fid)
+
+
+def test_default_sketch_on_heldout_gradients_and_seeds(heldout, base):
+    """Out of sample: other examples and seeds 3-10. 2^18 meets 0.005 at the run's default seed
+    and at the median seed, not at every seed.
+
+    Measured (496 pairs): seed 0: 0.0043; seeds 3-10: 0.0043 0.0037 0.0039 0.0040 0.0116 0.0045
+    0.0055 0.0043 (median 0.0043); mean |error| 0.0009-0.0020, Pearson ≥ 0.99997 at each. Over
+    seeds 0-63 the max exceeds 0.005 at 20 of 64 (worst 0.0116, seed 7, where two of the 200
+    heaviest coordinates share a bucket: the error is heavy-tailed, not Gaussian).
+    """
+    _, exact = heldout
+    default = sketch_fidelity(exact, _sketched(base, exact, SketchSpec()))
+    assert default["max_abs_error"] <= MAX_ERR, default
+    fids = {
+        s: sketch_fidelity(exact, _sketched(base, exact, SketchSpec(seed=s))) for s in HELDOUT_SEEDS
+    }
+    worst = np.array([f["max_abs_error"] for f in fids.values()])
+    assert np.median(worst) <= MAX_ERR, fids
+    assert (worst <= MAX_ERR).sum() >= 6, fids  # 6 of 8 measured
+    assert worst.max() <= 2.5 * MAX_ERR, fids  # a heavy-coordinate collision: 0.0116 measured
+    for seed, fid in fids.items():
+        # The 1/5 subsample reaches Pearson 0.9965 and max error 0.091: both would fail here.
+        assert fid["pearson"] >= 0.9999 and fid["mean_abs_error"] <= 0.0025, (seed, fid)
+
+
+def _structure(mixture, rows, names):
+    """The conflict space and the r = 1, 2 balanced splits, and their ARIs against the axes."""
+    space = compute_conflict_space(rows, names)
+    examples = {s.name: len(s.train) for s in mixture}
+    one = split_balanced(space, examples, examples, r=1).labels(names)
+    two = split_balanced(space, examples, examples, r=2).labels(names)
+    style, case = _labels(mixture, names, "style"), _labels(mixture, names, "case")
+    style_case = [f"{a}|{b}" for a, b in zip(style, case, strict=True)]
+    ari = {
+        "pc1~style": adjusted_rand_score(style, space.embedding[:, 0] > 0),
+        "pc2~case": adjusted_rand_score(case, space.embedding[:, 1] > 0),
+        "r1~style": adjusted_rand_score(style, one),
+        "r1~case": adjusted_rand_score(case, one),
+        "r2~style×case": adjusted_rand_score(style_case, two),
+    }
+    return space, ari
 
 
 def test_planted_structure_is_recovered(demo):
-    mixture, exact, sketched = demo
-    axes = list(mixture.info["axes"])
-    assert len(axes) >= 2, f"demo metadata lacks two planted axes: {mixture.info}"
-    space = compute_conflict_space(sketched, exact.names)
-    examples = {s.name: len(s.train) for s in mixture}
-    tokens = {s.name: len(s.train) for s in mixture}
-    one = split_balanced(space, examples, tokens, r=1)
-    two = split_balanced(space, examples, tokens, r=2)
-    names = list(exact.names)
-    best_axis = max(
-        adjusted_rand_score(_labels(mixture, names, a), one.labels(names)) for a in axes
-    )
-    combined = ["|".join(str(mixture[n].metadata[a]) for a in axes[:2]) for n in names]
-    ari2 = adjusted_rand_score(combined, two.labels(names))
-    print(f"r=1 ARI {best_axis:.3f}, r=2 ARI {ari2:.3f}, EV {space.explained_variance_ratio[:4]}")
-    assert best_axis >= 0.8
-    assert ari2 >= 0.7
+    """The README's claim, on the demo's own bank (calibration gradients, default sketch):
+    style on PC1 (36%), case on PC2 (26%), r = 1 is style and r = 2 is style × case, each with
+    adjusted Rand index exactly 1.0 (measured: 1.0 everywhere, r = 1 against case −0.03)."""
+    mixture, _, sketched = demo
+    assert list(mixture.info["axes"]) == ["style", "case"]
+    names = list(mixture.names)
+    space, ari = _structure(mixture, sketched, names)
+    print(ari, space.explained_variance_ratio[:4])
+    assert round(100 * space.explained_variance_ratio[0]) == 36  # 0.3607 measured
+    assert round(100 * space.explained_variance_ratio[1]) == 26  # 0.2637
+    assert ari["pc1~style"] == ari["pc2~case"] == 1.0, ari
+    assert ari["r1~style"] == ari["r2~style×case"] == 1.0, ari
+    assert ari["r1~case"] < 0.1, ari  # r = 1 cuts along style only
+
+
+def test_planted_structure_holds_on_other_examples(heldout):
+    """The same recovery from 200 other examples per source (exact gradients): the structure is
+    the sources', not the calibration draw's (PC1 37%, PC2 26% measured)."""
+    mixture, exact = heldout
+    _, ari = _structure(mixture, exact, list(mixture.names))
+    assert ari["pc1~style"] == ari["pc2~case"] == 1.0, ari
+    assert ari["r1~style"] == ari["r2~style×case"] == 1.0, ari

@@ -78,3 +78,35 @@ def test_every_field_and_default_is_in_the_table(section):
         assert _parse(documented[f.name]) == _norm(_default(f)), (
             f"{section}.{f.name}: README says {documented[f.name]!r}, config.py {_default(f)!r}"
         )
+
+
+# A test pointer: `tests/<path>` or `tests/<file>.py::<function>` in backticks.
+TEST_POINTER = re.compile(r"`(tests/[\w./-]*?)(?:::(\w+))?`")
+
+
+def test_every_test_the_readme_points_to_exists():
+    """Every `tests/...` path the README cites is a file or folder of this repository, and every
+    `tests/<file>.py::<name>` names a test function (or class) defined in that file."""
+    root = README.parent
+    text = README.read_text(encoding="utf-8")
+    pointers = TEST_POINTER.findall(text)
+    assert pointers, "the README cites no test; has the pointer syntax changed?"
+    dangling = []
+    for path, name in pointers:
+        target = root / path
+        if not target.exists():
+            dangling.append(path)
+        elif name and not re.search(
+            rf"^(?:async def|def|class) {name}\b", target.read_text(encoding="utf-8"), re.M
+        ):
+            dangling.append(f"{path}::{name}")
+    assert not dangling, f"README cites tests that do not exist: {sorted(set(dangling))}"
+
+
+def test_every_tested_claim_names_its_test():
+    """ "(tested)" alone names nothing, and "tested in X" must name the test: each is followed by
+    a `tests/...` pointer (which the test above checks exists)."""
+    text = " ".join(README.read_text(encoding="utf-8").split())  # pointers wrap across lines
+    bare = re.findall(r".{0,60}\(tested\)", text)
+    unnamed = re.findall(r".{0,60}\btested in (?!`tests/).{0,30}", text)
+    assert not bare + unnamed, f"README test claims without a test file: {bare + unnamed}"
