@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -225,6 +228,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # disk full, file size limit, quota
+# the same errors as other writers word them: safetensors (Rust: "os error 28"), torch.save
+_NO_SPACE_TEXT = re.compile(
+    r"os error (28|27|122)\b|No space left on device|File too large|Disk quota exceeded|"
+    r"file write failed"
+)
+
+
+def _out_of_space(exc: BaseException) -> str | None:
+    """One line for a write that ran out of space (ENOSPC, EFBIG, EDQUOT, from Python, the
+    safetensors writer or torch.save), naming the file; None for any other error."""
+    from merit_lab.io import TEMP_PATTERN
+
+    seen, e = [], exc
+    while e is not None and e not in seen:  # the error itself, then what it was raised from
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    for e in seen:
+        code = e.errno if isinstance(e, OSError) and e.errno in _NO_SPACE else None
+        if code is None and not _NO_SPACE_TEXT.search(str(e)):
+            continue
+        if code is None and (found := re.search(r"os error (\d+)", str(e))):
+            code = int(found[1])
+        reason = os.strerror(code) if code else "the write failed"
+        path = getattr(e, "filename", None) or _file_being_written(e)
+        where = "a file"
+        if path:  # the artifact's own name, not the temp name it was written under
+            parts = [m["final"] if (m := TEMP_PATTERN.match(p)) else p for p in Path(path).parts]
+            where = str(Path(*parts))
+        limit = " (the file size limit)" if code == errno.EFBIG else ""
+        return (
+            f"ran out of space writing {where}: {reason}{limit}. Free some space and run the same "
+            "command again: the finished artifacts are kept and the run resumes from them"
+        )
+    return None
+
+
+def _file_being_written(exc: BaseException) -> str | None:
+    """The path the innermost writing frame of ``exc``'s traceback held (``path``, ``filename``,
+    or ``f``: a path or an open file), for errors that do not carry it."""
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for name in ("path", "filename", "f"):
+            value = frame.f_locals.get(name)
+            value = getattr(value, "name", value) if name == "f" else value
+            if isinstance(value, (str, os.PathLike)):
+                return os.fspath(value)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -236,6 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # no repr quotes
         for line in str(text).splitlines() or [""]:  # a config's problems: one line each
             print(f"merit-lab: error: {line}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk: one line; anything else keeps its traceback
+        message = _out_of_space(e)
+        if message is None:
+            raise
+        print(f"merit-lab: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -10,6 +10,7 @@ one submitit job of N tasks (slurm).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,11 @@ def launch_branches(
     resolved = _resolve(specs)
     finals = [Path(s.output_dir) / "final" for s, _ in resolved]
     # Finished branches cost nothing; skipping them here also saves a process start each.
-    todo = [(s, p) for s, p in resolved if not (Path(s.output_dir) / "final" / MANIFEST).is_file()]
+    finished = [(Path(s.output_dir) / "final" / MANIFEST).is_file() for s, _ in resolved]
+    todo = [item for item, done in zip(resolved, finished, strict=True) if not done]
+    for (spec, _), done in zip(resolved, finished, strict=True):
+        if done and not spec.keep_checkpoints:  # left by a kill between final/ and their removal
+            shutil.rmtree(Path(spec.output_dir) / "checkpoints", ignore_errors=True)
     if mode == "sequential":
         for spec, path in todo:  # an N-process branch: torchrun, its output echoed here
             if spec.procs_per_branch > 1:

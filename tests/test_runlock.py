@@ -145,3 +145,42 @@ def test_the_cli_names_the_holder_instead_of_a_traceback(cfg, capsys):
         proc.wait()
     err = capsys.readouterr().err
     assert err.startswith("merit-lab: error: ") and f"pid {proc.pid}" in err
+
+
+NOTEBOOK_WRITERS = ["train_experiments", "merge_rows", "evaluate_rows", "run_diagnostics"]
+
+
+def _call_writer(name: str, cfg: RunConfig):
+    from merit_lab.pipeline import diagnose, experiments
+
+    if name == "run_diagnostics":
+        return diagnose.run_diagnostics(cfg.run_dir, progress=False)
+    return getattr(experiments, name)(cfg)
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_WRITERS)
+def test_what_notebooks_call_to_write_a_run_is_refused_while_another_writes(cfg, name):
+    run = RunDir(cfg.run_dir)
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        holder = _write_lock(run, proc.pid)
+        with pytest.raises(LockHeldError, match=f"pid {proc.pid} ") as err:
+            _call_writer(name, cfg)  # refused before it reads or writes anything
+        assert holder["command"] in str(err.value) and read_json(run.lock) == holder
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_notebook_writer_holds_the_lock_while_it_runs(cfg, monkeypatch):
+    from merit_lab.pipeline import experiments
+
+    run = RunDir(cfg.run_dir)
+    run.root.mkdir(parents=True)
+    seen: list[dict] = []
+    monkeypatch.setattr(
+        experiments, "plan_specs", lambda cfg, exps: seen.append(read_json(run.lock)) or {}
+    )
+    assert experiments.train_experiments(cfg) == []
+    assert seen[0]["pid"] == os.getpid() and seen[0]["command"].startswith("train_experiments() ")
+    assert not run.lock.exists()

@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -322,6 +324,19 @@ def stage_partition(cfg: RunConfig, run: RunDir) -> bool:
     return True
 
 
+class _RunEditSession(EditSession):
+    """An `EditSession` on a run: `save` writes as the run's one writer (`RunDir.writer_lock`),
+    so a save while `merit-lab run` writes the run is refused, naming that process."""
+
+    def __init__(self, run: RunDir, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run = run
+
+    def save(self, path: str | Path | None = None) -> Path:
+        with self.run.writer_lock(command=f"EditSession.save() in {shlex.join(sys.argv)}"):
+            return super().save(path)
+
+
 def load_edit_session(run_dir: str | Path, partition: Partition | None = None) -> EditSession:
     """An `EditSession` on a run's ``partition.json`` (or ``partition``), saving back to it.
 
@@ -333,7 +348,8 @@ def load_edit_session(run_dir: str | Path, partition: Partition | None = None) -
     run = RunDir(Path(run_dir))
     cfg = run.load_config()
     space = run.load_space()
-    return EditSession(
+    return _RunEditSession(
+        run,
         partition if partition is not None else run.load_partition(),
         space,
         example_tokens=run.example_tokens(),

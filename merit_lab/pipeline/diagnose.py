@@ -51,6 +51,7 @@ from merit_lab.pipeline.report_diagnostics import (
     diagnostics_tables,
     load_diagnostics,
 )
+from merit_lab.pipeline.rundir import writes_run
 
 __all__ = [
     "BARRIER_NOISE",
@@ -356,6 +357,7 @@ def _update(ctx: DiagnosticContext, name: str) -> dict:
     return data
 
 
+@writes_run
 def run_diagnostics(
     run_dir: str | Path,
     *,

@@ -40,7 +40,13 @@ from merit_lab.launch import launch_branches
 from merit_lab.merge import merge_checkpoints
 from merit_lab.models import load_model, load_tokenizer, resolve_model_path
 from merit_lab.partition import Partition, make_partition
-from merit_lab.pipeline.rundir import RunDir, load_run_mixture, mixture_args, source_counts
+from merit_lab.pipeline.rundir import (
+    RunDir,
+    load_run_mixture,
+    mixture_args,
+    source_counts,
+    writes_run,
+)
 from merit_lab.train import MANIFEST, BranchSpec, branch_status
 
 __all__ = [
@@ -251,6 +257,7 @@ def mixture_names(cfg: RunConfig) -> list[str]:
     return list(load_curation(cfg).sources)
 
 
+@writes_run
 def train_experiments(cfg: RunConfig, experiments: Sequence[str] | None = None) -> list[Path]:
     """Train every branch and joint run not yet done, with the configured launcher.
 
@@ -310,6 +317,7 @@ def _merge_key(row: ModelRow, weights: Sequence[float], params: dict) -> str:
     )
 
 
+@writes_run
 def merge_rows(cfg: RunConfig) -> list[dict]:
     """Merge every split and soup row once; skip merges whose inputs and settings are unchanged.
 
@@ -336,7 +344,9 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
         manifest = row.model_dir / "merge_manifest.json"
         if run.is_current("merged", key, row.label):
             _repoint_merge_records(row, base if base.is_dir() else None)
-            done.append({"label": row.label, "method": row.merge_method, "seconds": 0.0})
+            weights = read_json(manifest)["weights"]  # as the merge that made it recorded them
+            done.append({"label": row.label, "method": row.merge_method, "weights": weights,
+                         "seconds": 0.0})  # fmt: skip
             continue
         report = merge_checkpoints(
             row.inputs,
@@ -396,6 +406,7 @@ def _repoint_merge_records(row: ModelRow, base: Path | None) -> None:
     log.info("%s: merge records re-pointed at the inputs' new location", row.label)
 
 
+@writes_run
 def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
     """Evaluate every row on the same held-out examples; cache one parquet per row.
 

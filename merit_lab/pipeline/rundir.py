@@ -8,10 +8,13 @@ is written down once (docs/architecture.md, "The run directory").
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
+import shlex
 import socket
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ __all__ = [
     "load_source_table",
     "mixture_args",
     "source_counts",
+    "writes_run",
 ]
 
 THROUGHPUT_KEY = "tokens_per_s"  # in timings.json beside the seconds: {stage: rates}
@@ -316,6 +320,23 @@ class RunDir:
             s["name"]: list(s.get("train_example_tokens", ()))
             for s in self.read_mixture()["sources"]
         }
+
+
+def writes_run(fn: Callable) -> Callable:
+    """Make a pipeline function whose first argument is a run config or a run directory write
+    as the run's one writer (`RunDir.writer_lock`): called from a notebook while `merit-lab run`
+    writes the run, it is refused with `LockHeldError` naming that process (and a CLI run is
+    refused while it writes). Inside `run_pipeline`, which holds the lock, it is entered again."""
+
+    @functools.wraps(fn)
+    def locked(target, *args, **kwargs):
+        run = RunDir(target.run_dir if isinstance(target, RunConfig) else Path(target))
+        if not run.root.is_dir():  # nothing to protect yet (and no folder made for a typo)
+            return fn(target, *args, **kwargs)
+        with run.writer_lock(command=f"{fn.__name__}() in {shlex.join(sys.argv)}"):
+            return fn(target, *args, **kwargs)
+
+    return locked
 
 
 def mixture_args(cfg: RunConfig) -> dict:
