@@ -28,10 +28,14 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CommandMemory",
     "Figure",
     "Results",
     "bench_main",
+    "cached_fraction",
+    "command_memory",
     "command_peak",
+    "drop_page_cache",
     "in_child",
     "machine",
     "peak_rss",
@@ -284,6 +288,147 @@ def command_peak(
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}")
         return seconds, int(report.read_text()), proc.stdout
+
+
+# Samples /proc/<pid>/status of the command every ``interval`` s while it runs: the peaks of its
+# anonymous (RssAnon) and file-backed (RssFile: mapped files, e.g. safetensors read through
+# mmap, and the shared libraries) resident pages, which ru_maxrss (their sum at its peak) lumps
+# together. The command's own wall time is measured here, around spawn and reap.
+_SAMPLER = """
+import json, os, sys, time
+report, interval, cmd = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+fields = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
+peak, n = dict.fromkeys(fields, 0), 0
+t0 = time.perf_counter()
+pid = os.posix_spawnp(cmd[0], cmd, os.environ)
+status_path = f"/proc/{pid}/status"
+while True:
+    try:
+        with open(status_path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in peak:
+                    peak[key] = max(peak[key], int(value.split()[0]) * 1024)
+        n += 1
+    except (OSError, ValueError, IndexError):  # exiting: a zombie has no memory fields
+        pass
+    done, status, usage = os.wait4(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(interval)
+seconds = time.perf_counter() - t0
+with open(report, "w") as f:
+    json.dump({"seconds": seconds, "ru_maxrss": usage.ru_maxrss * 1024, "samples": n,
+               "peaks": peak}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@dataclass(frozen=True)
+class CommandMemory:
+    """One command's wall time and memory, split by kind (see `command_memory`)."""
+
+    seconds: float  # spawn to reap, measured beside the command (no wrapper start-up)
+    max_rss: int  # ru_maxrss: the exact peak of anonymous + file-backed + shmem resident bytes
+    peak_anon: int  # highest RssAnon sampled: heap, tensors, malloc'd buffers
+    peak_file: int  # highest RssFile sampled: mapped files (inputs read by mmap, libraries)
+    peak_shmem: int  # highest RssShmem sampled
+    peak_rss_sampled: int  # highest VmRSS sampled (≤ max_rss; close when sampling kept up)
+    samples: int
+    output: str
+
+
+def command_memory(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    interval: float = 0.005,
+) -> CommandMemory:
+    """Run a command; return its wall time and peak RSS split into anonymous and file-backed.
+
+    A small wrapper process spawns the command and reads its ``/proc/<pid>/status`` every
+    ``interval`` seconds (RssAnon, RssFile, RssShmem: counters, cheap to read, unlike
+    ``smaps_rollup`` which walks every mapping), then reaps it for its exact ``ru_maxrss``. The
+    split peaks are sampled, so a spike shorter than ``interval`` can be missed:
+    ``peak_rss_sampled`` against ``max_rss`` shows how close the sampling came. Only the
+    command's own process is followed (mergekit and our merge do their work in it). Raises
+    with the output's tail when the command fails. Linux only.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "memory.json"
+        proc = subprocess.run(
+            [sys.executable, "-c", _SAMPLER, str(report), str(interval), *cmd],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}")
+        r = json.loads(report.read_text())
+    p = r["peaks"]
+    return CommandMemory(
+        seconds=r["seconds"],
+        max_rss=r["ru_maxrss"],
+        peak_anon=p["RssAnon"],
+        peak_file=p["RssFile"],
+        peak_shmem=p["RssShmem"],
+        peak_rss_sampled=p["VmRSS"],
+        samples=r["samples"],
+        output=proc.stdout,
+    )
+
+
+def drop_page_cache(paths: Sequence[str | os.PathLike]) -> None:
+    """Evict ``paths`` from the page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``), no root needed.
+
+    The kernel drops only clean pages no process has mapped, so written files are fsynced first;
+    `cached_fraction` tells whether it worked (tmpfs, for one, keeps its pages).
+    """
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_fraction(paths: Sequence[str | os.PathLike]) -> float:
+    """Share of the pages of ``paths`` now in the page cache (``mincore`` on a mapping that is
+    never touched, so measuring faults nothing in). Linux only."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    resident = total = 0
+    for p in paths:
+        size = os.path.getsize(p)
+        if size == 0:
+            continue
+        n_pages = (size + page - 1) // page
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap of {p} failed")
+            try:
+                vec = (ctypes.c_ubyte * n_pages)()
+                if libc.mincore(addr, size, vec) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore of {p} failed")
+                resident += int((np.frombuffer(vec, dtype=np.uint8) & 1).sum())
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+        total += n_pages
+    return resident / total if total else 0.0
 
 
 def rel_slope_spread(xs: Sequence[float], ys: Sequence[float]) -> float:

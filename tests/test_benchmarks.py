@@ -9,12 +9,22 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks import run_all
-from benchmarks.common import Figure, Results, command_peak, in_child, print_table
+from benchmarks.common import (
+    Figure,
+    Results,
+    cached_fraction,
+    command_memory,
+    command_peak,
+    drop_page_cache,
+    in_child,
+    print_table,
+)
 
 
 def _allocate(n_bytes: int) -> int:
@@ -39,6 +49,49 @@ def test_command_peak_reports_the_command_s_own_memory():
     assert 150 * 2**20 <= peak < 300 * 2**20
     with pytest.raises(RuntimeError, match="exited 3"):
         command_peak([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_command_memory_splits_anonymous_and_file_backed_rss_for_the_merge_rounds(tmp_path):
+    # bench_merge's mergekit rounds: heap memory counts as anonymous, a mapped file as file-backed
+    anon = command_memory(
+        [sys.executable, "-c", "import time; x = bytearray(150 * 2**20); time.sleep(0.3)"]
+    )
+    assert anon.seconds >= 0.3 and anon.samples > 10
+    assert 150 * 2**20 <= anon.peak_anon < 200 * 2**20 and anon.peak_file < 60 * 2**20
+    assert anon.peak_anon + anon.peak_file <= 1.05 * anon.max_rss
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x" * (100 * 2**20))
+    code = (
+        "import mmap, sys, time; f = open(sys.argv[1], 'rb'); "
+        "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
+        "s = sum(m[i] for i in range(0, len(m), 4096)); time.sleep(0.3)"
+    )
+    mapped = command_memory([sys.executable, "-c", code, str(blob)])
+    assert 100 * 2**20 <= mapped.peak_file < 160 * 2**20 and mapped.peak_anon < 60 * 2**20
+    assert mapped.peak_rss_sampled <= 1.05 * mapped.max_rss
+    with pytest.raises(RuntimeError, match="exited 3"):
+        command_memory([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_page_cache_drop_for_the_cold_merge_rounds(tmp_path):
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"y" * (16 * 2**20))
+    blob.read_bytes()
+    if cached_fraction([blob]) < 0.9:
+        pytest.skip("this filesystem did not keep the file in the page cache")
+    drop_page_cache([blob])
+    left = cached_fraction([blob])
+    if left > 0.5 and _is_tmpfs(tmp_path):
+        pytest.skip("tmpfs keeps its pages: nothing to drop")
+    assert left < 0.05
+    blob.read_bytes()
+    assert cached_fraction([blob]) > 0.9
+
+
+def _is_tmpfs(path) -> bool:
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    best = max((m for m in mounts if str(path).startswith(m[1])), key=lambda m: len(m[1]))
+    return best[2] == "tmpfs"
 
 
 def test_figures_compare_against_their_targets(capsys):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from benchmarks.bench_merge import mergekit_yaml
 from merit_lab.io import sha256_file
 from merit_lab.merge import (
-    MERGE_METHODS,
     fingerprint_checkpoint,
     merge_checkpoints,
     merge_linear,
@@ -191,26 +193,197 @@ def test_ties_weighted_election_and_zero_sum_counts_as_plus():
     assert torch.equal(merge_ties([a, b], [1.0, 1.0], base), torch.tensor([-3.0, -2.0]))
 
 
+# mergekit 0.1.5 (mergekit/merge_methods/generalized_task_arithmetic.py, sparsify.py), which we
+# follow: task_arithmetic = θ0 + λ Σ_k w_k δ_k with normalize off by default; ties = sparsify
+# "magnitude" (keep the int(density · numel) largest |δ_k| of each whole tensor: argsort over the
+# flattened tensor, not per row; no rescale by default), then weight (w_k δ̂_k), elect the sign
+# of Σ_k w_k δ̂_k (consensus "sum", a zero sum counts as +), keep the entries of that sign, and
+# with normalize on (the ties default) divide by the sum of the kept entries' w_k; then × λ.
+THETA0 = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -0.5]])
+DELTAS = [
+    torch.tensor([[0.4, -0.2, 0.1], [-0.6, 0.3, 0.05]]),
+    torch.tensor([[-0.1, 0.5, -0.3], [0.2, -0.7, 0.15]]),
+    torch.tensor([[-0.25, 0.05, 0.35], [0.45, -0.15, -0.55]]),
+]
+W3 = [0.5, 1.0, 2.0]  # free weights (not summing to 1), as mergekit allows for task vectors
+
+
+def test_task_arithmetic_by_hand_2d_free_weights_no_normalize():
+    # 0.5·δ1 = [[.2, -.1, .05], [-.3, .15, .025]]
+    #     δ2 = [[-.1, .5, -.3], [.2, -.7, .15]]
+    #   2·δ3 = [[-.5, .1, .7], [.9, -.3, -1.1]]
+    # sum    = [[-.4, .5, .45], [.8, -.85, -.925]]   (not divided by Σw = 3.5: normalize off)
+    # ×λ=0.5 = [[-.2, .25, .225], [.4, -.425, -.4625]]; + θ0:
+    want = torch.tensor([[0.8, -0.75, 0.725], [0.4, 1.575, -0.9625]])
+    got = merge_task_arithmetic([THETA0 + d for d in DELTAS], W3, THETA0, lambda_=0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_ties_by_hand_2d_weighted_sum_election_and_weighted_disjoint_mean():
+    # density 0.7 of 6 entries: int(4.2) = 4 kept per task vector, over the whole 2×3 tensor
+    #   δ̂1 = [[.4, -.2, 0], [-.6, .3, 0]]        (drops .1, .05)
+    #   δ̂2 = [[0, .5, -.3], [.2, -.7, 0]]        (drops -.1, .15)
+    #   δ̂3 = [[-.25, 0, .35], [.45, 0, -.55]]    (drops .05, -.15)
+    # weighted by [.5, 1, 2]:
+    #   [[.2, -.1, 0], [-.3, .15, 0]], [[0, .5, -.3], [.2, -.7, 0]], [[-.5, 0, .7], [.9, 0, -1.1]]
+    # sum [[-.3, .4, .4], [.8, -.55, -1.1]] -> elected [[-, +, +], [+, -, -]]
+    #   ((0, 0) is the weighted sum's call: unweighted .4 - .25 > 0 and a sign count 1:1 would
+    #   both say +)
+    # agreeing weighted entries / their weights:
+    #   (0,0) -.5/2 = -.25   (0,1) .5/1 = .5   (0,2) .7/2 = .35
+    #   (1,0) (.2 + .9)/(1 + 2) = 11/30   (1,1) -.7/1 = -.7   (1,2) -1.1/2 = -.55
+    #   ((1,0) without normalize would be 1.1; a plain mean of the raw deltas .325)
+    # ×λ=0.5 = [[-.125, .25, .175], [11/60, -.35, -.275]]; + θ0:
+    want = torch.tensor([[0.875, -0.75, 0.675], [11 / 60, 1.65, -0.775]])
+    got = merge_ties([THETA0 + d for d in DELTAS], W3, THETA0, density=0.7, lambda_=0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_ties_keeps_exactly_k_when_magnitudes_tie_at_the_cutoff():
+    # δ = [.5, .5, .5, .1], density 0.5 -> k = 2 of three tied .5s. Which two is not defined:
+    # ours takes torch.topk's, mergekit torch.argsort's (unstable) pick. On bf16 checkpoints such
+    # ties are common, so ours and mergekit's TIES can differ there (test below), nowhere else.
+    base = torch.zeros(4)
+    got = merge_ties([torch.tensor([0.5, 0.5, 0.5, 0.1])], [1.0], base, density=0.5)
+    assert sorted(got.tolist()) == [0.0, 0.0, 0.5, 0.5]
+
+
+def _task_arithmetic_reference(ts, weights, b, lam):
+    """θ0 + λ Σ_k w_k (θ_k − θ0), in float64."""
+    b = b.double()
+    return b + lam * sum(w * (t.double() - b) for t, w in zip(ts, weights, strict=True))
+
+
+def _ties_reference(ts, weights, b, density, lam):
+    """TIES from its definition (see the hand-worked case), in float64 over the task vectors
+    θ_k − θ0 taken in float32 (as both implementations take them, so the trim sees the same
+    magnitudes). The kept set must be unique: no tie at the cutoff (asserted)."""
+    w = torch.tensor(weights, dtype=torch.float64)[:, None]
+    trimmed = []
+    for t in ts:
+        d = (t - b).flatten()
+        k = int(density * d.numel())
+        mags, order = d.abs().sort(descending=True, stable=True)
+        assert k == d.numel() or mags[k - 1] > mags[k], "tie at the cutoff"
+        kept = torch.zeros(d.numel(), dtype=torch.float64)
+        kept[order[:k]] = d[order[:k]].double()
+        trimmed.append(kept)
+    wd = torch.stack(trimmed) * w
+    elected = torch.where(wd.sum(0) >= 0, 1.0, -1.0).double()
+    agree = torch.sign(wd) == elected
+    num, den = (wd * agree).sum(0), (w * agree).sum(0)
+    den[den == 0] = 1.0
+    return b.double() + lam * (num / den).view(b.shape)
+
+
 @pytest.mark.parametrize(
-    ("method", "params"), [("ties", {"density": 0.5, "lambda": 0.8}), ("task_arithmetic", {})]
+    ("method", "weights", "params"),
+    [
+        ("ties", [1.0, 0.6, 0.3], {"density": 0.5, "lambda": 0.8}),
+        ("task_arithmetic", [0.5, 0.3, 0.2], {"lambda": 0.7}),
+    ],
 )
-def test_task_vector_checkpoints_apply_the_method_per_tensor(fp32, tmp_path, method, params):
+def test_task_vector_checkpoints_match_a_plain_torch_computation(
+    fp32, tmp_path, method, weights, params
+):
     base, branches = fp32
     report = merge_checkpoints(
-        branches, tmp_path / "m", method=method, base=base, params=params, progress=False
-    )
+        branches, tmp_path / "m", method=method, weights=weights, base=base, params=params,
+        progress=False,
+    )  # fmt: skip
     sds, sd0, out = [_load(b) for b in branches], _load(base), _load(tmp_path / "m")
-    fn, kw = (
-        MERGE_METHODS[method].fn,
-        {k.replace("lambda", "lambda_"): v for k, v in params.items()},
-    )
+    assert out.keys() == sd0.keys()
+    n_base = n_all = 0
     for n in sd0:
-        torch.testing.assert_close(out[n], fn([sd[n] for sd in sds], [1.0] * K, sd0[n], **kw))
+        ts = [sd[n] for sd in sds]
+        if method == "ties":
+            want = _ties_reference(ts, weights, sd0[n], params["density"], params["lambda"])
+        else:
+            want = _task_arithmetic_reference(ts, weights, sd0[n], params["lambda"])
+        assert out[n].dtype == torch.float32
+        torch.testing.assert_close(out[n].double(), want, rtol=1e-6, atol=1e-8, msg=n)
+        n_base, n_all = n_base + int((out[n] == sd0[n]).sum()), n_all + out[n].numel()
+    if method == "ties":  # where every task vector was trimmed (≈ 0.5³ of entries), θ0 stays
+        assert 0.08 < n_base / n_all < 0.17
     cfg = yaml.safe_load((tmp_path / "m" / "mergekit.yaml").read_text())
     assert cfg["merge_method"] == method and cfg["base_model"] == str(base.resolve())
-    assert cfg["parameters"]["lambda"] == report.params["lambda"]
+    assert cfg["parameters"] == {"lambda": params["lambda"], "normalize": method == "ties"}
+    assert [m["parameters"]["weight"] for m in cfg["models"]] == weights
+    assert report.params["lambda"] == params["lambda"]
     if method == "ties":
         assert all(m["parameters"]["density"] == 0.5 for m in cfg["models"])
+
+
+# ------------------------------------------------------------- against mergekit itself (optional)
+MERGEKIT = mergekit_yaml()
+MERGEKIT_CASES = {
+    "linear-fp32": ("fp32", "linear", WEIGHTS, {}),
+    "task_arithmetic-fp32": ("fp32", "task_arithmetic", [0.6, 0.3, 1.7], {"lambda": 0.7}),
+    "ties-fp32": ("fp32", "ties", [1.0, 0.6, 0.3], {"density": 0.5, "lambda": 0.8}),
+    "ties-bf16": ("bf16", "ties", [1.0, 0.6, 0.3], {"density": 0.5, "lambda": 0.8}),
+}
+
+
+def _at_tied_cutoff(ts, b, density) -> torch.Tensor:
+    """Entries whose |δ_k| equals δ_k's trim cutoff while the cutoff is tied, for some k."""
+    mask = torch.zeros(b.numel(), dtype=torch.bool)
+    for t in ts:
+        m = (t.float() - b.float()).abs().flatten()
+        k = int(density * m.numel())
+        mags = m.sort(descending=True).values
+        if k < m.numel() and mags[k - 1] == mags[k]:
+            mask |= m == mags[k - 1]
+    return mask.view(b.shape)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    MERGEKIT is None,
+    reason="no .bench/mergekit-venv (mergekit 0.1.5 beside torch 2.13.0 CPU, from PyPI): "
+    "`python -m benchmarks.bench_merge` builds it once; CI does not",
+)
+@pytest.mark.parametrize("case", list(MERGEKIT_CASES))
+def test_mergekit_cli_gives_our_merge(fp32, bf16, tmp_path, case):
+    """mergekit-yaml on the mergekit.yaml our merge writes gives our tensors (max diff printed).
+
+    fp32: equal to within float32 rounding (TA by an ulp here and there: mergekit multiplies
+    each δ by its weight and sums the stack, we accumulate ``add_(δ, alpha=w)``). bf16 TIES:
+    bit-identical except where a task vector's magnitudes tie at its trim cutoff, where the two
+    keep different (equally valid) entries."""
+    dtype, method, weights, params = MERGEKIT_CASES[case]
+    base, branches = {"fp32": fp32, "bf16": bf16}[dtype]
+    ours, theirs = tmp_path / "ours", tmp_path / "mergekit"
+    merge_checkpoints(branches, ours, method=method, weights=weights, base=base, params=params,
+                      progress=False)  # fmt: skip
+    cmd = [str(MERGEKIT), str(ours / "mergekit.yaml"), str(theirs), "--no-cuda",
+           "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = _load(ours), _load(theirs)
+    assert a.keys() == b.keys()
+    sd0, sds = _load(base), [_load(br) for br in branches]
+    max_abs = max_rel = 0.0
+    n_diff = n_tied = n_all = 0
+    for n in a:
+        assert a[n].dtype == b[n].dtype == sd0[n].dtype, n
+        diff = (a[n].double() - b[n].double()).abs()
+        max_abs = max(max_abs, diff.max().item())
+        max_rel = max(max_rel, diff.max().item() / a[n].double().abs().max().item())
+        n_diff, n_all = n_diff + int((diff > 0).sum()), n_all + diff.numel()
+        if dtype == "fp32":
+            torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-8, msg=n)
+            continue
+        tied = _at_tied_cutoff([sd[n] for sd in sds], sd0[n], params["density"])
+        n_tied += int((tied & (diff > 0)).sum())
+        torch.testing.assert_close(a[n][~tied], b[n][~tied], rtol=0, atol=0, msg=n)
+    print(f"\n[mergekit 0.1.5 vs ours] {case}: max |diff| {max_abs:.3g} (relative to the "
+          f"tensor's max |value| {max_rel:.3g}); {n_diff}/{n_all} entries differ"
+          + (f", all {n_tied} at a tied trim cutoff" if dtype == "bf16" else ""))  # fmt: skip
+    if method == "linear":
+        assert n_diff == 0  # the same float32 accumulation order: bit-identical
+    if dtype == "bf16":
+        assert n_diff == n_tied and n_diff < 0.01 * n_all
 
 
 # ----------------------------------------------------------------------- artifacts and manifest
