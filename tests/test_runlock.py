@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from merit_lab.config import RunConfig
@@ -147,7 +148,9 @@ def test_the_cli_names_the_holder_instead_of_a_traceback(cfg, capsys):
     assert err.startswith("merit-lab: error: ") and f"pid {proc.pid}" in err
 
 
-NOTEBOOK_WRITERS = ["train_experiments", "merge_rows", "evaluate_rows", "run_diagnostics"]
+NOTEBOOK_WRITERS = [
+    "train_experiments", "merge_rows", "evaluate_rows", "run_diagnostics", "save_convergence"
+]  # fmt: skip
 
 
 def _call_writer(name: str, cfg: RunConfig):
@@ -155,6 +158,10 @@ def _call_writer(name: str, cfg: RunConfig):
 
     if name == "run_diagnostics":
         return diagnose.run_diagnostics(cfg.run_dir, progress=False)
+    if name == "save_convergence":
+        from merit_lab.pipeline import save_convergence
+
+        return save_convergence(cfg.run_dir, pd.DataFrame({"n": [8], "cosine": [0.9]}))
     return getattr(experiments, name)(cfg)
 
 
@@ -184,3 +191,14 @@ def test_a_notebook_writer_holds_the_lock_while_it_runs(cfg, monkeypatch):
     assert experiments.train_experiments(cfg) == []
     assert seen[0]["pid"] == os.getpid() and seen[0]["command"].startswith("train_experiments() ")
     assert not run.lock.exists()
+
+
+def test_save_convergence_writes_the_table_atomically(cfg):
+    from merit_lab.pipeline import save_convergence
+
+    run = RunDir(cfg.run_dir)
+    run.root.mkdir(parents=True)
+    table = pd.DataFrame({"source": ["a", "b"], "n": [8, 16], "cosine": [0.91, 0.97]})
+    assert save_convergence(run.root, table) == run.convergence
+    pd.testing.assert_frame_equal(pd.read_parquet(run.convergence), table)
+    assert not run.lock.exists() and not run.temp_entries()

@@ -18,6 +18,7 @@ _EXPORTS = {
     "source_counts": "rundir",
     "load_edit_session": "analysis",
     "make_partition": "analysis",
+    "save_convergence": "analysis",
     "STAGES": "runner",
     "run_pipeline": "runner",
     "run_summary": "runner",

@@ -35,7 +35,7 @@ from merit_lab.gradient_jobs import (
     shard_sources,
 )
 from merit_lab.gradients import GradientBank, estimate_gradients, request_info
-from merit_lab.io import atomic_write_json, read_json
+from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
 from merit_lab.mixture import (
     SPLITS,
     MixtureError,
@@ -45,12 +45,19 @@ from merit_lab.mixture import (
 )
 from merit_lab.models import load_model, load_tokenizer, model_source, resolve_model_path
 from merit_lab.partition import Partition, make_partition
-from merit_lab.pipeline.rundir import RunDir, load_run_mixture, mixture_args, source_counts
+from merit_lab.pipeline.rundir import (
+    RunDir,
+    load_run_mixture,
+    mixture_args,
+    source_counts,
+    writes_run,
+)
 
 __all__ = [
     "load_edit_session",
     "make_partition",
     "model_fingerprint",
+    "save_convergence",
     "stage_conflict",
     "stage_gradients",
     "stage_mixture",
@@ -335,6 +342,18 @@ class _RunEditSession(EditSession):
     def save(self, path: str | Path | None = None) -> Path:
         with self.run.writer_lock(command=f"EditSession.save() in {shlex.join(sys.argv)}"):
             return super().save(path)
+
+
+@writes_run
+def save_convergence(run_dir: str | Path, table) -> Path:
+    """Write a `merit_lab.convergence.gradient_convergence` table to the run's
+    ``convergence.parquet`` (atomically, as the run's one writer), where the figures find it."""
+    import io
+
+    run = RunDir(Path(run_dir))
+    buf = io.BytesIO()
+    table.to_parquet(buf)
+    return atomic_write_bytes(run.convergence, buf.getvalue())
 
 
 def load_edit_session(run_dir: str | Path, partition: Partition | None = None) -> EditSession:
