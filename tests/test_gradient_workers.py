@@ -230,3 +230,9 @@ def test_pipeline_workers_kill_resume_and_added_sources(tmp_path, monkeypatch):
     assert _done_sources(run_dir) == [all_names[4]]
     five = GradientBank.load(run_dir / "gradients")
     assert five.names == tuple(all_names) and np.array_equal(five.rows[:4], one.rows)
+
+    # another dtype: no part of the float32 bank is reused
+    cfg_bf16 = load_config(_run_config(tmp_path, all_names, workers=2), dtype="bfloat16")
+    run_pipeline(cfg_bf16, until="gradients")
+    half = GradientBank.load(run_dir / "gradients")
+    assert half.info["dtype"] == "bfloat16" and half.info["throughput"]["sources"] == 5

@@ -43,7 +43,14 @@ from merit_lab.mixture import (
     small_source_message,
     source_shortfall,
 )
-from merit_lab.models import load_model, load_tokenizer, model_source, resolve_model_path
+from merit_lab.models import (
+    load_model,
+    load_tokenizer,
+    model_source,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
 from merit_lab.partition import Partition, make_partition
 from merit_lab.pipeline.rundir import (
     RunDir,
@@ -233,6 +240,9 @@ def _sharded_bank(
         sketch=cfg.sketch, include=cfg.parameters.include, exclude=cfg.parameters.exclude,
         model_fingerprint=fingerprint, **_bank_settings(cfg),
     )  # fmt: skip
+    # the dtype too, as a worker here would resolve it: parts of another dtype are not reused
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    request["dtype"] = str(dtype).removeprefix("torch.")
     info = _earlier_info(run.gradients, request)
     done = current_sources(run.gradients, names, info, content) if info else []
     todo = [s for s in names if s not in done]
