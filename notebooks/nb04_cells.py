@@ -44,7 +44,13 @@ from merit_lab.config import load_config
 from merit_lab.convergence import gradient_convergence
 from merit_lab.models import load_model, load_tokenizer, resolve_model_path
 from merit_lab.partition import Partition
-from merit_lab.pipeline import load_edit_session, load_run_mixture, load_source_table, run_pipeline
+from merit_lab.pipeline import (
+    load_edit_session,
+    load_run_mixture,
+    load_source_table,
+    run_pipeline,
+    save_convergence,
+)
 from merit_lab.viz.editor import PartitionEditor
 from merit_lab.viz.explorer import ConflictExplorer
 from merit_lab.viz.plots import plot_gradient_convergence""",
@@ -131,7 +137,7 @@ convergence = gradient_convergence(
     model, tokenizer, {s: mixture[s].calibration for s in SOURCES},
     ns=NS, n_boot=N_BOOT, max_length=cfg.calibration.max_length, progress=not SMOKE,
 )  # fmt: skip
-convergence.to_parquet(run.convergence)
+save_convergence(run.root, convergence)  # atomic, under the run lock
 plot_gradient_convergence(convergence)""",
     ),
     (
