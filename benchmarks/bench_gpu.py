@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import shutil
@@ -60,8 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 QWEN = {"vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1e6,
         "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}  # fmt: skip
 # Model shapes (Qwen2.5's) and the workload of each: T sources x n examples of lengths in
-# `lengths` tokens; micro-batches of `micro_tokens` padded tokens (or `micro_batch` examples
-# where this version has no micro_batch_tokens); fp32: sources measured again in float32.
+# `lengths` tokens; micro-batches of `micro_tokens` padded tokens; fp32: sources measured again
+# in float32.
 SIZES: dict[str, dict[str, Any]] = {
     "0.5b": {"model": QWEN | {"hidden_size": 896, "num_hidden_layers": 24,
              "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864},
@@ -179,20 +178,15 @@ def _peak(values: list[int | None]) -> int | None:
 
 
 def _micro_kwargs(spec: dict) -> dict[str, Any]:
-    """Micro-batching by tokens where this version of the gradient stage has it, else by
-    examples (``micro_batch_tokens`` was being added while this benchmark was written)."""
-    if "micro_batch_tokens" in inspect.signature(estimate_gradients).parameters:
-        return {"micro_batch_size": spec["micro_batch"], "micro_batch_tokens": spec["micro_tokens"]}
-    return {"micro_batch_size": spec["micro_batch"]}
+    """The stage's micro-batching: by ``micro_tokens`` padded tokens (``micro_batch_size``
+    applies only without them)."""
+    return {"micro_batch_size": spec["micro_batch"], "micro_batch_tokens": spec["micro_tokens"]}
 
 
 def _split(examples: list, kw: dict[str, Any]) -> list[list]:
     """The stage's own micro-batches of one source's examples (`gradients.micro_batches`)."""
-    if hasattr(gradients, "micro_batches"):
-        return gradients.micro_batches(examples, size=kw["micro_batch_size"],
-                                       tokens=kw.get("micro_batch_tokens"))  # fmt: skip
-    size = kw["micro_batch_size"]
-    return [examples[i : i + size] for i in range(0, len(examples), size)]
+    return gradients.micro_batches(examples, size=kw["micro_batch_size"],
+                                   tokens=kw["micro_batch_tokens"])  # fmt: skip
 
 
 def _plain_fwd_bwd(model, batches: list[dict], device: torch.device) -> None:

@@ -226,6 +226,7 @@ def _one_process_bank(
         model, tok, mixture, sketch=cfg.sketch, include=cfg.parameters.include,
         exclude=cfg.parameters.exclude, out_dir=run.gradients, sources=names,
         model_fingerprint=fingerprint, source_keys=content,  # parts: reused for the same examples
+        save_bank=False,  # stage_gradients saves it once, with its stage key
         **_bank_settings(cfg),
     )  # fmt: skip
 
