@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from merit_lab.fields import below, coerce, join_key, not_one_of, refuse, unless
 from merit_lab.io import atomic_write_text
 
 __all__ = [
@@ -53,32 +52,6 @@ LONG_EXAMPLE_POLICIES = ("truncate_prompt", "skip", "truncate_right")  # formatt
 SMALL_SOURCE_POLICIES = ("refuse", "warn")  # the mixture stage, on a source short of examples
 
 
-def _refuse(problems: list[str]) -> None:
-    """One ValueError, a line per problem (``field: what is wrong``); `_build` adds the path."""
-    if problems:
-        raise ValueError("\n".join(problems))
-
-
-def _below(obj: Any, low: float, *names: str) -> list[str]:
-    """A problem for each named field (None: unset, skipped) under ``low``."""
-    values = {n: getattr(obj, n) for n in names}
-    return [
-        f"{n}: must be >= {low}, got {v!r}" for n, v in values.items() if v is not None and v < low
-    ]
-
-
-def _unless(ok: bool, problem: str) -> list[str]:
-    return [] if ok else [problem]
-
-
-def _not_one_of(name: str, what: str, value: Any, choices: typing.Iterable[str]) -> list[str]:
-    choices = list(choices)
-    listed = ", ".join(choices)
-    return _unless(
-        value in choices, f"{name}: unknown {what} {value!r}; {what} must be one of: {listed}"
-    )
-
-
 @dataclass(frozen=True)
 class MixtureConfig:
     path: str = "demo"  # "demo", a folder/file of sources, or a `datasets` name / saved folder
@@ -91,13 +64,13 @@ class MixtureConfig:
     small_sources: str = "refuse"
 
     def __post_init__(self) -> None:
-        _refuse(
-            _unless(
+        refuse(
+            unless(
                 0 <= self.eval_fraction < 1,
                 f"eval_fraction: must be in [0, 1), got {self.eval_fraction!r}",
             )
-            + _not_one_of("long_examples", "policy", self.long_examples, LONG_EXAMPLE_POLICIES)
-            + _not_one_of("small_sources", "policy", self.small_sources, SMALL_SOURCE_POLICIES)
+            + not_one_of("long_examples", "policy", self.long_examples, LONG_EXAMPLE_POLICIES)
+            + not_one_of("small_sources", "policy", self.small_sources, SMALL_SOURCE_POLICIES)
         )
 
 
@@ -117,9 +90,9 @@ class CalibrationConfig:
     )
 
     def __post_init__(self) -> None:
-        _refuse(
-            _below(self, 1, "n", "micro_batch_size", "workers")
-            + _below(self, 8, "max_length", "micro_batch_tokens")
+        refuse(
+            below(self, 1, "n", "micro_batch_size", "workers")
+            + below(self, 8, "max_length", "micro_batch_tokens")
         )
 
 
@@ -144,14 +117,14 @@ class SketchSpec:
     every: int = 5  # subsample: keep every k-th coordinate (the paper's 1 in 5)
 
     def __post_init__(self) -> None:
-        _refuse(
-            _not_one_of("kind", "sketch kind", self.kind, SKETCH_KINDS)
-            + _unless(
+        refuse(
+            not_one_of("kind", "sketch kind", self.kind, SKETCH_KINDS)
+            + unless(
                 self.kind not in ("countsketch", "gaussian") or 1 <= self.dim < 2**31,
                 f"dim: sketch dim must be in [1, 2**31), got {self.dim!r}",
             )
-            + _below(self, 1, "every")
-            + _below(self, 0, "seed")
+            + below(self, 1, "every")
+            + below(self, 0, "seed")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,8 +147,8 @@ class ParameterConfig:
     exclude: tuple[str, ...] = ()  # parameter-name globs to drop
 
     def __post_init__(self) -> None:
-        _refuse(
-            _unless(
+        refuse(
+            unless(
                 re.fullmatch(r"all|attention|mlp|language|vision|projector|last-[1-9]\d*",
                              self.preset) is not None,
                 f"preset: unknown parameter preset {self.preset!r}; preset must be one of: all, "
@@ -192,10 +165,10 @@ class PartitionConfig:
     seed: int = 0  # seed of random / k-means
 
     def __post_init__(self) -> None:
-        _refuse(
-            _below(self, 0, "r", "seed")
-            + _below(self, 1, "k")
-            + _unless(self.r is not None or self.k is not None, "r: give r (K = 2^r groups) or k")
+        refuse(
+            below(self, 0, "r", "seed")
+            + below(self, 1, "k")
+            + unless(self.r is not None or self.k is not None, "r: give r (K = 2^r groups) or k")
         )
 
 
@@ -224,19 +197,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
 
     def __post_init__(self) -> None:
-        _refuse(
-            _unless(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
-            + _below(
+        refuse(
+            unless(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
+            + below(
                 self, 1, "batch_size", "grad_accum", "save_steps", "n_procs", "procs_per_branch"
             )
-            + _not_one_of("distributed", "distributed mode", self.distributed, ("ddp", "fsdp"))
-            + _unless(
+            + not_one_of("distributed", "distributed mode", self.distributed, ("ddp", "fsdp"))
+            + unless(
                 0 <= self.warmup_ratio < 1,
                 f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}",
             )
-            + _below(self, 0, "weight_decay", "max_grad_norm", "seed")
-            + _below(self, 8, "max_length")
-            + _unless(all(g >= 0 for g in self.gpus), f"gpus: ids must be >= 0, got {self.gpus}")
+            + below(self, 0, "weight_decay", "max_grad_norm", "seed")
+            + below(self, 8, "max_length")
+            + unless(all(g >= 0 for g in self.gpus), f"gpus: ids must be >= 0, got {self.gpus}")
         )
 
 
@@ -256,23 +229,23 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         split, soup = self.kind == "split", self.kind == "soup"
-        _refuse(
-            _unless(bool(self.name), "name: must not be empty")
-            + _not_one_of("kind", "kind", self.kind, EXPERIMENT_KINDS)
-            + _unless(self.epochs > 0, f"epochs: must be > 0, got {self.epochs!r}")
-            + _below(self, 0, "r", "seed")
-            + _below(self, 1, "k")
-            + _unless(
+        refuse(
+            unless(bool(self.name), "name: must not be empty")
+            + not_one_of("kind", "kind", self.kind, EXPERIMENT_KINDS)
+            + unless(self.epochs > 0, f"epochs: must be > 0, got {self.epochs!r}")
+            + below(self, 0, "r", "seed")
+            + below(self, 1, "k")
+            + unless(
                 not split or self.method is None or self.r is not None or self.k is not None,
                 f"r: give r or k for method {self.method!r}",
             )
-            + _unless(
+            + unless(
                 not soup or len(set(self.seeds)) >= 2,
                 f"seeds: a soup needs at least two seeds, all different; got {self.seeds}",
             )
-            + _unless(all(s >= 0 for s in self.seeds), f"seeds: must be >= 0, got {self.seeds}")
-            + _unless(not split or len(self.merges) >= 1, "merges: give at least one merge method")
-            + _unless(
+            + unless(all(s >= 0 for s in self.seeds), f"seeds: must be >= 0, got {self.seeds}")
+            + unless(not split or len(self.merges) >= 1, "merges: give at least one merge method")
+            + unless(
                 len(set(self.merges)) == len(self.merges),
                 f"merges: a method is listed twice: {self.merges}",
             )
@@ -298,7 +271,7 @@ class MergeConfig:
     shard_size: int = 2**30  # most bytes per output shard
 
     def __post_init__(self) -> None:
-        _refuse(_below(self, 1, "shard_size"))
+        refuse(below(self, 1, "shard_size"))
 
 
 @dataclass(frozen=True)
@@ -310,9 +283,9 @@ class EvalConfig:
     batch_size: int = 256  # examples per forward / generate call (pooled over sources)
 
     def __post_init__(self) -> None:
-        _refuse(
-            _unless(len(self.splits) >= 1, "splits: give at least one split")
-            + _below(self, 1, "max_examples", "max_new_tokens", "batch_size")
+        refuse(
+            unless(len(self.splits) >= 1, "splits: give at least one split")
+            + below(self, 1, "max_examples", "max_new_tokens", "batch_size")
         )
 
 
@@ -329,11 +302,11 @@ class DiagnosticsConfig:
     curvature_params: tuple[str, ...] = ()  # parameter globs of the Hessian (empty: all)
 
     def __post_init__(self) -> None:
-        _refuse(
-            _below(self, 1, "max_examples", "hessian_k", "hessian_iter", "curvature_examples")
-            + _below(self, 2, "alphas")
-            + _unless(all(s >= 0 for s in self.sigmas), f"sigmas: must be >= 0, got {self.sigmas}")
-            + _unless(
+        refuse(
+            below(self, 1, "max_examples", "hessian_k", "hessian_iter", "curvature_examples")
+            + below(self, 2, "alphas")
+            + unless(all(s >= 0 for s in self.sigmas), f"sigmas: must be >= 0, got {self.sigmas}")
+            + unless(
                 len(self.seeds) >= 1 and all(s >= 0 for s in self.seeds),
                 f"seeds: give at least one seed, each >= 0; got {self.seeds}",
             )
@@ -363,21 +336,21 @@ class RunConfig:
     def __post_init__(self) -> None:
         names = [e.name for e in self.experiments]
         device_ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None
-        _refuse(
-            _unless(
+        refuse(
+            unless(
                 bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
                 f"name: must be a folder name, got {self.name!r}",
             )
-            + _unless(
+            + unless(
                 len(set(names)) == len(names) and "theta0" not in names,
                 f"experiments: names must be unique and not 'theta0': {names}",
             )
-            + _unless(
+            + unless(
                 device_ok,
                 f"device: unknown device {self.device!r}; device must be one "
                 f"of: {', '.join(DEVICES)}",
             )
-            + _below(self, 0, "seed")
+            + below(self, 0, "seed")
         )
 
     @property
@@ -408,14 +381,16 @@ def _build(cls: type, d: Any, where: str, problems: list[str]) -> Any:
     if cls is MixtureConfig and isinstance(d, str):
         d = {"path": d}
     if not isinstance(d, dict):
-        problems.append(_key(where, f"expected a mapping, got {d!r}", sep=": "))
+        problems.append(join_key(where, f"expected a mapping, got {d!r}", sep=": "))
         return None
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     before = len(problems)
     unknown = sorted(str(k) for k in set(d) - set(fields))
     if unknown:
-        problems.append(_key(where, f"unknown keys {unknown}; known: {sorted(fields)}", sep=": "))
+        problems.append(
+            join_key(where, f"unknown keys {unknown}; known: {sorted(fields)}", sep=": ")
+        )
     required = [
         n
         for n, f in fields.items()
@@ -423,12 +398,12 @@ def _build(cls: type, d: Any, where: str, problems: list[str]) -> Any:
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
-    problems.extend(f"{_key(where, name)}: required" for name in required)
+    problems.extend(f"{join_key(where, name)}: required" for name in required)
     kwargs = {}  # the values that have the right type: their ranges are checked even so
     for k, v in d.items():
         if k not in fields:
             continue
-        path, sub, n = _key(where, k), _NESTED.get((cls, k)), len(problems)
+        path, sub, n = join_key(where, k), _NESTED.get((cls, k)), len(problems)
         if (cls, k) == (RunConfig, "experiments"):
             if not isinstance(v, (list, tuple)):
                 problems.append(f"{path}: expected a list of experiments, got {v!r}")
@@ -438,7 +413,7 @@ def _build(cls: type, d: Any, where: str, problems: list[str]) -> Any:
         elif sub is not None:
             value = _build(sub, v, path, problems)
         else:
-            value = _coerce(v, hints[k], path, problems)
+            value = coerce(v, hints[k], path, problems)
         if len(problems) == n:
             kwargs[k] = value
     if required:
@@ -446,55 +421,9 @@ def _build(cls: type, d: Any, where: str, problems: list[str]) -> Any:
     try:
         obj = cls(**kwargs)
     except ValueError as e:  # the ranges and choices of __post_init__, a line per problem
-        problems.extend(_key(where, line) for line in str(e).splitlines())
+        problems.extend(join_key(where, line) for line in str(e).splitlines())
         return None
     return obj if len(problems) == before else None
-
-
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _key(where: str, rest: str, sep: str = ".") -> str:
-    return f"{where}{sep}{rest}" if where else rest
-
-
-def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
-    """``value`` as the annotated type ``hint`` (int, float, bool, str, X | None, tuple[X, ...],
-    dict); a problem is appended when it is not one. A float field takes an int as it is (so
-    hashes of existing configs do not move) and a numeric string as a float: YAML 1.1 reads
-    ``1e-3`` (no dot) as the string "1e-3"."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-        return _coerce(value, hint, path, problems)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            example = f", e.g. [{value}]" if isinstance(value, (str, int, float)) else ""
-            problems.append(f"{path}: expected a list{example}, got {value!r}")
-            return value
-        return tuple(_coerce(v, args[0], f"{path}[{i}]", problems) for i, v in enumerate(value))
-    expected = {
-        dict: "a mapping",
-        bool: "true or false",
-        str: "a string",
-        float: "a number",
-        int: "an integer",
-    }[origin or hint]
-    if (origin or hint) in (dict, bool, str) and isinstance(value, origin or hint):
-        return value
-    if hint in (int, float) and not isinstance(value, bool):
-        number = value
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            number = float(value)
-        if isinstance(number, (int, float)) and math.isfinite(number):
-            if hint is float:
-                return value if isinstance(value, (int, float)) else number
-            if isinstance(number, int) or number.is_integer():
-                return int(number)
-    problems.append(f"{path}: expected {expected}, got {value!r}")
-    return value
 
 
 _NESTED: dict[tuple[type, str], type] = {
