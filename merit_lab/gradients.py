@@ -303,12 +303,13 @@ def read_part(
 def request_info(
     *, sketch: SketchSpec, n: int, max_length: int, long_examples: str, preset: str = "all",
     include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-    model_fingerprint: str = "", **_: Any,
+    model_fingerprint: str = "", lora: Mapping[str, Any] | None = None, **_: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """The bank-info fields fixed by the request alone, before θ0 is loaded (a launcher uses
     them to find the parts of an earlier launch it can reuse). Extra keyword arguments (the
-    micro-batching, checkpointing) change no row and are ignored."""
-    return {
+    micro-batching, checkpointing) change no row and are ignored. ``lora``: the warmed-up
+    adapter the rows are taken on (`merit_lab.lora_bank.warmup_info`), recorded when given."""
+    return ({"lora": dict(lora)} if lora else {}) | {
         "model": model_fingerprint,
         "parameters": {"preset": preset, "include": list(include or []),
                        "exclude": list(exclude or [])},
@@ -323,13 +324,13 @@ def request_info(
 def _bank_info(
     model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]], sketch: SketchSpec, *,
     n: int, max_length: int, include: Sequence[str] | None, exclude: Sequence[str] | None,
-    preset: str, model_fingerprint: str, long_examples: str,
+    preset: str, model_fingerprint: str, long_examples: str, lora: Mapping[str, Any] | None,
 ) -> dict[str, Any]:  # fmt: skip
     """What the rows depend on, and its hash as ``key``."""
     info = {
         **request_info(sketch=sketch, n=n, max_length=max_length, long_examples=long_examples,
                        preset=preset, include=include, exclude=exclude,
-                       model_fingerprint=model_fingerprint),
+                       model_fingerprint=model_fingerprint, lora=lora),
         "n_parameters": int(sum(p.numel() for _, p in selected)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }  # fmt: skip
@@ -364,6 +365,7 @@ def _tokenized(
 def _sketch_source(
     model: torch.nn.Module, sk, selected: Sequence[tuple[str, Tensor]], examples: list,
     name: str, pad_token_id: int, *, micro_batch_size: int, micro_batch_tokens: int | None = None,
+    on_gradient: Callable[[str, Sequence[tuple[str, Tensor]]], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
     """One source's sketched gradient (d,) float32 and its stats, sketched right after backward.
 
@@ -388,6 +390,8 @@ def _sketch_source(
             continue
         sk.add_(row, pname, p.grad)
         sq += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square()
+    if on_gradient is not None:  # e.g. layerwise.LayerCollector: more sketches of this .grad
+        on_gradient(name, selected)
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -424,6 +428,8 @@ def estimate_gradients(
     save_bank: bool = True,
     progress: bool = True,
     prefetch: bool | None = None,
+    on_gradient: Callable[[str, Sequence[tuple[str, Tensor]]], None] | None = None,
+    lora: Mapping[str, Any] | None = None,
 ) -> GradientBank:
     """Estimate one sketched gradient per source at the model's current weights θ0.
 
@@ -451,6 +457,12 @@ def estimate_gradients(
             only when its source's key is unchanged, so an edited source is redone alone.
         prefetch: tokenise the next source on a thread during this one's fwd+bwd (default:
             on for GPUs, off on the CPU, where it only contends for the cores).
+        on_gradient: called as (source, selected) while ``.grad`` holds a computed source's
+            summed gradient (`merit_lab.layerwise`); not called for a source read from parts.
+        lora: a LoRA bank (the LESS way): ``model`` carries a warmed-up adapter
+            (`merit_lab.lora_bank.load_lora_model`) and the rows are the gradients of its A
+            and B matrices only (preset/include/exclude do not apply); this dict (the adapter's
+            `warmup_info`) goes into the bank info and key.
 
     Returns:
         The bank, rows in the order of ``sources``; ``info["throughput"]`` holds the tokens,
@@ -458,11 +470,16 @@ def estimate_gradients(
     """
     sketch = sketch or SketchSpec()
     names = tuple(sources) if sources is not None else mixture.names
-    selected = select_parameters(model, include, exclude, preset)
+    if lora:
+        from merit_lab.lora_bank import lora_parameters
+
+        selected = lora_parameters(model)
+    else:
+        selected = select_parameters(model, include, exclude, preset)
     device = next(model.parameters()).device
     info = _bank_info(model, selected, sketch, n=n, max_length=max_length, include=include,
                       exclude=exclude, preset=preset, model_fingerprint=model_fingerprint,
-                      long_examples=long_examples)  # fmt: skip
+                      long_examples=long_examples, lora=lora)  # fmt: skip
     sk = build_sketch(sketch, [(nm, tuple(p.shape)) for nm, p in selected], device=device)
     parts = None
     if out_dir is not None:
@@ -500,6 +517,7 @@ def estimate_gradients(
             row, stats[names[i]] = _sketch_source(
                 model, sk, selected, examples, names[i], pad_id,
                 micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens,
+                on_gradient=on_gradient,
             )  # fmt: skip
             if parts is not None:
                 parts.write(names[i], row, stats[names[i]])

@@ -41,6 +41,7 @@ __all__ = [
     "MERGE_METHODS",
     "MergeMethod",
     "MergeReport",
+    "check_same_base",
     "fingerprint_checkpoint",  # re-exported: it lives in merit_lab.checkpoints
     "merge_checkpoints",
     "merge_linear",
@@ -48,6 +49,7 @@ __all__ = [
     "merge_task_arithmetic",
     "merge_ties",
     "merge_uniform",
+    "merge_version",
 ]
 
 Tensors = Sequence[Tensor]  # the K inputs' values of one parameter, float32, same shape
@@ -228,7 +230,7 @@ def _check_compatible(ckpts: Sequence[Checkpoint]) -> None:
                 )
 
 
-def _check_same_base(inputs: Sequence[Path], base_fp: str | None) -> str | None:
+def check_same_base(inputs: Sequence[Path], base_fp: str | None) -> str | None:
     """Compare the inputs' recorded ``base_fingerprint``s with each other and with θ0's."""
     seen: dict[str, Path] = {}
     for p in inputs:
@@ -422,7 +424,7 @@ def _manifest(
         "base": req.base and {"path": str(req.base.resolve()), "files": base_hashes},
         "base_fingerprint": base_fp,
         "output": {"files": out_hashes, "n_tensors": n_tensors, "dtype": dtype},
-        "merit_lab_version": _version(),
+        "merit_lab_version": merge_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
     }
@@ -466,7 +468,7 @@ def merge_checkpoints(
     req = _check_request(inputs, out_dir, method, weights, base, params, overwrite)
     ckpts, base_ckpt = _open_inputs(req)
     base_hashes = file_hashes(req.base) if req.base is not None else None
-    base_fp = _check_same_base(req.inputs, fingerprint_hashes(base_hashes) if base_hashes else None)
+    base_fp = check_same_base(req.inputs, fingerprint_hashes(base_hashes) if base_hashes else None)
     n_tensors, dtype0 = len(ckpts[0].tensors), next(iter(ckpts[0].tensors.values()))[1]
 
     # The inputs' sha256 (for the manifest) is computed on a thread beside the merge, and the
@@ -511,7 +513,8 @@ def merge_checkpoints(
     )
 
 
-def _version() -> str:
+def merge_version() -> str:
+    """merit-lab's installed version, as merge manifests record it."""
     try:
         return metadata.version("merit-lab")
     except metadata.PackageNotFoundError:

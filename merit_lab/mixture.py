@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from merit_lab.io import read_json
+from merit_lab.mixture_checks import small_source_message, source_shortfall
+from merit_lab.multimodal import content_problem, has_images, resolve_image_parts
 
 __all__ = [
     "Mixture",
@@ -122,39 +124,6 @@ class Mixture:
         ]
 
 
-def source_shortfall(counts: Mapping[str, int], calibration_n: int) -> str:
-    """What a source lacks for a run ("" when nothing), from its ``n_train``, ``n_calibration``
-    and ``n_eval``: train examples, ``calibration_n`` calibration examples, eval examples."""
-    short = []
-    if counts["n_train"] < 1:
-        short.append("no train examples")
-    if counts["n_calibration"] < calibration_n:
-        short.append(
-            f"{counts['n_calibration']} calibration examples < calibration.n {calibration_n}"
-        )
-    if counts["n_eval"] < 1:
-        short.append("no eval examples")
-    return "; ".join(short)
-
-
-def small_source_message(shortfalls: Mapping[str, Mapping[str, Any]]) -> str:
-    """One message naming each small source, its counts and what it lacks.
-
-    Args:
-        shortfalls: source name → ``{"n_train", "n_calibration", "n_eval", "shortfall"}``.
-    """
-    lines = [
-        f"  {name}: train {c['n_train']}, calibration {c['n_calibration']}, eval {c['n_eval']}"
-        f" ({c['shortfall']})"
-        for name, c in shortfalls.items()
-    ]
-    return (
-        f"{len(lines)} source(s) too small for this run:\n" + "\n".join(lines) + "\nadd examples, "
-        "lower calibration.n, raise mixture.eval_fraction, drop the sources, or set "
-        "mixture.small_sources: warn to go on with them"
-    )
-
-
 def normalize_example(raw: Any, where: str) -> dict:
     """Turn a raw record into ``{"id"?, "messages": [{"role", "content"}, ...]}``.
 
@@ -180,13 +149,12 @@ def normalize_example(raw: Any, where: str) -> dict:
                     f"{where}: messages[{j}] has unknown role {m['role']!r}; roles must be "
                     "system, user or assistant (ShareGPT's human / gpt are user / assistant)"
                 )
-            if not isinstance(m["content"], str):
-                raise MixtureError(
-                    f"{where}: messages[{j}].content must be a string (join a list of content "
-                    "parts into one text)"
-                )
+            if problem := content_problem(m["role"], m["content"]):
+                raise MixtureError(f"{where}: messages[{j}]: {problem}")
             _check_answer(m, f"{where}: messages[{j}]")
-            messages.append({"role": str(m["role"]), "content": m["content"]})
+            content = m["content"]  # text, or a list of text / image parts (copied: paths change)
+            content = content if isinstance(content, str) else [dict(c) for c in list(content)]
+            messages.append({"role": str(m["role"]), "content": content})
     elif "prompt" in raw or "response" in raw:
         for key in ("prompt", "response"):
             if not isinstance(raw.get(key), str):
@@ -209,6 +177,13 @@ def normalize_example(raw: Any, where: str) -> dict:
     if raw.get("id") is not None:
         out["id"] = str(raw["id"])
     return out
+
+
+def _with_images(example: dict, root: Path, where: str) -> dict:
+    """``example`` with its image paths resolved against ``root``; one error for a bad image."""
+    if has_images(example) and (problem := resolve_image_parts(example, root)):
+        raise MixtureError(f"{where}: {problem} (paths are relative to {root}); fix the path")
+    return example
 
 
 def _check_answer(message: Mapping, where: str) -> None:
@@ -250,20 +225,25 @@ def _parquet_records(path: Path) -> list[dict]:
         ) from e
 
 
-def read_examples(path: str | Path) -> list[dict]:
-    """Read and normalise every example of one JSONL or parquet file.
+def read_examples(path: str | Path, root: str | Path | None = None) -> list[dict]:
+    """Read and normalise every example of one JSONL or parquet file; image paths are made
+    absolute (relative ones are relative to ``root``, the mixture folder; default the file's).
 
     Raises:
-        MixtureError: a malformed line (file and line number), a bad record, or an empty file.
+        MixtureError: a malformed line (file and line number), a bad record, a missing or
+            unreadable image, or an empty file.
     """
     path = Path(path)
+    root = Path(root) if root is not None else path.parent
     out: list[dict] = []
     if path.suffix == ".jsonl":
         for lineno, raw in _jsonl_records(path):
-            out.append(normalize_example(raw, f"{path}:{lineno}"))
+            where = f"{path}:{lineno}"
+            out.append(_with_images(normalize_example(raw, where), root, where))
     elif path.suffix == ".parquet":
         for i, raw in enumerate(_parquet_records(path)):
-            out.append(normalize_example(raw, f"{path} row {i}"))
+            where = f"{path} row {i}"
+            out.append(_with_images(normalize_example(raw, where), root, where))
     else:
         raise MixtureError(f"{path}: unsupported file type (expected .jsonl or .parquet)")
     for i, ex in enumerate(out):
@@ -391,14 +371,18 @@ def _load_folder(folder: Path, *, calibration_n: int, eval_fraction: float, seed
                     "remove them"
                 )
         for name, path in train_files.items():
-            train = read_examples(path)
+            train = read_examples(path, folder)
             _check_nonempty(name, train, str(path))
             calib = (
-                read_examples(split_files["calibration"][name])
+                read_examples(split_files["calibration"][name], folder)
                 if name in split_files["calibration"]
                 else None
             )
-            evals = read_examples(split_files["eval"][name]) if name in split_files["eval"] else ()
+            evals = (
+                read_examples(split_files["eval"][name], folder)
+                if name in split_files["eval"]
+                else ()
+            )
             tr, ca, ev = _split_examples(
                 name,
                 train,
@@ -445,7 +429,7 @@ def _group_records(
                 f"the column that names each example's source (columns: {sorted(raw)[:8]})"
             )
         name = str(raw[source_column])
-        ex = normalize_example(raw, loc)
+        ex = _with_images(normalize_example(raw, loc), Path(where).parent, loc)
         ex.setdefault("id", f"{name}-{len(grouped.get(name, []))}")
         grouped.setdefault(name, []).append(ex)
     if not grouped:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from merit_lab.io import read_json
+
 __all__ = [
     "PARAMETER_PRESETS",
     "build_pico_llama",
@@ -143,18 +145,23 @@ def model_source(model: str | Path) -> dict[str, str]:
 
 def load_tokenizer(model: str | Path, *, trust_remote_code: bool = False):
     """Load the tokenizer of ``model``; one without a pad token pads with its EOS token (else its
-    UNK token, else id 0): padded positions are masked out of every loss and attention."""
+    UNK token, else id 0): padded positions are masked out of every loss and attention. A folder
+    with an image processor (``preprocessor_config.json``) gives a
+    `multimodal.ImageTextTokenizer`: the tokenizer with its image processor."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        resolve_model_path(model), trust_remote_code=trust_remote_code
-    )
+    path = resolve_model_path(model)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         fallback = tok.eos_token or tok.unk_token
         if fallback is not None:
             tok.pad_token = fallback
         else:
             tok.pad_token = tok.convert_ids_to_tokens(0)
+    if (Path(path) / "preprocessor_config.json").is_file():
+        from merit_lab.multimodal import ImageTextTokenizer
+
+        return ImageTextTokenizer.from_pretrained(path, tok)
     return tok
 
 
@@ -165,11 +172,13 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
 ):
-    """Load a causal LM from safetensors only (no pickled weights), in eval mode.
+    """Load a causal LM, or an image-text model (Qwen2-VL: ``AutoModelForImageTextToText``),
+    from safetensors only (no pickled weights), in eval mode.
 
     ``trust_remote_code`` stays off unless the run's config turns it on.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto import modeling_auto as auto_names
 
     dev = resolve_device(device)
     path = resolve_model_path(model)
@@ -178,7 +187,14 @@ def load_model(
             f"{path}: no .safetensors weights; merit-lab loads safetensors only "
             "(convert pickled .bin weights with save_pretrained(safe_serialization=True))"
         )
-    net = AutoModelForCausalLM.from_pretrained(
+    config = Path(path) / "config.json"
+    kind = read_json(config).get("model_type") if config.is_file() else ""
+    # an image-text model that is no causal LM class too (Gemma 3 stays a causal LM, as before)
+    image_text = kind in auto_names.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and (
+        kind not in auto_names.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    auto = AutoModelForImageTextToText if image_text else AutoModelForCausalLM
+    net = auto.from_pretrained(
         path,
         dtype=resolve_dtype(dtype, dev),
         use_safetensors=True,

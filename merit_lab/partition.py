@@ -7,7 +7,6 @@ saved as partition.json (`merit_lab.diagnostics.gain.predict_gain` scores any pa
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import numbers
 import os
@@ -21,6 +20,7 @@ import numpy as np
 
 from merit_lab.conflict import ConflictSpace
 from merit_lab.io import atomic_write_json, read_json
+from merit_lab.partition_edits import PartitionEdits
 
 __all__ = [
     "PARTITION_METHODS",
@@ -37,7 +37,7 @@ _VERSION = 1
 
 
 @dataclass(frozen=True)
-class Partition:
+class Partition(PartitionEdits):
     """K groups of sources, with the counts that balance them and weight their merge.
 
     Attributes:
@@ -51,8 +51,12 @@ class Partition:
         fractions: source → the share f < 1 of its train examples the rows train (a seeded
             subset, `merit_lab.curation.fraction_subset`); ``examples`` and ``tokens`` already
             count only that subset, so the weights are those the merge will use.
+        excluded: source → ids of train examples a hand edit dropped (no row trains them; a
+            down-weighted subset is drawn from the rest); ``examples``/``tokens`` count without
+            them.
 
-    Edits (`move`, `drop`, `downweight`, `add`) return a new partition with the edit logged.
+    Edits (`merit_lab.partition_edits`: `move`, `drop`, `downweight`, `add`, `drop_examples`,
+    `restore_examples`) return a new partition with the edit logged.
     """
 
     method: str
@@ -63,6 +67,7 @@ class Partition:
     edit_log: tuple[dict, ...] = ()
     dropped: tuple[str, ...] = ()
     fractions: Mapping[str, float] = field(default_factory=dict)
+    excluded: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(g) for g in self.groups)
@@ -95,6 +100,11 @@ class Partition:
             if f < 1:
                 fractions[s] = float(f)
         object.__setattr__(self, "fractions", MappingProxyType(fractions))
+        excluded = {s: tuple(str(i) for i in ids) for s, ids in dict(self.excluded).items() if ids}
+        stray = sorted(set(excluded) - set(members))
+        if stray:
+            raise ValueError(f"dropped examples of sources in no group: {stray}")
+        object.__setattr__(self, "excluded", MappingProxyType(excluded))
 
     @property
     def k(self) -> int:
@@ -134,113 +144,6 @@ class Partition:
             raise ValueError(f"sources not in this partition: {unknown}")
         return np.array([lookup[s] for s in names], dtype=np.int64)
 
-    def move(self, source: str, to_group: int, who: str = "user") -> Partition:
-        """A new partition with ``source`` moved to group ``to_group`` and the edit logged.
-
-        Raises:
-            ValueError: unknown source or group, a no-op move, or a move that empties a group.
-        """
-        src = self.group_of(source)
-        if not 0 <= to_group < self.k:
-            raise ValueError(f"group {to_group} does not exist (K = {self.k})")
-        if to_group == src:
-            raise ValueError(f"{source!r} is already in group {to_group}")
-        if len(self.groups[src]) == 1:
-            raise ValueError(f"moving {source!r} would empty group {src}")
-        groups = [list(g) for g in self.groups]
-        groups[src].remove(source)
-        groups[to_group].append(source)
-        return self._edited(
-            {"op": "move", "source": source, "from": src, "to": to_group}, who, groups=groups
-        )
-
-    def drop(self, source: str, who: str = "user") -> Partition:
-        """A new partition without ``source``: it trains in no row (joint, soup or split).
-
-        Raises:
-            ValueError: unknown source, or a drop that would empty its group (move another
-                source in first, or drop it from a partition with fewer groups).
-        """
-        src = self.group_of(source)
-        if len(self.groups[src]) == 1:
-            raise ValueError(f"dropping {source!r} would empty group {src}")
-        groups = [[s for s in g if s != source] for g in self.groups]
-        return self._edited(
-            {"op": "drop", "source": source, "from": src}, who, groups=groups,
-            dropped=(*self.dropped, source), remove=source,
-        )  # fmt: skip
-
-    def downweight(
-        self, source: str, fraction: float, *, examples: int, tokens: int, who: str = "user"
-    ) -> Partition:
-        """A new partition in which ``source`` trains a seeded ``fraction`` of its examples.
-
-        Args:
-            fraction: in (0, 1]; 1 undoes a down-weight.
-            examples, tokens: what that subset holds (`merit_lab.curation.EditSession` counts
-                them from the mixture's per-example tokens), so the weights stay exact.
-        """
-        self.group_of(source)
-        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        old = self.fractions.get(source, 1.0)
-        if float(fraction) == old:
-            raise ValueError(f"{source!r} already trains a fraction {old:g}")
-        fractions = {**self.fractions, source: float(fraction)}
-        return self._edited(
-            {"op": "downweight", "source": source, "from": old, "to": float(fraction)}, who,
-            fractions=fractions, counts={source: (examples, tokens)},
-        )  # fmt: skip
-
-    def add(
-        self, source: str, to_group: int, *, examples: int, tokens: int, who: str = "user"
-    ) -> Partition:
-        """A new partition with a source that was not in it (new, or dropped before) in group
-        ``to_group``; ``examples``/``tokens`` are its train counts."""
-        if source in self.sources:
-            raise ValueError(f"{source!r} is already in group {self.group_of(source)}")
-        if not 0 <= to_group < self.k:
-            raise ValueError(f"group {to_group} does not exist (K = {self.k})")
-        groups = [list(g) for g in self.groups]
-        groups[to_group].append(source)
-        return self._edited(
-            {"op": "add", "source": source, "to": to_group}, who, groups=groups,
-            dropped=tuple(s for s in self.dropped if s != source), counts={source: (examples,
-            tokens)},
-        )  # fmt: skip
-
-    def _edited(
-        self,
-        entry: dict,
-        who: str,
-        *,
-        groups: Sequence[Sequence[str]] | None = None,
-        dropped: tuple[str, ...] | None = None,
-        fractions: Mapping[str, float] | None = None,
-        counts: Mapping[str, tuple[int, int]] = MappingProxyType({}),
-        remove: str | None = None,
-    ) -> Partition:
-        """A copy with the given fields replaced and ``entry`` appended to the edit log."""
-        examples = {s: n for s, n in self.examples.items() if s != remove}
-        tokens = {s: n for s, n in self.tokens.items() if s != remove}
-        for s, (n_ex, n_tok) in counts.items():
-            examples[s], tokens[s] = n_ex, n_tok
-        fractions = dict(self.fractions if fractions is None else fractions)
-        fractions.pop(remove, None)
-        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        return Partition(
-            method=self.method,
-            groups=tuple(tuple(g) for g in (self.groups if groups is None else groups)),
-            examples=examples,
-            tokens=tokens,
-            params=self.params,
-            edit_log=(*self.edit_log, {**entry, "who": who, "at": stamp}),
-            dropped=self.dropped if dropped is None else dropped,
-            fractions=fractions,
-        )
-
     def to_dict(self) -> dict[str, Any]:
         """JSON document; ``weights``/``group_*`` are derived and recomputed on load."""
         return {
@@ -258,6 +161,7 @@ class Partition:
             "edit_log": [dict(e) for e in self.edit_log],
             "dropped": list(self.dropped),
             "fractions": dict(self.fractions),
+            "excluded": {s: list(ids) for s, ids in self.excluded.items()},
         }
 
     @classmethod
@@ -275,6 +179,7 @@ class Partition:
             edit_log=tuple(d.get("edit_log", ())),
             dropped=tuple(d.get("dropped", ())),
             fractions=d.get("fractions", {}),
+            excluded=d.get("excluded", {}),
         )
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from merit_lab.branch_log import MANIFEST, branch_status, read_log
 from merit_lab.config import LONG_EXAMPLE_POLICIES, MixtureConfig, RunConfig, TrainConfig
 from merit_lab.distributed import (
     DISTRIBUTED_MODES,
@@ -50,6 +51,7 @@ from merit_lab.distributed import (
 from merit_lab.io import atomic_write_json, atomic_write_text, read_json, sweep_temp
 
 __all__ = [
+    "MANIFEST",
     "BranchSpec",
     "branch_status",
     "read_log",
@@ -61,7 +63,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-MANIFEST = "merit_branch.json"
 # Fields that may differ between a killed run and its resumption without changing the result
 # (a run folder may move, or go on on another machine, with another process count: the global
 # batch and the data order do not depend on it).
@@ -72,7 +73,9 @@ _RESUMABLE_CHANGES = (
 # Fields left out of spec.json at these values, so specs written before they existed stay equal.
 _OMITTED_AT_DEFAULT = {
     "long_examples": MixtureConfig.long_examples, "fractions": {}, "trust_remote_code": False,
-    "procs_per_branch": 1, "distributed": "ddp", "gradient_checkpointing": False,
+    "procs_per_branch": 1, "distributed": "ddp", "gradient_checkpointing": False, "lora_r": 0,
+    "lora_alpha": TrainConfig.lora_alpha, "lora_dropout": 0.0, "lora_target_modules": [],
+    "lora_rslora": False, "excluded": {},
 }  # fmt: skip
 
 
@@ -105,15 +108,24 @@ class BranchSpec:
     # source → share f < 1 of its train examples to train (a hand down-weight): the seeded subset
     # `merit_lab.curation.fraction_subset(source, n, f, mixture seed)`, the same in every row
     fractions: Mapping[str, float] = field(default_factory=dict)
+    excluded: Mapping[str, list] = field(default_factory=dict)  # source → example ids not trained
     trust_remote_code: bool = False  # let transformers run θ0's own code (the run's setting)
     # processes training this branch together (torchrun; one per GPU, or CPU processes over
     # gloo), each on a share of the same global batch, so the result does not depend on it
     procs_per_branch: int = TrainConfig.procs_per_branch
     distributed: str = TrainConfig.distributed  # ddp (a full copy per process) | fsdp (sharded)
     gradient_checkpointing: bool = TrainConfig.gradient_checkpointing  # less memory, same weights
+    # LoRA (peft) instead of full fine-tuning when lora_r > 0: final/ holds the dense model
+    # θ0 + s·B·A (θ0's dtype) and the adapter in final/adapter/ (`merit_lab.lora`)
+    lora_r: int = TrainConfig.lora_r  # rank r; 0: full fine-tuning
+    lora_alpha: float = TrainConfig.lora_alpha  # scale s = alpha / r (alpha / sqrt(r): rslora)
+    lora_dropout: float = TrainConfig.lora_dropout  # dropout on the LoRA input in training
+    lora_target_modules: tuple[str, ...] = ()  # modules adapted (empty: every linear layer)
+    lora_rslora: bool = TrainConfig.lora_rslora  # rank-stabilised scale alpha / sqrt(r)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
         object.__setattr__(self, "mixture", dict(self.mixture))
         object.__setattr__(self, "fractions", {s: float(f) for s, f in self.fractions.items()})
         stray = sorted(set(self.fractions) - set(self.sources))
@@ -137,6 +149,10 @@ class BranchSpec:
             raise ValueError("batch_size, grad_accum, save_steps and max_length must be >= 1")
         if self.distributed not in DISTRIBUTED_MODES:
             raise ValueError(f"distributed must be one of {list(DISTRIBUTED_MODES)}")
+        if self.lora_r < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("need lora_r >= 0, lora_alpha > 0 and 0 <= lora_dropout < 1")
+        if self.lora_r and self.distributed != "ddp":
+            raise ValueError(f"branch {self.name!r}: LoRA branches train with ddp, not fsdp")
         # before any work: a global batch that N processes cannot share is refused here
         split_global_batch(self.batch_size, self.grad_accum, self.procs_per_branch, self.name)
 
@@ -150,6 +166,7 @@ class BranchSpec:
         """
         d = dataclasses.asdict(self)
         d["sources"] = list(self.sources)
+        d["lora_target_modules"] = list(self.lora_target_modules)
         for k, default in _OMITTED_AT_DEFAULT.items():
             if d[k] == default:
                 d.pop(k)
@@ -251,17 +268,6 @@ def _last_complete_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def read_log(path: Path) -> list[dict]:
-    """A branch's ``log.jsonl``, one record per logged step; a line cut by a kill ends it."""
-    out = []
-    for ln in path.read_text().splitlines() if path.exists() else ():
-        try:
-            out.append(json.loads(ln))
-        except ValueError:  # a line cut by a kill mid-write
-            break
-    return out
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the lines up to ``step``: steps after the checkpoint are trained and logged again."""
     if path.exists():
@@ -278,7 +284,8 @@ def _train_examples(spec: BranchSpec, source, tokenizer) -> list:
     from merit_lab.curation import fraction_subset
     from merit_lab.formatting import tokenize_examples
 
-    train = tokenize_examples(tokenizer, source.train, spec.max_length, spec.long_examples)
+    kept = [ex for ex in source.train if ex.get("id") not in spec.excluded.get(source.name, ())]
+    train = tokenize_examples(tokenizer, kept, spec.max_length, spec.long_examples)
     f = spec.fractions.get(source.name, 1.0)
     if f < 1:
         keep = fraction_subset(source.name, len(train), f, spec.mixture.get("seed", 0))
@@ -394,6 +401,7 @@ def _training_args(spec: BranchSpec, out: Path, total_steps: int):
 def _make_trainer(
     spec: BranchSpec, base: str, tokenizer, plan: _Plan, args, callbacks: Sequence[Any]
 ):
+    import torch
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
     # every rank runs the same number of micro-batches: a short last round is filled with nulls
@@ -401,10 +409,20 @@ def _make_trainer(
 
     from merit_lab.models import load_model
 
+    model = load_model(  # fp32 master weights
+        base, device="cpu", dtype="float32", trust_remote_code=spec.trust_remote_code
+    )
+    if spec.lora_r:  # A drawn from the seed (the same in every branch), B = 0
+        from peft import get_peft_model
+
+        from merit_lab.lora import make_lora_config
+
+        torch.manual_seed(spec.seed)
+        lora = make_lora_config(spec.lora_r, spec.lora_alpha, spec.lora_dropout,
+                                spec.lora_target_modules, spec.lora_rslora)  # fmt: skip
+        model = get_peft_model(model, lora)
     trainer = Trainer(
-        model=load_model(  # fp32 master weights
-            base, device="cpu", dtype="float32", trust_remote_code=spec.trust_remote_code
-        ),
+        model=model,
         args=args,
         train_dataset=_ScheduleDataset(plan.examples, plan.order, padding),
         data_collator=partial(collate_with_nulls, pad_token_id=tokenizer.pad_token_id),
@@ -494,7 +512,13 @@ def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
     check_sharding(trainer, spec.distributed)
     _train_resuming(trainer, out)
     manifest = _manifest(spec, base_fingerprint, plan, trainer, branch_cb.tokens_per_s, out)
-    save_final_model(final, trainer, tokenizer, _base_dtype(base), MANIFEST, manifest)
+    if spec.lora_r:
+        from merit_lab.lora import save_lora_branch
+
+        if is_main_process():
+            save_lora_branch(final, trainer.model, base, MANIFEST, manifest)
+    else:
+        save_final_model(final, trainer, tokenizer, _base_dtype(base), MANIFEST, manifest)
     if not spec.keep_checkpoints and is_main_process():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     barrier()  # every rank returns once final/ is complete
@@ -504,34 +528,6 @@ def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
 def train_branch_from_file(path: str | Path) -> Path:
     """Train the branch described by a ``spec.json`` (the CLI and launchers call this)."""
     return train_branch(BranchSpec.load(path))
-
-
-def branch_status(output_dir: str | Path) -> dict[str, Any]:
-    """Where a branch stands, for a notebook to poll.
-
-    Returns:
-        ``state`` ("pending", "running" or "done"; a killed branch reads "running" until
-        relaunched, see ``updated``), ``step``, ``total_steps``, ``loss`` (last logged),
-        ``tokens`` and ``updated`` (unix time of the last log line, or None).
-    """
-    out = Path(output_dir)
-    history = read_log(out / "log.jsonl")
-    last = history[-1] if history else {}
-    status = {
-        "name": out.name,
-        "state": "pending",
-        "step": last.get("step", 0),
-        "total_steps": last.get("total_steps"),
-        "loss": last.get("loss"),
-        "tokens": last.get("tokens", 0),
-        "updated": last.get("time"),
-    }
-    if (out / "final" / MANIFEST).is_file():
-        m = read_json(out / "final" / MANIFEST)
-        status.update(state="done", step=m["steps"], total_steps=m["steps"], tokens=m["tokens"])
-    elif history or (out / "checkpoints").is_dir():
-        status["state"] = "running"
-    return status
 
 
 def _main(argv: Sequence[str]) -> int:

@@ -67,6 +67,10 @@ def config_problems(cfg: RunConfig, *, diagnose: bool = True) -> list[str]:
     ]
     if cfg.train.launcher == "slurm" and importlib.util.find_spec("submitit") is None:
         problems.append("train.launcher: 'slurm' needs submitit (pip install submitit)")
+    if cfg.calibration.lora_warmup_steps and not cfg.train.lora_r:
+        problems.append(
+            "calibration.lora_warmup_steps: a LoRA bank warms up the run's LoRA; set train.lora_r"
+        )
     return problems
 
 

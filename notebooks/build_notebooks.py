@@ -18,6 +18,8 @@ from nb00_cells import NB00  # noqa: E402
 from nb03_cells import NB03  # noqa: E402
 from nb04_cells import NB04  # noqa: E402
 from nb05_cells import NB05  # noqa: E402
+from nb06_cells import NB06  # noqa: E402
+from nb07_cells import NB07  # noqa: E402
 
 SETUP = """import os
 from pathlib import Path
@@ -160,11 +162,10 @@ from merit_lab.pipeline.experiments import (
     evaluate_rows,
     merge_rows,
     plan_specs,
-    token_budget,
     train_experiments,
-    training_status,
 )
 from merit_lab.pipeline.report import training_logs
+from merit_lab.pipeline.status import token_budget, training_status
 from merit_lab.viz.plots import plot_comparison, plot_training_curves""",
     ),
     (
@@ -313,6 +314,8 @@ NOTEBOOKS = {
     "03_diagnostics": NB03,
     "04_curation_workbench": NB04,
     "05_paper_figures": NB05,
+    "06_image_text": NB06,
+    "07_short_answer_collapse": NB07,
 }
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from merit_lab.pipeline import (
     run_pipeline,
     run_summary,
 )
-from merit_lab.pipeline.experiments import evaluate_rows, merge_rows, plan_specs, token_budget
+from merit_lab.pipeline.experiments import evaluate_rows, merge_rows, plan_specs
 from merit_lab.pipeline.figures import write_figures
+from merit_lab.pipeline.status import token_budget
 from merit_lab.train import MANIFEST
 from tests.conftest import write_demo_slice
 

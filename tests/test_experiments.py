@@ -18,7 +18,8 @@ from merit_lab.evaluate import summarize_eval
 from merit_lab.io import read_json
 from merit_lab.partition import Partition
 from merit_lab.pipeline import RunDir, make_partition, run_pipeline
-from merit_lab.pipeline.experiments import experiment_partition, model_rows, token_budget
+from merit_lab.pipeline.experiments import experiment_partition, model_rows
+from merit_lab.pipeline.status import token_budget
 from tests.conftest import write_demo_slice
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -356,3 +356,50 @@ def test_add_control_places_an_unplaced_source_by_projection(world, tmp_path):
     assert ed.partition.group_of(new) == 0 and "(by hand)" in ed.status.value
     ed.save_button.click()
     assert "saved" in ed.status.value and new in read_json(path)["groups"][0]
+
+
+def test_explorer_example_cloud_and_editor_example_drops_and_stability(world):
+    from merit_lab.examples import ExampleSketches, dots_to_rows, resketch, weighted_mean
+    from merit_lab.stability import bootstrap_split_stability
+
+    rng = np.random.default_rng(3)
+    names = world.names[:4]
+    rows = np.vstack([world.rows[i] + 0.8 * rng.normal(size=(10, D)) for i in range(4)])
+    rows[3] = -world.rows[0]  # an example of s00 pointing against it
+    tokens = rng.integers(3, 20, size=40)
+    sources = [n for n in names for _ in range(10)]
+    bank = np.stack([weighted_mean(rows[i * 10 : (i + 1) * 10], tokens[i * 10 : (i + 1) * 10])
+                     for i in range(4)])  # fmt: skip
+    dots, norms = dots_to_rows(rows, bank)
+    sk = ExampleSketches(sources=sources, ids=[f"e{i}" for i in range(40)], tokens=tokens,
+                         dots=dots, norms=norms, bank_names=names,
+                         bank_norms=np.linalg.norm(bank, axis=1), rows=resketch(rows, 16),
+                         texts=[f"example text {i}" for i in range(40)])  # fmt: skip
+    space = compute_conflict_space(bank, names)
+    explorer = ConflictExplorer(space, world.table)
+    assert explorer.cloud.layout.display == "none"
+    explorer.set_examples(sk.table(space))
+    assert list(explorer.cloud.options) == ["(none)", *names]
+    explorer.cloud.value = "s00"
+    traces = {t.name: t for t in explorer.scatter.data}
+    assert (
+        len(traces["examples of s00"].x) == 9
+        and len(traces["outlier examples (point away from their source)"].x) == 1
+    )
+    assert "example text 3" in traces["outlier examples (point away from their source)"].text[0]
+
+    counts = {n: 10 for n in names}
+    stab = bootstrap_split_stability(sk.rows, tokens, sources, names, examples=counts,
+                                     train_tokens=counts, rs=(1,), n_boot=10)  # fmt: skip
+    part = split_balanced(space, counts, counts, r=1)
+    session = EditSession(part, space, example_tokens={n: [5] * 10 for n in names},
+                          train_ids={n: [f"e{i}" for i in range(j * 10, j * 10 + 10)]
+                                     for j, n in enumerate(names)})  # fmt: skip
+    ed = PartitionEditor(session, stability=stab)
+    assert "ARI" in ed.stability_html.value
+    ed.source.value = "s00"
+    ed.example_ids.value = "e3, e5"
+    ed.drop_examples_button.click()
+    assert ed.partition.excluded == {"s00": ("e3", "e5")} and ed.partition.examples["s00"] == 8
+    assert "dropped 2 example(s)" in ed.status.value
+    assert ed.undo() and ed.partition.examples["s00"] == 10

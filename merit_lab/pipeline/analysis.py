@@ -36,6 +36,7 @@ from merit_lab.gradient_jobs import (
 )
 from merit_lab.gradients import GradientBank, estimate_gradients, request_info
 from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
+from merit_lab.lora_bank import WARMUP_DIR, load_lora_model, warm_up_for_run, warmup_info
 from merit_lab.mixture import (
     SPLITS,
     MixtureError,
@@ -52,6 +53,15 @@ from merit_lab.models import (
     resolve_model_path,
 )
 from merit_lab.partition import Partition, make_partition
+from merit_lab.pipeline.layers import (
+    bank_calibration,
+    conflict_key,
+    conflict_rows,
+    layer_collector,
+    layers_current,
+    partition_view,
+    save_layers,
+)
 from merit_lab.pipeline.rundir import (
     RunDir,
     load_run_mixture,
@@ -103,9 +113,8 @@ def _check_small_sources(cfg: RunConfig, counts: dict[str, dict[str, int]]) -> d
 def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
     mixture = load_run_mixture(cfg)
     content = {s.name: _content_key(s) for s in mixture}
-    key = config_hash(
-        cfg.mixture, cfg.seed, cfg.calibration, cfg.model, cfg.train.max_length, content
-    )
+    calibration = bank_calibration(cfg.calibration)  # the key as before the layer fields
+    key = config_hash(cfg.mixture, cfg.seed, calibration, cfg.model, cfg.train.max_length, content)
     if run.is_current("mixture", key):
         log.info("mixture: up to date")
         return False
@@ -185,14 +194,15 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
     key = config_hash(
         cfg.mixture,
         cfg.seed,
-        dataclasses.replace(cfg.calibration, workers=1),  # the worker count changes no row
+        bank_calibration(dataclasses.replace(cfg.calibration, workers=1)),  # no row changes
         cfg.sketch,
         cfg.parameters,
         cfg.dtype,
         content,
         fingerprint,
+        *_lora_bank_settings(cfg),  # nothing unless calibration.lora_warmup_steps
     )
-    if run.is_current("gradients", key):
+    if run.is_current("gradients", key) and layers_current(cfg, run, content, fingerprint):
         log.info("gradients: up to date")
         return False
     if cfg.calibration.workers > 1:
@@ -201,7 +211,27 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
         bank = _one_process_bank(cfg, run, names, content, model_path, fingerprint)
     info = {**bank.info, "stage_key": key, "model_source": model_source(cfg.model)}
     GradientBank(bank.names, bank.rows, info, bank.stats).save(run.gradients)
+    save_layers(cfg, run, bank, content, fingerprint)  # calibration.layer_groups (layers.py)
     return True
+
+
+def _lora_bank_settings(cfg: RunConfig) -> list:
+    """What a LoRA bank's rows depend on beyond a full bank's: the warm-up's LoRA and training
+    settings (empty for a full-parameter bank, so its stage key is as before)."""
+    t = cfg.train
+    if not cfg.calibration.lora_warmup_steps:
+        return []
+    return [t.lora_r, t.lora_alpha, t.lora_dropout, t.lora_target_modules, t.lora_rslora, t.lr,
+            t.batch_size, t.seed, t.max_length]  # fmt: skip
+
+
+def _lora_warmup(cfg: RunConfig, run: RunDir, mixture, content: dict, model_path: str,
+                 fingerprint: str):  # fmt: skip
+    """(adapter folder, bank info of it) of a LoRA bank (warmed up once, then reused), or
+    (None, None) for a full-parameter bank."""
+    folder = warm_up_for_run(cfg, mixture, run.gradients / WARMUP_DIR, model_path,
+                             fingerprint, content)  # fmt: skip
+    return (folder, warmup_info(folder)) if folder is not None else (None, None)
 
 
 def _bank_settings(cfg: RunConfig) -> dict:
@@ -222,12 +252,16 @@ def _one_process_bank(
     model = load_model(
         model_path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
     )
+    adapter, lora = _lora_warmup(cfg, run, mixture, content, model_path, fingerprint)
+    if adapter is not None:  # the LESS way: the rows are gradients of the adapter's A and B
+        model = load_lora_model(model, adapter)
     return estimate_gradients(
         model, tok, mixture, sketch=cfg.sketch, include=cfg.parameters.include,
         exclude=cfg.parameters.exclude, out_dir=run.gradients, sources=names,
         model_fingerprint=fingerprint, source_keys=content,  # parts: reused for the same examples
         save_bank=False,  # stage_gradients saves it once, with its stage key
-        **_bank_settings(cfg),
+        on_gradient=layer_collector(cfg, run, model, content, fingerprint),  # same backward
+        lora=lora, **_bank_settings(cfg),
     )  # fmt: skip
 
 
@@ -237,9 +271,13 @@ def _sharded_bank(
     """The bank from ``calibration.workers`` workers launched like the branches (train.launcher;
     "sequential" runs them as local processes). Sources with a current part are not redone:
     a killed worker's finished sources, or the sources of an earlier, smaller mixture."""
+    adapter, lora = None, None
+    if cfg.calibration.lora_warmup_steps:  # warmed up once here, shared by every worker
+        adapter, lora = _lora_warmup(cfg, run, load_run_mixture(cfg), content, model_path,
+                                     fingerprint)  # fmt: skip
     request = request_info(
         sketch=cfg.sketch, include=cfg.parameters.include, exclude=cfg.parameters.exclude,
-        model_fingerprint=fingerprint, **_bank_settings(cfg),
+        model_fingerprint=fingerprint, lora=lora, **_bank_settings(cfg),
     )  # fmt: skip
     # the dtype too, as a worker here would resolve it: parts of another dtype are not reused
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
@@ -249,7 +287,8 @@ def _sharded_bank(
     todo = [s for s in names if s not in done]
     throughput: dict = {"tokens": 0, "seconds": 0.0, "sources": 0, "workers": {}}
     if todo:
-        info, throughput = _launch_workers(cfg, run, todo, content, model_path, fingerprint, info)
+        info, throughput = _launch_workers(cfg, run, todo, content, model_path, fingerprint, info,
+                                           adapter)  # fmt: skip
     bank = assemble_bank(run.gradients, names, info, content)
     log.info("gradients: %d sources by %d workers, %d reused", len(todo),
              len(throughput["workers"]), len(done))  # fmt: skip
@@ -269,7 +308,7 @@ def _earlier_info(folder: Path, request: dict) -> dict | None:
 
 def _launch_workers(
     cfg: RunConfig, run: RunDir, todo: list[str], content: dict, model_path: str,
-    fingerprint: str, earlier: dict | None,
+    fingerprint: str, earlier: dict | None, adapter: Path | None = None,
 ) -> tuple[dict, dict]:  # fmt: skip
     counts = {s["name"]: s for s in run.read_mixture()["sources"]}
     cost = {  # calibration tokens, estimated from the source's mean train example
@@ -292,6 +331,7 @@ def _launch_workers(
             include=cfg.parameters.include, exclude=cfg.parameters.exclude, device=cfg.device,
             dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
             model_fingerprint=fingerprint, source_keys={s: content[s] for s in shard},
+            lora_adapter=str(adapter.resolve()) if adapter is not None else "",
             **_bank_settings(cfg),
         )  # fmt: skip
         paths.append(job.save(job_file))
@@ -311,21 +351,22 @@ def _launch_workers(
 
 
 def stage_conflict(cfg: RunConfig, run: RunDir) -> bool:
-    bank_key = run.stored_key("gradients")
+    bank_key = conflict_key(cfg, run)  # the bank's (and partition.layer_group's: layers.py)
     if run.is_current("conflict", bank_key):
         log.info("conflict: up to date")
         return False
-    bank = run.load_bank()
-    data = compute_conflict_space(bank.rows, bank.names).to_dict()
+    names, rows = conflict_rows(cfg, run)
+    data = compute_conflict_space(rows, names).to_dict()
     data["bank_key"] = bank_key
+    if cfg.partition.layer_group:
+        data["layer_group"] = cfg.partition.layer_group
     atomic_write_json(run.conflict, data)
     return True
 
 
 def stage_partition(cfg: RunConfig, run: RunDir) -> bool:
-    key = config_hash(
-        cfg.partition, config_hash(read_json(run.conflict)), run.stored_key("mixture")
-    )
+    conflict = config_hash(read_json(run.conflict))
+    key = config_hash(partition_view(cfg.partition), conflict, run.stored_key("mixture"))
     # Hand edits are never overwritten by a re-run; delete partition.json to redo it.
     if run.is_current("partition", key) or (
         run.partition.exists() and read_json(run.partition).get("edit_log")

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 
 import pandas as pd
 import torch
 
 from merit_lab.checkpoints import fingerprint_checkpoint
 from merit_lab.config import ExperimentConfig, RunConfig, config_hash
-from merit_lab.evaluate import evaluate_model
+from merit_lab.evaluate import EVAL_METRICS, evaluate_model
 from merit_lab.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -37,6 +37,8 @@ from merit_lab.io import (
     sha256_file,
 )
 from merit_lab.launch import launch_branches
+from merit_lab.lm_eval_adapter import run_lm_eval
+from merit_lab.lora import merge_lora
 from merit_lab.merge import merge_checkpoints
 from merit_lab.models import load_model, load_tokenizer, resolve_model_path
 from merit_lab.partition import Partition, make_partition
@@ -47,9 +49,10 @@ from merit_lab.pipeline.rundir import (
     source_counts,
     writes_run,
 )
-from merit_lab.train import MANIFEST, BranchSpec, branch_status
+from merit_lab.train import MANIFEST, BranchSpec
 
 __all__ = [
+    "SEED_MARK",
     "ModelRow",
     "branch_dirs",
     "evaluate_rows",
@@ -57,9 +60,8 @@ __all__ = [
     "merge_rows",
     "model_rows",
     "plan_specs",
-    "token_budget",
+    "seed_variants",
     "train_experiments",
-    "training_status",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,35 @@ class ModelRow:
     model_dir: Path  # the HF folder that is evaluated
     inputs: tuple[Path, ...] = ()  # split/soup: the final/ folders merged
     merge_method: str | None = None  # split/soup: the merge method
+    seed: int | None = None  # the training seed (None: θ0; a soup: its first joint run's)
+    base: str = ""  # the label without the seed mark: the row its seeds are averaged into
+
+    @property
+    def repeat(self) -> bool:
+        """A repeat of a row under another of ``train.seeds`` (label ``<base>@s<seed>``)."""
+        return self.label != self.base
+
+
+SEED_MARK = "@s"  # `<row>@s<seed>`: a row trained again under another of train.seeds
+
+
+def seed_variants(cfg: RunConfig) -> list[tuple[ExperimentConfig, int, str]]:
+    """Every experiment under each training seed: (experiment, seed, seed suffix).
+
+    The config's own ``train.seed`` comes first with an empty suffix (the rows and folders as
+    they have always been); each of ``train.seeds`` repeats the joint and split experiments under
+    ``<name>@s<seed>`` (their own branch folders and merges; joint runs are keyed by seed
+    anyway). A soup is not repeated: it is already an average over joint seeds.
+    """
+    out = [(exp, cfg.train.seed, "") for exp in cfg.experiments]
+    for seed in cfg.train.seeds:
+        mark = f"{SEED_MARK}{seed}"
+        out += [
+            (replace(exp, name=exp.name + mark), seed, mark)
+            for exp in cfg.experiments
+            if exp.kind != "soup"
+        ]
+    return out
 
 
 def _run(cfg: RunConfig) -> RunDir:
@@ -92,12 +123,14 @@ class Curation:
         fractions: source → the share f < 1 of its train examples every row trains.
         dropped: sources a hand edit removed (they train in no row).
         partition: the run's partition (None before the partition stage).
+        excluded: source → ids of train examples a hand edit dropped (no row trains them).
     """
 
     sources: tuple[str, ...]
     fractions: Mapping[str, float]
     dropped: tuple[str, ...]
     partition: Partition | None
+    excluded: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def load_curation(cfg: RunConfig) -> Curation:
@@ -123,7 +156,8 @@ def load_curation(cfg: RunConfig) -> Curation:
             f"{run.partition}: sources {unplaced} are in the mixture but in no group and not "
             "dropped; place them (EditSession.add) or drop them before training"
         )
-    return Curation(tuple(n for n in names if n in kept), dict(part.fractions), part.dropped, part)
+    return Curation(tuple(n for n in names if n in kept), dict(part.fractions), part.dropped, part,
+                    dict(part.excluded))  # fmt: skip
 
 
 def branch_dirs(cfg: RunConfig, experiment: str) -> list[Path]:
@@ -145,8 +179,8 @@ def _curated_split(cfg: RunConfig, exp: ExperimentConfig, cur: Curation) -> Part
         examples, tokens = source_counts(run)
     part = make_partition(space, examples, tokens, method=exp.method, r=exp.r, k=exp.k,
                           seed=exp.seed)  # fmt: skip
-    if cur.fractions or cur.dropped:
-        part = replace(part, fractions=cur.fractions, dropped=cur.dropped)
+    if cur.fractions or cur.dropped or cur.excluded:
+        part = replace(part, fractions=cur.fractions, dropped=cur.dropped, excluded=cur.excluded)
     return part
 
 
@@ -187,6 +221,7 @@ def _spec(
     epochs: float,
     seed: int,
     fractions: Mapping[str, float],
+    excluded: Mapping[str, Sequence[str]] = MappingProxyType({}),
 ) -> BranchSpec:
     t = cfg.train
     mixture = mixture_args(cfg)
@@ -214,10 +249,16 @@ def _spec(
         dtype=cfg.dtype,
         save_steps=t.save_steps,
         fractions={s: f for s, f in fractions.items() if s in sources},
+        excluded={s: list(ids) for s, ids in excluded.items() if s in sources},
         trust_remote_code=cfg.trust_remote_code,
         procs_per_branch=t.procs_per_branch,  # each launcher mode runs N processes per branch
         distributed=t.distributed,
         gradient_checkpointing=t.gradient_checkpointing,
+        lora_r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        lora_target_modules=t.lora_target_modules,
+        lora_rslora=t.lora_rslora,
     )
 
 
@@ -232,13 +273,13 @@ def plan_specs(cfg: RunConfig, experiments: Sequence[str] | None = None) -> dict
     run = _run(cfg)
     cur = load_curation(cfg)
     out: dict[str, list] = {}
-    for exp in cfg.experiments:
-        if experiments is not None and exp.name not in experiments:
+    for exp, seed, mark in seed_variants(cfg):
+        if experiments is not None and exp.name.removesuffix(mark) not in experiments:
             continue
         if exp.kind in ("joint", "soup"):
-            seeds = [cfg.train.seed] if exp.kind == "joint" else list(exp.seeds)
+            seeds = [seed] if exp.kind == "joint" else list(exp.seeds)
             out[exp.name] = [
-                _spec(cfg, d.name, cur.sources, d, exp.epochs, s, cur.fractions)
+                _spec(cfg, d.name, cur.sources, d, exp.epochs, s, cur.fractions, cur.excluded)
                 for s in seeds
                 for d in [run.joint_dir(exp.epochs, s)]
             ]
@@ -246,7 +287,7 @@ def plan_specs(cfg: RunConfig, experiments: Sequence[str] | None = None) -> dict
             part = experiment_partition(cfg, exp)
             out[exp.name] = [
                 _spec(cfg, f"{exp.name}/{k}", g, run.branch_dir(exp.name, k), exp.epochs,
-                      cfg.train.seed, part.fractions)
+                      seed, part.fractions, part.excluded)
                 for k, g in enumerate(part.groups)
             ]  # fmt: skip
     return out
@@ -279,34 +320,26 @@ def train_experiments(cfg: RunConfig, experiments: Sequence[str] | None = None) 
     )
 
 
-def training_status(cfg: RunConfig) -> pd.DataFrame:
-    """One row per branch/joint run: experiment, state, step, total steps, loss, tokens."""
-
-    rows = []
-    for exp, specs in plan_specs(cfg).items():
-        for s in specs:
-            rows.append({"experiment": exp, "branch": s.name, **branch_status(s.output_dir)})
-    return pd.DataFrame(rows)
-
-
 def model_rows(cfg: RunConfig) -> list[ModelRow]:
     """θ0, then every experiment's model(s), in config order (needs the split partitions)."""
     run = _run(cfg)
-    rows = [ModelRow(THETA0, THETA0, THETA0, Path(resolve_model_path(cfg.model)))]
-    for exp in cfg.experiments:
+    rows = [ModelRow(THETA0, THETA0, THETA0, Path(resolve_model_path(cfg.model)), base=THETA0)]
+    for exp, seed, mark in seed_variants(cfg):
+        name = exp.name.removesuffix(mark)
         if exp.kind == "joint":
-            d = run.joint_dir(exp.epochs, cfg.train.seed) / "final"
-            rows.append(ModelRow(exp.name, exp.name, "joint", d))
+            d = run.joint_dir(exp.epochs, seed) / "final"
+            rows.append(ModelRow(exp.name, exp.name, "joint", d, seed=seed, base=name))
         elif exp.kind == "soup":
             ins = tuple(run.joint_dir(exp.epochs, s) / "final" for s in exp.seeds)
             rows.append(ModelRow(exp.name, exp.name, "soup", run.merged_dir(exp.name), ins,
-                                 "uniform"))  # fmt: skip
+                                 "uniform", seed=exp.seeds[0], base=name))  # fmt: skip
         else:
             ins = tuple(d / "final" for d in branch_dirs(cfg, exp.name))
             for i, method in enumerate(exp.merges):
-                label = exp.name if i == 0 else f"{exp.name}+{method}"
-                merged = run.merged_dir(label)
-                rows.append(ModelRow(label, exp.name, "split", merged, ins, method))
+                base = name if i == 0 else f"{name}+{method}"
+                merged = run.merged_dir(base + mark)
+                rows.append(ModelRow(base + mark, exp.name, "split", merged, ins, method,
+                                     seed=seed, base=base))  # fmt: skip
     return rows
 
 
@@ -348,16 +381,23 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
             done.append({"label": row.label, "method": row.merge_method, "weights": weights,
                          "seconds": 0.0})  # fmt: skip
             continue
-        report = merge_checkpoints(
-            row.inputs,
-            row.model_dir,
-            method=row.merge_method,
-            weights=weights,
-            base=base if base.is_dir() else None,
-            params=params,
-            shard_size=cfg.merge.shard_size,
-            overwrite=True,
-        )
+        if cfg.train.lora_r and row.merge_method in ("linear", "uniform"):
+            # exact: θ0 + Σ w_k s_k B_k A_k from the adapters, plus the stacked adapter; ties and
+            # task arithmetic take the branches' dense ΔW_k = θ_k − θ0 below, tensor by tensor
+            report = merge_lora(row.inputs, row.model_dir, base=base, weights=weights,
+                                method=row.merge_method, shard_size=cfg.merge.shard_size,
+                                overwrite=True)  # fmt: skip
+        else:
+            report = merge_checkpoints(
+                row.inputs,
+                row.model_dir,
+                method=row.merge_method,
+                weights=weights,
+                base=base if base.is_dir() else None,
+                params=params,
+                shard_size=cfg.merge.shard_size,
+                overwrite=True,
+            )
         _stamp_manifest(manifest, key, tokens)
         done.append(
             {
@@ -429,11 +469,13 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
         if not any(row.model_dir.glob("*.safetensors")):
             raise FileNotFoundError(f"{row.label}: no model at {row.model_dir}; run train/merge")
         key = config_hash(
-            e,
+            # without lm_eval when unset: the keys of runs from before the field stay current
+            {k: v for k, v in asdict(e).items() if k != "lm_eval" or v is not None},
             fingerprint_checkpoint(row.model_dir),
             names,
             cfg.train.max_length,
             cfg.mixture.long_examples,
+            EVAL_METRICS,
         )
         cache = run.eval_cache(row.label)
         if run.is_current("eval", key, row.label):
@@ -463,6 +505,10 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
                     progress=progress,
                 )
             )
+        if e.lm_eval:  # lm-evaluation-harness tasks on the loaded model: split "lm-eval" rows
+            opts = {k: v for k, v in e.lm_eval.items() if k != "tasks"}
+            parts.append(run_lm_eval(row.model_dir, e.lm_eval["tasks"], label=row.label,
+                                     model=model, tokenizer=tokenizer, **opts))  # fmt: skip
         table = pd.concat(parts, ignore_index=True)
         table.insert(1, "kind", row.kind)
         table["key"] = key
@@ -489,28 +535,3 @@ def _write_parquet(path: Path, table: pd.DataFrame) -> None:
     buf = io.BytesIO()
     table.to_parquet(buf, index=False)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def token_budget(cfg: RunConfig) -> pd.DataFrame:
-    """Per row: branches, trained tokens in total and per branch (the same-budget check)."""
-
-    rows = []
-    for row in model_rows(cfg):
-        if row.kind == THETA0:
-            continue
-        finals = row.inputs or (row.model_dir,)
-        tokens = [
-            read_json(f / MANIFEST)["tokens"] if (f / MANIFEST).is_file() else math.nan
-            for f in finals
-        ]
-        rows.append(
-            {
-                "model": row.label,
-                "kind": row.kind,
-                "branches": len(finals),
-                "tokens": sum(tokens) if row.kind != "soup" else tokens[0],
-                "branch_tokens": tokens,
-                "merge": row.merge_method or "",
-            }
-        )
-    return pd.DataFrame(rows)

@@ -1,9 +1,9 @@
-"""Paper figures: every figure a run has, in one publication style, as HTML, PNG and SVG.
+"""Paper figures: every figure a run has, in one publication style, as HTML, PNG, SVG and PDF.
 
 Input: a run directory (``conflict.json``, ``mixture.json``, ``partition.json``; ``eval.parquet``,
 training logs, ``diagnostics/`` and ``convergence.parquet`` when present). Output:
-``<out_dir>/<stem>.{html,png,svg}`` and ``captions.md``. The files are read here; the figures are
-built, styled and written by `merit_lab.viz`.
+``<out_dir>/<stem>.{html,png,svg,pdf}``, ``captions.md`` and ``contact_sheet.png`` (every PNG on
+one page). The files are read here; the figures are built, styled and written by `merit_lab.viz`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import pandas as pd
 
 from merit_lab.evaluate import summarize_eval
 from merit_lab.io import atomic_write_text
+from merit_lab.lm_eval_adapter import summarize_lm_eval
 from merit_lab.pipeline.report import training_logs
 from merit_lab.pipeline.report_diagnostics import diagnostics_figures
 from merit_lab.pipeline.rundir import RunDir, load_source_table
-from merit_lab.viz.export import FIGURE_FORMATS, write_figure_files
+from merit_lab.viz.export import FIGURE_FORMATS, make_contact_sheet, write_figure_files
 from merit_lab.viz.plots import (
     METRICS,
     plot_comparison,
@@ -33,6 +34,7 @@ from merit_lab.viz.plots import (
 from merit_lab.viz.style import PAPER, Figure, PaperStyle, paper_layout
 
 __all__ = [
+    "CONTACT_SHEET",
     "CONVERGENCE_FILE",
     "PAPER",
     "PaperStyle",
@@ -43,6 +45,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+CONTACT_SHEET = "contact_sheet.png"  # every figure's PNG tiled on one page, stems as captions
 CONVERGENCE_FILE = "convergence.parquet"  # a run's gradient_convergence table (notebook 04)
 # Figures that need the full page width: many tick labels, 3-D scenes, many grouped bars.
 WIDE_STEMS = ("conflict_clustermap", "conflict_heatmap", "conflict_scatter_3d", "compare_",
@@ -77,6 +80,10 @@ def _eval_figures(path: Path) -> dict[str, Figure]:
         if ((table["metric"] == metric) & (table["split"] == "eval")).any():
             wide = summarize_eval(table, metric=metric, split="eval", order=order)
             figs[f"compare_{metric}"] = plot_comparison(wide, metric=metric)
+    values, stderr = summarize_lm_eval(table, order)  # eval.lm_eval's rows, ± their stderr
+    if not values.empty:
+        figs["compare_lm_eval"] = plot_comparison(values, metric="lm-eval score", spread=stderr,
+                                                  xaxis="task and metric")  # fmt: skip
     return figs
 
 
@@ -116,7 +123,7 @@ def collect_figures(run_dir: str | Path) -> dict[str, Figure]:
 def write_figures(
     run_dir: str | Path,
     out_dir: str | Path = "figures",
-    formats: Sequence[str] = ("html", "png", "svg"),
+    formats: Sequence[str] = ("html", "png", "svg", "pdf"),
     *,
     style: PaperStyle = PAPER,
 ) -> list[Path]:
@@ -130,9 +137,10 @@ def write_figures(
         style: fonts, sizes and PNG resolution.
 
     Returns:
-        The files written, figure by figure, then ``captions.md``. Without a static renderer
-        (kaleido + Chromium) the images are skipped with a logged message saying what to
-        install; HTML and JSON are written either way.
+        The files written, figure by figure, then ``captions.md``, then (with "png") the
+        `CONTACT_SHEET` of every PNG. Every format gets the same styled figure. Without a static
+        renderer (kaleido + Chromium) the images are skipped with a logged message saying what
+        to install; HTML and JSON are written either way.
     """
     unknown = sorted(set(formats) - set(FIGURE_FORMATS))
     if unknown:
@@ -147,5 +155,8 @@ def write_figures(
     written = write_figure_files(figs, out, formats, scale=style.scale)
     captions = [f"- `{stem}`: {fig.layout.title.text or ''}" for stem, fig in raw.items()]
     written.append(atomic_write_text(out / "captions.md", "\n".join(captions) + "\n"))
+    pngs = {stem: out / f"{stem}.png" for stem in figs if out / f"{stem}.png" in written}
+    if pngs:
+        written.append(make_contact_sheet(pngs, out / CONTACT_SHEET))
     log.info("wrote %d figure files to %s", len(written), out)
     return written

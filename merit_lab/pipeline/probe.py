@@ -85,7 +85,9 @@ class RunProbe:
         self.run = RunDir(Path(run_dir))
         self.cfg = self.run.load_config()
         self.max_examples = int(max_examples)
-        self.rows = model_rows(self.cfg)
+        # the diagnostics probe the config's own training seed; repeats under train.seeds are
+        # for the comparison's spread only
+        self.rows = [r for r in model_rows(self.cfg) if not r.repeat]
         linear = [r for r in self.rows if r.kind == "split" and r.merge_method == "linear"]
         if experiments is not None:
             unknown = sorted(set(experiments) - {r.experiment for r in linear})

@@ -20,10 +20,16 @@ from merit_lab.curation import UNPLACED
 from merit_lab.evaluate import summarize_eval
 from merit_lab.io import atomic_write_json, atomic_write_text, read_json
 from merit_lab.partition import Partition
-from merit_lab.pipeline.experiments import model_rows, token_budget
+from merit_lab.pipeline.drift import drift_section
+from merit_lab.pipeline.examples import stability_section
+from merit_lab.pipeline.experiments import model_rows
+from merit_lab.pipeline.layers import layer_section
 from merit_lab.pipeline.markdown import figure_link, markdown_table
 from merit_lab.pipeline.report_diagnostics import diagnostics_section
+from merit_lab.pipeline.report_lm_eval import lm_eval_lines
+from merit_lab.pipeline.report_seeds import seeds_lines, seeds_record, style_lines
 from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir, load_source_table
+from merit_lab.pipeline.status import token_budget
 from merit_lab.train import read_log
 from merit_lab.viz.export import save_figure
 from merit_lab.viz.plots import (
@@ -123,7 +129,7 @@ def results_record(ctx: ReportContext) -> dict:
     held = table[(table["split"] == "eval") & (table["metric"] == "loss")]
     metrics = {}
     for metric, (_title, unit, higher) in METRICS.items():
-        if (table["metric"] == metric).any():
+        if ((table["metric"] == metric) & (table["split"] == "eval")).any():
             avg = summarize_eval(table, metric=metric, order=ctx.order)["avg"]
             metrics[metric] = {"unit": unit, "higher_is_better": higher,
                                "avg": {m: float(v) for m, v in avg.items()}}  # fmt: skip
@@ -134,6 +140,7 @@ def results_record(ctx: ReportContext) -> dict:
         "models": list(ctx.order),
         "held_out_examples_per_metric": int(held.groupby("model")["n"].sum().iloc[0]),
         "metrics": metrics,
+        **seeds_record(table, model_rows(ctx.cfg)),
     }
 
 
@@ -143,11 +150,14 @@ def load_report_context(
     """Read what the sections need once: config, ``eval.parquet``, sources and partition."""
     run = RunDir(Path(run_dir))
     table = pd.read_parquet(run.eval)
+    cfg = run.load_config()
+    # a row's repeats under train.seeds appear in the seeds section, not the comparison tables
+    repeats = {r.label for r in model_rows(cfg) if r.repeat}
     return ReportContext(
         run=run,
-        cfg=run.load_config(),
+        cfg=cfg,
         eval_table=table,
-        order=list(order or dict.fromkeys(table["model"])),
+        order=[m for m in (order or dict.fromkeys(table["model"])) if m not in repeats],
         sources=load_source_table(run.root),
         partition=run.load_partition() if run.partition.exists() else None,
     )
@@ -173,7 +183,13 @@ def header_section(ctx: ReportContext) -> list[str]:
         f"- training (shared by every branch and baseline): lr {tr.lr:g}, batch "
         f"{tr.batch_size}×{tr.grad_accum}, {tr.lr_scheduler} schedule, "
         f"warm-up {tr.warmup_ratio:g}, max length {tr.max_length}, "
-        f"seed {tr.seed}, device `{cfg.device}`, dtype `{cfg.dtype}`",
+        f"seed {tr.seed}, device `{cfg.device}`, dtype `{cfg.dtype}`"
+        + (
+            f"; LoRA r {tr.lora_r}, alpha {tr.lora_alpha:g} (linear and uniform merges exact: "
+            "θ0 + Σ w_k s_k B_k A_k)"
+            if tr.lora_r
+            else ""
+        ),
         "- every number below is read from this run's files "
         "(`eval.parquet`, `merged/*/merge_manifest.json`, `branches/*/*/final/merit_branch.json`, "
         "`timings.json`)",
@@ -271,7 +287,7 @@ def comparison_section(ctx: ReportContext) -> list[str]:
         "",
     ]
     for metric, (title, unit, higher) in METRICS.items():
-        if not (table["metric"] == metric).any():
+        if not ((table["metric"] == metric) & (table["split"] == "eval")).any():
             continue
         wide = summarize_eval(table, metric=metric, order=ctx.order)
         out += [
@@ -286,6 +302,19 @@ def comparison_section(ctx: ReportContext) -> list[str]:
     return out
 
 
+@report_section("seeds")
+def seeds_section(ctx: ReportContext) -> list[str]:
+    def figure(mean: pd.DataFrame, std: pd.DataFrame, metric: str) -> str:
+        return ctx.figure(plot_comparison(mean, metric=metric, spread=std), f"seeds_{metric}")
+
+    return seeds_lines(ctx.eval_table, model_rows(ctx.cfg), figure)
+
+
+@report_section("answer style")
+def style_section(ctx: ReportContext) -> list[str]:
+    return style_lines(ctx.eval_table, model_rows(ctx.cfg))
+
+
 @report_section("train vs held-out")
 def train_vs_heldout_section(ctx: ReportContext) -> list[str]:
     table = ctx.eval_table
@@ -296,6 +325,11 @@ def train_vs_heldout_section(ctx: ReportContext) -> list[str]:
     gap = pd.DataFrame({"train loss": tr, "held-out loss": ev, "gap": ev - tr})
     return ["## Train vs held-out loss (family average)", "", markdown_table(gap, fmt="{:.4f}"),
             ""]  # fmt: skip
+
+
+@report_section("lm-eval")
+def lm_eval_section(ctx: ReportContext) -> list[str]:
+    return lm_eval_lines(ctx.eval_table, ctx.order, ctx.figure)
 
 
 @report_section("token budget")
@@ -345,6 +379,21 @@ def conflict_space_section(ctx: ReportContext) -> list[str]:
         ctx.figure(plot_explained_variance(space), "explained_variance"),
         "",
     ]
+
+
+@report_section("split stability")
+def split_stability_section(ctx: ReportContext) -> list[str]:
+    return stability_section(ctx.run.root, ctx.figure)  # after `merit-lab examples` (examples.py)
+
+
+@report_section("layer-wise conflict")
+def layer_conflict_section(ctx: ReportContext) -> list[str]:
+    return layer_section(ctx.run.root, ctx.figure)  # calibration.layer_groups (layers.py)
+
+
+@report_section("conflict drift")
+def conflict_drift_section(ctx: ReportContext) -> list[str]:
+    return drift_section(ctx.run.root, ctx.figure)  # after `merit-lab drift` (drift.py)
 
 
 @report_section("training")

@@ -79,6 +79,20 @@ class RunDir:
         return self.gradients / "bank.json"
 
     @property
+    def layer_json(self) -> Path:
+        """Layer-group rows' names, groups and key (``layers.safetensors`` beside it)."""
+        return self.gradients / "layers.json"
+
+    @property
+    def layer_parts(self) -> Path:
+        return self.gradients / "layers_parts"
+
+    @property
+    def drift(self) -> Path:
+        """Conflict drift (`merit-lab drift`): ``drift.json``, the banks, the mid checkpoint."""
+        return self.root / "drift"
+
+    @property
     def conflict(self) -> Path:
         return self.root / "conflict.json"
 
@@ -189,6 +203,21 @@ class RunDir:
     def convergence(self) -> Path:
         """A run's gradient-convergence table (written by notebook 04)."""
         return self.root / "convergence.parquet"
+
+    @property
+    def example_sketches(self) -> Path:
+        """Per-example gradients of the calibration examples (``merit-lab examples``)."""
+        return self.root / "examples.safetensors"
+
+    @property
+    def example_table(self) -> Path:
+        """One row per calibration example: coordinates, outlier flag (``merit-lab examples``)."""
+        return self.root / "examples.parquet"
+
+    @property
+    def stability(self) -> Path:
+        """The bootstrap stability of the split (``merit-lab examples``)."""
+        return self.root / "stability.json"
 
     # --------------------------------------------------------------------- nested artifacts
     def experiment_dir(self, experiment: str) -> Path:

@@ -33,10 +33,10 @@ from merit_lab.pipeline.experiments import (
     evaluate_rows,
     merge_rows,
     train_experiments,
-    training_status,
 )
 from merit_lab.pipeline.report import write_report
 from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir
+from merit_lab.pipeline.status import training_status
 from merit_lab.validate import curvature_memory_problem, validate_config
 
 __all__ = ["STAGES", "run_pipeline", "run_summary", "stage_status"]

@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 from merit_lab.conflict import ConflictSpace
 from merit_lab.curation import DROPPED, UNPLACED, EditSession, group_label
 from merit_lab.partition import PARTITION_METHODS, Partition, make_partition
+from merit_lab.stability import SplitStability, describe_stability
 from merit_lab.viz.figure_view import FigureView, align_table
 from merit_lab.viz.plots import color_map
 
@@ -62,6 +63,13 @@ class PartitionEditor:
         rows, path, user, partition, eta, example_tokens, seed: only with a space, to build
             the session (`EditSession`'s arguments; ``rows`` may be a ``GradientBank``). The
             partition defaults to ``path``'s if it exists, else balanced with r = 1.
+        stability: the run's split stability (``load_stability(run_dir)``): a stability panel
+            (``stability_html``) under the status line, with a plain warning when the split
+            is unstable.
+
+    Example-level curation: ``example_ids`` (Text: comma-separated ids of the selected
+    source's train examples) with ``drop_examples_button`` ("Drop examples") calls
+    `EditSession.drop_examples` (the session needs train ids: ``load_example_session``).
     """
 
     def __init__(
@@ -76,6 +84,7 @@ class PartitionEditor:
         eta: float | None = None,
         example_tokens: Mapping[str, Sequence[int]] | None = None,
         seed: int | None = None,
+        stability: SplitStability | None = None,
     ) -> None:
         build = {"rows": rows, "path": path, "user": user, "partition": partition, "eta": eta,
                  "example_tokens": example_tokens, "seed": seed}  # fmt: skip
@@ -116,6 +125,10 @@ class PartitionEditor:
         self.save_button = widgets.Button(description="Save", button_style="success")
         self.status = widgets.HTML()
         self.stats_html = widgets.HTML()
+        self.example_ids = widgets.Text(description="example ids", placeholder="id-1, id-2")
+        self.drop_examples_button = widgets.Button(description="Drop examples")
+        self.stability = stability
+        self.stability_html = widgets.HTML(self._stability_text())
         self._scatter = FigureView(_empty_scatter())
         self.scatter.data[0].on_selection(self._on_selection)
 
@@ -129,6 +142,9 @@ class PartitionEditor:
             lambda _b: self.downweight(self.source.value, self.fraction.value)
         )
         self.add_button.on_click(lambda _b: self._add_clicked())
+        self.drop_examples_button.on_click(
+            lambda _b: self.drop_examples(self.source.value, _split_ids(self.example_ids.value))
+        )
         self.undo_button.on_click(lambda _b: self.undo())
         self.save_button.on_click(lambda _b: self._save_clicked())
         self._refresh()
@@ -140,8 +156,10 @@ class PartitionEditor:
                 widgets.HBox([self.source, self.target, self.move_button]),
                 widgets.HBox([self.fraction, self.downweight_button, self.drop_button]),
                 widgets.HBox([self.add_source, self.add_to, self.add_button]),
+                widgets.HBox([self.example_ids, self.drop_examples_button]),
                 widgets.HBox([self.undo_button, self.save_button]),
                 self.status,
+                self.stability_html,
                 self.stats_html,
             ]
         )
@@ -248,6 +266,10 @@ class PartitionEditor:
         """Train a seeded ``fraction`` of a source's examples (1 restores it); undoable."""
         return self._apply("down-weight", self.session.downweight, source, fraction)
 
+    def drop_examples(self, source: str, ids: Sequence[str]) -> bool:
+        """Leave train examples of ``source`` out of every row, by id; undoable."""
+        return self._apply("drop examples", self.session.drop_examples, source, list(ids))
+
     def add(self, source: str, to_group: int | None = None) -> bool:
         """Put an unplaced or dropped source in a group (by projection without ``to_group``)."""
         return self._apply("add", self.session.add, source, to_group)
@@ -310,6 +332,19 @@ class PartitionEditor:
             pass  # already shown in status
         except OSError as e:
             self._say(f"save refused: {e}", error=True)
+
+    def _stability_text(self) -> str:
+        """The stability panel: `describe_stability` for the partition's r, warning in red."""
+        if self.stability is None:
+            return ""
+        r = self.partition.params.get("r")
+        lines = describe_stability(self.stability, r if r in self.stability.ari else None)
+        return "<br>".join(
+            f'<b style="color:#D55E00">{html.escape(x)}</b>'
+            if x.startswith("WARNING")
+            else html.escape(x)
+            for x in lines
+        )
 
     def _say(self, message: str, *, error: bool = False) -> None:
         color = "#D55E00" if error else "#009E73"
@@ -483,3 +518,7 @@ def _align_rows(rows: Any, names: Sequence[str]) -> np.ndarray | None:
     if arr.ndim != 2 or arr.shape[0] != len(names):
         raise ValueError(f"rows must be ({len(names)}, d), got {arr.shape}")
     return arr
+
+
+def _split_ids(text: str) -> list[str]:
+    return [t.strip() for t in text.replace("\n", ",").split(",") if t.strip()]

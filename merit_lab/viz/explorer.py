@@ -20,6 +20,7 @@ from merit_lab.viz.plots import (
     plot_conflict_scatter,
     plot_explained_variance,
 )
+from merit_lab.viz.plots_examples import plot_example_cloud
 
 __all__ = ["ConflictExplorer"]
 
@@ -39,18 +40,30 @@ class ConflictExplorer:
         dims: ToggleButtons, 2 or 3 (labels "2-D", "3-D").
         source: Dropdown of sources for the panel; ``n_neighbours``: how many to list.
         panel: HTML with the selected source's allies and conflicts.
+        cloud: Dropdown of sources whose calibration examples to draw around their point in the
+            scatter ("(none)": sources only); present only with ``examples``.
         widget: the VBox to display.
 
     Args:
         space: the run's conflict space.
         table: per-source columns (``load_source_table``); metadata, counts and groups appear
             on hover and in the colour dropdown.
+        examples: the example table (``examples.parquet``, `merit_lab.examples`): with it the
+            scatter can show one source's examples as a cloud, their text on hover.
     """
 
     NONE = "(none)"
 
-    def __init__(self, space: ConflictSpace, table: pd.DataFrame | None = None) -> None:
+    def __init__(
+        self,
+        space: ConflictSpace,
+        table: pd.DataFrame | None = None,
+        examples: pd.DataFrame | None = None,
+    ) -> None:
         self.space = space
+        self.examples: pd.DataFrame | None = None
+        self.cloud = widgets.Dropdown(options=[self.NONE], description="examples of")
+        self.cloud.layout.display = "none"  # shown once there are examples (`set_examples`)
         self.table = align_table(table, space.names)
         columns = [c for c in self.table.columns if c != "source"]
         default = next((c for c in ("group", "family") if c in columns), self.NONE)
@@ -72,14 +85,17 @@ class ConflictExplorer:
         self._scatter = FigureView(self.scatter_figure(self.color.value, self.dims.value))
         self._variance = FigureView(plot_explained_variance(space))
         self.color.observe(self._redraw_scatter, names="value")
+        self.cloud.observe(self._redraw_scatter, names="value")
         self.dims.observe(self._redraw_scatter, names="value")
         self.source.observe(self._redraw_panel, names="value")
         self.n_neighbours.observe(self._redraw_panel, names="value")
         self._redraw_panel()
+        if examples is not None:
+            self.set_examples(examples)
         self.widget = widgets.VBox(
             [
                 self._heatmap.view,
-                widgets.HBox([self.color, self.dims]),
+                widgets.HBox([self.color, self.dims, self.cloud]),
                 widgets.HBox([self._scatter.view, self._variance.view]),
                 widgets.HBox([self.source, self.n_neighbours]),
                 self.panel,
@@ -135,7 +151,26 @@ class ConflictExplorer:
         conflicts = frame.sort_values("cosine", ascending=True, kind="mergesort").head(n)
         return allies.reset_index(drop=True), conflicts.reset_index(drop=True)
 
+    def set_examples(self, examples: pd.DataFrame) -> None:
+        """Give the explorer the example table (``load_example_table``): the ``cloud``
+        dropdown appears, listing the sources that have examples."""
+        self.examples = examples
+        have = set(examples["source"])
+        self.cloud.options = [self.NONE, *(n for n in self.space.names if n in have)]
+        self.cloud.layout.display = None
+
+    def example_cloud(self, source: str) -> go.Figure:
+        """The 2-D scatter with ``source``'s calibration examples around its point
+        (`plot_example_cloud`); needs ``examples``."""
+        if self.examples is None:
+            raise ValueError("no example table: pass examples=load_example_table(run)")
+        color = None if self.color.value == self.NONE else self.color.value
+        return plot_example_cloud(self.space, self.examples, source, self.table, color=color)
+
     def _redraw_scatter(self, _change: Any = None) -> None:
+        if self.cloud.value != self.NONE:
+            self._scatter.replace(self.example_cloud(self.cloud.value))
+            return
         self._scatter.replace(self.scatter_figure(self.color.value, self.dims.value))
 
     def _redraw_panel(self, _change: Any = None) -> None:

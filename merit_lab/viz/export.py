@@ -1,7 +1,8 @@
 """Writing figures to files: HTML always, PNG/SVG/PDF through kaleido when a browser exists.
 
 Input: ``go.Figure`` objects and the file stems or folder to write. Output: ``<stem>.html`` (and
-images) per figure; `write_figure_files` renders a whole batch with one Chromium.
+images) per figure; `write_figure_files` renders a whole batch with one Chromium;
+`make_contact_sheet` tiles the PNGs on one image for a quick look.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "STATIC_FORMATS",
     "SYSTEM_CHROMIUM",
     "export_static",
+    "make_contact_sheet",
     "save_figure",
     "static_renderer_problem",
     "write_figure_files",
@@ -158,3 +160,53 @@ def write_figure_files(
     for _, path, _ in jobs:
         path.unlink(missing_ok=True)  # so a failed render cannot leave a stale file
     return written + export_static(jobs, scale)
+
+
+def make_contact_sheet(
+    pngs: Mapping[str, Path], path: Path, *, columns: int = 4, cell_width: int = 600
+) -> Path:
+    """Tile PNGs on one white image, each scaled to ``cell_width`` px with its stem below it.
+
+    Args:
+        pngs: caption (a figure's stem) → its PNG file, in reading order (left to right).
+        path: the sheet to write (PNG).
+        columns: tiles per row.
+        cell_width: the width of a tile; heights keep each figure's aspect ratio, and a row is
+            as high as its tallest tile plus the caption.
+
+    Returns:
+        ``path``, written atomically.
+    """
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not pngs:
+        raise ValueError("no PNGs to tile on a contact sheet")
+    if columns < 1 or cell_width < 50:
+        raise ValueError("columns must be >= 1 and cell_width >= 50")
+    font = ImageFont.load_default(size=max(12, cell_width // 28))
+    caption_h, pad = font.size + 12, 16
+    tiles = []
+    for caption, file in pngs.items():
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+            h = round(im.height * cell_width / im.width)
+            tiles.append((caption, im.resize((cell_width, h), Image.Resampling.LANCZOS)))
+    rows = [tiles[i : i + columns] for i in range(0, len(tiles), columns)]
+    heights = [max(t.height for _, t in row) + caption_h for row in rows]
+    ncols = min(columns, len(tiles))
+    size = (ncols * (cell_width + pad) + pad, sum(heights) + pad * (len(rows) + 1))
+    sheet = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for row, height in zip(rows, heights, strict=True):
+        for c, (caption, tile) in enumerate(row):
+            x = pad + c * (cell_width + pad)
+            sheet.paste(tile, (x, y))
+            draw.rectangle([x - 1, y - 1, x + cell_width, y + tile.height], outline="#CCCCCC")
+            draw.text((x, y + tile.height + 4), caption, fill="black", font=font)
+        y += height + pad
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", optimize=True)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from merit_lab.conflict import ConflictSpace
 from merit_lab.curation import DROPPED, UNPLACED
 from merit_lab.viz.export import save_figure, static_renderer_problem
-from merit_lab.viz.style import MUTED, PALETTE, color_map, layout
+from merit_lab.viz.style import MARKERS, MUTED, PALETTE, color_map, layout, style_map
 
 __all__ = [
     "INACTIVE_SYMBOLS",
@@ -37,6 +37,7 @@ METRICS = {  # metric -> (title, unit, higher is better)
     "exact_match": ("Exact match of greedy answers", "%", True),
     "similarity": ("Character similarity of greedy answers", "%", True),
     "loss": ("Held-out loss", "nats per response token", False),
+    "in_style": ("Answers in their source's style", "%", True),  # evaluate.style_scores
 }
 # Colour values of sources that train in no row: grey, with their own marker (valid in 2-D and
 # 3-D scatters). "dropped" and "unplaced" are the `group` a run's source table gives them.
@@ -116,7 +117,8 @@ def plot_conflict_scatter(
         values = frame[key].astype(object).where(frame[key].notna(), "n/a").astype(str)
     else:
         values = pd.Series("source", index=frame.index)
-    colors = color_map(v for v in values if v not in INACTIVE_SYMBOLS)
+    looks = style_map(v for v in values if v not in INACTIVE_SYMBOLS)
+    colors = {v: look.color for v, look in looks.items()}
     inactive = [v for v in INACTIVE_SYMBOLS if (values == v).any()]
     ev = space.explained_variance_ratio
     hover_cols = [c for c in frame.columns if not c.startswith("PC")][:8]
@@ -131,7 +133,7 @@ def plot_conflict_scatter(
             "color": colors.get(v, MUTED),
             "size": 9 if dims == 2 else 5,
             "line": {"width": 0.5},
-            "symbol": INACTIVE_SYMBOLS.get(v, "circle"),
+            "symbol": INACTIVE_SYMBOLS.get(v) or _symbol(looks[v].symbol, dims),
         }
         if v in INACTIVE_SYMBOLS:  # hollow or crossed, so they read as "not trained"
             marker["line"] = {"width": 1.5, "color": MUTED}
@@ -150,6 +152,15 @@ def plot_conflict_scatter(
         )
     title = f"Conflict space{f', coloured by {key}' if key else ''}"
     return layout(fig, title, width=720, height=560, legend_title_text=key or "")
+
+
+# scatter3d knows 8 symbols; "x" and "circle-open" mark the inactive sources
+SYMBOLS_3D = ("circle", "square", "diamond", "cross", "diamond-open", "square-open")
+
+
+def _symbol(symbol: str, dims: int) -> str:
+    """``symbol`` in 2-D; in 3-D its place in `style.MARKERS` mapped onto `SYMBOLS_3D`."""
+    return symbol if dims == 2 else SYMBOLS_3D[MARKERS.index(symbol) % len(SYMBOLS_3D)]
 
 
 def plot_explained_variance(space: ConflictSpace, top: int = 10) -> go.Figure:
@@ -254,9 +265,9 @@ def plot_gradient_convergence(df: pd.DataFrame) -> go.Figure:
         Per source, the mean cosine vs n (log axis) over a shaded 5–95% bootstrap band.
     """
     frame = df if "source" in df.columns else df.assign(source="all")
-    colors = color_map(frame["source"])
+    looks = style_map(frame["source"])
     fig = go.Figure()
-    for src in sorted(colors, key=str):
+    for src, look in looks.items():
         sub = frame[frame["source"] == src].groupby("n")["cosine"]
         stats = pd.DataFrame(
             {"mean": sub.mean(), "lo": sub.quantile(0.05), "hi": sub.quantile(0.95)}
@@ -264,51 +275,77 @@ def plot_gradient_convergence(df: pd.DataFrame) -> go.Figure:
         n = stats.index.to_numpy()
         fig.add_trace(
             go.Scatter(x=[*n, *n[::-1]], y=[*stats["hi"], *stats["lo"][::-1]], fill="toself",
-                       fillcolor=colors[src], opacity=0.2, line={"width": 0}, hoverinfo="skip",
+                       fillcolor=look.color, opacity=0.2, line={"width": 0}, hoverinfo="skip",
                        showlegend=False, legendgroup=str(src), name=f"{src} 5–95%")
         )  # fmt: skip
         fig.add_trace(
             go.Scatter(x=n, y=stats["mean"], mode="lines+markers", name=str(src),
-                       legendgroup=str(src), line={"color": colors[src]})
+                       legendgroup=str(src), line=look.line(), marker=look.marker())
         )  # fmt: skip
     fig.update_xaxes(title="calibration examples n", type="log")
     fig.update_yaxes(title="cos(g_n, g_all)")
     return layout(
         fig, "Gradient direction vs calibration sample size", width=680, height=440,
-        showlegend=len(colors) > 1,
+        showlegend=len(looks) > 1,
     )  # fmt: skip
 
 
-def plot_comparison(wide: pd.DataFrame, *, metric: str) -> go.Figure:
-    """Grouped bars: one group per family (and the average), one bar per model.
+def plot_comparison(
+    wide: pd.DataFrame,
+    *,
+    metric: str,
+    spread: pd.DataFrame | None = None,
+    xaxis: str = "family",
+) -> go.Figure:
+    """Grouped bars from zero: one group per family (and the average), one bar per model.
 
     Args:
         wide: models × families (+ ``avg``), as `merit_lab.evaluate.summarize_eval` returns.
         metric: a key of `METRICS` (its title, unit and direction), or any other name.
+        spread: optional, the same models × families (e.g. the std over training seeds), drawn
+            as symmetric error bars; a missing model, family or NaN draws none there.
+        xaxis: the title of the category axis (the columns of ``wide``).
+
+    Returns:
+        One bar trace per model (``y`` = its row of ``wide``) with its own colour (hatched once
+        the palette wraps); the value axis starts at 0.
     """
+    if spread is not None:
+        extra = sorted(set(map(str, spread.index)) - set(map(str, wide.index)))
+        cols = sorted(set(map(str, spread.columns)) - set(map(str, wide.columns)))
+        if extra or cols:
+            raise ValueError(f"spread has models {extra} / columns {cols} that wide lacks")
+        spread = spread.reindex(index=wide.index, columns=wide.columns).astype(float)
+        if (spread < 0).any().any():
+            raise ValueError("spread must be >= 0 (a standard deviation or half-width)")
     title, unit, higher = METRICS.get(metric, (metric, "", True))
-    colors = color_map(list(wide.index))
+    looks = style_map(list(wide.index))
     fig = go.Figure()
     for model, row in wide.iterrows():
+        err = None
+        if spread is not None:
+            e = spread.loc[model].to_numpy(dtype=float)
+            err = {"type": "data", "array": np.nan_to_num(e), "visible": True,
+                   "color": "#333333", "thickness": 1, "width": 2}  # fmt: skip
         fig.add_bar(
             name=str(model),
             x=[str(c) for c in wide.columns],
             y=row.to_numpy(dtype=float),
-            marker_color=colors[model],
+            marker=looks[model].bar(),
+            error_y=err,
             hovertemplate=f"{model}<br>%{{x}}: %{{y:.3f}} {unit}<extra></extra>",
         )
     better = "higher is better" if higher else "lower is better"
-    fig.update_layout(barmode="group", yaxis_title=f"{unit} ({better})", xaxis_title="family")
-    if not higher:  # losses: zoom on the differences, not the distance from zero
-        lo, hi = np.nanmin(wide.to_numpy()), np.nanmax(wide.to_numpy())
-        fig.update_yaxes(range=[lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9)])
+    ytitle = f"{unit} ({better})" if unit else better
+    fig.update_layout(barmode="group", yaxis_title=ytitle, xaxis_title=xaxis)
+    fig.update_yaxes(rangemode="tozero")  # bars are read by their length: they start at 0
     return layout(fig, title)
 
 
 def plot_training_curves(logs: Mapping[str, Sequence[dict]], *, smooth: int = 10) -> go.Figure:
     """Training loss against tokens seen, one line per branch/joint run (moving average).
 
-    The branches of one experiment share a colour and one legend entry (``branches/merit-2d/0``
+    The branches of one experiment share a look and one legend entry (``branches/merit-2d/0``
     and ``/1`` are both "merit-2d"); each joint run is its own entry. The run's full label is in
     the hover.
 
@@ -317,7 +354,7 @@ def plot_training_curves(logs: Mapping[str, Sequence[dict]], *, smooth: int = 10
         smooth: the moving-average window in logged steps.
     """
     groups = {name: _training_group(name) for name in logs}
-    colors = color_map(list(groups.values()))
+    looks = style_map(list(groups.values()))
     fig, shown = go.Figure(), set()
     for name, rows in logs.items():
         if not rows:
@@ -327,11 +364,13 @@ def plot_training_curves(logs: Mapping[str, Sequence[dict]], *, smooth: int = 10
         fig.add_scatter(
             x=[r["tokens"] for r in rows],
             y=loss,
-            mode="lines",
+            mode="lines+markers",
             name=group,
             legendgroup=group,
             showlegend=group not in shown,
-            line={"color": colors[group], "width": 1.5},
+            line=looks[group].line(),
+            # a few markers per line: the symbol tells series apart in grey print
+            marker=looks[group].marker(size=6, maxdisplayed=8),
             hovertemplate=f"{name}<br>tokens %{{x}}<br>loss %{{y:.3f}}<extra></extra>",
         )
         shown.add(group)

@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from merit_lab.diagnostics import summarize_perturbation
-from merit_lab.viz.style import PALETTE, color_map, layout
+from merit_lab.viz.style import MUTED, PALETTE, layout, style_map
 
 __all__ = [
     "figure_stem",
@@ -33,11 +33,12 @@ def plot_interpolation(curves: Mapping[str, dict]) -> go.Figure:
         curves: pair label (e.g. "branch0→branch1") → an `interpolation_curve` result.
 
     Returns:
-        Two traces per pair (curve, chord); the legend names each pair's barrier.
+        Two traces per pair (curve, chord), then one legend-only grey dotted entry that says
+        what the dotted lines are; the legend names each pair's barrier.
     """
     if not curves:
         raise ValueError("no interpolation curves to plot")
-    colors = color_map(curves)
+    looks = style_map(curves)
     fig = go.Figure()
     for label, c in curves.items():
         alphas = np.asarray(c["alphas"])
@@ -48,7 +49,8 @@ def plot_interpolation(curves: Mapping[str, dict]) -> go.Figure:
                 y=c["losses"],
                 mode="lines+markers",
                 name=f"{label} (barrier {c['barrier']:.3g})",
-                line={"color": colors[label]},
+                line=looks[label].line(),
+                marker=looks[label].marker(),
                 legendgroup=label,
             )
         )
@@ -58,14 +60,20 @@ def plot_interpolation(curves: Mapping[str, dict]) -> go.Figure:
                 y=chord,
                 mode="lines",
                 name=f"{label} chord",
-                line={"color": colors[label], "dash": "dot"},
+                line={"color": looks[label].color, "dash": "dot", "width": 1},
+                opacity=0.7,
                 legendgroup=label,
                 showlegend=False,
             )
         )
+    fig.add_trace(
+        go.Scatter(x=[None], y=[None], mode="lines", name="chord (endpoints joined)",
+                   line={"color": MUTED, "dash": "dot", "width": 1}, hoverinfo="skip")
+    )  # fmt: skip
     fig.update_xaxes(title="α  (θ = (1−α) θ_a + α θ_b)")
     fig.update_yaxes(title="loss")
-    return layout(fig, "Loss along linear interpolation paths", width=720, height=440)
+    # wide enough for a legend of long pair names on the right
+    return layout(fig, "Loss along linear interpolation paths", width=900, height=480)
 
 
 def plot_displacement(displacements: Mapping[str, dict]) -> go.Figure:
@@ -76,7 +84,7 @@ def plot_displacement(displacements: Mapping[str, dict]) -> go.Figure:
     """
     if not displacements:
         raise ValueError("no displacements to plot")
-    colors = color_map(displacements)
+    looks = style_map(displacements)
     fig = go.Figure()
     for label, d in displacements.items():
         groups = list(d["per_layer"])
@@ -85,11 +93,11 @@ def plot_displacement(displacements: Mapping[str, dict]) -> go.Figure:
                 x=groups,
                 y=[d["per_layer"][g] for g in groups],
                 name=f"{label} (total {d['total']:.3g})",
-                marker_color=colors[label],
+                marker=looks[label].bar(),
             )
         )
     fig.update_xaxes(tickangle=-45)
-    fig.update_yaxes(title="‖θ − θ0‖")
+    fig.update_yaxes(title="‖θ − θ0‖", rangemode="tozero")
     return layout(fig, "Distance to θ0 per layer", barmode="group", width=760, height=440)
 
 
@@ -101,7 +109,7 @@ def plot_perturbation(tables: Mapping[str, pd.DataFrame]) -> go.Figure:
     """
     if not tables:
         raise ValueError("no perturbation tables to plot")
-    colors = color_map(tables)
+    looks = style_map(tables)
     fig = go.Figure()
     for label, table in tables.items():
         s = summarize_perturbation(table)
@@ -112,7 +120,8 @@ def plot_perturbation(tables: Mapping[str, pd.DataFrame]) -> go.Figure:
                 error_y={"type": "data", "array": s["delta_std"], "visible": True},
                 mode="lines+markers",
                 name=label,
-                line={"color": colors[label]},
+                line=looks[label].line(),
+                marker=looks[label].marker(),
             )
         )
     fig.update_xaxes(title="σ")
@@ -123,20 +132,27 @@ def plot_perturbation(tables: Mapping[str, pd.DataFrame]) -> go.Figure:
 def plot_spectral_filtering(table: pd.DataFrame) -> go.Figure:
     """Energy along each curvature eigenvector: branches (w-averaged) vs the merged model.
 
+    A dot plot on a log axis (the energies span decades, and a bar on a log axis has no zero to
+    start from): one marker per eigenvector and series, joined by a thin line.
+
     Args:
         table: a `spectral_filtering` result (with ``eigval`` when given, shown on hover).
     """
     x = [f"u{int(i)}" for i in table["direction"]]
     hover = [f"λ = {v:.3g}" for v in table["eigval"]] if "eigval" in table else [""] * len(x)
     fig = go.Figure()
-    for col, name, color in (
-        ("branch_energy", "branches  Σ w_i (uᵀδ_i)²", PALETTE[0]),
-        ("merged_energy", "merged  (uᵀδ̄)²", PALETTE[1]),
+    for col, name, color, symbol in (
+        ("branch_energy", "branches  Σ w_i (uᵀδ_i)²", PALETTE[0], "circle"),
+        ("merged_energy", "merged  (uᵀδ̄)²", PALETTE[1], "diamond"),
     ):
-        fig.add_trace(go.Bar(x=x, y=table[col], name=name, marker_color=color, hovertext=hover))
+        fig.add_trace(
+            go.Scatter(x=x, y=table[col], name=name, mode="lines+markers", hovertext=hover,
+                       line={"color": color, "width": 1, "dash": "solid" if symbol == "circle"
+                             else "dash"}, marker={"color": color, "symbol": symbol, "size": 8})
+        )  # fmt: skip
     fig.update_yaxes(title="energy", type="log")
     fig.update_xaxes(title="curvature eigenvector (descending λ)")
-    return layout(fig, "Spectral filtering by the merge", barmode="group", width=680, height=420)
+    return layout(fig, "Spectral filtering by the merge", width=680, height=420)
 
 
 def figure_stem(label: str) -> str:
@@ -183,8 +199,7 @@ def _path_figures(paths: list[dict]) -> dict[str, go.Figure]:
     figs = {}
     for exp, pairs in curves.items():
         fig = plot_interpolation(pairs)
-        chord = "dotted: the chord between the ends"
-        title = f"Train loss along linear paths ({chord}): {figure_stem(exp)}"
+        title = f"Train loss along linear paths: {figure_stem(exp)}"  # the legend names chords
         fig.update_layout(title={"text": title})
         figs[f"diag_paths_{figure_stem(exp)}"] = fig
     return figs

@@ -13,16 +13,21 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 
 __all__ = [
+    "DASHES",
     "FONT",
+    "MARKERS",
     "MUTED",
     "PALETTE",
     "PAPER",
+    "PATTERNS",
     "TEMPLATE",
     "Figure",
     "PaperStyle",
+    "SeriesStyle",
     "color_map",
     "layout",
     "paper_layout",
+    "style_map",
 ]
 
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies, prints well in grey.
@@ -32,6 +37,13 @@ PALETTE = (
     "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
     "#882255", "#44AA99", "#999933", "#332288",
 )  # fmt: skip
+# After the palette the dash (lines) or the hatch (bars) changes, so 12 x 5 series stay distinct;
+# the marker cycles on its own (9 symbols, coprime with 12), so the look reads in grey print too.
+# "dot" is left out of DASHES: figures use it for reference lines (chords, bands).
+DASHES = ("solid", "dash", "dashdot", "longdash", "longdashdot")
+MARKERS = ("circle", "square", "diamond", "triangle-up", "triangle-down", "cross", "x",
+           "star", "hexagon")  # fmt: skip
+PATTERNS = ("", "/", "\\", "x", ".", "+")
 MUTED = "#BBBBBB"  # sources that train in no row (dropped, or not placed yet)
 FONT = {"family": "Helvetica, Arial, sans-serif", "size": 13}
 TEMPLATE = "simple_white"
@@ -43,10 +55,53 @@ def color_map(values: Sequence) -> dict:
     return {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(sorted(set(values), key=str))}
 
 
+@dataclass(frozen=True)
+class SeriesStyle:
+    """The look of one series: colour, line dash, marker symbol and bar hatch (plotly names)."""
+
+    color: str
+    dash: str
+    symbol: str
+    pattern: str
+
+    def line(self, width: float = 1.5) -> dict:
+        """``line`` of a scatter trace."""
+        return {"color": self.color, "dash": self.dash, "width": width}
+
+    def marker(self, size: int = 6, **kw) -> dict:
+        """``marker`` of a scatter trace."""
+        return {"color": self.color, "symbol": self.symbol, "size": size, **kw}
+
+    def bar(self) -> dict:
+        """``marker`` of a bar trace: the colour, hatched after the palette wraps."""
+        return {"color": self.color, "pattern": {"shape": self.pattern, "fgcolor": "white"}}
+
+
+def style_map(values: Sequence) -> dict:
+    """A distinct, stable look per distinct value (sorted, as `color_map`): value i gets colour
+    ``i % 12``, dash and hatch ``i // 12`` and marker ``i % 9``, so no two of 60 share a look and
+    the colours agree with `color_map`'s."""
+    keys = sorted(set(values), key=str)
+    n = len(PALETTE)
+    return {
+        v: SeriesStyle(PALETTE[i % n], DASHES[(i // n) % len(DASHES)], MARKERS[i % len(MARKERS)],
+                       PATTERNS[(i // n) % len(PATTERNS)])
+        for i, v in enumerate(keys)
+    }  # fmt: skip
+
+
+# The screen legend: right of the plot, top-aligned (plotly grows the right margin to fit it).
+SCREEN_LEGEND = {"x": 1.02, "xanchor": "left", "y": 1.0, "yanchor": "top"}
+
+
 def layout(fig: go.Figure, title: str, **kw) -> go.Figure:
-    """Apply the screen style (template, font, centred ``title``) and any layout ``kw``; returns
-    ``fig`` itself."""
-    fig.update_layout(template=TEMPLATE, font=FONT, title={"text": title, "x": 0.5}, **kw)
+    """Apply the screen style (template, font, centred ``title``, legend right of the plot,
+    axis margins that grow to fit the tick labels) and any layout ``kw``; returns ``fig``."""
+    fig.update_layout(template=TEMPLATE, font=FONT, title={"text": title, "x": 0.5},
+                      legend=SCREEN_LEGEND)  # fmt: skip
+    fig.update_layout(**kw)
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
     return fig
 
 
@@ -93,7 +148,7 @@ def paper_layout(fig: go.Figure, *, wide: bool = False, style: PaperStyle = PAPE
     out.update_yaxes(automargin=True, title_standoff=4)
     if any(t.type == "scatter3d" for t in out.data):  # the default camera crops the axis titles
         out.update_layout(scene_camera_eye={"x": 1.6, "y": 1.6, "z": 0.9},
-                          margin={"l": 0, "r": 0, "t": 30, "b": 0})  # fmt: skip
+                          margin={"l": 10, "r": 10, "t": 30, "b": 0})  # fmt: skip
     return out
 
 

@@ -1,0 +1,274 @@
+"""Image-text examples: image content parts, the processor as a tokenizer, pixel batches.
+
+Input: chat examples whose user turns hold content parts (``{"type": "image", "image": path}``,
+``{"type": "text", "text": str}``) and a Qwen2-VL-style processor. Output: checked, resolved
+image paths; `ImageTextTokenizer` (what `models.load_tokenizer` returns for a model folder with
+an image processor); the patches, grids and image-token expansion that `formatting` puts into
+`TokenizedExample`s and batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IMAGE_PART_TYPES",
+    "ImageTextTokenizer",
+    "collate_images",
+    "content_problem",
+    "encode_images",
+    "example_images",
+    "expand_image_tokens",
+    "has_images",
+    "image_problem",
+    "image_processor_of",
+    "load_image",
+    "require_image_processor",
+    "resolve_image_parts",
+]
+
+IMAGE_PART_TYPES = ("text", "image")
+IMAGE_TOKEN = "<|image_pad|>"  # Qwen2-VL's image placeholder
+
+
+class ImageTextTokenizer:
+    """A tokenizer that also holds its model's image processor: what `models.load_tokenizer`
+    returns for a folder with a ``preprocessor_config.json``.
+
+    Tokenizer attributes and calls are the tokenizer's (``pad_token_id``,
+    ``apply_chat_template``, ``decode``, ``__call__``...); ``save_pretrained`` writes tokenizer,
+    chat template and ``preprocessor_config.json``, so a branch's folder loads back with its
+    images. (Not transformers' ``ProcessorMixin``: in transformers 5 a Qwen2-VL processor cannot
+    be built without torchvision, which its video processor needs.)
+
+    Attributes:
+        tokenizer: the text tokenizer.
+        image_processor: the image processor (``patch_size``, ``merge_size``, ``__call__``).
+        image_token_id: the placeholder token an image part renders as (``<|image_pad|>``).
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any, image_token_id: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = int(image_token_id)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, tokenizer: Any) -> ImageTextTokenizer:
+        """``tokenizer`` with the image processor of ``folder`` (Pillow backend when torchvision
+        is absent); the image token is the config's ``image_token_id``, else ``<|image_pad|>``."""
+        from transformers import AutoImageProcessor
+
+        from merit_lab.io import read_json
+
+        config = Path(folder) / "config.json"
+        token_id = read_json(config).get("image_token_id") if config.is_file() else None
+        if token_id is None:
+            token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        return cls(tokenizer, AutoImageProcessor.from_pretrained(str(folder)), token_id)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tokenizer":  # unpickling: not set yet
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Any:
+        self.image_processor.save_pretrained(save_directory, **kwargs)
+        return self.tokenizer.save_pretrained(save_directory, **kwargs)
+
+
+def image_processor_of(tokenizer: Any) -> Any | None:
+    """The image processor behind ``tokenizer`` (an `ImageTextTokenizer`), else None."""
+    return getattr(tokenizer, "image_processor", None) if tokenizer is not None else None
+
+
+def require_image_processor(tokenizer: Any) -> Any:
+    """The image processor behind ``tokenizer``; ValueError when it has none (a text model)."""
+    if (proc := image_processor_of(tokenizer)) is None:
+        raise ValueError(
+            "the example has image parts but the model has no image processor (no "
+            "preprocessor_config.json in its folder): use an image-text model, or remove the "
+            "image parts"
+        )
+    return proc
+
+
+def content_problem(role: str, content: Any) -> str | None:
+    """What is wrong with a message's content (None when nothing): a string, or for a user or
+    system turn a non-empty list of ``text`` / ``image`` parts; an assistant turn is text."""
+    if isinstance(content, str):
+        return None
+    if isinstance(content, np.ndarray):  # parquet
+        content = content.tolist()
+    if role == "assistant" or not isinstance(content, (list, tuple)) or not content:
+        return (
+            "content must be a string (an assistant turn is text; a user turn may be a list "
+            'of {"type": "text", "text": ...} and {"type": "image", "image": <path>} parts)'
+        )
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind not in IMAGE_PART_TYPES:
+            return f"content[{k}]: expected a part with type 'text' or 'image', got {part!r:.80}"
+        key = "text" if kind == "text" else "image"
+        if not isinstance(part.get(key), str) or not part[key]:
+            return f"content[{k}]: a {kind!r} part needs a non-empty string {key!r}"
+    return None
+
+
+def has_images(example: Mapping) -> bool:
+    """Whether any message of ``example`` holds an image part."""
+    return any(not isinstance(m["content"], str) for m in example["messages"])
+
+
+def example_images(example: Mapping) -> list[str]:
+    """The image paths of ``example``, in the order the chat template renders them."""
+    return [
+        part["image"]
+        for m in example["messages"]
+        if not isinstance(m["content"], str)
+        for part in m["content"]
+        if part["type"] == "image"
+    ]
+
+
+@functools.lru_cache(maxsize=4096)
+def image_problem(path: str) -> str | None:
+    """Why the image at ``path`` cannot be used (None when it can): missing, or not an image
+    Pillow reads. Cached: a mixture refers to one image from many examples."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        return f"image {path} not found"
+    try:
+        with Image.open(p) as im:
+            im.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        return f"image {path} is not readable ({type(e).__name__}: {e})"
+    return None
+
+
+def resolve_image_parts(example: dict, root: Path) -> str | None:
+    """Make the image paths of ``example`` absolute (relative ones are relative to ``root``, the
+    mixture folder) in place, and check each one: the first problem, or None."""
+    for m in example["messages"]:
+        if isinstance(m["content"], str):
+            continue
+        parts = []
+        for part in m["content"]:
+            part = dict(part)
+            if part["type"] == "image":
+                path = Path(part["image"]).expanduser()
+                part["image"] = str(path if path.is_absolute() else (root / path).resolve())
+                if problem := image_problem(part["image"]):
+                    return problem
+            parts.append(part)
+        m["content"] = parts
+    return None
+
+
+def load_image(path: str):
+    """The image at ``path`` as an RGB PIL image."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def encode_images(tokenizer: Any, paths: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches and grids of ``paths`` (image files, or PIL images) through ``tokenizer``'s image
+    processor.
+
+    Returns:
+        ``pixel_values`` (P, C·T·p·p) float32, the patches of all images one after another, and
+        ``image_grid_thw`` (n, 3) int64, each image's (t, h, w) patch grid.
+    """
+    proc = require_image_processor(tokenizer)
+    parts = [
+        _encode_file(proc, str(p)) if isinstance(p, (str, Path)) else _encode(proc, p)
+        for p in paths
+    ]
+    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+
+
+def _encode(proc: Any, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    out = proc(images=[image], return_tensors="pt")
+    return out["pixel_values"].float(), out["image_grid_thw"].long()
+
+
+@functools.lru_cache(maxsize=8192)
+def _encode_file(proc: Any, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image file through ``proc``, once per process: the sources of a mixture often share
+    pictures (the demo's four conventions of a family do), and every stage tokenises them."""
+    return _encode(proc, load_image(path))
+
+
+def expand_image_tokens(
+    ids: Sequence[int], labels: Sequence[int], tokenizer: Any, grid_thw: torch.Tensor, ignore: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Repeat each image placeholder token once per merged patch of its image, as the
+    processor's ``__call__`` does to the text, with label ``ignore`` (images are never scored).
+
+    Returns:
+        (ids, labels, mm_token_type_ids): the last 1 at image tokens, 0 elsewhere.
+
+    Raises:
+        ValueError: the placeholders and the images differ in number.
+    """
+    image_id = tokenizer.image_token_id
+    merge = tokenizer.image_processor.merge_size
+    counts = [int(g.prod()) // merge**2 for g in grid_thw]
+    found = sum(1 for t in ids if t == image_id)
+    if found != len(counts):
+        raise ValueError(
+            f"{found} image placeholder token(s) in the rendered text but {len(counts)} image(s): "
+            "the chat template must render one image token per image part"
+        )
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    types: list[int] = []
+    k = 0
+    for t, y in zip(ids, labels, strict=True):
+        if t == image_id:
+            out_ids += [t] * counts[k]
+            out_labels += [ignore] * counts[k]
+            types += [1] * counts[k]
+            k += 1
+        else:
+            out_ids.append(t)
+            out_labels.append(y)
+            types.append(0)
+    return out_ids, out_labels, types
+
+
+def collate_images(
+    batch: Sequence[Any], width: int, *, left: bool = False
+) -> dict[str, torch.Tensor]:
+    """The image inputs of a batch: ``pixel_values`` of all its images concatenated along dim 0
+    in batch order (Qwen2-VL's layout), their ``image_grid_thw`` stacked, ``mm_token_type_ids``
+    (B, width) padded with 0 on the right (``left``: on the left, for generation). Empty when no
+    example of the batch has an image."""
+    with_images = [ex for ex in batch if getattr(ex, "pixel_values", None) is not None]
+    if not with_images:
+        return {}
+    types = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        if (row := getattr(ex, "mm_token_type_ids", None)) is not None:
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            types[i, span] = torch.tensor(row)
+    return {
+        "pixel_values": torch.cat([ex.pixel_values for ex in with_images]),
+        "image_grid_thw": torch.cat([ex.image_grid_thw for ex in with_images]),
+        "mm_token_type_ids": types,
+    }

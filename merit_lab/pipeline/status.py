@@ -1,0 +1,53 @@
+"""Where a run's rows stand: training progress per branch and the token budget per row.
+
+Read-only views over the folders `merit_lab.pipeline.experiments` plans; the runner polls the
+first, the report and notebooks show the second (the same-budget check).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from merit_lab.config import RunConfig
+from merit_lab.io import read_json
+from merit_lab.pipeline.experiments import THETA0, model_rows, plan_specs
+from merit_lab.train import MANIFEST, branch_status
+
+__all__ = ["token_budget", "training_status"]
+
+
+def training_status(cfg: RunConfig) -> pd.DataFrame:
+    """One row per branch/joint run: experiment, state, step, total steps, loss, tokens."""
+
+    rows = []
+    for exp, specs in plan_specs(cfg).items():
+        for s in specs:
+            rows.append({"experiment": exp, "branch": s.name, **branch_status(s.output_dir)})
+    return pd.DataFrame(rows)
+
+
+def token_budget(cfg: RunConfig) -> pd.DataFrame:
+    """Per row: branches, trained tokens in total and per branch (the same-budget check)."""
+
+    rows = []
+    for row in model_rows(cfg):
+        if row.kind == THETA0:
+            continue
+        finals = row.inputs or (row.model_dir,)
+        tokens = [
+            read_json(f / MANIFEST)["tokens"] if (f / MANIFEST).is_file() else math.nan
+            for f in finals
+        ]
+        rows.append(
+            {
+                "model": row.label,
+                "kind": row.kind,
+                "branches": len(finals),
+                "tokens": sum(tokens) if row.kind != "soup" else tokens[0],
+                "branch_tokens": tokens,
+                "merge": row.merge_method or "",
+            }
+        )
+    return pd.DataFrame(rows)

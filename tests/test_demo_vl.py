@@ -1,0 +1,89 @@
+"""The image-text demo: its committed mixture is what the generator writes, θ0 does the tasks
+while hedging between the planted conventions, and the conflict space of its gradients recovers
+the planted axes (r = 1 splits on one axis, r = 2 on both), from the committed base and mixture.
+"""
+
+from __future__ import annotations
+
+import filecmp
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from merit_lab.conflict import compute_conflict_space
+from merit_lab.demo import DEMO_VL_DIR
+from merit_lab.demo.vl_tasks import generate_vl_mixture
+from merit_lab.evaluate import greedy_answers
+from merit_lab.gradients import estimate_gradients
+from merit_lab.mixture import load_mixture
+from merit_lab.models import load_model, load_tokenizer
+from merit_lab.partition import split_balanced
+from merit_lab.sketch import SketchSpec
+
+BASE = DEMO_VL_DIR / "base"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_mixture(DEMO_VL_DIR, calibration_n=48), load_tokenizer(BASE), load_model(BASE)
+
+
+def test_committed_mixture_is_the_generators(tmp_path):
+    out = generate_vl_mixture(tmp_path / "vl")
+    for sub in ("train", "calibration", "eval", "images/colour", "images/count"):
+        cmp = filecmp.dircmp(out / sub, DEMO_VL_DIR / sub)
+        assert not cmp.left_only and not cmp.right_only, sub
+        _, mismatch, errors = filecmp.cmpfiles(out / sub, DEMO_VL_DIR / sub, cmp.common_files)
+        assert not mismatch and not errors, (sub, mismatch[:3])
+    assert (out / "sources.json").read_bytes() == (DEMO_VL_DIR / "sources.json").read_bytes()
+
+
+def _word(answer: str) -> str:
+    return answer.removeprefix("Answer: ").removesuffix(".").lower()
+
+
+def test_base_does_the_tasks_and_hedges_between_conventions(demo):
+    """θ0's greedy answers on held-out pictures: the right word (any convention) for most, and
+    both styles and both cases among its answers."""
+    mixture, tok, model = demo
+    names = [n for n in mixture.names if n.endswith("terse-lower")]  # one source per family
+    examples = [ex for n in names for ex in mixture[n].eval]
+    answers = greedy_answers(model, tok, examples, max_new_tokens=16)
+    truth = [ex["messages"][-1]["content"] for ex in examples]
+    right = np.mean([_word(a) == t for a, t in zip(answers, truth, strict=True)])
+    per_family = {
+        n.split("-")[0]: np.mean([_word(a) == t for a, t in zip(answers[i::4], truth[i::4])])
+        for i, n in enumerate(names)
+    }
+    print(f"θ0 right word: {right:.2f}", per_family)
+    assert right >= 0.7, per_family
+    verbose = [a.startswith("Answer:") for a in answers]
+    upper = [_word(a) != a and a.removeprefix("Answer: ").isupper() for a in answers]
+    assert 0 < sum(verbose) < len(answers) and 0 < sum(upper) < len(answers)
+
+
+def test_planted_axes_are_recovered(demo):
+    """The default sketch of the 16 sources' calibration gradients: r = 1 splits along one planted
+    axis and r = 2 along both (adjusted Rand index 1.0)."""
+    mixture, tok, model = demo
+    bank = estimate_gradients(
+        model, tok, mixture, sketch=SketchSpec(), n=48, micro_batch_size=48, max_length=128,
+        save_bank=False, progress=False,
+    )  # fmt: skip
+    names = list(bank.names)
+    space = compute_conflict_space(bank.rows, names)
+    examples = {s.name: len(s.train) for s in mixture}
+    one = split_balanced(space, examples, examples, r=1).labels(names)
+    two = split_balanced(space, examples, examples, r=2).labels(names)
+    meta = {k: [mixture[n].metadata[k] for n in names] for k in ("style", "case", "family")}
+    both = [f"{a}|{b}" for a, b in zip(meta["style"], meta["case"], strict=True)]
+    ari = {
+        "r1~style": adjusted_rand_score(meta["style"], one),
+        "r1~case": adjusted_rand_score(meta["case"], one),
+        "r1~family": adjusted_rand_score(meta["family"], one),
+        "r2~style×case": adjusted_rand_score(both, two),
+    }
+    print(ari, space.explained_variance_ratio[:4])
+    assert max(ari["r1~style"], ari["r1~case"]) == 1.0, ari
+    assert ari["r2~style×case"] == 1.0, ari
