@@ -354,7 +354,11 @@ class EditSession:
         if unknown:
             raise ValueError(
                 f"not train examples of {source!r}: {unknown[:5]}"
-                + ("" if known else " (the session has no train ids: load it with the run's)")
+                + (
+                    " (calibration examples of a calibration split of their own are not trained)"
+                    if known
+                    else " (the session has no train ids: load_example_session)"
+                )
             )
         excluded = (*self.partition.excluded.get(source, ()), *ids)
         n_ex, n_tok = self._counts(source, excluded=excluded)

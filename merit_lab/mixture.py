@@ -150,7 +150,7 @@ def normalize_example(raw: Any, where: str) -> dict:
                     "system, user or assistant (ShareGPT's human / gpt are user / assistant)"
                 )
             if problem := content_problem(m["role"], m["content"]):
-                raise MixtureError(f"{where}: messages[{j}]: {problem}")
+                raise MixtureError(f"{where}: messages[{j}].{problem}")
             _check_answer(m, f"{where}: messages[{j}]")
             content = m["content"]  # text, or a list of text / image parts (copied: paths change)
             content = content if isinstance(content, str) else [dict(c) for c in list(content)]

@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "IMAGE_PART_TYPES",
     "ImageTextTokenizer",
+    "checkpoint_names",
     "collate_images",
     "content_problem",
     "encode_images",
@@ -28,7 +29,9 @@ __all__ = [
     "has_images",
     "image_problem",
     "image_processor_of",
+    "in_model_names",
     "load_image",
+    "model_named",
     "require_image_processor",
     "resolve_image_parts",
 ]
@@ -105,17 +108,16 @@ def require_image_processor(tokenizer: Any) -> Any:
 
 
 def content_problem(role: str, content: Any) -> str | None:
-    """What is wrong with a message's content (None when nothing): a string, or for a user or
-    system turn a non-empty list of ``text`` / ``image`` parts; an assistant turn is text."""
+    """What is wrong with a message's content (None when nothing), as a phrase starting with
+    "content": a string is fine; so is, for a user or system turn, a list of ``text`` and
+    ``image`` parts holding at least one image (a list of text parts is joined by the user)."""
     if isinstance(content, str):
         return None
     if isinstance(content, np.ndarray):  # parquet
         content = content.tolist()
+    text_only = "content must be a string (join a list of content parts into one text"
     if role == "assistant" or not isinstance(content, (list, tuple)) or not content:
-        return (
-            "content must be a string (an assistant turn is text; a user turn may be a list "
-            'of {"type": "text", "text": ...} and {"type": "image", "image": <path>} parts)'
-        )
+        return f"{text_only}; an assistant turn is text)"
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind not in IMAGE_PART_TYPES:
@@ -123,6 +125,8 @@ def content_problem(role: str, content: Any) -> str | None:
         key = "text" if kind == "text" else "image"
         if not isinstance(part.get(key), str) or not part[key]:
             return f"content[{k}]: a {kind!r} part needs a non-empty string {key!r}"
+    if not any(part["type"] == "image" for part in content):
+        return f"{text_only}; a list of parts is for turns with images)"
     return None
 
 
@@ -272,3 +276,71 @@ def collate_images(
         "image_grid_thw": torch.cat([ex.image_grid_thw for ex in with_images]),
         "mm_token_type_ids": types,
     }
+
+
+def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
+    """Model state-dict name → the name of that tensor in the model's safetensors files, for the
+    names that differ. transformers 5 writes some image-text models in their original layout:
+    Qwen2-VL's ``model.language_model.layers.0...`` as ``model.layers.0...`` and
+    ``model.visual.*`` as ``visual.*``; code that matches file tensors to the model needs this.
+    Empty for a text LM. (Renamings only; a tensor transformers fuses or splits is left out.)"""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = model.state_dict()  # fresh tensor objects per key, tied ones included
+    by_id = {id(t): k for k, t in state.items()}
+    saved = revert_weight_conversion(model, dict(state))
+    return {by_id[id(t)]: k for k, t in saved.items() if id(t) in by_id and by_id[id(t)] != k}
+
+
+class _Renamed(Mapping):
+    """A read-only view of a name → tensor mapping under other names (lookups stay lazy)."""
+
+    def __init__(self, weights: Mapping[str, Any], rename: Mapping[str, str]) -> None:
+        self._weights = weights
+        self._to_source = {rename.get(k, k): k for k in weights}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._weights[self._to_source[key]]
+
+    def __iter__(self):
+        return iter(self._to_source)
+
+    def __len__(self) -> int:
+        return len(self._to_source)
+
+
+def model_named(model: torch.nn.Module, weights: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``weights`` read from ``model``'s safetensors files, under the model's own state-dict names
+    (`checkpoint_names` reversed); ``weights`` itself when no name differs (a text LM)."""
+    names = checkpoint_names(model)
+    if not names:
+        return weights
+    return _Renamed(weights, {saved: own for own, saved in names.items()})
+
+
+@functools.lru_cache(maxsize=16)
+def _saved_to_model(config_text: str) -> tuple[tuple[str, str], ...]:
+    import json
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.auto import modeling_auto as auto_names
+
+    data = json.loads(config_text)
+    kind = data.get("model_type")
+    if kind not in auto_names.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or (
+        kind in auto_names.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return ()  # models.load_model loads it as a causal LM: names as saved
+    config = AutoConfig.for_model(**data)
+    with torch.device("meta"):  # names only: no memory, no initialisation
+        model = AutoModelForImageTextToText.from_config(config)
+    return tuple((saved, own) for own, saved in checkpoint_names(model).items())
+
+
+def in_model_names(weights: Mapping[str, Any], folder: str | Path) -> Mapping[str, Any]:
+    """The tensors of a model folder's safetensors files (``weights``, e.g. a lazy view) under
+    the names of the model `models.load_model` builds from it (`model_named` without loading
+    the model: it is built on the meta device from ``config.json``)."""
+    config = Path(folder) / "config.json"
+    rename = dict(_saved_to_model(config.read_text(encoding="utf-8"))) if config.is_file() else {}
+    return _Renamed(weights, rename) if rename else weights

@@ -238,8 +238,10 @@ def bootstrap_split_stability(
 
     def means(draw: np.ndarray) -> np.ndarray:
         weights = draw * w[cols]
-        mat = sparse.csr_matrix((weights, (row_of, cols)), shape=(len(names), x.shape[0]))
-        total = np.asarray(mat.sum(axis=1)).reshape(-1, 1)
+        total = np.bincount(row_of, weights=weights, minlength=len(names)).reshape(-1, 1)
+        # float32 products: a float64 matrix would upcast all N × m rows on every redraw
+        mat = sparse.csr_matrix((weights.astype(np.float32), (row_of, cols)),
+                                shape=(len(names), x.shape[0]))  # fmt: skip
         return np.asarray(mat @ x, dtype=np.float64) / total
 
     full = _cosine(means(np.ones(cols.size)))

@@ -200,7 +200,8 @@ all-example gradient for every source.""",
     (
         "code",
         """stability = compute_split_stability(run.root, rs=(1, 2), n_boot=N_STABILITY)
-print("\n".join(describe_stability(stability, cfg.partition.r)))
+for line in describe_stability(stability, cfg.partition.r):
+    print(line)
 plot_coassignment(stability, cfg.partition.r)""",
     ),
     (
@@ -214,8 +215,11 @@ Three hand edits, each a method of the session that returns one line saying what
 - **down-weight** a source to a fraction f: every row trains the same seeded f of its examples,
   and the merge weights follow the tokens actually trained;
 - **move** a source to another group;
-- **drop examples** of a source: here the two examples of the last source of G1 that point
-  least with their own source; no row trains them, and its counts and weight follow.""",
+- **drop examples** of a source, by id: no row trains them, and its counts and weight follow.
+  Where the calibration examples are drawn from the train split (a folder of one file per
+  source), these are the two examples of the last source of G1 that point least with their
+  own source; the demo keeps its calibration examples in a split of their own, which no row
+  trains, so here the script drops that source's first two train examples instead.""",
     ),
     (
         "code",
@@ -224,7 +228,8 @@ print(session.drop(G0[-1]))
 print(session.downweight(G0[0], FRACTION))
 print(session.move(G1[0], 0))
 odd = example_table[example_table["source"] == G1[-1]].nsmallest(2, "own_cosine")["id"]
-print(session.drop_examples(G1[-1], list(odd)))
+trained = [i for i in odd if i in session.train_ids[G1[-1]]] or session.train_ids[G1[-1]][:2]
+print(session.drop_examples(G1[-1], trained))
 session.stats()""",
     ),
     (

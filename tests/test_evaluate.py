@@ -5,7 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from merit_lab.evaluate import evaluate_model, greedy_answers, heldout_loss, summarize_eval
+from merit_lab.evaluate import (
+    EVAL_METRICS,
+    evaluate_model,
+    greedy_answers,
+    heldout_loss,
+    summarize_eval,
+)
 from merit_lab.formatting import IGNORE_INDEX, tokenize_example
 from merit_lab.mixture import load_mixture
 
@@ -78,11 +84,23 @@ def test_evaluate_and_summarize(pico_model, demo_tokenizer, two_sources):
         pico_model, demo_tokenizer, two_sources, label="pico", max_examples=4, max_new_tokens=4,
         progress=False,
     )  # fmt: skip
-    assert set(table["metric"]) == {"loss", "exact_match", "similarity"}
-    assert (table["n"] == 4).all() and len(table) == 6
+    assert set(table["metric"]) == set(EVAL_METRICS)
+    assert (table["n"] == 4).all() and len(table) == 2 * len(EVAL_METRICS)
     em = table[table.metric == "exact_match"].set_index("source")["value"]
     sim = table[table.metric == "similarity"].set_index("source")["value"]
     assert ((sim >= em) & (sim <= 1)).all()  # an exact answer has similarity 1
+    # the style metrics from the same greedy answers, recomputed independently
+    answers = {}
+    for name in two_sources.names:
+        examples = two_sources[name].split("eval")[:4]
+        got = greedy_answers(pico_model, demo_tokenizer, examples, max_new_tokens=4)
+        refs = [ex["messages"][-1]["content"].strip() for ex in examples]
+        ratios = [len(a) / len(r) for a, r in zip(got, refs, strict=True)]
+        answers[name] = (np.mean([0.5 <= x <= 2 for x in ratios]), np.mean(ratios))
+    style = table[table.metric == "in_style"].set_index("source")["value"]
+    length = table[table.metric == "length_ratio"].set_index("source")["value"]
+    for name, (in_style, ratio) in answers.items():
+        assert style[name] == pytest.approx(in_style) and length[name] == pytest.approx(ratio)
     fake = pd.DataFrame(
         [
             {"model": m, "source": s, "family": f, "split": "eval", "metric": "exact_match",

@@ -125,3 +125,17 @@ def test_examples_and_stability_of_a_run(edited_run):
     assert stab.info["partition_is_reference"]  # r = 1, partition.json's groups
     assert stab.info["resketch_max_abs_error"] < 0.15  # 512 columns: ~1/√512 per cosine
     assert stab.info["recommended_n"]["threshold"] == 0.95
+
+
+def test_cli_and_report_section(edited_run, capsys):
+    from merit_lab.cli import main
+    from merit_lab.pipeline.examples import compute_example_sketches, stability_section
+
+    _cfg, run, *_ = edited_run
+    compute_example_sketches(run.root, dim=512, progress=False)  # current after the test above
+    main(["examples", str(run.root), "--dim", "512", "--boot", "10", "--rs", "1"])
+    out = capsys.readouterr().out
+    assert "24 examples" in out and "r = 1 (K = 2): ARI to the reported split" in out
+    lines = stability_section(run.root)
+    assert lines[0] == "## Split stability" and any("Recommended calibration size" in x
+                                                    for x in lines)  # fmt: skip

@@ -16,6 +16,7 @@ from PIL import Image
 from merit_lab.demo import DEMO_VL_DIR
 from merit_lab.demo.vl_base import build_vl_processor, vl_model_config
 from merit_lab.demo.vl_tasks import sample_vl_example, vl_sources
+from merit_lab.diagnostics.measures import as_weights
 from merit_lab.formatting import (
     IGNORE_INDEX,
     collate,
@@ -24,8 +25,8 @@ from merit_lab.formatting import (
     tokenize_examples,
 )
 from merit_lab.mixture import MixtureError, load_mixture
-from merit_lab.models import load_model, load_tokenizer, select_parameters
-from merit_lab.multimodal import ImageTextTokenizer
+from merit_lab.models import build_pico_llama, load_model, load_tokenizer, select_parameters
+from merit_lab.multimodal import ImageTextTokenizer, checkpoint_names, in_model_names
 
 BASE = DEMO_VL_DIR / "base"
 
@@ -49,7 +50,7 @@ def _picture(colour=(220, 40, 40)) -> Image.Image:
     return Image.fromarray(img)
 
 
-def _example(tok_source=0, answer_image=None, text="What colour is the shape?", answer="red"):
+def _example(answer_image=None, text="What colour is the shape?", answer="red"):
     return {
         "messages": [
             {
@@ -196,12 +197,17 @@ def test_bad_content_parts_are_refused(tmp_path):
     ex = {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]},
                        {"role": "assistant", "content": "x"}]}  # fmt: skip
     (tmp_path / "s.jsonl").write_text(json.dumps(ex) + "\n")
-    with pytest.raises(MixtureError, match=r"s.jsonl:1: messages\[0\]: content\[0\]"):
+    with pytest.raises(MixtureError, match=r"s.jsonl:1: messages\[0\].content\[0\]: expected"):
         load_mixture(tmp_path)
     ex["messages"][1]["content"] = [{"type": "text", "text": "x"}]
     ex["messages"][0]["content"] = "hi"
     (tmp_path / "s.jsonl").write_text(json.dumps(ex) + "\n")
     with pytest.raises(MixtureError, match="an assistant turn is text"):
+        load_mixture(tmp_path)
+    ex["messages"][1]["content"] = "x"
+    ex["messages"][0]["content"] = [{"type": "text", "text": "hi"}]  # no image: join the text
+    (tmp_path / "s.jsonl").write_text(json.dumps(ex) + "\n")
+    with pytest.raises(MixtureError, match=r"messages\[0\].content must be a string \(join"):
         load_mixture(tmp_path)
 
 
@@ -260,4 +266,17 @@ def test_merge_averages_vision_projector_and_language_and_carries_the_processor(
         assert torch.allclose(p, ref + 0.015, atol=1e-6), name
     back = load_tokenizer(out)
     assert isinstance(back, ImageTextTokenizer) and back.image_processor.patch_size == 4
+    # transformers 5 saves Qwen2-VL in its original layout (model.layers.*, visual.*); the
+    # files' tensors map onto the model's own names one to one
+    names = checkpoint_names(merged)
+    assert (
+        names["model.language_model.layers.0.mlp.up_proj.weight"]
+        == "model.layers.0.mlp.up_proj.weight"
+    )
+    assert names["model.visual.merger.mlp.0.weight"] == "visual.merger.mlp.0.weight"
+    files = in_model_names(as_weights(out), out)
+    state = merged.state_dict()
+    assert len(files) == len(state) - 1  # all but the tied lm_head
+    assert all(torch.equal(files[k], state[k]) for k in files)
+    assert checkpoint_names(build_pico_llama()) == {}
     shutil.rmtree(out)

@@ -221,8 +221,7 @@ def test_lora_branch_trains_resumes_and_writes_adapter_and_dense_model(tmp_path)
     with pytest.raises(_Interrupt):
         train_branch(spec, callbacks=[StopAt()])
     assert (tmp_path / "killed/checkpoints/checkpoint-4/adapter_model.safetensors").is_file()
-    (tmp_path / "killed/checkpoints/checkpoint-4/trainer_state.json").unlink()  # cut save
-    final = train_branch(spec)  # resumes from checkpoint-2
+    final = train_branch(spec)  # resumes from checkpoint-4: adapter, optimizer, RNG, data
     ref = train_branch(_branch_spec(assets, tmp_path / "ref"))
     a, b = (LoraAdapter.open(f) for f in (final, ref))
     for key in a.modules:
@@ -231,8 +230,8 @@ def test_lora_branch_trains_resumes_and_writes_adapter_and_dense_model(tmp_path)
     log, ref_log = read_log(tmp_path / "killed/log.jsonl"), read_log(tmp_path / "ref/log.jsonl")
     assert [r["step"] for r in log] == [r["step"] for r in ref_log]
     assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref_log], rel=1e-4)
-    # resumed, not restarted: steps 1-2 (up to checkpoint-2) are the first session's lines
-    assert [r["time"] < stopped[0] for r in log] == [True, True, False, False, False, False]
+    # resumed, not restarted: steps 1-4 (up to checkpoint-4) are the first session's lines
+    assert [r["time"] < stopped[0] for r in log] == [True, True, True, True, False, False]
 
     # final/: the dense model is θ0 + s·B·A of its own adapter, rounded once to float32
     dense = load_file(final / "model.safetensors")

@@ -41,6 +41,11 @@ _EXPORTS = {
     "plot_layer_cosines": "plots_layers",
     "plot_drift_angles": "plots_drift",
     "plot_drift_map": "plots_drift",
+    "plot_example_cloud": "plots_examples",
+    "plot_pair_contributions": "plots_examples",
+    "plot_ari_distribution": "plots_stability",
+    "plot_coassignment": "plots_stability",
+    "plot_cosine_spread": "plots_stability",
     "ConflictExplorer": "explorer",
     "PartitionEditor": "editor",
 }
