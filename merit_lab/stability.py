@@ -308,7 +308,8 @@ def recommend_n(
 
     Per source, `bootstrap_convergence` gives the cosine between n-example and all-example
     gradients; the curve used is the worst source's median at each n. The recommended n is the
-    smallest measured n where it reaches ``threshold``. Beyond the measured sizes it is
+    smallest measured n (the sizes in ``ns`` a source has, and its own count) where it reaches
+    ``threshold``. Beyond the measured sizes it is
     extrapolated from cos² = n / (n + k) (a mean of n noisy rows: k = noise / signal, fitted per
     source by least squares on 1/cos² − 1 = k/n; the largest k decides), so a source with too
     few examples still gets an answer.
@@ -322,8 +323,8 @@ def recommend_n(
     frames = []
     for s in dict.fromkeys(sources):
         idx = np.flatnonzero(src == s)
-        df = bootstrap_convergence(rows[idx], tokens[idx], ns=[n for n in ns if n <= idx.size]
-                                   or [idx.size], n_boot=n_boot, seed=seed)  # fmt: skip
+        sizes = sorted({n for n in ns if n <= idx.size} | {idx.size})  # and all n_s examples
+        df = bootstrap_convergence(rows[idx], tokens[idx], ns=sizes, n_boot=n_boot, seed=seed)
         df.insert(0, "source", s)
         frames.append(df)
     table = pd.concat(frames, ignore_index=True)

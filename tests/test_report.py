@@ -77,8 +77,10 @@ def _section(text: str, heading: str) -> str:
 
 def test_report_sections_in_order_and_unedited_mixture(run_dir):
     assert list(REPORT_SECTIONS) == [
-        "header", "long and small sources", "curated mixture", "comparison", "train vs held-out",
-        "token budget", "diagnostics", "conflict space", "training", "timings", "footer",
+        "header", "long and small sources", "curated mixture", "comparison", "seeds",
+        "answer style", "train vs held-out", "lm-eval", "token budget", "diagnostics",
+        "conflict space", "split stability", "layer-wise conflict", "conflict drift", "training",
+        "timings", "footer",
     ]  # fmt: skip
     mix = json.loads((run_dir / "mixture.json").read_text())
     mix["sources"] = mix["sources"][:-1]  # an unplaced source is a curation too: remove it

@@ -27,6 +27,7 @@ from merit_lab.formatting import (
     response_token_loss,
     tokenize_examples,
 )
+from merit_lab.multimodal import in_model_names
 
 __all__ = [
     "LossFn",
@@ -76,8 +77,8 @@ def as_weights(theta: Weights) -> Mapping[str, Tensor]:
     """Model → its parameters (tied ones once); folder → a lazy view; mapping → itself."""
     if isinstance(theta, torch.nn.Module):
         return {n: p.detach() for n, p in theta.named_parameters()}
-    if isinstance(theta, (str, Path)):
-        return _Lazy(Path(theta))
+    if isinstance(theta, (str, Path)):  # under the loaded model's names (Qwen2-VL renames)
+        return in_model_names(_Lazy(Path(theta)), theta)
     return theta
 
 
