@@ -46,7 +46,6 @@ from merit_lab.examples import pair_contributions
 from merit_lab.models import load_model, load_tokenizer, resolve_model_path
 from merit_lab.partition import Partition
 from merit_lab.pipeline import (
-    load_edit_session,
     load_run_mixture,
     load_source_table,
     run_pipeline,
@@ -182,8 +181,10 @@ against the second; the list sums exactly to the cosine.""",
         "code",
         """RIVAL = conflicts.loc[0, "source"]
 contrib = pair_contributions(examples, FIRST, RIVAL)
-print(f"cos = {space.cosine[space.index(FIRST), space.index(RIVAL)]:+.4f}, "
-      f"sum of shares = {contrib['share'].sum():+.4f}")
+print(
+    f"cos = {space.cosine[space.index(FIRST), space.index(RIVAL)]:+.4f}, "
+    f"sum of shares = {contrib['share'].sum():+.4f}"
+)
 plot_pair_contributions(contrib, FIRST, RIVAL, top=8)""",
     ),
     (

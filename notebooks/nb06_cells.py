@@ -95,8 +95,12 @@ changes. This is the conflict MERIT has to find from gradients alone.""",
     (
         "code",
         """pictures = source_pictures(mixture, split="train", n=3)
-HTML("".join(pictures_html(pictures[f"colour-{s}"]) for s in
-             ["terse-lower", "terse-upper", "verbose-lower", "verbose-upper"]))""",
+HTML(
+    "".join(
+        pictures_html(pictures[f"colour-{s}"])
+        for s in ["terse-lower", "terse-upper", "verbose-lower", "verbose-upper"]
+    )
+)""",
     ),
     (
         "md",

@@ -57,8 +57,11 @@ LAYER_FIELDS = ("layer_groups", "layer_dim")  # calibration fields that change n
 
 def bank_calibration(cal) -> dict[str, Any]:
     """``calibration`` for the mixture and gradient stage keys: without the layer fields, so
-    turning layer groups on neither redoes the bank nor anything after it."""
-    return key_view(cal, LAYER_FIELDS)
+    turning layer groups on neither redoes the bank nor anything after it, and without
+    ``lora_warmup_steps`` while it is off (the gradient key adds the LoRA settings when it is
+    on), so a run made before the option existed stays current."""
+    drop = LAYER_FIELDS + (() if cal.lora_warmup_steps else ("lora_warmup_steps",))
+    return key_view(cal, drop)
 
 
 def partition_view(p) -> dict[str, Any]:
