@@ -50,6 +50,7 @@ __all__ = [
     "merge_ties",
     "merge_uniform",
     "merge_version",
+    "mergekit_problem",
 ]
 
 Tensors = Sequence[Tensor]  # the K inputs' values of one parameter, float32, same shape
@@ -485,8 +486,10 @@ def merge_checkpoints(
         ]
         digests = _write_merged_weights(tmp, req, ckpts, base_ckpt, shard_size, progress, out_pool)
         copy_side_files(req.base if req.base is not None else req.inputs[0], tmp)
-        mk = _mergekit_config(req.inputs, req.weights, req.base, method, req.params, dtype0)
-        atomic_write_text(tmp / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
+        why_not = mergekit_problem(req.inputs[0])
+        if why_not is None:
+            mk = _mergekit_config(req.inputs, req.weights, req.base, method, req.params, dtype0)
+            atomic_write_text(tmp / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
         out_hashes = {
             p.name: digests.get(p.name) or sha256_file(p)
             for p in sorted(tmp.iterdir())
@@ -496,6 +499,8 @@ def merge_checkpoints(
         seconds = time.perf_counter() - t0
         manifest = _manifest(req, in_hashes, base_hashes, base_fp, out_hashes, n_tensors, dtype0,
                              seconds)  # fmt: skip
+        manifest["mergekit_export"] = None if why_not else "mergekit.yaml"
+        manifest["mergekit_export_reason"] = why_not or "the same merge as a mergekit config"
         atomic_write_json(tmp / "merge_manifest.json", manifest)
         bytes_written = sum((tmp / n).stat().st_size for n in digests)
     return MergeReport(
@@ -511,6 +516,21 @@ def merge_checkpoints(
         output_sha256=MappingProxyType(out_hashes),
         base_fingerprint=base_fp,
     )
+
+
+def mergekit_problem(folder: str | Path) -> str | None:
+    """Why mergekit cannot redo a merge of this model (None when it can): mergekit 0.1.5 reads
+    ``num_hidden_layers`` at the top of ``config.json``, where transformers 5 no longer writes it
+    for image-text models (it is under ``text_config``), so ``mergekit-yaml`` stops with "has no
+    attribute num_hidden_layers" (checked on the image-text demo's Qwen2-VL)."""
+    config = Path(folder) / "config.json"
+    cfg = read_json(config) if config.is_file() else {}
+    if "num_hidden_layers" not in cfg and "num_hidden_layers" in cfg.get("text_config", {}):
+        return (
+            f"{cfg.get('model_type', 'this')} config keeps num_hidden_layers under text_config "
+            "(transformers 5), which mergekit 0.1.5 does not read: no mergekit.yaml written"
+        )
+    return None
 
 
 def merge_version() -> str:

@@ -306,6 +306,8 @@ def test_task_vector_checkpoints_match_a_plain_torch_computation(
     if method == "ties":  # where every task vector was trimmed (≈ 0.5³ of entries), θ0 stays
         assert 0.08 < n_base / n_all < 0.17
     cfg = yaml.safe_load((tmp_path / "m" / "mergekit.yaml").read_text())
+    manifest = json.loads((tmp_path / "m" / "merge_manifest.json").read_text())
+    assert manifest["mergekit_export"] == "mergekit.yaml"  # a text model's merge keeps it
     assert cfg["merge_method"] == method and cfg["base_model"] == str(base.resolve())
     assert cfg["parameters"] == {"lambda": params["lambda"], "normalize": method == "ties"}
     assert [m["parameters"]["weight"] for m in cfg["models"]] == weights
