@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from merit_lab.conflict import compute_conflict_space
+from merit_lab.examples import pair_contributions
 from merit_lab.io import atomic_write_json
 from merit_lab.partition import split_balanced
 from merit_lab.pipeline.figures import CONTACT_SHEET, WIDE_STEMS, collect_figures, write_figures
@@ -104,10 +105,61 @@ def diagnostics_documents() -> dict[str, dict]:
             "perturbation": {"draws": draws}, "gain": {"experiments": gain}}  # fmt: skip
 
 
+def interpretability_figures() -> dict[str, go.Figure]:
+    """The figures of the report's stability, layer-wise and drift sections and of the example
+    explorer, built from synthetic inputs of the shapes those stages produce."""
+    from merit_lab.conflict import compute_conflict_space
+    from merit_lab.drift import compute_drift
+    from merit_lab.layerwise import LayerBank, ParamGroup, compute_layer_conflict
+    from merit_lab.stability import bootstrap_split_stability
+    from merit_lab.viz.plots_drift import plot_drift_angles, plot_drift_map
+    from merit_lab.viz.plots_examples import plot_example_cloud, plot_pair_contributions
+    from merit_lab.viz.plots_layers import plot_layer_axis_shares, plot_layer_cosines
+    from merit_lab.viz.plots_stability import (
+        plot_ari_distribution,
+        plot_coassignment,
+        plot_cosine_spread,
+    )
+    from tests.test_examples import _synthetic
+    from tests.test_stability import COUNTS, NAMES, TOKENS, _mixture
+
+    rows, tokens, sources = _mixture(1.0)
+    st = bootstrap_split_stability(rows, tokens, sources, NAMES, examples=COUNTS,
+                                   train_tokens=TOKENS, rs=(1, 2), n_boot=20, seed=0)  # fmt: skip
+    _rows, _tok, bank, names, sk = _synthetic(t=6)
+    space = compute_conflict_space(bank, names)
+    table = sk.table(space, r=3)
+    rng = np.random.default_rng(0)
+    groups, start = [], 0
+    for layer in range(3):
+        for kind in ("attention", "mlp"):
+            groups.append(ParamGroup(f"layer.{layer}.{kind}", kind, layer, (f"p{layer}{kind}",),
+                                     start, start + 16))  # fmt: skip
+            start += 16
+    layer_bank = LayerBank(tuple(names), tuple(groups), rng.normal(size=(6, start)).astype("f4"))
+    lc = compute_layer_conflict(layer_bank, k=2, contrasts={"style": ["a", "b"] * 3})
+    later = {f"{e}/end": bank + 0.5 * rng.normal(size=bank.shape) for e in ("joint-1ep", "m/0")}
+    drift = compute_drift(names, bank, later, k=2)
+    return {
+        "stability_coassign_r1": plot_coassignment(st, 1),
+        "stability_ari": plot_ari_distribution(st),
+        "stability_spread": plot_cosine_spread(st),
+        "example_cloud": plot_example_cloud(space, table, names[0]),
+        "example_pair": plot_pair_contributions(
+            pair_contributions(sk, names[0], names[1]), names[0], names[1]
+        ),
+        "layer_axis_shares": plot_layer_axis_shares(lc),
+        "layer_cosines": plot_layer_cosines(lc),
+        "drift_angles": plot_drift_angles(drift),
+        "drift_map": plot_drift_map(drift),
+    }
+
+
 @pytest.fixture(scope="module")
 def figures(run_dir) -> dict[str, go.Figure]:
     """Every figure of the run, each in the screen style and in the paper style."""
     raw = collect_figures(run_dir) | plot_diagnostics_files(diagnostics_documents())
+    raw |= interpretability_figures()
     spread = pd.DataFrame(0.01, index=MODELS[:3], columns=["add", "sub"])
     wide = pd.DataFrame(0.5, index=MODELS, columns=["add", "sub", "avg"])
     raw["compare_spread"] = plot_comparison(wide, metric="loss", spread=spread)
@@ -122,7 +174,9 @@ def test_the_run_has_every_kind_of_figure(figures):
         "conflict_clustermap", "conflict_heatmap", "conflict_scatter", "conflict_scatter_3d",
         "explained_variance", "compare_loss", "compare_exact_match", "training",
         "gradient_convergence", "diag_paths_merit-2d", "diag_displacement", "diag_perturbation",
-        "diag_spectral_merit-2d_ties", "compare_lm_eval",
+        "diag_spectral_merit-2d_ties", "compare_lm_eval", "stability_coassign_r1",
+        "stability_ari", "stability_spread", "example_cloud", "example_pair", "layer_axis_shares",
+        "layer_cosines", "drift_angles", "drift_map",
     }  # fmt: skip
     assert want <= stems, want - stems
 

@@ -11,7 +11,7 @@ import math
 import random
 import string
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ __all__ = [
     "build_demo_tokenizer",
     "demo_model_config",
     "pretrain_demo_base",
+    "train_from_batches",
 ]
 
 PAD, BOS, END, UNK, USER, ASSISTANT, SYSTEM = (
@@ -118,6 +119,45 @@ def _encode_batch(
     return collate([tokenize_example(tokenizer, ex) for ex in examples], tokenizer.pad_token_id)
 
 
+def train_from_batches(
+    model: torch.nn.Module,
+    next_batch: Callable[[], dict[str, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    warmup: int,
+    desc: str,
+) -> tuple[float, float]:
+    """The demo bases' training loop: AdamW (betas 0.9/0.95, weight decay 0.01), linear warmup
+    then cosine decay to 10% of ``lr``, gradient clipping at 1, one ``next_batch()`` per step.
+
+    Returns:
+        (the loss's exponential moving average at the end, wall seconds).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start, ema = time.perf_counter(), None
+    model.train()
+    for _ in (bar := tqdm(range(steps), desc=desc)):
+        loss = model(**next_batch()).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}")
+    model.eval()
+    return float(ema), time.perf_counter() - start
+
+
 def pretrain_demo_base(
     mixture_dir: Path,
     out_dir: Path,
@@ -156,29 +196,17 @@ def pretrain_demo_base(
     model.train()
     sources = demo_sources()
     rng = random.Random(f"merit-lab-demo-pretrain:{seed}")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start, ema = time.perf_counter(), None
-    for _ in (bar := tqdm(range(steps), desc="pretrain demo base")):
+    def next_batch() -> dict[str, torch.Tensor]:
         pairs = [
             sample_demo_example(rng.choice(sources), rng, case_noise=case_noise)
             for _ in range(batch_size)
         ]
-        loss = model(**_encode_batch(tokenizer, pairs)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}")
+        return _encode_batch(tokenizer, pairs)
+
+    ema, seconds = train_from_batches(
+        model, next_batch, steps=steps, lr=lr, warmup=warmup, desc="pretrain demo base"
+    )
     model.eval()
     info = {
         "seed": seed,
@@ -188,7 +216,7 @@ def pretrain_demo_base(
         "case_noise": case_noise,
         "final_loss_ema": ema,
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "wall_seconds": round(time.perf_counter() - start, 1),
+        "wall_seconds": round(seconds, 1),
         "mixture": str(Path(mixture_dir).name),
     }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:

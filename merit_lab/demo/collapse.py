@@ -17,15 +17,12 @@ model that does the job, as MERIT's merge-ready base does.
 from __future__ import annotations
 
 import json
-import math
 import random
 import string
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from merit_lab.io import atomic_dir, atomic_write_json
 
@@ -221,6 +218,7 @@ def instruct_collapse_base(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from merit_lab.demo.base import train_from_batches
     from merit_lab.formatting import collate, tokenize_example
 
     torch.manual_seed(seed)
@@ -232,31 +230,20 @@ def instruct_collapse_base(
         "short": [f for f in families if f in SHORT],
         "long": [f for f in families if f in LONG],
     }
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start, ema = time.perf_counter(), None
-    for _ in (bar := tqdm(range(steps), desc="instruction-tune the collapse base")):
+    def next_batch() -> dict[str, torch.Tensor]:
         batch = []
         for _ in range(batch_size):
             family = rng.choice(by_style[rng.choice(("short", "long"))])
             p, r = sample_collapse_example(family, rng)
             ex = {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
             batch.append(tokenize_example(tokenizer, ex))
-        loss = model(**collate(batch, tokenizer.pad_token_id)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}")
+        return collate(batch, tokenizer.pad_token_id)
+
+    ema, seconds = train_from_batches(
+        model, next_batch, steps=steps, lr=lr, warmup=warmup,
+        desc="instruction-tune the collapse base",
+    )  # fmt: skip
     model.eval()
     info = {
         "from": str(Path(base_dir).name),
@@ -266,7 +253,7 @@ def instruct_collapse_base(
         "lr": lr,
         "families": list(families),
         "final_loss_ema": ema,
-        "wall_seconds": round(time.perf_counter() - start, 1),
+        "wall_seconds": round(seconds, 1),
     }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

@@ -9,16 +9,15 @@ Hugging Face folder (``data/demo-vl/base/``) that ``AutoProcessor`` and
 
 from __future__ import annotations
 
-import math
 import random
 import string
-import time
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from merit_lab.demo.base import train_from_batches
 from merit_lab.demo.vl_tasks import draw_scene, sample_vl_example, vl_sources
 from merit_lab.io import atomic_dir, atomic_write_json
 from merit_lab.multimodal import ImageTextTokenizer
@@ -221,26 +220,10 @@ def _pretrain(
     model = Qwen2VLForConditionalGeneration(vl_model_config(tokenizer))
     model.train()
     rng = random.Random(f"merit-lab-demo-vl-pretrain:{seed}")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start, ema = time.perf_counter(), None
-    for step in range(steps):
-        loss = model(**_batch(tokenizer, rng, batch_size, case_noise)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"step {step}: loss {ema:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    ema, seconds = train_from_batches(
+        model, lambda: _batch(tokenizer, rng, batch_size, case_noise), steps=steps, lr=lr,
+        warmup=warmup, desc="pretrain the image-text demo base",
+    )  # fmt: skip
     model.eval()
     info = {
         "seed": seed,
@@ -250,7 +233,7 @@ def _pretrain(
         "case_noise": case_noise,
         "final_loss_ema": ema,
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "wall_seconds": round(time.perf_counter() - start, 1),
+        "wall_seconds": round(seconds, 1),
     }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

@@ -137,6 +137,7 @@ def plot_pair_contributions(contrib: pd.DataFrame, a: str, b: str, top: int = 10
             )
         )
     fig.add_vline(x=0, line={"color": MUTED, "width": 1})
+    fig.update_xaxes(rangemode="tozero")  # the shares are bars from zero, both ways
     fig.update_yaxes(categoryorder="array", categoryarray=list(picked["id"]))
     return layout(
         fig,

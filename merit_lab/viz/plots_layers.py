@@ -98,7 +98,7 @@ def plot_layer_axis_shares(lc: LayerConflict, axes: Sequence[str] | None = None)
         fig,
         "Where the sources conflict: each group's share of a conflict axis",
         height=260 * nrows + 80,
-        width=max(520, 130 + 70 * len(cols) * ncols),
+        width=max(720, 130 + 70 * len(cols) * ncols),
     )
 
 

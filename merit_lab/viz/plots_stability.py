@@ -41,8 +41,8 @@ def plot_coassignment(stab: SplitStability, r: int) -> go.Figure:
     fig.update_xaxes(tickmode="array", tickvals=names)
     return layout(
         fig,
-        f"Co-assignment over {stab.n_boot} redraws, r = {r} (median ARI {med:.2f})",
-        height=max(420, 18 * len(names) + 200), width=max(520, 18 * len(names) + 320),
+        f"Same group in {stab.n_boot} redraws, r = {r} (median ARI {med:.2f})",
+        height=max(420, 18 * len(names) + 200), width=max(600, 18 * len(names) + 320),
     )  # fmt: skip
 
 
