@@ -67,6 +67,12 @@ def config_problems(cfg: RunConfig, *, diagnose: bool = True) -> list[str]:
     ]
     if cfg.train.launcher == "slurm" and importlib.util.find_spec("submitit") is None:
         problems.append("train.launcher: 'slurm' needs submitit (pip install submitit)")
+    model_dir = Path(cfg.model).expanduser()
+    if cfg.train.procs_per_branch > 1 and (model_dir / "preprocessor_config.json").is_file():
+        problems.append(
+            "train.procs_per_branch: image-text models train one process per branch (the null "
+            "rows that pad a multi-process step break Qwen2-VL's position ids); set it to 1"
+        )
     if cfg.calibration.lora_warmup_steps and not cfg.train.lora_r:
         problems.append(
             "calibration.lora_warmup_steps: a LoRA bank warms up the run's LoRA; set train.lora_r"

@@ -280,3 +280,17 @@ def test_merge_averages_vision_projector_and_language_and_carries_the_processor(
     assert all(torch.equal(files[k], state[k]) for k in files)
     assert checkpoint_names(build_pico_llama()) == {}
     shutil.rmtree(out)
+
+
+def test_multi_process_image_text_branches_are_refused_before_any_work():
+    """Null padding rows of a multi-process step break Qwen2-VL's position ids: refused."""
+    from merit_lab.config import RunConfig
+    from merit_lab.validate import config_problems
+
+    data = Path(__file__).resolve().parents[1] / "data" / "demo-vl"
+    base = {"model": str(data / "base"), "mixture": str(data)}
+    cfg = RunConfig.from_dict({**base, "train": {"procs_per_branch": 2, "batch_size": 32}})
+    problems = config_problems(cfg, diagnose=False)
+    assert any(p.startswith("train.procs_per_branch: image-text") for p in problems), problems
+    ok = RunConfig.from_dict(base)
+    assert not any("procs_per_branch" in p for p in config_problems(ok, diagnose=False))
