@@ -455,7 +455,11 @@ def test_diagnostic_figures_carry_the_numbers():
         "loss_b": 2.0,
     }
     fig = plot_interpolation({"a→b": curve})
-    assert len(fig.data) == 2 and list(fig.data[1].y) == [1.0, 1.5, 2.0]  # the chord
+    drawn = [t for t in fig.data if t.x is not None and None not in tuple(t.x)]
+    assert list(drawn[0].y) == [1.0, 1.2, 2.0]  # the path
+    assert len(drawn) == 2 and list(drawn[1].y) == [1.0, 1.5, 2.0]  # its chord
+    # one legend-only entry explains the dotted chords
+    assert [t.name for t in fig.data if t not in drawn] == ["chord (endpoints joined)"]
     d = {"total": 5.0, "per_tensor": {}, "per_layer": {"model.layers.0": 3.0, "lm_head": 4.0}}
     fig = plot_displacement({"joint": d, "merged": d})
     assert [t.name for t in fig.data] == ["joint (total 5)", "merged (total 5)"]
