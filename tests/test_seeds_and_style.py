@@ -17,6 +17,7 @@ from merit_lab.evaluate import relative_to, seed_spread, style_scores, summarize
 from merit_lab.io import read_json
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.experiments import model_rows, plan_specs, seed_variants
+from merit_lab.pipeline.figures import collect_figures
 from merit_lab.pipeline.report_seeds import noise_calls
 from tests.conftest import write_demo_slice
 
@@ -169,6 +170,12 @@ def test_report_gives_mean_and_spread(seeded_run):
     assert "## Training seeds" in report and "## Answer style" in report
     assert "Against joint-1ep (average over families)" in report
     assert (run.root / "figures" / "seeds_loss.html").is_file()
+    # `merit-lab figures`: the comparison bars of the config's seed, and the seed means
+    figs = collect_figures(run.root)
+    assert all("@s" not in t.name for t in figs["compare_loss"].data)
+    bars = {t.name: t for t in figs["seeds_loss"].data}
+    assert list(bars["merit-1d"].y)[-1] == pytest.approx(seeds["merit-1d"]["mean"])
+    assert list(bars["merit-1d"].error_y.array)[-1] == pytest.approx(seeds["merit-1d"]["std"])
 
 
 def test_theta0_style_is_measured_against_its_own_answers(seeded_run):

@@ -17,8 +17,10 @@ import pandas as pd
 from merit_lab.evaluate import summarize_eval
 from merit_lab.io import atomic_write_text
 from merit_lab.lm_eval_adapter import summarize_lm_eval
+from merit_lab.pipeline.experiments import model_rows
 from merit_lab.pipeline.report import training_logs
 from merit_lab.pipeline.report_diagnostics import diagnostics_figures
+from merit_lab.pipeline.report_seeds import seed_tables
 from merit_lab.pipeline.rundir import RunDir, load_source_table
 from merit_lab.viz.export import FIGURE_FORMATS, make_contact_sheet, write_figure_files
 from merit_lab.viz.plots import (
@@ -72,14 +74,21 @@ def _conflict_figures(run: RunDir) -> dict[str, Figure]:
     return figs
 
 
-def _eval_figures(path: Path) -> dict[str, Figure]:
-    table = pd.read_parquet(path)
-    order = list(dict.fromkeys(table["model"]))
+def _eval_figures(run: RunDir) -> dict[str, Figure]:
+    """The comparison bars of the config's own seed (as the report's tables), and with
+    ``train.seeds`` each row's mean over seeds with its standard deviation as error bars."""
+    table = pd.read_parquet(run.eval)
+    rows = model_rows(run.load_config()) if run.config.is_file() else []
+    repeats = {r.label for r in rows if r.repeat}
+    order = [m for m in dict.fromkeys(table["model"]) if m not in repeats]
     figs = {}
-    for metric in [*METRICS, *sorted(set(table["metric"]) - set(METRICS))]:
+    for metric in METRICS:  # the metrics with a direction; length_ratio is in the report
         if ((table["metric"] == metric) & (table["split"] == "eval")).any():
             wide = summarize_eval(table, metric=metric, split="eval", order=order)
             figs[f"compare_{metric}"] = plot_comparison(wide, metric=metric)
+            if repeats:
+                mean, std, _n = seed_tables(table, rows, metric)
+                figs[f"seeds_{metric}"] = plot_comparison(mean, metric=metric, spread=std)
     values, stderr = summarize_lm_eval(table, order)  # eval.lm_eval's rows, ± their stderr
     if not values.empty:
         figs["compare_lm_eval"] = plot_comparison(values, metric="lm-eval score", spread=stderr,
@@ -109,7 +118,7 @@ def collect_figures(run_dir: str | Path) -> dict[str, Figure]:
         raise FileNotFoundError(f"{run.conflict} is missing: run the pipeline up to 'conflict'")
     figs = _conflict_figures(run)
     if run.eval.exists():
-        figs |= _eval_figures(run.eval)
+        figs |= _eval_figures(run)
     logs = training_logs(run.root)
     if any(logs.values()):
         figs["training"] = plot_training_curves(logs)
