@@ -28,11 +28,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
-import merit_lab.conflict as conflict_mod
+import merit_lab.analysis.conflict as conflict_mod
 from benchmarks.common import Results, bench_main, in_child, peak_rss, reset_peak_rss
-from merit_lab.conflict import compute_conflict_space
-from merit_lab.partition import split_balanced_k, split_kmeans, split_random
-from merit_lab.sketch import DEFAULT_SKETCH_DIM
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.gradients.sketch import DEFAULT_SKETCH_DIM
+from merit_lab.partition.plan import split_balanced_k, split_kmeans, split_random
 
 SECTION = "conflict + partition"
 TARGET_S = 5.0  # conflict space + MERIT partition at T = 1000
@@ -78,7 +78,8 @@ def make_bank(t: int, dim: int, seed: int = 0):
 
 @contextmanager
 def _timed_parts(*attrs: str) -> Iterator[dict[str, float]]:
-    """Time the module-level helpers of merit_lab.conflict while compute_conflict_space runs.
+    """Time the module-level helpers of merit_lab.analysis.conflict while compute_conflict_space
+    runs.
 
     Only wraps what exists (a renamed helper is simply not broken out); always restores.
     """

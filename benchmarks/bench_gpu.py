@@ -47,35 +47,80 @@ import torch
 
 from benchmarks.bench_merge import disk_limit, serial_hash_seconds
 from benchmarks.common import Results, machine, print_table, write_json
-from merit_lab import gradients
-from merit_lab.formatting import collate, tokenize_examples
-from merit_lab.gradients import estimate_gradients, source_gradient
-from merit_lab.merge import merge_checkpoints
-from merit_lab.mixture import Mixture, Source
-from merit_lab.models import select_parameters
-from merit_lab.sketch import SketchSpec, build_sketch
+from merit_lab.data.formatting import collate, tokenize_examples
+from merit_lab.data.mixture import Mixture, Source
+from merit_lab.gradients import estimate as gradients
+from merit_lab.gradients.estimate import estimate_gradients, source_gradient
+from merit_lab.gradients.sketch import SketchSpec, build_sketch
+from merit_lab.merging.methods import merge_checkpoints
+from merit_lab.models.loading import select_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
-QWEN = {"vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1e6,
-        "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}  # fmt: skip
+QWEN = {
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "rope_theta": 1e6,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768,
+}
 # Model shapes (Qwen2.5's) and the workload of each: T sources x n examples of lengths in
 # `lengths` tokens; micro-batches of `micro_tokens` padded tokens; fp32: sources measured again
 # in float32.
 SIZES: dict[str, dict[str, Any]] = {
-    "0.5b": {"model": QWEN | {"hidden_size": 896, "num_hidden_layers": 24,
-             "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864},
-             "sources": 4, "n": 200, "lengths": (256, 512), "max_length": 512,
-             "micro_batch": 16, "micro_tokens": 8192, "fp32_sources": 1},
-    "1.5b": {"model": QWEN | {"hidden_size": 1536, "num_hidden_layers": 28,
-             "num_attention_heads": 12, "num_key_value_heads": 2, "intermediate_size": 8960},
-             "sources": 4, "n": 200, "lengths": (256, 512), "max_length": 512,
-             "micro_batch": 16, "micro_tokens": 8192, "fp32_sources": 0},
-    "tiny": {"model": {"vocab_size": 8192, "tie_word_embeddings": True,
-             "max_position_embeddings": 1024, "hidden_size": 96, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256},
-             "sources": 2, "n": 4, "lengths": (24, 48), "max_length": 64,
-             "micro_batch": 2, "micro_tokens": 128, "fp32_sources": 2},
-}  # fmt: skip
+    "0.5b": {
+        "model": QWEN
+        | {
+            "hidden_size": 896,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "intermediate_size": 4864,
+        },
+        "sources": 4,
+        "n": 200,
+        "lengths": (256, 512),
+        "max_length": 512,
+        "micro_batch": 16,
+        "micro_tokens": 8192,
+        "fp32_sources": 1,
+    },
+    "1.5b": {
+        "model": QWEN
+        | {
+            "hidden_size": 1536,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "intermediate_size": 8960,
+        },
+        "sources": 4,
+        "n": 200,
+        "lengths": (256, 512),
+        "max_length": 512,
+        "micro_batch": 16,
+        "micro_tokens": 8192,
+        "fp32_sources": 0,
+    },
+    "tiny": {
+        "model": {
+            "vocab_size": 8192,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 1024,
+            "hidden_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 256,
+        },
+        "sources": 2,
+        "n": 4,
+        "lengths": (24, 48),
+        "max_length": 64,
+        "micro_batch": 2,
+        "micro_tokens": 128,
+        "fp32_sources": 2,
+    },
+}
 ANCHOR = {
     "name": "bergson",
     "tokens_per_s": 28000.0,
@@ -109,8 +154,12 @@ def build_tokenizer(vocab_size: int):
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")  # fmt: skip
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     tok.chat_template = CHATML
     return tok
 
@@ -169,8 +218,13 @@ def _measured(fn: Callable[[], Any], device: torch.device) -> tuple[float, int |
 def _summary(seconds: list[float], work: float) -> dict[str, Any]:
     """Median rate and its spread from the timed rounds (``work`` units per round)."""
     med = statistics.median(seconds)
-    return {"seconds": seconds, "median_s": med, "rate": work / med,
-            "rate_min": work / max(seconds), "rate_max": work / min(seconds)}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "median_s": med,
+        "rate": work / med,
+        "rate_min": work / max(seconds),
+        "rate_max": work / min(seconds),
+    }
 
 
 def _peak(values: list[int | None]) -> int | None:
@@ -185,8 +239,9 @@ def _micro_kwargs(spec: dict) -> dict[str, Any]:
 
 def _split(examples: list, kw: dict[str, Any]) -> list[list]:
     """The stage's own micro-batches of one source's examples (`gradients.micro_batches`)."""
-    return gradients.micro_batches(examples, size=kw["micro_batch_size"],
-                                   tokens=kw["micro_batch_tokens"])  # fmt: skip
+    return gradients.micro_batches(
+        examples, size=kw["micro_batch_size"], tokens=kw["micro_batch_tokens"]
+    )
 
 
 def _plain_fwd_bwd(model, batches: list[dict], device: torch.device) -> None:
@@ -215,8 +270,11 @@ def _sketch_step(model, tok, mix: Mixture, spec: dict, kw: dict, device, rounds:
 
     runs = [_measured(step, device) for _ in range(1 + rounds)][1:]  # the first warms up
     model.zero_grad(set_to_none=True)
-    return {"seconds": [r[0] for r in runs], "median_s": statistics.median(r[0] for r in runs),
-            "peak_bytes": _peak([r[1] for r in runs])}  # fmt: skip
+    return {
+        "seconds": [r[0] for r in runs],
+        "median_s": statistics.median(r[0] for r in runs),
+        "peak_bytes": _peak([r[1] for r in runs]),
+    }
 
 
 def measure_gradients(model, tok, mix: Mixture, spec: dict, device, rounds: int) -> dict:
@@ -249,18 +307,28 @@ def measure_gradients(model, tok, mix: Mixture, spec: dict, device, rounds: int)
     p, s = _summary([x[0] for x in plain], tokens), _summary([x[0] for x in staged], tokens)
     return {
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "sources": len(mix), "examples_per_source": n, "micro_batches": len(batches),
+        "sources": len(mix),
+        "examples_per_source": n,
+        "micro_batches": len(batches),
         "micro_batching": {k.removeprefix("micro_batch_"): v for k, v in kw.items()},
-        "tokens": tokens, "stage_tokens_counted_by_stage": stage_tokens or None,
-        "plain": p, "stage": s, "ratio": s["rate"] / p["rate"],
+        "tokens": tokens,
+        "stage_tokens_counted_by_stage": stage_tokens or None,
+        "plain": p,
+        "stage": s,
+        "ratio": s["rate"] / p["rate"],
         "ratio_per_round": [a[0] / b[0] for a, b in zip(plain, staged, strict=True)],
-        "sketch_runs_per_round": drains, "sketch_step": sk,
+        "sketch_runs_per_round": drains,
+        "sketch_step": sk,
         "sketch_share": drains * sk["median_s"] / s["median_s"],
-        "sketch_s_per_round": drains * sk["median_s"], "gap_s": s["median_s"] - p["median_s"],
-        "peak_bytes": {"plain": _peak([x[1] for x in plain]),
-                       "stage": _peak([x[1] for x in staged]), "sketch": sk["peak_bytes"]},
+        "sketch_s_per_round": drains * sk["median_s"],
+        "gap_s": s["median_s"] - p["median_s"],
+        "peak_bytes": {
+            "plain": _peak([x[1] for x in plain]),
+            "stage": _peak([x[1] for x in staged]),
+            "sketch": sk["peak_bytes"],
+        },
         "loss_mean": float(np.mean([st["loss"] for st in bank.stats.values()])),
-    }  # fmt: skip
+    }
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -292,8 +360,9 @@ def measure_merge(model, work: Path, device, rounds: int) -> dict:
     out = work / "merged"
 
     def merge():
-        return merge_checkpoints(branches, out, method="linear", weights=[1 / K] * K,
-                                 overwrite=True, progress=False)  # fmt: skip
+        return merge_checkpoints(
+            branches, out, method="linear", weights=[1 / K] * K, overwrite=True, progress=False
+        )
 
     disk_limit(files, work, [])  # warm the page cache, as bench_merge does (untimed)
     merge()  # warm-up
@@ -313,11 +382,21 @@ def measure_merge(model, work: Path, device, rounds: int) -> dict:
     hash_out = serial_hash_seconds(sorted(out.glob("*.safetensors")))
     shutil.rmtree(work, ignore_errors=True)
     m, f = statistics.median(merges), statistics.median(floors)
-    return {"k": K, "dtype": "bfloat16", "bytes_read": moved - report.bytes_written,
-            "bytes_written": report.bytes_written, "n_tensors": report.n_tensors,
-            "merge_s": merges, "floor_s": floors, "merge_median_s": m, "floor_median_s": f,
-            "ratio": m / f, "merge_gb_per_s": moved / m / 1e9,
-            "serial_sha256_inputs_s": hash_in, "serial_sha256_output_s": hash_out}  # fmt: skip
+    return {
+        "k": K,
+        "dtype": "bfloat16",
+        "bytes_read": moved - report.bytes_written,
+        "bytes_written": report.bytes_written,
+        "n_tensors": report.n_tensors,
+        "merge_s": merges,
+        "floor_s": floors,
+        "merge_median_s": m,
+        "floor_median_s": f,
+        "ratio": m / f,
+        "merge_gb_per_s": moved / m / 1e9,
+        "serial_sha256_inputs_s": hash_in,
+        "serial_sha256_output_s": hash_out,
+    }
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -326,35 +405,50 @@ def _add_gradient_figures(res: Results, section: str, g: dict, tiny: bool) -> No
     p, s, sk = g["plain"], g["stage"], g["sketch_step"]
     work = f"{g['tokens']:,} tokens, {g['sources']} sources x {g['examples_per_source']}"
     rounds = f"over {len(p['seconds'])} rounds"
-    res.add(section, "plain fwd+bwd (the ceiling)", p["rate"], "tok/s",
-            note=f"{work}, {g['micro_batches']} micro-batches; "
-                 f"{p['rate_min']:,.0f}-{p['rate_max']:,.0f} {rounds}")  # fmt: skip
-    res.add(section, "gradient stage (estimate_gradients)", s["rate"], "tok/s",
-            note=f"{s['rate_min']:,.0f}-{s['rate_max']:,.0f} {rounds}")  # fmt: skip
+    res.add(
+        section,
+        "plain fwd+bwd (the ceiling)",
+        p["rate"],
+        "tok/s",
+        note=f"{work}, {g['micro_batches']} micro-batches; "
+        f"{p['rate_min']:,.0f}-{p['rate_max']:,.0f} {rounds}",
+    )
+    res.add(
+        section,
+        "gradient stage (estimate_gradients)",
+        s["rate"],
+        "tok/s",
+        note=f"{s['rate_min']:,.0f}-{s['rate_max']:,.0f} {rounds}",
+    )
     res.add(section, "stage ÷ plain fwd+bwd", g["ratio"], "×", target=tgt((">=", 0.9)))
-    res.add(section, "count-sketch (2^18) share of the stage", 100 * g["sketch_share"], "%",
-            target=tgt(("<=", 10.0)),
-            note=f"{sk['median_s'] * 1e3:.1f} ms per sketch step x {g['sketch_runs_per_round']} "
-                 f"per round = {g['sketch_s_per_round']:.2f} s "
-                 f"of the stage's {g['gap_s']:.2f} s over plain")  # fmt: skip
+    res.add(
+        section,
+        "count-sketch (2^18) share of the stage",
+        100 * g["sketch_share"],
+        "%",
+        target=tgt(("<=", 10.0)),
+        note=f"{sk['median_s'] * 1e3:.1f} ms per sketch step x {g['sketch_runs_per_round']} "
+        f"per round = {g['sketch_s_per_round']:.2f} s "
+        f"of the stage's {g['gap_s']:.2f} s over plain",
+    )
     for phase, b in g["peak_bytes"].items():
         if b is not None:  # off CUDA: null in the JSON, no row in the table
             res.add(section, f"peak GPU memory, {phase}", b / 2**30, "GiB")
 
 
 def measure_scaling(model, tok, mix: Mixture, spec: dict, work: Path, device) -> dict | str:
-    """The sharded gradient stage (`merit_lab.gradient_jobs`: one local worker process per GPU)
+    """The sharded gradient stage (`merit_lab.gradients.workers`: one local worker process per GPU)
     at 1 worker and at every GPU, wall time from launch to the last part (each worker loads θ0),
     and the two banks compared. ``--tiny`` on the CPU runs it with 1 and 2 CPU processes, so
     the tests exercise the path; with fewer than 2 GPUs it is not measured and says so."""
-    from merit_lab.gradient_jobs import (
+    from merit_lab.gradients.workers import (
         GradientJob,
         agreed_info,
         assemble_bank,
         job_paths,
         launch_jobs,
         shard_sources,
-    )  # fmt: skip
+    )
 
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and count < 2:
@@ -377,13 +471,23 @@ def measure_scaling(model, tok, mix: Mixture, spec: dict, work: Path, device) ->
         out = root / f"bank-{n_workers}"
         paths = []
         for i, shard in enumerate(shard_sources(list(mix.names), {}, n_workers)):
-            job = GradientJob(worker=i, model=str(root / "base"), out_dir=str(out),
-                              tokenizer=str(root / "tokenizer"),
-                              sources=tuple(shard), device=device.type, dtype=dtype,
-                              mixture={"path": str(root / "mix"), "calibration_n": spec["n"],
-                                       "eval_fraction": 0.0},
-                              n=spec["n"], max_length=spec["max_length"],
-                              **_micro_kwargs(spec))  # fmt: skip
+            job = GradientJob(
+                worker=i,
+                model=str(root / "base"),
+                out_dir=str(out),
+                tokenizer=str(root / "tokenizer"),
+                sources=tuple(shard),
+                device=device.type,
+                dtype=dtype,
+                mixture={
+                    "path": str(root / "mix"),
+                    "calibration_n": spec["n"],
+                    "eval_fraction": 0.0,
+                },
+                n=spec["n"],
+                max_length=spec["max_length"],
+                **_micro_kwargs(spec),
+            )
             paths.append(job.save(job_paths(out, i)[0]))
         _log(f"  sharded stage: {n_workers} worker(s)")
         t0 = time.perf_counter()
@@ -395,14 +499,25 @@ def measure_scaling(model, tok, mix: Mixture, spec: dict, work: Path, device) ->
     tokens = sum(d["throughput"]["tokens"] for d in dones)
     diff = float(np.abs(banks[0] - banks[1]).max() / np.abs(banks[0]).max())
     shutil.rmtree(work, ignore_errors=True)  # the size's folder, as the merge leaves it
-    return {"workers": counts, "wall_s": walls, "tokens": tokens,
-            "tokens_per_s_wall": [tokens / w for w in walls], "speedup": walls[0] / walls[1],
-            "efficiency": walls[0] / walls[1] / counts[1], "worker_tokens_per_s": workers,
-            "bank_max_rel_diff": diff}  # fmt: skip
+    return {
+        "workers": counts,
+        "wall_s": walls,
+        "tokens": tokens,
+        "tokens_per_s_wall": [tokens / w for w in walls],
+        "speedup": walls[0] / walls[1],
+        "efficiency": walls[0] / walls[1] / counts[1],
+        "worker_tokens_per_s": workers,
+        "bank_max_rel_diff": diff,
+    }
 
 
-def run(sizes: list[str], device: torch.device, rounds: int = 3, fp32: bool = True,
-        work: Path | None = None) -> tuple[Results, dict]:  # fmt: skip
+def run(
+    sizes: list[str],
+    device: torch.device,
+    rounds: int = 3,
+    fp32: bool = True,
+    work: Path | None = None,
+) -> tuple[Results, dict]:
     """Every measurement for each of ``sizes``: (the figures, the JSON record)."""
     import transformers
     from transformers.utils import logging as hf_logging
@@ -418,10 +533,18 @@ def run(sizes: list[str], device: torch.device, rounds: int = 3, fp32: bool = Tr
         "transformers": transformers.__version__,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
     }
-    _log(f"{info['gpu'] or device} | torch {torch.__version__} CUDA {torch.version.cuda} | "
-         f"transformers {transformers.__version__}")  # fmt: skip
-    record: dict[str, Any] = {"machine": info, "tiny": tiny, "rounds": rounds, "anchor": ANCHOR,
-                              "sizes": {}, "multi_gpu": "not measured"}  # fmt: skip
+    _log(
+        f"{info['gpu'] or device} | torch {torch.__version__} CUDA {torch.version.cuda} | "
+        f"transformers {transformers.__version__}"
+    )
+    record: dict[str, Any] = {
+        "machine": info,
+        "tiny": tiny,
+        "rounds": rounds,
+        "anchor": ANCHOR,
+        "sizes": {},
+        "multi_gpu": "not measured",
+    }
     work = work or ROOT / ".bench" / "gpu"
     for size in sizes:
         spec = SIZES[size]
@@ -431,16 +554,24 @@ def run(sizes: list[str], device: torch.device, rounds: int = 3, fp32: bool = Tr
         model = build_model(spec["model"], torch.bfloat16, device)
         n_params = sum(p.numel() for p in model.parameters())
         _log(f"{size}: {n_params / 1e6:,.1f}M parameters, bf16 on {device}")
-        entry: dict[str, Any] = {"parameters": n_params, "config": spec["model"],
-                                 "attention": model.config._attn_implementation}  # fmt: skip
+        entry: dict[str, Any] = {
+            "parameters": n_params,
+            "config": spec["model"],
+            "attention": model.config._attn_implementation,
+        }
         entry["bf16"] = measure_gradients(model, tok, mix, spec, device, rounds)
         _add_gradient_figures(res, f"{size} bf16", entry["bf16"], tiny)
         _log(f"{size}: merge K={K} against the disk")
         entry["merge"] = measure_merge(model, work / size, device, rounds)
         mg = entry["merge"]
-        res.add(f"{size} merge", f"merge_checkpoints linear K={K} (bf16)", mg["merge_median_s"],
-                "s", note=f"{(mg['bytes_read'] + mg['bytes_written']) / 1e9:.2f} GB moved, "
-                          f"{mg['merge_gb_per_s']:.2f} GB/s")  # fmt: skip
+        res.add(
+            f"{size} merge",
+            f"merge_checkpoints linear K={K} (bf16)",
+            mg["merge_median_s"],
+            "s",
+            note=f"{(mg['bytes_read'] + mg['bytes_written']) / 1e9:.2f} GB moved, "
+            f"{mg['merge_gb_per_s']:.2f} GB/s",
+        )
         res.add(
             f"{size} merge",
             "disk floor: read inputs + write output (fsync)",
@@ -450,8 +581,13 @@ def run(sizes: list[str], device: torch.device, rounds: int = 3, fp32: bool = Tr
             f"one thread: inputs {mg['serial_sha256_inputs_s']:.2f} s + output "
             f"{mg['serial_sha256_output_s']:.2f} s",
         )
-        res.add(f"{size} merge", "merge time ÷ disk floor", mg["ratio"], "×",
-                target=None if tiny else ("<=", 1.3))  # fmt: skip
+        res.add(
+            f"{size} merge",
+            "merge time ÷ disk floor",
+            mg["ratio"],
+            "×",
+            target=None if tiny else ("<=", 1.3),
+        )
         entry["fp32"] = None
         if fp32 and spec["fp32_sources"]:
             model.float()
@@ -470,8 +606,13 @@ def run(sizes: list[str], device: torch.device, rounds: int = 3, fp32: bool = Tr
         entry["seconds"] = time.perf_counter() - t_size
         record["sizes"][size] = entry
         _log(f"{size}: done in {entry['seconds']:.0f} s")
-    res.add("anchor", f"bergson: {ANCHOR['setup']}", ANCHOR["tokens_per_s"], "tok/s",
-            note=f"{ANCHOR['note']}; ours above on {info['gpu'] or device}")  # fmt: skip
+    res.add(
+        "anchor",
+        f"bergson: {ANCHOR['setup']}",
+        ANCHOR["tokens_per_s"],
+        "tok/s",
+        note=f"{ANCHOR['note']}; ours above on {info['gpu'] or device}",
+    )
     scaling = record["multi_gpu"]
     if isinstance(scaling, str):  # a sentence saying why not
         res.skip("multi-GPU", "sharded gradient stage scaling", scaling)
@@ -504,13 +645,20 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no CUDA device")
     t0 = time.perf_counter()
-    res, record = run(sizes, device, max(1, args.rounds), not args.no_fp32,
-                      Path(args.workdir) if args.workdir else None)  # fmt: skip
+    res, record = run(
+        sizes,
+        device,
+        max(1, args.rounds),
+        not args.no_fp32,
+        Path(args.workdir) if args.workdir else None,
+    )
     res.seconds = record["seconds"] = time.perf_counter() - t0
     print()
     print_table([res])
-    print(f"\n{record['machine']['gpu'] or device}, {record['machine']['date']}: "
-          f"{record['seconds'] / 60:.1f} min in all")  # fmt: skip
+    print(
+        f"\n{record['machine']['gpu'] or device}, {record['machine']['date']}: "
+        f"{record['seconds'] / 60:.1f} min in all"
+    )
     if args.out:
         write_json(args.out, record | {"results": [res.to_dict()]})
         print(f"wrote {args.out}")

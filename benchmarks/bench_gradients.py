@@ -37,12 +37,12 @@ from benchmarks.common import (
     rel_slope_spread,
     reset_peak_rss,
 )
-from merit_lab.config import CalibrationConfig, load_config
-from merit_lab.formatting import collate, tokenize_examples
-from merit_lab.gradients import estimate_gradients, source_gradient
-from merit_lab.mixture import Mixture, load_mixture
-from merit_lab.models import load_model, load_tokenizer, select_parameters
-from merit_lab.sketch import DEFAULT_SKETCH_DIM, SketchSpec, build_sketch
+from merit_lab.config.schema import CalibrationConfig, load_config
+from merit_lab.data.formatting import collate, tokenize_examples
+from merit_lab.data.mixture import Mixture, load_mixture
+from merit_lab.gradients.estimate import estimate_gradients, source_gradient
+from merit_lab.gradients.sketch import DEFAULT_SKETCH_DIM, SketchSpec, build_sketch
+from merit_lab.models.loading import load_model, load_tokenizer, select_parameters
 
 SECTION = "gradient bank"
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -133,9 +133,14 @@ def scale_child(t: int, n: int) -> dict:
     for _ in range(2):  # best of two: a single short run at small T is mostly noise
         t0 = time.perf_counter()
         bank = estimate_gradients(
-            model, tok, mix, n=n, micro_batch_size=cal.micro_batch_size,
-            max_length=cal.max_length, progress=False,
-        )  # fmt: skip
+            model,
+            tok,
+            mix,
+            n=n,
+            micro_batch_size=cal.micro_batch_size,
+            max_length=cal.max_length,
+            progress=False,
+        )
         seconds = min(seconds, time.perf_counter() - t0)
         rows_bytes = int(bank.rows.nbytes)
         del bank  # so the second run's bank does not sit beside the first's
@@ -180,31 +185,50 @@ def run(quick: bool = False) -> Results:
         tp = sum(_plain_fwd_bwd(model, bs) for bs in batches)
         t0 = time.perf_counter()
         estimate_gradients(
-            model, tok, mix, n=n, micro_batch_size=cal.micro_batch_size,
-            max_length=cal.max_length, progress=False,
-        )  # fmt: skip
+            model,
+            tok,
+            mix,
+            n=n,
+            micro_batch_size=cal.micro_batch_size,
+            max_length=cal.max_length,
+            progress=False,
+        )
         ts_ = time.perf_counter() - t0
         rounds.append({"plain_s": tp, "stage_s": ts_})
         _log(f"  plain {tp:.2f} s, stage {ts_:.2f} s")
         t_plain, t_stage = min(t_plain, tp), min(t_stage, ts_)
-    res.add(SECTION, "stage tokens/s ÷ plain fwd+bwd tokens/s", t_plain / t_stage, "×",
-            target=(">=", 0.9),
-            note=f"{tokens:,} tokens; plain {tokens / t_plain:,.0f} tok/s, "
-                 f"stage {tokens / t_stage:,.0f} tok/s")  # fmt: skip
+    res.add(
+        SECTION,
+        "stage tokens/s ÷ plain fwd+bwd tokens/s",
+        t_plain / t_stage,
+        "×",
+        target=(">=", 0.9),
+        note=f"{tokens:,} tokens; plain {tokens / t_plain:,.0f} tok/s, "
+        f"stage {tokens / t_stage:,.0f} tok/s",
+    )
 
     t0 = time.perf_counter()
     for src in mix:
         tokenize_examples(tok, src.calibration[:n], cal.max_length)
     t_tok = time.perf_counter() - t0
-    res.add(SECTION, "tokenising (chat template) ÷ plain fwd+bwd", 100 * t_tok / t_plain, "%",
-            note="part of the stage, not of the plain pass: the main part of the gap above on "
-                 "this 653k-parameter model; it does not grow with the model, so it shrinks "
-                 "as a share on a bigger one")  # fmt: skip
+    res.add(
+        SECTION,
+        "tokenising (chat template) ÷ plain fwd+bwd",
+        100 * t_tok / t_plain,
+        "%",
+        note="part of the stage, not of the plain pass: the main part of the gap above on "
+        "this 653k-parameter model; it does not grow with the model, so it shrinks "
+        "as a share on a bigger one",
+    )
     t_sketch = _sketch_seconds(model, tok, mix, dataclasses.replace(cal, n=n), 3)
     share = 100 * t_sketch / (t_stage / len(mix))
-    res.add(SECTION, f"count-sketch (d=2^{DEFAULT_SKETCH_DIM.bit_length() - 1}) share of the "
-            "stage per source", share, "%",
-            target=("<=", 10.0))  # fmt: skip
+    res.add(
+        SECTION,
+        f"count-sketch (d=2^{DEFAULT_SKETCH_DIM.bit_length() - 1}) share of the stage per source",
+        share,
+        "%",
+        target=("<=", 10.0),
+    )
 
     # Per-example (LESS) vs batched, on a few sources.
     sub = mix.select(mix.names[: 2 if quick else 4])
@@ -212,11 +236,23 @@ def run(quick: bool = False) -> Results:
     _log(f"per-example (LESS way) vs batched: {len(sub)} sources x {n_pe} examples")
     t_pe = _per_example_seconds(model, tok, sub, n_pe, cal)
     t0 = time.perf_counter()
-    estimate_gradients(model, tok, sub, n=n_pe, micro_batch_size=cal.micro_batch_size,
-                       max_length=cal.max_length, progress=False)  # fmt: skip
+    estimate_gradients(
+        model,
+        tok,
+        sub,
+        n=n_pe,
+        micro_batch_size=cal.micro_batch_size,
+        max_length=cal.max_length,
+        progress=False,
+    )
     t_b = time.perf_counter() - t0
-    res.add(SECTION, "per-example (LESS way) time ÷ batched", t_pe / t_b, "×",
-            note="one backward + one sketch per example; reference only")  # fmt: skip
+    res.add(
+        SECTION,
+        "per-example (LESS way) time ÷ batched",
+        t_pe / t_b,
+        "×",
+        note="one backward + one sketch per example; reference only",
+    )
 
     # T sweep, each in a fresh process.
     ts = (4, 8) if quick else (8, 16, 32, 64, 128)
@@ -229,20 +265,30 @@ def run(quick: bool = False) -> Results:
     secs = [p["seconds"] for p in sweep]
     toks = [p["tokens"] for p in sweep]
     per_source = ", ".join(f"T={t} {s / t:.3f} s" for t, s in zip(ts, secs, strict=True))
-    res.add(SECTION, f"seconds per token, spread over T = {ts[0]}…{ts[-1]}",
-            100 * rel_slope_spread(toks, secs), "%", target=("<=", 15.0),
-            note="(max − min)/mean of seconds per calibration token; 0% is exactly linear "
-                 f"in the work. Per source: {per_source}")  # fmt: skip
+    res.add(
+        SECTION,
+        f"seconds per token, spread over T = {ts[0]}…{ts[-1]}",
+        100 * rel_slope_spread(toks, secs),
+        "%",
+        target=("<=", 15.0),
+        note="(max − min)/mean of seconds per calibration token; 0% is exactly linear "
+        f"in the work. Per source: {per_source}",
+    )
     g0, g1 = sweep[0], sweep[-1]
     extra = (g1["peak_growth_bytes"] - g0["peak_growth_bytes"]) / max(
         1, g1["bank_bytes"] - g0["bank_bytes"]
     )
-    res.add(SECTION, f"peak-RSS growth T={ts[0]}→{ts[-1]} ÷ bank growth", extra, "×",
-            target=("<=", 1.5),
-            note=f"peak grew {(g1['peak_growth_bytes'] - g0['peak_growth_bytes']) / 2**20:.0f} "
-                 f"MiB; bank {g0['bank_bytes'] / 2**20:.1f}→{g1['bank_bytes'] / 2**20:.1f} MiB; "
-                 f"T×params would be {g1['t_x_params_bytes'] / 2**20:.0f} MiB; the bank (T × 4 × "
-                 "dim bytes) is the only thing that should grow")  # fmt: skip
+    res.add(
+        SECTION,
+        f"peak-RSS growth T={ts[0]}→{ts[-1]} ÷ bank growth",
+        extra,
+        "×",
+        target=("<=", 1.5),
+        note=f"peak grew {(g1['peak_growth_bytes'] - g0['peak_growth_bytes']) / 2**20:.0f} "
+        f"MiB; bank {g0['bank_bytes'] / 2**20:.1f}→{g1['bank_bytes'] / 2**20:.1f} MiB; "
+        f"T×params would be {g1['t_x_params_bytes'] / 2**20:.0f} MiB; the bank (T × 4 × "
+        "dim bytes) is the only thing that should grow",
+    )
     res.raw = {
         "parameters": n_params,
         "sources": len(mix),

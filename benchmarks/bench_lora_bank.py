@@ -26,16 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merit_lab.checkpoints import fingerprint_checkpoint
-from merit_lab.config import load_config
-from merit_lab.conflict import compute_conflict_space
-from merit_lab.formatting import tokenize_examples
-from merit_lab.gradients import estimate_gradients
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.config.schema import load_config
+from merit_lab.data.formatting import tokenize_examples
+from merit_lab.data.mixture import load_mixture
+from merit_lab.gradients.estimate import estimate_gradients
+from merit_lab.gradients.lora_bank import (
+    WARMUP_RECORD,
+    load_lora_model,
+    warm_up_for_run,
+    warmup_info,
+)
 from merit_lab.io import atomic_write_json, read_json
-from merit_lab.lora_bank import WARMUP_RECORD, load_lora_model, warm_up_for_run, warmup_info
-from merit_lab.mixture import load_mixture
-from merit_lab.models import load_model, load_tokenizer, resolve_model_path
-from merit_lab.partition import split_balanced
+from merit_lab.models.checkpoints import fingerprint_checkpoint
+from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
+from merit_lab.partition.plan import split_balanced
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench" / "lora_bank"
@@ -86,10 +91,19 @@ def _bank(cfg, mixture, tok, fingerprint: str, folder: Path, adapter: Path | Non
     cal = cfg.calibration
     t0 = time.perf_counter()
     bank = estimate_gradients(
-        model, tok, mixture, sketch=cfg.sketch, n=cal.n, micro_batch_size=cal.micro_batch_size,
-        max_length=cal.max_length, long_examples=cfg.mixture.long_examples,
-        model_fingerprint=fingerprint, out_dir=folder, lora=lora, progress=False,
-    )  # fmt: skip
+        model,
+        tok,
+        mixture,
+        sketch=cfg.sketch,
+        n=cal.n,
+        micro_batch_size=cal.micro_batch_size,
+        max_length=cal.max_length,
+        long_examples=cfg.mixture.long_examples,
+        model_fingerprint=fingerprint,
+        out_dir=folder,
+        lora=lora,
+        progress=False,
+    )
     seconds = time.perf_counter() - t0
     return bank, _timed(folder.name, seconds, bank.info["throughput"]["sources"] > 0)
 
@@ -100,13 +114,20 @@ def run(quick: bool = False) -> dict:
     base = resolve_model_path(cfg.model)
     fingerprint = fingerprint_checkpoint(base)
     m = cfg.mixture
-    mixture = load_mixture(m.path, source_column=m.source_column, calibration_n=cfg.calibration.n,
-                           eval_fraction=m.eval_fraction, seed=cfg.seed, split=m.split)  # fmt: skip
+    mixture = load_mixture(
+        m.path,
+        source_column=m.source_column,
+        calibration_n=cfg.calibration.n,
+        eval_fraction=m.eval_fraction,
+        seed=cfg.seed,
+        split=m.split,
+    )
     tok = load_tokenizer(base)
     names = list(mixture.names)
     examples = {s.name: len(s.train) for s in mixture}
-    tokens = {s.name: sum(e.n_tokens for e in tokenize_examples(tok, s.train, 256))
-              for s in mixture}  # fmt: skip
+    tokens = {
+        s.name: sum(e.n_tokens for e in tokenize_examples(tok, s.train, 256)) for s in mixture
+    }
     keys = {s: s for s in names}  # the bundled demo: its files are the keys' content
 
     full, full_s = _bank(cfg, mixture, tok, fingerprint, CACHE / "full", None)
@@ -120,8 +141,9 @@ def run(quick: bool = False) -> dict:
         "lora": {},
     }
     for steps in STEPS[:1] if quick else STEPS:
-        lcfg = load_config(ROOT / "configs" / "demo-lora.yaml",
-                           calibration={"lora_warmup_steps": steps})  # fmt: skip
+        lcfg = load_config(
+            ROOT / "configs" / "demo-lora.yaml", calibration={"lora_warmup_steps": steps}
+        )
         t0, cached = time.perf_counter(), (CACHE / f"warmup-{steps}" / WARMUP_RECORD).is_file()
         adapter = warm_up_for_run(lcfg, mixture, CACHE / f"warmup-{steps}", base, fingerprint, keys)
         warm_s = _timed(f"warmup-{steps}", time.perf_counter() - t0, not cached)
@@ -151,8 +173,10 @@ def run(quick: bool = False) -> dict:
             "bank_seconds": bank_s,
         }
         atomic_write_json(OUT, out)  # after each length: a cut sweep keeps what it measured
-        print(f"warm-up {steps:4d} steps: cosine Pearson {pearson:.4f}, ARI r=1 {ari['r1']:.4f}, "
-              f"r=2 {ari['r2']:.4f}")  # fmt: skip
+        print(
+            f"warm-up {steps:4d} steps: cosine Pearson {pearson:.4f}, ARI r=1 {ari['r1']:.4f}, "
+            f"r=2 {ari['r2']:.4f}"
+        )
     return out
 
 

@@ -52,7 +52,7 @@ from benchmarks.common import (
     in_child,
 )
 from merit_lab.io import atomic_dir, sha256_file
-from merit_lab.merge import merge_checkpoints
+from merit_lab.merging.methods import merge_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".bench"
@@ -462,9 +462,15 @@ def _spread(xs: list[float], unit: str = "s", scale: float = 1.0, fmt: str = ".2
 
 
 def _vs_mergekit(
-    res: Results, inputs: list[str], files: list[Path], work: Path, rounds: int, quick: bool, tgt,
+    res: Results,
+    inputs: list[str],
+    files: list[Path],
+    work: Path,
+    rounds: int,
+    quick: bool,
+    tgt,
     model: str,
-) -> None:  # fmt: skip
+) -> None:
     """mergekit-yaml against our merge, both as commands, ``rounds`` alternating rounds each,
     warm and then cold page cache, memory split into anonymous and file-backed."""
     exe, how = ensure_mergekit(install=not quick)
@@ -475,7 +481,7 @@ def _vs_mergekit(
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     code = (
-        "import json, sys; from merit_lab.merge import merge_checkpoints as m; "
+        "import json, sys; from merit_lab.merging.methods import merge_checkpoints as m; "
         "a = json.loads(sys.argv[1]); m(a['inputs'], a['out'], weights=a['w'], progress=False)"
     )
     cfg = work / "mergekit.yaml"
@@ -484,8 +490,15 @@ def _vs_mergekit(
         if side == "ours":
             args = json.dumps({"inputs": inputs, "out": str(out), "w": WEIGHTS})
             return [sys.executable, "-c", code, args]
-        return [str(exe), str(cfg), str(out), "--no-cuda", "--no-copy-tokenizer",
-                "--no-write-model-card", "--quiet"]  # fmt: skip
+        return [
+            str(exe),
+            str(cfg),
+            str(out),
+            "--no-cuda",
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--quiet",
+        ]
 
     def once(side: str, out: Path) -> CommandMemory:
         try:
@@ -511,7 +524,7 @@ def _vs_mergekit(
 
     # start-up alone: the interpreter and the imports each command pays before any merging
     starts: dict[str, list[CommandMemory]] = {"ours": [], "mergekit": []}
-    imports = "import json, sys; from merit_lab.merge import merge_checkpoints"
+    imports = "import json, sys; from merit_lab.merging.methods import merge_checkpoints"
     start_cmd = {
         "ours": [sys.executable, "-c", imports],
         "mergekit": [str(exe), "--help"],  # imports all of mergekit-yaml's modules, then exits
@@ -590,7 +603,7 @@ def _vs_mergekit(
             net["mergekit"] / net["ours"],
             "×",
             note=f"the warm medians less each command's start-up alone (ours: `python -c` "
-            f"importing merit_lab.merge, {_spread([r.seconds for r in starts['ours']])}; "
+            f"importing merit_lab.merging.methods, {_spread([r.seconds for r in starts['ours']])}; "
             f"mergekit: `mergekit-yaml --help`, {_spread([r.seconds for r in starts['mergekit']])}"
             f"): mergekit {net['mergekit']:.2f} s vs ours {net['ours']:.2f} s. Ours also fsyncs "
             "every shard, hashes every byte (sha256, for the manifest) and checks every tensor "

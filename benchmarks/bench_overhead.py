@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import Results, bench_main
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from merit_lab.demo import DEMO_DIR
 from merit_lab.pipeline import run_pipeline
 
@@ -69,10 +69,20 @@ def run(quick: bool = False) -> Results:
         f"calibration/training example ratio, {100 * paper_ratio:.1f}% there against "
         f"{100 * ratio:.0f}% in the demo"
     )
-    res.add(SECTION, "gradients + conflict + partition ÷ branch training (demo)", share, "%",
-            note=measured)  # fmt: skip
-    res.add(SECTION, "[projection] same share at the paper's 7B mixture (arithmetic)",
-            share * paper_ratio / ratio, "%", note=projected)  # fmt: skip
+    res.add(
+        SECTION,
+        "gradients + conflict + partition ÷ branch training (demo)",
+        share,
+        "%",
+        note=measured,
+    )
+    res.add(
+        SECTION,
+        "[projection] same share at the paper's 7B mixture (arithmetic)",
+        share * paper_ratio / ratio,
+        "%",
+        note=projected,
+    )
     res.raw = {
         "timings": t,
         "calibration_examples": cal_examples,

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from benchmarks.common import Results, bench_main
-from merit_lab.config import load_config
-from merit_lab.fetch import RECORD, fetched_model_path
-from merit_lab.formatting import tokenize_examples
-from merit_lab.gradients import estimate_gradients, grads_only_for, source_gradient
-from merit_lab.mixture import load_mixture
-from merit_lab.models import load_model, load_tokenizer, select_parameters
-from merit_lab.sketch import SketchSpec, build_sketch
+from merit_lab.config.schema import load_config
+from merit_lab.data.formatting import tokenize_examples
+from merit_lab.data.mixture import load_mixture
+from merit_lab.gradients.estimate import estimate_gradients, grads_only_for, source_gradient
+from merit_lab.gradients.sketch import SketchSpec, build_sketch
+from merit_lab.models.fetch import RECORD, fetched_model_path
+from merit_lab.models.loading import load_model, load_tokenizer, select_parameters
 
 SECTION = "half-precision banks vs exact fp32"
 
@@ -63,14 +63,16 @@ def _fp32_summed_bank(model, tok, mix, *, n: int, mbs: int, max_length: int) -> 
                 model.zero_grad(set_to_none=True)
 
             model.zero_grad(set_to_none=True)
-            source_gradient(model, ex, pad_token_id=tok.pad_token_id, micro_batch_size=mbs,
-                            after_backward=drain)  # fmt: skip
+            source_gradient(
+                model, ex, pad_token_id=tok.pad_token_id, micro_batch_size=mbs, after_backward=drain
+            )
             rows.append(row.numpy())
     return np.stack(rows)
 
 
-def _measure(res: Results, label: str, model_name: str, mix, *, n: int, mbs: int, ml: int,
-             fp16: bool) -> None:  # fmt: skip
+def _measure(
+    res: Results, label: str, model_name: str, mix, *, n: int, mbs: int, ml: int, fp16: bool
+) -> None:
     tok = load_tokenizer(model_name)
     kw = dict(n=n, micro_batch_size=mbs, max_length=ml, progress=False)
     t0 = time.perf_counter()
@@ -93,10 +95,13 @@ def _measure(res: Results, label: str, model_name: str, mix, *, n: int, mbs: int
         note = f"{len(mix)} sources ({pairs} pairs), n = {n}, micro-batches of {mbs}"
         res.add(SECTION, f"{label}: {name}, max |cos err|", float(err.max()), note=note)
         res.add(SECTION, f"{label}: {name}, mean |cos err|", float(err.mean()))
-        res.add(SECTION, f"{label}: {name}, Pearson",
-                float(np.corrcoef(_cosines(rows), exact)[0, 1]))  # fmt: skip
-    res.raw[label] = {"exact_cosine_range": [float(exact.min()), float(exact.max())],
-                      "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        res.add(
+            SECTION, f"{label}: {name}, Pearson", float(np.corrcoef(_cosines(rows), exact)[0, 1])
+        )
+    res.raw[label] = {
+        "exact_cosine_range": [float(exact.min()), float(exact.max())],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     print(f"[precision] {label}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -110,8 +115,11 @@ def run(quick: bool = False) -> Results:
     if quick:
         return res
     if not (fetched_model_path("smollm2") / RECORD).is_file() or not cfg.mixture.path:
-        res.skip(SECTION, "SmolLM2-135M", "run `merit-lab fetch-model smollm2` and "
-                 "`merit-lab fetch-data chatterbot` first")  # fmt: skip
+        res.skip(
+            SECTION,
+            "SmolLM2-135M",
+            "run `merit-lab fetch-model smollm2` and `merit-lab fetch-data chatterbot` first",
+        )
         return res
     try:
         chat = load_mixture(cfg.mixture.path, calibration_n=32)

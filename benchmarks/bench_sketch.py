@@ -38,12 +38,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import Results, bench_main
-from merit_lab.conflict import compute_conflict_space
-from merit_lab.gradients import estimate_gradients
-from merit_lab.mixture import load_mixture
-from merit_lab.models import load_model, load_tokenizer, select_parameters
-from merit_lab.partition import split_balanced
-from merit_lab.sketch import (
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.data.mixture import load_mixture
+from merit_lab.gradients.estimate import estimate_gradients
+from merit_lab.gradients.sketch import (
     _GAUSSIAN_BLOCK_ENTRIES,
     DEFAULT_SKETCH_DIM,
     SketchSpec,
@@ -52,6 +50,8 @@ from merit_lab.sketch import (
     bytes_per_source,
     sketch_fidelity,
 )
+from merit_lab.models.loading import load_model, load_tokenizer, select_parameters
+from merit_lab.partition.plan import split_balanced
 
 SECTION = "sketch fidelity"
 MAX_ERR, MIN_PEARSON = 0.005, 0.99  # the fidelity targets
@@ -322,9 +322,15 @@ def run(quick: bool = False) -> Results:
     t = rows.shape[0]
     _log(f"exact bank {rows.shape} in {info['exact_bank_seconds']:.1f} s; sweeping sketches")
     runs, summary = sweep(
-        rows, params, cs_dims=cs_dims, gauss_dims=gauss_dims, everies=everies, seeds=seeds,
-        names=info["names"], counts=info["train_examples"],
-    )  # fmt: skip
+        rows,
+        params,
+        cs_dims=cs_dims,
+        gauss_dims=gauss_dims,
+        everies=everies,
+        seeds=seeds,
+        names=info["names"],
+        counts=info["train_examples"],
+    )
     _print_sweep(summary, n_params)
     _log(f"count-sketch d={_p2(tile_dim)} on {tiles}× the parameters ({tiles * n_params:,})")
     tiled = tiled_check(rows, params, tile_dim, tiles, seeds)

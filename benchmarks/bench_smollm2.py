@@ -25,12 +25,12 @@ import torch
 
 from benchmarks.bench_gradients import _plain_fwd_bwd
 from benchmarks.common import Results, bench_main
-from merit_lab.config import load_config
-from merit_lab.fetch import RECORD, fetched_model_path
-from merit_lab.formatting import collate, tokenize_examples
-from merit_lab.gradients import estimate_gradients
-from merit_lab.mixture import load_mixture
-from merit_lab.models import load_model, load_tokenizer
+from merit_lab.config.schema import load_config
+from merit_lab.data.formatting import collate, tokenize_examples
+from merit_lab.data.mixture import load_mixture
+from merit_lab.gradients.estimate import estimate_gradients
+from merit_lab.models.fetch import RECORD, fetched_model_path
+from merit_lab.models.loading import load_model, load_tokenizer
 
 SECTION = "gradient bank, SmolLM2-135M"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"
@@ -41,8 +41,11 @@ def run(quick: bool = False) -> Results:
     cfg = load_config(CONFIG)
     data = Path(cfg.mixture.path)
     if not (fetched_model_path("smollm2") / RECORD).is_file() or not data.is_dir():
-        res.skip(SECTION, "stage ÷ plain fwd+bwd", "run `merit-lab fetch-model smollm2` and "
-                 "`merit-lab fetch-data chatterbot` first")  # fmt: skip
+        res.skip(
+            SECTION,
+            "stage ÷ plain fwd+bwd",
+            "run `merit-lab fetch-model smollm2` and `merit-lab fetch-data chatterbot` first",
+        )
         return res
     cal = cfg.calibration
     torch.manual_seed(0)
@@ -63,15 +66,28 @@ def run(quick: bool = False) -> Results:
         plain.append(_plain_fwd_bwd(model, batches))
         t0 = time.perf_counter()
         estimate_gradients(
-            model, tok, mix, n=n, micro_batch_size=cal.micro_batch_size,
-            max_length=cal.max_length, progress=False,
-        )  # fmt: skip
+            model,
+            tok,
+            mix,
+            n=n,
+            micro_batch_size=cal.micro_batch_size,
+            max_length=cal.max_length,
+            progress=False,
+        )
         stage.append(time.perf_counter() - t0)
-        print(f"[smollm2] round {rep + 1}: plain {plain[-1]:.1f} s, stage {stage[-1]:.1f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[smollm2] round {rep + 1}: plain {plain[-1]:.1f} s, stage {stage[-1]:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     spread = f"{len(mix)} sources x {n} examples, {tokens:,} tokens; {len(plain)} rounds"
-    res.add(SECTION, "plain fwd+bwd", tokens / float(np.median(plain)), "tok/s",
-            note=f"{spread}, {min(plain):.1f}-{max(plain):.1f} s")  # fmt: skip
+    res.add(
+        SECTION,
+        "plain fwd+bwd",
+        tokens / float(np.median(plain)),
+        "tok/s",
+        note=f"{spread}, {min(plain):.1f}-{max(plain):.1f} s",
+    )
     res.add(
         SECTION,
         "gradient stage",
@@ -79,8 +95,13 @@ def run(quick: bool = False) -> Results:
         "tok/s",
         note=f"{min(stage):.1f}-{max(stage):.1f} s (tokenising, response loss, sketch)",
     )
-    res.add(SECTION, "stage ÷ plain fwd+bwd", float(np.median(plain) / np.median(stage)), "×",
-            target=(">=", 0.9))  # fmt: skip
+    res.add(
+        SECTION,
+        "stage ÷ plain fwd+bwd",
+        float(np.median(plain) / np.median(stage)),
+        "×",
+        target=(">=", 0.9),
+    )
     return res
 
 

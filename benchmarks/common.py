@@ -168,8 +168,13 @@ def print_table(results: Sequence[Results], file=None) -> None:
     line = "  ".join("-" * w for w in widths)
     print(line, file=file)
     for i, r in enumerate(rows):
-        cells = [r[0].ljust(widths[0]), r[1][: widths[1]].ljust(widths[1]),
-                 r[2].rjust(widths[2]), r[3].ljust(widths[3]), r[4]]  # fmt: skip
+        cells = [
+            r[0].ljust(widths[0]),
+            r[1][: widths[1]].ljust(widths[1]),
+            r[2].rjust(widths[2]),
+            r[3].ljust(widths[3]),
+            r[4],
+        ]
         print("  ".join(cells).rstrip(), file=file)
         if i == 0:
             print(line, file=file)
@@ -282,8 +287,12 @@ def command_peak(
         t0 = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-c", _WRAPPER, str(report), *cmd],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            text=True,
+        )
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}")
@@ -361,8 +370,12 @@ def command_memory(
         report = Path(tmp) / "memory.json"
         proc = subprocess.run(
             [sys.executable, "-c", _SAMPLER, str(report), str(interval), *cmd],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            text=True,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}")
         r = json.loads(report.read_text())
@@ -402,8 +415,14 @@ def cached_fraction(paths: Sequence[str | os.PathLike]) -> float:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     page = mmap.PAGESIZE

@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(results)
     missed = [f for r in results for f in r.figures if f.ok is False]
-    print(f"\n{sum(len(r.figures) for r in results)} figures, {len(missed)} targets missed, "
-          f"{len(failed)} benchmarks failed; {total / 60:.1f} min in all "
-          f"({', '.join(f'{r.bench} {r.seconds:.0f} s' for r in results)})")  # fmt: skip
+    print(
+        f"\n{sum(len(r.figures) for r in results)} figures, {len(missed)} targets missed, "
+        f"{len(failed)} benchmarks failed; {total / 60:.1f} min in all "
+        f"({', '.join(f'{r.bench} {r.seconds:.0f} s' for r in results)})"
+    )
     write_json(
         args.out,
         {

@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from merit_lab.config import load_config
+    from merit_lab.config.schema import load_config
     from merit_lab.pipeline import run_pipeline, run_summary
 
     cfg = load_config(args.config, output_dir=args.output_dir)
@@ -33,13 +33,15 @@ def _comparison(run) -> str:
     """The held-out comparison as printed after a full run (the report has every table)."""
     import pandas as pd
 
-    from merit_lab.evaluate import summarize_eval
+    from merit_lab.evaluation.evaluate import summarize_eval
 
     table = pd.read_parquet(run.eval)
     order = list(dict.fromkeys(table["model"]))
     parts = []
-    for metric, title in [("loss", "held-out loss (lower is better)"),
-                          ("exact_match", "exact match, % (higher is better)")]:  # fmt: skip
+    for metric, title in [
+        ("loss", "held-out loss (lower is better)"),
+        ("exact_match", "exact match, % (higher is better)"),
+    ]:
         if (table["metric"] == metric).any():
             wide = summarize_eval(table, metric=metric, order=order)
             parts.append(f"{title}:\n{wide.round(4 if metric == 'loss' else 1).to_string()}")
@@ -47,7 +49,7 @@ def _comparison(run) -> str:
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> None:
-    from merit_lab.config import load_config
+    from merit_lab.config.schema import load_config
     from merit_lab.pipeline import RunDir, run_pipeline
 
     root = RunDir(Path(args.run))
@@ -66,8 +68,8 @@ def _cmd_drift(args: argparse.Namespace) -> None:
 
 
 def _cmd_examples(args: argparse.Namespace) -> None:
+    from merit_lab.partition.stability import describe_stability
     from merit_lab.pipeline.examples import compute_example_sketches, compute_split_stability
-    from merit_lab.stability import describe_stability
 
     sk = compute_example_sketches(args.run, dim=args.dim, force=args.force)
     print(f"{sk.n_examples} examples ({sk.info['seconds']:.1f} s)")
@@ -166,13 +168,13 @@ def _cmd_demo_vl(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_branch(args: argparse.Namespace) -> None:
-    from merit_lab.train import train_branch_from_file
+    from merit_lab.training.trainer import train_branch_from_file
 
     print(f"trained branch: {train_branch_from_file(args.spec)}")
 
 
 def _cmd_launch(args: argparse.Namespace) -> None:
-    from merit_lab.launch import launch_branches
+    from merit_lab.training.launch import launch_branches
 
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
     slurm = {"partition": args.partition} if args.mode == "slurm" and args.partition else None
@@ -183,8 +185,8 @@ def _cmd_launch(args: argparse.Namespace) -> None:
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> None:
-    from merit_lab.fetch import RECORD, fetch_model
     from merit_lab.io import read_json
+    from merit_lab.models.fetch import RECORD, fetch_model
 
     out = fetch_model(args.name, force=args.force)
     record = read_json(out / RECORD)
@@ -194,7 +196,7 @@ def _cmd_fetch_model(args: argparse.Namespace) -> None:
 
 
 def _cmd_fetch_data(args: argparse.Namespace) -> None:
-    from merit_lab.corpora import CHATTERBOT_SOURCES, CORPORA
+    from merit_lab.data.corpora import CHATTERBOT_SOURCES, CORPORA
 
     if args.corpus not in CORPORA:
         raise KeyError(f"unknown corpus {args.corpus!r}; known: {', '.join(CORPORA)}")
@@ -228,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="recompute every diagnostic")
     g.set_defaults(func=_cmd_diagnose)
 
-    ex = sub.add_parser("examples", help="per-example gradients in the conflict space + split "
-                        "stability (examples.parquet, stability.json)")  # fmt: skip
+    ex = sub.add_parser(
+        "examples",
+        help="per-example gradients in the conflict space + split "
+        "stability (examples.parquet, stability.json)",
+    )
     ex.add_argument("run", help="runs/<name> (partition done)")
     ex.add_argument("--dim", type=int, default=8192, help="re-sketch width of the stored rows")
     ex.add_argument("--boot", type=int, default=200, help="bootstrap redraws (default 200)")
@@ -255,8 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="the curated mixture for trl / open-instruct + manifest")
     x.add_argument("run", help="runs/<name> (partition stage done)")
     x.add_argument("--out", required=True, help="output folder")
-    x.add_argument("--format", default="trl,open-instruct,jsonl",
-                   help="trl,open-instruct,jsonl (comma-separated)")  # fmt: skip
+    x.add_argument(
+        "--format",
+        default="trl,open-instruct,jsonl",
+        help="trl,open-instruct,jsonl (comma-separated)",
+    )
     x.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("show", help="summarise a run directory")

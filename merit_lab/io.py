@@ -345,8 +345,11 @@ def _acquire(path: Path, me: dict[str, Any]) -> bool:
             )
         log.warning(
             "%s: taking over the lock of pid %s (started %s, %r), which is no longer running",
-            path, holder["pid"], holder.get("started"), holder.get("command"),
-        )  # fmt: skip
+            path,
+            holder["pid"],
+            holder.get("started"),
+            holder.get("command"),
+        )
         if _read_holder(path) == holder:  # not replaced by another taker meanwhile
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -3,7 +3,8 @@
 Input: jobs, each a command (``python -m MODULE JOB``, or torchrun of N of them) or a function of
 one job file, with a log file and a width (the processes it runs). Output: the jobs run; the
 failures collected and raised together, each with its log tail. Branch training
-(`merit_lab.launch`) and the gradient workers (`merit_lab.gradient_jobs`) both run on it, so
+(`merit_lab.training.launch`) and the gradient workers (`merit_lab.gradients.workers`) both run on
+it, so
 every mode means the same for both.
 """
 
@@ -106,8 +107,12 @@ def run_local(
                 job = queue.pop(0)
                 taken, free = free[:need], free[need:]
                 threads = str(max(1, cores // (len(units) * (1 if gpus else job.width))))
-                env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": threads,
-                       "MKL_NUM_THREADS": threads}  # fmt: skip
+                env = {
+                    **os.environ,
+                    "PYTHONPATH": pythonpath,
+                    "OMP_NUM_THREADS": threads,
+                    "MKL_NUM_THREADS": threads,
+                }
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, taken))
                 Path(job.log).parent.mkdir(parents=True, exist_ok=True)

@@ -14,16 +14,16 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from merit_lab.checkpoints import INDEX_NAME, Checkpoint
-from merit_lab.config import RunConfig
-from merit_lab.corpora import CORPORA
+from merit_lab.config.schema import RunConfig
+from merit_lab.data.corpora import CORPORA
+from merit_lab.data.mixture import SPLITS, count_sources
 from merit_lab.io import read_json
-from merit_lab.launch import MODES
-from merit_lab.merge import MERGE_METHODS
-from merit_lab.mixture import SPLITS, count_sources
-from merit_lab.models import DTYPES, HUB_ID
-from merit_lab.partition import PARTITION_METHODS
-from merit_lab.train import SCHEDULERS
+from merit_lab.merging.methods import MERGE_METHODS
+from merit_lab.models.checkpoints import INDEX_NAME, Checkpoint
+from merit_lab.models.loading import DTYPES, HUB_ID
+from merit_lab.partition.plan import PARTITION_METHODS
+from merit_lab.training.launch import MODES
+from merit_lab.training.trainer import SCHEDULERS
 
 __all__ = ["config_problems", "curvature_memory_problem", "validate_config"]
 
@@ -204,7 +204,7 @@ def _mixture_problems(cfg: RunConfig) -> list[str]:
     if path != "demo" and not Path(path).exists() and not HUB_ID.fullmatch(path):
         return [f"mixture.path: {path!r}: no such folder or file, and not a `datasets` hub name"]
     if path == "demo":
-        from merit_lab.demo import DEMO_DIR  # imports transformers: only for the demo
+        from merit_lab.config.paths import DEMO_DIR
 
         path = str(DEMO_DIR)
     n = count_sources(path)
@@ -270,8 +270,11 @@ def curvature_memory_problem(cfg: RunConfig, model_dir: str | Path) -> str | Non
         layout = Checkpoint.open(model_dir)
     except ValueError:
         return None  # the model's own check names what is wrong with the folder
-    keys = [k for k in layout.float_keys() if not d.curvature_params or
-            any(fnmatch.fnmatchcase(k, p) for p in d.curvature_params)]  # fmt: skip
+    keys = [
+        k
+        for k in layout.float_keys()
+        if not d.curvature_params or any(fnmatch.fnmatchcase(k, p) for p in d.curvature_params)
+    ]
     dim = sum(math.prod(layout.tensors[k][2]) for k in keys)
     need = 8 * dim * (d.hessian_iter + 4)  # the basis, and a few vectors of the iteration
     free = _available_memory()

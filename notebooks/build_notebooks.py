@@ -47,8 +47,8 @@ conflicts) and checks that the conflict space finds what was planted.""",
     ),
     (
         "code",
-        """from merit_lab.config import load_config
-from merit_lab.conflict import ConflictSpace
+        """from merit_lab.config.schema import load_config
+from merit_lab.analysis.conflict import ConflictSpace
 from merit_lab.io import read_json
 from merit_lab.pipeline import load_source_table, run_pipeline, run_summary
 from merit_lab.viz.plots import (
@@ -153,10 +153,10 @@ Everything lives in the run directory, so each step resumes where it stopped."""
         "code",
         """from IPython.display import Markdown
 
-from merit_lab.config import load_config
-from merit_lab.evaluate import summarize_eval
+from merit_lab.config.schema import load_config
+from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.io import read_json
-from merit_lab.partition import Partition
+from merit_lab.partition.plan import Partition
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.experiments import (
     evaluate_rows,

@@ -29,8 +29,8 @@ tiny base model, a few minutes on a laptop CPU).""",
     ),
     (
         "code",
-        """from merit_lab.config import load_config
-from merit_lab.conflict import ConflictSpace
+        """from merit_lab.config.schema import load_config
+from merit_lab.analysis.conflict import ConflictSpace
 from merit_lab.pipeline import load_source_table, run_pipeline, run_summary
 from merit_lab.viz.plots import plot_conflict_scatter""",
     ),

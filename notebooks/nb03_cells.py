@@ -38,7 +38,7 @@ of the paper's findings may not reproduce.""",
         "code",
         """from IPython.display import Markdown
 
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from merit_lab.pipeline import run_pipeline, run_summary
 from merit_lab.pipeline.diagnose import (
     diagnostics_figures,

@@ -40,11 +40,11 @@ anything you click can also be written down, replayed and tested without a brows
         "code",
         """from IPython.display import HTML, display
 
-from merit_lab.config import load_config
-from merit_lab.convergence import gradient_convergence
-from merit_lab.examples import pair_contributions
-from merit_lab.models import load_model, load_tokenizer, resolve_model_path
-from merit_lab.partition import Partition
+from merit_lab.config.schema import load_config
+from merit_lab.analysis.convergence import gradient_convergence
+from merit_lab.analysis.examples import pair_contributions
+from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
+from merit_lab.partition.plan import Partition
 from merit_lab.pipeline import (
     load_run_mixture,
     load_source_table,
@@ -57,7 +57,7 @@ from merit_lab.pipeline.examples import (
     load_example_session,
     load_example_table,
 )
-from merit_lab.stability import describe_stability
+from merit_lab.partition.stability import describe_stability
 from merit_lab.viz.editor import PartitionEditor
 from merit_lab.viz.explorer import ConflictExplorer
 from merit_lab.viz.plots import plot_gradient_convergence

@@ -30,7 +30,7 @@ From a shell: `merit-lab figures runs/demo --out figures/`.""",
         "code",
         """from IPython.display import Image
 
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from merit_lab.pipeline import run_pipeline, stage_status
 from merit_lab.pipeline.figures import PAPER, collect_figures, write_figures""",
     ),

@@ -37,11 +37,11 @@ folder) and `{"type": "text", "text": "What colour is the shape?"}`.""",
         "code",
         """from IPython.display import HTML
 
-from merit_lab.config import load_config
-from merit_lab.conflict import ConflictSpace
-from merit_lab.formatting import IGNORE_INDEX, tokenize_example
-from merit_lab.mixture import load_mixture
-from merit_lab.models import load_tokenizer
+from merit_lab.config.schema import load_config
+from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.data.formatting import IGNORE_INDEX, tokenize_example
+from merit_lab.data.mixture import load_mixture
+from merit_lab.models.loading import load_tokenizer
 from merit_lab.pipeline import load_source_table, run_pipeline, run_summary
 from merit_lab.viz.plots import plot_conflict_scatter, plot_explained_variance
 from merit_lab.viz.thumbnails import (

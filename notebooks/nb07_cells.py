@@ -41,7 +41,7 @@ called so.""",
         """import pandas as pd
 from IPython.display import Markdown
 
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from merit_lab.pipeline import load_source_table, run_pipeline, run_summary
 from merit_lab.pipeline.experiments import model_rows
 from merit_lab.pipeline.report_seeds import family_style, noise_calls, seed_tables

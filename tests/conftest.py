@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merit_lab.models import build_pico_llama, load_tokenizer
+from merit_lab.models.loading import build_pico_llama, load_tokenizer
 
 torch.set_num_threads(2)
 
@@ -125,7 +125,7 @@ def tiny_mixture_dir(tmp_path: Path) -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as `merit-lab fetch-model smollm2` leaves it (``.ci/run`` fetches
     it); without it the tests that need it skip and say so."""
-    from merit_lab.fetch import RECORD, fetched_model_path
+    from merit_lab.models.fetch import RECORD, fetched_model_path
 
     path = fetched_model_path("smollm2")
     if not (path / RECORD).is_file():

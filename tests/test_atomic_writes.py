@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from merit_lab.cli import main
-from merit_lab.config import RunConfig, load_config
+from merit_lab.config.schema import RunConfig, load_config
 from merit_lab.io import (
     LockHeldError,
     atomic_dir,
@@ -38,8 +38,12 @@ from merit_lab.pipeline import RunDir, run_pipeline, runner
 from tests.conftest import write_demo_slice, write_tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
-           "shift-a-verbose-lower"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "reverse-a-verbose-upper",
+    "shift-a-terse-upper",
+    "shift-a-verbose-lower",
+]
 UMASKS = (0o022, 0o002)
 
 # A child that runs stages of a run under a umask and, given ``pause``, stops inside the write of
@@ -53,7 +57,7 @@ if a.get("umask") is not None:
     os.umask(a["umask"])
 import torch
 torch.set_num_threads(1)
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from merit_lab.pipeline import run_pipeline
 real = os.replace
 def replace(src, dst, **kw):
@@ -70,8 +74,13 @@ run_pipeline(cfg, a.get("stages"))
 def _child(args: dict, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with open(log, "wb") as f:  # a file, not a pipe: tqdm bars must not fill a pipe and block
-        return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], cwd=REPO,
-                                env=env, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps(args)],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _wait(proc: subprocess.Popen, log: Path) -> None:
@@ -97,8 +106,15 @@ def _kill_in_write(args: dict, tmp: Path) -> None:
 
 
 def _config(folder: Path, data: Path) -> Path:
-    diagnostics = {"max_examples": 1, "alphas": 2, "sigmas": [0.0], "seeds": [0], "hessian_k": 1,
-                   "hessian_iter": 2, "curvature_examples": 1}  # fmt: skip
+    diagnostics = {
+        "max_examples": 1,
+        "alphas": 2,
+        "sigmas": [0.0],
+        "seeds": [0],
+        "hessian_k": 1,
+        "hessian_iter": 2,
+        "curvature_examples": 1,
+    }
     path = folder / "run.yaml"
     return write_tiny_run_config(path, data, folder / "runs", diagnostics=diagnostics)
 
@@ -136,9 +152,15 @@ def _rerun(root: Path, stages: list[str], caplog) -> RunDir:
 @pytest.mark.parametrize("mask", UMASKS, ids=lambda m: f"umask{m:03o}")
 def test_every_artifact_of_a_run_gets_the_modes_of_the_umask(runs, mask):
     root = runs[mask]
-    for must in ["report.md", "eval.parquet", "gradients/bank.safetensors",
-                 "merged/merit-1d/model.safetensors", "branches/merit-1d/0/final/model.safetensors",
-                 "joint/ep1-s0/final/merit_branch.json", "diagnostics/gain.json"]:  # fmt: skip
+    for must in [
+        "report.md",
+        "eval.parquet",
+        "gradients/bank.safetensors",
+        "merged/merit-1d/model.safetensors",
+        "branches/merit-1d/0/final/model.safetensors",
+        "joint/ep1-s0/final/merit_branch.json",
+        "diagnostics/gain.json",
+    ]:
         assert (root / must).is_file(), must
     wrong = {
         str(p.relative_to(root)): oct(stat.S_IMODE(p.lstat().st_mode))
@@ -198,8 +220,15 @@ def test_a_failed_atomic_folder_leaves_the_old_one_and_no_temp(tmp_path):
 def test_a_bank_write_killed_midway_is_swept_and_redone(runs, tmp_path, one_thread, caplog):
     root, override = _copy_run(runs[0o022], tmp_path / "runs" / "bank")
     shutil.rmtree(root / "gradients")
-    _kill_in_write({"config": str(root / "config.yaml"), "override": override,
-                    "stages": ["gradients"], "pause": "bank.safetensors"}, tmp_path)  # fmt: skip
+    _kill_in_write(
+        {
+            "config": str(root / "config.yaml"),
+            "override": override,
+            "stages": ["gradients"],
+            "pause": "bank.safetensors",
+        },
+        tmp_path,
+    )
     (left,) = find_temp(root)
     assert left.parent == root / "gradients" and is_temp_name(left.name, "bank.safetensors")
     assert not (root / "gradients" / "bank.safetensors").exists()
@@ -216,8 +245,15 @@ def test_a_checkpoint_save_killed_midway_is_swept_and_redone(runs, tmp_path, one
     final = root / "branches" / "merit-1d" / "1" / "final"
     shutil.rmtree(final)
     # weights and tokenizer saved, the manifest (written last) not yet renamed into place
-    _kill_in_write({"config": str(root / "config.yaml"), "override": override,
-                    "stages": ["train"], "pause": "merit_branch.json"}, tmp_path)  # fmt: skip
+    _kill_in_write(
+        {
+            "config": str(root / "config.yaml"),
+            "override": override,
+            "stages": ["train"],
+            "pause": "merit_branch.json",
+        },
+        tmp_path,
+    )
     (left,) = find_temp(root)
     assert left.parent == final.parent and is_temp_name(left.name, "final")
     assert (left / "model.safetensors").is_file() and not final.exists()
@@ -230,13 +266,21 @@ def test_a_checkpoint_save_killed_midway_is_swept_and_redone(runs, tmp_path, one
         torch.testing.assert_close(new[key], old[key], rtol=1e-5, atol=1e-6)
 
 
-def test_a_merge_killed_midway_is_listed_swept_and_redone(runs, tmp_path, one_thread, caplog,
-                                                          capsys):  # fmt: skip
+def test_a_merge_killed_midway_is_listed_swept_and_redone(
+    runs, tmp_path, one_thread, caplog, capsys
+):
     root, override = _copy_run(runs[0o022], tmp_path / "runs" / "merge")
     shutil.rmtree(root / "merged" / "merit-1d")
     # weights and side files written, mergekit.yaml and the manifest not yet
-    _kill_in_write({"config": str(root / "config.yaml"), "override": override,
-                    "stages": ["merge"], "pause": "mergekit.yaml"}, tmp_path)  # fmt: skip
+    _kill_in_write(
+        {
+            "config": str(root / "config.yaml"),
+            "override": override,
+            "stages": ["merge"],
+            "pause": "mergekit.yaml",
+        },
+        tmp_path,
+    )
     (left,) = find_temp(root)
     assert left.parent == root / "merged" and is_temp_name(left.name, "merit-1d")
     assert (left / "model.safetensors").is_file() and not (left / "merge_manifest.json").exists()
@@ -309,8 +353,12 @@ def test_no_sweep_while_another_live_writer_holds_the_lock(cfg):
     planted = _plant(run.root)
     proc = subprocess.Popen(["sleep", "30"])
     try:
-        holder = {"pid": proc.pid, "host": socket.gethostname(), "started": "2024-05-01T09:30:00",
-                  "command": "merit-lab run other.yaml"}  # fmt: skip
+        holder = {
+            "pid": proc.pid,
+            "host": socket.gethostname(),
+            "started": "2024-05-01T09:30:00",
+            "command": "merit-lab run other.yaml",
+        }
         run.lock.write_text(json.dumps(holder))
         with pytest.raises(LockHeldError, match=str(proc.pid)):
             run_pipeline(cfg, ["mixture", "merge"])  # refused before any sweep

@@ -23,16 +23,32 @@ import torch
 import yaml
 
 from merit_lab.cli import main
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from tests.conftest import write_demo_slice
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = sorted(p.name for p in CORPUS.iterdir() if (p / "case.yaml").is_file())
-KEYS = {"what", "category", "kind", "config", "config_text", "setup", "prepare", "break",
-        "command", "expect", "lines", "xfail"}  # fmt: skip
+KEYS = {
+    "what",
+    "category",
+    "kind",
+    "config",
+    "config_text",
+    "setup",
+    "prepare",
+    "break",
+    "command",
+    "expect",
+    "lines",
+    "xfail",
+}
 CATEGORIES = {"data", "config", "model", "checkpoint", "partition", "bank", "run"}
-SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
-           "shift-a-verbose-lower"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "reverse-a-verbose-upper",
+    "shift-a-terse-upper",
+    "shift-a-verbose-lower",
+]
 BASE_CONFIG = {
     "name": "tiny",
     "calibration": {"n": 4, "micro_batch_size": 4},
@@ -119,8 +135,12 @@ def _live_lock(path: Path) -> None:
     runner), which outlives the case."""
     import socket
 
-    holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "2026-01-05T09:30",
-              "command": "merit-lab run other.yaml"}  # fmt: skip
+    holder = {
+        "pid": os.getppid(),
+        "host": socket.gethostname(),
+        "started": "2026-01-05T09:30",
+        "command": "merit-lab run other.yaml",
+    }
     path.write_text(json.dumps(holder), encoding="utf-8")
 
 
@@ -204,8 +224,13 @@ def _prepare(name: str, case: dict, shared: Path, work: Path, request) -> dict[s
     """Lay out the case's work folder (data, config, run copy, files/); returns its paths."""
     from merit_lab.demo import DEMO_DIR
 
-    paths = {"work": str(work), "run": str(work / "runs" / "tiny"), "model": str(work / "model"),
-             "base": str(DEMO_DIR / "base"), "data": str(work / "data")}  # fmt: skip
+    paths = {
+        "work": str(work),
+        "run": str(work / "runs" / "tiny"),
+        "model": str(work / "model"),
+        "base": str(DEMO_DIR / "base"),
+        "data": str(work / "data"),
+    }
     if case["kind"] == "run":
         shutil.copytree(request.getfixturevalue("built_run"), work / "runs" / "tiny")
         paths["data"] = str(shared / "data")  # the run's own mixture: read, never changed
@@ -256,8 +281,9 @@ def test_a_bad_input_gets_one_clear_error_before_any_work(name, shared, tmp_path
     roots = [work, *([Path(paths["data"])] if case["kind"] == "run" else [])]
     before = _snapshot(*roots)
     capsys.readouterr()
-    command = _fill(case.get("command", ["run", "{work}/config.yaml", "--stages", "mixture"]),
-                    paths)  # fmt: skip
+    command = _fill(
+        case.get("command", ["run", "{work}/config.yaml", "--stages", "mixture"]), paths
+    )
     code = main(command)  # an exception escaping here would be a traceback for the user
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("merit-lab: error: ")]

@@ -17,15 +17,15 @@ import pytest
 import yaml
 
 from merit_lab.cli import main
-from merit_lab.config import load_config
-from merit_lab.corpora import dialogue_messages, write_chatterbot_mixture
+from merit_lab.config.schema import load_config
+from merit_lab.data.corpora import dialogue_messages, write_chatterbot_mixture
+from merit_lab.data.formatting import render_prompt
+from merit_lab.data.mixture import load_mixture
 from merit_lab.demo import DEMO_DIR
-from merit_lab.formatting import render_prompt
 from merit_lab.io import read_json
-from merit_lab.mixture import load_mixture
-from merit_lab.models import _hub_snapshot, load_model, load_tokenizer, resolve_model_path
+from merit_lab.models.loading import _hub_snapshot, load_model, load_tokenizer, resolve_model_path
 from merit_lab.pipeline import run_pipeline
-from merit_lab.train import BranchSpec
+from merit_lab.training.trainer import BranchSpec
 from tests.conftest import write_demo_slice
 
 REPO, COMMIT = "merit-test/tiny-remote", "0123456789abcdef0123456789abcdef01234567"
@@ -161,13 +161,22 @@ def test_every_stage_runs_on_a_hub_id_with_remote_code(offline_hub, tmp_path, on
         assert type(load_model(merged, trust_remote_code=True)).__name__.startswith("TinyRemote")
     table = pd.read_parquet(run.eval)
     losses = table[table.metric == "loss"].groupby("model")["value"].mean()
-    assert set(losses.index) == {"theta0", "joint-1ep", "merit-1d", "merit-1d+ties",
-                                 "merit-1d+task_arithmetic"}  # fmt: skip
+    assert set(losses.index) == {
+        "theta0",
+        "joint-1ep",
+        "merit-1d",
+        "merit-1d+ties",
+        "merit-1d+task_arithmetic",
+    }
     assert losses.notna().all() and (losses > 0).all()
     assert (table.metric == "exact_match").any()
     assert sorted(p.stem for p in run.diagnostics.glob("*.json")) == [
-        "curvature", "displacement", "gain", "paths", "perturbation"
-    ]  # fmt: skip
+        "curvature",
+        "displacement",
+        "gain",
+        "paths",
+        "perturbation",
+    ]
     assert f"`{REPO}`" in run.report.read_text()
     # the plain layout: greedy prompts end where trained responses start
     tok = load_tokenizer(REPO, trust_remote_code=True)
@@ -176,19 +185,30 @@ def test_every_stage_runs_on_a_hub_id_with_remote_code(offline_hub, tmp_path, on
 
 def _write_wheel(path: Path) -> Path:
     files = {
-        "english/ai.yml": {"categories": ["AI"], "conversations": [
-            ["What is AI?", "Artificial intelligence."],
-            ["What is AI?", "Artificial intelligence."],  # a duplicate: kept once
-            ["Are you a robot?", "Yes.", "Do you sleep?", "No.", "Why?"],  # trailing question
-            ["", "An empty question is left out."],
-        ]},
-        "english/food.yml": {"categories": ["food"], "conversations": [
-            ["Do you eat?", "I run on electricity."], ["Favourite food?", "Bytes."],
-        ]},
-        "spanish/saludos.yml": {"categories": ["saludos"], "conversations": [
-            ["Hola", "¡Hola! ¿Qué tal?"], ["Buenos días", "Buenos días."],
-        ]},
-    }  # fmt: skip
+        "english/ai.yml": {
+            "categories": ["AI"],
+            "conversations": [
+                ["What is AI?", "Artificial intelligence."],
+                ["What is AI?", "Artificial intelligence."],  # a duplicate: kept once
+                ["Are you a robot?", "Yes.", "Do you sleep?", "No.", "Why?"],  # trailing question
+                ["", "An empty question is left out."],
+            ],
+        },
+        "english/food.yml": {
+            "categories": ["food"],
+            "conversations": [
+                ["Do you eat?", "I run on electricity."],
+                ["Favourite food?", "Bytes."],
+            ],
+        },
+        "spanish/saludos.yml": {
+            "categories": ["saludos"],
+            "conversations": [
+                ["Hola", "¡Hola! ¿Qué tal?"],
+                ["Buenos días", "Buenos días."],
+            ],
+        },
+    }
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in files.items():
             zf.writestr(f"chatterbot_corpus/data/{name}", yaml.safe_dump(data, allow_unicode=True))
@@ -197,8 +217,9 @@ def _write_wheel(path: Path) -> Path:
 
 def test_dialogue_lines_alternate_user_and_assistant():
     assert dialogue_messages(["a", "b", "c"]) == [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}
-    ]  # fmt: skip
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+    ]
     assert dialogue_messages(["a"]) is None and dialogue_messages(["a", ""]) is None
     assert dialogue_messages([1984, True])[1]["content"] == "True"  # YAML scalars become text
 
@@ -208,14 +229,16 @@ def test_chatterbot_sources_become_a_mixture_folder(tmp_path):
     out = write_chatterbot_mixture(
         tmp_path / "mix", ["english/ai", "spanish"], max_per_source=0, wheel=wheel
     )
-    assert sorted(p.name for p in out.iterdir()) == ["english-ai.jsonl", "sources.json",
-                                                     "spanish.jsonl"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "english-ai.jsonl",
+        "sources.json",
+        "spanish.jsonl",
+    ]
     ai = [json.loads(line) for line in (out / "english-ai.jsonl").read_text().splitlines()]
     assert [len(r["messages"]) for r in ai] == [2, 4]
     assert ai[1]["messages"][-1] == {"role": "assistant", "content": "No."}
     meta = read_json(out / "sources.json")
-    assert meta["sources"]["spanish"] == {"language": "spanish", "category": "all",
-                                          "dialogues": 2}  # fmt: skip
+    assert meta["sources"]["spanish"] == {"language": "spanish", "category": "all", "dialogues": 2}
     mix = load_mixture(out, calibration_n=1, eval_fraction=0.5)
     assert mix.names == ("english-ai", "spanish")
     assert mix["spanish"].metadata["language"] == "spanish"

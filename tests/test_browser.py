@@ -28,8 +28,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from merit_lab.config import load_config
-from merit_lab.curation import fraction_subset
+from merit_lab.config.schema import load_config
+from merit_lab.partition.session import fraction_subset
 
 pytestmark = pytest.mark.browser
 
@@ -62,8 +62,11 @@ def _notebook() -> nbformat.NotebookNode:
     finally:
         sys.path.remove(str(REPO / "notebooks"))
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}  # fmt: skip
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.cells = [
         nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
         for kind, src in NB04
@@ -82,9 +85,10 @@ def _write_settings(folder: Path) -> None:
     settings = {
         "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
         "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
-            "fetchNews": "false", "checkForUpdates": False,
+            "fetchNews": "false",
+            "checkForUpdates": False,
         },
-    }  # fmt: skip
+    }
     for rel, value in settings.items():
         path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,12 +116,24 @@ def lab(tmp_path: Path) -> Iterator[dict]:
     }
     log = (tmp_path / "lab.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={root}", "--ServerApp.allow_root=True",
-         "--ServerApp.terminals_enabled=False", "--LabApp.news_url=None"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--ServerApp.allow_root=True",
+            "--ServerApp.terminals_enabled=False",
+            "--LabApp.news_url=None",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -261,8 +277,11 @@ def test_workbench_edits_and_saves_partition_json(lab):
     assert len(after["edit_log"]) == len(before["edit_log"]) + 3
     move_entry, drop_entry, down_entry = after["edit_log"][-3:]
     assert (move_entry["op"], move_entry["source"], move_entry["from"], move_entry["to"]) == (
-        "move", name, frm, to,
-    )  # fmt: skip
+        "move",
+        name,
+        frm,
+        to,
+    )
     assert move_entry["who"] and move_entry["at"]
     untouched = [g for k, g in enumerate(before["groups"]) if k not in (frm, to)]
     assert untouched == [g for k, g in enumerate(after["groups"]) if k not in (frm, to)]

@@ -10,14 +10,14 @@ import copy
 
 import pytest
 
-from merit_lab.formatting import (
+from merit_lab.data.formatting import (
     IGNORE_INDEX,
     last_turn,
     render_prompt,
     render_spans,
     tokenize_example,
 )
-from merit_lab.models import load_tokenizer
+from merit_lab.models.loading import load_tokenizer
 
 LLAMA3 = (
     "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] "
@@ -38,10 +38,14 @@ GEMMA = (
 # template name -> (jinja or None for the tokenizer's own, its special tokens, BOS, end of turn)
 TEMPLATES = {
     "chatml": (None, [], None, "<|im_end|>"),
-    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                        "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>"),
+    "llama3": (
+        LLAMA3,
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+    ),
     "gemma": (GEMMA, ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<end_of_turn>"),
-}  # fmt: skip
+}
 
 SINGLE = [
     {"role": "user", "content": "What is the capital of France?"},

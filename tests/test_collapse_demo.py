@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from merit_lab.demo.collapse import (
     BASE_FAMILIES,
     LONG,
@@ -17,8 +17,8 @@ from merit_lab.demo.collapse import (
     collapse_sources,
     generate_collapse_mixture,
 )
-from merit_lab.evaluate import greedy_answers, style_scores
-from merit_lab.models import load_model, load_tokenizer
+from merit_lab.evaluation.evaluate import greedy_answers, style_scores
+from merit_lab.models.loading import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "demo-collapse"
@@ -100,6 +100,11 @@ def test_config_runs_every_row_under_three_seeds():
     cfg = load_config(ROOT / "configs" / "demo-collapse.yaml")
     assert (cfg.train.seed, cfg.train.seeds) == (0, (1, 2))
     assert [e.name for e in cfg.experiments] == [
-        "joint-1ep", "joint-2ep", "random-k4", "merit-1d", "merit-2d", "merit-3d"
-    ]  # fmt: skip
+        "joint-1ep",
+        "joint-2ep",
+        "random-k4",
+        "merit-1d",
+        "merit-2d",
+        "merit-3d",
+    ]
     assert cfg.eval.max_new_tokens >= 130  # the longest conversational answer fits

@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from merit_lab.cli import main
-from merit_lab.config import RunConfig, TrainConfig, load_config
-from merit_lab.merge import MERGE_METHODS
-from merit_lab.mixture import SPLITS
-from merit_lab.partition import PARTITION_METHODS
+from merit_lab.config.schema import RunConfig, TrainConfig, load_config
+from merit_lab.data.mixture import SPLITS
+from merit_lab.merging.methods import MERGE_METHODS
+from merit_lab.partition.plan import PARTITION_METHODS
 from merit_lab.pipeline import run_pipeline
 from merit_lab.validate import validate_config
 
@@ -237,7 +237,7 @@ def test_cli_command_shows_no_traceback(tmp_path):
 
 
 def test_config_still_imports_without_torch():
-    code = "import sys, merit_lab.config; print('torch' in sys.modules)"
+    code = "import sys, merit_lab.config.schema; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -1,4 +1,5 @@
-"""Tests for merit_lab.conflict: cosine PCA against scikit-learn, invariances, errors, JSON."""
+"""Tests for merit_lab.analysis.conflict: cosine PCA against scikit-learn, invariances, errors,
+JSON."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
-from merit_lab import conflict
-from merit_lab.conflict import ConflictSpace, compute_conflict_space
+from merit_lab.analysis import conflict
+from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
 
 
 def _rows(t: int = 12, d: int = 500, seed: int = 0) -> np.ndarray:

@@ -4,14 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from merit_lab.convergence import (
+from merit_lab.analysis.convergence import (
     bootstrap_convergence,
     gradient_convergence,
     sketch_example_gradients,
 )
-from merit_lab.gradients import estimate_gradients
-from merit_lab.mixture import Mixture, Source
-from merit_lab.sketch import SketchSpec
+from merit_lab.data.mixture import Mixture, Source
+from merit_lab.gradients.estimate import estimate_gradients
+from merit_lab.gradients.sketch import SketchSpec
 from merit_lab.viz.plots import plot_gradient_convergence
 from tests.conftest import chat
 
@@ -37,9 +37,15 @@ def test_pooled_example_sketches_equal_the_bank_row(pico_model, demo_tokenizer):
     assert len(set(tokens.tolist())) > 1  # the weighting is really exercised
     mixture = Mixture((Source("s", train=(), calibration=tuple(examples), eval=()),))
     bank = estimate_gradients(
-        pico_model, demo_tokenizer, mixture, sketch=SPEC, n=7, micro_batch_size=4,
-        max_length=256, progress=False,
-    )  # fmt: skip
+        pico_model,
+        demo_tokenizer,
+        mixture,
+        sketch=SPEC,
+        n=7,
+        micro_batch_size=4,
+        max_length=256,
+        progress=False,
+    )
     assert int(tokens.sum()) == bank.stats["s"]["n_response_tokens"]
     pooled = tokens @ rows.astype(np.float64) / tokens.sum()
     ref = bank.rows[0].astype(np.float64)

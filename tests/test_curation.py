@@ -8,8 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from merit_lab.conflict import compute_conflict_space
-from merit_lab.curation import (
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.io import read_json
+from merit_lab.partition.gain import predict_gain
+from merit_lab.partition.plan import Partition
+from merit_lab.partition.session import (
     EditSession,
     fraction_subset,
     group_statistics,
@@ -17,9 +20,6 @@ from merit_lab.curation import (
     subset_counts,
     within_between,
 )
-from merit_lab.diagnostics.gain import predict_gain
-from merit_lab.io import read_json
-from merit_lab.partition import Partition
 
 # Per-example train tokens. a, b, d: 10 examples each (100, 200, 400 tokens); c: 20 examples of
 # uneven length (the down-weight case); e: a source in the space that no group holds yet.
@@ -36,16 +36,22 @@ def basis(i: int, d: int = 6) -> np.ndarray:
 def tiny():
     """a, b point along e0 and c, d along e1 (groups G0 = {a, b}, G1 = {c, d}); e ≈ e0."""
     rows = np.stack(
-        [basis(0), basis(0) + 0.2 * basis(2), basis(1), basis(1) + 0.2 * basis(3),
-         basis(0) + 0.1 * basis(4)]
-    )  # fmt: skip
+        [
+            basis(0),
+            basis(0) + 0.2 * basis(2),
+            basis(1),
+            basis(1) + 0.2 * basis(3),
+            basis(0) + 0.1 * basis(4),
+        ]
+    )
     names = ["a", "b", "c", "d", "e"]
     space = compute_conflict_space(rows, names)
     part = Partition(
-        "manual", (("a", "b"), ("c", "d")),
+        "manual",
+        (("a", "b"), ("c", "d")),
         examples={s: len(TOKENS[s]) for s in "abcd"},
         tokens={s: sum(TOKENS[s]) for s in "abcd"},
-    )  # fmt: skip
+    )
     session = EditSession(part, space, example_tokens=TOKENS, seed=SEED, rows=rows, user="ann")
     return SimpleNamespace(rows=rows, names=names, space=space, part=part, session=session)
 
@@ -124,8 +130,12 @@ def test_add_places_by_projection(tiny):
     assert s.partition.groups == (("a", "b", "e"), ("c", "d"))
     assert (s.partition.examples["e"], s.partition.tokens["e"]) == (4, 20)
     assert s.partition.edit_log[-1] | {"at": None} == {
-        "op": "add", "source": "e", "to": 0, "who": "ann", "at": None,
-    }  # fmt: skip
+        "op": "add",
+        "source": "e",
+        "to": 0,
+        "who": "ann",
+        "at": None,
+    }
     s.undo()
     assert s.add("e", to_group=1) == "added e to G1 (by hand)"
 
@@ -141,8 +151,12 @@ def test_add_is_the_nearest_centroid_of_unit_gradients():
     space = compute_conflict_space(rows, names)
     groups = tuple(tuple(names[i] for i in range(12) if i % 3 == f) for f in range(3))
     tokens = {n: [10] * (5 + i) for i, n in enumerate(names)}
-    part = Partition("manual", groups, {n: len(tokens[n]) for n in names[:12]},
-                     {n: sum(tokens[n]) for n in names[:12]})  # fmt: skip
+    part = Partition(
+        "manual",
+        groups,
+        {n: len(tokens[n]) for n in names[:12]},
+        {n: sum(tokens[n]) for n in names[:12]},
+    )
     session = EditSession(part, space, example_tokens=tokens)
     unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
     centroids = np.stack([unit[[names.index(n) for n in g]].mean(axis=0) for g in groups])

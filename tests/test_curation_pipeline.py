@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from merit_lab.config import load_config
-from merit_lab.curation import fraction_subset, subset_counts
+from merit_lab.config.schema import load_config
+from merit_lab.data.mixture import load_mixture
 from merit_lab.io import read_json
-from merit_lab.mixture import load_mixture
-from merit_lab.partition import Partition
+from merit_lab.partition.plan import Partition
+from merit_lab.partition.session import fraction_subset, subset_counts
 from merit_lab.pipeline import (
     RunDir,
     load_edit_session,
@@ -24,13 +24,17 @@ from merit_lab.pipeline import (
 from merit_lab.pipeline.experiments import evaluate_rows, merge_rows, plan_specs
 from merit_lab.pipeline.figures import write_figures
 from merit_lab.pipeline.status import token_budget
-from merit_lab.train import MANIFEST
+from merit_lab.training.trainer import MANIFEST
 from tests.conftest import write_demo_slice
 
 SOURCES = [
-    "reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
-    "shift-a-verbose-lower", "rotate-a-terse-lower", "rotate-a-verbose-upper",
-]  # fmt: skip
+    "reverse-a-terse-lower",
+    "reverse-a-verbose-upper",
+    "shift-a-terse-upper",
+    "shift-a-verbose-lower",
+    "rotate-a-terse-lower",
+    "rotate-a-verbose-upper",
+]
 N_TRAIN = 16
 
 
@@ -73,8 +77,13 @@ def curated_run(tmp_path_factory) -> tuple[RunDir, dict]:
     session.move(moved, other)
     session.save()
     run_pipeline(cfg, ["train", "merge", "evaluate", "report"])
-    facts = {"cfg": cfg, "dropped": dropped, "weighted": weighted, "moved": moved,
-             "moved_to": other}  # fmt: skip
+    facts = {
+        "cfg": cfg,
+        "dropped": dropped,
+        "weighted": weighted,
+        "moved": moved,
+        "moved_to": other,
+    }
     return run, facts
 
 
@@ -109,8 +118,11 @@ def test_downweighted_source_trains_its_seeded_half_in_every_row(curated_run):
     expected = int(sum(tokens[i] for i in keep))
     assert subset_counts(f["weighted"], tokens, 0.5, cfg.seed) == (N_TRAIN // 2, expected)
     assert len(mix[f["weighted"]].train) == N_TRAIN
-    trained = [m["source_tokens"][f["weighted"]] for m in _manifests(run).values()
-               if f["weighted"] in m["source_tokens"]]  # fmt: skip
+    trained = [
+        m["source_tokens"][f["weighted"]]
+        for m in _manifests(run).values()
+        if f["weighted"] in m["source_tokens"]
+    ]
     assert trained == [expected] * 3  # joint, one random branch, one hand branch
 
 
@@ -131,8 +143,9 @@ def test_merge_weights_are_the_trained_token_shares(curated_run):
     run, f = curated_run
     part = run.load_partition("hand")
     assert f["moved"] in part.groups[f["moved_to"]]
-    tokens = [read_json(run.branch_dir("hand", k) / "final" / MANIFEST)["tokens"]
-              for k in range(part.k)]  # fmt: skip
+    tokens = [
+        read_json(run.branch_dir("hand", k) / "final" / MANIFEST)["tokens"] for k in range(part.k)
+    ]
     assert tokens == list(part.group_tokens)  # what the gain predicted is what trained
     manifest = read_json(run.merged_dir("hand") / "merge_manifest.json")
     assert manifest["weights"] == pytest.approx([n / sum(tokens) for n in tokens], abs=1e-12)

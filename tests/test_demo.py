@@ -151,14 +151,18 @@ def test_committed_base_quality_is_the_readme_figure() -> None:
     """The README's θ0: held-out loss 0.37 nats/char and exact match 20% ("0.366" and "20.2" in
     the demo table), computed as the demo's evaluate stage does: 24 held-out examples per source,
     averaged per family and then over families."""
-    from merit_lab.evaluate import evaluate_model, summarize_eval
-    from merit_lab.mixture import load_mixture
-    from merit_lab.models import load_model, load_tokenizer
+    from merit_lab.data.mixture import load_mixture
+    from merit_lab.evaluation.evaluate import evaluate_model, summarize_eval
+    from merit_lab.models.loading import load_model, load_tokenizer
 
     table = evaluate_model(
-        load_model("demo", device="cpu"), load_tokenizer("demo"), load_mixture("demo"),
-        label="theta0", max_examples=24, progress=False,
-    )  # fmt: skip
+        load_model("demo", device="cpu"),
+        load_tokenizer("demo"),
+        load_mixture("demo"),
+        label="theta0",
+        max_examples=24,
+        progress=False,
+    )
     loss = summarize_eval(table, metric="loss").loc["theta0", "avg"]
     exact = summarize_eval(table, metric="exact_match").loc["theta0", "avg"]
     assert loss == pytest.approx(0.3664, abs=0.001)  # 0.36644 measured

@@ -20,12 +20,12 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from merit_lab.conflict import compute_conflict_space
-from merit_lab.gradients import estimate_gradients
-from merit_lab.mixture import Mixture, load_mixture
-from merit_lab.models import load_model, load_tokenizer, select_parameters
-from merit_lab.partition import split_balanced
-from merit_lab.sketch import SketchSpec, build_sketch, sketch_fidelity
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.data.mixture import Mixture, load_mixture
+from merit_lab.gradients.estimate import estimate_gradients
+from merit_lab.gradients.sketch import SketchSpec, build_sketch, sketch_fidelity
+from merit_lab.models.loading import load_model, load_tokenizer, select_parameters
+from merit_lab.partition.plan import split_balanced
 
 MAX_ERR = 0.005  # the target that fixed DEFAULT_SKETCH_DIM (config.py, benchmarks/bench_sketch.py)
 SELECTION_SEEDS = (0, 1, 2)  # the seeds the width was chosen at
@@ -41,9 +41,14 @@ def base():
 def _exact_rows(base, mixture: Mixture) -> np.ndarray:
     tok, model, _ = base
     bank = estimate_gradients(
-        model, tok, mixture, sketch=SketchSpec(kind="exact"), n=200, micro_batch_size=50,
+        model,
+        tok,
+        mixture,
+        sketch=SketchSpec(kind="exact"),
+        n=200,
+        micro_batch_size=50,
         progress=False,
-    )  # fmt: skip
+    )
     assert list(bank.names) == list(mixture.names)
     return bank.rows
 
@@ -68,8 +73,10 @@ def heldout(base):
     mixture = load_mixture("demo")
     swapped = Mixture(
         tuple(dataclasses.replace(s, calibration=s.train[:200]) for s in mixture),
-        mixture.origin, mixture.seed, mixture.info,
-    )  # fmt: skip
+        mixture.origin,
+        mixture.seed,
+        mixture.info,
+    )
     other_ids = {e["id"] for s in swapped for e in s.calibration}
     assert other_ids.isdisjoint(e["id"] for s in mixture for e in s.calibration)
     return mixture, _exact_rows(base, swapped)

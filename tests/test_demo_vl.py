@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from merit_lab.conflict import compute_conflict_space
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.data.formatting import tokenize_examples
+from merit_lab.data.mixture import load_mixture
 from merit_lab.demo import DEMO_VL_DIR
 from merit_lab.demo.vl_tasks import generate_vl_mixture
-from merit_lab.evaluate import greedy_answers, heldout_loss
-from merit_lab.formatting import tokenize_examples
-from merit_lab.gradients import estimate_gradients
-from merit_lab.mixture import load_mixture
-from merit_lab.models import load_model, load_tokenizer
-from merit_lab.partition import split_balanced
-from merit_lab.sketch import SketchSpec
+from merit_lab.evaluation.evaluate import greedy_answers, heldout_loss
+from merit_lab.gradients.estimate import estimate_gradients
+from merit_lab.gradients.sketch import SketchSpec
+from merit_lab.models.loading import load_model, load_tokenizer
+from merit_lab.partition.plan import split_balanced
 
 BASE = DEMO_VL_DIR / "base"
 MIN_RIGHT = 0.7  # θ0's share of right words over the four families
@@ -80,9 +80,16 @@ def test_planted_axes_are_recovered(demo):
     (measured: r = 1 against case −0.07, against family −0.11)."""
     mixture, tok, model = demo
     bank = estimate_gradients(
-        model, tok, mixture, sketch=SketchSpec(), n=48, micro_batch_size=48, max_length=128,
-        save_bank=False, progress=False,
-    )  # fmt: skip
+        model,
+        tok,
+        mixture,
+        sketch=SketchSpec(),
+        n=48,
+        micro_batch_size=48,
+        max_length=128,
+        save_bank=False,
+        progress=False,
+    )
     names = list(bank.names)
     space = compute_conflict_space(bank.rows, names)
     examples = {s.name: len(s.train) for s in mixture}

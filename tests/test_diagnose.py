@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merit_lab.diagnostics.gain import predict_gain
-from merit_lab.gradients import GradientBank
+from merit_lab.gradients.estimate import GradientBank
 from merit_lab.io import read_json
-from merit_lab.partition import Partition
+from merit_lab.partition.gain import predict_gain
+from merit_lab.partition.plan import Partition
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.diagnose import (
     BARRIER_NOISE,
@@ -50,8 +50,12 @@ def diag_run(slice_dir, tmp_path_factory):  # noqa: F811
         {"name": "merit-1d"},
         {"name": "random-k2", "method": "random", "k": 2, "seed": 0},
     ]
-    cfg = _config(slice_dir, out, experiments=experiments,
-                  eval={"max_examples": 2, "exact_match": False, "splits": ["eval"]})  # fmt: skip
+    cfg = _config(
+        slice_dir,
+        out,
+        experiments=experiments,
+        eval={"max_examples": 2, "exact_match": False, "splits": ["eval"]},
+    )
     run = run_pipeline(cfg, until="evaluate")  # the report stage is not needed here
     yield run, run_diagnostics(run.root, **SETTINGS)
     torch.set_num_threads(threads)
@@ -110,7 +114,7 @@ def test_displacement_of_merged_equals_the_norm_from_safetensors(diag_run):
 
 
 def _theta0(run) -> Path:
-    from merit_lab.models import resolve_model_path
+    from merit_lab.models.loading import resolve_model_path
 
     return Path(resolve_model_path(run.load_config().model))
 
@@ -189,9 +193,14 @@ def test_section_has_the_tables_and_facts_from_the_numbers(diag_run):
     lines = diagnostics_section(run.root, image_formats=())
     text = "\n".join(lines)
     tables = diagnostics_tables(run.root)
-    for heading in ["## Merge-readiness diagnostics", "### Linear interpolation barriers",
-                    "### Distance to θ0", "### Flatness under Gaussian weight noise",
-                    "### Curvature at θ0", "### Merging gain: measured vs predicted"]:  # fmt: skip
+    for heading in [
+        "## Merge-readiness diagnostics",
+        "### Linear interpolation barriers",
+        "### Distance to θ0",
+        "### Flatness under Gaussian weight noise",
+        "### Curvature at θ0",
+        "### Merging gain: measured vs predicted",
+    ]:
         assert heading in lines
     assert "| experiment | path | paths |" in text
     assert "| experiment | method | K | predicted before training (H=I) |" in text
@@ -210,12 +219,16 @@ def test_section_has_the_tables_and_facts_from_the_numbers(diag_run):
     for stem in diagnostics_figures(run.root):
         assert (run.root / "figures" / f"{stem}.html").is_file()
         assert f"figures/{stem}" in text
-    assert {"diag_paths_merit-1d", "diag_displacement", "diag_perturbation",
-            "diag_spectral_random-k2"} <= set(diagnostics_figures(run.root))  # fmt: skip
+    assert {
+        "diag_paths_merit-1d",
+        "diag_displacement",
+        "diag_perturbation",
+        "diag_spectral_random-k2",
+    } <= set(diagnostics_figures(run.root))
 
 
 def test_pretokenised_loss_fn_equals_heldout_loss(diag_run):
-    from merit_lab.evaluate import heldout_loss
+    from merit_lab.evaluation.evaluate import heldout_loss
 
     run, _ = diag_run
     probe = RunProbe(run.root, max_examples=SETTINGS["max_examples"])

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from merit_lab.data.formatting import IGNORE_INDEX
 from merit_lab.diagnostics import (
     ResponseLoss,
     build_curvature_matvec,
@@ -32,11 +33,10 @@ from merit_lab.diagnostics import (
     stack_deltas,
     summarize_perturbation,
 )
-from merit_lab.diagnostics.gain import predict_gain
-from merit_lab.evaluate import heldout_loss
-from merit_lab.formatting import IGNORE_INDEX
-from merit_lab.models import build_pico_llama, select_parameters
-from merit_lab.partition import Partition
+from merit_lab.evaluation.evaluate import heldout_loss
+from merit_lab.models.loading import build_pico_llama, select_parameters
+from merit_lab.partition.gain import predict_gain
+from merit_lab.partition.plan import Partition
 from tests.conftest import chat
 
 EXAMPLES = [chat(f"add {a} {b}", str(a + b)) for a, b in [(1, 2), (3, 4), (5, 9)]]
@@ -170,8 +170,12 @@ def test_displacement_totals_groups_and_folders(pico_model, pico_pair, tmp_path)
     ref = sum(float((a[k].double() - a0[k].double()).pow(2).sum()) for k in a) ** 0.5
     assert d["total"] == pytest.approx(ref, rel=1e-12)
     assert set(d["per_layer"]) == {
-        "model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"
-    }  # fmt: skip
+        "model.embed_tokens",
+        "model.layers.0",
+        "model.layers.1",
+        "model.norm",
+        "lm_head",
+    }
     layer0 = [v for k, v in d["per_tensor"].items() if k.startswith("model.layers.0.")]
     assert d["per_layer"]["model.layers.0"] == pytest.approx(np.linalg.norm(layer0), rel=1e-12)
     assert sum(v**2 for v in d["per_layer"].values()) == pytest.approx(d["total"] ** 2, rel=1e-12)

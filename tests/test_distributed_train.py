@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from merit_lab.distributed import (
+from merit_lab.data.formatting import TokenizedExample
+from merit_lab.training.distributed import (
     NULL_EXAMPLE,
     collate_with_nulls,
     null_padding,
@@ -31,9 +32,8 @@ from merit_lab.distributed import (
     split_global_batch,
     torchrun_command,
 )
-from merit_lab.formatting import TokenizedExample
-from merit_lab.launch import launch_branches
-from merit_lab.train import BranchSpec, branch_status, read_log, train_branch, write_spec
+from merit_lab.training.launch import launch_branches
+from merit_lab.training.trainer import BranchSpec, branch_status, read_log, train_branch, write_spec
 from tests.conftest import write_pico_branch_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,7 +117,14 @@ def test_global_batch_split_and_refusal(tmp_path, assets):
         make_spec(assets, tmp_path / "b", distributed="zero3")
     cmd = torchrun_command("s.json", 2)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert cmd[3:] == ["--standalone", "--nproc_per_node", "2", "-m", "merit_lab.train", "s.json"]
+    assert cmd[3:] == [
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "merit_lab.training.trainer",
+        "s.json",
+    ]
 
 
 def test_backend_and_fsdp_refused_on_cpu(monkeypatch):
@@ -171,8 +178,8 @@ def test_two_processes_train_what_one_does(runs):
 SLOW_TRAIN = """
 import sys, time
 from transformers import TrainerCallback
-from merit_lab.distributed import finish_process_group
-from merit_lab.train import BranchSpec, train_branch
+from merit_lab.training.distributed import finish_process_group
+from merit_lab.training.trainer import BranchSpec, train_branch
 
 class Slow(TrainerCallback):  # leaves time to kill it between checkpoints
     def on_step_end(self, *args, **kwargs):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from merit_lab.config import load_config
-from merit_lab.drift import compute_drift, pca_basis, principal_angles
+from merit_lab.analysis.drift import compute_drift, pca_basis, principal_angles
+from merit_lab.config.schema import load_config
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.drift import compute_run_drift, drift_section, load_drift
 from tests.conftest import write_demo_slice, write_tiny_run_config
@@ -56,16 +56,25 @@ def test_pca_basis_and_drift_of_a_known_rotation():
         compute_drift(["a", "b", "c"], rows0[:3], {}, k=2)
 
 
-SOURCES = ["reverse-a-terse-lower", "reverse-a-terse-upper", "reverse-a-verbose-lower",
-           "reverse-a-verbose-upper"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "reverse-a-terse-upper",
+    "reverse-a-verbose-lower",
+    "reverse-a-verbose-upper",
+]
 
 
 def test_drift_end_to_end_on_a_tiny_run(tmp_path: Path, one_thread):
     """Train a tiny run (joint-1ep and a 2-branch split of 4 demo sources), then compute the
     drift: the middle is trained again to the logged losses, and every checkpoint has a point."""
     data = write_demo_slice(tmp_path / "data", SOURCES, {"train": 8, "calibration": 8, "eval": 2})
-    path = write_tiny_run_config(tmp_path / "cfg.yaml", data, tmp_path / "runs", model="demo",
-                                 train={"batch_size": 4, "lr": 3e-3, "save_steps": 50})  # fmt: skip
+    path = write_tiny_run_config(
+        tmp_path / "cfg.yaml",
+        data,
+        tmp_path / "runs",
+        model="demo",
+        train={"batch_size": 4, "lr": 3e-3, "save_steps": 50},
+    )
     run = run_pipeline(load_config(path), until="train")
     with pytest.raises(ValueError, match="n must be"):
         compute_run_drift(run.root, n=99)
@@ -74,8 +83,12 @@ def test_drift_end_to_end_on_a_tiny_run(tmp_path: Path, one_thread):
     assert data["midpoint"]["step"] == 4 and data["midpoint"]["total_steps"] == 8
     assert data["midpoint"]["max_abs_loss_diff"] < 1e-4  # the same steps as the joint run
     drift = load_drift(run.root)
-    assert [p.label for p in drift.points] == ["joint-1ep/mid", "joint-1ep/end", "merit-1d/0",
-                                               "merit-1d/1"]  # fmt: skip
+    assert [p.label for p in drift.points] == [
+        "joint-1ep/mid",
+        "joint-1ep/end",
+        "merit-1d/0",
+        "merit-1d/1",
+    ]
     for p in drift.points:
         assert p.angles.shape == (2,) and np.all((p.angles >= 0) & (p.angles <= 90))
         assert p.cos_to_theta0.shape == (4,) and np.all(p.cos_to_theta0 <= 1 + 1e-9)

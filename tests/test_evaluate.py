@@ -5,15 +5,15 @@ import pandas as pd
 import pytest
 import torch
 
-from merit_lab.evaluate import (
+from merit_lab.data.formatting import IGNORE_INDEX, tokenize_example
+from merit_lab.data.mixture import load_mixture
+from merit_lab.evaluation.evaluate import (
     EVAL_METRICS,
     evaluate_model,
     greedy_answers,
     heldout_loss,
     summarize_eval,
 )
-from merit_lab.formatting import IGNORE_INDEX, tokenize_example
-from merit_lab.mixture import load_mixture
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +65,16 @@ def test_batched_greedy_equals_one_by_one_argmax(pico_model, demo_tokenizer, two
 
 
 def test_an_over_long_prompt_keeps_its_last_max_length_tokens(pico_model, demo_tokenizer):
-    long = {"messages": [{"role": "user", "content": "abcdefghij" * 6},
-                         {"role": "assistant", "content": "x"}]}  # fmt: skip
+    long = {
+        "messages": [
+            {"role": "user", "content": "abcdefghij" * 6},
+            {"role": "assistant", "content": "x"},
+        ]
+    }
     short = {"messages": [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "y"}]}
     ids = _prompt_ids(demo_tokenizer, long)
     assert len(ids) > 24
-    got = greedy_answers(
-        pico_model, demo_tokenizer, [short, long], max_new_tokens=3, max_length=24
-    )  # fmt: skip
+    got = greedy_answers(pico_model, demo_tokenizer, [short, long], max_new_tokens=3, max_length=24)
     assert got[1] == _argmax_answer(pico_model, demo_tokenizer, ids[-24:], 3)
     assert got[0] == _argmax_answer(
         pico_model, demo_tokenizer, _prompt_ids(demo_tokenizer, short), 3
@@ -81,9 +83,14 @@ def test_an_over_long_prompt_keeps_its_last_max_length_tokens(pico_model, demo_t
 
 def test_evaluate_and_summarize(pico_model, demo_tokenizer, two_sources):
     table = evaluate_model(
-        pico_model, demo_tokenizer, two_sources, label="pico", max_examples=4, max_new_tokens=4,
+        pico_model,
+        demo_tokenizer,
+        two_sources,
+        label="pico",
+        max_examples=4,
+        max_new_tokens=4,
         progress=False,
-    )  # fmt: skip
+    )
     assert set(table["metric"]) == set(EVAL_METRICS)
     assert (table["n"] == 4).all() and len(table) == 2 * len(EVAL_METRICS)
     em = table[table.metric == "exact_match"].set_index("source")["value"]
@@ -103,12 +110,25 @@ def test_evaluate_and_summarize(pico_model, demo_tokenizer, two_sources):
         assert style[name] == pytest.approx(in_style) and length[name] == pytest.approx(ratio)
     fake = pd.DataFrame(
         [
-            {"model": m, "source": s, "family": f, "split": "eval", "metric": "exact_match",
-             "value": v, "n": 1}
-            for m, s, f, v in [("a", "s1", "x", 1.0), ("a", "s2", "x", 0.0), ("a", "s3", "y", 0.5),
-                               ("b", "s1", "x", 1.0), ("b", "s2", "x", 1.0), ("b", "s3", "y", 0.0)]
+            {
+                "model": m,
+                "source": s,
+                "family": f,
+                "split": "eval",
+                "metric": "exact_match",
+                "value": v,
+                "n": 1,
+            }
+            for m, s, f, v in [
+                ("a", "s1", "x", 1.0),
+                ("a", "s2", "x", 0.0),
+                ("a", "s3", "y", 0.5),
+                ("b", "s1", "x", 1.0),
+                ("b", "s2", "x", 1.0),
+                ("b", "s3", "y", 0.0),
+            ]
         ]
-    )  # fmt: skip
+    )
     wide = summarize_eval(fake, order=["b", "a"])
     assert list(wide.index) == ["b", "a"]
     assert wide.loc["a", "x"] == pytest.approx(50.0) and wide.loc["a", "avg"] == pytest.approx(50.0)

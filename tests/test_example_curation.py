@@ -8,20 +8,24 @@ import json
 
 import pytest
 
-from merit_lab.config import load_config
-from merit_lab.formatting import tokenize_examples
+from merit_lab.config.schema import load_config
+from merit_lab.data.formatting import tokenize_examples
+from merit_lab.data.mixture import load_mixture
 from merit_lab.io import read_json
-from merit_lab.mixture import load_mixture
-from merit_lab.models import load_tokenizer, resolve_model_path
-from merit_lab.partition import Partition
+from merit_lab.models.loading import load_tokenizer, resolve_model_path
+from merit_lab.partition.plan import Partition
 from merit_lab.pipeline import RunDir, run_pipeline
 from merit_lab.pipeline.examples import load_example_session
 from merit_lab.pipeline.experiments import plan_specs
-from merit_lab.train import MANIFEST
+from merit_lab.training.trainer import MANIFEST
 from tests.conftest import write_demo_slice
 
-SOURCES = ["reverse-a-terse-lower", "shift-a-terse-upper", "rotate-a-verbose-upper",
-           "reverse-a-verbose-upper"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "shift-a-terse-upper",
+    "rotate-a-verbose-upper",
+    "reverse-a-verbose-upper",
+]
 N_TRAIN = 8
 
 
@@ -31,14 +35,22 @@ def edited_run(tmp_path_factory):
     data = out / "data"
     write_demo_slice(data, SOURCES, {"train": N_TRAIN, "calibration": 6, "eval": 2})
     cfg_path = out / "run.yaml"
-    cfg_path.write_text(json.dumps({
-        "name": "excurated", "mixture": str(data), "output_dir": str(out / "runs"),
-        "calibration": {"n": 6, "micro_batch_size": 6},
-        "partition": {"method": "balanced", "r": 1},
-        "train": {"batch_size": 8, "lr": 3e-4, "save_steps": 50},
-        "experiments": [{"name": "joint-1ep", "kind": "joint", "epochs": 1},
-                        {"name": "hand", "merges": ["linear"]}],
-    }))  # fmt: skip
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "name": "excurated",
+                "mixture": str(data),
+                "output_dir": str(out / "runs"),
+                "calibration": {"n": 6, "micro_batch_size": 6},
+                "partition": {"method": "balanced", "r": 1},
+                "train": {"batch_size": 8, "lr": 3e-4, "save_steps": 50},
+                "experiments": [
+                    {"name": "joint-1ep", "kind": "joint", "epochs": 1},
+                    {"name": "hand", "merges": ["linear"]},
+                ],
+            }
+        )
+    )
     cfg = load_config(cfg_path)
     run = run_pipeline(cfg, until="partition")
     session = load_example_session(run.root)
@@ -96,7 +108,7 @@ def test_every_row_leaves_the_dropped_examples_out(edited_run):
 
 
 def test_examples_and_stability_of_a_run(edited_run):
-    from merit_lab.examples import ExampleSketches, pair_contributions
+    from merit_lab.analysis.examples import ExampleSketches, pair_contributions
     from merit_lab.pipeline.examples import (
         compute_example_sketches,
         compute_split_stability,
@@ -137,5 +149,6 @@ def test_cli_and_report_section(edited_run, capsys):
     out = capsys.readouterr().out
     assert "24 examples" in out and "r = 1 (K = 2): ARI to the reported split" in out
     lines = stability_section(run.root)
-    assert lines[0] == "## Split stability" and any("Recommended calibration size" in x
-                                                    for x in lines)  # fmt: skip
+    assert lines[0] == "## Split stability" and any(
+        "Recommended calibration size" in x for x in lines
+    )

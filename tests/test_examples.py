@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from merit_lab.conflict import compute_conflict_space
-from merit_lab.examples import (
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.analysis.examples import (
     ExampleSketches,
     cosine_shares,
     dots_to_rows,
@@ -26,14 +26,21 @@ def _synthetic(seed: int = 0, t: int = 4, n: int = 30, d: int = 64):
     tokens = rng.integers(3, 30, size=t * n)
     sources = [f"s{i}" for i in range(t) for _ in range(n)]
     names = [f"s{i}" for i in range(t)]
-    bank = np.stack([weighted_mean(rows[i * n : (i + 1) * n], tokens[i * n : (i + 1) * n])
-                     for i in range(t)])  # fmt: skip
+    bank = np.stack(
+        [weighted_mean(rows[i * n : (i + 1) * n], tokens[i * n : (i + 1) * n]) for i in range(t)]
+    )
     dots, norms = dots_to_rows(rows, bank)
     sk = ExampleSketches(
-        sources=sources, ids=[f"e{i}" for i in range(t * n)], tokens=tokens, dots=dots,
-        norms=norms, bank_names=names, bank_norms=np.linalg.norm(bank, axis=1),
-        rows=resketch(rows, 32), texts=[f"text {i}" for i in range(t * n)],
-    )  # fmt: skip
+        sources=sources,
+        ids=[f"e{i}" for i in range(t * n)],
+        tokens=tokens,
+        dots=dots,
+        norms=norms,
+        bank_names=names,
+        bank_norms=np.linalg.norm(bank, axis=1),
+        rows=resketch(rows, 32),
+        texts=[f"text {i}" for i in range(t * n)],
+    )
     return rows, tokens, bank, names, sk
 
 
@@ -66,8 +73,16 @@ def test_coordinates_use_the_sources_centring_and_basis():
         np.testing.assert_allclose(z[i], space.project(sk.cosines()[i]), atol=1e-12)
     # an "example" equal to a source's own gradient lands on that source's point
     dots, norms = dots_to_rows(bank, bank)
-    own = ExampleSketches(sources=names, ids=names, tokens=np.ones(4), dots=dots, norms=norms,
-                          bank_names=names, bank_norms=norms, rows=bank)  # fmt: skip
+    own = ExampleSketches(
+        sources=names,
+        ids=names,
+        tokens=np.ones(4),
+        dots=dots,
+        norms=norms,
+        bank_names=names,
+        bank_norms=norms,
+        rows=bank,
+    )
     np.testing.assert_allclose(example_coordinates(space, own), space.embedding, atol=1e-10)
 
 
@@ -76,9 +91,16 @@ def test_outliers_are_the_examples_pointing_away_from_their_source():
     rows = rows.copy()
     rows[5] = -3 * bank[0]  # an example of s0 that points against s0
     dots, norms = dots_to_rows(rows, bank)
-    flipped = ExampleSketches(sources=sk.sources, ids=sk.ids, tokens=tokens, dots=dots,
-                              norms=norms, bank_names=names, bank_norms=sk.bank_norms,
-                              rows=sk.rows)  # fmt: skip
+    flipped = ExampleSketches(
+        sources=sk.sources,
+        ids=sk.ids,
+        tokens=tokens,
+        dots=dots,
+        norms=norms,
+        bank_names=names,
+        bank_norms=sk.bank_norms,
+        rows=sk.rows,
+    )
     flags = flag_outliers(flipped.own_cosine(), flipped.sources)
     before = flag_outliers(sk.own_cosine(), sk.sources)
     assert flags[5] and not before[5]
@@ -96,8 +118,9 @@ def test_resketch_is_linear_and_keeps_inner_products():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(3, 4096))
     y = resketch(x, 1024, seed=3)
-    np.testing.assert_allclose(resketch(x[:1] + 2 * x[1:2], 1024, seed=3), y[:1] + 2 * y[1:2],
-                               rtol=1e-5, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        resketch(x[:1] + 2 * x[1:2], 1024, seed=3), y[:1] + 2 * y[1:2], rtol=1e-5, atol=1e-4
+    )
     np.testing.assert_array_equal(resketch(x[2:], 1024, seed=3), y[2:])  # same map per call
     cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
     assert abs(cos(y[0], y[0] + y[1]) - cos(x[0], x[0] + x[1])) < 0.1
@@ -114,9 +137,16 @@ def test_save_load_round_trip_and_bad_file(tmp_path):
     with pytest.raises(ValueError, match="bad.safetensors: not a readable"):
         ExampleSketches.load(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="without a bank row"):
-        ExampleSketches(sources=["x"], ids=["1"], tokens=[1], dots=np.zeros((1, 4)),
-                        norms=[1.0], bank_names=sk.bank_names, bank_norms=sk.bank_norms,
-                        rows=np.zeros((1, 2)))  # fmt: skip
+        ExampleSketches(
+            sources=["x"],
+            ids=["1"],
+            tokens=[1],
+            dots=np.zeros((1, 4)),
+            norms=[1.0],
+            bank_names=sk.bank_names,
+            bank_norms=sk.bank_norms,
+            rows=np.zeros((1, 2)),
+        )
 
 
 def test_self_shares_sum_to_one_and_flag_a_dominant_example():
@@ -130,9 +160,16 @@ def test_self_shares_sum_to_one_and_flag_a_dominant_example():
     srcs = np.array(sk.sources)
     bank = np.stack([weighted_mean(rows[srcs == n], tokens[srcs == n]) for n in names])
     dots, norms = dots_to_rows(rows, bank)
-    big = ExampleSketches(sources=sk.sources, ids=sk.ids, tokens=tokens, dots=dots, norms=norms,
-                          bank_names=names, bank_norms=np.linalg.norm(bank, axis=1),
-                          rows=sk.rows)  # fmt: skip
+    big = ExampleSketches(
+        sources=sk.sources,
+        ids=sk.ids,
+        tokens=tokens,
+        dots=dots,
+        norms=norms,
+        bank_names=names,
+        bank_norms=np.linalg.norm(bank, axis=1),
+        rows=sk.rows,
+    )
     table = big.table()
     assert table.loc[40, "dominant"] and table["dominant"].sum() == 1
     assert table.loc[40, "self_share"] > 0.9

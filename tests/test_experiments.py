@@ -12,19 +12,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merit_lab.config import ExperimentConfig, load_config
-from merit_lab.conflict import ConflictSpace
-from merit_lab.evaluate import summarize_eval
+from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.config.schema import ExperimentConfig, load_config
+from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.io import read_json
-from merit_lab.partition import Partition
+from merit_lab.partition.plan import Partition
 from merit_lab.pipeline import RunDir, make_partition, run_pipeline
 from merit_lab.pipeline.experiments import experiment_partition, model_rows
 from merit_lab.pipeline.status import token_budget
 from tests.conftest import write_demo_slice
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
-           "shift-a-verbose-lower"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "reverse-a-verbose-upper",
+    "shift-a-terse-upper",
+    "shift-a-verbose-lower",
+]
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +86,24 @@ def test_report_numbers_come_from_eval_parquet(full_run):
     _, run = full_run
     table = pd.read_parquet(run.eval)
     text = run.report.read_text()
-    for metric, title in [("loss", "Held-out loss"), ("exact_match", "Exact match"),
-                          ("similarity", "Character similarity")]:  # fmt: skip
+    for metric, title in [
+        ("loss", "Held-out loss"),
+        ("exact_match", "Exact match"),
+        ("similarity", "Character similarity"),
+    ]:
         got = _report_table(text, title)
         want = summarize_eval(table, metric=metric)
         want = want.loc[got.index, got.columns]
         digits = 4 if metric == "loss" else 1
         np.testing.assert_allclose(got.to_numpy(), want.to_numpy().round(digits), atol=1e-9)
-    assert list(got.index) == ["theta0", "joint-1ep", "random-k2", "merit-1d", "merit-1d+ties",
-                               "soup"]  # fmt: skip
+    assert list(got.index) == [
+        "theta0",
+        "joint-1ep",
+        "random-k2",
+        "merit-1d",
+        "merit-1d+ties",
+        "soup",
+    ]
     results = read_json(run.results)  # what the README cites: the same numbers, unrounded
     assert results["models"] == list(got.index)
     for metric in ("loss", "exact_match", "similarity"):
@@ -179,10 +192,18 @@ def test_a_changed_partition_is_refused_once_branches_exist(full_run):
     same = experiment_partition(cfg, ExperimentConfig("random-k2", method="random", k=2, seed=1))
     assert same.groups == trained.groups
     seed = next(
-        s for s in range(2, 50)
-        if make_partition(ConflictSpace.load(run.conflict), trained.examples, trained.tokens,
-                          method="random", k=2, seed=s).groups != trained.groups
-    )  # fmt: skip
+        s
+        for s in range(2, 50)
+        if make_partition(
+            ConflictSpace.load(run.conflict),
+            trained.examples,
+            trained.tokens,
+            method="random",
+            k=2,
+            seed=s,
+        ).groups
+        != trained.groups
+    )
     before = path.read_bytes()
     with pytest.raises(ValueError, match="different partition"):
         experiment_partition(cfg, ExperimentConfig("random-k2", method="random", k=2, seed=seed))
@@ -194,7 +215,7 @@ def test_interrupted_training_resumes_in_the_pipeline(slice_dir, tmp_path, one_t
     from transformers import TrainerCallback
 
     from merit_lab.pipeline.experiments import plan_specs
-    from merit_lab.train import train_branch
+    from merit_lab.training.trainer import train_branch
 
     cfg = _config(
         slice_dir, tmp_path, experiments=[{"name": "joint-1ep", "kind": "joint", "epochs": 1}]

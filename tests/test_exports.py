@@ -11,16 +11,16 @@ import datasets
 import pytest
 import yaml
 
-from merit_lab.exports import (
+from merit_lab.data.formatting import tokenize_example
+from merit_lab.models.loading import load_tokenizer
+from merit_lab.training.exports import (
     branch_manifest,
     example_hash,
     export_branches,
     load_spec_mixture,
     trained_indices,
 )
-from merit_lab.formatting import tokenize_example
-from merit_lab.models import load_tokenizer
-from merit_lab.train import BranchSpec, _schedule, _train_examples
+from merit_lab.training.trainer import BranchSpec, _schedule, _train_examples
 from tests.conftest import write_jsonl
 
 # trl 1.16 `trl.scripts.utils.DatasetConfig` fields (read from the wheel's source); the exported
@@ -38,24 +38,39 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("export_assets")
     build_demo_tokenizer().save_pretrained(root / "base")
     for name in ("add", "max", "rep"):
-        rows = [{"prompt": f"{name} {a}", "response": "x" * (a % 17) + str(a), "id": f"{name}{a}"}
-                for a in range(30)]  # fmt: skip
+        rows = [
+            {"prompt": f"{name} {a}", "response": "x" * (a % 17) + str(a), "id": f"{name}{a}"}
+            for a in range(30)
+        ]
         write_jsonl(root / "mix" / f"{name}.jsonl", rows)
     return root / "base", root / "mix"
 
 
 def make_spec(assets, name: str, sources, **kw) -> BranchSpec:
     base, mix = assets
-    return BranchSpec(name=name, base_model=str(base), output_dir=str(mix.parent / name),
-                      sources=tuple(sources),
-                      mixture={"path": str(mix), "eval_fraction": 0.1, "seed": 3,
-                               "calibration_n": 4},
-                      max_length=MAX_LENGTH, long_examples="skip", device="cpu", **kw)  # fmt: skip
+    return BranchSpec(
+        name=name,
+        base_model=str(base),
+        output_dir=str(mix.parent / name),
+        sources=tuple(sources),
+        mixture={"path": str(mix), "eval_fraction": 0.1, "seed": 3, "calibration_n": 4},
+        max_length=MAX_LENGTH,
+        long_examples="skip",
+        device="cpu",
+        **kw,
+    )
 
 
 def test_manifest_is_the_examples_a_branch_trains(assets):
-    spec = make_spec(assets, "g/0", ("add", "max"), epochs=1.5, seed=5, fractions={"add": 0.5},
-                     excluded={"max": ["max3", "max4"]})  # fmt: skip
+    spec = make_spec(
+        assets,
+        "g/0",
+        ("add", "max"),
+        epochs=1.5,
+        seed=5,
+        fractions={"add": 0.5},
+        excluded={"max": ["max3", "max4"]},
+    )
     tok = load_tokenizer(assets[0])
     mixture = load_spec_mixture(spec)
     # what train.py trains: its examples (skip policy, then the seeded subset) and its schedule
@@ -75,8 +90,10 @@ def test_manifest_is_the_examples_a_branch_trains(assets):
             assert r.passes == order[(s, j)]  # 1 or 2: epochs 1.5
     assert {r.passes for r in rows} == {1, 2}
     assert not {"max3", "max4"} & {r.id for r in rows}
-    fit = [tokenize_example(tok, ex, MAX_LENGTH, "skip").overflow != "skipped"
-           for ex in mixture["add"].train]  # fmt: skip
+    fit = [
+        tokenize_example(tok, ex, MAX_LENGTH, "skip").overflow != "skipped"
+        for ex in mixture["add"].train
+    ]
     assert {"max3", "max4"} <= {ex["id"] for ex in mixture["max"].train}  # excluded: not moot
     assert len(trained["add"]) == round(0.5 * sum(fit)) < len(fit)
 
@@ -90,8 +107,13 @@ def test_export_writes_the_curated_mixture(assets, tmp_path):
     }  # "rep" could be dropped from all: then it is in no file
     written = export_branches(specs, tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in written}
-    assert {"trl/merit_0.yaml", "trl/joint-1ep.yaml", "open-instruct/merit_1.yaml",
-            "manifest.jsonl", "data/add.jsonl"} <= names  # fmt: skip
+    assert {
+        "trl/merit_0.yaml",
+        "trl/joint-1ep.yaml",
+        "open-instruct/merit_1.yaml",
+        "manifest.jsonl",
+        "data/add.jsonl",
+    } <= names
     tok = load_tokenizer(assets[0])
     mixture = load_spec_mixture(specs["joint-1ep"])
     idx = trained_indices(specs["joint-1ep"], mixture["add"], tok)

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from merit_lab.io import LockHeldError, find_temp, is_temp_name, read_json
 from merit_lab.pipeline import RunDir, load_edit_session, run_pipeline, stage_status
 from merit_lab.pipeline.diagnose import run_diagnostics
@@ -39,15 +39,26 @@ from merit_lab.pipeline.runner import STAGES
 from tests.conftest import write_demo_slice, write_tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
-           "shift-a-verbose-lower"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "reverse-a-verbose-upper",
+    "shift-a-terse-upper",
+    "shift-a-verbose-lower",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 # Fields that hold wall times or rates (or are derived from them): the only ones allowed to
 # differ between an uninterrupted run and a killed-and-resumed one. `throughput` in bank.json
 # also counts only the sources computed by the last (resumed) gradient stage.
-VOLATILE = {"seconds", "lanczos_seconds", "tokens_per_s", "time", "created", "updated",
-            "throughput"}  # fmt: skip
+VOLATILE = {
+    "seconds",
+    "lanczos_seconds",
+    "tokens_per_s",
+    "time",
+    "created",
+    "updated",
+    "throughput",
+}
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 # `merit-lab run` with a hook: the process stops (writes ``ready`` and sleeps until the parent
@@ -108,8 +119,15 @@ def _merit_lab() -> list[str]:
 def _start(cmd: list[str], log: Path, **kw) -> subprocess.Popen:
     """A child in its own process group (killed as a whole), its output in ``log``."""
     with open(log, "ab") as f:  # a file, not a pipe: a full pipe would block the child
-        return subprocess.Popen(cmd, cwd=log.parent, env=ENV, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True, **kw)  # fmt: skip
+        return subprocess.Popen(
+            cmd,
+            cwd=log.parent,
+            env=ENV,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **kw,
+        )
 
 
 def _kill_group(proc: subprocess.Popen) -> int:
@@ -134,11 +152,19 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     run once uninterrupted, then moved to ``ref/`` so the campaign can use its exact path."""
     base = tmp_path_factory.mktemp("faults")
     data = write_demo_slice(base / "data", SOURCES, {"train": 12, "calibration": 8, "eval": 2})
-    diagnostics = {"max_examples": 1, "alphas": 2, "sigmas": [0.0], "seeds": [0], "hessian_k": 1,
-                   "hessian_iter": 2, "curvature_examples": 1}  # fmt: skip
+    diagnostics = {
+        "max_examples": 1,
+        "alphas": 2,
+        "sigmas": [0.0],
+        "seeds": [0],
+        "hessian_k": 1,
+        "hessian_iter": 2,
+        "curvature_examples": 1,
+    }
     train = {"batch_size": 8, "lr": 1e-3, "save_steps": 2}
-    config = write_tiny_run_config(base / "run.yaml", data, base / "runs", device="cpu",
-                                   train=train, diagnostics=diagnostics)  # fmt: skip
+    config = write_tiny_run_config(
+        base / "run.yaml", data, base / "runs", device="cpu", train=train, diagnostics=diagnostics
+    )
     log = base / "reference.log"
     proc = _finish([*_merit_lab(), "run", str(config)], log)
     assert proc.returncode == 0, log.read_text()[-3000:]
@@ -198,8 +224,9 @@ def _compare_file(rel: str, a: Path, b: Path) -> str | None:
         return "modulo times" if same else "report differs"
     if a.suffix == ".safetensors":
         with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
-            meta = [{k: _json_or_text(v) for k, v in (f.metadata() or {}).items()}
-                    for f in (fa, fb)]  # fmt: skip
+            meta = [
+                {k: _json_or_text(v) for k, v in (f.metadata() or {}).items()} for f in (fa, fb)
+            ]
         ta, tb = load_file(a), load_file(b)
         if ta.keys() != tb.keys() or meta[0] != meta[1]:
             return "safetensors keys or metadata differ"
@@ -325,8 +352,12 @@ def _kill_once(kill: Kill, config: Path, run: Path, work: Path, timings: dict) -
     if kill.how == "appears":
         proc = _start([*_merit_lab(), "run", str(config)], log)
     else:
-        args = {"argv": ["run", str(config)], "ready": str(ready), "progress": str(progress),
-                "kill": {"how": kill.how, "target": kill.target, "nth": kill.nth}}  # fmt: skip
+        args = {
+            "argv": ["run", str(config)],
+            "ready": str(ready),
+            "progress": str(progress),
+            "kill": {"how": kill.how, "target": kill.target, "nth": kill.nth},
+        }
         proc = _start([sys.executable, "-c", CHILD, json.dumps(args)], log)
     deadline, entered_at = time.monotonic() + 180, None
     try:
@@ -382,12 +413,15 @@ def test_a_run_killed_at_every_stage_resumes_to_the_uninterrupted_result(assets,
     verdicts = _compare_runs(ref, run)
     with capsys.disabled():
         print(f"  compared with the uninterrupted run: {dict(Counter(verdicts.values()))}")
-        print("  not identical: " + ", ".join(f"{r} ({v})" for r, v in verdicts.items()
-                                              if v != "identical"))  # fmt: skip
+        print(
+            "  not identical: "
+            + ", ".join(f"{r} ({v})" for r, v in verdicts.items() if v != "identical")
+        )
     bad = {r: v for r, v in verdicts.items() if v not in ("identical", "modulo times", "allclose")}
     assert bad == {}
-    pd.testing.assert_frame_equal(pd.read_parquet(ref / "eval.parquet"),
-                                  pd.read_parquet(run / "eval.parquet"))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(ref / "eval.parquet"), pd.read_parquet(run / "eval.parquet")
+    )
     # a kill between a stage's artifact and its timings.json entry loses that stage's time (the
     # resumed run skips the stage): timings.json may name fewer stages, never others
     timed, ref_timed = (set(read_json(r / "timings.json")) - {"tokens_per_s"} for r in (run, ref))
@@ -415,8 +449,11 @@ def _limited(limit: int):
 
 
 def _hashes(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    return {str(p.relative_to(root)): _sha(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and not str(p.relative_to(root)).startswith(skip)}  # fmt: skip
+    return {
+        str(p.relative_to(root)): _sha(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not str(p.relative_to(root)).startswith(skip)
+    }
 
 
 def _run_full(config: Path, out: Path, log: Path, *extra: str) -> tuple[int, str]:
@@ -481,8 +518,9 @@ def test_a_full_disk_fails_with_one_line_keeps_what_was_written_and_resumes(asse
     assert len(weights) == 5
     for rel in weights:
         assert _compare_file(rel, ref / rel, run / rel) in ("identical", "allclose"), rel
-    pd.testing.assert_frame_equal(pd.read_parquet(ref / "eval.parquet"),
-                                  pd.read_parquet(run / "eval.parquet"))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(ref / "eval.parquet"), pd.read_parquet(run / "eval.parquet")
+    )
 
 
 # -------------------------------------------------------------------------------- two writers
@@ -498,8 +536,12 @@ def test_a_second_writer_is_refused_naming_the_first(assets, caplog):
     work = base / "two-work"
     work.mkdir()
     ready, log = work / "ready", work / "first.log"
-    args = {"argv": argv, "ready": str(ready), "progress": str(work / "progress"),
-            "kill": {"how": "before", "target": "tiny/report.md", "nth": 1}}  # fmt: skip
+    args = {
+        "argv": argv,
+        "ready": str(ready),
+        "progress": str(work / "progress"),
+        "kill": {"how": "before", "target": "tiny/report.md", "nth": 1},
+    }
     first = _start([sys.executable, "-c", CHILD, json.dumps(args)], log)
     try:
         deadline = time.monotonic() + 120
@@ -509,12 +551,19 @@ def test_a_second_writer_is_refused_naming_the_first(assets, caplog):
         holder = read_json(run.lock)
         assert holder["pid"] == first.pid and holder["command"] == shlex.join(["merit-lab", *argv])
         before = _hashes(run.root)
-        second = subprocess.run([*_merit_lab(), *argv], env=ENV, capture_output=True, text=True,
-                                timeout=120)  # fmt: skip
+        second = subprocess.run(
+            [*_merit_lab(), *argv], env=ENV, capture_output=True, text=True, timeout=120
+        )
         errors = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
-        for part in ["merit-lab: error: ", str(run.root), f"pid {first.pid} ", holder["host"],
-                     f"(command: {holder['command']!r})", f"kill {first.pid}"]:  # fmt: skip
+        for part in [
+            "merit-lab: error: ",
+            str(run.root),
+            f"pid {first.pid} ",
+            holder["host"],
+            f"(command: {holder['command']!r})",
+            f"kill {first.pid}",
+        ]:
             assert part in errors[0], (part, errors[0])
 
         # a notebook (this process) calling what notebooks 02-04 call to write the run
@@ -542,8 +591,9 @@ def test_a_second_writer_is_refused_naming_the_first(assets, caplog):
     assert f"taking over the lock of pid {first.pid}" in caplog.text and not run.lock.exists()
     # ... and while a notebook writes, the CLI is refused, naming it
     with run.writer_lock(command="notebook 04: editor.save()"):
-        second = subprocess.run([*_merit_lab(), *argv], env=ENV, capture_output=True, text=True,
-                                timeout=120)  # fmt: skip
+        second = subprocess.run(
+            [*_merit_lab(), *argv], env=ENV, capture_output=True, text=True, timeout=120
+        )
     assert second.returncode == 2 and f"pid {os.getpid()} " in second.stderr
     assert "(command: 'notebook 04: editor.save()')" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1, second.stderr

@@ -16,10 +16,10 @@ import plotly.graph_objects as go
 import pytest
 from PIL import Image
 
-from merit_lab.conflict import compute_conflict_space
-from merit_lab.examples import pair_contributions
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.analysis.examples import pair_contributions
 from merit_lab.io import atomic_write_json
-from merit_lab.partition import split_balanced
+from merit_lab.partition.plan import split_balanced
 from merit_lab.pipeline.figures import CONTACT_SHEET, WIDE_STEMS, collect_figures, write_figures
 from merit_lab.viz.export import make_contact_sheet, save_figure, static_renderer_problem
 from merit_lab.viz.plots import plot_comparison
@@ -46,38 +46,73 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("run")
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=40), rng.normal(size=40)
-    rows = np.stack([(i % 2 * 2 - 1) * a + (i // 8 * 2 - 1) * b + rng.normal(size=40)
-                     for i in range(len(NAMES))])  # fmt: skip
+    rows = np.stack(
+        [
+            (i % 2 * 2 - 1) * a + (i // 8 * 2 - 1) * b + rng.normal(size=40)
+            for i in range(len(NAMES))
+        ]
+    )
     space = compute_conflict_space(rows, NAMES)
     space.save(root / "conflict.json")
     examples = {n: 10 + i for i, n in enumerate(NAMES)}
     tokens = {n: 100 * (i + 1) for i, n in enumerate(NAMES)}
-    sources = [{"name": n, "n_train": examples[n], "train_tokens": tokens[n],
-                "metadata": {"family": n.split("-")[0]}} for n in NAMES]  # fmt: skip
+    sources = [
+        {
+            "name": n,
+            "n_train": examples[n],
+            "train_tokens": tokens[n],
+            "metadata": {"family": n.split("-")[0]},
+        }
+        for n in NAMES
+    ]
     atomic_write_json(root / "mixture.json", {"sources": sources, "info": {}})
     split_balanced(space, examples, tokens, r=2).save(root / "partition.json")
     recs = [
-        {"model": m, "source": n, "family": n.split("-")[0], "split": "eval", "metric": metric,
-         "value": v, "n": 4}
+        {
+            "model": m,
+            "source": n,
+            "family": n.split("-")[0],
+            "split": "eval",
+            "metric": metric,
+            "value": v,
+            "n": 4,
+        }
         for j, m in enumerate(MODELS)
         for n in NAMES
         for metric, v in (("loss", 0.3 + 0.01 * j), ("exact_match", 0.2 + 0.02 * j))
-    ]  # fmt: skip
+    ]
     recs += [
-        {"model": m, "source": task, "family": "lm-eval", "split": "lm-eval", "metric": metric,
-         "value": v, "n": 12}
+        {
+            "model": m,
+            "source": task,
+            "family": "lm-eval",
+            "split": "lm-eval",
+            "metric": metric,
+            "value": v,
+            "n": 12,
+        }
         for j, m in enumerate(MODELS)
         for task in ("local_gen", "local_mc")
         for metric, v in (("acc", 0.3 + 0.02 * j), ("acc_stderr", 0.1))
-    ]  # fmt: skip
+    ]
     pd.DataFrame(recs).to_parquet(root / "eval.parquet")
     for j in range(14):
         log = root / "branches" / f"experiment-{j}" / "0" / "log.jsonl"
         log.parent.mkdir(parents=True)
-        log.write_text("".join(json.dumps({"loss": 3 - s / 10 - j / 50, "tokens": 50 * s}) + "\n"
-                               for s in range(1, 30)))  # fmt: skip
-    conv = pd.DataFrame([{"source": n, "n": k, "boot": bt, "cosine": 1 - 1 / (k + bt + 1)}
-                         for n in NAMES for k in (2, 4, 8) for bt in (0, 1)])  # fmt: skip
+        log.write_text(
+            "".join(
+                json.dumps({"loss": 3 - s / 10 - j / 50, "tokens": 50 * s}) + "\n"
+                for s in range(1, 30)
+            )
+        )
+    conv = pd.DataFrame(
+        [
+            {"source": n, "n": k, "boot": bt, "cosine": 1 - 1 / (k + bt + 1)}
+            for n in NAMES
+            for k in (2, 4, 8)
+            for bt in (0, 1)
+        ]
+    )
     conv.to_parquet(root / "convergence.parquet")
     return root
 
@@ -85,15 +120,34 @@ def run_dir(tmp_path_factory) -> Path:
 def diagnostics_documents() -> dict[str, dict]:
     """Loaded ``diagnostics/*.json`` documents with 14 paths, 14 models, 2 spectral rows."""
     alphas = np.linspace(0, 1, 5)
-    paths = [{"split": "train", "experiment": "merit-2d", "a": f"merit-2d/{i}", "b": "merged",
-              "alphas": alphas.tolist(), "losses": (1 + 0.1 * i + alphas * (1 - alphas)).tolist(),
-              "loss_a": 1 + 0.1 * i, "loss_b": 1 + 0.1 * i, "barrier": 0.25}
-             for i in range(14)]  # fmt: skip
-    models = {m: {"kind": "merged", "total": 1.0 + j,
-                  "per_layer": {f"model.layers.{k}": 0.1 * (j + k) for k in range(3)}}
-              for j, m in enumerate(MODELS)}  # fmt: skip
-    draws = [{"model": m, "sigma": s, "seed": seed, "loss": 1 + s, "delta": s * (1 + j)}
-             for j, m in enumerate(MODELS) for s in (0.0, 0.01) for seed in (0, 1)]  # fmt: skip
+    paths = [
+        {
+            "split": "train",
+            "experiment": "merit-2d",
+            "a": f"merit-2d/{i}",
+            "b": "merged",
+            "alphas": alphas.tolist(),
+            "losses": (1 + 0.1 * i + alphas * (1 - alphas)).tolist(),
+            "loss_a": 1 + 0.1 * i,
+            "loss_b": 1 + 0.1 * i,
+            "barrier": 0.25,
+        }
+        for i in range(14)
+    ]
+    models = {
+        m: {
+            "kind": "merged",
+            "total": 1.0 + j,
+            "per_layer": {f"model.layers.{k}": 0.1 * (j + k) for k in range(3)},
+        }
+        for j, m in enumerate(MODELS)
+    }
+    draws = [
+        {"model": m, "sigma": s, "seed": seed, "loss": 1 + s, "delta": s * (1 + j)}
+        for j, m in enumerate(MODELS)
+        for s in (0.0, 0.01)
+        for seed in (0, 1)
+    ]
     spectral = {
         "direction": [0, 1, 2],
         "eigval": [3.0, 2.0, 1.0],
@@ -101,17 +155,21 @@ def diagnostics_documents() -> dict[str, dict]:
         "merged_energy": [1e-4, 1e-6, 1e-5],
     }
     gain = [{"row": r, "spectral_filtering": spectral} for r in ("merit-2d+ties", "random-k4")]
-    return {"paths": {"paths": paths}, "displacement": {"models": models},
-            "perturbation": {"draws": draws}, "gain": {"experiments": gain}}  # fmt: skip
+    return {
+        "paths": {"paths": paths},
+        "displacement": {"models": models},
+        "perturbation": {"draws": draws},
+        "gain": {"experiments": gain},
+    }
 
 
 def interpretability_figures() -> dict[str, go.Figure]:
     """The figures of the report's stability, layer-wise and drift sections and of the example
     explorer, built from synthetic inputs of the shapes those stages produce."""
-    from merit_lab.conflict import compute_conflict_space
-    from merit_lab.drift import compute_drift
-    from merit_lab.layerwise import LayerBank, ParamGroup, compute_layer_conflict
-    from merit_lab.stability import bootstrap_split_stability
+    from merit_lab.analysis.conflict import compute_conflict_space
+    from merit_lab.analysis.drift import compute_drift
+    from merit_lab.analysis.layerwise import LayerBank, ParamGroup, compute_layer_conflict
+    from merit_lab.partition.stability import bootstrap_split_stability
     from merit_lab.viz.plots_drift import plot_drift_angles, plot_drift_map
     from merit_lab.viz.plots_examples import plot_example_cloud, plot_pair_contributions
     from merit_lab.viz.plots_layers import plot_layer_axis_shares, plot_layer_cosines
@@ -124,8 +182,17 @@ def interpretability_figures() -> dict[str, go.Figure]:
     from tests.test_stability import COUNTS, NAMES, TOKENS, _mixture
 
     rows, tokens, sources = _mixture(1.0)
-    st = bootstrap_split_stability(rows, tokens, sources, NAMES, examples=COUNTS,
-                                   train_tokens=TOKENS, rs=(1, 2), n_boot=20, seed=0)  # fmt: skip
+    st = bootstrap_split_stability(
+        rows,
+        tokens,
+        sources,
+        NAMES,
+        examples=COUNTS,
+        train_tokens=TOKENS,
+        rs=(1, 2),
+        n_boot=20,
+        seed=0,
+    )
     _rows, _tok, bank, names, sk = _synthetic(t=6)
     space = compute_conflict_space(bank, names)
     table = sk.table(space, r=3)
@@ -133,8 +200,11 @@ def interpretability_figures() -> dict[str, go.Figure]:
     groups, start = [], 0
     for layer in range(3):
         for kind in ("attention", "mlp"):
-            groups.append(ParamGroup(f"layer.{layer}.{kind}", kind, layer, (f"p{layer}{kind}",),
-                                     start, start + 16))  # fmt: skip
+            groups.append(
+                ParamGroup(
+                    f"layer.{layer}.{kind}", kind, layer, (f"p{layer}{kind}",), start, start + 16
+                )
+            )
             start += 16
     layer_bank = LayerBank(tuple(names), tuple(groups), rng.normal(size=(6, start)).astype("f4"))
     lc = compute_layer_conflict(layer_bank, k=2, contrasts={"style": ["a", "b"] * 3})
@@ -171,13 +241,30 @@ def figures(run_dir) -> dict[str, go.Figure]:
 def test_the_run_has_every_kind_of_figure(figures):
     stems = {k.split("/", 1)[1] for k in figures}
     want = {
-        "conflict_clustermap", "conflict_heatmap", "conflict_scatter", "conflict_scatter_3d",
-        "explained_variance", "compare_loss", "compare_exact_match", "training",
-        "gradient_convergence", "diag_paths_merit-2d", "diag_displacement", "diag_perturbation",
-        "diag_spectral_merit-2d_ties", "compare_lm_eval", "stability_coassign_r1",
-        "stability_ari", "stability_spread", "example_cloud", "example_pair", "layer_axis_shares",
-        "layer_cosines", "drift_angles", "drift_map",
-    }  # fmt: skip
+        "conflict_clustermap",
+        "conflict_heatmap",
+        "conflict_scatter",
+        "conflict_scatter_3d",
+        "explained_variance",
+        "compare_loss",
+        "compare_exact_match",
+        "training",
+        "gradient_convergence",
+        "diag_paths_merit-2d",
+        "diag_displacement",
+        "diag_perturbation",
+        "diag_spectral_merit-2d_ties",
+        "compare_lm_eval",
+        "stability_coassign_r1",
+        "stability_ari",
+        "stability_spread",
+        "example_cloud",
+        "example_pair",
+        "layer_axis_shares",
+        "layer_cosines",
+        "drift_angles",
+        "drift_map",
+    }
     assert want <= stems, want - stems
 
 
@@ -424,6 +511,7 @@ def test_figures_command_writes_a_contact_sheet(run_dir, tmp_path):
         diff = np.abs(np.asarray(crop, dtype=int) - np.asarray(tile, dtype=int)).mean()
         assert diff < 3, diff
     # PDF is one of the formats, in the same style
-    pdf = save_figure(paper_layout(collect_figures(run_dir)["compare_loss"]), tmp_path / "c",
-                      formats=("pdf",))  # fmt: skip
+    pdf = save_figure(
+        paper_layout(collect_figures(run_dir)["compare_loss"]), tmp_path / "c", formats=("pdf",)
+    )
     assert pdf[-1].suffix == ".pdf" and pdf[-1].read_bytes()[:5] == b"%PDF-"

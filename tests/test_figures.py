@@ -14,9 +14,9 @@ import pandas as pd
 import plotly.io as pio
 import pytest
 
-from merit_lab.conflict import ConflictSpace, compute_conflict_space
+from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
 from merit_lab.io import atomic_write_json, read_json
-from merit_lab.partition import Partition, split_balanced
+from merit_lab.partition.plan import Partition, split_balanced
 from merit_lab.pipeline.figures import CONVERGENCE_FILE, PAPER, collect_figures, write_figures
 from merit_lab.viz.export import static_renderer_problem
 from merit_lab.viz.style import MUTED, PALETTE
@@ -36,26 +36,44 @@ def run_dir(tmp_path_factory) -> Path:
     examples = {n: 10 + i for i, n in enumerate(NAMES)}
     tokens = {n: 100 * (i + 1) for i, n in enumerate(NAMES)}
     sources = [
-        {"name": n, "n_train": examples[n], "train_tokens": tokens[n],
-         "metadata": {"family": n.split("-")[0]}}
+        {
+            "name": n,
+            "n_train": examples[n],
+            "train_tokens": tokens[n],
+            "metadata": {"family": n.split("-")[0]},
+        }
         for n in NAMES
-    ]  # fmt: skip
+    ]
     atomic_write_json(root / "mixture.json", {"sources": sources, "info": {}})
     split_balanced(space, examples, tokens, r=1).save(root / "partition.json")
     recs = [
-        {"model": m, "source": n, "family": n.split("-")[0], "split": "eval", "metric": metric,
-         "value": v, "n": 4}
+        {
+            "model": m,
+            "source": n,
+            "family": n.split("-")[0],
+            "split": "eval",
+            "metric": metric,
+            "value": v,
+            "n": 4,
+        }
         for m, v in (("theta0", 0.2), ("merit-1d/linear", 0.5))
         for n in NAMES
         for metric, v in (("loss", 2.0 - v), ("exact_match", v))
-    ]  # fmt: skip
+    ]
     pd.DataFrame(recs).to_parquet(root / "eval.parquet")
     log = root / "branches" / "merit-1d" / "0" / "log.jsonl"
     log.parent.mkdir(parents=True)
-    log.write_text("".join(json.dumps({"loss": 3 - s / 10, "tokens": 50 * s}) + "\n"
-                           for s in range(1, 6)))  # fmt: skip
-    conv = pd.DataFrame({"source": "add-0", "n": [2, 2, 4, 4], "boot": [0, 1, 0, 1],
-                         "cosine": [0.8, 0.9, 0.95, 0.97]})  # fmt: skip
+    log.write_text(
+        "".join(json.dumps({"loss": 3 - s / 10, "tokens": 50 * s}) + "\n" for s in range(1, 6))
+    )
+    conv = pd.DataFrame(
+        {
+            "source": "add-0",
+            "n": [2, 2, 4, 4],
+            "boot": [0, 1, 0, 1],
+            "cosine": [0.8, 0.9, 0.95, 0.97],
+        }
+    )
     conv.to_parquet(root / CONVERGENCE_FILE)
     return root
 
@@ -76,10 +94,16 @@ def _exported(path: Path) -> dict:
 def test_collect_figures_finds_every_artifact(run_dir):
     figs = collect_figures(run_dir)
     assert set(figs) == {
-        "conflict_clustermap", "conflict_heatmap", "conflict_scatter", "conflict_scatter_3d",
-        "explained_variance", "compare_loss", "compare_exact_match", "training",
+        "conflict_clustermap",
+        "conflict_heatmap",
+        "conflict_scatter",
+        "conflict_scatter_3d",
+        "explained_variance",
+        "compare_loss",
+        "compare_exact_match",
+        "training",
         "gradient_convergence",
-    }  # fmt: skip
+    }
     scatter = figs["conflict_scatter"]
     assert [t.name for t in scatter.data] == ["G0", "G1"]  # coloured by group
     assert [t.marker.color for t in scatter.data] == list(PALETTE[:2])
@@ -150,8 +174,9 @@ def test_exported_figures_hold_the_run_data_in_the_paper_style(run_dir, tmp_path
     assert "Gradient conflict matrix" in (tmp_path / "figs" / "captions.md").read_text()
 
 
-def test_missing_static_renderer_is_named_and_html_still_written(run_dir, tmp_path, monkeypatch,
-                                                                  caplog):  # fmt: skip
+def test_missing_static_renderer_is_named_and_html_still_written(
+    run_dir, tmp_path, monkeypatch, caplog
+):
     monkeypatch.setattr(
         "merit_lab.viz.export.static_renderer_problem", lambda: "kaleido is not installed: pip ..."
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merit_lab.formatting import IGNORE_INDEX, collate, tokenize_example
+from merit_lab.data.formatting import IGNORE_INDEX, collate, tokenize_example
 
 
 def _response_text(tok, ex) -> str:
@@ -11,9 +11,12 @@ def _response_text(tok, ex) -> str:
 
 
 def test_only_the_response_is_labelled(demo_tokenizer):
-    example = {"messages": [
-        {"role": "user", "content": "reverse abc"}, {"role": "assistant", "content": "cba"}
-    ]}  # fmt: skip
+    example = {
+        "messages": [
+            {"role": "user", "content": "reverse abc"},
+            {"role": "assistant", "content": "cba"},
+        ]
+    }
     ex = tokenize_example(demo_tokenizer, example)
     resp = _response_text(demo_tokenizer, ex)
     assert resp.startswith("cba")
@@ -25,10 +28,14 @@ def test_only_the_response_is_labelled(demo_tokenizer):
 
 
 def test_multi_turn_labels_every_assistant_turn(demo_tokenizer):
-    example = {"messages": [
-        {"role": "user", "content": "one"}, {"role": "assistant", "content": "11"},
-        {"role": "user", "content": "two"}, {"role": "assistant", "content": "22"},
-    ]}  # fmt: skip
+    example = {
+        "messages": [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "11"},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "22"},
+        ]
+    }
     ex = tokenize_example(demo_tokenizer, example)
     resp = _response_text(demo_tokenizer, ex)
     assert "11" in resp and "22" in resp and "one" not in resp and "two" not in resp
@@ -39,18 +46,19 @@ def test_fallback_layout_without_chat_template(demo_tokenizer):
 
     tok = copy.deepcopy(demo_tokenizer)
     tok.chat_template = None
-    example = {"messages": [
-        {"role": "user", "content": "abc"}, {"role": "assistant", "content": "xyz"}
-    ]}  # fmt: skip
+    example = {
+        "messages": [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "xyz"}]
+    }
     ex = tokenize_example(tok, example)
     assert _response_text(tok, ex) == "xyz" + tok.eos_token
     assert tok.decode(list(ex.input_ids)).startswith("### User:\nabc")
 
 
 def test_right_truncation_that_removes_the_response_is_refused(demo_tokenizer):
-    example = {"id": "e1", "messages": [
-        {"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b"}
-    ]}  # fmt: skip
+    example = {
+        "id": "e1",
+        "messages": [{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b"}],
+    }
     with pytest.raises(ValueError, match="'e1': no response tokens within max_length=10"):
         tokenize_example(demo_tokenizer, example, max_length=10, long_examples="truncate_right")
     # the default policy keeps the response instead (tests/test_long_and_small.py)
@@ -58,10 +66,14 @@ def test_right_truncation_that_removes_the_response_is_refused(demo_tokenizer):
 
 
 def test_collate_pads_right_and_masks(demo_tokenizer):
-    a = tokenize_example(demo_tokenizer, {"messages": [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})  # fmt: skip
-    b = tokenize_example(demo_tokenizer, {"messages": [
-        {"role": "user", "content": "aaaa"}, {"role": "assistant", "content": "bb"}]})  # fmt: skip
+    a = tokenize_example(
+        demo_tokenizer,
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    )
+    b = tokenize_example(
+        demo_tokenizer,
+        {"messages": [{"role": "user", "content": "aaaa"}, {"role": "assistant", "content": "bb"}]},
+    )
     batch = collate([a, b], pad_token_id=0)
     assert batch["input_ids"].shape == (2, b.n_tokens)
     assert batch["attention_mask"][0].sum() == a.n_tokens

@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
-from merit_lab.config import load_config
-from merit_lab.gradient_jobs import GradientJob, job_paths, launch_jobs, shard_sources
-from merit_lab.gradients import GradientBank, estimate_gradients, micro_batches
-from merit_lab.mixture import load_mixture
-from merit_lab.models import build_pico_llama, load_model, select_parameters
+from merit_lab.config.schema import load_config
+from merit_lab.data.mixture import load_mixture
+from merit_lab.gradients.estimate import GradientBank, estimate_gradients, micro_batches
+from merit_lab.gradients.sketch import SketchSpec
+from merit_lab.gradients.workers import GradientJob, job_paths, launch_jobs, shard_sources
+from merit_lab.models.loading import build_pico_llama, load_model, select_parameters
 from merit_lab.pipeline import run_pipeline
-from merit_lab.sketch import SketchSpec
 
 EXACT = SketchSpec(kind="exact")
 SKETCH = SketchSpec(dim=4096, seed=3)
@@ -47,7 +47,7 @@ def test_shard_sources_balances_cost_and_keeps_order():
 def test_token_micro_batches_pack_longest_first_and_change_no_gradient(
     pico_model, demo_tokenizer, demo6
 ):
-    from merit_lab.formatting import tokenize_examples
+    from merit_lab.data.formatting import tokenize_examples
 
     ex = tokenize_examples(demo_tokenizer, demo6[demo6.names[0]].calibration, 256, limit=16)
     batches = micro_batches(ex, tokens=200)
@@ -111,14 +111,21 @@ def _one_thread_bank(mix, sources):
     torch.set_num_threads(1)  # the workers' thread count: CPU kernels sum in thread-sized blocks
     try:
         model = load_model("demo", device="cpu")
-        return estimate_gradients(model, load_tokenizer_demo(), mix.select(sources), sketch=SKETCH,
-                                  n=16, micro_batch_size=8, progress=False)  # fmt: skip
+        return estimate_gradients(
+            model,
+            load_tokenizer_demo(),
+            mix.select(sources),
+            sketch=SKETCH,
+            n=16,
+            micro_batch_size=8,
+            progress=False,
+        )
     finally:
         torch.set_num_threads(n)
 
 
 def load_tokenizer_demo():
-    from merit_lab.models import load_tokenizer
+    from merit_lab.models.loading import load_tokenizer
 
     return load_tokenizer("demo")
 
@@ -128,16 +135,24 @@ def _jobs(tmp_path: Path, shards, **extra) -> list[Path]:
 
     paths = []
     for i, shard in enumerate(shards):
-        job = GradientJob(worker=i, model=str(DEMO_DIR / "base"), out_dir=str(tmp_path / "bank"),
-                          sources=tuple(shard), mixture={"path": "demo", "calibration_n": 16},
-                          sketch=SKETCH.to_dict(), n=16, micro_batch_size=8, device="cpu",
-                          **extra)  # fmt: skip
+        job = GradientJob(
+            worker=i,
+            model=str(DEMO_DIR / "base"),
+            out_dir=str(tmp_path / "bank"),
+            sources=tuple(shard),
+            mixture={"path": "demo", "calibration_n": 16},
+            sketch=SKETCH.to_dict(),
+            n=16,
+            micro_batch_size=8,
+            device="cpu",
+            **extra,
+        )
         paths.append(job.save(job_paths(job.out_dir, i)[0]))
     return paths
 
 
 def test_two_workers_equal_one_process_bitwise(tmp_path, demo6, monkeypatch):
-    from merit_lab.gradient_jobs import agreed_info, assemble_bank
+    from merit_lab.gradients.workers import agreed_info, assemble_bank
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     names = list(demo6.names)
@@ -171,10 +186,17 @@ def _run_config(tmp_path: Path, sources: list[str], workers: int) -> Path:
 
         shutil.rmtree(mix)
     write_demo_slice(mix, sources, {"train": 24, "calibration": 12, "eval": 4})
-    cfg = {"name": "w", "model": "demo", "mixture": str(mix), "output_dir": str(tmp_path / "runs"),
-           "device": "cpu", "calibration": {"n": 12, "micro_batch_size": 6, "workers": workers},
-           "sketch": {"dim": 4096, "seed": 0}, "partition": {"r": 1},
-           "experiments": [{"name": "joint-1ep", "kind": "joint"}]}  # fmt: skip
+    cfg = {
+        "name": "w",
+        "model": "demo",
+        "mixture": str(mix),
+        "output_dir": str(tmp_path / "runs"),
+        "device": "cpu",
+        "calibration": {"n": 12, "micro_batch_size": 6, "workers": workers},
+        "sketch": {"dim": 4096, "seed": 0},
+        "partition": {"r": 1},
+        "experiments": [{"name": "joint-1ep", "kind": "joint"}],
+    }
     path = tmp_path / f"cfg{workers}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -182,9 +204,10 @@ def _run_config(tmp_path: Path, sources: list[str], workers: int) -> Path:
 
 def _done_sources(run_dir: Path) -> list[str]:
     return sorted(
-        s for p in (run_dir / "gradients/workers").glob("*.done.json")
+        s
+        for p in (run_dir / "gradients/workers").glob("*.done.json")
         for s in json.loads(p.read_text())["sources"]
-    )  # fmt: skip
+    )
 
 
 def test_pipeline_workers_kill_resume_and_added_sources(tmp_path, monkeypatch):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import merit_lab.gradients as gradients_mod
-from merit_lab.formatting import tokenize_examples
-from merit_lab.gradients import GradientBank, estimate_gradients
-from merit_lab.mixture import Mixture, load_mixture
-from merit_lab.sketch import SketchSpec
+import merit_lab.gradients.estimate as gradients_mod
+from merit_lab.data.formatting import tokenize_examples
+from merit_lab.data.mixture import Mixture, load_mixture
+from merit_lab.gradients.estimate import GradientBank, estimate_gradients
+from merit_lab.gradients.sketch import SketchSpec
 
 EXACT = SketchSpec(kind="exact")
 
@@ -33,13 +33,23 @@ def small_demo():
 
 def test_micro_batches_equal_one_batch(pico_model, demo_tokenizer, small_demo):
     one = estimate_gradients(
-        pico_model, demo_tokenizer, small_demo, sketch=EXACT, n=12, micro_batch_size=12,
+        pico_model,
+        demo_tokenizer,
+        small_demo,
+        sketch=EXACT,
+        n=12,
+        micro_batch_size=12,
         progress=False,
-    )  # fmt: skip
+    )
     many = estimate_gradients(
-        pico_model, demo_tokenizer, small_demo, sketch=EXACT, n=12, micro_batch_size=5,
+        pico_model,
+        demo_tokenizer,
+        small_demo,
+        sketch=EXACT,
+        n=12,
+        micro_batch_size=5,
         progress=False,
-    )  # fmt: skip
+    )
     assert one.rows.shape == (4, sum(p.numel() for p in pico_model.parameters()))
     np.testing.assert_allclose(many.rows, one.rows, rtol=1e-5, atol=1e-6 * np.abs(one.rows).max())
     for name in small_demo.names:
@@ -51,9 +61,14 @@ def test_gradient_matches_finite_difference(pico_model, demo_tokenizer, small_de
     model = copy.deepcopy(pico_model).double()
     src = small_demo.sources[0]
     bank = estimate_gradients(
-        model, demo_tokenizer, small_demo.select([src.name]), sketch=EXACT, n=6,
-        micro_batch_size=4, progress=False,
-    )  # fmt: skip
+        model,
+        demo_tokenizer,
+        small_demo.select([src.name]),
+        sketch=EXACT,
+        n=6,
+        micro_batch_size=4,
+        progress=False,
+    )
     g = torch.from_numpy(bank.rows[0]).double()  # float32 storage of a float64 gradient
     examples = tokenize_examples(demo_tokenizer, src.calibration[:6])
     params = [p for p in model.parameters()]
@@ -78,14 +93,15 @@ def test_gradient_matches_finite_difference(pico_model, demo_tokenizer, small_de
 
 
 def _mean_loss(model, examples, pad_id):
-    from merit_lab.formatting import IGNORE_INDEX, collate
+    from merit_lab.data.formatting import IGNORE_INDEX, collate
 
     b = collate(examples, pad_id)
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        b["labels"][:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX,
-    )  # fmt: skip
+    )
     return float(loss), None
 
 
@@ -137,9 +153,12 @@ def test_resume_after_kill_and_incremental_sources(
 
     calls.clear()
     other = estimate_gradients(
-        pico_model, demo_tokenizer, small_demo, out_dir=tmp_path,
+        pico_model,
+        demo_tokenizer,
+        small_demo,
+        out_dir=tmp_path,
         **{**kwargs, "sketch": SketchSpec(dim=256, seed=2)},
-    )  # fmt: skip
+    )
     assert len(calls) == 4  # another sketch seed never reuses old parts
     assert not np.allclose(other.rows, full.rows)
 
@@ -149,10 +168,10 @@ def test_two_processes_same_seed_identical_rows(pico_model, demo_tokenizer, smal
         f"""
         import torch
         torch.set_num_threads(2)
-        from merit_lab.gradients import estimate_gradients
-        from merit_lab.mixture import load_mixture
-        from merit_lab.models import build_pico_llama, load_tokenizer
-        from merit_lab.sketch import SketchSpec
+        from merit_lab.gradients.estimate import estimate_gradients
+        from merit_lab.data.mixture import load_mixture
+        from merit_lab.models.loading import build_pico_llama, load_tokenizer
+        from merit_lab.gradients.sketch import SketchSpec
         tok = load_tokenizer("demo")
         m = load_mixture("demo")
         m = m.select(m.names[:4])
@@ -163,17 +182,26 @@ def test_two_processes_same_seed_identical_rows(pico_model, demo_tokenizer, smal
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1])
     here = estimate_gradients(
-        pico_model, demo_tokenizer, small_demo, sketch=SketchSpec(dim=512, seed=7), n=8,
+        pico_model,
+        demo_tokenizer,
+        small_demo,
+        sketch=SketchSpec(dim=512, seed=7),
+        n=8,
         progress=False,
-    )  # fmt: skip
+    )
     np.testing.assert_array_equal(GradientBank.load(tmp_path).rows, here.rows)
 
 
 def test_parameter_selection_and_non_finite_loss(pico_model, demo_tokenizer, small_demo):
     mlp = estimate_gradients(
-        pico_model, demo_tokenizer, small_demo, sketch=EXACT, n=4, include=["*.mlp.*"],
+        pico_model,
+        demo_tokenizer,
+        small_demo,
+        sketch=EXACT,
+        n=4,
+        include=["*.mlp.*"],
         progress=False,
-    )  # fmt: skip
+    )
     n_mlp = sum(p.numel() for n, p in pico_model.named_parameters() if ".mlp." in n)
     assert mlp.rows.shape[1] == n_mlp == mlp.info["n_parameters"]
     broken = copy.deepcopy(pico_model)

@@ -14,20 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
-from merit_lab.demo import DEMO_VL_DIR
-from merit_lab.demo.vl_base import build_vl_processor, vl_model_config
-from merit_lab.demo.vl_tasks import sample_vl_example, vl_sources
-from merit_lab.diagnostics.measures import as_weights
-from merit_lab.formatting import (
+from merit_lab.data.formatting import (
     IGNORE_INDEX,
     collate,
     response_token_loss,
     tokenize_example,
     tokenize_examples,
 )
-from merit_lab.mixture import MixtureError, load_mixture
-from merit_lab.models import build_pico_llama, load_model, load_tokenizer, select_parameters
-from merit_lab.multimodal import ImageTextTokenizer, checkpoint_names, in_model_names
+from merit_lab.data.mixture import MixtureError, load_mixture
+from merit_lab.data.multimodal import ImageTextTokenizer, checkpoint_names, in_model_names
+from merit_lab.demo import DEMO_VL_DIR
+from merit_lab.demo.vl_base import build_vl_processor, vl_model_config
+from merit_lab.demo.vl_tasks import sample_vl_example, vl_sources
+from merit_lab.diagnostics.measures import as_weights
+from merit_lab.models.loading import build_pico_llama, load_model, load_tokenizer, select_parameters
 
 BASE = DEMO_VL_DIR / "base"
 
@@ -126,9 +126,13 @@ def test_collate_concatenates_patches_in_batch_order(tok, model):
     )
     batch = collate([a, b], tok.pad_token_id)
     assert set(batch) == {
-        "input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw",
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "pixel_values",
+        "image_grid_thw",
         "mm_token_type_ids",
-    }  # fmt: skip
+    }
     assert torch.equal(batch["pixel_values"][:64], a.pixel_values)
     assert torch.equal(batch["pixel_values"][64:], b.pixel_values)
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
@@ -140,15 +144,19 @@ def test_collate_concatenates_patches_in_batch_order(tok, model):
     assert ours == pytest.approx(theirs, rel=1e-5)
     # text-only batches keep exactly the three keys
     assert set(collate([a.__class__(a.input_ids, a.labels)], 0)) == {
-        "input_ids", "attention_mask", "labels",
-    }  # fmt: skip
+        "input_ids",
+        "attention_mask",
+        "labels",
+    }
 
 
 def test_parameter_presets_select_the_qwen2_vl_parts(model):
     """language / vision / projector are non-empty, disjoint and cover the model; vision is the
     tower without its merger, the projector is the merger, language is the LM (tied head)."""
-    names = {p: [n for n, _ in select_parameters(model, preset=p)] for p in
-             ("all", "language", "vision", "projector", "attention", "mlp", "last-1")}  # fmt: skip
+    names = {
+        p: [n for n, _ in select_parameters(model, preset=p)]
+        for p in ("all", "language", "vision", "projector", "attention", "mlp", "last-1")
+    }
     lang, vis, proj = (set(names[p]) for p in ("language", "vision", "projector"))
     assert lang and vis and proj
     assert not (lang & vis) and not (lang & proj) and not (vis & proj)
@@ -195,8 +203,12 @@ def test_a_bad_image_is_one_error_naming_file_and_line(tmp_path, bad):
 
 
 def test_bad_content_parts_are_refused(tmp_path):
-    ex = {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]},
-                       {"role": "assistant", "content": "x"}]}  # fmt: skip
+    ex = {
+        "messages": [
+            {"role": "user", "content": [{"type": "audio", "audio": "x"}]},
+            {"role": "assistant", "content": "x"},
+        ]
+    }
     (tmp_path / "s.jsonl").write_text(json.dumps(ex) + "\n")
     with pytest.raises(MixtureError, match=r"s.jsonl:1: messages\[0\].content\[0\]: expected"):
         load_mixture(tmp_path)
@@ -230,7 +242,7 @@ def test_text_model_refuses_image_parts():
 def test_greedy_answers_with_pixels_do_not_depend_on_batching():
     """The committed base answers in batches (left-padded ids and token types, patches in
     batch order) as it does one example at a time."""
-    from merit_lab.evaluate import greedy_answers
+    from merit_lab.evaluation.evaluate import greedy_answers
 
     tok, model = load_tokenizer(BASE), load_model(BASE, device="cpu")
     mix = load_mixture(DEMO_VL_DIR, calibration_n=8)
@@ -246,7 +258,7 @@ def test_merge_averages_vision_projector_and_language_and_carries_the_processor(
 ):
     """A linear merge of two image-text branches: every tensor (tower, merger, LM) is the
     average; the merged folder loads as an image-text model with its image processor."""
-    from merit_lab.merge import merge_checkpoints
+    from merit_lab.merging.methods import merge_checkpoints
 
     folders = []
     for k in range(2):
@@ -285,7 +297,7 @@ def test_merge_averages_vision_projector_and_language_and_carries_the_processor(
 
 def test_multi_process_image_text_branches_are_refused_before_any_work():
     """Null padding rows of a multi-process step break Qwen2-VL's position ids: refused."""
-    from merit_lab.config import RunConfig
+    from merit_lab.config.schema import RunConfig
     from merit_lab.validate import config_problems
 
     data = Path(__file__).resolve().parents[1] / "data" / "demo-vl"

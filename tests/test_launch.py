@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from merit_lab.launch import BranchFailedError, launch_branches
-from merit_lab.train import BranchSpec, branch_status
+from merit_lab.training.launch import BranchFailedError, launch_branches
+from merit_lab.training.trainer import BranchSpec, branch_status
 from tests.conftest import write_pico_branch_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,8 +12,7 @@ import pytest
 import torch
 import yaml
 
-from merit_lab.config import CalibrationConfig, RunConfig, SketchSpec, load_config
-from merit_lab.layerwise import (
+from merit_lab.analysis.layerwise import (
     LayerBank,
     LayerCollector,
     axis_shares,
@@ -21,25 +20,43 @@ from merit_lab.layerwise import (
     decompose_cosines,
     group_parameters,
 )
+from merit_lab.config.schema import CalibrationConfig, RunConfig, SketchSpec, load_config
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.layers import bank_calibration, load_layer_conflict
 from tests.conftest import write_demo_slice, write_tiny_run_config
 
 LLAMA = [
-    "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-    "model.layers.0.mlp.up_proj.weight", "model.layers.0.input_layernorm.weight",
-    "model.layers.1.self_attn.q_norm.weight", "model.layers.1.mlp.down_proj.weight",
-    "model.norm.weight", "lm_head.weight",
-]  # fmt: skip
-GPT2 = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight",
-        "transformer.h.0.ln_1.weight", "transformer.h.0.mlp.c_fc.weight",
-        "transformer.h.10.mlp.c_proj.bias", "transformer.ln_f.weight"]  # fmt: skip
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.mlp.up_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.1.self_attn.q_norm.weight",
+    "model.layers.1.mlp.down_proj.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+]
+GPT2 = [
+    "transformer.wte.weight",
+    "transformer.wpe.weight",
+    "transformer.h.0.attn.c_attn.weight",
+    "transformer.h.0.ln_1.weight",
+    "transformer.h.0.mlp.c_fc.weight",
+    "transformer.h.10.mlp.c_proj.bias",
+    "transformer.ln_f.weight",
+]
 
 
 def test_groups_by_module_names():
     mods = {g.name: list(g.parameters) for g in group_parameters(LLAMA, "modules")}
-    assert list(mods) == ["embeddings", "layer.0.attention", "layer.0.mlp", "layer.0.norm",
-                          "layer.1.attention", "layer.1.mlp", "head"]  # fmt: skip
+    assert list(mods) == [
+        "embeddings",
+        "layer.0.attention",
+        "layer.0.mlp",
+        "layer.0.norm",
+        "layer.1.attention",
+        "layer.1.mlp",
+        "head",
+    ]
     assert mods["layer.1.attention"] == ["model.layers.1.self_attn.q_norm.weight"]  # Qwen3
     assert mods["head"] == ["model.norm.weight", "lm_head.weight"]
     layers = [g.name for g in group_parameters(GPT2, "layers")]
@@ -96,8 +113,10 @@ def test_axis_shares_hand_worked():
     group a carries all of the separation."""
     rows = np.array([[1.0, 0.0, np.sqrt(3)], [-1.0, 0.0, np.sqrt(3)]], dtype=np.float32)
     groups = group_parameters(["model.embed_tokens.weight", "model.layers.0.mlp.w"], "modules")
-    groups = (dataclasses.replace(groups[0], start=0, stop=2),
-              dataclasses.replace(groups[1], start=2, stop=3))  # fmt: skip
+    groups = (
+        dataclasses.replace(groups[0], start=0, stop=2),
+        dataclasses.replace(groups[1], start=2, stop=3),
+    )
     contrib = decompose_cosines(LayerBank(("x", "y"), groups, rows))
     np.testing.assert_allclose(contrib[0], [[0.25, -0.25], [-0.25, 0.25]], atol=1e-7)
     np.testing.assert_allclose(contrib[1], [[0.75, 0.75], [0.75, 0.75]], atol=1e-7)
@@ -110,8 +129,11 @@ def test_layer_fields_change_no_bank_key():
     view = bank_calibration(dataclasses.replace(cal, layer_groups="modules", layer_dim=64))
     # without the layer fields, and without lora_warmup_steps while it is off (0): the keys of
     # runs made before these options existed stay what they were
-    old_fields = {k: v for k, v in dataclasses.asdict(cal).items()
-                  if not k.startswith("layer") and k != "lora_warmup_steps"}  # fmt: skip
+    old_fields = {
+        k: v
+        for k, v in dataclasses.asdict(cal).items()
+        if not k.startswith("layer") and k != "lora_warmup_steps"
+    }
     assert view == old_fields
     on = bank_calibration(dataclasses.replace(cal, lora_warmup_steps=10))
     assert on == {**old_fields, "lora_warmup_steps": 10}  # on, it changes the bank: keyed
@@ -121,8 +143,12 @@ def test_layer_fields_change_no_bank_key():
         RunConfig.from_dict({"partition": {"layer_group": "embeddings"}})
 
 
-SOURCES = ["reverse-a-terse-lower", "reverse-a-terse-upper", "reverse-a-verbose-lower",
-           "reverse-a-verbose-upper"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "reverse-a-terse-upper",
+    "reverse-a-verbose-lower",
+    "reverse-a-verbose-upper",
+]
 
 
 def test_tiny_demo_run_layers_and_split_on_a_group(tmp_path: Path):
@@ -141,8 +167,12 @@ def test_tiny_demo_run_layers_and_split_on_a_group(tmp_path: Path):
     assert json.loads(run.conflict.read_text()) == whole  # ...nor anything after it
     lb = LayerBank.load(run.gradients)
     assert lb.names == tuple(SOURCES) and lb.rows.shape == (4, 11 * 2048)
-    assert [g.name for g in lb.groups][:4] == ["embeddings", "layer.0.attention", "layer.0.mlp",
-                                               "layer.0.norm"]  # fmt: skip
+    assert [g.name for g in lb.groups][:4] == [
+        "embeddings",
+        "layer.0.attention",
+        "layer.0.mlp",
+        "layer.0.norm",
+    ]
     assert lb.groups[-1].name == "head" and lb.groups[-2].name == "layer.2.norm"
     lc = load_layer_conflict(run.root)
     assert lc.cosines.shape == (11, 4, 4) and set(lc.contrasts) == {"case", "style"}

@@ -13,16 +13,16 @@ import pytest
 import torch
 import yaml
 
-from merit_lab.config import EvalConfig, load_config
-from merit_lab.lm_eval_adapter import (
+from merit_lab.config.schema import EvalConfig, load_config
+from merit_lab.data.mixture import load_mixture
+from merit_lab.evaluation.lm_eval import (
     LM_EVAL_SPLIT,
     lm_eval_problems,
     run_lm_eval,
     summarize_lm_eval,
     write_local_tasks,
 )
-from merit_lab.mixture import load_mixture
-from merit_lab.models import load_model, load_tokenizer, resolve_model_path
+from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.experiments import evaluate_rows
 from merit_lab.pipeline.report_lm_eval import lm_eval_lines
@@ -61,10 +61,20 @@ def lm_run(tmp_path_factory, offline):
     data = write_demo_slice(root / "slice", SOURCES, {"train": 8, "calibration": 8, "eval": 6})
     mix = load_mixture(data, calibration_n=8)
     tasks = write_local_tasks({s: mix[s].eval for s in SOURCES}, root / "tasks")
-    cfg = {"name": "t", "mixture": str(data), "output_dir": str(root / "runs"), "model": "demo",
-           "calibration": {"n": 8}, "partition": {"r": 1}, "experiments": [],
-           "eval": {"max_examples": 2, "max_new_tokens": 8,
-                    "lm_eval": {"tasks": tasks, "include_path": str(root / "tasks")}}}  # fmt: skip
+    cfg = {
+        "name": "t",
+        "mixture": str(data),
+        "output_dir": str(root / "runs"),
+        "model": "demo",
+        "calibration": {"n": 8},
+        "partition": {"r": 1},
+        "experiments": [],
+        "eval": {
+            "max_examples": 2,
+            "max_new_tokens": 8,
+            "lm_eval": {"tasks": tasks, "include_path": str(root / "tasks")},
+        },
+    }
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     config = load_config(root / "cfg.yaml")
     run = run_pipeline(config, ["mixture"])
@@ -80,9 +90,12 @@ def test_lm_eval_rows_land_in_eval_parquet(lm_run):
     assert (lm["model"] == "theta0").all() and (lm["kind"] == "theta0").all()
     assert (lm["n"] == 12).all()  # 6 held-out examples of 2 sources, every one scored
     assert set(lm.loc[lm.source == "local_mc", "metric"]) == {
-        "acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}  # fmt: skip
-    assert set(lm.loc[lm.source == "local_gen", "metric"]) == {"exact_match",
-                                                               "exact_match_stderr"}  # fmt: skip
+        "acc",
+        "acc_stderr",
+        "acc_norm",
+        "acc_norm_stderr",
+    }
+    assert set(lm.loc[lm.source == "local_gen", "metric"]) == {"exact_match", "exact_match_stderr"}
     assert lm["value"].between(0, 1).all()
     assert (saved["split"] == "eval").any()  # the mixture's own rows are still there
     print(lm[["source", "metric", "value", "n"]].to_string())  # the numbers, for the record
@@ -140,10 +153,19 @@ def test_bad_lm_eval_options_are_refused(tmp_path, offline):
     with pytest.raises(ValueError, match="lm_eval.tasks"):
         EvalConfig(lm_eval={"tasks": "local_gen"})
     tasks = write_local_tasks(
-        {"s": [{"messages": [{"role": "user", "content": f"q{i}"},
-                             {"role": "assistant", "content": f"a{i}"}]} for i in range(4)]},
+        {
+            "s": [
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": f"a{i}"},
+                    ]
+                }
+                for i in range(4)
+            ]
+        },
         tmp_path,
-    )  # fmt: skip
+    )
     assert tasks == ["local_gen", "local_mc"]
     with pytest.raises(ValueError, match=r"no tasks \['nope'\]"):
         run_lm_eval(Path("unused"), ["nope"], include_path=tmp_path)

@@ -10,14 +10,19 @@ import pytest
 import torch
 import yaml
 
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
+from merit_lab.data.formatting import (
+    IGNORE_INDEX,
+    count_overflow,
+    tokenize_example,
+    tokenize_examples,
+)
+from merit_lab.data.mixture import MixtureError
 from merit_lab.demo import DEMO_DIR
-from merit_lab.formatting import IGNORE_INDEX, count_overflow, tokenize_example, tokenize_examples
 from merit_lab.io import read_json
-from merit_lab.mixture import MixtureError
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.report import long_and_small_section, long_and_small_table
-from merit_lab.train import BranchSpec
+from merit_lab.training.trainer import BranchSpec
 from tests.conftest import chat
 
 PROMPT, RESPONSE = "a" * 20, "xyz"
@@ -187,6 +192,7 @@ def test_branch_spec_omits_the_default_policy_so_older_specs_still_resume():
     spec = BranchSpec(name="b", base_model="demo", output_dir="out", sources=("a",))
     assert "long_examples" not in spec.to_dict()
     assert BranchSpec.from_dict(spec.to_dict()).long_examples == "truncate_prompt"
-    skip = BranchSpec(name="b", base_model="demo", output_dir="out", sources=("a",),
-                      long_examples="skip")  # fmt: skip
+    skip = BranchSpec(
+        name="b", base_model="demo", output_dir="out", sources=("a",), long_examples="skip"
+    )
     assert skip.to_dict()["long_examples"] == "skip"

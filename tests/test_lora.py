@@ -13,8 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from merit_lab.lora import LoraAdapter, merge_lora
-from merit_lab.models import build_pico_llama
+from merit_lab.merging.lora import LoraAdapter, merge_lora
+from merit_lab.models.loading import build_pico_llama
 
 # The merged folder rounds each float64 sum once to float32: its error is at most half an ulp,
 # 2^-24 of the value's magnitude. The stacked adapter's B blocks w_k s_k B_k are float32 too.
@@ -40,8 +40,8 @@ def _make_adapter(base: Path, out: Path, seed: int, r: int, alpha: float, **kw) 
     """A peft LoRA adapter on θ0 with random A and B (as after training), saved to ``out``."""
     from peft import get_peft_model
 
-    from merit_lab.lora import make_lora_config
-    from merit_lab.models import load_model
+    from merit_lab.models.loading import load_model
+    from merit_lab.models.lora import make_lora_config
 
     torch.manual_seed(seed)
     model = get_peft_model(load_model(base, device="cpu"), make_lora_config(r, alpha, **kw))
@@ -96,7 +96,7 @@ def test_naive_average_differs_on_real_adapters(lora_assets):
 def test_merged_folder_and_stacked_adapter_equal_the_float64_reference(lora_assets, tmp_path):
     from peft import PeftModel
 
-    from merit_lab.models import load_model
+    from merit_lab.models.loading import load_model
 
     base, adapters = lora_assets
     weights = [0.2, 0.5, 0.3]
@@ -136,7 +136,7 @@ def test_stacked_adapter_equals_peft_cat(lora_assets, tmp_path):
     same construction (it folds w_k s_k into A, we into B): the updates B·A agree."""
     from peft import PeftModel
 
-    from merit_lab.models import load_model
+    from merit_lab.models.loading import load_model
 
     base, adapters = lora_assets
     plain = adapters[:2]  # peft's cat scales a new rsLoRA adapter by sqrt(R): leave rsLoRA out
@@ -184,23 +184,35 @@ class _Interrupt(Exception):
 
 
 def _branch_spec(assets, out: Path, **kw):
-    from merit_lab.train import BranchSpec
+    from merit_lab.training.trainer import BranchSpec
 
     base, mix = assets
-    return BranchSpec(**{
-        "name": out.name, "base_model": str(base), "output_dir": str(out),
-        "sources": ("add", "max"), "lr": 1e-2, "batch_size": 4, "grad_accum": 2,
-        "mixture": {"path": str(mix), "eval_fraction": 0.1, "seed": 0, "calibration_n": 4},
-        "max_length": 64, "device": "cpu", "save_steps": 2, "lora_r": 4, "lora_alpha": 8.0,
-        "lora_dropout": 0.1, **kw,
-    })  # fmt: skip
+    return BranchSpec(
+        **{
+            "name": out.name,
+            "base_model": str(base),
+            "output_dir": str(out),
+            "sources": ("add", "max"),
+            "lr": 1e-2,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "mixture": {"path": str(mix), "eval_fraction": 0.1, "seed": 0, "calibration_n": 4},
+            "max_length": 64,
+            "device": "cpu",
+            "save_steps": 2,
+            "lora_r": 4,
+            "lora_alpha": 8.0,
+            "lora_dropout": 0.1,
+            **kw,
+        }
+    )
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_lora_branch_trains_resumes_and_writes_adapter_and_dense_model(tmp_path):
     from transformers import TrainerCallback
 
-    from merit_lab.train import BranchSpec, read_log, train_branch
+    from merit_lab.training.trainer import BranchSpec, read_log, train_branch
     from tests.conftest import write_pico_branch_assets
 
     assets = write_pico_branch_assets(tmp_path / "assets")  # 6 steps of 8
@@ -250,18 +262,18 @@ def test_lora_branch_trains_resumes_and_writes_adapter_and_dense_model(tmp_path)
 # ------------------------------------------------------------------------ LoRA gradient bank
 @pytest.mark.usefixtures("one_thread")
 def test_lora_bank_is_the_gradient_of_the_warmed_up_adapter(tmp_path, tiny_mixture_dir):
-    from merit_lab.config import SketchSpec
-    from merit_lab.formatting import collate, response_token_loss, tokenize_examples
-    from merit_lab.gradients import estimate_gradients
-    from merit_lab.lora_bank import (
+    from merit_lab.config.schema import SketchSpec
+    from merit_lab.data.formatting import collate, response_token_loss, tokenize_examples
+    from merit_lab.data.mixture import load_mixture
+    from merit_lab.gradients.estimate import estimate_gradients
+    from merit_lab.gradients.lora_bank import (
         LoraWarmup,
         load_lora_model,
         lora_parameters,
         warm_up_lora,
         warmup_info,
     )
-    from merit_lab.mixture import load_mixture
-    from merit_lab.models import load_model, load_tokenizer
+    from merit_lab.models.loading import load_model, load_tokenizer
     from tests.conftest import write_pico_branch_assets
 
     base, _ = write_pico_branch_assets(tmp_path / "assets", n=4)
@@ -280,8 +292,17 @@ def test_lora_bank_is_the_gradient_of_the_warmed_up_adapter(tmp_path, tiny_mixtu
 
     model = load_lora_model(load_model(base, device="cpu"), folder)
     names = ("src0_add", "src1_sub")
-    bank = estimate_gradients(model, tok, mix, sketch=SketchSpec(kind="exact"), n=4, max_length=64,
-                              sources=names, lora=warmup_info(folder), progress=False)  # fmt: skip
+    bank = estimate_gradients(
+        model,
+        tok,
+        mix,
+        sketch=SketchSpec(kind="exact"),
+        n=4,
+        max_length=64,
+        sources=names,
+        lora=warmup_info(folder),
+        progress=False,
+    )
     params = lora_parameters(model)
     assert (
         bank.info["lora"]["warmup_key"] == "k1"
@@ -294,19 +315,28 @@ def test_lora_bank_is_the_gradient_of_the_warmed_up_adapter(tmp_path, tiny_mixtu
         grads = torch.autograd.grad(response_token_loss(model, batch), [p for _, p in params])
         want = torch.cat([g.flatten() for g in grads]).numpy()
         assert abs(want).max() > 0  # B ≠ 0 after the warm-up: A's gradient is not zero
-        torch.testing.assert_close(torch.from_numpy(bank.rows[i]), torch.from_numpy(want),
-                                   rtol=1e-4, atol=1e-7)  # fmt: skip
+        torch.testing.assert_close(
+            torch.from_numpy(bank.rows[i]), torch.from_numpy(want), rtol=1e-4, atol=1e-7
+        )
     # θ0's own weights took no gradient
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
     # a gradient worker (calibration.workers > 1) loads the same adapter and gives the same rows
-    from merit_lab.gradient_jobs import GradientJob, run_job
-    from merit_lab.gradients import read_part
+    from merit_lab.gradients.estimate import read_part
+    from merit_lab.gradients.workers import GradientJob, run_job
 
-    job = GradientJob(worker=0, model=str(base), out_dir=str(tmp_path / "bank"), sources=names,
-                      mixture={"path": str(tiny_mixture_dir), "calibration_n": 4},
-                      sketch=SketchSpec(kind="exact").to_dict(), n=4, max_length=64,
-                      device="cpu", lora_adapter=str(folder))  # fmt: skip
+    job = GradientJob(
+        worker=0,
+        model=str(base),
+        out_dir=str(tmp_path / "bank"),
+        sources=names,
+        mixture={"path": str(tiny_mixture_dir), "calibration_n": 4},
+        sketch=SketchSpec(kind="exact").to_dict(),
+        n=4,
+        max_length=64,
+        device="cpu",
+        lora_adapter=str(folder),
+    )
     done = run_job(job)
     assert done["info"]["key"] == bank.info["key"]  # the same bank: its parts are shared
     for i, name in enumerate(names):
@@ -317,12 +347,16 @@ def test_lora_bank_is_the_gradient_of_the_warmed_up_adapter(tmp_path, tiny_mixtu
 # ------------------------------------------------------------------ pipeline: LoRA rows end to end
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    from merit_lab.config import load_config
+    from merit_lab.config.schema import load_config
     from merit_lab.pipeline import run_pipeline
     from tests.conftest import write_demo_slice
 
-    sources = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
-               "shift-a-verbose-lower"]  # fmt: skip
+    sources = [
+        "reverse-a-terse-lower",
+        "reverse-a-verbose-upper",
+        "shift-a-terse-upper",
+        "shift-a-verbose-lower",
+    ]
     out = tmp_path_factory.mktemp("lora_run")
     data = write_demo_slice(out / "data", sources, {"train": 16, "calibration": 8, "eval": 3})
     cfg = {
@@ -364,8 +398,8 @@ def test_lora_run_merges_exactly_evaluates_diagnoses_and_reports(lora_run):
     import numpy as np
     import pandas as pd
 
-    from merit_lab.gradients import GradientBank
-    from merit_lab.models import resolve_model_path
+    from merit_lab.gradients.estimate import GradientBank
+    from merit_lab.models.loading import resolve_model_path
     from merit_lab.pipeline.experiments import branch_dirs
 
     cfg, run = lora_run
@@ -409,7 +443,7 @@ def test_lora_run_merges_exactly_evaluates_diagnoses_and_reports(lora_run):
 
 
 def test_lora_settings_are_validated_with_the_config(tmp_path):
-    from merit_lab.config import RunConfig
+    from merit_lab.config.schema import RunConfig
     from merit_lab.validate import config_problems
 
     bad = {"train": {"lora_r": -1, "lora_alpha": 0, "lora_dropout": 1.0}}

@@ -1,4 +1,5 @@
-"""Tests for merit_lab.merge: numbers against independent computations on pico Llama checkpoints."""
+"""Tests for merit_lab.merging.methods: numbers against independent computations on pico Llama
+checkpoints."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.bench_merge import mergekit_yaml
 from merit_lab.io import sha256_file
-from merit_lab.merge import (
+from merit_lab.merging.methods import (
     fingerprint_checkpoint,
     merge_checkpoints,
     merge_linear,
@@ -288,9 +289,14 @@ def test_task_vector_checkpoints_match_a_plain_torch_computation(
 ):
     base, branches = fp32
     report = merge_checkpoints(
-        branches, tmp_path / "m", method=method, weights=weights, base=base, params=params,
+        branches,
+        tmp_path / "m",
+        method=method,
+        weights=weights,
+        base=base,
+        params=params,
         progress=False,
-    )  # fmt: skip
+    )
     sds, sd0, out = [_load(b) for b in branches], _load(base), _load(tmp_path / "m")
     assert out.keys() == sd0.keys()
     n_base = n_all = 0
@@ -355,10 +361,18 @@ def test_mergekit_cli_gives_our_merge(fp32, bf16, tmp_path, case):
     dtype, method, weights, params = MERGEKIT_CASES[case]
     base, branches = {"fp32": fp32, "bf16": bf16}[dtype]
     ours, theirs = tmp_path / "ours", tmp_path / "mergekit"
-    merge_checkpoints(branches, ours, method=method, weights=weights, base=base, params=params,
-                      progress=False)  # fmt: skip
-    cmd = [str(MERGEKIT), str(ours / "mergekit.yaml"), str(theirs), "--no-cuda",
-           "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]  # fmt: skip
+    merge_checkpoints(
+        branches, ours, method=method, weights=weights, base=base, params=params, progress=False
+    )
+    cmd = [
+        str(MERGEKIT),
+        str(ours / "mergekit.yaml"),
+        str(theirs),
+        "--no-cuda",
+        "--no-copy-tokenizer",
+        "--no-write-model-card",
+        "--quiet",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -379,9 +393,11 @@ def test_mergekit_cli_gives_our_merge(fp32, bf16, tmp_path, case):
         tied = _at_tied_cutoff([sd[n] for sd in sds], sd0[n], params["density"])
         n_tied += int((tied & (diff > 0)).sum())
         torch.testing.assert_close(a[n][~tied], b[n][~tied], rtol=0, atol=0, msg=n)
-    print(f"\n[mergekit 0.1.5 vs ours] {case}: max |diff| {max_abs:.3g} (relative to the "
-          f"tensor's max |value| {max_rel:.3g}); {n_diff}/{n_all} entries differ"
-          + (f", all {n_tied} at a tied trim cutoff" if dtype == "bf16" else ""))  # fmt: skip
+    print(
+        f"\n[mergekit 0.1.5 vs ours] {case}: max |diff| {max_abs:.3g} (relative to the "
+        f"tensor's max |value| {max_rel:.3g}); {n_diff}/{n_all} entries differ"
+        + (f", all {n_tied} at a tied trim cutoff" if dtype == "bf16" else "")
+    )
     if method == "linear":
         assert n_diff == 0  # the same float32 accumulation order: bit-identical
     if dtype == "bf16":

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from merit_lab.mixture import MixtureError, load_mixture
+from merit_lab.data.mixture import MixtureError, load_mixture
 from tests.conftest import chat, write_jsonl
 
 
@@ -41,8 +41,12 @@ def test_explicit_split_folders_and_metadata(tmp_path: Path):
     assert [(len(s.train), len(s.calibration), len(s.eval)) for s in m] == [(6, 3, 2)] * 2
     assert m["a"].metadata == {"family": "f1"}
     assert m.metadata_table()[0] == {
-        "source": "a", "n_train": 6, "n_calibration": 3, "n_eval": 2, "family": "f1"
-    }  # fmt: skip
+        "source": "a",
+        "n_train": 6,
+        "n_calibration": 3,
+        "n_eval": 2,
+        "family": "f1",
+    }
 
 
 def test_single_file_with_source_column_jsonl_and_parquet(tmp_path: Path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merit_lab.models import (
+from merit_lab.models.loading import (
     load_model,
     resolve_device,
     resolve_dtype,

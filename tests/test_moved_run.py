@@ -10,16 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from merit_lab.io import read_json
 from merit_lab.pipeline import RunDir, run_pipeline, run_summary
 from merit_lab.pipeline.experiments import evaluate_rows, merge_rows
 from merit_lab.pipeline.report import write_report
-from merit_lab.train import MANIFEST, BranchSpec
+from merit_lab.training.trainer import MANIFEST, BranchSpec
 from tests.conftest import write_demo_slice, write_tiny_run_config
 
-SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
-           "shift-a-verbose-lower"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "reverse-a-verbose-upper",
+    "shift-a-terse-upper",
+    "shift-a-verbose-lower",
+]
 STAGES = ["train", "merge", "evaluate", "report"]
 
 

@@ -1,4 +1,5 @@
-"""Tests for merit_lab.partition: balance, planted-structure recovery, baselines, edits, gain."""
+"""Tests for merit_lab.partition.plan: balance, planted-structure recovery, baselines, edits,
+gain."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from merit_lab.conflict import ConflictSpace, compute_conflict_space
-from merit_lab.diagnostics.gain import predict_gain
-from merit_lab.partition import (
+from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
+from merit_lab.partition.gain import predict_gain
+from merit_lab.partition.plan import (
     Partition,
     split_balanced,
     split_balanced_k,

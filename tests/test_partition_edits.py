@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from merit_lab.conflict import compute_conflict_space
-from merit_lab.partition import PARTITION_METHODS, Partition, make_partition
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.partition.plan import PARTITION_METHODS, Partition, make_partition
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 from merit_lab.cli import main
-from merit_lab.config import load_config
-from merit_lab.gradients import GradientBank
+from merit_lab.config.schema import load_config
+from merit_lab.gradients.estimate import GradientBank
 from merit_lab.io import read_json
-from merit_lab.partition import Partition
+from merit_lab.partition.plan import Partition
 from merit_lab.pipeline import load_source_table, make_partition, run_pipeline
 
 ANALYSIS = ["mixture", "gradients", "conflict", "partition"]
@@ -39,12 +39,18 @@ def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "t"
     assert f"wrote {run.resolve()}" in out
-    for f in ["config.yaml", "mixture.json", "gradients/bank.safetensors", "gradients/bank.json",
-              "conflict.json", "partition.json"]:  # fmt: skip
+    for f in [
+        "config.yaml",
+        "mixture.json",
+        "gradients/bank.safetensors",
+        "gradients/bank.json",
+        "conflict.json",
+        "partition.json",
+    ]:
         assert (run / f).exists(), f
     bank = GradientBank.load(run / "gradients")
-    from merit_lab.merge import fingerprint_checkpoint
-    from merit_lab.models import resolve_model_path
+    from merit_lab.merging.methods import fingerprint_checkpoint
+    from merit_lab.models.loading import resolve_model_path
 
     # The bank names θ0 the way trained branches do, so a merge can check both against it.
     assert bank.info["model"] == fingerprint_checkpoint(resolve_model_path("demo"))
@@ -96,7 +102,7 @@ def test_bad_config_and_k_larger_than_sources(tmp_path: Path, capsys):
     assert main(["run", str(bad)]) == 2
     assert "unknown keys ['calibraton']" in capsys.readouterr().err
     run = run_pipeline(load_config(_config(tmp_path)), ["mixture", "gradients", "conflict"])
-    from merit_lab.conflict import ConflictSpace
+    from merit_lab.analysis.conflict import ConflictSpace
 
     space = ConflictSpace.load(run.conflict)
     n = len(space.names)

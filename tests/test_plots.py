@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from merit_lab.conflict import compute_conflict_space
+from merit_lab.analysis.conflict import compute_conflict_space
 from merit_lab.viz.export import save_figure
 from merit_lab.viz.plots import (
     INACTIVE_SYMBOLS,
@@ -91,8 +91,7 @@ def test_save_figure_writes_html_even_without_a_static_renderer(space, tmp_path)
 
 def test_training_curves_one_colour_and_one_legend_entry_per_experiment():
     rows = [{"loss": 1.0, "tokens": 10}, {"loss": 0.5, "tokens": 20}]
-    logs = {"joint/ep1-s0": rows, "branches/m/0": rows, "branches/m/1": rows,
-            "branches/r/0": rows}  # fmt: skip
+    logs = {"joint/ep1-s0": rows, "branches/m/0": rows, "branches/m/1": rows, "branches/r/0": rows}
     fig = plot_training_curves(logs)
     assert [t.name for t in fig.data] == ["joint ep1-s0", "m", "m", "r"]
     assert [t.showlegend for t in fig.data] == [True, True, False, True]
@@ -104,8 +103,9 @@ def test_paper_layout_grows_by_the_legend_rows_it_needs():
     """Twelve long legend entries need rows of their own: the plot keeps its height."""
 
     def fig(n: int) -> go.Figure:
-        return go.Figure([go.Scatter(x=[0, 1], y=[0, 1], name=f"branch {i} → merged model")
-                          for i in range(n)]).update_layout(width=700, height=450)  # fmt: skip
+        return go.Figure(
+            [go.Scatter(x=[0, 1], y=[0, 1], name=f"branch {i} → merged model") for i in range(n)]
+        ).update_layout(width=700, height=450)
 
     one, twelve = paper_layout(fig(1)).layout.height, paper_layout(fig(12)).layout.height
     assert twelve - one == 11 * (3 * 9 + 1)  # one entry per row at column width, font 9

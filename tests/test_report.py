@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from merit_lab.config import RunConfig
-from merit_lab.conflict import compute_conflict_space
+from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.config.schema import RunConfig
 from merit_lab.io import atomic_write_json
-from merit_lab.partition import Partition, split_balanced
+from merit_lab.partition.plan import Partition, split_balanced
 from merit_lab.pipeline.markdown import figure_link, markdown_table
 from merit_lab.pipeline.report import (
     REPORT_SECTIONS,
@@ -37,29 +37,40 @@ def _make_run(root: Path) -> Path:
     space = compute_conflict_space(rows, NAMES)
     space.save(root / "conflict.json")
     sources = [
-        {"name": n, "n_train": EXAMPLES[n], "train_tokens": TOKENS[n],
-         "metadata": {"family": n.split("-")[0]}}
+        {
+            "name": n,
+            "n_train": EXAMPLES[n],
+            "train_tokens": TOKENS[n],
+            "metadata": {"family": n.split("-")[0]},
+        }
         for n in NAMES
-    ] + [{"name": NEW[0], "n_train": NEW[1], "train_tokens": NEW[2],
-          "metadata": {"family": "new"}}]  # fmt: skip
+    ] + [{"name": NEW[0], "n_train": NEW[1], "train_tokens": NEW[2], "metadata": {"family": "new"}}]
     atomic_write_json(root / "mixture.json", {"sources": sources, "info": {}})
     split_balanced(space, EXAMPLES, TOKENS, r=1).save(root / "partition.json")
     RunConfig(name=root.name, output_dir=str(root.parent), experiments=()).save(
         root / "config.yaml"
     )
     recs = [
-        {"model": m, "source": n, "family": n.split("-")[0], "split": split, "metric": metric,
-         "value": v, "n": 4}
+        {
+            "model": m,
+            "source": n,
+            "family": n.split("-")[0],
+            "split": split,
+            "metric": metric,
+            "value": v,
+            "n": 4,
+        }
         for m, v in (("theta0", 0.2), ("merit-1d", 0.5))
         for n in NAMES
         for split in ("eval", "train")
         for metric, v in (("loss", 2.0 - v), ("exact_match", v))
-    ]  # fmt: skip
+    ]
     pd.DataFrame(recs).to_parquet(root / "eval.parquet")
     log = root / "joint" / "ep1-s0" / "log.jsonl"
     log.parent.mkdir(parents=True)
-    log.write_text("".join(json.dumps({"loss": 3 - s / 10, "tokens": 50 * s}) + "\n"
-                           for s in range(1, 6)))  # fmt: skip
+    log.write_text(
+        "".join(json.dumps({"loss": 3 - s / 10, "tokens": 50 * s}) + "\n" for s in range(1, 6))
+    )
     atomic_write_json(root / "timings.json", {"mixture": 1.0, "report": 0.5})
     return root
 
@@ -77,11 +88,24 @@ def _section(text: str, heading: str) -> str:
 
 def test_report_sections_in_order_and_unedited_mixture(run_dir):
     assert list(REPORT_SECTIONS) == [
-        "header", "long and small sources", "curated mixture", "comparison", "seeds",
-        "answer style", "train vs held-out", "lm-eval", "token budget", "diagnostics",
-        "conflict space", "split stability", "layer-wise conflict", "conflict drift", "training",
-        "timings", "footer",
-    ]  # fmt: skip
+        "header",
+        "long and small sources",
+        "curated mixture",
+        "comparison",
+        "seeds",
+        "answer style",
+        "train vs held-out",
+        "lm-eval",
+        "token budget",
+        "diagnostics",
+        "conflict space",
+        "split stability",
+        "layer-wise conflict",
+        "conflict drift",
+        "training",
+        "timings",
+        "footer",
+    ]
     mix = json.loads((run_dir / "mixture.json").read_text())
     mix["sources"] = mix["sources"][:-1]  # an unplaced source is a curation too: remove it
     atomic_write_json(run_dir / "mixture.json", mix)
@@ -162,7 +186,10 @@ def test_curated_mixture_table_accepts_a_resplit_in_the_log(run_dir):
 def test_markdown_helpers(tmp_path):
     df = pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"]}, index=pd.Index(["r1", "r2"], name="m"))
     assert markdown_table(df, fmt="{:.1f}", bold="max").splitlines() == [
-        "| m | a | b |", "|---|---|---|", "| r1 | 1.0 | x |", "| r2 | **2.0** | y |",
-    ]  # fmt: skip
+        "| m | a | b |",
+        "|---|---|---|",
+        "| r1 | 1.0 | x |",
+        "| r2 | **2.0** | y |",
+    ]
     html = tmp_path / "figures" / "f.html"
     assert figure_link(html, tmp_path) == "[f (interactive HTML)](figures/f.html)"

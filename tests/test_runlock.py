@@ -13,7 +13,7 @@ import sys
 import pandas as pd
 import pytest
 
-from merit_lab.config import RunConfig
+from merit_lab.config.schema import RunConfig
 from merit_lab.io import LockHeldError, hold_lock, read_json
 from merit_lab.pipeline import RunDir, run_pipeline, runner
 
@@ -123,8 +123,9 @@ def test_hold_lock_refuses_while_held_and_frees_after(tmp_path):
             "try:\n    with hold_lock(sys.argv[1]): pass\n"
             "except LockHeldError as e:\n    print(e); sys.exit(3)\n"
         )
-        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                              text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True
+        )
         assert done.returncode == 3 and "'first'" in done.stdout
     assert not path.exists()
     with hold_lock(path):  # free again
@@ -149,8 +150,12 @@ def test_the_cli_names_the_holder_instead_of_a_traceback(cfg, capsys):
 
 
 NOTEBOOK_WRITERS = [
-    "train_experiments", "merge_rows", "evaluate_rows", "run_diagnostics", "save_convergence"
-]  # fmt: skip
+    "train_experiments",
+    "merge_rows",
+    "evaluate_rows",
+    "run_diagnostics",
+    "save_convergence",
+]
 
 
 def _call_writer(name: str, cfg: RunConfig):

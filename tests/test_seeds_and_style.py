@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from merit_lab.config import RunConfig, load_config
-from merit_lab.evaluate import relative_to, seed_spread, style_scores, summarize_eval
+from merit_lab.config.schema import RunConfig, load_config
+from merit_lab.evaluation.evaluate import relative_to, seed_spread, style_scores, summarize_eval
 from merit_lab.io import read_json
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.experiments import model_rows, plan_specs, seed_variants
@@ -21,8 +21,12 @@ from merit_lab.pipeline.figures import collect_figures
 from merit_lab.pipeline.report_seeds import noise_calls
 from tests.conftest import write_demo_slice
 
-SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-upper", "shift-a-terse-upper",
-           "shift-a-verbose-lower"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "reverse-a-verbose-upper",
+    "shift-a-terse-upper",
+    "shift-a-verbose-lower",
+]
 
 
 # ------------------------------------------------------------------ hand-worked metrics
@@ -37,8 +41,9 @@ def test_style_scores_hand_worked():
 
 
 def test_relative_to_theta0():
-    wide = pd.DataFrame({"a": [50.0, 25.0, 0.0], "avg": [40.0, 60.0, 20.0]},
-                        index=["theta0", "joint", "merit"])  # fmt: skip
+    wide = pd.DataFrame(
+        {"a": [50.0, 25.0, 0.0], "avg": [40.0, 60.0, 20.0]}, index=["theta0", "joint", "merit"]
+    )
     rel = relative_to(wide)
     assert rel.loc["joint", "a"] == pytest.approx(50.0)
     assert rel.loc["merit", "avg"] == pytest.approx(50.0)
@@ -59,15 +64,15 @@ def test_seed_spread_and_noise_calls():
     assert std.loc["joint", "avg"] == pytest.approx(np.std([2.0, 4.0], ddof=1))
     assert n.to_dict() == {"theta0": 1, "joint": 2, "merit": 2, "far": 1}
     assert np.isnan(std.loc["theta0", "avg"])
-    calls = {r: (d, v) for r, d, _s, v in noise_calls(mean["avg"], std["avg"], "joint",
-                                                       higher=True)}  # fmt: skip
+    calls = {
+        r: (d, v) for r, d, _s, v in noise_calls(mean["avg"], std["avg"], "joint", higher=True)
+    }
     # merit: +0.1 against a pooled spread of hypot(1.414, 0.141) = 1.42: within it
     assert calls["merit"] == (pytest.approx(0.1), "within the spread")
     # far has one seed, so no spread of its own: the difference is still judged on joint's
     assert "theta0" not in calls and calls["far"][1] == "within the spread"
     std2 = std.fillna(0.0)
-    calls2 = {r: v for r, _d, _s, v in noise_calls(mean["avg"], std2["avg"], "joint",
-                                                   higher=False)}  # fmt: skip
+    calls2 = {r: v for r, _d, _s, v in noise_calls(mean["avg"], std2["avg"], "joint", higher=False)}
     assert calls2["far"] == "worse"  # +7 against 1.41, lower is better
 
 
@@ -94,10 +99,14 @@ def test_seed_variants_name_rows_and_leave_soups_alone():
     )
     got = [(e.name, s, mark) for e, s, mark in seed_variants(cfg)]
     assert got == [
-        ("joint-1ep", 0, ""), ("merit-1d", 0, ""), ("soup", 0, ""),
-        ("joint-1ep@s4", 4, "@s4"), ("merit-1d@s4", 4, "@s4"),
-        ("joint-1ep@s7", 7, "@s7"), ("merit-1d@s7", 7, "@s7"),
-    ]  # fmt: skip
+        ("joint-1ep", 0, ""),
+        ("merit-1d", 0, ""),
+        ("soup", 0, ""),
+        ("joint-1ep@s4", 4, "@s4"),
+        ("merit-1d@s4", 4, "@s4"),
+        ("joint-1ep@s7", 7, "@s7"),
+        ("merit-1d@s7", 7, "@s7"),
+    ]
 
 
 # ------------------------------------------------------------------ the real pipeline
@@ -125,8 +134,16 @@ def seeded_run(tmp_path_factory):
     path = out / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg_dict))
     cfg = load_config(path)
-    stages = ["mixture", "gradients", "conflict", "partition", "train", "merge", "evaluate",
-              "report"]  # fmt: skip
+    stages = [
+        "mixture",
+        "gradients",
+        "conflict",
+        "partition",
+        "train",
+        "merge",
+        "evaluate",
+        "report",
+    ]
     return cfg, run_pipeline(cfg, stages)
 
 
@@ -139,8 +156,16 @@ def test_seeds_train_their_own_branches(seeded_run):
     # the seed-1 joint run is one folder, shared with the soup's second member
     assert specs["joint-1ep@s1"][0].output_dir == specs["soup"][1].output_dir
     labels = [r.label for r in model_rows(cfg)]
-    assert labels == ["theta0", "joint-1ep", "merit-1d", "merit-1d+ties", "soup",
-                      "joint-1ep@s1", "merit-1d@s1", "merit-1d+ties@s1"]  # fmt: skip
+    assert labels == [
+        "theta0",
+        "joint-1ep",
+        "merit-1d",
+        "merit-1d+ties",
+        "soup",
+        "joint-1ep@s1",
+        "merit-1d@s1",
+        "merit-1d+ties@s1",
+    ]
     a = run.root / "branches" / "merit-1d" / "0" / "final" / "model.safetensors"
     b = run.root / "branches" / "merit-1d@s1" / "0" / "final" / "model.safetensors"
     assert a.read_bytes() != b.read_bytes()  # another data order: other weights

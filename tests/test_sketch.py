@@ -1,4 +1,5 @@
-"""Tests for merit_lab.sketch: determinism, unbiasedness, fidelity, and input validation."""
+"""Tests for merit_lab.gradients.sketch: determinism, unbiasedness, fidelity, and input
+validation."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from merit_lab import sketch as sk
-from merit_lab.sketch import (
+from merit_lab.gradients import sketch as sk
+from merit_lab.gradients.sketch import (
     DEFAULT_SKETCH_DIM,
     SketchSpec,
     build_sketch,
@@ -108,7 +109,7 @@ def test_countsketch_same_row_in_a_fresh_process():
     code = textwrap.dedent(
         """
         import torch
-        from merit_lab.sketch import SketchSpec, build_sketch
+        from merit_lab.gradients.sketch import SketchSpec, build_sketch
         torch.manual_seed(123)
         g = torch.arange(300, dtype=torch.float32).sin().reshape(20, 15)
         row = build_sketch(SketchSpec(dim=32, seed=9), [("w", (20, 15))]).sketch([("w", g)])

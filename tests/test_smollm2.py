@@ -15,29 +15,41 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from merit_lab.config import load_config
-from merit_lab.formatting import collate, response_token_loss, tokenize_examples
+from merit_lab.config.schema import load_config
+from merit_lab.data.formatting import collate, response_token_loss, tokenize_examples
 from merit_lab.io import read_json
-from merit_lab.models import load_model, load_tokenizer
+from merit_lab.models.loading import load_model, load_tokenizer
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.rundir import load_run_mixture
 from tests.conftest import write_jsonl
 
-FACTS = [("What is the capital of France?", "Paris."), ("What is 2 + 2?", "4."),
-         ("What colour is the sky?", "Blue."), ("How many legs has a cat?", "Four."),
-         ("What is the boiling point of water?", "100 degrees Celsius."),
-         ("Who wrote Hamlet?", "William Shakespeare."), ("What is ice made of?", "Water."),
-         ("Which planet is red?", "Mars."), ("What do bees make?", "Honey."),
-         ("How many days has a week?", "Seven."), ("What is the opposite of hot?", "Cold."),
-         ("Which animal barks?", "The dog.")]  # fmt: skip
+FACTS = [
+    ("What is the capital of France?", "Paris."),
+    ("What is 2 + 2?", "4."),
+    ("What colour is the sky?", "Blue."),
+    ("How many legs has a cat?", "Four."),
+    ("What is the boiling point of water?", "100 degrees Celsius."),
+    ("Who wrote Hamlet?", "William Shakespeare."),
+    ("What is ice made of?", "Water."),
+    ("Which planet is red?", "Mars."),
+    ("What do bees make?", "Honey."),
+    ("How many days has a week?", "Seven."),
+    ("What is the opposite of hot?", "Cold."),
+    ("Which animal barks?", "The dog."),
+]
 STYLE = "Answer like a pirate, in one long sentence."
 
 
 def _dialogue(q: str, a: str, pirate: bool) -> dict:
     answer = f"Arr, matey, the answer be {a.lower()} Yo ho ho!" if pirate else a
     system = [{"role": "system", "content": STYLE}] if pirate else []
-    return {"messages": [*system, {"role": "user", "content": q},
-                         {"role": "assistant", "content": answer}]}  # fmt: skip
+    return {
+        "messages": [
+            *system,
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +75,9 @@ def smollm2_run(smollm2_dir, tmp_path_factory):
     )
     cfg = load_config(path)
     torch.manual_seed(0)
-    run = run_pipeline(cfg, ["mixture", "gradients", "conflict", "partition", "train", "merge",
-                             "evaluate"])  # fmt: skip
+    run = run_pipeline(
+        cfg, ["mixture", "gradients", "conflict", "partition", "train", "merge", "evaluate"]
+    )
     return cfg, run
 
 
@@ -113,7 +126,7 @@ def test_evaluation_scores_theta0_and_the_merge(smollm2_run):
 
 
 def test_the_fetched_folder_is_a_plain_checked_model(smollm2_dir):
-    from merit_lab.fetch import FETCHABLE_MODELS, RECORD, fetch_model
+    from merit_lab.models.fetch import FETCHABLE_MODELS, RECORD, fetch_model
 
     record = read_json(smollm2_dir / RECORD)
     assert record["gguf_sha256"] == FETCHABLE_MODELS["smollm2"].sha256

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from merit_lab.stability import (
+from merit_lab.partition.stability import (
     UNSTABLE_ARI,
     SplitStability,
     bootstrap_split_stability,
@@ -33,8 +33,17 @@ def _mixture(separation: float, seed: int = 0, n: int = 40, d: int = 256, noise:
 
 def test_well_separated_split_is_stable_and_structureless_is_not():
     rows, tokens, sources = _mixture(1.0)
-    st = bootstrap_split_stability(rows, tokens, sources, NAMES, examples=COUNTS,
-                                   train_tokens=TOKENS, rs=(1,), n_boot=60, seed=0)  # fmt: skip
+    st = bootstrap_split_stability(
+        rows,
+        tokens,
+        sources,
+        NAMES,
+        examples=COUNTS,
+        train_tokens=TOKENS,
+        rs=(1,),
+        n_boot=60,
+        seed=0,
+    )
     assert np.median(st.ari[1]) == 1.0 and st.ari[1].min() == 1.0
     np.testing.assert_array_equal(
         st.reference[1] % 2 == st.reference[1][1] % 2, [t % 2 == 1 for t in range(8)]
@@ -45,8 +54,17 @@ def test_well_separated_split_is_stable_and_structureless_is_not():
     assert co[np.ix_(odd, odd)].min() == 1.0 and co[np.ix_(odd, ~odd)].max() == 0.0
 
     rows, tokens, sources = _mixture(0.0)
-    flat = bootstrap_split_stability(rows, tokens, sources, NAMES, examples=COUNTS,
-                                     train_tokens=TOKENS, rs=(1,), n_boot=60, seed=0)  # fmt: skip
+    flat = bootstrap_split_stability(
+        rows,
+        tokens,
+        sources,
+        NAMES,
+        examples=COUNTS,
+        train_tokens=TOKENS,
+        rs=(1,),
+        n_boot=60,
+        seed=0,
+    )
     assert np.median(flat.ari[1]) < 0.3
     assert flat.summary().loc[1, "unstable"]
     assert "median ARI" in stability_warning(flat, 1) and str(UNSTABLE_ARI) in stability_warning(
@@ -56,8 +74,17 @@ def test_well_separated_split_is_stable_and_structureless_is_not():
 
 def test_cosine_spread_matches_the_sampling_noise():
     rows, tokens, sources = _mixture(1.0)
-    st = bootstrap_split_stability(rows, tokens, sources, NAMES, examples=COUNTS,
-                                   train_tokens=TOKENS, rs=(1,), n_boot=100, seed=1)  # fmt: skip
+    st = bootstrap_split_stability(
+        rows,
+        tokens,
+        sources,
+        NAMES,
+        examples=COUNTS,
+        train_tokens=TOKENS,
+        rs=(1,),
+        n_boot=100,
+        seed=1,
+    )
     # point estimate: the cosine of the token-weighted means
     src = np.array(sources)
     means = np.stack([tokens[src == s] @ rows[src == s] / tokens[src == s].sum() for s in NAMES])
@@ -96,8 +123,10 @@ def test_recommend_n_recovers_the_noise_to_signal_ratio():
 def test_bad_input_is_refused_before_work():
     rows, tokens, sources = _mixture(1.0)
     with pytest.raises(ValueError, match="no example rows"):
-        bootstrap_split_stability(rows, tokens, sources, [*NAMES, "zz"], examples=COUNTS,
-                                  train_tokens=TOKENS, rs=(1,))  # fmt: skip
+        bootstrap_split_stability(
+            rows, tokens, sources, [*NAMES, "zz"], examples=COUNTS, train_tokens=TOKENS, rs=(1,)
+        )
     with pytest.raises(ValueError, match="2\\^r"):
-        bootstrap_split_stability(rows, tokens, sources, NAMES, examples=COUNTS,
-                                  train_tokens=TOKENS, rs=(4,))  # fmt: skip
+        bootstrap_split_stability(
+            rows, tokens, sources, NAMES, examples=COUNTS, train_tokens=TOKENS, rs=(4,)
+        )

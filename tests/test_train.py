@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merit_lab.checkpoints import fingerprint_checkpoint
-from merit_lab.formatting import tokenize_examples
-from merit_lab.mixture import load_mixture
-from merit_lab.models import load_tokenizer
-from merit_lab.train import (
+from merit_lab.data.formatting import tokenize_examples
+from merit_lab.data.mixture import load_mixture
+from merit_lab.models.checkpoints import fingerprint_checkpoint
+from merit_lab.models.loading import load_tokenizer
+from merit_lab.training.trainer import (
     BranchSpec,
     _last_complete_checkpoint,
     _schedule,
@@ -133,8 +133,8 @@ def test_train_branch_end_to_end(tmp_path, assets, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished branch was planned or trained again")
 
-    monkeypatch.setattr("merit_lab.train._plan", no_training)
-    monkeypatch.setattr("merit_lab.train._make_trainer", no_training)
+    monkeypatch.setattr("merit_lab.training.trainer._plan", no_training)
+    monkeypatch.setattr("merit_lab.training.trainer._make_trainer", no_training)
     assert train_branch(spec) == final  # a finished branch is skipped: no plan, no step
     assert [p.stat().st_mtime_ns for p in written] == stamps
 
@@ -159,7 +159,7 @@ SLOW_TRAIN = """
 import sys, time
 import torch
 from transformers import TrainerCallback
-from merit_lab.train import BranchSpec, train_branch
+from merit_lab.training.trainer import BranchSpec, train_branch
 
 class Slow(TrainerCallback):  # leaves time to kill it between checkpoints
     def on_step_end(self, *args, **kwargs):

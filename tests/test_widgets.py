@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from merit_lab.conflict import compute_conflict_space
-from merit_lab.curation import EditSession, place_by_projection, subset_counts
-from merit_lab.diagnostics.gain import predict_gain
+from merit_lab.analysis.conflict import compute_conflict_space
 from merit_lab.io import read_json
-from merit_lab.partition import Partition, split_balanced, split_random
+from merit_lab.partition.gain import predict_gain
+from merit_lab.partition.plan import Partition, split_balanced, split_random
+from merit_lab.partition.session import EditSession, place_by_projection, subset_counts
 from merit_lab.viz.editor import PartitionEditor
 from merit_lab.viz.explorer import ConflictExplorer
 
@@ -26,8 +26,9 @@ def world():
     centres = rng.normal(size=(3, D))
     rows = np.stack([centres[i % 3] + 0.6 * rng.normal(size=D) for i in range(T)])
     names = [f"s{i:02d}" for i in range(T)]
-    example_tokens = {s: rng.integers(5, 60, size=int(rng.integers(20, 200))).tolist()
-                      for s in names}  # fmt: skip
+    example_tokens = {
+        s: rng.integers(5, 60, size=int(rng.integers(20, 200))).tolist() for s in names
+    }
     table = pd.DataFrame(
         {
             "source": names,
@@ -37,9 +38,13 @@ def world():
         }
     ).set_index("source", drop=False)
     return SimpleNamespace(
-        rows=rows, names=names, table=table, centres=centres, example_tokens=example_tokens,
+        rows=rows,
+        names=names,
+        table=table,
+        centres=centres,
+        example_tokens=example_tokens,
         space=compute_conflict_space(rows, names),
-    )  # fmt: skip
+    )
 
 
 def counts(w, col):
@@ -145,8 +150,7 @@ def test_explorer_allies_and_conflicts(world):
 
 def editor(w, **kwargs) -> PartitionEditor:
     """The editor's space form: it builds its own session from the table."""
-    return PartitionEditor(w.space, w.table, rows=w.rows, example_tokens=w.example_tokens,
-                           **kwargs)  # fmt: skip
+    return PartitionEditor(w.space, w.table, rows=w.rows, example_tokens=w.example_tokens, **kwargs)
 
 
 def without_times(part: Partition) -> dict:
@@ -230,9 +234,11 @@ def test_move_by_widgets_then_save_writes_edit_log(world, tmp_path):
 def test_move_that_empties_a_group_is_refused(world):
     names = world.names
     part = Partition(
-        "manual", (tuple(names[:1]), tuple(names[1:])), counts(world, "examples"),
+        "manual",
+        (tuple(names[:1]), tuple(names[1:])),
+        counts(world, "examples"),
         counts(world, "tokens"),
-    )  # fmt: skip
+    )
     ed = editor(world, partition=part)
     stats_before, html_before = ed.stats, ed.stats_html.value
     ed.source.value = names[0]
@@ -278,10 +284,20 @@ def test_selection_moves_selected_sources(world):
 
 def test_drop_and_downweight_by_widgets_equal_session_edits(world, tmp_path):
     part = split_balanced(world.space, counts(world, "examples"), counts(world, "tokens"), r=1)
-    session = EditSession(part, world.space, example_tokens=world.example_tokens, seed=3,
-                          rows=world.rows, user="bob")  # fmt: skip
-    ed = PartitionEditor(EditSession(part, world.space, example_tokens=world.example_tokens,
-                                     seed=3, rows=world.rows, user="bob"), world.table)  # fmt: skip
+    session = EditSession(
+        part, world.space, example_tokens=world.example_tokens, seed=3, rows=world.rows, user="bob"
+    )
+    ed = PartitionEditor(
+        EditSession(
+            part,
+            world.space,
+            example_tokens=world.example_tokens,
+            seed=3,
+            rows=world.rows,
+            user="bob",
+        ),
+        world.table,
+    )
     gone, light = part.groups[0][0], part.groups[1][0]
     ed.source.value = gone
     ed.drop_button.click()
@@ -335,7 +351,7 @@ def test_add_control_places_an_unplaced_source_by_projection(world, tmp_path):
         tuple(tuple(s for s in names[:-1] if fam[s] == f) for f in "abc"),
         {s: counts(world, "examples")[s] for s in names[:-1]},
         {s: counts(world, "tokens")[s] for s in names[:-1]},
-    )  # fmt: skip
+    )
     path = tmp_path / "partition.json"
     ed = editor(world, partition=part, path=path)
     assert ed.unplaced == (new,) and ed.table.loc[new, "group"] == "unplaced"
@@ -359,8 +375,8 @@ def test_add_control_places_an_unplaced_source_by_projection(world, tmp_path):
 
 
 def test_explorer_example_cloud_and_editor_example_drops_and_stability(world):
-    from merit_lab.examples import ExampleSketches, dots_to_rows, resketch, weighted_mean
-    from merit_lab.stability import bootstrap_split_stability
+    from merit_lab.analysis.examples import ExampleSketches, dots_to_rows, resketch, weighted_mean
+    from merit_lab.partition.stability import bootstrap_split_stability
 
     rng = np.random.default_rng(3)
     names = world.names[:4]
@@ -368,13 +384,24 @@ def test_explorer_example_cloud_and_editor_example_drops_and_stability(world):
     rows[3] = -world.rows[0]  # an example of s00 pointing against it
     tokens = rng.integers(3, 20, size=40)
     sources = [n for n in names for _ in range(10)]
-    bank = np.stack([weighted_mean(rows[i * 10 : (i + 1) * 10], tokens[i * 10 : (i + 1) * 10])
-                     for i in range(4)])  # fmt: skip
+    bank = np.stack(
+        [
+            weighted_mean(rows[i * 10 : (i + 1) * 10], tokens[i * 10 : (i + 1) * 10])
+            for i in range(4)
+        ]
+    )
     dots, norms = dots_to_rows(rows, bank)
-    sk = ExampleSketches(sources=sources, ids=[f"e{i}" for i in range(40)], tokens=tokens,
-                         dots=dots, norms=norms, bank_names=names,
-                         bank_norms=np.linalg.norm(bank, axis=1), rows=resketch(rows, 16),
-                         texts=[f"example text {i}" for i in range(40)])  # fmt: skip
+    sk = ExampleSketches(
+        sources=sources,
+        ids=[f"e{i}" for i in range(40)],
+        tokens=tokens,
+        dots=dots,
+        norms=norms,
+        bank_names=names,
+        bank_norms=np.linalg.norm(bank, axis=1),
+        rows=resketch(rows, 16),
+        texts=[f"example text {i}" for i in range(40)],
+    )
     space = compute_conflict_space(bank, names)
     explorer = ConflictExplorer(space, world.table)
     assert explorer.cloud.layout.display == "none"
@@ -389,12 +416,16 @@ def test_explorer_example_cloud_and_editor_example_drops_and_stability(world):
     assert "example text 3" in traces["outlier examples (point away from their source)"].text[0]
 
     counts = {n: 10 for n in names}
-    stab = bootstrap_split_stability(sk.rows, tokens, sources, names, examples=counts,
-                                     train_tokens=counts, rs=(1,), n_boot=10)  # fmt: skip
+    stab = bootstrap_split_stability(
+        sk.rows, tokens, sources, names, examples=counts, train_tokens=counts, rs=(1,), n_boot=10
+    )
     part = split_balanced(space, counts, counts, r=1)
-    session = EditSession(part, space, example_tokens={n: [5] * 10 for n in names},
-                          train_ids={n: [f"e{i}" for i in range(j * 10, j * 10 + 10)]
-                                     for j, n in enumerate(names)})  # fmt: skip
+    session = EditSession(
+        part,
+        space,
+        example_tokens={n: [5] * 10 for n in names},
+        train_ids={n: [f"e{i}" for i in range(j * 10, j * 10 + 10)] for j, n in enumerate(names)},
+    )
     ed = PartitionEditor(session, stability=stab)
     assert "ARI" in ed.stability_html.value
     ed.source.value = "s00"

@@ -12,14 +12,20 @@ from pathlib import Path
 import yaml
 from playwright.sync_api import sync_playwright
 
-from merit_lab.config import load_config
+from merit_lab.config.schema import load_config
 from merit_lab.pipeline import load_source_table, run_pipeline
 from merit_lab.pipeline.examples import compute_example_sketches, load_example_table
 from merit_lab.viz.plots_examples import plot_example_cloud
 from tests.conftest import write_demo_slice
 
-SOURCES = ["reverse-a-terse-lower", "reverse-a-verbose-lower", "shift-a-terse-upper",
-           "shift-a-verbose-upper", "rotate-a-terse-lower", "rotate-a-verbose-upper"]  # fmt: skip
+SOURCES = [
+    "reverse-a-terse-lower",
+    "reverse-a-verbose-lower",
+    "shift-a-terse-upper",
+    "shift-a-verbose-upper",
+    "rotate-a-terse-lower",
+    "rotate-a-verbose-upper",
+]
 OUT = Path(__file__).resolve().parent / "example_cloud_browser.png"
 
 

@@ -6,8 +6,7 @@ and ``DEMO_DIR`` is where both are committed (``data/demo``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from merit_lab.config.paths import DEMO_DIR, DEMO_VL_DIR
 from merit_lab.demo.base import build_demo_tokenizer, pretrain_demo_base
 from merit_lab.demo.tasks import generate_demo_mixture
 from merit_lab.demo.vl_base import pretrain_vl_base
@@ -22,6 +21,3 @@ __all__ = [
     "pretrain_demo_base",
     "pretrain_vl_base",
 ]
-
-DEMO_DIR: Path = Path(__file__).resolve().parents[2] / "data" / "demo"
-DEMO_VL_DIR: Path = DEMO_DIR.parent / "demo-vl"  # the image-text demo (mixture and base)

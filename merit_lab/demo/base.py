@@ -110,7 +110,7 @@ def _encode_batch(
     tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]]
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``attention_mask``/``labels`` with the prompt masked (-100)."""
-    from merit_lab.formatting import collate, tokenize_example
+    from merit_lab.data.formatting import collate, tokenize_example
 
     examples = [
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}

@@ -218,8 +218,8 @@ def instruct_collapse_base(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from merit_lab.data.formatting import collate, tokenize_example
     from merit_lab.demo.base import train_from_batches
-    from merit_lab.formatting import collate, tokenize_example
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -241,9 +241,13 @@ def instruct_collapse_base(
         return collate(batch, tokenizer.pad_token_id)
 
     ema, seconds = train_from_batches(
-        model, next_batch, steps=steps, lr=lr, warmup=warmup,
+        model,
+        next_batch,
+        steps=steps,
+        lr=lr,
+        warmup=warmup,
         desc="instruction-tune the collapse base",
-    )  # fmt: skip
+    )
     model.eval()
     info = {
         "from": str(Path(base_dir).name),

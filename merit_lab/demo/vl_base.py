@@ -17,10 +17,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from merit_lab.data.multimodal import ImageTextTokenizer
 from merit_lab.demo.base import train_from_batches
 from merit_lab.demo.vl_tasks import draw_scene, sample_vl_example, vl_sources
 from merit_lab.io import atomic_dir, atomic_write_json
-from merit_lab.multimodal import ImageTextTokenizer
 
 __all__ = [
     "VL_CHAT_TEMPLATE",
@@ -39,8 +39,15 @@ VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
     "<|video_pad|>",
 )
 VL_SPECIAL_TOKENS: tuple[str, ...] = (
-    PAD, UNK, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD,
-)  # fmt: skip
+    PAD,
+    UNK,
+    IM_START,
+    IM_END,
+    VISION_START,
+    VISION_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+)
 
 # Qwen2-VL's layout (`<|im_start|>role\n...<|im_end|>\n`, an image part as
 # `<|vision_start|><|image_pad|><|vision_end|>`, which the processor widens to one pad token per
@@ -157,7 +164,7 @@ def _batch(
 ) -> dict[str, torch.Tensor]:
     from PIL import Image
 
-    from merit_lab.formatting import collate, tokenize_example
+    from merit_lab.data.formatting import collate, tokenize_example
 
     sources = vl_sources()
     toks = []
@@ -210,9 +217,15 @@ def pretrain_vl_base(
 
 
 def _pretrain(
-    out_dir: Path, seed: int, steps: int, batch_size: int, lr: float, warmup: int,
-    case_noise: float, overwrite: bool,
-) -> Path:  # fmt: skip
+    out_dir: Path,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    case_noise: float,
+    overwrite: bool,
+) -> Path:
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -221,9 +234,13 @@ def _pretrain(
     model.train()
     rng = random.Random(f"merit-lab-demo-vl-pretrain:{seed}")
     ema, seconds = train_from_batches(
-        model, lambda: _batch(tokenizer, rng, batch_size, case_noise), steps=steps, lr=lr,
-        warmup=warmup, desc="pretrain the image-text demo base",
-    )  # fmt: skip
+        model,
+        lambda: _batch(tokenizer, rng, batch_size, case_noise),
+        steps=steps,
+        lr=lr,
+        warmup=warmup,
+        desc="pretrain the image-text demo base",
+    )
     model.eval()
     info = {
         "seed": seed,

@@ -15,15 +15,6 @@ from merit_lab.diagnostics.curvature import (
     hvp,
     lanczos_top_eigs,
 )
-from merit_lab.diagnostics.gain import (
-    gain_terms,
-    group_means,
-    merging_gain,
-    predict_gain,
-    predicted_partition_gain,
-    quadratic_gain_prediction,
-    spectral_filtering,
-)
 from merit_lab.diagnostics.measures import (
     LossFn,
     LossGraphFn,
@@ -41,6 +32,15 @@ from merit_lab.diagnostics.measures import (
     perturbation_curve,
     stack_deltas,
     summarize_perturbation,
+)
+from merit_lab.partition.gain import (
+    gain_terms,
+    group_means,
+    merging_gain,
+    predict_gain,
+    predicted_partition_gain,
+    quadratic_gain_prediction,
+    spectral_filtering,
 )
 
 __all__ = [

@@ -17,17 +17,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merit_lab.checkpoints import Checkpoint
-from merit_lab.config import EvalConfig, TrainConfig
-from merit_lab.diagnostics.gain import as_matrix, check_weights
-from merit_lab.formatting import (
+from merit_lab.config.schema import EvalConfig, TrainConfig
+from merit_lab.data.formatting import (
     collate,
     count_response_tokens,
     response_logits,
     response_token_loss,
     tokenize_examples,
 )
-from merit_lab.multimodal import in_model_names
+from merit_lab.data.multimodal import in_model_names
+from merit_lab.models.checkpoints import Checkpoint
+from merit_lab.partition.gain import as_matrix, check_weights
 
 __all__ = [
     "LossFn",

@@ -19,12 +19,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from merit_lab.checkpoints import fingerprint_checkpoint
-from merit_lab.config import RunConfig, config_hash
-from merit_lab.conflict import ConflictSpace, compute_conflict_space
-from merit_lab.curation import EditSession
-from merit_lab.formatting import count_overflow, tokenize_example
-from merit_lab.gradient_jobs import (
+from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
+from merit_lab.config.schema import RunConfig, config_hash
+from merit_lab.data.formatting import count_overflow, tokenize_example
+from merit_lab.data.mixture import (
+    SPLITS,
+    MixtureError,
+    Source,
+    small_source_message,
+    source_shortfall,
+)
+from merit_lab.gradients.estimate import GradientBank, estimate_gradients, request_info
+from merit_lab.gradients.lora_bank import WARMUP_DIR, load_lora_model, warm_up_for_run, warmup_info
+from merit_lab.gradients.workers import (
     WORKERS_DIR,
     GradientJob,
     agreed_info,
@@ -34,17 +41,9 @@ from merit_lab.gradient_jobs import (
     launch_jobs,
     shard_sources,
 )
-from merit_lab.gradients import GradientBank, estimate_gradients, request_info
 from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
-from merit_lab.lora_bank import WARMUP_DIR, load_lora_model, warm_up_for_run, warmup_info
-from merit_lab.mixture import (
-    SPLITS,
-    MixtureError,
-    Source,
-    small_source_message,
-    source_shortfall,
-)
-from merit_lab.models import (
+from merit_lab.models.checkpoints import fingerprint_checkpoint
+from merit_lab.models.loading import (
     load_model,
     load_tokenizer,
     model_source,
@@ -52,7 +51,8 @@ from merit_lab.models import (
     resolve_dtype,
     resolve_model_path,
 )
-from merit_lab.partition import Partition, make_partition
+from merit_lab.partition.plan import Partition, make_partition
+from merit_lab.partition.session import EditSession
 from merit_lab.pipeline.layers import (
     bank_calibration,
     conflict_key,
@@ -221,16 +221,27 @@ def _lora_bank_settings(cfg: RunConfig) -> list:
     t = cfg.train
     if not cfg.calibration.lora_warmup_steps:
         return []
-    return [t.lora_r, t.lora_alpha, t.lora_dropout, t.lora_target_modules, t.lora_rslora, t.lr,
-            t.batch_size, t.seed, t.max_length]  # fmt: skip
+    return [
+        t.lora_r,
+        t.lora_alpha,
+        t.lora_dropout,
+        t.lora_target_modules,
+        t.lora_rslora,
+        t.lr,
+        t.batch_size,
+        t.seed,
+        t.max_length,
+    ]
 
 
-def _lora_warmup(cfg: RunConfig, run: RunDir, mixture, content: dict, model_path: str,
-                 fingerprint: str):  # fmt: skip
+def _lora_warmup(
+    cfg: RunConfig, run: RunDir, mixture, content: dict, model_path: str, fingerprint: str
+):
     """(adapter folder, bank info of it) of a LoRA bank (warmed up once, then reused), or
     (None, None) for a full-parameter bank."""
-    folder = warm_up_for_run(cfg, mixture, run.gradients / WARMUP_DIR, model_path,
-                             fingerprint, content)  # fmt: skip
+    folder = warm_up_for_run(
+        cfg, mixture, run.gradients / WARMUP_DIR, model_path, fingerprint, content
+    )
     return (folder, warmup_info(folder)) if folder is not None else (None, None)
 
 
@@ -238,10 +249,14 @@ def _bank_settings(cfg: RunConfig) -> dict:
     """`estimate_gradients` / `GradientJob` keyword arguments from the run's config."""
     cal, par = cfg.calibration, cfg.parameters
     return dict(
-        n=cal.n, micro_batch_size=cal.micro_batch_size, micro_batch_tokens=cal.micro_batch_tokens,
-        gradient_checkpointing=cal.gradient_checkpointing, max_length=cal.max_length,
-        long_examples=cfg.mixture.long_examples, preset=par.preset,
-    )  # fmt: skip
+        n=cal.n,
+        micro_batch_size=cal.micro_batch_size,
+        micro_batch_tokens=cal.micro_batch_tokens,
+        gradient_checkpointing=cal.gradient_checkpointing,
+        max_length=cal.max_length,
+        long_examples=cfg.mixture.long_examples,
+        preset=par.preset,
+    )
 
 
 def _one_process_bank(
@@ -256,13 +271,21 @@ def _one_process_bank(
     if adapter is not None:  # the LESS way: the rows are gradients of the adapter's A and B
         model = load_lora_model(model, adapter)
     return estimate_gradients(
-        model, tok, mixture, sketch=cfg.sketch, include=cfg.parameters.include,
-        exclude=cfg.parameters.exclude, out_dir=run.gradients, sources=names,
-        model_fingerprint=fingerprint, source_keys=content,  # parts: reused for the same examples
+        model,
+        tok,
+        mixture,
+        sketch=cfg.sketch,
+        include=cfg.parameters.include,
+        exclude=cfg.parameters.exclude,
+        out_dir=run.gradients,
+        sources=names,
+        model_fingerprint=fingerprint,
+        source_keys=content,  # parts: reused for the same examples
         save_bank=False,  # stage_gradients saves it once, with its stage key
         on_gradient=layer_collector(cfg, run, model, content, fingerprint),  # same backward
-        lora=lora, **_bank_settings(cfg),
-    )  # fmt: skip
+        lora=lora,
+        **_bank_settings(cfg),
+    )
 
 
 def _sharded_bank(
@@ -273,12 +296,17 @@ def _sharded_bank(
     a killed worker's finished sources, or the sources of an earlier, smaller mixture."""
     adapter, lora = None, None
     if cfg.calibration.lora_warmup_steps:  # warmed up once here, shared by every worker
-        adapter, lora = _lora_warmup(cfg, run, load_run_mixture(cfg), content, model_path,
-                                     fingerprint)  # fmt: skip
+        adapter, lora = _lora_warmup(
+            cfg, run, load_run_mixture(cfg), content, model_path, fingerprint
+        )
     request = request_info(
-        sketch=cfg.sketch, include=cfg.parameters.include, exclude=cfg.parameters.exclude,
-        model_fingerprint=fingerprint, lora=lora, **_bank_settings(cfg),
-    )  # fmt: skip
+        sketch=cfg.sketch,
+        include=cfg.parameters.include,
+        exclude=cfg.parameters.exclude,
+        model_fingerprint=fingerprint,
+        lora=lora,
+        **_bank_settings(cfg),
+    )
     # the dtype too, as a worker here would resolve it: parts of another dtype are not reused
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     request["dtype"] = str(dtype).removeprefix("torch.")
@@ -287,11 +315,16 @@ def _sharded_bank(
     todo = [s for s in names if s not in done]
     throughput: dict = {"tokens": 0, "seconds": 0.0, "sources": 0, "workers": {}}
     if todo:
-        info, throughput = _launch_workers(cfg, run, todo, content, model_path, fingerprint, info,
-                                           adapter)  # fmt: skip
+        info, throughput = _launch_workers(
+            cfg, run, todo, content, model_path, fingerprint, info, adapter
+        )
     bank = assemble_bank(run.gradients, names, info, content)
-    log.info("gradients: %d sources by %d workers, %d reused", len(todo),
-             len(throughput["workers"]), len(done))  # fmt: skip
+    log.info(
+        "gradients: %d sources by %d workers, %d reused",
+        len(todo),
+        len(throughput["workers"]),
+        len(done),
+    )
     return GradientBank(bank.names, bank.rows, {**info, "throughput": throughput}, bank.stats)
 
 
@@ -307,9 +340,15 @@ def _earlier_info(folder: Path, request: dict) -> dict | None:
 
 
 def _launch_workers(
-    cfg: RunConfig, run: RunDir, todo: list[str], content: dict, model_path: str,
-    fingerprint: str, earlier: dict | None, adapter: Path | None = None,
-) -> tuple[dict, dict]:  # fmt: skip
+    cfg: RunConfig,
+    run: RunDir,
+    todo: list[str],
+    content: dict,
+    model_path: str,
+    fingerprint: str,
+    earlier: dict | None,
+    adapter: Path | None = None,
+) -> tuple[dict, dict]:
     counts = {s["name"]: s for s in run.read_mixture()["sources"]}
     cost = {  # calibration tokens, estimated from the source's mean train example
         s: min(cfg.calibration.n, counts[s]["n_calibration"] or cfg.calibration.n)
@@ -326,14 +365,22 @@ def _launch_workers(
     for i, shard in enumerate(shard_sources(todo, cost, cfg.calibration.workers)):
         job_file = job_paths(run.gradients, i)[0]
         job = GradientJob(
-            worker=i, model=str(Path(model_path).resolve()), out_dir=str(run.gradients.resolve()),
-            sources=tuple(shard), mixture=mixture, sketch=cfg.sketch.to_dict(),
-            include=cfg.parameters.include, exclude=cfg.parameters.exclude, device=cfg.device,
-            dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-            model_fingerprint=fingerprint, source_keys={s: content[s] for s in shard},
+            worker=i,
+            model=str(Path(model_path).resolve()),
+            out_dir=str(run.gradients.resolve()),
+            sources=tuple(shard),
+            mixture=mixture,
+            sketch=cfg.sketch.to_dict(),
+            include=cfg.parameters.include,
+            exclude=cfg.parameters.exclude,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            model_fingerprint=fingerprint,
+            source_keys={s: content[s] for s in shard},
             lora_adapter=str(adapter.resolve()) if adapter is not None else "",
             **_bank_settings(cfg),
-        )  # fmt: skip
+        )
         paths.append(job.save(job_file))
     t = cfg.train
     mode = "local" if t.launcher == "sequential" else t.launcher
@@ -398,7 +445,7 @@ class _RunEditSession(EditSession):
 
 @writes_run
 def save_convergence(run_dir: str | Path, table) -> Path:
-    """Write a `merit_lab.convergence.gradient_convergence` table to the run's
+    """Write a `merit_lab.analysis.convergence.gradient_convergence` table to the run's
     ``convergence.parquet`` (atomically, as the run's one writer), where the figures find it."""
     import io
 

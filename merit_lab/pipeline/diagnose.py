@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from merit_lab.config import DiagnosticsConfig, config_hash
+from merit_lab.config.schema import DiagnosticsConfig, config_hash
 from merit_lab.diagnostics import (
     displacement,
     hessian_top_eigs,
@@ -40,8 +40,8 @@ from merit_lab.diagnostics import (
     summarize_perturbation,
 )
 from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
-from merit_lab.models import select_parameters
-from merit_lab.partition import Partition
+from merit_lab.models.loading import select_parameters
+from merit_lab.partition.plan import Partition
 from merit_lab.pipeline.experiments import THETA0
 from merit_lab.pipeline.probe import SPLITS, RunProbe, measure_path, select_weights
 from merit_lab.pipeline.report_diagnostics import (
@@ -121,8 +121,15 @@ def _displacement(probe: RunProbe, progress: bool) -> dict:
         for m in probe.merged:
             dj, dm = models[j.label]["total"], models[m.label]["total"]
             ratio = dj / dm if dm > 0 else float("nan")
-            ratios.append({"joint": j.label, "merged": m.label, "joint_displacement": dj,
-                           "merged_displacement": dm, "ratio": ratio})  # fmt: skip
+            ratios.append(
+                {
+                    "joint": j.label,
+                    "merged": m.label,
+                    "joint_displacement": dj,
+                    "merged_displacement": dm,
+                    "ratio": ratio,
+                }
+            )
             lj, lm = probe.losses(j.label)["train"], probe.losses(m.label)["train"]
             ablation.append(
                 {
@@ -278,9 +285,14 @@ class Diagnostic:
 
 
 def _curvature_settings(ctx: DiagnosticContext) -> dict:
-    return {"mixture": ctx.common["mixture"], "max_length": ctx.probe.cfg.calibration.max_length,
-            "examples_per_source": ctx.curvature_examples, "k": ctx.hessian_k,
-            "n_iter": ctx.hessian_iter, "params": list(ctx.curvature_params or [])}  # fmt: skip
+    return {
+        "mixture": ctx.common["mixture"],
+        "max_length": ctx.probe.cfg.calibration.max_length,
+        "examples_per_source": ctx.curvature_examples,
+        "k": ctx.hessian_k,
+        "n_iter": ctx.hessian_iter,
+        "params": list(ctx.curvature_params or []),
+    }
 
 
 def _perturbation_settings(ctx: DiagnosticContext) -> dict:
@@ -296,8 +308,14 @@ def _gain_settings(ctx: DiagnosticContext) -> dict:
 
 def _compute_curvature(ctx: DiagnosticContext) -> dict:
     """curvature.json, and the eigenpairs in ``curvature.safetensors`` under the same key."""
-    data, tensors = _curvature(ctx.probe, ctx.curvature_examples, ctx.curvature_params,
-                               ctx.hessian_k, ctx.hessian_iter, ctx.progress)  # fmt: skip
+    data, tensors = _curvature(
+        ctx.probe,
+        ctx.curvature_examples,
+        ctx.curvature_params,
+        ctx.hessian_k,
+        ctx.hessian_iter,
+        ctx.progress,
+    )
     meta = {"key": ctx.keys["curvature"], "parameters": json.dumps(data["parameters"])}
     atomic_write_bytes(ctx.probe.run.curvature_tensors, save_safetensors(tensors, metadata=meta))
     return data

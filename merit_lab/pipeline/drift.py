@@ -4,7 +4,7 @@ training.
 Input: a run whose joint-1ep row and split branches are trained. Output: ``drift/`` with one bank
 per checkpoint (θ0, the joint run's middle and end, each branch's end; same sources, calibration
 examples and sketch as the run's bank), the joint run's middle weights, and ``drift.json``
-(`merit_lab.drift.compute_drift`).
+(`merit_lab.analysis.drift.compute_drift`).
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from merit_lab.checkpoints import fingerprint_checkpoint
-from merit_lab.conflict import ConflictSpace
-from merit_lab.drift import Drift, compute_drift
-from merit_lab.gradients import estimate_gradients
+from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.analysis.drift import Drift, compute_drift
+from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.io import atomic_dir, atomic_write_json, read_json
-from merit_lab.models import load_model, load_tokenizer, resolve_model_path
+from merit_lab.models.checkpoints import fingerprint_checkpoint
+from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
 from merit_lab.pipeline.markdown import markdown_table
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture, writes_run
-from merit_lab.train import BranchSpec, read_log, train_branch
+from merit_lab.training.trainer import BranchSpec, read_log, train_branch
 
 __all__ = ["compute_run_drift", "drift_checkpoints", "drift_section", "load_drift"]
 
@@ -61,9 +61,13 @@ def _train_to_midpoint(joint: Path, out: Path) -> dict[str, Any]:
     mid = total // 2
     scratch = out.parent / f"{out.name}-training"
     shutil.rmtree(scratch, ignore_errors=True)
-    spec = dataclasses.replace(BranchSpec.load(joint / "spec.json"), output_dir=str(scratch),
-                               name="joint-mid", keep_checkpoints=False,
-                               save_steps=total + 1)  # fmt: skip
+    spec = dataclasses.replace(
+        BranchSpec.load(joint / "spec.json"),
+        output_dir=str(scratch),
+        name="joint-mid",
+        keep_checkpoints=False,
+        save_steps=total + 1,
+    )
 
     class SaveAtMidpoint(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):
@@ -77,8 +81,12 @@ def _train_to_midpoint(joint: Path, out: Path) -> dict[str, Any]:
     again = read_log(scratch / "log.jsonl")[:mid]
     diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(again, logged, strict=False))
     shutil.rmtree(scratch, ignore_errors=True)
-    check = {"step": mid, "total_steps": total, "steps_compared": len(again),
-             "max_abs_loss_diff": float(diff)}  # fmt: skip
+    check = {
+        "step": mid,
+        "total_steps": total,
+        "steps_compared": len(again),
+        "max_abs_loss_diff": float(diff),
+    }
     atomic_write_json(out / "midpoint.json", check)
     return check
 
@@ -92,8 +100,11 @@ def drift_checkpoints(
     run = RunDir(Path(run_dir))
     cfg = run.load_config()
     joint = _joint_dir(cfg, run)
-    points = {THETA0: Path(resolve_model_path(cfg.model)), MID: run.drift / "joint-mid",
-              END: joint / "final"}  # fmt: skip
+    points = {
+        THETA0: Path(resolve_model_path(cfg.model)),
+        MID: run.drift / "joint-mid",
+        END: joint / "final",
+    }
     splits = [e for e in cfg.experiments if e.kind == "split"]
     if experiments is None:
         own = [e.name for e in splits if e.method is None and e.r is None and e.k is None]
@@ -101,8 +112,10 @@ def drift_checkpoints(
     for name in experiments:
         if name not in [e.name for e in splits]:
             raise ValueError(f"no split experiment {name!r}; have {[e.name for e in splits]}")
-        finals = sorted(run.experiment_dir(name).glob("*/final/merit_branch.json"),
-                        key=lambda p: int(p.parent.parent.name))  # fmt: skip
+        finals = sorted(
+            run.experiment_dir(name).glob("*/final/merit_branch.json"),
+            key=lambda p: int(p.parent.parent.name),
+        )
         if not finals:
             raise FileNotFoundError(f"{run.experiment_dir(name)}: no trained branch; train first")
         points.update({f"{name}/{p.parent.parent.name}": p.parent for p in finals})
@@ -111,25 +124,39 @@ def drift_checkpoints(
 
 def _bank_at(cfg, run: RunDir, label: str, model_dir: Path, names, content, n: int, tok, mixture):
     """The bank at one checkpoint (resumable: one part per source in ``drift/banks/<label>/``)."""
-    model = load_model(model_dir, device=cfg.device, dtype=cfg.dtype,
-                       trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+    model = load_model(
+        model_dir, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+    )
     cal, par = cfg.calibration, cfg.parameters
     return estimate_gradients(
-        model, tok, mixture, sketch=cfg.sketch, n=n, micro_batch_size=cal.micro_batch_size,
+        model,
+        tok,
+        mixture,
+        sketch=cfg.sketch,
+        n=n,
+        micro_batch_size=cal.micro_batch_size,
         micro_batch_tokens=cal.micro_batch_tokens,
         gradient_checkpointing=cal.gradient_checkpointing,
-        max_length=cal.max_length, long_examples=cfg.mixture.long_examples, preset=par.preset,
-        include=par.include, exclude=par.exclude, sources=names,
+        max_length=cal.max_length,
+        long_examples=cfg.mixture.long_examples,
+        preset=par.preset,
+        include=par.include,
+        exclude=par.exclude,
+        sources=names,
         out_dir=run.drift / "banks" / re.sub(r"[^A-Za-z0-9_.-]", "_", label),
-        model_fingerprint=fingerprint_checkpoint(model_dir), source_keys=content,
-    )  # fmt: skip
+        model_fingerprint=fingerprint_checkpoint(model_dir),
+        source_keys=content,
+    )
 
 
 @writes_run
 def compute_run_drift(
-    run_dir: str | Path, *, n: int | None = None, k: int = 3,
+    run_dir: str | Path,
+    *,
+    n: int | None = None,
+    k: int = 3,
     experiments: Sequence[str] | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Recompute the bank at θ0, the joint-1ep run's middle and end and each branch's end, and
     write ``drift/drift.json`` (atomically, as the run's one writer).
 
@@ -187,15 +214,17 @@ def drift_table(drift: Drift) -> list[dict[str, Any]]:
     """One record per checkpoint: principal angles, and the sources' movement."""
     rows = []
     for p in drift.points:
-        rows.append({
-            "checkpoint": p.label,
-            **{f"angle {j + 1} (°)": float(a) for j, a in enumerate(p.angles)},
-            "score angle 1 (°)": float(p.score_angles[0]),
-            "cos to θ0: median": float(np.median(p.cos_to_theta0)),
-            "cos to θ0: min": float(p.cos_to_theta0.min()),
-            "displacement: median": float(np.median(p.displacement)),
-            "farthest source": drift.names[int(np.argmax(p.displacement))],
-        })  # fmt: skip
+        rows.append(
+            {
+                "checkpoint": p.label,
+                **{f"angle {j + 1} (°)": float(a) for j, a in enumerate(p.angles)},
+                "score angle 1 (°)": float(p.score_angles[0]),
+                "cos to θ0: median": float(np.median(p.cos_to_theta0)),
+                "cos to θ0: min": float(p.cos_to_theta0.min()),
+                "displacement: median": float(np.median(p.displacement)),
+                "farthest source": drift.names[int(np.argmax(p.displacement))],
+            }
+        )
     return rows
 
 
@@ -223,11 +252,17 @@ def drift_section(run_dir: str | Path, figure=None) -> list[str]:
     if figure is not None:
         from merit_lab.viz.plots_drift import plot_drift_angles, plot_drift_map
 
-        lines += [figure(plot_drift_angles(drift), "drift_angles"),
-                  figure(plot_drift_map(drift), "drift_map"), ""]  # fmt: skip
+        lines += [
+            figure(plot_drift_angles(drift), "drift_angles"),
+            figure(plot_drift_map(drift), "drift_map"),
+            "",
+        ]
     mid = data.get("midpoint") or {}
     if mid:
-        lines += [f"The middle (step {mid['step']} of {mid['total_steps']}) was trained again "
-                  f"from θ0; its losses matched the joint run's log to "
-                  f"{mid['max_abs_loss_diff']:.2g}.", ""]  # fmt: skip
+        lines += [
+            f"The middle (step {mid['step']} of {mid['total_steps']}) was trained again "
+            f"from θ0; its losses matched the joint run's log to "
+            f"{mid['max_abs_loss_diff']:.2g}.",
+            "",
+        ]
     return lines

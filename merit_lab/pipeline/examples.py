@@ -2,8 +2,10 @@
 the bootstrap stability of the split (``merit-lab examples runs/<name>``).
 
 Input: a run with its gradient bank, conflict space and partition. Output: ``examples.safetensors``
-(`merit_lab.examples.ExampleSketches`), ``examples.parquet`` (one row per example: coordinates,
-own cosine, outlier flag, text) and ``stability.json`` (`merit_lab.stability.SplitStability`).
+(`merit_lab.analysis.examples.ExampleSketches`), ``examples.parquet`` (one row per example:
+coordinates,
+own cosine, outlier flag, text) and ``stability.json``
+(`merit_lab.partition.stability.SplitStability`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from merit_lab.examples import ExampleSketches, dots_to_rows, resketch
+from merit_lab.analysis.examples import ExampleSketches, dots_to_rows, resketch
 from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
-from merit_lab.partition import Partition, split_balanced
+from merit_lab.partition.plan import Partition, split_balanced
+from merit_lab.partition.stability import SplitStability, bootstrap_split_stability, recommend_n
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture, writes_run
-from merit_lab.stability import SplitStability, bootstrap_split_stability, recommend_n
 
 __all__ = [
     "compute_example_sketches",
@@ -66,9 +68,9 @@ def compute_example_sketches(
     Skipped when the stored file was made from the current bank at this ``dim`` (unless
     ``force``). Costs one forward + backward per calibration example: T·n of them.
     """
-    from merit_lab.convergence import sketch_example_gradients
-    from merit_lab.formatting import kept_examples
-    from merit_lab.models import load_model, load_tokenizer, resolve_model_path
+    from merit_lab.analysis.convergence import sketch_example_gradients
+    from merit_lab.data.formatting import kept_examples
+    from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
 
     run = RunDir(Path(run_dir))
     cfg = run.load_config()
@@ -78,23 +80,28 @@ def compute_example_sketches(
     if run.example_sketches.is_file() and not force:
         old = ExampleSketches.load(run.example_sketches)
         if (old.info.get("bank_key"), old.info.get("dim"), sorted(set(old.sources))) == (
-            bank_key, dim, sorted(names)
-        ):  # fmt: skip
+            bank_key,
+            dim,
+            sorted(names),
+        ):
             log.info("examples: up to date")
             return old
     calib_ids = {s["name"]: s["calibration_ids"] for s in run.read_mixture()["sources"]}
     mixture = load_run_mixture(cfg)
     model_path = resolve_model_path(cfg.model)
     tok = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(model_path, device=cfg.device, dtype=cfg.dtype,
-                       trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+    model = load_model(
+        model_path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+    )
     cal, policy = cfg.calibration, cfg.mixture.long_examples
-    parts: dict[str, list] = {k: [] for k in ("sources", "ids", "texts", "tokens", "dots",
-                                              "norms", "rows")}  # fmt: skip
+    parts: dict[str, list] = {
+        k: [] for k in ("sources", "ids", "texts", "tokens", "dots", "norms", "rows")
+    }
     t0 = time.perf_counter()
     for name in names:
-        examples = kept_examples(tok, mixture[name].calibration, cal.max_length, policy,
-                                 limit=cal.n)  # fmt: skip
+        examples = kept_examples(
+            tok, mixture[name].calibration, cal.max_length, policy, limit=cal.n
+        )
         ids = [str(ex.get("id", "")) for ex in examples]
         if ids != list(calib_ids.get(name, ids)):
             raise ValueError(
@@ -102,10 +109,17 @@ def compute_example_sketches(
                 "stage; run `merit-lab run` (mixture and gradients) first"
             )
         rows, tokens = sketch_example_gradients(
-            model, tok, examples, sketch=cfg.sketch, max_length=cal.max_length,
-            include=cfg.parameters.include, exclude=cfg.parameters.exclude,
-            preset=cfg.parameters.preset, long_examples=policy, progress=progress,
-        )  # fmt: skip
+            model,
+            tok,
+            examples,
+            sketch=cfg.sketch,
+            max_length=cal.max_length,
+            include=cfg.parameters.include,
+            exclude=cfg.parameters.exclude,
+            preset=cfg.parameters.preset,
+            long_examples=policy,
+            progress=progress,
+        )
         dots, norms = dots_to_rows(rows, bank.rows)
         parts["sources"] += [name] * len(examples)
         parts["ids"] += ids
@@ -116,14 +130,24 @@ def compute_example_sketches(
         parts["rows"].append(resketch(rows, dim, seed=cfg.sketch.seed))
     seconds = time.perf_counter() - t0
     sk = ExampleSketches(
-        sources=parts["sources"], ids=parts["ids"], texts=parts["texts"],
-        tokens=np.concatenate(parts["tokens"]), dots=np.vstack(parts["dots"]),
-        norms=np.concatenate(parts["norms"]), bank_names=bank.names,
+        sources=parts["sources"],
+        ids=parts["ids"],
+        texts=parts["texts"],
+        tokens=np.concatenate(parts["tokens"]),
+        dots=np.vstack(parts["dots"]),
+        norms=np.concatenate(parts["norms"]),
+        bank_names=bank.names,
         bank_norms=np.linalg.norm(bank.rows.astype(np.float64), axis=1),
         rows=np.vstack(parts["rows"]),
-        info={"bank_key": bank_key, "dim": dim, "resketch_seed": cfg.sketch.seed,
-              "sketch": cfg.sketch.to_dict(), "seconds": seconds, "examples": len(parts["ids"])},
-    )  # fmt: skip
+        info={
+            "bank_key": bank_key,
+            "dim": dim,
+            "resketch_seed": cfg.sketch.seed,
+            "sketch": cfg.sketch.to_dict(),
+            "seconds": seconds,
+            "examples": len(parts["ids"]),
+        },
+    )
     sk.save(run.example_sketches)
     _save_table(run, sk)
     log.info("examples: %d examples in %.1f s", sk.n_examples, seconds)
@@ -187,13 +211,22 @@ def compute_split_stability(
     refs = _references(run, names, part, rs)
     t0 = time.perf_counter()
     stab = bootstrap_split_stability(
-        sk.rows, sk.tokens, sk.sources, names, examples=dict(part.examples),
-        train_tokens=dict(part.tokens), rs=rs, references=refs, n_boot=n_boot, seed=seed,
-    )  # fmt: skip
+        sk.rows,
+        sk.tokens,
+        sk.sources,
+        names,
+        examples=dict(part.examples),
+        train_tokens=dict(part.tokens),
+        rs=rs,
+        references=refs,
+        n_boot=n_boot,
+        seed=seed,
+    )
     rec_kwargs = {} if threshold is None else {"threshold": threshold}
     keep = np.isin(np.asarray(sk.sources, dtype=object), names)
-    rec = recommend_n(sk.rows[keep], sk.tokens[keep], [s for s in sk.sources if s in names],
-                      **rec_kwargs)  # fmt: skip
+    rec = recommend_n(
+        sk.rows[keep], sk.tokens[keep], [s for s in sk.sources if s in names], **rec_kwargs
+    )
     reported_r = part.params.get("r")
     info = {
         **stab.info,
@@ -218,8 +251,8 @@ def compute_split_stability(
 def train_example_ids(run_dir: str | Path) -> dict[str, list[str]]:
     """Per source, the id of each train example a row may train, in ``mixture.json``'s
     ``train_example_tokens`` order (the ``long_examples`` policy applied as the branches do)."""
-    from merit_lab.formatting import kept_examples
-    from merit_lab.models import load_tokenizer, resolve_model_path
+    from merit_lab.data.formatting import kept_examples
+    from merit_lab.models.loading import load_tokenizer, resolve_model_path
 
     run = RunDir(Path(run_dir))
     cfg = run.load_config()
@@ -265,24 +298,31 @@ def stability_section(run_dir: str | Path, figure=None) -> list[str]:
     stab = load_stability(run_dir)
     if stab is None:
         return []
+    from merit_lab.partition.stability import describe_stability
     from merit_lab.pipeline.markdown import markdown_table
-    from merit_lab.stability import describe_stability
 
     run = RunDir(Path(run_dir))
     r = run.load_partition().params.get("r") if run.partition.is_file() else None
     lines = ["## Split stability", ""]
-    lines += [f"{x}  " if not x.startswith("WARNING") else f"**{x}**  "
-              for x in describe_stability(stab, r if r in stab.ari else None)]  # fmt: skip
+    lines += [
+        f"{x}  " if not x.startswith("WARNING") else f"**{x}**  "
+        for x in describe_stability(stab, r if r in stab.ari else None)
+    ]
     summary = stab.summary().drop(columns=["unstable"])
     lines += ["", markdown_table(summary, fmt="{:.3g}"), ""]
     pairs = stab.pair_table()
     widest = pairs.assign(width=pairs["q95"] - pairs["q05"]).nlargest(5, "width")
-    lines += ["Widest 90% intervals of a cosine:", "",
-              markdown_table(widest.set_index(["a", "b"]), fmt="{:+.3f}"), ""]  # fmt: skip
+    lines += [
+        "Widest 90% intervals of a cosine:",
+        "",
+        markdown_table(widest.set_index(["a", "b"]), fmt="{:+.3f}"),
+        "",
+    ]
     if figure is not None:
         from merit_lab.viz.plots_stability import plot_ari_distribution, plot_coassignment
 
         lines += [figure(plot_ari_distribution(stab), "stability_ari"), ""]
-        lines += [figure(plot_coassignment(stab, rr), f"stability_coassign_r{rr}")
-                  for rr in stab.rs] + [""]  # fmt: skip
+        lines += [
+            figure(plot_coassignment(stab, rr), f"stability_coassign_r{rr}") for rr in stab.rs
+        ] + [""]
     return lines

@@ -26,9 +26,9 @@ from types import MappingProxyType
 import pandas as pd
 import torch
 
-from merit_lab.checkpoints import fingerprint_checkpoint
-from merit_lab.config import ExperimentConfig, RunConfig, config_hash
-from merit_lab.evaluate import EVAL_METRICS, evaluate_model
+from merit_lab.config.schema import ExperimentConfig, RunConfig, config_hash
+from merit_lab.evaluation.evaluate import EVAL_METRICS, evaluate_model
+from merit_lab.evaluation.lm_eval import run_lm_eval
 from merit_lab.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -36,12 +36,11 @@ from merit_lab.io import (
     read_json,
     sha256_file,
 )
-from merit_lab.launch import launch_branches
-from merit_lab.lm_eval_adapter import run_lm_eval
-from merit_lab.lora import merge_lora
-from merit_lab.merge import merge_checkpoints
-from merit_lab.models import load_model, load_tokenizer, resolve_model_path
-from merit_lab.partition import Partition, make_partition
+from merit_lab.merging.lora import merge_lora
+from merit_lab.merging.methods import merge_checkpoints
+from merit_lab.models.checkpoints import fingerprint_checkpoint
+from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
+from merit_lab.partition.plan import Partition, make_partition
 from merit_lab.pipeline.rundir import (
     RunDir,
     load_run_mixture,
@@ -49,7 +48,8 @@ from merit_lab.pipeline.rundir import (
     source_counts,
     writes_run,
 )
-from merit_lab.train import MANIFEST, BranchSpec
+from merit_lab.training.launch import launch_branches
+from merit_lab.training.trainer import MANIFEST, BranchSpec
 
 __all__ = [
     "SEED_MARK",
@@ -156,8 +156,13 @@ def load_curation(cfg: RunConfig) -> Curation:
             f"{run.partition}: sources {unplaced} are in the mixture but in no group and not "
             "dropped; place them (EditSession.add) or drop them before training"
         )
-    return Curation(tuple(n for n in names if n in kept), dict(part.fractions), part.dropped, part,
-                    dict(part.excluded))  # fmt: skip
+    return Curation(
+        tuple(n for n in names if n in kept),
+        dict(part.fractions),
+        part.dropped,
+        part,
+        dict(part.excluded),
+    )
 
 
 def branch_dirs(cfg: RunConfig, experiment: str) -> list[Path]:
@@ -177,8 +182,9 @@ def _curated_split(cfg: RunConfig, exp: ExperimentConfig, cur: Curation) -> Part
         examples, tokens = dict(cur.partition.examples), dict(cur.partition.tokens)
     else:
         examples, tokens = source_counts(run)
-    part = make_partition(space, examples, tokens, method=exp.method, r=exp.r, k=exp.k,
-                          seed=exp.seed)  # fmt: skip
+    part = make_partition(
+        space, examples, tokens, method=exp.method, r=exp.r, k=exp.k, seed=exp.seed
+    )
     if cur.fractions or cur.dropped or cur.excluded:
         part = replace(part, fractions=cur.fractions, dropped=cur.dropped, excluded=cur.excluded)
     return part
@@ -200,8 +206,10 @@ def experiment_partition(cfg: RunConfig, exp: ExperimentConfig) -> Partition:
     if path.exists():
         old = Partition.load(path)
         if (old.groups, dict(old.tokens), dict(old.fractions)) == (
-            part.groups, dict(part.tokens), dict(part.fractions)
-        ):  # fmt: skip
+            part.groups,
+            dict(part.tokens),
+            dict(part.fractions),
+        ):
             return old
         started = [d for d in path.parent.iterdir() if d.is_dir() and (d / "spec.json").exists()]
         if started:
@@ -286,10 +294,18 @@ def plan_specs(cfg: RunConfig, experiments: Sequence[str] | None = None) -> dict
         else:
             part = experiment_partition(cfg, exp)
             out[exp.name] = [
-                _spec(cfg, f"{exp.name}/{k}", g, run.branch_dir(exp.name, k), exp.epochs,
-                      seed, part.fractions, part.excluded)
+                _spec(
+                    cfg,
+                    f"{exp.name}/{k}",
+                    g,
+                    run.branch_dir(exp.name, k),
+                    exp.epochs,
+                    seed,
+                    part.fractions,
+                    part.excluded,
+                )
                 for k, g in enumerate(part.groups)
-            ]  # fmt: skip
+            ]
     return out
 
 
@@ -331,15 +347,28 @@ def model_rows(cfg: RunConfig) -> list[ModelRow]:
             rows.append(ModelRow(exp.name, exp.name, "joint", d, seed=seed, base=name))
         elif exp.kind == "soup":
             ins = tuple(run.joint_dir(exp.epochs, s) / "final" for s in exp.seeds)
-            rows.append(ModelRow(exp.name, exp.name, "soup", run.merged_dir(exp.name), ins,
-                                 "uniform", seed=exp.seeds[0], base=name))  # fmt: skip
+            rows.append(
+                ModelRow(
+                    exp.name,
+                    exp.name,
+                    "soup",
+                    run.merged_dir(exp.name),
+                    ins,
+                    "uniform",
+                    seed=exp.seeds[0],
+                    base=name,
+                )
+            )
         else:
             ins = tuple(d / "final" for d in branch_dirs(cfg, exp.name))
             for i, method in enumerate(exp.merges):
                 base = name if i == 0 else f"{name}+{method}"
                 merged = run.merged_dir(base + mark)
-                rows.append(ModelRow(base + mark, exp.name, "split", merged, ins, method,
-                                     seed=seed, base=base))  # fmt: skip
+                rows.append(
+                    ModelRow(
+                        base + mark, exp.name, "split", merged, ins, method, seed=seed, base=base
+                    )
+                )
     return rows
 
 
@@ -378,15 +407,22 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
         if run.is_current("merged", key, row.label):
             _repoint_merge_records(row, base if base.is_dir() else None)
             weights = read_json(manifest)["weights"]  # as the merge that made it recorded them
-            done.append({"label": row.label, "method": row.merge_method, "weights": weights,
-                         "seconds": 0.0})  # fmt: skip
+            done.append(
+                {"label": row.label, "method": row.merge_method, "weights": weights, "seconds": 0.0}
+            )
             continue
         if cfg.train.lora_r and row.merge_method in ("linear", "uniform"):
             # exact: θ0 + Σ w_k s_k B_k A_k from the adapters, plus the stacked adapter; ties and
             # task arithmetic take the branches' dense ΔW_k = θ_k − θ0 below, tensor by tensor
-            report = merge_lora(row.inputs, row.model_dir, base=base, weights=weights,
-                                method=row.merge_method, shard_size=cfg.merge.shard_size,
-                                overwrite=True)  # fmt: skip
+            report = merge_lora(
+                row.inputs,
+                row.model_dir,
+                base=base,
+                weights=weights,
+                method=row.merge_method,
+                shard_size=cfg.merge.shard_size,
+                overwrite=True,
+            )
         else:
             report = merge_checkpoints(
                 row.inputs,
@@ -507,8 +543,16 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
             )
         if e.lm_eval:  # lm-evaluation-harness tasks on the loaded model: split "lm-eval" rows
             opts = {k: v for k, v in e.lm_eval.items() if k != "tasks"}
-            parts.append(run_lm_eval(row.model_dir, e.lm_eval["tasks"], label=row.label,
-                                     model=model, tokenizer=tokenizer, **opts))  # fmt: skip
+            parts.append(
+                run_lm_eval(
+                    row.model_dir,
+                    e.lm_eval["tasks"],
+                    label=row.label,
+                    model=model,
+                    tokenizer=tokenizer,
+                    **opts,
+                )
+            )
         table = pd.concat(parts, ignore_index=True)
         table.insert(1, "kind", row.kind)
         table["key"] = key

@@ -1,7 +1,9 @@
-"""Export a run's curated mixture for other trainers (`merit_lab.exports` over the run's specs).
+"""Export a run's curated mixture for other trainers (`merit_lab.training.exports` over the run's
+specs).
 
 Input: a run directory whose partition stage is done. Output: ``<out>/`` as
-`merit_lab.exports.export_branches` writes it, one mixture per branch group and per joint run.
+`merit_lab.training.exports.export_branches` writes it, one mixture per branch group and per joint
+run.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from merit_lab.config import load_config
-from merit_lab.exports import EXPORT_FORMATS, export_branches
+from merit_lab.config.schema import load_config
 from merit_lab.pipeline.experiments import plan_specs
 from merit_lab.pipeline.rundir import RunDir
-from merit_lab.train import BranchSpec
+from merit_lab.training.exports import EXPORT_FORMATS, export_branches
+from merit_lab.training.trainer import BranchSpec
 
 __all__ = ["export_run", "run_specs"]
 

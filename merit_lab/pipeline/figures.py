@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from merit_lab.evaluate import summarize_eval
+from merit_lab.evaluation.evaluate import summarize_eval
+from merit_lab.evaluation.lm_eval import summarize_lm_eval
 from merit_lab.io import atomic_write_text
-from merit_lab.lm_eval_adapter import summarize_lm_eval
 from merit_lab.pipeline.experiments import model_rows
 from merit_lab.pipeline.report import training_logs
 from merit_lab.pipeline.report_diagnostics import diagnostics_figures
@@ -50,8 +50,15 @@ log = logging.getLogger(__name__)
 CONTACT_SHEET = "contact_sheet.png"  # every figure's PNG tiled on one page, stems as captions
 CONVERGENCE_FILE = "convergence.parquet"  # a run's gradient_convergence table (notebook 04)
 # Figures that need the full page width: many tick labels, 3-D scenes, many grouped bars.
-WIDE_STEMS = ("conflict_clustermap", "conflict_heatmap", "conflict_scatter_3d", "compare_",
-              "diag_disp", "diag_paths", "training")  # fmt: skip
+WIDE_STEMS = (
+    "conflict_clustermap",
+    "conflict_heatmap",
+    "conflict_scatter_3d",
+    "compare_",
+    "diag_disp",
+    "diag_paths",
+    "training",
+)
 
 
 def _conflict_figures(run: RunDir) -> dict[str, Figure]:
@@ -91,8 +98,9 @@ def _eval_figures(run: RunDir) -> dict[str, Figure]:
                 figs[f"seeds_{metric}"] = plot_comparison(mean, metric=metric, spread=std)
     values, stderr = summarize_lm_eval(table, order)  # eval.lm_eval's rows, ± their stderr
     if not values.empty:
-        figs["compare_lm_eval"] = plot_comparison(values, metric="lm-eval score", spread=stderr,
-                                                  xaxis="task and metric")  # fmt: skip
+        figs["compare_lm_eval"] = plot_comparison(
+            values, metric="lm-eval score", spread=stderr, xaxis="task and metric"
+        )
     return figs
 
 

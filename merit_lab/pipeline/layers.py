@@ -21,10 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from merit_lab.config import RunConfig, config_hash
-from merit_lab.gradients import GradientBank, estimate_gradients
-from merit_lab.io import atomic_write_bytes, read_json
-from merit_lab.layerwise import (
+from merit_lab.analysis.layerwise import (
     LayerBank,
     LayerCollector,
     LayerConflict,
@@ -33,9 +30,17 @@ from merit_lab.layerwise import (
     group_spec,
     key_view,
 )
-from merit_lab.models import load_model, load_tokenizer, resolve_model_path, select_parameters
+from merit_lab.config.schema import RunConfig, config_hash
+from merit_lab.gradients.estimate import GradientBank, estimate_gradients
+from merit_lab.gradients.sketch import sketch_fidelity
+from merit_lab.io import atomic_write_bytes, read_json
+from merit_lab.models.loading import (
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+    select_parameters,
+)
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture
-from merit_lab.sketch import sketch_fidelity
 
 __all__ = [
     "LAYER_FIELDS",
@@ -72,9 +77,18 @@ def partition_view(p) -> dict[str, Any]:
 def _source_key(cfg: RunConfig, fingerprint: str, content_key: str) -> str:
     cal = {k: v for k, v in bank_calibration(cfg.calibration).items() if k != "workers"}
     return config_hash(
-        "layers", cfg.mixture, cfg.seed, cal, cfg.calibration.layer_groups,
-        cfg.calibration.layer_dim, cfg.sketch, cfg.parameters, cfg.dtype, fingerprint, content_key,
-    )  # fmt: skip
+        "layers",
+        cfg.mixture,
+        cfg.seed,
+        cal,
+        cfg.calibration.layer_groups,
+        cfg.calibration.layer_dim,
+        cfg.sketch,
+        cfg.parameters,
+        cfg.dtype,
+        fingerprint,
+        content_key,
+    )
 
 
 def _layers_key(cfg: RunConfig, names: Sequence[str], content: Mapping, fingerprint: str) -> str:
@@ -102,9 +116,12 @@ def _read_part(run: RunDir, name: str, key: str) -> tuple[np.ndarray, list[dict]
 
 
 def layer_collector(
-    cfg: RunConfig, run: RunDir, model: torch.nn.Module, content: Mapping[str, str],
+    cfg: RunConfig,
+    run: RunDir,
+    model: torch.nn.Module,
+    content: Mapping[str, str],
     fingerprint: str,
-) -> LayerCollector | None:  # fmt: skip
+) -> LayerCollector | None:
     """The ``on_gradient`` hook that writes each computed source's group rows as a part (None
     when ``calibration.layer_groups`` is ``none``).
 
@@ -120,8 +137,11 @@ def layer_collector(
     holder: dict[str, LayerCollector] = {}
 
     def write(source: str, row: np.ndarray) -> None:
-        meta = {"key": _source_key(cfg, fingerprint, content[source]), "source": source,
-                "groups": json.dumps([g.to_dict() for g in holder["c"].groups])}  # fmt: skip
+        meta = {
+            "key": _source_key(cfg, fingerprint, content[source]),
+            "source": source,
+            "groups": json.dumps([g.to_dict() for g in holder["c"].groups]),
+        }
         payload = save_safetensors({"row": torch.from_numpy(row)}, metadata=meta)
         atomic_write_bytes(_part_path(run, source), payload)
 
@@ -151,8 +171,12 @@ def layers_current(
 
 
 def save_layers(
-    cfg: RunConfig, run: RunDir, bank: GradientBank, content: Mapping[str, str], fingerprint: str,
-) -> LayerBank | None:  # fmt: skip
+    cfg: RunConfig,
+    run: RunDir,
+    bank: GradientBank,
+    content: Mapping[str, str],
+    fingerprint: str,
+) -> LayerBank | None:
     """Assemble and save the layer rows of ``bank``'s sources from their parts; sources without
     a current part (a bank read from parts, a sharded bank) are computed here, one backward
     pass each. Nothing when ``calibration.layer_groups`` is ``none``."""
@@ -168,8 +192,9 @@ def save_layers(
     lost = [n for n, p in parts.items() if p is None]
     if lost:
         raise RuntimeError(f"layer parts missing after computing them: {lost}")
-    groups = tuple(ParamGroup(**{**g, "parameters": tuple(g["parameters"])})
-                   for g in parts[names[0]][1])  # fmt: skip
+    groups = tuple(
+        ParamGroup(**{**g, "parameters": tuple(g["parameters"])}) for g in parts[names[0]][1]
+    )
     rows = np.stack([parts[n][0] for n in names])
     info = {
         "key": _layers_key(cfg, names, content, fingerprint),
@@ -197,13 +222,24 @@ def _compute_parts(
     collector = layer_collector(cfg, run, model, content, fingerprint)
     cal, par = cfg.calibration, cfg.parameters
     estimate_gradients(
-        model, tok, load_run_mixture(cfg), sketch=cfg.sketch, n=cal.n,
-        micro_batch_size=cal.micro_batch_size, micro_batch_tokens=cal.micro_batch_tokens,
-        gradient_checkpointing=cal.gradient_checkpointing, max_length=cal.max_length,
-        long_examples=cfg.mixture.long_examples, preset=par.preset, include=par.include,
-        exclude=par.exclude, sources=names, model_fingerprint=fingerprint, save_bank=False,
+        model,
+        tok,
+        load_run_mixture(cfg),
+        sketch=cfg.sketch,
+        n=cal.n,
+        micro_batch_size=cal.micro_batch_size,
+        micro_batch_tokens=cal.micro_batch_tokens,
+        gradient_checkpointing=cal.gradient_checkpointing,
+        max_length=cal.max_length,
+        long_examples=cfg.mixture.long_examples,
+        preset=par.preset,
+        include=par.include,
+        exclude=par.exclude,
+        sources=names,
+        model_fingerprint=fingerprint,
+        save_bank=False,
         on_gradient=collector,
-    )  # fmt: skip
+    )
 
 
 def conflict_key(cfg: RunConfig, run: RunDir) -> str | None:
@@ -214,8 +250,10 @@ def conflict_key(cfg: RunConfig, run: RunDir) -> str | None:
     if not group:
         return bank_key
     if not run.layer_json.is_file():
-        raise FileNotFoundError(f"partition.layer_group: {run.layer_json} is missing; run the "
-                                "gradients stage with calibration.layer_groups set")  # fmt: skip
+        raise FileNotFoundError(
+            f"partition.layer_group: {run.layer_json} is missing; run the "
+            "gradients stage with calibration.layer_groups set"
+        )
     return f"{bank_key}+{group}@{read_json(run.layer_json)['info']['key']}"
 
 
@@ -275,6 +313,9 @@ def layer_section(run_dir: str | Path, figure=None) -> list[str]:
     if figure is not None:
         from merit_lab.viz.plots_layers import plot_layer_axis_shares, plot_layer_cosines
 
-        lines += [figure(plot_layer_axis_shares(lc), "layer_axis_shares"),
-                  figure(plot_layer_cosines(lc), "layer_cosines"), ""]  # fmt: skip
+        lines += [
+            figure(plot_layer_axis_shares(lc), "layer_axis_shares"),
+            figure(plot_layer_cosines(lc), "layer_cosines"),
+            "",
+        ]
     return lines

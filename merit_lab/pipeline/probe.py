@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merit_lab.checkpoints import fingerprint_checkpoint
 from merit_lab.diagnostics import (
     LossFn,
     Weights,
@@ -23,7 +22,8 @@ from merit_lab.diagnostics import (
     make_loss_fn,
 )
 from merit_lab.io import read_json
-from merit_lab.models import load_model, load_tokenizer
+from merit_lab.models.checkpoints import fingerprint_checkpoint
+from merit_lab.models.loading import load_model, load_tokenizer
 from merit_lab.pipeline.experiments import THETA0, mixture_names, model_rows
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from merit_lab.config import RunConfig
-from merit_lab.curation import UNPLACED
-from merit_lab.evaluate import summarize_eval
+from merit_lab.config.schema import RunConfig
+from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.io import atomic_write_json, atomic_write_text, read_json
-from merit_lab.partition import Partition
+from merit_lab.partition.plan import Partition
+from merit_lab.partition.session import UNPLACED
 from merit_lab.pipeline.drift import drift_section
 from merit_lab.pipeline.examples import stability_section
 from merit_lab.pipeline.experiments import model_rows
@@ -30,7 +30,7 @@ from merit_lab.pipeline.report_lm_eval import lm_eval_lines
 from merit_lab.pipeline.report_seeds import seeds_lines, seeds_record, style_lines
 from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir, load_source_table
 from merit_lab.pipeline.status import token_budget
-from merit_lab.train import read_log
+from merit_lab.training.trainer import read_log
 from merit_lab.viz.export import save_figure
 from merit_lab.viz.plots import (
     METRICS,
@@ -131,8 +131,11 @@ def results_record(ctx: ReportContext) -> dict:
     for metric, (_title, unit, higher) in METRICS.items():
         if ((table["metric"] == metric) & (table["split"] == "eval")).any():
             avg = summarize_eval(table, metric=metric, order=ctx.order)["avg"]
-            metrics[metric] = {"unit": unit, "higher_is_better": higher,
-                               "avg": {m: float(v) for m, v in avg.items()}}  # fmt: skip
+            metrics[metric] = {
+                "unit": unit,
+                "higher_is_better": higher,
+                "avg": {m: float(v) for m, v in avg.items()},
+            }
     return {
         "run": ctx.cfg.name,
         "model": ctx.cfg.model,
@@ -293,12 +296,13 @@ def comparison_section(ctx: ReportContext) -> list[str]:
         out += [
             f"## {title} ({unit}, {'higher' if higher else 'lower'} is better)",
             "",
-            markdown_table(wide, fmt="{:.1f}" if unit == "%" else "{:.4f}",
-                           bold="max" if higher else "min"),
+            markdown_table(
+                wide, fmt="{:.1f}" if unit == "%" else "{:.4f}", bold="max" if higher else "min"
+            ),
             "",
             ctx.figure(plot_comparison(wide, metric=metric), f"compare_{metric}"),
             "",
-        ]  # fmt: skip
+        ]
     return out
 
 
@@ -323,8 +327,7 @@ def train_vs_heldout_section(ctx: ReportContext) -> list[str]:
     tr = summarize_eval(table, metric="loss", split="train", order=ctx.order)["avg"]
     ev = summarize_eval(table, metric="loss", split="eval", order=ctx.order)["avg"]
     gap = pd.DataFrame({"train loss": tr, "held-out loss": ev, "gap": ev - tr})
-    return ["## Train vs held-out loss (family average)", "", markdown_table(gap, fmt="{:.4f}"),
-            ""]  # fmt: skip
+    return ["## Train vs held-out loss (family average)", "", markdown_table(gap, fmt="{:.4f}"), ""]
 
 
 @report_section("lm-eval")
@@ -481,10 +484,15 @@ def curated_mixture_table(sources: pd.DataFrame, partition: Partition) -> pd.Dat
 def edit_log_table(edit_log: Sequence[dict]) -> pd.DataFrame:
     """The edit log, oldest first: ``op``, ``source``, ``detail``, ``who``, ``at``."""
     rows = [
-        {"op": e.get("op", ""), "source": e.get("source", ""), "detail": _edit_detail(e),
-         "who": e.get("who", ""), "at": e.get("at", "")}
+        {
+            "op": e.get("op", ""),
+            "source": e.get("source", ""),
+            "detail": _edit_detail(e),
+            "who": e.get("who", ""),
+            "at": e.get("at", ""),
+        }
         for e in edit_log
-    ]  # fmt: skip
+    ]
     table = pd.DataFrame(rows, columns=["op", "source", "detail", "who", "at"])
     table.index = pd.RangeIndex(1, len(table) + 1, name="#")
     return table

@@ -57,11 +57,17 @@ def diagnostics_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:
         rows = []
         for (exp, kind), g in p.groupby(["experiment", "kind"], sort=False):
             tr, ev = g[g.split == "train"], g[g.split == "eval"]
-            rows.append({"experiment": exp, "path": kind, "paths": len(tr),
-                         "barriers (train)": int(tr["above_noise"].sum()),
-                         "max barrier train": tr["barrier"].max(),
-                         "barriers (held-out)": int(ev["above_noise"].sum()),
-                         "max barrier held-out": ev["barrier"].max()})  # fmt: skip
+            rows.append(
+                {
+                    "experiment": exp,
+                    "path": kind,
+                    "paths": len(tr),
+                    "barriers (train)": int(tr["above_noise"].sum()),
+                    "max barrier train": tr["barrier"].max(),
+                    "barriers (held-out)": int(ev["above_noise"].sum()),
+                    "max barrier held-out": ev["barrier"].max(),
+                }
+            )
         out["barriers"] = pd.DataFrame(rows).set_index("experiment")
     if "displacement" in d:
         m = d["displacement"]["models"]
@@ -83,9 +89,10 @@ def diagnostics_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:
     if "curvature" in d:
         c = d["curvature"]
         out["curvature"] = pd.DataFrame(
-            [c["eigvals"]], columns=[f"λ{i + 1}" for i in range(len(c["eigvals"]))],
+            [c["eigvals"]],
+            columns=[f"λ{i + 1}" for i in range(len(c["eigvals"]))],
             index=pd.Index([f"{c['mode']} at θ0 (dim {c['dim']})"], name="curvature"),
-        )  # fmt: skip
+        )
     if "gain" in d:
         rows = []
         for e in d["gain"]["experiments"]:
@@ -202,8 +209,14 @@ def _paths_lines(d: dict, t: Tables, links: Links) -> list[str]:
         out.append(line + ".")
     out += ["", markdown_table(t["barriers"], fmt="{:.4f}"), ""]
     out += [links[k] for k in links if k.startswith("diag_paths_")]
-    return [*out, "", "### Train vs held-out loss (pooled examples)", "",
-            markdown_table(t["losses"], fmt="{:.4f}"), ""]  # fmt: skip
+    return [
+        *out,
+        "",
+        "### Train vs held-out loss (pooled examples)",
+        "",
+        markdown_table(t["losses"], fmt="{:.4f}"),
+        "",
+    ]
 
 
 def _displacement_lines(d: dict, t: Tables, links: Links) -> list[str]:
@@ -281,8 +294,11 @@ def _gain_lines(d: dict, t: Tables, links: Links) -> list[str]:
         f"loss in {int((g['measured G held-out'] > 0).sum())} of {len(g)}.",
         f"- the quadratic prediction ½ Σ λ_ℓ Var_w(u_ℓᵀδ_i) on the top "
         f"{len(d.get('curvature', {}).get('eigvals', []))} directions is "
-        + (f"{share.min():.3g}–{share.max():.3g}× the measured train gain"
-           if len(share) else "undefined (measured gain 0)")
+        + (
+            f"{share.min():.3g}–{share.max():.3g}× the measured train gain"
+            if len(share)
+            else "undefined (measured gain 0)"
+        )
         + f"; those directions hold {spread.min():.2%}–{spread.max():.2%} of the branches' "
         "spread.",
         f"- the norm inequality ‖θ̄−θ0‖² ≤ Σ w_i‖θ_i−θ0‖² holds in "
@@ -293,7 +309,7 @@ def _gain_lines(d: dict, t: Tables, links: Links) -> list[str]:
         "",
         markdown_table(g, fmt="{:.4g}"),
         "",
-    ]  # fmt: skip
+    ]
     return out + [links[k] for k in links if k.startswith("diag_spectral_")] + [""]
 
 

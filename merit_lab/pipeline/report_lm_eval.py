@@ -1,6 +1,6 @@
 """The report's lm-eval section: the ``split == "lm-eval"`` rows of ``eval.parquet``.
 
-Input: the eval table (`merit_lab.lm_eval_adapter.run_lm_eval` rows, written by the evaluate
+Input: the eval table (`merit_lab.evaluation.lm_eval.run_lm_eval` rows, written by the evaluate
 stage when ``eval.lm_eval`` is set). Output: markdown lines and a comparison figure.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import pandas as pd
 
-from merit_lab.lm_eval_adapter import summarize_lm_eval
+from merit_lab.evaluation.lm_eval import summarize_lm_eval
 from merit_lab.pipeline.markdown import markdown_table
 from merit_lab.viz.plots import plot_comparison
 from merit_lab.viz.style import Figure

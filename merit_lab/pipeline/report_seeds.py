@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from merit_lab.evaluate import PERCENT_METRICS, relative_to, seed_spread, summarize_eval
+from merit_lab.evaluation.evaluate import PERCENT_METRICS, relative_to, seed_spread, summarize_eval
 from merit_lab.pipeline.experiments import THETA0, ModelRow
 from merit_lab.pipeline.markdown import markdown_table
 
@@ -106,8 +106,11 @@ def seeds_lines(table: pd.DataFrame, rows: Sequence[ModelRow], figure: FigureLin
         if ref is not None and ref in mean.index:
             calls = noise_calls(mean["avg"], std["avg"], ref, higher=higher)
             within = [r for r, _, _, v in calls if v == "within the spread"]
-            beyond = [f"{r} ({v}, {d:+.3g} vs a spread of {s:.2g})" for r, d, s, v in calls
-                      if v != "within the spread"]  # fmt: skip
+            beyond = [
+                f"{r} ({v}, {d:+.3g} vs a spread of {s:.2g})"
+                for r, d, s, v in calls
+                if v != "within the spread"
+            ]
             out += [
                 f"Against {ref} (average over families): "
                 + (f"within the spread: {', '.join(within)}. " if within else "")
@@ -145,10 +148,13 @@ def seeds_record(table: pd.DataFrame, rows: Sequence[ModelRow]) -> dict:
         if ((table["metric"] == metric) & (table["split"] == "eval")).any():
             mean, std, n = seed_tables(table, rows, metric)
             out[metric] = {
-                row: {"mean": float(mean.at[row, "avg"]), "std": _finite(std.at[row, "avg"]),
-                      "seeds": int(n[row])}
+                row: {
+                    "mean": float(mean.at[row, "avg"]),
+                    "std": _finite(std.at[row, "avg"]),
+                    "seeds": int(n[row]),
+                }
                 for row in mean.index
-            }  # fmt: skip
+            }
     return {"seeds": out}
 
 
@@ -169,7 +175,8 @@ def style_lines(table: pd.DataFrame, rows: Sequence[ModelRow]) -> list[str]:
         "## Answer style",
         "",
         "Does each row keep its sources' answer style? An answer is *in style* when its length "
-        "(characters) is within 2× of its reference's (`merit_lab.evaluate.style_scores`); the "
+        "(characters) is within 2× of its reference's "
+        "(`merit_lab.evaluation.evaluate.style_scores`); the "
         "length ratio is answer over reference length (under 1: shorter, the direction of "
         "short-answer collapse). The last table is each row's score as a share of θ0's."
         + (" Means over training seeds." if several else ""),

@@ -21,10 +21,10 @@ from typing import Any
 
 import pandas as pd
 
-from merit_lab.config import RunConfig, load_config
-from merit_lab.conflict import ConflictSpace
-from merit_lab.curation import DROPPED, UNPLACED
-from merit_lab.gradients import GradientBank
+from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.config.schema import RunConfig, load_config
+from merit_lab.data.mixture import Mixture, load_mixture
+from merit_lab.gradients.estimate import GradientBank
 from merit_lab.io import (
     LockHeldError,
     entry_size,
@@ -34,8 +34,8 @@ from merit_lab.io import (
     remove_temp,
     temp_leftovers_of,
 )
-from merit_lab.mixture import Mixture, load_mixture
-from merit_lab.partition import Partition
+from merit_lab.partition.plan import Partition
+from merit_lab.partition.session import DROPPED, UNPLACED
 
 __all__ = [
     "DROPPED",

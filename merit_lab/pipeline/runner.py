@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from merit_lab.config import RunConfig, load_config
-from merit_lab.conflict import ConflictSpace
-from merit_lab.gradients import GradientBank
+from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.config.schema import RunConfig, load_config
+from merit_lab.gradients.estimate import GradientBank
 from merit_lab.io import atomic_write_json, read_json
-from merit_lab.models import remote_code_problem, resolve_model_path
+from merit_lab.models.loading import remote_code_problem, resolve_model_path
 from merit_lab.pipeline.analysis import (
     stage_conflict,
     stage_gradients,
@@ -188,11 +188,11 @@ def _throughput(run: RunDir, name: str, seconds: float, started: float) -> dict 
         workers = {w: round(v["tokens_per_s"], 1) for w, v in t.get("workers", {}).items()}
         if not workers and t.get("tokens_per_s"):
             workers = {"0": round(t["tokens_per_s"], 1)}
-        return {"tokens": t["tokens"], "stage": round(t["tokens"] / seconds, 1),
-                "workers": workers}  # fmt: skip
+        return {"tokens": t["tokens"], "stage": round(t["tokens"] / seconds, 1), "workers": workers}
     if name == "train":
-        manifests = [p for p in run.root.glob("*/**/final/merit_branch.json")
-                     if p.stat().st_mtime >= started]  # fmt: skip
+        manifests = [
+            p for p in run.root.glob("*/**/final/merit_branch.json") if p.stat().st_mtime >= started
+        ]
         if not manifests:
             return None
         branches = {

@@ -10,10 +10,10 @@ import math
 
 import pandas as pd
 
-from merit_lab.config import RunConfig
+from merit_lab.config.schema import RunConfig
 from merit_lab.io import read_json
 from merit_lab.pipeline.experiments import THETA0, model_rows, plan_specs
-from merit_lab.train import MANIFEST, branch_status
+from merit_lab.training.trainer import MANIFEST, branch_status
 
 __all__ = ["token_budget", "training_status"]
 

@@ -1,4 +1,4 @@
-"""The partition editor: a thin widget view bound to a `merit_lab.curation.EditSession`.
+"""The partition editor: a thin widget view bound to a `merit_lab.partition.session.EditSession`.
 
 Input: an edit session (``load_edit_session(run_dir)``), or a conflict space and per-source table
 to build one. Output: buttons that call the session's edits (split, move, drop, down-weight, add,
@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from merit_lab.conflict import ConflictSpace
-from merit_lab.curation import DROPPED, UNPLACED, EditSession, group_label
-from merit_lab.partition import PARTITION_METHODS, Partition, make_partition
-from merit_lab.stability import SplitStability, describe_stability
+from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.partition.plan import PARTITION_METHODS, Partition, make_partition
+from merit_lab.partition.session import DROPPED, UNPLACED, EditSession, group_label
+from merit_lab.partition.stability import SplitStability, describe_stability
 from merit_lab.viz.figure_view import FigureView, align_table
 from merit_lab.viz.plots import color_map
 
@@ -86,8 +86,15 @@ class PartitionEditor:
         seed: int | None = None,
         stability: SplitStability | None = None,
     ) -> None:
-        build = {"rows": rows, "path": path, "user": user, "partition": partition, "eta": eta,
-                 "example_tokens": example_tokens, "seed": seed}  # fmt: skip
+        build = {
+            "rows": rows,
+            "path": path,
+            "user": user,
+            "partition": partition,
+            "eta": eta,
+            "example_tokens": example_tokens,
+            "seed": seed,
+        }
         if isinstance(session, EditSession):
             given = sorted(k for k, v in build.items() if v is not None)
             if given:
@@ -381,8 +388,11 @@ class PartitionEditor:
             outside += [(f"{s} ({DROPPED})", s) for s in names if s in part.dropped]
             current = self.add_source.value
             self.add_source.options = outside
-            self.add_source.value = current if current in dict(outside).values() else (
-                outside[0][1] if outside else None)  # fmt: skip
+            self.add_source.value = (
+                current
+                if current in dict(outside).values()
+                else (outside[0][1] if outside else None)
+            )
             to = self.add_to.value
             self.add_to.options = [("by projection", BY_PROJECTION), *groups]
             self.add_to.value = to if to is not None and to < part.k else BY_PROJECTION
@@ -407,10 +417,15 @@ class PartitionEditor:
             for s in space.names
         ]
         symbols = [
-            "x" if g == DROPPED else "diamond-open" if g == UNPLACED
-            else "circle-open" if f < 1 else "circle"
+            "x"
+            if g == DROPPED
+            else "diamond-open"
+            if g == UNPLACED
+            else "circle-open"
+            if f < 1
+            else "circle"
             for g, f in zip(labels, frac, strict=True)
-        ]  # fmt: skip
+        ]
         hollow = [s.endswith("-open") for s in symbols]
         ev = space.explained_variance_ratio
         fig = self.scatter
@@ -422,10 +437,13 @@ class PartitionEditor:
                 "color": [colors[g] for g in labels],
                 "symbol": symbols,
                 "size": [10 if not h else 9 for h in hollow],
-                "line": {"width": [2 if h else 0.5 for h in hollow],
-                         "color": [colors[g] if h else "#333333"
-                                   for g, h in zip(labels, hollow, strict=True)]},
-            }  # fmt: skip
+                "line": {
+                    "width": [2 if h else 0.5 for h in hollow],
+                    "color": [
+                        colors[g] if h else "#333333" for g, h in zip(labels, hollow, strict=True)
+                    ],
+                },
+            }
             fig.layout.xaxis.title = f"PC1 ({ev[0]:.0%})"
             fig.layout.yaxis.title = f"PC2 ({ev[1]:.0%})" if len(ev) > 1 else ""
         self._scatter.refresh()
@@ -453,8 +471,9 @@ class PartitionEditor:
         if not math.isnan(s["gain"]):
             notes.append(f"predicted merge gain {s['gain']:.3e}")
         if part.fractions:
-            notes.append("down-weighted: " + ", ".join(f"{k} ×{f:g}" for k, f in
-                                                       part.fractions.items()))  # fmt: skip
+            notes.append(
+                "down-weighted: " + ", ".join(f"{k} ×{f:g}" for k, f in part.fractions.items())
+            )
         if part.dropped:
             notes.append(f"dropped: {', '.join(part.dropped)}")
         if self.unplaced:
@@ -467,10 +486,16 @@ class PartitionEditor:
 def _empty_scatter() -> go.Figure:
     fig = go.Figure(go.Scatter(mode="markers", name="sources"))
     fig.update_layout(
-        dragmode="lasso", template="simple_white", width=720, height=520,
-        title={"text": "Partition in the conflict space (select points to move them; "
-                       "hollow: down-weighted, ×: dropped)", "x": 0.5},
-    )  # fmt: skip
+        dragmode="lasso",
+        template="simple_white",
+        width=720,
+        height=520,
+        title={
+            "text": "Partition in the conflict space (select points to move them; "
+            "hollow: down-weighted, ×: dropped)",
+            "x": 0.5,
+        },
+    )
     return fig
 
 
@@ -496,14 +521,22 @@ def _session_from_table(
     if partition is None:
         counts = {c: {str(s): int(v) for s, v in table[c].items()} for c in ("examples", "tokens")}
         partition = make_partition(
-            space, counts["examples"], counts["tokens"], method="balanced",
+            space,
+            counts["examples"],
+            counts["tokens"],
+            method="balanced",
             r=1 if space.n_axes >= 1 else 0,
-        )  # fmt: skip
+        )
     return EditSession(
-        partition, space, example_tokens=example_tokens, seed=0 if seed is None else seed,
-        rows=_align_rows(rows, space.names), path=path, user=user,
+        partition,
+        space,
+        example_tokens=example_tokens,
+        seed=0 if seed is None else seed,
+        rows=_align_rows(rows, space.names),
+        path=path,
+        user=user,
         eta=1.0 if eta is None else eta,
-    )  # fmt: skip
+    )
 
 
 def _align_rows(rows: Any, names: Sequence[str]) -> np.ndarray | None:

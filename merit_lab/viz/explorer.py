@@ -13,7 +13,7 @@ import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 
-from merit_lab.conflict import ConflictSpace
+from merit_lab.analysis.conflict import ConflictSpace
 from merit_lab.viz.figure_view import FigureView, align_table
 from merit_lab.viz.plots import (
     plot_conflict_clustermap,
@@ -48,7 +48,8 @@ class ConflictExplorer:
         space: the run's conflict space.
         table: per-source columns (``load_source_table``); metadata, counts and groups appear
             on hover and in the colour dropdown.
-        examples: the example table (``examples.parquet``, `merit_lab.examples`): with it the
+        examples: the example table (``examples.parquet``, `merit_lab.analysis.examples`): with it
+        the
             scatter can show one source's examples as a cloud, their text on hover.
     """
 
@@ -76,9 +77,11 @@ class ConflictExplorer:
         self.dims.disabled = space.n_sources < 3
         self.source = widgets.Dropdown(options=list(space.names), description="source")
         self.n_neighbours = widgets.BoundedIntText(
-            value=min(5, space.n_sources - 1), min=1, max=max(space.n_sources - 1, 1),
+            value=min(5, space.n_sources - 1),
+            min=1,
+            max=max(space.n_sources - 1, 1),
             description="show",
-        )  # fmt: skip
+        )
         self.panel = widgets.HTML()
 
         self._heatmap = FigureView(plot_conflict_clustermap(space, self.table))
@@ -128,9 +131,13 @@ class ConflictExplorer:
             return plot_conflict_scatter(self.space, self.table, color=color, dims=dims)
         fig = plot_conflict_scatter(self.space, self.table, dims=dims)
         fig.update_traces(
-            marker={"color": values.to_numpy(), "colorscale": "Viridis", "showscale": True,
-                    "colorbar": {"title": color}},
-        )  # fmt: skip
+            marker={
+                "color": values.to_numpy(),
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": {"title": color},
+            },
+        )
         return fig.update_layout(title_text=f"Conflict space, coloured by {color}")
 
     def allies_and_conflicts(self, source: str, n: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:

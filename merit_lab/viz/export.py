@@ -81,8 +81,9 @@ def save_figure(
     written = [atomic_write_text(stem.with_suffix(".html"), fig.to_html(include_plotlyjs=True))]
     problem = static_renderer_problem() if formats else None
     if problem:
-        log.warning("static export to %s skipped: %s; the HTML has the figure",
-                    "/".join(formats), problem)  # fmt: skip
+        log.warning(
+            "static export to %s skipped: %s; the HTML has the figure", "/".join(formats), problem
+        )
         return written
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
@@ -106,18 +107,24 @@ def export_static(jobs: Sequence[tuple[go.Figure, Path, str]], scale: float) -> 
         {
             "fig": fig,
             "path": str(path),
-            "opts": {"format": fmt, "width": fig.layout.width, "height": fig.layout.height,
-                     "scale": scale},
+            "opts": {
+                "format": fmt,
+                "width": fig.layout.width,
+                "height": fig.layout.height,
+                "scale": scale,
+            },
         }
         for fig, path, fmt in jobs
-    ]  # fmt: skip
+    ]
     errors = kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False}) or ()
     for e in errors:
         log.warning("static export failed: %s", e)
     missing = [p for _, p, _ in jobs if not p.exists()]
     if missing:
-        log.warning("static export wrote no %s; the HTML has those figures",
-                    ", ".join(p.name for p in missing))  # fmt: skip
+        log.warning(
+            "static export wrote no %s; the HTML has those figures",
+            ", ".join(p.name for p in missing),
+        )
     return [p for _, p, _ in jobs if p.exists()]
 
 
@@ -144,8 +151,10 @@ def write_figure_files(
         written.append(atomic_write_text(out / "plotly.min.js", get_plotlyjs()))
     for stem, fig in figs.items():
         if "html" in formats:
-            html = fig.to_html(include_plotlyjs="directory", config={"toImageButtonOptions": {
-                "format": "svg", "filename": stem}})  # fmt: skip
+            html = fig.to_html(
+                include_plotlyjs="directory",
+                config={"toImageButtonOptions": {"format": "svg", "filename": stem}},
+            )
             written.append(atomic_write_text(out / f"{stem}.html", html))
         if "json" in formats:
             written.append(atomic_write_text(out / f"{stem}.json", fig.to_json()))

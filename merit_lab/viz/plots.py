@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from merit_lab.conflict import ConflictSpace
-from merit_lab.curation import DROPPED, UNPLACED
+from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.partition.session import DROPPED, UNPLACED
 from merit_lab.viz.export import save_figure, static_renderer_problem
 from merit_lab.viz.style import MARKERS, MUTED, PALETTE, color_map, layout, style_map
 
@@ -169,9 +169,14 @@ def plot_explained_variance(space: ConflictSpace, top: int = 10) -> go.Figure:
     axes = [f"PC{i + 1}" for i in range(len(ev))]
     fig = go.Figure(go.Bar(x=axes, y=ev, marker_color=PALETTE[0], name="per axis"))
     fig.add_trace(
-        go.Scatter(x=axes, y=np.cumsum(ev), mode="lines+markers", name="cumulative",
-                   line={"color": PALETTE[3]})
-    )  # fmt: skip
+        go.Scatter(
+            x=axes,
+            y=np.cumsum(ev),
+            mode="lines+markers",
+            name="cumulative",
+            line={"color": PALETTE[3]},
+        )
+    )
     fig.update_yaxes(title="explained variance", tickformat=".0%", range=[0, 1.02])
     return layout(fig, "Explained variance of the conflict space", width=620, height=400)
 
@@ -234,17 +239,36 @@ def plot_conflict_clustermap(
             xs += [(x - 5.0) / 10.0 for x in ic] + [None]
             ys += [*dc, None]
         fig.add_trace(
-            go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#555555", "width": 1},
-                       hoverinfo="skip", showlegend=False, name="dendrogram"),
-            row=1, col=1,
-        )  # fmt: skip
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                line={"color": "#555555", "width": 1},
+                hoverinfo="skip",
+                showlegend=False,
+                name="dendrogram",
+            ),
+            row=1,
+            col=1,
+        )
     lim = float(np.abs(z[~np.eye(t, dtype=bool)]).max()) if t > 1 else 1.0
     fig.add_trace(
-        go.Heatmap(z=z, x=list(range(t)), y=list(range(t)), zmin=-lim, zmax=lim,
-                   colorscale="RdBu_r", text=hover, hoverinfo="text", customdata=names,
-                   colorbar={"title": "cos", "len": 0.8, "y": 0.4}, name="cosine"),
-        row=2, col=1,
-    )  # fmt: skip
+        go.Heatmap(
+            z=z,
+            x=list(range(t)),
+            y=list(range(t)),
+            zmin=-lim,
+            zmax=lim,
+            colorscale="RdBu_r",
+            text=hover,
+            hoverinfo="text",
+            customdata=names,
+            colorbar={"title": "cos", "len": 0.8, "y": 0.4},
+            name="cosine",
+        ),
+        row=2,
+        col=1,
+    )
     ticks = {"tickvals": list(range(t)), "ticktext": names, "tickfont": {"size": 9}}
     fig.update_xaxes(**ticks, tickangle=-60, row=2, col=1)
     fig.update_yaxes(**ticks, autorange="reversed", row=2, col=1)
@@ -274,20 +298,39 @@ def plot_gradient_convergence(df: pd.DataFrame) -> go.Figure:
         ).sort_index()
         n = stats.index.to_numpy()
         fig.add_trace(
-            go.Scatter(x=[*n, *n[::-1]], y=[*stats["hi"], *stats["lo"][::-1]], fill="toself",
-                       fillcolor=look.color, opacity=0.2, line={"width": 0}, hoverinfo="skip",
-                       showlegend=False, legendgroup=str(src), name=f"{src} 5–95%")
-        )  # fmt: skip
+            go.Scatter(
+                x=[*n, *n[::-1]],
+                y=[*stats["hi"], *stats["lo"][::-1]],
+                fill="toself",
+                fillcolor=look.color,
+                opacity=0.2,
+                line={"width": 0},
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=str(src),
+                name=f"{src} 5–95%",
+            )
+        )
         fig.add_trace(
-            go.Scatter(x=n, y=stats["mean"], mode="lines+markers", name=str(src),
-                       legendgroup=str(src), line=look.line(), marker=look.marker())
-        )  # fmt: skip
+            go.Scatter(
+                x=n,
+                y=stats["mean"],
+                mode="lines+markers",
+                name=str(src),
+                legendgroup=str(src),
+                line=look.line(),
+                marker=look.marker(),
+            )
+        )
     fig.update_xaxes(title="calibration examples n", type="log")
     fig.update_yaxes(title="cos(g_n, g_all)")
     return layout(
-        fig, "Gradient direction vs calibration sample size", width=680, height=440,
+        fig,
+        "Gradient direction vs calibration sample size",
+        width=680,
+        height=440,
         showlegend=len(looks) > 1,
-    )  # fmt: skip
+    )
 
 
 def plot_comparison(
@@ -300,7 +343,8 @@ def plot_comparison(
     """Grouped bars from zero: one group per family (and the average), one bar per model.
 
     Args:
-        wide: models × families (+ ``avg``), as `merit_lab.evaluate.summarize_eval` returns.
+        wide: models × families (+ ``avg``), as `merit_lab.evaluation.evaluate.summarize_eval`
+        returns.
         metric: a key of `METRICS` (its title, unit and direction), or any other name.
         spread: optional, the same models × families (e.g. the std over training seeds), drawn
             as symmetric error bars; a missing model, family or NaN draws none there.
@@ -325,8 +369,14 @@ def plot_comparison(
         err = None
         if spread is not None:
             e = spread.loc[model].to_numpy(dtype=float)
-            err = {"type": "data", "array": np.nan_to_num(e), "visible": True,
-                   "color": "#333333", "thickness": 1, "width": 2}  # fmt: skip
+            err = {
+                "type": "data",
+                "array": np.nan_to_num(e),
+                "visible": True,
+                "color": "#333333",
+                "thickness": 1,
+                "width": 2,
+            }
         fig.add_bar(
             name=str(model),
             x=[str(c) for c in wide.columns],

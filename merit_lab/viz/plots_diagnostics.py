@@ -67,9 +67,15 @@ def plot_interpolation(curves: Mapping[str, dict]) -> go.Figure:
             )
         )
     fig.add_trace(
-        go.Scatter(x=[None], y=[None], mode="lines", name="chord (endpoints joined)",
-                   line={"color": MUTED, "dash": "dot", "width": 1}, hoverinfo="skip")
-    )  # fmt: skip
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            name="chord (endpoints joined)",
+            line={"color": MUTED, "dash": "dot", "width": 1},
+            hoverinfo="skip",
+        )
+    )
     fig.update_xaxes(title="α  (θ = (1−α) θ_a + α θ_b)")
     fig.update_yaxes(title="loss")
     # wide enough for a legend of long pair names on the right
@@ -146,10 +152,20 @@ def plot_spectral_filtering(table: pd.DataFrame) -> go.Figure:
         ("merged_energy", "merged  (uᵀδ̄)²", PALETTE[1], "diamond"),
     ):
         fig.add_trace(
-            go.Scatter(x=x, y=table[col], name=name, mode="lines+markers", hovertext=hover,
-                       line={"color": color, "width": 1, "dash": "solid" if symbol == "circle"
-                             else "dash"}, marker={"color": color, "symbol": symbol, "size": 8})
-        )  # fmt: skip
+            go.Scatter(
+                x=x,
+                y=table[col],
+                name=name,
+                mode="lines+markers",
+                hovertext=hover,
+                line={
+                    "color": color,
+                    "width": 1,
+                    "dash": "solid" if symbol == "circle" else "dash",
+                },
+                marker={"color": color, "symbol": symbol, "size": 8},
+            )
+        )
     fig.update_yaxes(title="energy", type="log")
     fig.update_xaxes(title="curvature eigenvector (descending λ)")
     return layout(fig, "Spectral filtering by the merge", width=680, height=420)

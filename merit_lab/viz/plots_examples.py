@@ -2,7 +2,7 @@
 point, and the per-example shares of a pair's cosine.
 
 Input: a ``ConflictSpace``, the per-source table and the example table
-(`merit_lab.examples.ExampleSketches.table`, ``examples.parquet``). Output: ``go.Figure``s.
+(`merit_lab.analysis.examples.ExampleSketches.table`, ``examples.parquet``). Output: ``go.Figure``s.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import textwrap
 import pandas as pd
 import plotly.graph_objects as go
 
-from merit_lab.conflict import ConflictSpace
+from merit_lab.analysis.conflict import ConflictSpace
 from merit_lab.viz.plots import plot_conflict_scatter
 from merit_lab.viz.style import MUTED, PALETTE, layout
 
@@ -64,13 +64,27 @@ def plot_example_cloud(
     fig = plot_conflict_scatter(space, table, color=color)
     dominant = mine["dominant"] if "dominant" in mine.columns else pd.Series(False, mine.index)
     kinds = [
-        (~mine["outlier"] & ~dominant, f"examples of {source}",
-         {"color": _CLOUD, "size": 5, "opacity": 0.45, "symbol": "circle"}),
-        (mine["outlier"], "outlier examples (point away from their source)",
-         {"color": "black", "size": 9, "symbol": "x-thin", "line": {"width": 2, "color": "black"}}),
-        (dominant & ~mine["outlier"], "dominant examples (most of the source's gradient)",
-         {"color": "black", "size": 10, "symbol": "diamond-open", "line": {"width": 2}}),
-    ]  # fmt: skip
+        (
+            ~mine["outlier"] & ~dominant,
+            f"examples of {source}",
+            {"color": _CLOUD, "size": 5, "opacity": 0.45, "symbol": "circle"},
+        ),
+        (
+            mine["outlier"],
+            "outlier examples (point away from their source)",
+            {
+                "color": "black",
+                "size": 9,
+                "symbol": "x-thin",
+                "line": {"width": 2, "color": "black"},
+            },
+        ),
+        (
+            dominant & ~mine["outlier"],
+            "dominant examples (most of the source's gradient)",
+            {"color": "black", "size": 10, "symbol": "diamond-open", "line": {"width": 2}},
+        ),
+    ]
     for mask, name, marker in kinds:
         sub = mine[mask]
         if sub.empty:
@@ -111,7 +125,7 @@ def plot_pair_contributions(contrib: pd.DataFrame, a: str, b: str, top: int = 10
     zero); the title gives the cosine, the sum of all shares.
 
     Args:
-        contrib: `merit_lab.examples.pair_contributions` (``id``, ``share``, ``text``).
+        contrib: `merit_lab.analysis.examples.pair_contributions` (``id``, ``share``, ``text``).
         top: how many examples each way.
     """
     total = float(contrib["share"].sum())
@@ -119,8 +133,10 @@ def plot_pair_contributions(contrib: pd.DataFrame, a: str, b: str, top: int = 10
     picked = pd.concat([order.head(top), order.tail(top)]).drop_duplicates(subset="id")
     against = picked["share"] < 0
     fig = go.Figure()
-    for mask, name, colour in [(against, f"pulls against {b}", _OUTLIER),
-                               (~against, f"pulls with {b}", PALETTE[0])]:  # fmt: skip
+    for mask, name, colour in [
+        (against, f"pulls against {b}", _OUTLIER),
+        (~against, f"pulls with {b}", PALETTE[0]),
+    ]:
         sub = picked[mask]
         if sub.empty:
             continue

@@ -1,6 +1,7 @@
 """Figures of layer-wise conflict: where in the model the sources conflict.
 
-Input: a `merit_lab.layerwise.LayerConflict`. Output: plotly figures: each group's share of a
+Input: a `merit_lab.analysis.layerwise.LayerConflict`. Output: plotly figures: each group's share
+of a
 conflict axis as a kind × layer grid (`plot_layer_axis_shares`), and the groups' own cosine
 matrices side by side (`plot_layer_cosines`).
 """
@@ -14,7 +15,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from merit_lab.layerwise import KINDS, LayerConflict
+from merit_lab.analysis.layerwise import KINDS, LayerConflict
 from merit_lab.viz.style import layout
 
 __all__ = ["plot_layer_axis_shares", "plot_layer_cosines"]
@@ -39,7 +40,8 @@ def _grid(lc: LayerConflict) -> tuple[list[str], list[str], dict[int, tuple[int,
 def plot_layer_axis_shares(lc: LayerConflict, axes: Sequence[str] | None = None) -> go.Figure:
     """Each group's share of a conflict axis, one panel per axis, on a kind × layer grid.
 
-    A share is vᵀC_k v / vᵀC v (`merit_lab.layerwise.axis_shares`): the part of the conflict
+    A share is vᵀC_k v / vᵀC v (`merit_lab.analysis.layerwise.axis_shares`): the part of the
+    conflict
     along v that group k's inner products carry; the shares of one panel sum to 1, negative ones
     pull against the axis. Axes: ``pc1``, ``pc2``… of the whole conflict space and the labelled
     contrasts (``style``, ``case`` on the demo).
@@ -64,8 +66,9 @@ def plot_layer_axis_shares(lc: LayerConflict, axes: Sequence[str] | None = None)
             titles.append(f"{a.upper()} ({ratio:.0%} of the variance)")
         else:
             titles.append(f"{a} contrast")
-    fig = make_subplots(nrows, ncols, subplot_titles=titles, horizontal_spacing=0.12,
-                        vertical_spacing=0.3 / nrows)  # fmt: skip
+    fig = make_subplots(
+        nrows, ncols, subplot_titles=titles, horizontal_spacing=0.12, vertical_spacing=0.3 / nrows
+    )
     lim = max(float(np.nanmax(np.abs(available[a]))) for a in axes) or 1.0
     for n, a in enumerate(axes):
         z = np.full((len(kinds), len(cols)), np.nan)
@@ -118,8 +121,13 @@ def plot_layer_cosines(lc: LayerConflict, groups: Sequence[str] | None = None) -
     panels = [(g, lc.cosines[names.index(g)]) for g in groups] + [("whole", lc.whole.cosine)]
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = make_subplots(nrows, ncols, subplot_titles=[p[0] for p in panels],
-                        horizontal_spacing=0.03, vertical_spacing=0.12 / nrows)  # fmt: skip
+    fig = make_subplots(
+        nrows,
+        ncols,
+        subplot_titles=[p[0] for p in panels],
+        horizontal_spacing=0.03,
+        vertical_spacing=0.12 / nrows,
+    )
     for n, (title, cos) in enumerate(panels):
         fig.add_trace(
             go.Heatmap(

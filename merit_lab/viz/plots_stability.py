@@ -1,7 +1,7 @@
 """Figures of split stability: the source co-assignment matrix over bootstrap redraws, the ARI
 distribution per r, and the spread of each cosine.
 
-Input: a `merit_lab.stability.SplitStability`. Output: ``go.Figure``s.
+Input: a `merit_lab.partition.stability.SplitStability`. Output: ``go.Figure``s.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from merit_lab.stability import UNSTABLE_ARI, SplitStability
+from merit_lab.partition.stability import UNSTABLE_ARI, SplitStability
 from merit_lab.viz.style import MUTED, layout, style_map
 
 __all__ = ["plot_ari_distribution", "plot_coassignment", "plot_cosine_spread"]
@@ -42,8 +42,9 @@ def plot_coassignment(stab: SplitStability, r: int) -> go.Figure:
     return layout(
         fig,
         f"Same group in {stab.n_boot} redraws, r = {r} (median ARI {med:.2f})",
-        height=max(420, 18 * len(names) + 200), width=max(600, 18 * len(names) + 320),
-    )  # fmt: skip
+        height=max(420, 18 * len(names) + 200),
+        width=max(600, 18 * len(names) + 320),
+    )
 
 
 def plot_ari_distribution(stab: SplitStability) -> go.Figure:
@@ -64,12 +65,18 @@ def plot_ari_distribution(stab: SplitStability) -> go.Figure:
                 line={"color": look.color},
             )
         )
-    fig.add_hline(y=UNSTABLE_ARI, line={"dash": "dot", "color": MUTED},
-                  annotation_text=f"unstable below {UNSTABLE_ARI}",
-                  annotation_position="bottom right")  # fmt: skip
-    return layout(fig, f"Split agreement over {stab.n_boot} redraws",
-                  yaxis={"title": "ARI to the reported split", "range": [-0.5, 1.05]},
-                  showlegend=False)  # fmt: skip
+    fig.add_hline(
+        y=UNSTABLE_ARI,
+        line={"dash": "dot", "color": MUTED},
+        annotation_text=f"unstable below {UNSTABLE_ARI}",
+        annotation_position="bottom right",
+    )
+    return layout(
+        fig,
+        f"Split agreement over {stab.n_boot} redraws",
+        yaxis={"title": "ARI to the reported split", "range": [-0.5, 1.05]},
+        showlegend=False,
+    )
 
 
 def plot_cosine_spread(stab: SplitStability, top: int = 30) -> go.Figure:
@@ -84,8 +91,16 @@ def plot_cosine_spread(stab: SplitStability, top: int = 30) -> go.Figure:
     seg_x = [v for lo, hi in zip(pairs["q05"], pairs["q95"], strict=True) for v in (lo, hi, None)]
     seg_y = [v for lab in labels for v in (lab, lab, None)]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=seg_x, y=seg_y, mode="lines", name="90% of redraws",
-                             line={"color": MUTED, "width": 6}, hoverinfo="skip"))  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=seg_x,
+            y=seg_y,
+            mode="lines",
+            name="90% of redraws",
+            line={"color": MUTED, "width": 6},
+            hoverinfo="skip",
+        )
+    )
     fig.add_trace(
         go.Scatter(
             x=pairs["cosine"],
@@ -96,7 +111,10 @@ def plot_cosine_spread(stab: SplitStability, top: int = 30) -> go.Figure:
             hovertemplate="%{y}<br>cos %{x:+.3f}<extra></extra>",
         )
     )
-    return layout(fig, f"Cosine spread: the {len(pairs)} widest 90% intervals",
-                  xaxis_title="cosine (diamond: all examples; bar: 5%–95% of redraws)",
-                  showlegend=False,
-                  height=max(360, 20 * len(pairs) + 140))  # fmt: skip
+    return layout(
+        fig,
+        f"Cosine spread: the {len(pairs)} widest 90% intervals",
+        xaxis_title="cosine (diamond: all examples; bar: 5%–95% of redraws)",
+        showlegend=False,
+        height=max(360, 20 * len(pairs) + 140),
+    )

@@ -34,15 +34,34 @@ __all__ = [
 # Okabe-Ito's eight, then four of Tol's muted set: a comparison table's 9+ rows get distinct
 # colours before the palette cycles.
 PALETTE = (
-    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
-    "#882255", "#44AA99", "#999933", "#332288",
-)  # fmt: skip
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#D55E00",
+    "#CC79A7",
+    "#56B4E9",
+    "#F0E442",
+    "#000000",
+    "#882255",
+    "#44AA99",
+    "#999933",
+    "#332288",
+)
 # After the palette the dash (lines) or the hatch (bars) changes, so 12 x 5 series stay distinct;
 # the marker cycles on its own (9 symbols, coprime with 12), so the look reads in grey print too.
 # "dot" is left out of DASHES: figures use it for reference lines (chords, bands).
 DASHES = ("solid", "dash", "dashdot", "longdash", "longdashdot")
-MARKERS = ("circle", "square", "diamond", "triangle-up", "triangle-down", "cross", "x",
-           "star", "hexagon")  # fmt: skip
+MARKERS = (
+    "circle",
+    "square",
+    "diamond",
+    "triangle-up",
+    "triangle-down",
+    "cross",
+    "x",
+    "star",
+    "hexagon",
+)
 PATTERNS = ("", "/", "\\", "x", ".", "+")
 MUTED = "#BBBBBB"  # sources that train in no row (dropped, or not placed yet)
 FONT = {"family": "Helvetica, Arial, sans-serif", "size": 13}
@@ -84,10 +103,14 @@ def style_map(values: Sequence) -> dict:
     keys = sorted(set(values), key=str)
     n = len(PALETTE)
     return {
-        v: SeriesStyle(PALETTE[i % n], DASHES[(i // n) % len(DASHES)], MARKERS[i % len(MARKERS)],
-                       PATTERNS[(i // n) % len(PATTERNS)])
+        v: SeriesStyle(
+            PALETTE[i % n],
+            DASHES[(i // n) % len(DASHES)],
+            MARKERS[i % len(MARKERS)],
+            PATTERNS[(i // n) % len(PATTERNS)],
+        )
         for i, v in enumerate(keys)
-    }  # fmt: skip
+    }
 
 
 # The screen legend: right of the plot, top-aligned (plotly grows the right margin to fit it).
@@ -97,8 +120,9 @@ SCREEN_LEGEND = {"x": 1.02, "xanchor": "left", "y": 1.0, "yanchor": "top"}
 def layout(fig: go.Figure, title: str, **kw) -> go.Figure:
     """Apply the screen style (template, font, centred ``title``, legend right of the plot,
     axis margins that grow to fit the tick labels) and any layout ``kw``; returns ``fig``."""
-    fig.update_layout(template=TEMPLATE, font=FONT, title={"text": title, "x": 0.5},
-                      legend=SCREEN_LEGEND)  # fmt: skip
+    fig.update_layout(
+        template=TEMPLATE, font=FONT, title={"text": title, "x": 0.5}, legend=SCREEN_LEGEND
+    )
     fig.update_layout(**kw)
     fig.update_xaxes(automargin=True)
     fig.update_yaxes(automargin=True)
@@ -141,14 +165,23 @@ def paper_layout(fig: go.Figure, *, wide: bool = False, style: PaperStyle = PAPE
         height=height,
         margin={"l": 10, "r": 10, "t": 30 if title else 10, "b": 10, "autoexpand": True},
         # above the plot, left-aligned: at column width a legend on the right halves the plot
-        legend={"font": {"size": style.font_size - 1}, "orientation": "h", "x": 0,
-                "xanchor": "left", "y": 1.0, "yanchor": "bottom", "bgcolor": "rgba(0,0,0,0)"},
-    )  # fmt: skip
+        legend={
+            "font": {"size": style.font_size - 1},
+            "orientation": "h",
+            "x": 0,
+            "xanchor": "left",
+            "y": 1.0,
+            "yanchor": "bottom",
+            "bgcolor": "rgba(0,0,0,0)",
+        },
+    )
     out.update_xaxes(automargin=True, title_standoff=4)
     out.update_yaxes(automargin=True, title_standoff=4)
     if any(t.type == "scatter3d" for t in out.data):  # the default camera crops the axis titles
-        out.update_layout(scene_camera_eye={"x": 1.6, "y": 1.6, "z": 0.9},
-                          margin={"l": 10, "r": 10, "t": 30, "b": 0})  # fmt: skip
+        out.update_layout(
+            scene_camera_eye={"x": 1.6, "y": 1.6, "z": 0.9},
+            margin={"l": 10, "r": 10, "t": 30, "b": 0},
+        )
     return out
 
 

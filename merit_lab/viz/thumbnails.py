@@ -20,9 +20,9 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
-from merit_lab.conflict import ConflictSpace
-from merit_lab.mixture import Mixture
-from merit_lab.multimodal import example_images, load_image
+from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.data.mixture import Mixture
+from merit_lab.data.multimodal import example_images, load_image
 from merit_lab.viz.figure_view import FigureView
 from merit_lab.viz.style import color_map, layout
 
@@ -99,32 +99,46 @@ def plot_conflict_thumbnails(
         idx = [i for i, x in enumerate(values) if x == v]
         fig.add_trace(
             go.Scatter(
-                x=z[idx, 0], y=z[idx, 1], mode="markers", name=v,
+                x=z[idx, 0],
+                y=z[idx, 1],
+                mode="markers",
+                name=v,
                 marker={"color": colors[v], "size": 9, "line": {"width": 1, "color": "white"}},
                 customdata=[names[i] for i in idx],
                 hovertemplate="<b>%{customdata}</b><extra></extra>",
             )
-        )  # fmt: skip
+        )
     span = max(float(np.ptp(z[:, 0])), float(np.ptp(z[:, 1])), 1e-12)
     side = size * span
     for i, name in enumerate(names):
         if name in pictures:
             fig.add_layout_image(
-                source=pictures[name].images[0], x=z[i, 0] + 0.3 * side, y=z[i, 1] + 0.3 * side,
-                xref="x", yref="y", sizex=side, sizey=side, xanchor="left", yanchor="bottom",
+                source=pictures[name].images[0],
+                x=z[i, 0] + 0.3 * side,
+                y=z[i, 1] + 0.3 * side,
+                xref="x",
+                yref="y",
+                sizex=side,
+                sizey=side,
+                xanchor="left",
+                yanchor="bottom",
                 layer="above",
-            )  # fmt: skip
+            )
     ev = space.explained_variance_ratio
     pad = 1.5 * side
     return layout(
         fig,
         "Conflict space with each source's first picture",
-        xaxis={"title": f"PC1 ({100 * ev[0]:.0f}%)",
-               "range": [z[:, 0].min() - pad, z[:, 0].max() + 2 * pad]},
-        yaxis={"title": f"PC2 ({100 * ev[1]:.0f}%)",
-               "range": [z[:, 1].min() - pad, z[:, 1].max() + 2 * pad]},
+        xaxis={
+            "title": f"PC1 ({100 * ev[0]:.0f}%)",
+            "range": [z[:, 0].min() - pad, z[:, 0].max() + 2 * pad],
+        },
+        yaxis={
+            "title": f"PC2 ({100 * ev[1]:.0f}%)",
+            "range": [z[:, 1].min() - pad, z[:, 1].max() + 2 * pad],
+        },
         height=520,
-    )  # fmt: skip
+    )
 
 
 def pictures_html(pictures: SourcePictures) -> str:

@@ -1,0 +1,58 @@
+"""The run configuration: its dataclasses (the one place a default lives), field checks and
+the bundled data's locations.
+
+Names load lazily (PEP 562): importing the package does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LM_EVAL_KEYS": "fields",
+    "below": "fields",
+    "coerce": "fields",
+    "join_key": "fields",
+    "lm_eval_problems": "fields",
+    "not_one_of": "fields",
+    "refuse": "fields",
+    "unless": "fields",
+    "DATA_DIR": "paths",
+    "DEMO_COLLAPSE_DIR": "paths",
+    "DEMO_DIR": "paths",
+    "DEMO_VL_DIR": "paths",
+    "CalibrationConfig": "schema",
+    "DEFAULT_SKETCH_DIM": "schema",
+    "DEVICES": "schema",
+    "DiagnosticsConfig": "schema",
+    "EXPERIMENT_KINDS": "schema",
+    "EvalConfig": "schema",
+    "ExperimentConfig": "schema",
+    "LAYER_GROUPINGS": "schema",
+    "LONG_EXAMPLE_POLICIES": "schema",
+    "MergeConfig": "schema",
+    "MixtureConfig": "schema",
+    "ParameterConfig": "schema",
+    "PartitionConfig": "schema",
+    "RunConfig": "schema",
+    "SKETCH_KINDS": "schema",
+    "SMALL_SOURCE_POLICIES": "schema",
+    "SketchSpec": "schema",
+    "TrainConfig": "schema",
+    "config_hash": "schema",
+    "default_experiments": "schema",
+    "load_config": "schema",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

@@ -1,0 +1,70 @@
+"""Instruction mixtures: sources and their splits, chat formatting into tokens with the one
+response-token loss, image parts, corpora that install from the package index.
+
+Names load lazily (PEP 562): importing the package does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "small_source_message": "checks",
+    "source_shortfall": "checks",
+    "CHATTERBOT_SOURCES": "corpora",
+    "CORPORA": "corpora",
+    "chatterbot_dialogues": "corpora",
+    "dialogue_messages": "corpora",
+    "write_chatterbot_mixture": "corpora",
+    "IGNORE_INDEX": "formatting",
+    "OVERFLOW_ACTIONS": "formatting",
+    "TokenizedExample": "formatting",
+    "collate": "formatting",
+    "count_overflow": "formatting",
+    "count_response_tokens": "formatting",
+    "kept_examples": "formatting",
+    "last_turn": "formatting",
+    "render_prompt": "formatting",
+    "render_spans": "formatting",
+    "response_logits": "formatting",
+    "response_token_loss": "formatting",
+    "tokenize_example": "formatting",
+    "tokenize_examples": "formatting",
+    "tokenize_prompt": "formatting",
+    "Mixture": "mixture",
+    "MixtureError": "mixture",
+    "Source": "mixture",
+    "count_sources": "mixture",
+    "load_mixture": "mixture",
+    "normalize_example": "mixture",
+    "read_examples": "mixture",
+    "IMAGE_PART_TYPES": "multimodal",
+    "ImageTextTokenizer": "multimodal",
+    "checkpoint_names": "multimodal",
+    "collate_images": "multimodal",
+    "content_problem": "multimodal",
+    "encode_images": "multimodal",
+    "example_images": "multimodal",
+    "expand_image_tokens": "multimodal",
+    "has_images": "multimodal",
+    "image_problem": "multimodal",
+    "image_processor_of": "multimodal",
+    "in_model_names": "multimodal",
+    "load_image": "multimodal",
+    "model_named": "multimodal",
+    "require_image_processor": "multimodal",
+    "resolve_image_parts": "multimodal",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

@@ -1,0 +1,38 @@
+"""Scoring a model: held-out loss, exact match, answer style, and lm-evaluation-harness tasks.
+
+Names load lazily (PEP 562): importing the package does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EVAL_METRICS": "evaluate",
+    "PERCENT_METRICS": "evaluate",
+    "STYLE_FACTOR": "evaluate",
+    "evaluate_model": "evaluate",
+    "greedy_answers": "evaluate",
+    "heldout_loss": "evaluate",
+    "relative_to": "evaluate",
+    "seed_spread": "evaluate",
+    "style_scores": "evaluate",
+    "summarize_eval": "evaluate",
+    "LM_EVAL_SPLIT": "lm_eval",
+    "run_lm_eval": "lm_eval",
+    "summarize_lm_eval": "lm_eval",
+    "write_local_tasks": "lm_eval",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

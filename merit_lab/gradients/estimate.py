@@ -1,0 +1,601 @@
+"""Gradient stage: one gradient per source at the base model θ0, kept as a compact sketch.
+
+Input: a model, its tokenizer and a `Mixture`. Output: a `GradientBank` of T sketched rows
+(``gradients/bank.safetensors`` + ``bank.json``), one finished source at a time, so a killed run
+keeps what it finished and a larger mixture computes only its new sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from merit_lab.config.schema import CalibrationConfig, MixtureConfig
+from merit_lab.data.formatting import (
+    collate,
+    count_response_tokens,
+    response_token_loss,
+    tokenize_examples,
+)
+from merit_lab.data.mixture import Mixture
+from merit_lab.gradients.sketch import SketchSpec, build_sketch
+from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
+from merit_lab.models.loading import select_parameters
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "GradientBank",
+    "NonFiniteLossError",
+    "checkpointed",
+    "estimate_gradients",
+    "grads_only_for",
+    "micro_batches",
+    "read_part",
+    "request_info",
+    "source_gradient",
+]
+
+
+@dataclass(frozen=True)
+class GradientBank:
+    """T sketched source gradients at θ0.
+
+    Attributes:
+        names: source names, one per row.
+        rows: (T, d) float32 sketched gradients of the mean response-token loss.
+        info: what the rows depend on: model, parameter selection, sketch spec, n, max_length.
+        stats: per source: examples and response tokens used, loss at θ0, exact gradient norm.
+    """
+
+    names: tuple[str, ...]
+    rows: np.ndarray
+    info: Mapping[str, Any] = field(default_factory=dict)
+    stats: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def row(self, name: str) -> np.ndarray:
+        """The (d,) row of source ``name``."""
+        return self.rows[self.names.index(name)]
+
+    def select(self, names: Sequence[str]) -> GradientBank:
+        """The bank restricted to ``names``, in that order."""
+        idx = [self.names.index(n) for n in names]
+        return GradientBank(
+            tuple(names), self.rows[idx], self.info, {n: self.stats[n] for n in names}
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``bank.safetensors`` (the rows) and ``bank.json`` atomically into ``folder``."""
+        folder = Path(folder)
+        payload = save_safetensors({"rows": torch.from_numpy(np.ascontiguousarray(self.rows))})
+        atomic_write_bytes(folder / "bank.safetensors", payload)
+        meta = {"names": list(self.names), "info": dict(self.info), "stats": dict(self.stats)}
+        atomic_write_json(folder / "bank.json", meta)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GradientBank:
+        """Read a saved bank; a cut, corrupt or inconsistent one raises a ValueError naming
+        the file and how to rebuild it (the finished sources in ``parts/`` are reused)."""
+        folder = Path(folder)
+        meta = read_json(folder / "bank.json")
+        redo = (
+            f"delete {folder}/bank.safetensors and bank.json and run the gradients stage "
+            "again: the finished sources in parts/ are reused"
+        )
+        try:
+            with safe_open(folder / "bank.safetensors", framework="pt") as f:
+                rows = f.get_tensor("rows").numpy()
+        except Exception as e:  # SafetensorError (a cut file), OSError, a missing "rows"
+            raise ValueError(
+                f"{folder}/bank.safetensors: not a readable safetensors file ({e}); {redo}"
+            ) from e
+        if rows.shape[0] != len(meta["names"]):
+            raise ValueError(
+                f"{folder}: {rows.shape[0]} rows but {len(meta['names'])} names; {redo}"
+            )
+        finite = np.isfinite(rows).all(axis=1)
+        bad = [n for n, ok in zip(meta["names"], finite, strict=True) if not ok]
+        if bad:
+            raise ValueError(
+                f"{folder}/bank.safetensors: non-finite values in the rows of {bad}; {redo}"
+            )
+        return cls(tuple(meta["names"]), rows, meta["info"], meta["stats"])
+
+
+@contextlib.contextmanager
+def grads_only_for(
+    model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]]
+) -> Iterator[None]:
+    """Inside, only the ``selected`` parameters require grad (backward skips the rest); on exit
+    ``.grad`` is cleared and every parameter's ``requires_grad`` flag is restored."""
+    chosen = {id(p) for _, p in selected}
+    flags = {nm: p.requires_grad for nm, p in model.named_parameters()}
+    for _, p in model.named_parameters():
+        p.requires_grad_(id(p) in chosen)
+    try:
+        yield
+    finally:
+        model.zero_grad(set_to_none=True)
+        for nm, p in model.named_parameters():
+            p.requires_grad_(flags[nm])
+
+
+def micro_batches(
+    examples: Sequence, *, size: int = CalibrationConfig.micro_batch_size, tokens: int | None = None
+) -> list[list]:
+    """Split ``examples`` into micro-batches: ``size`` examples each, or with ``tokens`` as many
+    as fit ``tokens`` padded positions (longest first, so each batch pads little; an example
+    longer than ``tokens`` goes alone). The split changes only the summation order of the
+    gradient, not its value."""
+    if tokens is None:
+        return [list(examples[i : i + size]) for i in range(0, len(examples), size)]
+    out: list[list] = []
+    for ex in sorted(examples, key=lambda e: -e.n_tokens):  # stable: ties keep their order
+        if out and (len(out[-1]) + 1) * out[-1][0].n_tokens <= tokens:
+            out[-1].append(ex)
+        else:
+            out.append([ex])
+    return out
+
+
+def source_gradient(
+    model: torch.nn.Module,
+    examples: Sequence,
+    *,
+    pad_token_id: int,
+    micro_batch_size: int = CalibrationConfig.micro_batch_size,
+    micro_batch_tokens: int | None = None,
+    after_backward: Callable[[float], None] | None = None,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Accumulate into ``.grad`` the gradient of the mean response-token loss over ``examples``.
+
+    Each micro-batch's summed cross-entropy is divided by the total number of response tokens
+    of all examples before ``backward`` (`response_token_loss` with ``num_items``), so the
+    accumulated gradient equals the full-batch gradient of the mean (not a mean of per-batch
+    means).
+
+    Args:
+        examples: `TokenizedExample`s.
+        micro_batch_size, micro_batch_tokens: the micro-batches (`micro_batches`).
+        after_backward: called with each micro-batch's loss share after its backward (e.g. to
+            sketch and clear ``.grad``, so half-precision gradients are summed in float32).
+
+    Returns:
+        (mean loss, number of response tokens).
+    """
+    batches = [
+        collate(b, pad_token_id)
+        for b in micro_batches(examples, size=micro_batch_size, tokens=micro_batch_tokens)
+    ]
+    total = sum(count_response_tokens(b["labels"]) for b in batches)
+    if total == 0:
+        raise ValueError("no response tokens to compute a loss on")
+    loss = 0.0
+    for b in tqdm(batches, desc="micro-batches", leave=False, disable=not progress):
+        part = response_token_loss(model, b, num_items=total)
+        part.backward()
+        value = float(part.detach())
+        loss += value
+        if after_backward is not None:
+            after_backward(value)
+    return loss, total
+
+
+@contextlib.contextmanager
+def checkpointed(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside, activations are recomputed in backward (transformers' gradient checkpointing,
+    non-reentrant): memory for one layer's activations instead of all. Only the checkpointed
+    layers are put in training mode (transformers checkpoints a layer only then); dropout and
+    every other module stay in eval mode, so the gradient is the same as without."""
+    layers = []
+    if enabled:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"{type(model).__name__} does not support gradient checkpointing; set "
+                "calibration.gradient_checkpointing: false"
+            )
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        for m in layers:
+            m.training = True  # this module only, not its children (dropout stays off)
+    try:
+        yield
+    finally:
+        if enabled:
+            for m in layers:
+                m.training = False
+            disable = getattr(model, "activation_checkpointing_disable", None)
+            (disable or model.gradient_checkpointing_disable)()
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The loss at θ0 is NaN or inf: a ValueError too, so the command prints it as one line."""
+
+
+def _non_finite_message(model: torch.nn.Module, name: str, loss: float) -> str:
+    """Why a source's loss at θ0 is not finite: θ0's own non-finite weights, named, or else
+    an overflow of the dtype."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    where = getattr(getattr(model, "config", None), "_name_or_path", "") or "θ0"
+    if bad:
+        return (
+            f"source {name!r}: loss at θ0 is {loss}: θ0 ({where}) has non-finite weights in "
+            f"{bad[:5]} ({len(bad)} tensor(s)); use a base model whose weights are finite"
+        )
+    return (
+        f"source {name!r}: loss at θ0 is {loss} though θ0's weights are finite; the dtype "
+        "may overflow: try dtype: float32"
+    )
+
+
+def _bank_key(info: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Parts:
+    """The finished sources of an interrupted or smaller bank: one file each in ``parts/``.
+
+    A part is reused only when its key matches: the bank's settings and the source's own key
+    (its examples' content), so another model, sketch or edited source is computed again.
+    """
+
+    def __init__(self, folder: Path, bank_key: str, source_keys: Mapping[str, str]) -> None:
+        self.folder, self.bank_key, self.source_keys = folder, bank_key, dict(source_keys)
+
+    def path(self, name: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        return self.folder / f"{safe}-{digest}.safetensors"
+
+    def key(self, name: str) -> str:
+        return _bank_key({"bank": self.bank_key, "source": self.source_keys.get(name, "")})
+
+    def read(self, name: str) -> tuple[np.ndarray, dict] | None:
+        """(row (d,), stats) of a finished source, or None when absent or stale."""
+        if not self.path(name).exists():
+            return None
+        try:
+            with safe_open(self.path(name), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != self.key(name):
+                    return None
+                return f.get_tensor("row").numpy(), json.loads(meta["stats"])
+        except Exception as e:  # a part cut short (a killed copy): it is a cache, so redo it
+            log.warning("%s: unreadable (%s); computing source %r again", self.path(name), e, name)
+            return None
+
+    def write(self, name: str, row: np.ndarray, stats: Mapping[str, Any]) -> None:
+        meta = {"key": self.key(name), "source": name, "stats": json.dumps(stats)}
+        payload = save_safetensors({"row": torch.from_numpy(row)}, metadata=meta)
+        atomic_write_bytes(self.path(name), payload)
+
+
+def read_part(
+    out_dir: str | Path, name: str, info: Mapping[str, Any], source_keys: Mapping[str, str]
+) -> tuple[np.ndarray, dict] | None:
+    """(row, stats) of source ``name`` from ``out_dir/parts/`` when current for the bank
+    ``info`` and the source's key, else None."""
+    return _Parts(Path(out_dir) / "parts", info["key"], source_keys).read(name)
+
+
+def request_info(
+    *,
+    sketch: SketchSpec,
+    n: int,
+    max_length: int,
+    long_examples: str,
+    preset: str = "all",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    model_fingerprint: str = "",
+    lora: Mapping[str, Any] | None = None,
+    **_: Any,
+) -> dict[str, Any]:
+    """The bank-info fields fixed by the request alone, before θ0 is loaded (a launcher uses
+    them to find the parts of an earlier launch it can reuse). Extra keyword arguments (the
+    micro-batching, checkpointing) change no row and are ignored. ``lora``: the warmed-up
+    adapter the rows are taken on (`merit_lab.gradients.lora_bank.warmup_info`), recorded when
+    given."""
+    return ({"lora": dict(lora)} if lora else {}) | {
+        "model": model_fingerprint,
+        "parameters": {
+            "preset": preset,
+            "include": list(include or []),
+            "exclude": list(exclude or []),
+        },
+        "sketch": sketch.to_dict(),
+        "n": n,
+        "max_length": max_length,
+        "long_examples": long_examples,
+        "loss": "mean response-token cross-entropy over the calibration examples",
+    }
+
+
+def _bank_info(
+    model: torch.nn.Module,
+    selected: Sequence[tuple[str, Tensor]],
+    sketch: SketchSpec,
+    *,
+    n: int,
+    max_length: int,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    preset: str,
+    model_fingerprint: str,
+    long_examples: str,
+    lora: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What the rows depend on, and its hash as ``key``."""
+    info = {
+        **request_info(
+            sketch=sketch,
+            n=n,
+            max_length=max_length,
+            long_examples=long_examples,
+            preset=preset,
+            include=include,
+            exclude=exclude,
+            model_fingerprint=model_fingerprint,
+            lora=lora,
+        ),
+        "n_parameters": int(sum(p.numel() for _, p in selected)),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    return {**info, "key": _bank_key(info)}
+
+
+def _tokenized(
+    todo: Sequence[int], tokenize: Callable[[int], list], prefetch: bool
+) -> Iterator[tuple[int, list]]:
+    """(i, tokenised examples) for each source index in ``todo``, in order.
+
+    With ``prefetch`` the next source is tokenised on a thread while the caller works on this
+    one. Tokenising through the chat template costs ~10% of a CPU fwd+bwd on the demo and far
+    more beside a GPU's, where the CPU is otherwise idle; on the CPU the cores are already busy
+    with the fwd+bwd, and a thread only contends (measured).
+    """
+    if not prefetch:
+        for i in todo:
+            yield i, tokenize(i)
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+    try:
+        ahead = pool.submit(tokenize, todo[0]) if todo else None
+        for j, i in enumerate(todo):
+            examples = ahead.result()
+            ahead = pool.submit(tokenize, todo[j + 1]) if j + 1 < len(todo) else None
+            yield i, examples
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _sketch_source(
+    model: torch.nn.Module,
+    sk,
+    selected: Sequence[tuple[str, Tensor]],
+    examples: list,
+    name: str,
+    pad_token_id: int,
+    *,
+    micro_batch_size: int,
+    micro_batch_tokens: int | None = None,
+    on_gradient: Callable[[str, Sequence[tuple[str, Tensor]]], None] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """One source's sketched gradient (d,) float32 and its stats, sketched right after backward.
+
+    The micro-batch gradients are summed in ``.grad`` (the model's dtype) and sketched once into
+    the float32 row. For a bfloat16 model, summing each micro-batch's sketch in float32 instead
+    changed the cosine to the exact float32 gradient by < 1% of its own error (the bf16
+    forward's), at twice the GPU time (`benchmarks/bench_precision.py`, `bench_gpu.py`).
+    """
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    loss, n_tokens = source_gradient(
+        model,
+        examples,
+        pad_token_id=pad_token_id,
+        micro_batch_size=micro_batch_size,
+        micro_batch_tokens=micro_batch_tokens,
+    )
+    if not np.isfinite(loss):
+        raise NonFiniteLossError(_non_finite_message(model, name, loss))
+    row = sk.zeros()
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for pname, p in selected:
+        if p.grad is None:  # a parameter this loss does not reach contributes zero
+            continue
+        sk.add_(row, pname, p.grad)
+        sq += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square()
+    if on_gradient is not None:  # e.g. layerwise.LayerCollector: more sketches of this .grad
+        on_gradient(name, selected)
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats = {
+        "n_examples": len(examples),
+        "n_response_tokens": n_tokens,
+        "n_tokens": sum(ex.n_tokens for ex in examples),
+        "loss": loss,
+        "grad_norm": float(sq.sqrt()),
+        "seconds": time.perf_counter() - t0,
+    }
+    return row.detach().cpu().numpy(), stats
+
+
+def estimate_gradients(
+    model: torch.nn.Module,
+    tokenizer,
+    mixture: Mixture,
+    *,
+    sketch: SketchSpec | None = None,
+    n: int = CalibrationConfig.n,
+    micro_batch_size: int = CalibrationConfig.micro_batch_size,
+    micro_batch_tokens: int | None = CalibrationConfig.micro_batch_tokens,
+    gradient_checkpointing: bool = CalibrationConfig.gradient_checkpointing,
+    max_length: int = CalibrationConfig.max_length,
+    long_examples: str = MixtureConfig.long_examples,
+    preset: str = "all",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    out_dir: str | Path | None = None,
+    sources: Sequence[str] | None = None,
+    model_fingerprint: str = "",
+    source_keys: Mapping[str, str] | None = None,
+    save_bank: bool = True,
+    progress: bool = True,
+    prefetch: bool | None = None,
+    on_gradient: Callable[[str, Sequence[tuple[str, Tensor]]], None] | None = None,
+    lora: Mapping[str, Any] | None = None,
+) -> GradientBank:
+    """Estimate one sketched gradient per source at the model's current weights θ0.
+
+    The gradient of each source is the gradient of the mean response-token loss over its first
+    ``n`` calibration examples, accumulated over micro-batches; it is sketched parameter by
+    parameter right after ``backward``, so memory holds one model gradient and T × d floats,
+    never T × params. A bfloat16/float16 model's gradient is sketched into float32 rows.
+
+    With ``out_dir``, each finished source is written to ``out_dir/parts/`` at once and
+    reused on the next call with the same settings (resume after a kill; incremental addition
+    of sources; several workers each computing some sources, `merit_lab.gradients.workers`), and
+    the assembled bank is saved to ``out_dir`` (unless ``save_bank`` is false: a worker).
+
+    Args:
+        sketch: sketch kind/dim/seed (default: count-sketch at the default dimension).
+        n: calibration examples per source (fewer if the source has fewer): the first ``n``
+            that the ``long_examples`` policy keeps (`formatting.tokenize_example`).
+        micro_batch_size, micro_batch_tokens: examples per forward/backward, or padded tokens
+            per forward/backward (`micro_batches`).
+        gradient_checkpointing: recompute activations in backward (`checkpointed`).
+        preset, include, exclude: the parameters (see `select_parameters`).
+        sources: the sources to include (default: all of ``mixture``), in row order.
+        model_fingerprint: identifies θ0 so parts from another model are never reused.
+        source_keys: per source, a key of its examples (e.g. a content hash): a part is reused
+            only when its source's key is unchanged, so an edited source is redone alone.
+        prefetch: tokenise the next source on a thread during this one's fwd+bwd (default:
+            on for GPUs, off on the CPU, where it only contends for the cores).
+        on_gradient: called as (source, selected) while ``.grad`` holds a computed source's
+            summed gradient (`merit_lab.analysis.layerwise`); not called for a source read from
+            parts.
+        lora: a LoRA bank (the LESS way): ``model`` carries a warmed-up adapter
+            (`merit_lab.gradients.lora_bank.load_lora_model`) and the rows are the gradients of its
+            A
+            and B matrices only (preset/include/exclude do not apply); this dict (the adapter's
+            `warmup_info`) goes into the bank info and key.
+
+    Returns:
+        The bank, rows in the order of ``sources``; ``info["throughput"]`` holds the tokens,
+        seconds and tokens/s of the sources computed in this call.
+    """
+    sketch = sketch or SketchSpec()
+    names = tuple(sources) if sources is not None else mixture.names
+    if lora:
+        from merit_lab.gradients.lora_bank import lora_parameters
+
+        selected = lora_parameters(model)
+    else:
+        selected = select_parameters(model, include, exclude, preset)
+    device = next(model.parameters()).device
+    info = _bank_info(
+        model,
+        selected,
+        sketch,
+        n=n,
+        max_length=max_length,
+        include=include,
+        exclude=exclude,
+        preset=preset,
+        model_fingerprint=model_fingerprint,
+        long_examples=long_examples,
+        lora=lora,
+    )
+    sk = build_sketch(sketch, [(nm, tuple(p.shape)) for nm, p in selected], device=device)
+    parts = None
+    if out_dir is not None:
+        parts = _Parts(Path(out_dir) / "parts", info["key"], source_keys or {})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Rows go straight into the bank's array: memory holds the bank once (plus one model
+    # gradient), not a list of rows and a stacked copy.
+    rows = np.empty((len(names), sk.dim), dtype=np.float32)
+    stats: dict[str, dict] = {}
+    for i, name in enumerate(names):  # parts a killed run already finished are reused
+        cached = parts.read(name) if parts is not None else None
+        if cached is not None:
+            rows[i], stats[name] = cached
+    todo = [i for i, name in enumerate(names) if name not in stats]
+
+    def tokenize(i: int) -> list:
+        calib = mixture[names[i]].calibration
+        toks = tokenize_examples(tokenizer, calib, max_length, long_examples, limit=n)
+        if not toks:
+            kept = " kept by mixture.long_examples: skip" if calib else ""
+            raise ValueError(f"source {names[i]!r} has no calibration examples{kept}")
+        return toks
+
+    stream = _tokenized(todo, tokenize, device.type != "cpu" if prefetch is None else prefetch)
+    bar = tqdm(
+        total=len(names),
+        initial=len(names) - len(todo),
+        desc="source gradients",
+        unit="source",
+        disable=not progress,
+    )
+    done = {"tokens": 0, "seconds": 0.0}
+    with (
+        grads_only_for(model, selected),
+        checkpointed(model, gradient_checkpointing),
+        contextlib.closing(stream),
+        bar,
+    ):
+        for i, examples in stream:
+            row, stats[names[i]] = _sketch_source(
+                model,
+                sk,
+                selected,
+                examples,
+                names[i],
+                pad_id,
+                micro_batch_size=micro_batch_size,
+                micro_batch_tokens=micro_batch_tokens,
+                on_gradient=on_gradient,
+            )
+            if parts is not None:
+                parts.write(names[i], row, stats[names[i]])
+            rows[i] = row
+            done["tokens"] += stats[names[i]]["n_tokens"]
+            done["seconds"] += stats[names[i]]["seconds"]
+            bar.set_postfix_str(f"{names[i]}, {done['tokens'] / done['seconds']:,.0f} tok/s")
+            bar.update()
+    stats = {name: stats[name] for name in names}  # row order, cached or not
+    throughput = {
+        **done,
+        "sources": len(todo),
+        "device": str(device),
+        "tokens_per_s": done["tokens"] / done["seconds"] if done["seconds"] else None,
+    }
+    bank = GradientBank(names, rows, {**info, "throughput": throughput}, stats)
+    if out_dir is not None and save_bank:
+        bank.save(out_dir)
+    return bank

@@ -1,0 +1,327 @@
+"""Gradient sketches: compress one source's gradient, parameter by parameter, into a (dim,) row.
+
+Input: (name, grad) pairs as they come out of backward. Output: a float32 row of the gradient
+bank. Every kind is a fixed linear map derived only from (seed, parameter name, coordinate), so
+rows computed in different processes or on different machines with the same spec are comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from merit_lab.config.schema import DEFAULT_SKETCH_DIM, SKETCH_KINDS, SketchSpec
+
+__all__ = [
+    "DEFAULT_SKETCH_DIM",
+    "SKETCH_KINDS",
+    "GradientSketch",
+    "SketchSpec",
+    "build_sketch",
+    "bytes_per_source",
+    "sketch_fidelity",
+]
+
+
+# Coordinates hashed per step, which bounds the temporaries whatever the parameter size. On CPU
+# small chunks stay in cache and below malloc's mmap threshold (2**22 is ~5x slower there); on
+# GPU large chunks amortise kernel launches. The chunking never changes the result.
+_CHUNK_CPU = 2**15
+_CHUNK_GPU = 2**22
+# Gaussian: entries of the projection generated per block of parameter coordinates. The block
+# size is part of the map's definition (changing it changes every Gaussian row), so it is fixed
+# and depends on dim only.
+_GAUSSIAN_BLOCK_ENTRIES = 2**20
+_MASK32 = 0xFFFFFFFF
+_LOW31 = 0x7FFFFFFF  # a cached code's bucket; its top bit (the int32 sign) is the hash's sign
+
+
+def _digest(*parts: object) -> bytes:
+    # JSON encoding keeps ("a", "bc") and ("ab", "c") apart.
+    return hashlib.sha256(json.dumps(["merit-lab", *parts]).encode("utf-8")).digest()
+
+
+def _to_int64(u: int) -> int:
+    """Reinterpret an unsigned 64-bit integer as a signed one (torch has no uint64 arithmetic)."""
+    return u - 2**64 if u >= 2**63 else u
+
+
+def _hash_coeffs(seed: int, name: str) -> tuple[int, int]:
+    """(a, b) of parameter ``name``'s multiply-add-shift hash, as int64, from sha256."""
+    d = _digest("countsketch", seed, name)
+    a = int.from_bytes(d[:8], "little")
+    b = int.from_bytes(d[8:16], "little")
+    return _to_int64(a), _to_int64(b)
+
+
+def _buckets_and_signs(
+    seed: int, name: str, dim: int, start: int, stop: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buckets (int64 in [0, dim)) and signs (float32 ±1) of coordinates start..stop-1 of name.
+
+    One multiply-add-shift hash h(i) = (a·i + b) mod 2**64 (torch int64 arithmetic wraps) per
+    parameter: for i < 2**32 and random 64-bit (a, b), its top 33 bits are a strongly universal
+    (pairwise independent) hash of i [Dietzfelbinger 1996; Thorup 2015], which is what makes
+    count-sketch inner products unbiased. The top 32 bits pick the bucket, the 33rd the sign.
+    Parameters over 2**32 entries still hash well, without the formal guarantee.
+    """
+    a, b = _hash_coeffs(seed, name)
+    h = torch.arange(start, stop, dtype=torch.int64, device=device).mul_(a).add_(b)
+    sign = h.bitwise_right_shift(31).bitwise_and_(1).to(torch.float32).mul_(-2.0).add_(1.0)
+    # Top 32 bits scaled to [0, dim) by a multiply-high, so dim need not be a power of two.
+    bucket = h.bitwise_right_shift_(32).bitwise_and_(_MASK32).mul_(dim).bitwise_right_shift_(32)
+    return bucket, sign
+
+
+def _subsample_offset(seed: int, every: int) -> int:
+    return int.from_bytes(_digest("subsample", seed)[:8], "little") % every
+
+
+def _gaussian_seed(seed: int, name: str, block: int) -> int:
+    return int.from_bytes(_digest("gaussian", seed, name, block)[:8], "little") >> 1
+
+
+class GradientSketch:
+    """A fixed linear map R^n → R^dim over the declared parameters, applied one parameter at a time.
+
+    Kinds:
+        countsketch: coordinate i of parameter ``name`` is added, times a sign s(i) ∈ {±1}, to
+            bucket h(i). Both come from multiply-add-shift hashes whose coefficients are the
+            sha256 of (seed, name, purpose), evaluated on int64 coordinate indices on the row's
+            device: no global RNG, independent of parameter order and of the device. Inner
+            products are preserved in expectation (E⟨Sx, Sy⟩ = ⟨x, y⟩). The sum is an
+            ``index_add_`` in float32: on CPU rows are bit-identical across runs; on GPU atomic
+            adds make the last bits depend on scheduling (differences ~1e-7 relative).
+        gaussian: a dense JL projection with N(0, 1/dim) entries, generated per block of
+            coordinates from a CPU ``torch.Generator`` seeded by (seed, name, block), so it is
+            the same map on every device. Costs O(numel × dim) time: for small models only.
+        subsample: keeps the coordinates whose global index (parameters concatenated in the
+            declared order) is ≡ offset (mod every), offset derived from the seed.
+        exact: the concatenation of all declared parameters (dim = total numel).
+
+    Memory per call is O(dim + largest parameter). A count-sketch on a GPU keeps each
+    parameter's buckets and signs once computed (one int32 per coordinate, the sign in the top
+    bit) while they fit ``cache_bytes``: the hashing was 60% of a sketch step on an H100, and
+    every source reuses them. The map is the same with or without the cache.
+
+    Args:
+        spec: which map.
+        params: (name, shape) of every parameter that may be added, in a fixed order (the order
+            matters only for subsample and exact).
+        device: where rows live and hashing runs.
+        cache_bytes: memory for cached count-sketch hashes (default: 10% of a GPU's memory; none
+            on the CPU, where hashing small chunks costs little beside the backward).
+    """
+
+    def __init__(
+        self,
+        spec: SketchSpec,
+        params: Sequence[tuple[str, tuple[int, ...]]],
+        device: str | torch.device = "cpu",
+        cache_bytes: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        if cache_bytes is None:
+            cuda = self.device.type == "cuda"
+            total_mem = torch.cuda.get_device_properties(self.device).total_memory if cuda else 0
+            cache_bytes = total_mem // 10
+        self._cache_left = cache_bytes if spec.kind == "countsketch" else 0
+        self._codes: dict[tuple[str, int], torch.Tensor] = {}  # (name, chunk start) → int32
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._offsets: dict[str, int] = {}  # global start index of each parameter
+        total = 0
+        for name, shape in params:
+            if name in self._shapes:
+                raise ValueError(f"parameter {name!r} declared twice")
+            shape = tuple(int(s) for s in shape)
+            self._shapes[name] = shape
+            self._offsets[name] = total
+            total += math.prod(shape)
+        self.n_params = total
+        self._sub_offset = _subsample_offset(spec.seed, spec.every)
+        if spec.kind in ("countsketch", "gaussian"):
+            self.dim = spec.dim
+        elif spec.kind == "subsample":
+            self.dim = len(range(self._sub_offset, total, spec.every))
+        else:
+            self.dim = total
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientSketch({self.spec.kind}, dim={self.dim}, "
+            f"params={len(self._shapes)}, n={self.n_params})"
+        )
+
+    def sketch_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sketch a flat gradient laid out as the ``exact`` kind lays it out (declared order).
+
+        Lets one exact gradient pass be compared with any sketch of the same gradients.
+
+        Args:
+            flat: (n_params,) the concatenated parameter gradients.
+        """
+        if flat.numel() != self.n_params:
+            raise ValueError(f"flat gradient has {flat.numel()} entries, expected {self.n_params}")
+        return self.sketch(
+            (name, flat[off : off + math.prod(shape)].view(shape))
+            for (name, shape), off in zip(self._shapes.items(), self._offsets.values(), strict=True)
+        )
+
+    def zeros(self) -> torch.Tensor:
+        """An empty row: (dim,) float32 on the sketch's device."""
+        return torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+
+    def add_(self, row: torch.Tensor, name: str, grad: torch.Tensor) -> None:
+        """Add parameter ``name``'s contribution to ``row`` in place.
+
+        Args:
+            row: (dim,) float32 accumulator on the sketch's device.
+            name: a declared parameter.
+            grad: its gradient, exactly the declared shape, any float dtype and device.
+
+        Raises:
+            ValueError: unknown parameter, wrong shape, non-finite entries, or a malformed row.
+        """
+        if name not in self._shapes:
+            raise ValueError(f"parameter {name!r} was not declared to this sketch")
+        if tuple(grad.shape) != self._shapes[name]:
+            raise ValueError(
+                f"gradient of {name!r} has shape {tuple(grad.shape)}, declared {self._shapes[name]}"
+            )
+        if row.shape != (self.dim,) or row.dtype != torch.float32:
+            raise ValueError(
+                f"row must be ({self.dim},) float32, got {tuple(row.shape)} {row.dtype}"
+            )
+        flat = grad.detach().reshape(-1)
+        kind = self.spec.kind
+        if kind == "countsketch":
+            self._add_countsketch(row, name, flat)
+        elif kind == "gaussian":
+            self._add_gaussian(row, name, flat)
+        elif kind == "subsample":
+            start = self._offsets[name]
+            first = (self._sub_offset - start) % self.spec.every
+            pos = len(range(self._sub_offset, start, self.spec.every))
+            # Checked in full: a nan outside the kept coordinates is still a broken gradient.
+            _check_finite(flat, name)
+            vals = flat[first :: self.spec.every].to(device=row.device, dtype=torch.float32)
+            row[pos : pos + vals.numel()] += vals
+        else:
+            start = self._offsets[name]
+            row[start : start + flat.numel()] += _finite_f32(flat, name, row.device)
+
+    def _add_countsketch(self, row: torch.Tensor, name: str, flat: torch.Tensor) -> None:
+        chunk = _CHUNK_CPU if row.device.type == "cpu" else _CHUNK_GPU
+        for lo in range(0, flat.numel(), chunk):
+            hi = min(lo + chunk, flat.numel())
+            vals = _finite_f32(flat[lo:hi], name, row.device)
+            code = self._codes.get((name, lo))
+            if code is None:
+                bucket, sign = _buckets_and_signs(
+                    self.spec.seed, name, self.dim, lo, hi, row.device
+                )
+                if 4 * (hi - lo) <= self._cache_left:  # bucket < 2**31: the top bit is free
+                    code = torch.where(sign < 0, bucket - 2**31, bucket).to(torch.int32)
+                    self._codes[(name, lo)] = code
+                    self._cache_left -= 4 * (hi - lo)
+                else:  # vals may be a view of the caller's gradient: multiply out of place
+                    row.index_add_(0, bucket, vals * sign)
+                    continue
+            negative = code < 0
+            row.index_add_(0, code.bitwise_and(_LOW31), torch.where(negative, -vals, vals))
+
+    def _add_gaussian(self, row: torch.Tensor, name: str, flat: torch.Tensor) -> None:
+        block = max(1, _GAUSSIAN_BLOCK_ENTRIES // self.dim)
+        scale = 1.0 / math.sqrt(self.dim)
+        for j, lo in enumerate(range(0, flat.numel(), block)):
+            vals = _finite_f32(flat[lo : lo + block], name, row.device)
+            gen = torch.Generator(device="cpu").manual_seed(_gaussian_seed(self.spec.seed, name, j))
+            proj = torch.randn(vals.numel(), self.dim, generator=gen, dtype=torch.float32)
+            row.add_(vals @ proj.to(row.device), alpha=scale)
+
+    def sketch(self, named_grads: Iterable[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Sketch a whole gradient: (dim,) float32. Parameters not listed contribute zero."""
+        row = self.zeros()
+        for name, grad in named_grads:
+            self.add_(row, name, grad)
+        return row
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    # A nan/inf entry makes the sum non-finite, and the sum is far cheaper than isfinite(x); the
+    # full check runs only when the sum is not finite (which overflow alone can also cause).
+    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"gradient of {name!r} has non-finite entries (nan or inf)")
+
+
+def _finite_f32(x: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    """x as float32 on device (possibly x itself: never modify it in place), all finite."""
+    y = x.to(device=device, dtype=torch.float32)
+    _check_finite(y, name)
+    return y
+
+
+def build_sketch(
+    spec: SketchSpec,
+    params: Sequence[tuple[str, tuple[int, ...]]],
+    device: str | torch.device = "cpu",
+    cache_bytes: int | None = None,
+) -> GradientSketch:
+    """Build the sketch for ``spec`` over ``params`` ((name, shape) pairs in a fixed order)."""
+    return GradientSketch(spec, params, device, cache_bytes)
+
+
+def bytes_per_source(spec: SketchSpec, n_params: int) -> int:
+    """Bytes of one float32 bank row for a model with ``n_params`` selected coordinates."""
+    if spec.kind in ("countsketch", "gaussian"):
+        dim = spec.dim
+    elif spec.kind == "subsample":
+        dim = len(range(_subsample_offset(spec.seed, spec.every), n_params, spec.every))
+    else:
+        dim = n_params
+    return 4 * dim
+
+
+def sketch_fidelity(exact_rows: np.ndarray, sketched_rows: np.ndarray) -> dict[str, float]:
+    """How well sketched rows keep the pairwise cosines of the exact ones.
+
+    Args:
+        exact_rows: (T, n) reference gradients.
+        sketched_rows: (T, dim) their sketches, same row order.
+
+    Returns:
+        ``pearson``: Pearson correlation of the T(T-1)/2 off-diagonal cosines (nan when fewer
+        than two pairs or the cosines are constant); ``max_abs_error`` and ``mean_abs_error`` of
+        those cosines; ``n_pairs``.
+    """
+    exact = np.asarray(exact_rows, dtype=np.float64)
+    sk = np.asarray(sketched_rows, dtype=np.float64)
+    if exact.ndim != 2 or sk.ndim != 2 or exact.shape[0] != sk.shape[0]:
+        raise ValueError(f"need (T, n) and (T, dim) rows, got {exact.shape} and {sk.shape}")
+    if exact.shape[0] < 2:
+        raise ValueError("need at least two rows to compare cosines")
+
+    def offdiag_cosines(x: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(x, axis=1)
+        if np.any(norms == 0):
+            raise ValueError("a row has zero norm; its cosines are undefined")
+        c = (x @ x.T) / np.outer(norms, norms)
+        return c[np.triu_indices(x.shape[0], k=1)]
+
+    a, b = offdiag_cosines(exact), offdiag_cosines(sk)
+    err = np.abs(a - b)
+    pearson = float("nan")
+    if a.size >= 2 and a.std() > 0 and b.std() > 0:
+        pearson = float(np.corrcoef(a, b)[0, 1])
+    return {
+        "pearson": pearson,
+        "max_abs_error": float(err.max()),
+        "mean_abs_error": float(err.mean()),
+        "n_pairs": int(a.size),
+    }

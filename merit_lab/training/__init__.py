@@ -1,0 +1,57 @@
+"""Training a branch from θ0: its spec, the trainer, multi-process and SLURM launching, the
+branch log, and exporting each branch's mixture for other trainers.
+
+Names load lazily (PEP 562): importing the package does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MANIFEST": "branch_log",
+    "branch_status": "branch_log",
+    "read_log": "branch_log",
+    "DISTRIBUTED_MODES": "distributed",
+    "NULL_EXAMPLE": "distributed",
+    "barrier": "distributed",
+    "check_sharding": "distributed",
+    "collate_with_nulls": "distributed",
+    "export_submitit_env": "distributed",
+    "finish_process_group": "distributed",
+    "full_state_dict": "distributed",
+    "is_main_process": "distributed",
+    "make_branch_callback": "distributed",
+    "null_padding": "distributed",
+    "process_training_args": "distributed",
+    "save_final_model": "distributed",
+    "split_global_batch": "distributed",
+    "torchrun_command": "distributed",
+    "world_size": "distributed",
+    "EXPORT_FORMATS": "exports",
+    "ManifestRow": "exports",
+    "branch_manifest": "exports",
+    "example_hash": "exports",
+    "export_branches": "exports",
+    "load_spec_mixture": "exports",
+    "trained_indices": "exports",
+    "BranchFailedError": "launch",
+    "launch_branches": "launch",
+    "BranchSpec": "trainer",
+    "train_branch": "trainer",
+    "train_branch_from_file": "trainer",
+    "write_spec": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(__all__)
