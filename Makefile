@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean bench bench-gpu
+.PHONY: demo test lint format install clean bench bench-gpu figures strip
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,25 @@ bench: $(STAMP)
 # (CUDA torch, transformers, tokenizers): make bench-gpu BIN=$(dirname $(command -v python3))
 bench-gpu:
 	$(BIN)/python -m benchmarks.bench_gpu --out benchmarks/results_gpu.json
+
+# The demo's paper figures in figures/ (listed in figures/README.md): PNG and PDF of each, SVG
+# where under 200 kB, from runs/demo (completed first: `make demo`, skipped when current). Static
+# export needs Chromium (Debian: apt-get install chromium).
+FIG_TMP := runs/demo/paper_figures
+figures: $(STAMP)
+	@$(BIN)/python -c "import sys; from merit_lab.viz import static_renderer_problem as p; sys.exit(p())"
+	$(BIN)/merit-lab run configs/demo.yaml
+	rm -rf $(FIG_TMP)
+	$(BIN)/merit-lab figures runs/demo --out $(FIG_TMP) --formats png,svg,pdf
+	mkdir -p figures
+	rm -f figures/*.png figures/*.pdf figures/*.svg $(FIG_TMP)/contact_sheet.png
+	cp $(FIG_TMP)/*.png $(FIG_TMP)/*.pdf figures/
+	find $(FIG_TMP) -name '*.svg' -size -200k -exec cp {} figures/ \;
+	@echo "figures/: now check figures/README.md lists them (tests/test_figures_dir.py)"
+
+# Clear every notebook's outputs and execution counts (Jupyter: Clear Outputs of All Cells).
+strip: $(STAMP)
+	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -32,7 +32,7 @@ import merit_lab.analysis.conflict as conflict_mod
 from benchmarks.common import Results, bench_main, in_child, peak_rss, reset_peak_rss
 from merit_lab.analysis.conflict import compute_conflict_space
 from merit_lab.gradients.sketch import DEFAULT_SKETCH_DIM
-from merit_lab.partition.plan import split_balanced_k, split_kmeans, split_random
+from merit_lab.partition.methods import split_balanced_k, split_kmeans, split_random
 
 SECTION = "conflict + partition"
 TARGET_S = 5.0  # conflict space + MERIT partition at T = 1000

@@ -52,7 +52,7 @@ from merit_lab.data.mixture import Mixture, Source
 from merit_lab.gradients import estimate as gradients
 from merit_lab.gradients.estimate import estimate_gradients, source_gradient
 from merit_lab.gradients.sketch import SketchSpec, build_sketch
-from merit_lab.merging.methods import merge_checkpoints
+from merit_lab.merging.stream import merge_checkpoints
 from merit_lab.models.loading import select_parameters
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,7 +40,7 @@ from merit_lab.gradients.lora_bank import (
 from merit_lab.io import atomic_write_json, read_json
 from merit_lab.models.checkpoints import fingerprint_checkpoint
 from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
-from merit_lab.partition.plan import split_balanced
+from merit_lab.partition.methods import split_balanced
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench" / "lora_bank"

@@ -52,7 +52,7 @@ from benchmarks.common import (
     in_child,
 )
 from merit_lab.io import atomic_dir, sha256_file
-from merit_lab.merging.methods import merge_checkpoints
+from merit_lab.merging.stream import merge_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".bench"
@@ -481,7 +481,7 @@ def _vs_mergekit(
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     code = (
-        "import json, sys; from merit_lab.merging.methods import merge_checkpoints as m; "
+        "import json, sys; from merit_lab.merging.stream import merge_checkpoints as m; "
         "a = json.loads(sys.argv[1]); m(a['inputs'], a['out'], weights=a['w'], progress=False)"
     )
     cfg = work / "mergekit.yaml"
@@ -524,7 +524,7 @@ def _vs_mergekit(
 
     # start-up alone: the interpreter and the imports each command pays before any merging
     starts: dict[str, list[CommandMemory]] = {"ours": [], "mergekit": []}
-    imports = "import json, sys; from merit_lab.merging.methods import merge_checkpoints"
+    imports = "import json, sys; from merit_lab.merging.stream import merge_checkpoints"
     start_cmd = {
         "ours": [sys.executable, "-c", imports],
         "mergekit": [str(exe), "--help"],  # imports all of mergekit-yaml's modules, then exits
@@ -603,7 +603,7 @@ def _vs_mergekit(
             net["mergekit"] / net["ours"],
             "×",
             note=f"the warm medians less each command's start-up alone (ours: `python -c` "
-            f"importing merit_lab.merging.methods, {_spread([r.seconds for r in starts['ours']])}; "
+            f"importing merit_lab.merging.stream, {_spread([r.seconds for r in starts['ours']])}; "
             f"mergekit: `mergekit-yaml --help`, {_spread([r.seconds for r in starts['mergekit']])}"
             f"): mergekit {net['mergekit']:.2f} s vs ours {net['ours']:.2f} s. Ours also fsyncs "
             "every shard, hashes every byte (sha256, for the manifest) and checks every tensor "

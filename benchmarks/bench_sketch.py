@@ -51,7 +51,7 @@ from merit_lab.gradients.sketch import (
     sketch_fidelity,
 )
 from merit_lab.models.loading import load_model, load_tokenizer, select_parameters
-from merit_lab.partition.plan import split_balanced
+from merit_lab.partition.methods import split_balanced
 
 SECTION = "sketch fidelity"
 MAX_ERR, MIN_PEARSON = 0.005, 0.99  # the fidelity targets

@@ -134,17 +134,37 @@ def _cmd_demo_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo_collapse(args: argparse.Namespace) -> None:
+    import tempfile
+
     from merit_lab.demo import DEMO_DIR
-    from merit_lab.demo.collapse import generate_collapse_mixture, instruct_collapse_base
+    from merit_lab.demo.collapse import generate_collapse_mixture
+    from merit_lab.demo.collapse_base import (
+        COLLAPSE_BUDGET,
+        check_collapse_gates,
+        instruct_collapse_base,
+    )
 
     out = Path(args.out) if args.out else DEMO_DIR.parent / "demo-collapse"
     if args.what == "data":
         generate_collapse_mixture(out, seed=args.seed)
-        print(f"wrote the collapse mixture to {out}")
-    else:
+        print(f"wrote the collapse mixture and its held-out conversations to {out}")
+    elif args.what == "base":
         base = Path(args.base) if args.base else DEMO_DIR / "base"
-        instruct_collapse_base(base, out / "base", seed=args.seed, steps=args.steps)
-        print(f"wrote the collapse demo's base model to {out / 'base'}")
+        steps = {"steps": args.steps} if args.steps else {}
+        instruct_collapse_base(base, out / "base", seed=args.seed, **steps)
+        print(f"wrote the collapse demo's θ0 to {out / 'base'}; check it: demo-collapse gates")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            gates = check_collapse_gates(out, work_dir=Path(tmp) / "gates", train=COLLAPSE_BUDGET)
+        a, b = gates["a_style"], gates["b_barrier"]
+        print(
+            f"gate (a), θ0 in style on the held-out conversations: {a['conversation']:.1%} "
+            f"(paraphrases {a['paraphrase']:.1%}; need {a['threshold']:.0%}): "
+            f"{'pass' if a['passed'] else 'FAIL'}\n"
+            f"gate (b), barrier between two seeds' fine-tunes: {b['relative_barrier']:.2g} of the "
+            f"endpoint loss: {'pass' if b['passed'] else 'FAIL'}\n"
+            f"written to {out / 'base' / 'gates.json'}"
+        )
 
 
 def _cmd_demo_base(args: argparse.Namespace) -> None:
@@ -205,6 +225,21 @@ def _cmd_fetch_data(args: argparse.Namespace) -> None:
         args.out or f"data/{args.corpus}", sources, max_per_source=args.max_per_source
     )
     print(f"wrote {len(sources)} sources to {out}")
+
+
+def _cmd_base_references(args: argparse.Namespace) -> None:
+    from merit_lab.evaluation.heldout import write_base_references
+
+    out = write_base_references(
+        args.model,
+        args.prompts,
+        args.out,
+        split=args.split,
+        max_examples=args.max_examples,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    )
+    print(f"wrote θ0's answers as evaluation-only references to {out} (use it as eval.heldout)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,12 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "demo-collapse",
-        help="regenerate the short-answer collapse demo: its mixture (data) or θ0 (base)",
+        help="regenerate the short-answer collapse demo: its mixture (data), θ0 (base), or check "
+        "θ0's gates (gates)",
     )
-    c.add_argument("what", choices=("data", "base"))
+    c.add_argument("what", choices=("data", "base", "gates"))
     c.add_argument("--out", help="output folder (default: data/demo-collapse)")
     c.add_argument("--base", help="model to instruction-tune (default: data/demo/base)")
-    c.add_argument("--steps", type=int, default=1500, help="base: instruction-tuning steps")
+    c.add_argument("--steps", type=int, help="base: instruction-tuning steps (default 2000)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_cmd_demo_collapse)
 
@@ -311,6 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--sources", help="comma-separated language[/category] (default: 8 sources)")
     fd.add_argument("--max-per-source", type=int, default=120, help="0 keeps every dialogue")
     fd.set_defaults(func=_cmd_fetch_data)
+
+    br = sub.add_parser(
+        "base-references",
+        help="held-out prompts answered by θ0: an evaluation-only folder for eval.heldout",
+    )
+    br.add_argument("--model", required=True, help="θ0: a folder, a hub id, demo or smollm2")
+    br.add_argument("--prompts", required=True, help="a mixture whose prompts no row trains")
+    br.add_argument("--out", required=True, help="the folder to write (replaced whole)")
+    br.add_argument("--split", default="eval", help="which split's prompts (default: eval)")
+    br.add_argument("--max-examples", type=int, help="at most this many per source")
+    br.add_argument("--max-new-tokens", type=int, default=128, help="θ0's answer budget")
+    br.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    br.set_defaults(func=_cmd_base_references)
 
     t = sub.add_parser("train-branch", help="train one branch from its spec.json (resumes)")
     t.add_argument("spec", help="runs/<name>/branches/<k>/spec.json")

@@ -21,9 +21,9 @@ from merit_lab.io import read_json
 from merit_lab.merging.methods import MERGE_METHODS
 from merit_lab.models.checkpoints import INDEX_NAME, Checkpoint
 from merit_lab.models.loading import DTYPES, HUB_ID
-from merit_lab.partition.plan import PARTITION_METHODS
+from merit_lab.partition.methods import PARTITION_METHODS
 from merit_lab.training.launch import MODES
-from merit_lab.training.trainer import SCHEDULERS
+from merit_lab.training.spec import SCHEDULERS
 
 __all__ = ["config_problems", "curvature_memory_problem", "validate_config"]
 

@@ -9,6 +9,12 @@ import pytest
 import torch
 
 from merit_lab.models.loading import build_pico_llama, load_tokenizer
+from tests.ordering import (  # noqa: F401  (--order reverse|random)
+    pytest_addoption,
+    pytest_collection_modifyitems,
+    pytest_report_header,
+)
+from tests.skip_summary import pytest_terminal_summary  # noqa: F401  (skipped tiers, why)
 
 torch.set_num_threads(2)
 

@@ -25,7 +25,7 @@ from merit_lab.demo import DEMO_DIR
 from merit_lab.io import read_json
 from merit_lab.models.loading import _hub_snapshot, load_model, load_tokenizer, resolve_model_path
 from merit_lab.pipeline import run_pipeline
-from merit_lab.training.trainer import BranchSpec
+from merit_lab.training.spec import BranchSpec
 from tests.conftest import write_demo_slice
 
 REPO, COMMIT = "merit-test/tiny-remote", "0123456789abcdef0123456789abcdef01234567"

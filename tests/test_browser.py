@@ -52,26 +52,8 @@ def _skip_reason() -> str | None:
 
 
 def _notebook() -> nbformat.NotebookNode:
-    """The committed notebook, or one built from its cell list while it is not committed."""
-    path = REPO / "notebooks" / NOTEBOOK
-    if path.exists():
-        return nbformat.read(path, as_version=4)
-    sys.path.insert(0, str(REPO / "notebooks"))
-    try:
-        from nb04_cells import NB04
-    finally:
-        sys.path.remove(str(REPO / "notebooks"))
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nb.cells = [
-        nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-        for kind, src in NB04
-    ]
-    return nb
+    """The committed notebook, as a person last saved it in Jupyter."""
+    return nbformat.read(REPO / "notebooks" / NOTEBOOK, as_version=4)
 
 
 def _free_port() -> int:

@@ -16,7 +16,7 @@ from merit_lab.cli import main
 from merit_lab.config.schema import RunConfig, TrainConfig, load_config
 from merit_lab.data.mixture import SPLITS
 from merit_lab.merging.methods import MERGE_METHODS
-from merit_lab.partition.plan import PARTITION_METHODS
+from merit_lab.partition.methods import PARTITION_METHODS
 from merit_lab.pipeline import run_pipeline
 from merit_lab.validate import validate_config
 

@@ -12,6 +12,7 @@ from sklearn.decomposition import PCA
 
 from merit_lab.analysis import conflict
 from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
+from merit_lab.envelope import EnvelopeError
 
 
 def _rows(t: int = 12, d: int = 500, seed: int = 0) -> np.ndarray:
@@ -160,3 +161,27 @@ def test_errors(mutate, match):
     x, names = mutate(_rows(seed=7), _names(12))
     with pytest.raises(ValueError, match=match):
         compute_conflict_space(x, names)
+
+
+def test_conflict_json_is_enveloped_and_a_foreign_or_newer_one_refused(tmp_path):
+    """conflict.json carried the header from the start: the envelope keeps it, refuses another
+    format or a newer version naming the file, and (no legacy) a document without a header."""
+    space = compute_conflict_space(_rows(seed=8), _names(12))
+    path = space.save(tmp_path / "conflict.json")
+    doc = json.loads(path.read_text())
+    assert list(doc)[:2] == ["format", "version"]
+    assert (doc["format"], doc["version"]) == ("merit-lab/conflict", 1)
+    assert space.to_dict() == doc
+    cases = [
+        ({**doc, "version": 2}, "conflict.json: merit-lab/conflict version 2 is not one"),
+        ({**doc, "format": "merit-lab/partition"}, "holds 'merit-lab/partition', not 'merit-lab/c"),
+        ({k: v for k, v in doc.items() if k not in ("format", "version")}, "holds None"),
+    ]
+    for bad, match in cases:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(EnvelopeError, match=match):
+            ConflictSpace.load(path)
+        with pytest.raises(EnvelopeError, match=match.removeprefix("conflict.json: ")):
+            ConflictSpace.from_dict(bad)
+    path.write_text(json.dumps({**doc, "bank_key": "abc"}))  # the stage adds its key beside
+    assert ConflictSpace.load(path).names == space.names

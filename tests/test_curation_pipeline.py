@@ -21,10 +21,11 @@ from merit_lab.pipeline import (
     run_pipeline,
     run_summary,
 )
-from merit_lab.pipeline.experiments import evaluate_rows, merge_rows, plan_specs
+from merit_lab.pipeline.experiments import evaluate_rows, merge_rows
 from merit_lab.pipeline.figures import write_figures
+from merit_lab.pipeline.rows import plan_specs
 from merit_lab.pipeline.status import token_budget
-from merit_lab.training.trainer import MANIFEST
+from merit_lab.training.branch_log import MANIFEST
 from tests.conftest import write_demo_slice
 
 SOURCES = [

@@ -25,7 +25,7 @@ from merit_lab.data.mixture import Mixture, load_mixture
 from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.gradients.sketch import SketchSpec, build_sketch, sketch_fidelity
 from merit_lab.models.loading import load_model, load_tokenizer, select_parameters
-from merit_lab.partition.plan import split_balanced
+from merit_lab.partition.methods import split_balanced
 
 MAX_ERR = 0.005  # the target that fixed DEFAULT_SKETCH_DIM (config.py, benchmarks/bench_sketch.py)
 SELECTION_SEEDS = (0, 1, 2)  # the seeds the width was chosen at

@@ -20,7 +20,7 @@ from merit_lab.evaluation.evaluate import greedy_answers, heldout_loss
 from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.gradients.sketch import SketchSpec
 from merit_lab.models.loading import load_model, load_tokenizer
-from merit_lab.partition.plan import split_balanced
+from merit_lab.partition.methods import split_balanced
 
 BASE = DEMO_VL_DIR / "base"
 MIN_RIGHT = 0.7  # θ0's share of right words over the four families

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merit_lab.gradients.estimate import GradientBank
+from merit_lab.gradients.bank import GradientBank
 from merit_lab.io import read_json
 from merit_lab.partition.gain import predict_gain
 from merit_lab.partition.plan import Partition

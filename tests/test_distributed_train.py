@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from merit_lab.data.formatting import TokenizedExample
+from merit_lab.training.branch_log import branch_status, read_log
 from merit_lab.training.distributed import (
     NULL_EXAMPLE,
     collate_with_nulls,
@@ -33,7 +34,8 @@ from merit_lab.training.distributed import (
     torchrun_command,
 )
 from merit_lab.training.launch import launch_branches
-from merit_lab.training.trainer import BranchSpec, branch_status, read_log, train_branch, write_spec
+from merit_lab.training.spec import BranchSpec, write_spec
+from merit_lab.training.trainer import train_branch
 from tests.conftest import write_pico_branch_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,7 +70,7 @@ def make_spec(assets, out: Path, **kw) -> BranchSpec:
         dtype="float32",
         save_steps=3,
     )
-    return BranchSpec(**{**defaults, **kw})
+    return BranchSpec.from_dict({**defaults, **kw})
 
 
 def weights(final: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +115,7 @@ def test_global_batch_split_and_refusal(tmp_path, assets):
     with pytest.raises(ValueError, match=r"branch 'b'.*procs_per_branch=2 divides neither"):
         make_spec(assets, tmp_path / "b", batch_size=3, grad_accum=3, procs_per_branch=2)
     assert not (tmp_path / "b").exists()  # refused before any work
-    with pytest.raises(ValueError, match="distributed must be one of"):
+    with pytest.raises(ValueError, match="distributed: unknown distributed mode 'zero3'"):
         make_spec(assets, tmp_path / "b", distributed="zero3")
     cmd = torchrun_command("s.json", 2)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
@@ -179,7 +181,8 @@ SLOW_TRAIN = """
 import sys, time
 from transformers import TrainerCallback
 from merit_lab.training.distributed import finish_process_group
-from merit_lab.training.trainer import BranchSpec, train_branch
+from merit_lab.training.spec import BranchSpec
+from merit_lab.training.trainer import train_branch
 
 class Slow(TrainerCallback):  # leaves time to kill it between checkpoints
     def on_step_end(self, *args, **kwargs):

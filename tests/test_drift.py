@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from merit_lab.analysis.drift import compute_drift, pca_basis, principal_angles
+from merit_lab.analysis.drift import Drift, compute_drift, pca_basis, principal_angles
 from merit_lab.config.schema import load_config
+from merit_lab.envelope import EnvelopeError
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.drift import compute_run_drift, drift_section, load_drift
 from tests.conftest import write_demo_slice, write_tiny_run_config
@@ -54,6 +55,27 @@ def test_pca_basis_and_drift_of_a_known_rotation():
     np.testing.assert_allclose(same.coords, drift.theta0.coords(2), atol=1e-12)
     with pytest.raises(ValueError, match="k must be"):
         compute_drift(["a", "b", "c"], rows0[:3], {}, k=2)
+
+
+def test_drift_document_is_enveloped_and_a_legacy_one_still_loads():
+    """`Drift.to_dict` carries the header; a newer version or another format is refused naming
+    the file; a document from before the envelope (no header) reads as version 1."""
+    rows0 = np.array([[2, 1, 0, 5], [2, -1, 0, 5], [-2, 1, 0, 5], [-2, -1, 0, 5]], float)
+    rows1 = rows0 + np.array([0.0, 0.0, 1.0, 0.0])
+    drift = compute_drift([f"s{i}" for i in range(4)], rows0, {"later": rows1}, k=2)
+    doc = json.loads(json.dumps(drift.to_dict()))  # as drift.json holds it
+    assert list(doc)[:2] == ["format", "version"]
+    assert (doc["format"], doc["version"]) == ("merit-lab/drift", 1)
+    for legacy in (False, True):
+        d = {k: v for k, v in doc.items() if k not in ("format", "version")} if legacy else doc
+        back = Drift.from_dict(d, drift.theta0)
+        assert back.names == drift.names and back.k == 2
+        np.testing.assert_array_equal(back.points[0].angles, drift.points[0].angles)
+        np.testing.assert_array_equal(back.points[0].coords, drift.points[0].coords)
+    with pytest.raises(EnvelopeError, match="drift.json: merit-lab/drift version 2 is not one"):
+        Drift.from_dict({**doc, "version": 2}, drift.theta0, source="drift.json")
+    with pytest.raises(EnvelopeError, match="holds 'merit-lab/conflict', not 'merit-lab/drift'"):
+        Drift.from_dict({**doc, "format": "merit-lab/conflict"}, drift.theta0)
 
 
 SOURCES = [

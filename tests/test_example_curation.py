@@ -16,8 +16,8 @@ from merit_lab.models.loading import load_tokenizer, resolve_model_path
 from merit_lab.partition.plan import Partition
 from merit_lab.pipeline import RunDir, run_pipeline
 from merit_lab.pipeline.examples import load_example_session
-from merit_lab.pipeline.experiments import plan_specs
-from merit_lab.training.trainer import MANIFEST
+from merit_lab.pipeline.rows import plan_specs
+from merit_lab.training.branch_log import MANIFEST
 from tests.conftest import write_demo_slice
 
 SOURCES = [

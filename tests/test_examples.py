@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from merit_lab.analysis.conflict import compute_conflict_space
 from merit_lab.analysis.examples import (
@@ -16,6 +18,7 @@ from merit_lab.analysis.examples import (
     resketch,
     weighted_mean,
 )
+from merit_lab.envelope import EnvelopeError
 
 
 def _synthetic(seed: int = 0, t: int = 4, n: int = 30, d: int = 64):
@@ -147,6 +150,30 @@ def test_save_load_round_trip_and_bad_file(tmp_path):
             bank_norms=sk.bank_norms,
             rows=np.zeros((1, 2)),
         )
+
+
+def test_sketch_file_is_enveloped_and_a_legacy_one_still_loads(tmp_path):
+    """The header sits in the safetensors metadata; a newer version or another format (an HF
+    weights file says "pt") is refused naming the file; a file without it reads as version 1."""
+    *_, sk = _synthetic(t=2, n=3)
+    path = sk.save(tmp_path / "examples.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    assert (meta["format"], meta["version"]) == ("merit-lab/example-sketches", "1")
+    cases = [
+        ({**meta, "version": "2"}, "merit-lab/example-sketches version 2 is not one"),
+        ({**meta, "format": "pt"}, "this file holds 'pt', not 'merit-lab/example-sketches'"),
+    ]
+    for bad, match in cases:
+        save_file(tensors, str(path), metadata=bad)
+        with pytest.raises(EnvelopeError, match="examples.safetensors: " + match):
+            ExampleSketches.load(path)
+    legacy = {k: v for k, v in meta.items() if k not in ("format", "version")}
+    save_file(tensors, str(path), metadata=legacy)
+    back = ExampleSketches.load(path)
+    assert back.ids == sk.ids and back.bank_names == sk.bank_names
+    np.testing.assert_array_equal(back.rows, sk.rows)
 
 
 def test_self_shares_sum_to_one_and_flag_a_dominant_example():

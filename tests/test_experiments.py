@@ -18,7 +18,8 @@ from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.io import read_json
 from merit_lab.partition.plan import Partition
 from merit_lab.pipeline import RunDir, make_partition, run_pipeline
-from merit_lab.pipeline.experiments import experiment_partition, model_rows
+from merit_lab.pipeline.curation import experiment_partition
+from merit_lab.pipeline.experiments import model_rows
 from merit_lab.pipeline.status import token_budget
 from tests.conftest import write_demo_slice
 
@@ -170,7 +171,7 @@ def test_branches_train_from_theta0_with_shared_settings(full_run):
     assert sorted(srcs) == SOURCES
 
 
-def test_rerun_skips_every_stage_and_eval_change_reevaluates(full_run, slice_dir):
+def test_rerun_skips_every_stage_and_eval_change_reevaluates(full_run, slice_dir, tmp_path):
     cfg, run = full_run
     timings = read_json(run.timings)
     caches = {p: p.stat().st_mtime_ns for p in (run.root / "eval").glob("*.parquet")}
@@ -179,10 +180,12 @@ def test_rerun_skips_every_stage_and_eval_change_reevaluates(full_run, slice_dir
     assert read_json(run.timings) == timings  # nothing did work again
     assert {p: p.stat().st_mtime_ns for p in caches} == caches
     assert {p: p.stat().st_mtime_ns for p in finals} == finals
-    cfg2 = _config(slice_dir, Path(cfg.output_dir), eval={"max_examples": 3})
-    run_pipeline(cfg2, ["evaluate"])
-    table = pd.read_parquet(run.eval)
+    # the changed setting re-evaluates a copy: the module's run stays as the other tests read it
+    shutil.copytree(run.root, tmp_path / run.root.name)
+    run2 = run_pipeline(_config(slice_dir, tmp_path, eval={"max_examples": 3}), ["evaluate"])
+    table = pd.read_parquet(run2.eval)
     assert (table.loc[table.split == "eval", "n"] == 3).all()
+    assert (pd.read_parquet(run.eval).loc[lambda t: t.split == "eval", "n"] == 4).all()
 
 
 def test_a_changed_partition_is_refused_once_branches_exist(full_run):
@@ -214,7 +217,7 @@ def test_interrupted_training_resumes_in_the_pipeline(slice_dir, tmp_path, one_t
     """A joint run killed after its step-2 checkpoint is resumed, not restarted, by a re-run."""
     from transformers import TrainerCallback
 
-    from merit_lab.pipeline.experiments import plan_specs
+    from merit_lab.pipeline.rows import plan_specs
     from merit_lab.training.trainer import train_branch
 
     cfg = _config(
@@ -281,3 +284,127 @@ def test_model_rows_cover_every_merge_method(full_run):
     assert rows["merit-1d+ties"].merge_method == "ties"
     assert rows["merit-1d+ties"].inputs == rows["merit-1d"].inputs
     assert rows["theta0"].kind == "theta0" and not rows["theta0"].inputs
+
+
+# `pipeline.experiments._spec(cfg, "merit-1d/0", ["a", "b"], out, 2.0, 4, {"a": 0.5, "c": 0.2},
+# {"b": ("x",), "c": ("y",)}).to_dict()` at commit 991a88b, for the config below: the fields it
+# copied one by one from the config, which `branch_spec` now takes from the sections whole.
+OLD_PLANNED_SPEC = {
+    "name": "merit-1d/0",
+    "sources": ["a", "b"],
+    "mixture": {
+        "path": "demo",
+        "source_column": "source",
+        "calibration_n": 8,
+        "eval_fraction": 0.2,
+        "seed": 2,
+        "split": "train",
+    },
+    "epochs": 2.0,
+    "lr": 0.001,
+    "batch_size": 4,
+    "grad_accum": 2,
+    "warmup_ratio": 0.1,
+    "lr_scheduler": "linear",
+    "weight_decay": 0.01,
+    "max_grad_norm": 0.5,
+    "max_length": 96,
+    "long_examples": "skip",
+    "seed": 4,
+    "device": "cpu",
+    "dtype": "bfloat16",
+    "save_steps": 7,
+    "keep_checkpoints": False,
+    "fractions": {"a": 0.5},
+    "excluded": {"b": ["x"]},
+    "trust_remote_code": True,
+    "procs_per_branch": 2,
+    "gradient_checkpointing": True,
+    "lora_r": 8,
+    "lora_alpha": 4,
+    "lora_dropout": 0.05,
+    "lora_target_modules": ["q_proj"],
+    "lora_rslora": True,
+}
+
+
+def test_a_branch_spec_is_the_config_s_sections_and_keeps_the_old_layout(tmp_path):
+    """Every setting away from its default, the run-level ones too (seeds, launcher, gpus...):
+    the planned spec is what the hand copy made, so existing branches are the same branch."""
+    import yaml
+
+    from merit_lab.models.loading import resolve_model_path
+    from merit_lab.pipeline.rows import branch_spec
+
+    path = tmp_path / "c.yaml"
+    train = {
+        "lr": 1e-3,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "warmup_ratio": 0.1,
+        "lr_scheduler": "linear",
+        "weight_decay": 0.01,
+        "max_grad_norm": 0.5,
+        "max_length": 96,
+        "seed": 1,
+        "seeds": [4, 5],
+        "save_steps": 7,
+        "launcher": "local",
+        "n_procs": 2,
+        "gpus": [0],
+        "procs_per_branch": 2,
+        "gradient_checkpointing": True,
+        "lora_r": 8,
+        "lora_alpha": 4,
+        "lora_dropout": 0.05,
+        "lora_target_modules": ["q_proj"],
+        "lora_rslora": True,
+    }
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cmp",
+                "mixture": {"path": "demo", "long_examples": "skip", "eval_fraction": 0.2},
+                "output_dir": str(tmp_path / "runs"),
+                "seed": 2,
+                "device": "cpu",
+                "dtype": "bfloat16",
+                "trust_remote_code": True,
+                "calibration": {"n": 8},
+                "train": train,
+            }
+        )
+    )
+    cfg = load_config(path)
+    out = tmp_path / "runs" / "cmp" / "branches" / "merit-1d" / "0"
+    fractions, excluded = {"a": 0.5, "c": 0.2}, {"b": ("x",), "c": ("y",)}
+    spec = branch_spec(cfg, "merit-1d/0", ["a", "b"], out, 2.0, 4, fractions, excluded)
+    assert spec.to_dict() == {
+        **OLD_PLANNED_SPEC,
+        "base_model": str(Path(resolve_model_path("demo")).resolve()),
+        "output_dir": str(out.resolve()),
+    }
+    assert spec.train.seeds == () and spec.train.launcher == "sequential"  # the run's, not its
+
+
+def test_every_experiment_kind_plans_its_branches_and_rows():
+    from merit_lab.config.schema import EXPERIMENT_KINDS
+    from merit_lab.pipeline.rows import ROW_KINDS
+
+    assert sorted(ROW_KINDS) == sorted(EXPERIMENT_KINDS)
+
+
+def test_the_diagnostics_section_is_passed_whole_to_run_diagnostics():
+    """The runner calls ``run_diagnostics(run, **asdict(cfg.diagnostics))``: every field is one
+    of its keywords, with the same default (an empty tuple: every experiment, every parameter)."""
+    import dataclasses
+    import inspect
+
+    from merit_lab.config.schema import DiagnosticsConfig
+    from merit_lab.pipeline.diagnose import run_diagnostics
+
+    params = inspect.signature(run_diagnostics).parameters
+    for f in dataclasses.fields(DiagnosticsConfig):
+        assert f.name in params, f.name
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert params[f.name].default == (None if default == () else default), f.name

@@ -20,7 +20,8 @@ from merit_lab.training.exports import (
     load_spec_mixture,
     trained_indices,
 )
-from merit_lab.training.trainer import BranchSpec, _schedule, _train_examples
+from merit_lab.training.spec import BranchSpec
+from merit_lab.training.trainer import _schedule, _train_examples
 from tests.conftest import write_jsonl
 
 # trl 1.16 `trl.scripts.utils.DatasetConfig` fields (read from the wheel's source); the exported
@@ -48,16 +49,18 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
 
 def make_spec(assets, name: str, sources, **kw) -> BranchSpec:
     base, mix = assets
-    return BranchSpec(
-        name=name,
-        base_model=str(base),
-        output_dir=str(mix.parent / name),
-        sources=tuple(sources),
-        mixture={"path": str(mix), "eval_fraction": 0.1, "seed": 3, "calibration_n": 4},
-        max_length=MAX_LENGTH,
-        long_examples="skip",
-        device="cpu",
-        **kw,
+    return BranchSpec.from_dict(
+        dict(
+            name=name,
+            base_model=str(base),
+            output_dir=str(mix.parent / name),
+            sources=tuple(sources),
+            mixture={"path": str(mix), "eval_fraction": 0.1, "seed": 3, "calibration_n": 4},
+            max_length=MAX_LENGTH,
+            long_examples="skip",
+            device="cpu",
+            **kw,
+        )
     )
 
 

@@ -19,12 +19,13 @@ from PIL import Image
 from merit_lab.analysis.conflict import compute_conflict_space
 from merit_lab.analysis.examples import pair_contributions
 from merit_lab.io import atomic_write_json
-from merit_lab.partition.plan import split_balanced
+from merit_lab.partition.methods import split_balanced
 from merit_lab.pipeline.figures import CONTACT_SHEET, WIDE_STEMS, collect_figures, write_figures
 from merit_lab.viz.export import make_contact_sheet, save_figure, static_renderer_problem
 from merit_lab.viz.plots import plot_comparison
 from merit_lab.viz.plots_diagnostics import plot_diagnostics_files
 from merit_lab.viz.style import MARKERS, PALETTE, paper_layout, style_map
+from tests.test_plots_frontier import pilot_frontier
 
 # 16 sources and 14 models: more series than the 12 colours, so the dash/marker/hatch cycle is
 # what keeps them apart.
@@ -230,6 +231,7 @@ def figures(run_dir) -> dict[str, go.Figure]:
     """Every figure of the run, each in the screen style and in the paper style."""
     raw = collect_figures(run_dir) | plot_diagnostics_files(diagnostics_documents())
     raw |= interpretability_figures()
+    raw["frontier"] = pilot_frontier()
     spread = pd.DataFrame(0.01, index=MODELS[:3], columns=["add", "sub"])
     wide = pd.DataFrame(0.5, index=MODELS, columns=["add", "sub", "avg"])
     raw["compare_spread"] = plot_comparison(wide, metric="loss", spread=spread)
@@ -264,6 +266,7 @@ def test_the_run_has_every_kind_of_figure(figures):
         "layer_cosines",
         "drift_angles",
         "drift_map",
+        "frontier",
     }
     assert want <= stems, want - stems
 

@@ -16,7 +16,8 @@ import pytest
 
 from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
 from merit_lab.io import atomic_write_json, read_json
-from merit_lab.partition.plan import Partition, split_balanced
+from merit_lab.partition.methods import split_balanced
+from merit_lab.partition.plan import Partition
 from merit_lab.pipeline.figures import CONVERGENCE_FILE, PAPER, collect_figures, write_figures
 from merit_lab.viz.export import static_renderer_problem
 from merit_lab.viz.style import MUTED, PALETTE

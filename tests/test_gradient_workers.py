@@ -18,9 +18,17 @@ import yaml
 
 from merit_lab.config.schema import load_config
 from merit_lab.data.mixture import load_mixture
-from merit_lab.gradients.estimate import GradientBank, estimate_gradients, micro_batches
+from merit_lab.envelope import EnvelopeError
+from merit_lab.gradients.bank import GradientBank
+from merit_lab.gradients.estimate import estimate_gradients, micro_batches
 from merit_lab.gradients.sketch import SketchSpec
-from merit_lab.gradients.workers import GradientJob, job_paths, launch_jobs, shard_sources
+from merit_lab.gradients.workers import (
+    GradientJob,
+    job_paths,
+    launch_jobs,
+    read_done,
+    shard_sources,
+)
 from merit_lab.models.loading import build_pico_llama, load_model, select_parameters
 from merit_lab.pipeline import run_pipeline
 
@@ -42,6 +50,44 @@ def test_shard_sources_balances_cost_and_keeps_order():
     assert shard_sources(list("ab"), {}, 5) == [["a"], ["b"]]  # no empty shard
     with pytest.raises(ValueError, match="workers"):
         shard_sources(["a"], {}, 0)
+
+
+def test_job_file_is_enveloped_and_a_legacy_one_still_loads(tmp_path):
+    """A job file carries the header over its fields; a newer version, another format or an
+    unknown field is refused naming the file; a job from before the envelope still loads."""
+    job = GradientJob(worker=1, model="/m", out_dir="/o", sources=("a", "b"), n=8)
+    path = job.save(tmp_path / "1.job.json")
+    doc = json.loads(path.read_text())
+    assert list(doc)[:2] == ["format", "version"]
+    assert (doc["format"], doc["version"]) == ("merit-lab/gradient-job", 1)
+    assert doc["sources"] == ["a", "b"] and doc["n"] == 8 and doc["worker"] == 1
+    assert GradientJob.load(path) == job
+    cases = [
+        (
+            {**doc, "version": 2},
+            "1.job.json: merit-lab/gradient-job version 2 is not one",
+            EnvelopeError,
+        ),
+        (
+            {**doc, "format": "merit-lab/gradient-bank"},
+            "holds 'merit-lab/gradient-bank'",
+            EnvelopeError,
+        ),
+        ({**doc, "sauce": 1}, r"1.job.json: unknown gradient-job fields \['sauce'\]", ValueError),
+    ]
+    for bad, match, error in cases:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(error, match=match):
+            GradientJob.load(path)
+    path.write_text(json.dumps({k: v for k, v in doc.items() if k not in ("format", "version")}))
+    assert GradientJob.load(path) == job
+    # the done record beside it: the same rules
+    done = {"worker": 1, "sources": ["a"], "info": {"key": "k"}, "throughput": {}}
+    path.write_text(json.dumps(done))
+    assert read_done(path) == done
+    path.write_text(json.dumps({"format": "merit-lab/gradient-worker-done", "version": 2}))
+    with pytest.raises(EnvelopeError, match="gradient-worker-done version 2 is not one"):
+        read_done(path)
 
 
 def test_token_micro_batches_pack_longest_first_and_change_no_gradient(
@@ -159,6 +205,8 @@ def test_two_workers_equal_one_process_bitwise(tmp_path, demo6, monkeypatch):
     shards = shard_sources(names, {}, 2)
     dones = launch_jobs(_jobs(tmp_path, shards), mode="local", n_procs=2)
     assert [d["sources"] for d in dones] == shards
+    done_file = json.loads(job_paths(tmp_path / "bank", 0)[1].read_text())
+    assert (done_file["format"], done_file["version"]) == ("merit-lab/gradient-worker-done", 1)
     info = agreed_info(dones)
     bank = assemble_bank(tmp_path / "bank", names, info, {})
     ref = _one_thread_bank(demo6, names)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,9 @@ import torch
 import merit_lab.gradients.estimate as gradients_mod
 from merit_lab.data.formatting import tokenize_examples
 from merit_lab.data.mixture import Mixture, load_mixture
-from merit_lab.gradients.estimate import GradientBank, estimate_gradients
+from merit_lab.envelope import EnvelopeError
+from merit_lab.gradients.bank import GradientBank
+from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.gradients.sketch import SketchSpec
 
 EXACT = SketchSpec(kind="exact")
@@ -228,3 +231,33 @@ def test_prefetch_thread_changes_nothing_and_errors_name_their_source(
     for prefetch in (False, True):
         with pytest.raises(ValueError, match=f"source {empty.name!r} has no calibration"):
             estimate_gradients(pico_model, demo_tokenizer, broken, prefetch=prefetch, **kw)
+
+
+def test_bank_json_is_enveloped_and_a_legacy_one_still_loads(tmp_path):
+    """bank.json carries the header; a newer version or another format is refused naming the
+    file; a bank.json from before the envelope (no header) reads as version 1."""
+    rows = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, 4.0]], dtype=np.float32)
+    stats = {"a": {"loss": 1.5}, "b": {"loss": 2.0}}
+    bank = GradientBank(("a", "b"), rows, {"key": "k1", "n": 4}, stats)
+    path = bank.save(tmp_path) / "bank.json"
+    doc = json.loads(path.read_text())
+    assert list(doc)[:2] == ["format", "version"]
+    assert doc == {
+        "format": "merit-lab/gradient-bank",
+        "version": 1,
+        "names": ["a", "b"],
+        "info": {"key": "k1", "n": 4},
+        "stats": stats,
+    }
+    cases = [
+        ({**doc, "version": 2}, "bank.json: merit-lab/gradient-bank version 2 is not one"),
+        ({**doc, "format": "merit-lab/layer-bank"}, "holds 'merit-lab/layer-bank', not"),
+    ]
+    for bad, match in cases:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(EnvelopeError, match=match):
+            GradientBank.load(tmp_path)
+    path.write_text(json.dumps({k: v for k, v in doc.items() if k not in ("format", "version")}))
+    back = GradientBank.load(tmp_path)
+    assert back.names == ("a", "b") and back.info == bank.info and back.stats == stats
+    np.testing.assert_array_equal(back.rows, rows)

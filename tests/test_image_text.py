@@ -258,7 +258,7 @@ def test_merge_averages_vision_projector_and_language_and_carries_the_processor(
 ):
     """A linear merge of two image-text branches: every tensor (tower, merger, LM) is the
     average; the merged folder loads as an image-text model with its image processor."""
-    from merit_lab.merging.methods import merge_checkpoints
+    from merit_lab.merging.stream import merge_checkpoints
 
     folders = []
     for k in range(2):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from merit_lab.training.branch_log import branch_status
 from merit_lab.training.launch import BranchFailedError, launch_branches
-from merit_lab.training.trainer import BranchSpec, branch_status
+from merit_lab.training.spec import BranchSpec
 from tests.conftest import write_pico_branch_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,8 +31,8 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
 
 def make_spec(assets, out: Path, sources=("add",), **kw) -> BranchSpec:
     base, mix = assets
-    return BranchSpec(
-        **{
+    return BranchSpec.from_dict(
+        {
             "name": out.name,
             "base_model": str(base),
             "output_dir": str(out),

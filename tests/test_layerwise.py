@@ -21,6 +21,7 @@ from merit_lab.analysis.layerwise import (
     group_parameters,
 )
 from merit_lab.config.schema import CalibrationConfig, RunConfig, SketchSpec, load_config
+from merit_lab.envelope import EnvelopeError
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.layers import bank_calibration, load_layer_conflict
 from tests.conftest import write_demo_slice, write_tiny_run_config
@@ -121,6 +122,33 @@ def test_axis_shares_hand_worked():
     np.testing.assert_allclose(contrib[0], [[0.25, -0.25], [-0.25, 0.25]], atol=1e-7)
     np.testing.assert_allclose(contrib[1], [[0.75, 0.75], [0.75, 0.75]], atol=1e-7)
     np.testing.assert_allclose(axis_shares(contrib, np.array([3.0, 1.0])), [1.0, 0.0], atol=1e-7)
+
+
+def test_layers_json_is_enveloped_and_a_legacy_one_still_loads(tmp_path):
+    """layers.json carries the header; a newer version or another format is refused naming the
+    file; one from before the envelope (no header) reads as version 1, rows and groups intact."""
+    groups = group_parameters(["model.embed_tokens.weight", "model.layers.0.mlp.w"], "modules")
+    groups = (
+        dataclasses.replace(groups[0], start=0, stop=2),
+        dataclasses.replace(groups[1], start=2, stop=3),
+    )
+    bank = LayerBank(("x", "y"), groups, np.arange(6, dtype=np.float32).reshape(2, 3), {"k": 1})
+    path = bank.save(tmp_path) / "layers.json"
+    doc = json.loads(path.read_text())
+    assert list(doc)[:2] == ["format", "version"]
+    assert (doc["format"], doc["version"]) == ("merit-lab/layer-bank", 1)
+    cases = [
+        ({**doc, "version": 2}, "layers.json: merit-lab/layer-bank version 2 is not one"),
+        ({**doc, "format": "merit-lab/gradient-bank"}, "holds 'merit-lab/gradient-bank', not"),
+    ]
+    for bad, match in cases:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(EnvelopeError, match=match):
+            LayerBank.load(tmp_path)
+    path.write_text(json.dumps({k: v for k, v in doc.items() if k not in ("format", "version")}))
+    back = LayerBank.load(tmp_path)
+    assert back.names == ("x", "y") and back.groups == groups and back.info == {"k": 1}
+    np.testing.assert_array_equal(back.rows, bank.rows)
 
 
 def test_layer_fields_change_no_bank_key():

@@ -22,7 +22,7 @@ from merit_lab.demo import DEMO_DIR
 from merit_lab.io import read_json
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.report import long_and_small_section, long_and_small_table
-from merit_lab.training.trainer import BranchSpec
+from merit_lab.training.spec import BranchSpec
 from tests.conftest import chat
 
 PROMPT, RESPONSE = "a" * 20, "xyz"

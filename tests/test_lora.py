@@ -123,6 +123,7 @@ def test_merged_folder_and_stacked_adapter_equal_the_float64_reference(lora_asse
     via_peft = peft_model.merge_and_unload().state_dict()
     assert max((via_peft[k].double() - ref[k]).abs().max().item() for k in ref) < 1e-6
     manifest = json.loads((tmp_path / "m" / "merge_manifest.json").read_text())
+    assert (manifest["format"], manifest["version"]) == ("merit-lab/merge-manifest", 1)
     assert manifest["lora"]["adapter_rank"] == 9 and manifest["weights"] == weights
     assert report.n_tensors == len(ref)
     # bare adapters hold no dense model: no mergekit export, and the manifest says why
@@ -184,11 +185,11 @@ class _Interrupt(Exception):
 
 
 def _branch_spec(assets, out: Path, **kw):
-    from merit_lab.training.trainer import BranchSpec
+    from merit_lab.training.spec import BranchSpec
 
     base, mix = assets
-    return BranchSpec(
-        **{
+    return BranchSpec.from_dict(
+        {
             "name": out.name,
             "base_model": str(base),
             "output_dir": str(out),
@@ -212,7 +213,9 @@ def _branch_spec(assets, out: Path, **kw):
 def test_lora_branch_trains_resumes_and_writes_adapter_and_dense_model(tmp_path):
     from transformers import TrainerCallback
 
-    from merit_lab.training.trainer import BranchSpec, read_log, train_branch
+    from merit_lab.training.branch_log import read_log
+    from merit_lab.training.spec import BranchSpec
+    from merit_lab.training.trainer import train_branch
     from tests.conftest import write_pico_branch_assets
 
     assets = write_pico_branch_assets(tmp_path / "assets")  # 6 steps of 8
@@ -282,6 +285,13 @@ def test_lora_bank_is_the_gradient_of_the_warmed_up_adapter(tmp_path, tiny_mixtu
     pooled = [ex for s in mix for ex in tokenize_examples(tok, s.train, 64)]
     settings = LoraWarmup(steps=3, r=2, alpha=4.0, lr=1e-2, batch_size=4, seed=0)
     folder = warm_up_lora(base, tok, pooled, tmp_path / "w", settings, key="k1")
+    record = json.loads((folder / "warmup.json").read_text())
+    assert (record["format"], record["version"], record["key"]) == (
+        "merit-lab/lora-warmup",
+        1,
+        "k1",
+    )
+    assert len(record["losses"]) == 3 and record["settings"]["r"] == 2
     a, b = (warm_up_lora(base, tok, pooled, tmp_path / f"w{i}", settings, key="k") for i in (2, 3))
     assert (a / "adapter_model.safetensors").read_bytes() == (
         b / "adapter_model.safetensors"
@@ -322,7 +332,7 @@ def test_lora_bank_is_the_gradient_of_the_warmed_up_adapter(tmp_path, tiny_mixtu
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
     # a gradient worker (calibration.workers > 1) loads the same adapter and gives the same rows
-    from merit_lab.gradients.estimate import read_part
+    from merit_lab.gradients.bank import read_part
     from merit_lab.gradients.workers import GradientJob, run_job
 
     job = GradientJob(
@@ -342,6 +352,30 @@ def test_lora_bank_is_the_gradient_of_the_warmed_up_adapter(tmp_path, tiny_mixtu
     for i, name in enumerate(names):
         row, _ = read_part(tmp_path / "bank", name, done["info"], {})
         torch.testing.assert_close(torch.from_numpy(row), torch.from_numpy(bank.rows[i]))
+
+
+def test_warmup_record_of_another_format_or_newer_version_is_refused(tmp_path):
+    """warmup.json: a newer version or another format is refused naming the file (also where a
+    run only checks whether its adapter is current); one from before the envelope still reads."""
+    from merit_lab.envelope import EnvelopeError
+    from merit_lab.gradients.lora_bank import read_warmup, warmup_info
+
+    record = {"key": "k1", "settings": {"steps": 3, "r": 2}, "losses": [2.0, 1.5, 1.0]}
+    path = tmp_path / "warmup.json"
+    path.write_text(json.dumps(record))  # a record from before the envelope
+    assert read_warmup(tmp_path) == record
+    assert warmup_info(tmp_path) == {"warmup_key": "k1", "steps": 3, "r": 2}
+    header = {"format": "merit-lab/lora-warmup", "version": 1}
+    path.write_text(json.dumps({**header, **record}))
+    assert read_warmup(tmp_path) == record
+    cases = [
+        ({**header, **record, "version": 2}, "merit-lab/lora-warmup version 2 is not one"),
+        ({**record, "format": "merit-lab/gradient-job", "version": 1}, "holds 'merit-lab/grad"),
+    ]
+    for bad, match in cases:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(EnvelopeError, match="warmup.json: .*" + match):
+            warmup_info(tmp_path)
 
 
 # ------------------------------------------------------------------ pipeline: LoRA rows end to end
@@ -398,9 +432,9 @@ def test_lora_run_merges_exactly_evaluates_diagnoses_and_reports(lora_run):
     import numpy as np
     import pandas as pd
 
-    from merit_lab.gradients.estimate import GradientBank
+    from merit_lab.gradients.bank import GradientBank
     from merit_lab.models.loading import resolve_model_path
-    from merit_lab.pipeline.experiments import branch_dirs
+    from merit_lab.pipeline.curation import branch_dirs
 
     cfg, run = lora_run
     bank = GradientBank.load(run.gradients)

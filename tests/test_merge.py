@@ -1,5 +1,5 @@
-"""Tests for merit_lab.merging.methods: numbers against independent computations on pico Llama
-checkpoints."""
+"""Tests for merit_lab.merging (methods, stream): numbers against independent computations on
+pico Llama checkpoints."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.bench_merge import mergekit_yaml
+from merit_lab.envelope import HEADER, EnvelopeError
 from merit_lab.io import sha256_file
-from merit_lab.merging.methods import (
+from merit_lab.merging.methods import merge_linear, merge_task_arithmetic, merge_ties
+from merit_lab.merging.stream import (
     fingerprint_checkpoint,
+    load_merge_manifest,
     merge_checkpoints,
-    merge_linear,
-    merge_task_arithmetic,
-    merge_ties,
+    save_merge_manifest,
 )
 
 K = 3
@@ -412,6 +413,9 @@ def test_manifest_index_and_mergekit_yaml(fp32, tmp_path):
     )
     out = tmp_path / "m"
     man = json.loads((out / "merge_manifest.json").read_text())
+    assert list(man)[:2] == ["format", "version"]
+    assert (man["format"], man["version"]) == ("merit-lab/merge-manifest", 1)
+    assert load_merge_manifest(out) == {k: v for k, v in man.items() if k not in HEADER}
     assert man["method"] == "linear" and man["weights"] == WEIGHTS
     assert man["base_fingerprint"] == fingerprint_checkpoint(base) == report.base_fingerprint
     for entry, folder in zip([*man["inputs"], man["base"]], [*branches, base], strict=True):
@@ -435,6 +439,27 @@ def test_manifest_index_and_mergekit_yaml(fp32, tmp_path):
     assert cfg["merge_method"] == "linear" and cfg["out_dtype"] == "float32"
     assert [m["model"] for m in cfg["models"]] == [str(b.resolve()) for b in branches]
     assert [m["parameters"]["weight"] for m in cfg["models"]] == WEIGHTS
+
+
+def test_manifest_of_another_format_or_newer_version_is_refused_and_a_legacy_one_read(tmp_path):
+    """`load_merge_manifest` (a merged folder, or the file): a newer version or another format is
+    refused naming the file; a manifest from before the envelope (no header) reads as v1."""
+    doc = {"method": "linear", "weights": [0.25, 0.75], "params": {}}
+    path = save_merge_manifest(tmp_path, doc)
+    assert path == tmp_path / "merge_manifest.json"
+    header = {"format": "merit-lab/merge-manifest", "version": 1}
+    assert json.loads(path.read_text()) == {**header, **doc}
+    assert load_merge_manifest(tmp_path) == load_merge_manifest(path) == doc
+    cases = [
+        ({**header, "version": 2, **doc}, "merit-lab/merge-manifest version 2 is not one"),
+        ({**doc, "format": "merit-lab/partition", "version": 1}, "holds 'merit-lab/partition'"),
+    ]
+    for bad, match in cases:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(EnvelopeError, match="merge_manifest.json: .*" + match):
+            load_merge_manifest(tmp_path)
+    path.write_text(json.dumps(doc))
+    assert load_merge_manifest(tmp_path) == doc
 
 
 def test_overwrite_replaces_an_existing_merge(fp32, tmp_path):

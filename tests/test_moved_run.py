@@ -15,7 +15,8 @@ from merit_lab.io import read_json
 from merit_lab.pipeline import RunDir, run_pipeline, run_summary
 from merit_lab.pipeline.experiments import evaluate_rows, merge_rows
 from merit_lab.pipeline.report import write_report
-from merit_lab.training.trainer import MANIFEST, BranchSpec
+from merit_lab.training.branch_log import MANIFEST
+from merit_lab.training.spec import BranchSpec
 from tests.conftest import write_demo_slice, write_tiny_run_config
 
 SOURCES = [

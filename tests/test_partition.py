@@ -11,14 +11,10 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
+from merit_lab.envelope import EnvelopeError
 from merit_lab.partition.gain import predict_gain
-from merit_lab.partition.plan import (
-    Partition,
-    split_balanced,
-    split_balanced_k,
-    split_kmeans,
-    split_random,
-)
+from merit_lab.partition.methods import split_balanced, split_balanced_k, split_kmeans, split_random
+from merit_lab.partition.plan import Partition
 
 
 def _names(t: int) -> list[str]:
@@ -51,7 +47,7 @@ def _planted(seed: int = 0):
         ]
         for i, n in zip(members, rng.permutation(sizes), strict=True):
             examples[names[i]] = int(n)
-            tokens[names[i]] = int(n) * int(rng.integers(20, 200))
+            tokens[names[i]] = int(n) * 37  # the same example length: both balances agree
     return rows, names, examples, tokens, sa, sb
 
 
@@ -76,10 +72,11 @@ def _space_from_coords(coords: np.ndarray) -> ConflictSpace:
     return ConflictSpace(_names(t), np.eye(t), ev, emb, ev / ev.sum(), tuple(range(t)))
 
 
-def _check_share(part: Partition, examples) -> None:
-    total = sum(examples.values())
-    max_share = max(examples.values()) / total
-    shares = np.array(part.group_examples) / total
+def _check_share(part: Partition, tokens) -> None:
+    """Each group within one source's size of 1/K of the tokens (the split's size unit)."""
+    total = sum(tokens.values())
+    max_share = max(tokens.values()) / total
+    shares = np.array(part.group_tokens) / total
     assert np.all(np.abs(shares - 1 / part.k) <= max_share), (shares, max_share)
 
 
@@ -89,13 +86,13 @@ def test_balanced_example_shares(seed):
     for r in (1, 2, 3):
         part = split_balanced(space, ex, tok, r=r)
         assert part.k == 2**r and part.params["r"] == r
-        _check_share(part, ex)
+        _check_share(part, tok)
     for k in (3, 5, 6):
         part = split_balanced_k(space, ex, tok, k=k)
         assert part.k == k
-        _check_share(part, ex)
+        _check_share(part, tok)
     for k in (2, 3, 4, 5, 6, 8):
-        _check_share(split_random(space.names, ex, tok, k=k, seed=seed), ex)
+        _check_share(split_random(space.names, ex, tok, k=k, seed=seed), tok)
 
 
 def test_every_source_lands_in_exactly_one_group():
@@ -115,6 +112,7 @@ def test_balanced_recovers_planted_two_axis_structure(seed):
     p2 = split_balanced(space, ex, tok, r=2)
     assert adjusted_rand_score(2 * sa + sb, p2.labels(names)) == 1.0
     assert p2.group_examples == (315,) * 4  # sum(sizes): each cluster exactly
+    assert p2.group_tokens == (315 * 37,) * 4
     # Depth-first, low side first: groups 0-1 share the axis-0 side, as do 2-3.
     l1, l2 = p1.labels(names), p2.labels(names)
     np.testing.assert_array_equal(l2 // 2, l1)
@@ -122,12 +120,12 @@ def test_balanced_recovers_planted_two_axis_structure(seed):
     assert adjusted_rand_score(2 * sa + sb, km.labels(names)) == 1.0
 
 
-def test_cut_is_the_sample_weighted_median():
+def test_cut_is_the_token_weighted_median():
     space = _space_from_coords(np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0]]))
     ones = dict.fromkeys(space.names, 1)
 
-    def groups(examples):
-        return split_balanced(space, examples, ones, r=1).groups
+    def groups(tokens):
+        return split_balanced(space, ones, tokens, r=1).groups
 
     assert groups({**ones, "s00": 100}) == (("s00",), ("s01", "s02", "s03", "s04"))
     assert groups({**ones, "s04": 100}) == (("s00", "s01", "s02", "s03"), ("s04",))
@@ -169,10 +167,35 @@ def test_json_round_trip(tmp_path):
     assert loaded.to_dict() == part.to_dict()
 
 
+def test_partition_json_is_enveloped_and_a_foreign_or_newer_one_refused(tmp_path):
+    """partition.json carried the header from the start: kept, with another format, a newer
+    version and (no legacy) a header-less document refused, naming the file."""
+    space, ex, tok = _random_instance(6)
+    part = split_balanced(space, ex, tok, r=1)
+    path = part.save(tmp_path / "partition.json")
+    doc = json.loads(path.read_text())
+    assert list(doc)[:2] == ["format", "version"]
+    assert (doc["format"], doc["version"]) == ("merit-lab/partition", 1)
+    cases = [
+        ({**doc, "version": 2}, "partition.json: merit-lab/partition version 2 is not one"),
+        ({**doc, "format": "merit-lab/conflict"}, "holds 'merit-lab/conflict', not 'merit-lab/p"),
+        ({k: v for k, v in doc.items() if k not in ("format", "version")}, "holds None"),
+    ]
+    for bad, match in cases:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(EnvelopeError, match=match):
+            Partition.load(path)
+        with pytest.raises(EnvelopeError, match=match.removeprefix("partition.json: ")):
+            Partition.from_dict(bad)
+    path.write_text(json.dumps({k: v for k, v in doc.items() if k != "groups"}))
+    with pytest.raises(ValueError, match="partition.json: missing field 'groups'"):
+        Partition.load(path)
+
+
 def test_move_logs_and_refuses_to_empty_a_group():
     space = _space_from_coords(np.array([[-1.0], [0.0], [1.0]]))
     ones = dict.fromkeys(space.names, 1)
-    part = split_balanced(space, {**ones, "s02": 2}, ones, r=1)
+    part = split_balanced(space, ones, {**ones, "s02": 2}, r=1)
     assert part.groups == (("s00", "s01"), ("s02",))
     moved = part.move("s01", 1)
     assert moved.groups == (("s00",), ("s02", "s01"))
@@ -286,3 +309,22 @@ def test_balanced_split_beats_random_on_predicted_gain():
     for seed in range(5):
         rand = split_random(names, ex, tok, k=2, seed=seed)
         assert gain > 2 * predict_gain(rand, rows, names, normalize=True)
+
+
+def test_the_balanced_cut_balances_tokens_not_examples():
+    """Hand-worked: four sources on one axis, examples and tokens disagree about the median.
+
+    Coordinates -3, -1, 1, 3; examples 1, 1, 1, 1 (example median: after the 2nd source);
+    tokens 30, 10, 10, 10 (token median: after the 1st, 30 vs 30). The split balances tokens,
+    the unit of its merge weights, so the weights come out 1/2 and 1/2.
+    """
+    space = _space_from_coords(np.array([[-3.0], [-1.0], [1.0], [3.0]]))
+    names = space.names
+    ex = dict.fromkeys(names, 1)
+    tok = dict(zip(names, [30, 10, 10, 10], strict=True))
+    part = split_balanced(space, ex, tok, r=1)
+    assert part.groups == ((names[0],), tuple(names[1:]))
+    assert part.group_tokens == (30, 30) and part.weights == (0.5, 0.5)
+    assert part.group_examples == (1, 3)
+    rnd = split_random(names, ex, tok, k=2, seed=0)
+    assert sorted(rnd.group_tokens) == [30, 30]  # within one source's size of 1/2 (exactly here)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from merit_lab.analysis.conflict import compute_conflict_space
-from merit_lab.partition.plan import PARTITION_METHODS, Partition, make_partition
+from merit_lab.partition.methods import PARTITION_METHODS, make_partition
+from merit_lab.partition.plan import Partition
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import yaml
 
 from merit_lab.cli import main
 from merit_lab.config.schema import load_config
-from merit_lab.gradients.estimate import GradientBank
+from merit_lab.gradients.bank import GradientBank
 from merit_lab.io import read_json
 from merit_lab.partition.plan import Partition
 from merit_lab.pipeline import load_source_table, make_partition, run_pipeline
@@ -49,7 +49,7 @@ def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys):
     ]:
         assert (run / f).exists(), f
     bank = GradientBank.load(run / "gradients")
-    from merit_lab.merging.methods import fingerprint_checkpoint
+    from merit_lab.merging.stream import fingerprint_checkpoint
     from merit_lab.models.loading import resolve_model_path
 
     # The bank names θ0 the way trained branches do, so a merge can check both against it.
@@ -60,7 +60,9 @@ def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys):
     assert part.k == 4
     assert sorted(n for g in part.groups for n in g) == sorted(bank.names)
     assert sum(part.weights) == pytest.approx(1.0)
-    tokens = {s["name"]: s["train_tokens"] for s in mixture["sources"]}
+    # the run's one size unit: train response tokens (what the loss averages over)
+    tokens = {s["name"]: s["train_response_tokens"] for s in mixture["sources"]}
+    assert all(0 < tokens[s["name"]] < s["train_tokens"] for s in mixture["sources"])
     expected = [sum(tokens[n] for n in g) / sum(tokens.values()) for g in part.groups]
     np.testing.assert_allclose(part.weights, expected)
 

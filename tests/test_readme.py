@@ -1,11 +1,14 @@
-"""The README's configuration table says what `merit_lab/config/schema.py` declares: every field,
-with
-its default (config.py is the one place a default lives)."""
+"""The configuration reference (docs/reference/configuration.md, moved out of the README) says
+what `merit_lab/config/schema.py` declares: every field, with its default (schema.py is the one
+place a default lives); and every test the README and docs cite exists in a clean clone."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
+import subprocess
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,10 @@ import yaml
 from merit_lab.config import schema as c
 from merit_lab.gradients.sketch import SketchSpec
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+CONFIG_DOC = ROOT / "docs" / "reference" / "configuration.md"
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 SECTIONS = {
     "top level": c.RunConfig,
     "`mixture`": c.MixtureConfig,
@@ -32,7 +38,7 @@ FIELD = re.compile(r"`(\w+)` \(([^()]*)\)")
 
 
 def _rows() -> dict[str, str]:
-    text = README.read_text(encoding="utf-8")
+    text = CONFIG_DOC.read_text(encoding="utf-8")
     table = text[text.index("| section | fields (default): meaning |") :].split("\n\n")[0]
     rows = {}
     for line in table.splitlines()[2:]:
@@ -85,9 +91,9 @@ def test_every_field_and_default_is_in_the_table(section):
             continue
         if cls is c.ExperimentConfig and f.name == "name":
             continue  # required, no default
-        assert f.name in documented, f"{section}: `{f.name}` is not in the README table"
+        assert f.name in documented, f"{section}: `{f.name}` is not in {CONFIG_DOC.name}'s table"
         assert _parse(documented[f.name]) == _norm(_default(f)), (
-            f"{section}.{f.name}: README says {documented[f.name]!r}, config.py {_default(f)!r}"
+            f"{section}.{f.name}: the table says {documented[f.name]!r}, schema.py {_default(f)!r}"
         )
 
 
@@ -95,29 +101,72 @@ def test_every_field_and_default_is_in_the_table(section):
 TEST_POINTER = re.compile(r"`(tests/[\w./-]*?)(?:::(\w+))?`")
 
 
-def test_every_test_the_readme_points_to_exists():
-    """Every `tests/...` path the README cites is a file or folder of this repository, and every
-    `tests/<file>.py::<name>` names a test function (or class) defined in that file."""
-    root = README.parent
-    text = README.read_text(encoding="utf-8")
+@cache
+def _clean_clone() -> frozenset[str]:
+    """The files a clean clone has: git's tracked files, plus new ones git would add, minus those
+    deleted; never an ignored file a test or a run left on disk (tests/artifacts/, runs/)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: test pointers are checked against git's file list")
+
+    def ls(*flags: str) -> set[str]:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", *flags], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+        return {p for p in out.decode().split("\0") if p}
+
+    return frozenset((ls("--cached") | ls("--others", "--exclude-standard")) - ls("--deleted"))
+
+
+def _in_clean_clone(path: str) -> bool:
+    path = path.rstrip("/")
+    return path in _clean_clone() or any(p.startswith(path + "/") for p in _clean_clone())
+
+
+def test_a_gitignored_folder_is_not_a_pointer_target():
+    """The pointer check reads git's list, not the disk: the browser test's gitignored
+    tests/artifacts/ does not count even where a run of that test created it."""
+    artifacts = ROOT / "tests" / "artifacts"
+    made = not artifacts.exists()
+    artifacts.mkdir(exist_ok=True)
+    try:
+        assert artifacts.is_dir() and not _in_clean_clone("tests/artifacts/")
+    finally:
+        if made:
+            artifacts.rmdir()
+    assert _in_clean_clone("tests/bad_inputs/")
+    assert _in_clean_clone("tests/test_readme.py")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_test_the_readme_points_to_exists(page):
+    """Every `tests/...` path the README and docs cite is a file or folder of a clean clone, and
+    every `tests/<file>.py::<name>` names a test function (or class) defined in that file."""
+    text = page.read_text(encoding="utf-8")
     pointers = TEST_POINTER.findall(text)
-    assert pointers, "the README cites no test; has the pointer syntax changed?"
     dangling = []
     for path, name in pointers:
-        target = root / path
-        if not target.exists():
+        target = ROOT / path
+        if not _in_clean_clone(path):
             dangling.append(path)
         elif name and not re.search(
             rf"^(?:async def|def|class) {name}\b", target.read_text(encoding="utf-8"), re.M
         ):
             dangling.append(f"{path}::{name}")
-    assert not dangling, f"README cites tests that do not exist: {sorted(set(dangling))}"
+    assert not dangling, f"{page.name} cites tests that do not exist: {sorted(set(dangling))}"
 
 
-def test_every_tested_claim_names_its_test():
+def test_the_readme_and_docs_cite_tests():
+    """The pointer syntax still matches: the README cites its demo table's test, the docs many."""
+    assert "tests/test_demo_results.py" in {p for p, _ in TEST_POINTER.findall(README.read_text())}
+    cited = {p for page in PAGES for p, _ in TEST_POINTER.findall(page.read_text("utf-8"))}
+    assert len(cited) >= 30
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_tested_claim_names_its_test(page):
     """ "(tested)" alone names nothing, and "tested in X" must name the test: each is followed by
     a `tests/...` pointer (which the test above checks exists)."""
-    text = " ".join(README.read_text(encoding="utf-8").split())  # pointers wrap across lines
+    text = " ".join(page.read_text(encoding="utf-8").split())  # pointers wrap across lines
     bare = re.findall(r".{0,60}\(tested\)", text)
     unnamed = re.findall(r".{0,60}\btested in (?!`tests/).{0,30}", text)
-    assert not bare + unnamed, f"README test claims without a test file: {bare + unnamed}"
+    assert not bare + unnamed, f"{page.name}: test claims without a test file: {bare + unnamed}"

@@ -13,7 +13,8 @@ import pytest
 from merit_lab.analysis.conflict import compute_conflict_space
 from merit_lab.config.schema import RunConfig
 from merit_lab.io import atomic_write_json
-from merit_lab.partition.plan import Partition, split_balanced
+from merit_lab.partition.methods import split_balanced
+from merit_lab.partition.plan import Partition
 from merit_lab.pipeline.markdown import figure_link, markdown_table
 from merit_lab.pipeline.report import (
     REPORT_SECTIONS,

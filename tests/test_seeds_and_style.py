@@ -16,9 +16,9 @@ from merit_lab.config.schema import RunConfig, load_config
 from merit_lab.evaluation.evaluate import relative_to, seed_spread, style_scores, summarize_eval
 from merit_lab.io import read_json
 from merit_lab.pipeline import run_pipeline
-from merit_lab.pipeline.experiments import model_rows, plan_specs, seed_variants
 from merit_lab.pipeline.figures import collect_figures
 from merit_lab.pipeline.report_seeds import noise_calls
+from merit_lab.pipeline.rows import model_rows, plan_specs, seed_variants
 from tests.conftest import write_demo_slice
 
 SOURCES = [
@@ -151,8 +151,8 @@ def test_seeds_train_their_own_branches(seeded_run):
     cfg, run = seeded_run
     specs = plan_specs(cfg)
     assert set(specs) == {"joint-1ep", "merit-1d", "soup", "joint-1ep@s1", "merit-1d@s1"}
-    assert [s.seed for s in specs["merit-1d@s1"]] == [1, 1]
-    assert [s.seed for s in specs["merit-1d"]] == [0, 0]
+    assert [s.train.seed for s in specs["merit-1d@s1"]] == [1, 1]
+    assert [s.train.seed for s in specs["merit-1d"]] == [0, 0]
     # the seed-1 joint run is one folder, shared with the soup's second member
     assert specs["joint-1ep@s1"][0].output_dir == specs["soup"][1].output_dir
     labels = [r.label for r in model_rows(cfg)]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from merit_lab.envelope import EnvelopeError
 from merit_lab.partition.stability import (
     UNSTABLE_ARI,
     SplitStability,
@@ -130,3 +133,32 @@ def test_bad_input_is_refused_before_work():
         bootstrap_split_stability(
             rows, tokens, sources, NAMES, examples=COUNTS, train_tokens=TOKENS, rs=(4,)
         )
+
+
+def test_stability_json_is_enveloped_and_a_foreign_or_newer_one_refused(tmp_path):
+    """stability.json carried the header from the start: `save` writes it, `load` round-trips
+    every array exactly and refuses another format, a newer version and a header-less file."""
+    rows, tokens, sources = _mixture(4.0, n=6, d=32)
+    st = bootstrap_split_stability(
+        rows, tokens, sources, NAMES, examples=COUNTS, train_tokens=TOKENS, rs=(1,), n_boot=4
+    )
+    path = st.save(tmp_path / "stability.json")
+    doc = json.loads(path.read_text())
+    assert list(doc)[:2] == ["format", "version"]
+    assert (doc["format"], doc["version"]) == ("merit-lab/stability", 1)
+    assert doc == st.to_dict()
+    back = SplitStability.load(path)
+    assert back.names == st.names and back.info == st.info
+    np.testing.assert_array_equal(back.cosine_std, st.cosine_std)
+    np.testing.assert_array_equal(back.reference[1], st.reference[1])
+    cases = [
+        ({**doc, "version": 2}, "stability.json: merit-lab/stability version 2 is not one"),
+        ({**doc, "format": "merit-lab/drift"}, "holds 'merit-lab/drift', not 'merit-lab/stab"),
+        ({k: v for k, v in doc.items() if k not in ("format", "version")}, "holds None"),
+    ]
+    for bad, match in cases:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(EnvelopeError, match=match):
+            SplitStability.load(path)
+        with pytest.raises(EnvelopeError, match=match.removeprefix("stability.json: ")):
+            SplitStability.from_dict(bad)

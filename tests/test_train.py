@@ -20,13 +20,9 @@ from merit_lab.data.formatting import tokenize_examples
 from merit_lab.data.mixture import load_mixture
 from merit_lab.models.checkpoints import fingerprint_checkpoint
 from merit_lab.models.loading import load_tokenizer
-from merit_lab.training.trainer import (
-    BranchSpec,
-    _last_complete_checkpoint,
-    _schedule,
-    branch_status,
-    train_branch,
-)
+from merit_lab.training.branch_log import branch_status
+from merit_lab.training.spec import BranchSpec
+from merit_lab.training.trainer import _last_complete_checkpoint, _schedule, train_branch
 from tests.conftest import write_pico_branch_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +52,7 @@ def make_spec(assets, out: Path, **kw) -> BranchSpec:
         dtype="float32",
         save_steps=4,
     )
-    return BranchSpec(**{**defaults, **kw})
+    return BranchSpec.from_dict({**defaults, **kw})
 
 
 def train_tokens(assets, sources) -> dict[str, int]:
@@ -159,7 +155,8 @@ SLOW_TRAIN = """
 import sys, time
 import torch
 from transformers import TrainerCallback
-from merit_lab.training.trainer import BranchSpec, train_branch
+from merit_lab.training.spec import BranchSpec
+from merit_lab.training.trainer import train_branch
 
 class Slow(TrainerCallback):  # leaves time to kill it between checkpoints
     def on_step_end(self, *args, **kwargs):

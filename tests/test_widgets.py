@@ -11,7 +11,8 @@ import pytest
 from merit_lab.analysis.conflict import compute_conflict_space
 from merit_lab.io import read_json
 from merit_lab.partition.gain import predict_gain
-from merit_lab.partition.plan import Partition, split_balanced, split_random
+from merit_lab.partition.methods import split_balanced, split_random
+from merit_lab.partition.plan import Partition
 from merit_lab.partition.session import EditSession, place_by_projection, subset_counts
 from merit_lab.viz.editor import PartitionEditor
 from merit_lab.viz.explorer import ConflictExplorer

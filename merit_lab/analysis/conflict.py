@@ -8,7 +8,7 @@ conflict.json in the run directory.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from merit_lab.io import atomic_write_json, read_json
+from merit_lab.envelope import load_enveloped, save_enveloped, unwrap, wrap
 
 __all__ = [
     "ConflictSpace",
@@ -24,8 +24,8 @@ __all__ = [
     "space_from_cosine",
 ]
 
-_FORMAT = "merit-lab/conflict"
-_VERSION = 1
+CONFLICT_FORMAT = "merit-lab/conflict"  # conflict.json: it has carried this header from the start
+CONFLICT_VERSION = 1
 # Columns of the bank multiplied at a time: bounds the temporaries to T × 2**16 entries.
 _COL_CHUNK = 2**16
 # Optimal leaf ordering (flips subtrees so neighbours in the heatmap are most alike) costs
@@ -123,10 +123,8 @@ class ConflictSpace:
         out[pos] = (self.embedding[:, pos].T @ (c - self.cosine.mean(axis=1))) / lam[pos]
         return out
 
-    def to_dict(self) -> dict[str, Any]:
+    def _payload(self) -> dict[str, Any]:
         return {
-            "format": _FORMAT,
-            "version": _VERSION,
             "names": list(self.names),
             "cosine": self.cosine.tolist(),
             "eigenvalues": self.eigenvalues.tolist(),
@@ -135,12 +133,18 @@ class ConflictSpace:
             "order": list(self.order),
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        """The ``conflict.json`` document: the arrays under the envelope's header."""
+        return wrap(CONFLICT_FORMAT, CONFLICT_VERSION, self._payload())
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ConflictSpace:
-        if d.get("format") != _FORMAT or d.get("version") != _VERSION:
-            raise ValueError(
-                f"not a {_FORMAT} v{_VERSION} document: {d.get('format')!r} v{d.get('version')}"
-            )
+    def from_dict(cls, d: Mapping[str, Any], *, source: str | os.PathLike = "") -> ConflictSpace:
+        """The space of a ``conflict.json`` document; another format or a newer version is
+        refused (`merit_lab.envelope.EnvelopeError`, naming ``source``)."""
+        return cls._from_payload(unwrap(d, CONFLICT_FORMAT, CONFLICT_VERSION, source=source))
+
+    @classmethod
+    def _from_payload(cls, d: Mapping[str, Any]) -> ConflictSpace:
         return cls(
             names=tuple(d["names"]),
             cosine=np.asarray(d["cosine"], dtype=np.float64),
@@ -152,14 +156,17 @@ class ConflictSpace:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write conflict.json atomically (floats round-trip exactly)."""
-        return atomic_write_json(path, self.to_dict())
+        return save_enveloped(path, CONFLICT_FORMAT, CONFLICT_VERSION, self._payload())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ConflictSpace:
+        """Read conflict.json; every problem is one ValueError that names the file."""
+        d = load_enveloped(path, CONFLICT_FORMAT, CONFLICT_VERSION)
         try:
-            return cls.from_dict(read_json(path))
+            return cls._from_payload(d)
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+            what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{path}: {what}") from e
 
 
 def _gram(rows: np.ndarray | torch.Tensor) -> tuple[np.ndarray, list[int]]:

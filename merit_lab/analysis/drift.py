@@ -8,6 +8,7 @@ in θ0's PCA coordinates).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,12 @@ import numpy as np
 from scipy.linalg import subspace_angles
 
 from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
+from merit_lab.envelope import unwrap, wrap
 
 __all__ = ["Drift", "DriftPoint", "compute_drift", "pca_basis", "principal_angles"]
+
+DRIFT_FORMAT = "merit-lab/drift"  # documents from before the envelope are read as version 1
+DRIFT_VERSION = 1
 
 
 def pca_basis(rows: np.ndarray, k: int) -> np.ndarray:
@@ -80,16 +85,23 @@ class Drift:
     points: tuple[DriftPoint, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The drift document (θ0's space is stored beside it: `ConflictSpace.to_dict`)."""
+        payload = {
             "names": list(self.names),
             "k": self.k,
             "theta0_coords": self.theta0.coords(self.k).tolist(),
             "theta0_explained": self.theta0.explained_variance_ratio[: self.k].tolist(),
             "points": [p.to_dict() for p in self.points],
         }
+        return wrap(DRIFT_FORMAT, DRIFT_VERSION, payload)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], theta0: ConflictSpace) -> Drift:
+    def from_dict(
+        cls, d: Mapping[str, Any], theta0: ConflictSpace, *, source: str | os.PathLike = ""
+    ) -> Drift:
+        """The drift of a `to_dict` document, against ``theta0``; another format or a newer
+        version is refused (`merit_lab.envelope.EnvelopeError`, naming ``source``)."""
+        d = unwrap(d, DRIFT_FORMAT, DRIFT_VERSION, source=source, legacy=True)
         points = tuple(
             DriftPoint(**{k: np.asarray(v) if isinstance(v, list) else v for k, v in p.items()})
             for p in d["points"]

@@ -2,14 +2,14 @@
 
 Input: per-example sketched gradients of the calibration examples
 (`merit_lab.analysis.convergence.sketch_example_gradients`) and the gradient bank they share a
-sketch
-with. Output: ``ExampleSketches`` (inner products with every source row, norms, a re-sketched
+sketch with. Output: ``ExampleSketches`` (inner products with every source row, norms, a re-sketched
 copy for resampling), example coordinates in a ``ConflictSpace``, the per-example shares of a
 pair's cosine and outlier flags.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.envelope import EnvelopeError, unwrap
 from merit_lab.io import atomic_write_bytes
 
 __all__ = [
@@ -47,6 +48,10 @@ OUTLIER_Z = 3.5
 # mostly that one example's (on the demo, one example of 200 with 127x the median norm).
 DOMINANT_SHARE = 0.2
 _TENSORS = ("rows", "dots", "norms", "tokens", "bank_norms")
+# The header sits in the safetensors metadata (strings only: the version as digits); files from
+# before the envelope have none and are read as version 1.
+SKETCHES_FORMAT = "merit-lab/example-sketches"
+SKETCHES_VERSION = 1
 
 
 def resketch(rows: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
@@ -181,12 +186,12 @@ class ExampleSketches:
         return frame
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the arrays to a safetensors file atomically (names, ids, texts and info in its
-        metadata, as JSON)."""
-        import json
-
+        """Write the arrays to a safetensors file atomically (the envelope's header, names, ids,
+        texts and info in its metadata; all but the header as JSON)."""
         tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k))) for k in _TENSORS}
         meta = {
+            "format": SKETCHES_FORMAT,
+            "version": str(SKETCHES_VERSION),
             "sources": json.dumps(list(self.sources)),
             "ids": json.dumps(list(self.ids)),
             "texts": json.dumps(list(self.texts)),
@@ -197,12 +202,12 @@ class ExampleSketches:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExampleSketches:
-        """Read a file written by `save`; a cut or foreign file is one ValueError naming it."""
-        import json
-
+        """Read a file written by `save`; a cut or foreign file is one ValueError naming it, and
+        one of another format or a newer version is refused (`merit_lab.envelope.EnvelopeError`)."""
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+                _check_header(meta, path)
                 arrays = {k: f.get_tensor(k).numpy() for k in _TENSORS}
             return cls(
                 sources=json.loads(meta["sources"]),
@@ -212,11 +217,21 @@ class ExampleSketches:
                 info=json.loads(meta["info"]),
                 **arrays,
             )
+        except EnvelopeError:
+            raise
         except Exception as e:  # SafetensorError, OSError, KeyError, ValueError
             raise ValueError(
                 f"{path}: not a readable example-sketch file ({e}); delete it and run "
                 "`merit-lab examples` again"
             ) from e
+
+
+def _check_header(meta: Mapping[str, str], path: str | os.PathLike) -> None:
+    """Check the envelope header kept in a safetensors file's (string) metadata."""
+    header: dict[str, Any] = {k: meta[k] for k in ("format", "version") if k in meta}
+    if str(header.get("version", "")).isdigit():
+        header["version"] = int(header["version"])
+    unwrap(header, SKETCHES_FORMAT, SKETCHES_VERSION, source=path, legacy=True)
 
 
 def example_coordinates(space: ConflictSpace, sketches: ExampleSketches) -> np.ndarray:

@@ -22,8 +22,9 @@ from safetensors.torch import save as save_safetensors
 
 from merit_lab.analysis.conflict import ConflictSpace, space_from_cosine
 from merit_lab.config.schema import LAYER_GROUPINGS, SketchSpec
+from merit_lab.envelope import load_enveloped, save_enveloped
 from merit_lab.gradients.sketch import build_sketch
-from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
+from merit_lab.io import atomic_write_bytes
 
 __all__ = [
     "KINDS",
@@ -42,6 +43,8 @@ __all__ = [
     "key_view",
 ]
 
+LAYERS_FORMAT = "merit-lab/layer-bank"  # layers.json; files from before the envelope read as v1
+LAYERS_VERSION = 1
 # The kinds a group can be, in the order groups are listed (and figure rows drawn).
 KINDS = ("embeddings", "attention", "mlp", "norm", "layer", "head", "other")
 # A transformer block: Llama/Qwen ``model.layers.3.``, GPT-2 ``transformer.h.3.``, others.
@@ -234,13 +237,15 @@ class LayerBank:
             "groups": [g.to_dict() for g in self.groups],
             "info": dict(self.info),
         }
-        atomic_write_json(folder / "layers.json", meta)
+        save_enveloped(folder / "layers.json", LAYERS_FORMAT, LAYERS_VERSION, meta)
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> LayerBank:
+        """Read `save`'s files; a ``layers.json`` of another format or a newer version is
+        refused (`merit_lab.envelope.EnvelopeError`)."""
         folder = Path(folder)
-        meta = read_json(folder / "layers.json")
+        meta = load_enveloped(folder / "layers.json", LAYERS_FORMAT, LAYERS_VERSION, legacy=True)
         with safe_open(folder / "layers.safetensors", framework="pt") as f:
             rows = f.get_tensor("rows").numpy()
         groups = tuple(

@@ -25,6 +25,7 @@ _EXPORTS = {
     "CalibrationConfig": "schema",
     "DEFAULT_SKETCH_DIM": "schema",
     "DEVICES": "schema",
+    "DISTRIBUTED_MODES": "schema",
     "DiagnosticsConfig": "schema",
     "EXPERIMENT_KINDS": "schema",
     "EvalConfig": "schema",

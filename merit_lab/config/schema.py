@@ -33,6 +33,7 @@ from merit_lab.io import atomic_write_text
 __all__ = [
     "DEFAULT_SKETCH_DIM",
     "DEVICES",
+    "DISTRIBUTED_MODES",
     "EXPERIMENT_KINDS",
     "LAYER_GROUPINGS",
     "LONG_EXAMPLE_POLICIES",
@@ -56,7 +57,8 @@ __all__ = [
 
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
-EXPERIMENT_KINDS = ("joint", "split", "soup")
+DISTRIBUTED_MODES = ("ddp", "fsdp")  # train.distributed: a full copy per process | sharded
+EXPERIMENT_KINDS = ("joint", "split", "soup", "shrink", "early")  # shrink, early: controls
 LONG_EXAMPLE_POLICIES = ("truncate_prompt", "skip", "truncate_right")  # formatting.tokenize_example
 SMALL_SOURCE_POLICIES = ("refuse", "warn")  # the mixture stage, on a source short of examples
 LAYER_GROUPINGS = ("none", "layers", "modules")  # calibration.layer_groups: layerwise.py
@@ -194,7 +196,11 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters shared by every branch and baseline (MERIT changes only the data)."""
+    """Hyperparameters shared by every branch and baseline (MERIT changes only the data).
+
+    A branch's spec (`merit_lab.training.spec.BranchSpec`) holds this section whole, with the
+    branch's own seed; the run-level fields (seeds, launcher, n_procs, gpus, slurm) stay here.
+    """
 
     lr: float = 3e-4  # peak AdamW learning rate
     batch_size: int = 32  # examples per micro-batch
@@ -223,14 +229,20 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA input during training
     lora_target_modules: tuple[str, ...] = ()  # module names to adapt (empty: all linear layers)
     lora_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r) instead of alpha / r
+    snapshot_steps: tuple[int, ...] = ()  # joint runs keep their weights at these steps
 
     def __post_init__(self) -> None:
+        steps = list(self.snapshot_steps)
         refuse(
             unless(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
+            + unless(
+                steps == sorted(set(steps)) and min(steps, default=1) >= 1,
+                f"snapshot_steps: give optimizer steps >= 1 in increasing order, got {steps}",
+            )
             + below(
                 self, 1, "batch_size", "grad_accum", "save_steps", "n_procs", "procs_per_branch"
             )
-            + not_one_of("distributed", "distributed mode", self.distributed, ("ddp", "fsdp"))
+            + not_one_of("distributed", "distributed mode", self.distributed, DISTRIBUTED_MODES)
             + unless(
                 0 <= self.warmup_ratio < 1,
                 f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}",
@@ -262,7 +274,7 @@ class ExperimentConfig:
     """One row of the comparison table."""
 
     name: str  # row label, e.g. "joint-1ep", "random-k4", "merit-2d"
-    kind: str = "split"  # joint (one model on every source) | split (branches + merge) | soup
+    kind: str = "split"  # joint (one model) | split (branches + merge) | soup | shrink | early
     epochs: float = 1.0  # passes over each source's train split
     method: str | None = None  # split: balanced | random | kmeans; None: the run's partition.json
     r: int | None = None  # split, balanced: K = 2^r
@@ -270,6 +282,8 @@ class ExperimentConfig:
     seed: int = 0  # split: seed of random / k-means
     seeds: tuple[int, ...] = (0, 1, 2)  # soup: training seeds of the joint runs averaged uniformly
     merges: tuple[str, ...] = ("linear",)  # split: merge methods; rows beyond the first: name+m
+    joint: str | None = None  # shrink | early: the joint experiment (None: the first one)
+    of: tuple[str, ...] = ()  # shrink | early: the merged rows to control (empty: every one)
 
     def __post_init__(self) -> None:
         split, soup = self.kind == "split", self.kind == "soup"
@@ -326,10 +340,17 @@ class EvalConfig:
     max_new_tokens: int = 48  # greedy answer length limit
     batch_size: int = 256  # examples per forward / generate call (pooled over sources)
     lm_eval: dict | None = None  # lm-eval tasks per row: {tasks, include_path, limit, ...}
+    # evaluation-only sources, scored on every row and trained by none: a folder of
+    # <source>.jsonl (`merit_lab.evaluation.heldout`); their rows have split "heldout"
+    heldout: str | None = None
 
     def __post_init__(self) -> None:
         refuse(
             unless(len(self.splits) >= 1, "splits: give at least one split")
+            + unless(
+                self.heldout is None or (isinstance(self.heldout, str) and self.heldout != ""),
+                f"heldout: give a folder of evaluation-only <source>.jsonl, got {self.heldout!r}",
+            )
             + below(self, 1, "max_examples", "max_new_tokens", "batch_size")
             + lm_eval_problems(self.lm_eval)
         )

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from merit_lab.io import atomic_dir, atomic_write_json, read_json
+from merit_lab.envelope import load_enveloped, save_enveloped
+from merit_lab.io import atomic_dir
 
 __all__ = [
     "WARMUP_DIR",
@@ -29,6 +30,7 @@ __all__ = [
     "LoraWarmup",
     "load_lora_model",
     "lora_parameters",
+    "read_warmup",
     "warm_up_for_run",
     "warm_up_lora",
     "warmup_info",
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 WARMUP_RECORD = "warmup.json"
 WARMUP_DIR = "lora_warmup"  # in a run's gradients/: the warmed-up adapter of a LoRA bank
+WARMUP_FORMAT = "merit-lab/lora-warmup"  # warmup.json; files from before the envelope read as v1
+WARMUP_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def warm_up_lora(
     from merit_lab.models.lora import make_lora_config
 
     folder = Path(folder)
-    if (folder / WARMUP_RECORD).is_file() and read_json(folder / WARMUP_RECORD)["key"] == key:
+    if _stored_key(folder) == key:
         return folder
     if not examples:
         raise ValueError("no train examples to warm the LoRA adapter up on")
@@ -139,9 +143,8 @@ def warm_up_lora(
     log.info("LoRA warm-up: %d steps, loss %.4f -> %.4f", s.steps, losses[0], losses[-1])
     with atomic_dir(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp)
-        atomic_write_json(
-            tmp / WARMUP_RECORD, {"key": key, "settings": s.__dict__, "losses": losses}
-        )
+        record = {"key": key, "settings": s.__dict__, "losses": losses}
+        save_enveloped(tmp / WARMUP_RECORD, WARMUP_FORMAT, WARMUP_VERSION, record)
     return folder
 
 
@@ -153,9 +156,20 @@ def load_lora_model(model: torch.nn.Module, adapter: str | Path) -> torch.nn.Mod
     return PeftModel.from_pretrained(model, str(adapter)).eval()
 
 
+def read_warmup(folder: str | Path) -> dict[str, Any]:
+    """``warmup.json`` of an adapter folder: its ``key``, ``settings`` and ``losses`` (another
+    format, or a newer version, is refused with `merit_lab.envelope.EnvelopeError`)."""
+    return load_enveloped(Path(folder) / WARMUP_RECORD, WARMUP_FORMAT, WARMUP_VERSION, legacy=True)
+
+
+def _stored_key(folder: Path) -> str | None:
+    """The key of the adapter already in ``folder``, or None when there is none."""
+    return read_warmup(folder)["key"] if (folder / WARMUP_RECORD).is_file() else None
+
+
 def warmup_info(folder: str | Path) -> dict[str, Any]:
     """What the bank records of its adapter: the warm-up key and settings, from ``warmup.json``."""
-    record = read_json(Path(folder) / WARMUP_RECORD)
+    record = read_warmup(folder)
     return {"warmup_key": record["key"], **record["settings"]}
 
 
@@ -200,8 +214,7 @@ def warm_up_for_run(
         max_length=t.max_length,
         long_examples=cfg.mixture.long_examples,
     )
-    record = Path(folder) / WARMUP_RECORD
-    if record.is_file() and read_json(record)["key"] == key:  # before loading anything
+    if _stored_key(Path(folder)) == key:  # before loading anything
         return Path(folder)
     tok = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     policy, examples = cfg.mixture.long_examples, []

@@ -3,8 +3,7 @@
 Input: one `GradientJob` per worker (``<out_dir>/workers/<i>.job.json``): θ0, the mixture's load
 arguments, the sources this worker computes and every setting of the bank. A worker
 (``python -m merit_lab.gradients.workers JOB``, or `run_job`) runs `estimate_gradients` on its
-sources
-and writes one part per finished source into ``<out_dir>/parts/``, the same files the
+sources and writes one part per finished source into ``<out_dir>/parts/``, the same files the
 single-process stage writes, then ``<i>.done.json`` (its bank info and tokens/s). Output: the bank,
 assembled by `assemble_bank` once every source has a current part.
 
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from merit_lab.config.schema import CalibrationConfig, MixtureConfig, SketchSpec
-from merit_lab.io import atomic_write_json, read_json
+from merit_lab.envelope import load_enveloped, save_enveloped
 
 __all__ = [
     "GradientJob",
@@ -36,6 +35,7 @@ __all__ = [
     "current_sources",
     "job_paths",
     "launch_jobs",
+    "read_done",
     "run_job",
     "shard_sources",
 ]
@@ -46,6 +46,9 @@ WORKERS_DIR = "workers"
 # The bank-info fields a launcher knows before any worker has loaded θ0; the others
 # (n_parameters, dtype, accumulate) are read off the loaded model by the workers.
 REQUEST_FIELDS = ("model", "parameters", "sketch", "n", "max_length", "long_examples", "loss")
+# <i>.job.json and <i>.done.json; files from before the envelope are read as version 1
+JOB_FORMAT, JOB_VERSION = "merit-lab/gradient-job", 1
+DONE_FORMAT, DONE_VERSION = "merit-lab/gradient-worker-done", 1
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,8 @@ class GradientJob:
     tokenizer: str = ""  # a tokenizer folder of its own ("": θ0's)
     model_fingerprint: str = ""  # keys the parts: another θ0's parts are never reused
     source_keys: Mapping[str, str] = field(default_factory=dict)  # keys the parts per source
-    lora_adapter: str = (
-        ""  # a LoRA bank: the warmed-up adapter folder (`merit_lab.gradients.lora_bank`)
-    )
+    # a LoRA bank: the warmed-up adapter folder (`merit_lab.gradients.lora_bank`)
+    lora_adapter: str = ""
 
     def __post_init__(self) -> None:
         for name in ("sources", "include", "exclude"):
@@ -84,12 +86,14 @@ class GradientJob:
             raise ValueError(f"gradient worker {self.worker}: no sources")
 
     def save(self, path: str | Path) -> Path:
-        atomic_write_json(Path(path), dataclasses.asdict(self))
+        """Write the job file (its fields under the envelope's header), atomically."""
+        save_enveloped(Path(path), JOB_FORMAT, JOB_VERSION, dataclasses.asdict(self))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> GradientJob:
-        data = read_json(Path(path))
+        """Read a job file; another format, a newer version or an unknown field is refused."""
+        data = load_enveloped(Path(path), JOB_FORMAT, JOB_VERSION, legacy=True)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown gradient-job fields {sorted(unknown)}")
@@ -168,8 +172,14 @@ def run_job(job: GradientJob | str | Path) -> dict[str, Any]:
         "info": info,
         "throughput": bank.info["throughput"],
     }
-    atomic_write_json(job_paths(job.out_dir, job.worker)[1], done)
+    save_enveloped(job_paths(job.out_dir, job.worker)[1], DONE_FORMAT, DONE_VERSION, done)
     return done
+
+
+def read_done(path: str | Path) -> dict[str, Any]:
+    """A worker's ``<i>.done.json``: its worker, sources, bank info and throughput (another
+    format or a newer version is refused with `merit_lab.envelope.EnvelopeError`)."""
+    return load_enveloped(Path(path), DONE_FORMAT, DONE_VERSION, legacy=True)
 
 
 def current_sources(
@@ -179,7 +189,7 @@ def current_sources(
     source_keys: Mapping[str, str],
 ) -> list[str]:
     """The sources of ``names`` that already have a current part for the bank ``info``."""
-    from merit_lab.gradients.estimate import read_part
+    from merit_lab.gradients.bank import read_part
 
     return [s for s in names if read_part(out_dir, s, info, source_keys) is not None]
 
@@ -194,7 +204,7 @@ def assemble_bank(
     sources whose part is missing or stale."""
     import numpy as np
 
-    from merit_lab.gradients.estimate import GradientBank, read_part
+    from merit_lab.gradients.bank import GradientBank, read_part
 
     found = {s: read_part(out_dir, s, info, source_keys) for s in names}
     missing = [s for s, part in found.items() if part is None]
@@ -268,7 +278,7 @@ def launch_jobs(
         )
     else:
         raise ValueError(f"mode must be sequential, local or slurm, not {mode!r}")
-    return [read_json(job_paths(j.out_dir, j.worker)[1]) for j in specs]
+    return [read_done(job_paths(j.out_dir, j.worker)[1]) for j in specs]
 
 
 def _main(argv: Sequence[str]) -> int:

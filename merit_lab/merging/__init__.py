@@ -10,6 +10,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "SHRINK_CONTROL": "controls",
+    "distance_to_base": "controls",
+    "early_step": "controls",
+    "shrink_alpha": "controls",
+    "write_shrink": "controls",
     "LoraAdapter": "lora",
     "check_adapters": "lora",
     "lora_delta": "lora",
@@ -19,17 +24,20 @@ _EXPORTS = {
     "write_lora_model": "lora",
     "MERGE_METHODS": "methods",
     "MergeMethod": "methods",
-    "MergeReport": "methods",
-    "check_same_base": "methods",
-    "fingerprint_checkpoint": "methods",
-    "merge_checkpoints": "methods",
     "merge_linear": "methods",
     "merge_method": "methods",
     "merge_task_arithmetic": "methods",
     "merge_ties": "methods",
     "merge_uniform": "methods",
-    "merge_version": "methods",
-    "mergekit_problem": "methods",
+    "MERGE_MANIFEST": "stream",
+    "MergeReport": "stream",
+    "check_same_base": "stream",
+    "fingerprint_checkpoint": "stream",
+    "load_merge_manifest": "stream",
+    "merge_checkpoints": "stream",
+    "merge_version": "stream",
+    "mergekit_problem": "stream",
+    "save_merge_manifest": "stream",
 }
 
 __all__ = sorted(_EXPORTS)

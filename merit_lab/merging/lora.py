@@ -26,7 +26,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from merit_lab.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, sha256_file
-from merit_lab.merging.methods import MergeReport, check_same_base, merge_version
+from merit_lab.merging.stream import (
+    MergeReport,
+    check_same_base,
+    merge_version,
+    save_merge_manifest,
+)
 from merit_lab.models.checkpoints import (
     Checkpoint,
     copy_side_files,
@@ -281,11 +286,10 @@ def merge_lora(
 
     ``out_dir`` gets the merged model (θ0's layout and dtype; each weight summed in float64 and
     rounded once), ``adapter/`` (the same update as one rank-Σr_k peft adapter),
-    ``merge_manifest.json`` (the fields of `merit_lab.merging.methods.merge_checkpoints`' plus
-    ``lora``)
-    and ``mergekit.yaml`` when the inputs hold their dense models (LoRA branches' ``final/``
-    do), else the manifest's ``mergekit_export`` says why there is none. Every check runs
-    before anything is written; on an error nothing is left behind.
+    ``merge_manifest.json`` (the fields of `merit_lab.merging.stream.merge_checkpoints`' plus
+    ``lora``) and ``mergekit.yaml`` when the inputs hold their dense models (LoRA branches'
+    ``final/`` do), else the manifest's ``mergekit_export`` says why there is none. Every check
+    runs before anything is written; on an error nothing is left behind.
 
     Args:
         inputs: adapter folders, or LoRA branches' ``final/`` folders (adapter in ``adapter/``).
@@ -294,7 +298,7 @@ def merge_lora(
         method: ``linear`` or ``uniform`` (1/K each, no weights).
 
     Returns:
-        A `merit_lab.merging.methods.MergeReport`.
+        A `merit_lab.merging.stream.MergeReport`.
     """
     t0 = time.perf_counter()
     inputs, out_dir, base = [Path(p) for p in inputs], Path(out_dir), Path(base)
@@ -368,7 +372,7 @@ def merge_lora(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(seconds, 3),
         }
-        atomic_write_json(tmp / "merge_manifest.json", manifest)
+        save_merge_manifest(tmp, manifest)
         bytes_written = sum((tmp / n).stat().st_size for n in digests)
     return MergeReport(
         out_dir=out_dir,

@@ -1,64 +1,33 @@
-"""Merge stage: K branch checkpoints (HF folders of safetensors) -> one merged HF model folder.
+"""Merge methods: a registry of small pure functions over tensors, one each (mergekit's style).
 
-Streams one tensor at a time from every input through a registered merge method (token-weighted
-`linear` by default) into safetensors shards (reading, hashing and shard writing live in
-`merit_lab.models.checkpoints`), and records `merge_manifest.json` plus an equivalent
-`mergekit.yaml`.
+Input: the K inputs' float32 values of one parameter, their weights and θ0's value. Output: the
+merged value. `merge_method` registers a function with its reference, whether it needs θ0 and
+its weight rule; `merit_lab.merging.stream.merge_checkpoints` applies one tensor by tensor.
 """
 
 from __future__ import annotations
 
-import inspect
-import keyword
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
-from pathlib import Path
 from types import MappingProxyType
 
 import torch
-import yaml
 from torch import Tensor
-
-from merit_lab.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, sha256_file
-from merit_lab.models.checkpoints import (
-    Checkpoint,
-    copy_side_files,
-    file_hashes,
-    fingerprint_checkpoint,
-    fingerprint_hashes,
-    hash_thread,
-    is_finite,
-    sha256_stoppable,
-    weight_files,
-    write_shards,
-)
 
 __all__ = [
     "MERGE_METHODS",
     "MergeMethod",
-    "MergeReport",
-    "check_same_base",
-    "fingerprint_checkpoint",  # re-exported: it lives in merit_lab.models.checkpoints
-    "merge_checkpoints",
     "merge_linear",
     "merge_method",
     "merge_task_arithmetic",
     "merge_ties",
     "merge_uniform",
-    "merge_version",
-    "mergekit_problem",
 ]
 
 Tensors = Sequence[Tensor]  # the K inputs' values of one parameter, float32, same shape
-_MERGEKIT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-# ------------------------------------------------------------------------------------ registry
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method: ``fn(tensors, weights, base, **params) -> tensor``.
@@ -73,6 +42,36 @@ class MergeMethod:
     needs_base: bool  # task-vector methods subtract θ0
     weight_rule: str  # "convex": ≥ 0 and sum 1; "equal": takes no weights; "free": any finite
     defaults: Mapping[str, float] = field(default_factory=dict)
+
+    def check_weights(self, weights: Sequence[float] | None, k: int) -> list[float]:
+        """The K weights this method merges with: ``weights`` checked against its rule, or its
+        default (equal shares for ``convex``/``equal``, 1 each for ``free``)."""
+        if self.weight_rule == "equal":
+            if weights is not None:
+                raise ValueError(f"method {self.name!r} takes no weights; use method='linear'")
+            return [1.0 / k] * k
+        if weights is None:
+            return [1.0 / k] * k if self.weight_rule == "convex" else [1.0] * k
+        w = [float(x) for x in weights]
+        if len(w) != k:
+            raise ValueError(f"got {len(w)} weights for {k} inputs")
+        if not all(map(math.isfinite, w)):
+            raise ValueError(f"weights must be finite, got {w}")
+        if self.weight_rule == "convex" and (min(w) < 0 or abs(sum(w) - 1.0) > 1e-6):
+            raise ValueError(f"method {self.name!r} needs weights >= 0 summing to 1, got {w}")
+        return w
+
+    def check_params(self, params: Mapping[str, float] | None) -> dict[str, float]:
+        """Its parameters (mergekit's names): ``params`` over `defaults`, checked."""
+        params = dict(params or {})
+        if unknown := sorted(set(params) - set(self.defaults)):
+            raise ValueError(f"method {self.name!r} takes {sorted(self.defaults)}, not {unknown}")
+        out = {k: float(params.get(k, v)) for k, v in self.defaults.items()}
+        if not all(map(math.isfinite, out.values())):
+            raise ValueError(f"parameters must be finite, got {out}")
+        if not 0.0 < out.get("density", 1.0) <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {out['density']}")
+        return out
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
@@ -178,398 +177,3 @@ def merge_ties(
         den += agree * w
     den[den == 0] = 1.0
     return base + lambda_ * (num / den).view_as(base)
-
-
-# ---------------------------------------------------------------------------------- validation
-def _resolve_weights(spec: MergeMethod, weights: Sequence[float] | None, k: int) -> list[float]:
-    if spec.weight_rule == "equal":
-        if weights is not None:
-            raise ValueError(f"method {spec.name!r} takes no weights; use method='linear'")
-        return [1.0 / k] * k
-    if weights is None:
-        return [1.0 / k] * k if spec.weight_rule == "convex" else [1.0] * k
-    w = [float(x) for x in weights]
-    if len(w) != k:
-        raise ValueError(f"got {len(w)} weights for {k} inputs")
-    if not all(map(math.isfinite, w)):
-        raise ValueError(f"weights must be finite, got {w}")
-    if spec.weight_rule == "convex" and (min(w) < 0 or abs(sum(w) - 1.0) > 1e-6):
-        raise ValueError(f"method {spec.name!r} needs weights >= 0 summing to 1, got {w}")
-    return w
-
-
-def _resolve_params(spec: MergeMethod, params: Mapping[str, float] | None) -> dict[str, float]:
-    params = dict(params or {})
-    if unknown := sorted(set(params) - set(spec.defaults)):
-        raise ValueError(f"method {spec.name!r} takes {sorted(spec.defaults)}, not {unknown}")
-    out = {k: float(params.get(k, v)) for k, v in spec.defaults.items()}
-    if not all(map(math.isfinite, out.values())):
-        raise ValueError(f"parameters must be finite, got {out}")
-    if not 0.0 < out.get("density", 1.0) <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {out['density']}")
-    return out
-
-
-_SAME_ARCHITECTURE = "every input must have θ0's architecture: train the odd one again from θ0"
-
-
-def _check_compatible(ckpts: Sequence[Checkpoint]) -> None:
-    ref = ckpts[0]
-    for c in ckpts[1:]:
-        missing, extra = set(ref.tensors) - set(c.tensors), set(c.tensors) - set(ref.tensors)
-        if missing or extra:
-            raise ValueError(
-                f"{c.folder} has other tensors than {ref.folder}: missing "
-                f"{sorted(missing)[:5]} ({len(missing)} in all), extra {sorted(extra)[:5]} "
-                f"({len(extra)} in all); {_SAME_ARCHITECTURE}"
-            )
-        for key, (_, dtype, shape) in ref.tensors.items():
-            _, dtype_c, shape_c = c.tensors[key]
-            if (dtype, shape) != (dtype_c, shape_c):
-                raise ValueError(
-                    f"tensor {key!r} is {dtype}{list(shape)} in {ref.folder} "
-                    f"but {dtype_c}{list(shape_c)} in {c.folder}; {_SAME_ARCHITECTURE}"
-                )
-
-
-def check_same_base(inputs: Sequence[Path], base_fp: str | None) -> str | None:
-    """Compare the inputs' recorded ``base_fingerprint``s with each other and with θ0's."""
-    seen: dict[str, Path] = {}
-    for p in inputs:
-        record = read_json(p / "merit_branch.json") if (p / "merit_branch.json").is_file() else {}
-        if (fp := record.get("base_fingerprint")) is None:
-            continue
-        if base_fp is not None and fp != base_fp:
-            raise ValueError(
-                f"{p} was trained from a different base: its merit_branch.json records "
-                f"base_fingerprint {fp[:12]}…, the given base has {base_fp[:12]}…; train it "
-                "again from this base (delete its folder), or merge with the base it had"
-            )
-        seen.setdefault(fp, p)
-    if len(seen) > 1:
-        pairs = ", ".join(f"{p} ({fp[:12]}…)" for fp, p in seen.items())
-        raise ValueError(f"branches trained from different bases: {pairs}")
-    return base_fp or next(iter(seen), None)
-
-
-# ------------------------------------------------------------------------------------- writing
-def _mergekit_config(
-    inputs: Sequence[Path],
-    weights: Sequence[float],
-    base: Path | None,
-    method: str,
-    params: Mapping[str, float],
-    dtype: str,
-) -> dict:
-    task_vector = method in ("task_arithmetic", "ties")
-    models = [
-        {
-            "model": str(p.resolve()),
-            "parameters": {"weight": w}
-            | ({"density": params["density"]} if method == "ties" else {}),
-        }
-        for p, w in zip(inputs, weights, strict=True)
-    ]
-    cfg: dict[str, object] = {"merge_method": method if task_vector else "linear", "models": models}
-    if task_vector:
-        cfg["base_model"] = str(base.resolve())  # type: ignore[union-attr]
-        cfg["parameters"] = {"lambda": params["lambda"], "normalize": method == "ties"}
-    else:
-        cfg["parameters"] = {"normalize": False}  # our weights already sum to 1
-    # we accumulate in float32 and write the inputs' dtype
-    return cfg | {"dtype": "float32", "out_dtype": _MERGEKIT_DTYPES.get(dtype, "float32")}
-
-
-class _Workspace:
-    """Two float32 buffers, taken in turn, for the results of methods that accept ``out=``.
-
-    A fresh allocation per tensor page-faults all of it in again, which costs about 5× the
-    arithmetic of a linear merge (measured on 128 MiB tensors); reused buffers fault once. Two,
-    because a written result may still be being hashed while the next one is computed: the
-    caller must let go of a result before taking the buffer after next (`write_shards` waits
-    for each tensor's hash before it submits the next one's).
-    """
-
-    def __init__(self, numel: int) -> None:
-        self.numel, self.bufs, self.turn = numel, [None, None], 0
-
-    def take(self, shape: Sequence[int]) -> Tensor:
-        self.turn ^= 1
-        if self.bufs[self.turn] is None:  # untouched pages cost nothing until written
-            self.bufs[self.turn] = torch.empty(self.numel, dtype=torch.float32)
-        return self.bufs[self.turn][: math.prod(shape)].view(tuple(shape))
-
-
-def _merge_tensor(
-    key: str,
-    ckpts: Sequence[Checkpoint],
-    base: Checkpoint | None,
-    spec: MergeMethod,
-    weights: Sequence[float],
-    params: Mapping[str, float],
-    ws: _Workspace | None = None,
-) -> Tensor:
-    """Load ``key`` from every input (and θ0), merge in float32, return it in the inputs' dtype.
-
-    With ``ws`` (only for methods that take ``out=``) the float32 result lives in ``ws``.
-    """
-    ts = [c.read(key) for c in ckpts]
-    if not ts[0].is_floating_point():
-        if any(not torch.equal(ts[0], t) for t in ts[1:]):
-            raise ValueError(f"non-float tensor {key!r} differs between inputs")
-        return ts[0]  # integer buffers cannot be averaged; equal ones are kept
-    dtype, ts = ts[0].dtype, [t.float() for t in ts]
-    b = base.read(key).float() if base is not None else None
-    kwargs = {(k + "_" if keyword.iskeyword(k) else k): v for k, v in params.items()}  # lambda
-    if ws is not None:
-        kwargs["out"] = ws.take(ts[0].shape)
-    out = spec.fn(ts, weights, b, **kwargs).to(dtype)
-    if not is_finite(out):
-        raise ValueError(f"{spec.name} {dict(params)} gave non-finite values in {key!r}")
-    return out
-
-
-# ----------------------------------------------------------------------------------- the stage
-@dataclass(frozen=True)
-class MergeReport:
-    """What `merge_checkpoints` wrote and from what (the same facts as ``merge_manifest.json``)."""
-
-    out_dir: Path
-    method: str
-    weights: tuple[float, ...]
-    params: Mapping[str, float]
-    n_tensors: int
-    bytes_written: int  # weight shards only
-    seconds: float
-    input_sha256: tuple[Mapping[str, str], ...]  # per input: weight file name -> sha256
-    base_sha256: Mapping[str, str] | None
-    output_sha256: Mapping[str, str]  # every output file except the manifest itself
-    base_fingerprint: str | None  # the θ0 the branches share, from base or merit_branch.json
-
-
-@dataclass(frozen=True)
-class _Request:
-    """A merge's arguments once resolved and checked against each other (not yet the files)."""
-
-    inputs: list[Path]
-    out_dir: Path
-    base: Path | None
-    spec: MergeMethod
-    weights: list[float]
-    params: dict[str, float]
-
-
-def _check_request(
-    inputs: Sequence[str | Path],
-    out_dir: str | Path,
-    method: str,
-    weights: Sequence[float] | None,
-    base: str | Path | None,
-    params: Mapping[str, float] | None,
-    overwrite: bool,
-) -> _Request:
-    inputs, out_dir = [Path(p) for p in inputs], Path(out_dir)
-    base = Path(base) if base is not None else None
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; known: {sorted(MERGE_METHODS)}")
-    spec = MERGE_METHODS[method]
-    if not inputs:
-        raise ValueError("no inputs to merge")
-    if spec.needs_base and base is None:
-        raise ValueError(f"method {method!r} needs base= (the θ0 the branches started from)")
-    w, prm = _resolve_weights(spec, weights, len(inputs)), _resolve_params(spec, params)
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    for p in [*inputs, *([base] if base is not None else [])]:
-        if not p.is_dir():
-            raise ValueError(f"{p} is not a folder")
-        if p.resolve() == out_dir.resolve():
-            raise ValueError(f"{out_dir} is one of the inputs; write the merge elsewhere")
-    return _Request(inputs, out_dir, base, spec, w, prm)
-
-
-def _open_inputs(req: _Request) -> tuple[list[Checkpoint], Checkpoint | None]:
-    """Read every header and check what headers can tell before anything is written."""
-    ckpts = [Checkpoint.open(p) for p in req.inputs]
-    base_ckpt = Checkpoint.open(req.base) if req.base is not None else None
-    _check_compatible([*ckpts, *([base_ckpt] if base_ckpt else [])])
-    density = req.params.get("density")
-    for key, (_, _, shape) in ckpts[0].tensors.items():
-        if density is not None and int(density * math.prod(shape)) < 1:
-            raise ValueError(f"density {density} keeps no entry of {key!r} {list(shape)}")
-    return ckpts, base_ckpt
-
-
-def _write_merged_weights(
-    tmp: Path,
-    req: _Request,
-    ckpts: Sequence[Checkpoint],
-    base: Checkpoint | None,
-    shard_size: int,
-    progress: bool,
-    hasher: ThreadPoolExecutor,
-) -> dict[str, str]:
-    """Merge tensor by tensor into shard files (`write_shards`); returns each shard's sha256.
-
-    `write_shards` lets go of a tensor's bytes before the one after next is produced, which is
-    what `_Workspace`'s two buffers need; memory stays ≈ (K + 2) copies of the largest tensor.
-    """
-    try:
-        takes_out = "out" in inspect.signature(req.spec.fn).parameters
-    except (TypeError, ValueError):  # a callable without a signature: no ``out=``
-        takes_out = False
-    numel = max(math.prod(t[2]) for t in ckpts[0].tensors.values())
-    ws = _Workspace(numel) if takes_out else None
-
-    def produce(key: str) -> Tensor:
-        return _merge_tensor(key, ckpts, base, req.spec, req.weights, req.params, ws)
-
-    return write_shards(
-        tmp,
-        ckpts[0],
-        produce,
-        shard_size=shard_size,
-        hasher=hasher,
-        desc=req.spec.name,
-        progress=progress,
-    )
-
-
-def _manifest(
-    req: _Request,
-    in_hashes: Sequence[Mapping[str, str]],
-    base_hashes: Mapping[str, str] | None,
-    base_fp: str | None,
-    out_hashes: Mapping[str, str],
-    n_tensors: int,
-    dtype: str,
-    seconds: float,
-) -> dict:
-    """``merge_manifest.json``: method, weights, every input's and output's file hashes."""
-    return {
-        "method": req.spec.name,
-        "reference_url": req.spec.reference_url,
-        "weights": req.weights,
-        "params": req.params,
-        "inputs": [
-            {"path": str(p.resolve()), "files": h}
-            for p, h in zip(req.inputs, in_hashes, strict=True)
-        ],
-        "base": req.base and {"path": str(req.base.resolve()), "files": base_hashes},
-        "base_fingerprint": base_fp,
-        "output": {"files": out_hashes, "n_tensors": n_tensors, "dtype": dtype},
-        "merit_lab_version": merge_version(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 3),
-    }
-
-
-def merge_checkpoints(
-    inputs: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    method: str = "linear",
-    weights: Sequence[float] | None = None,
-    base: str | Path | None = None,
-    params: Mapping[str, float] | None = None,
-    shard_size: int = 2**30,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> MergeReport:
-    """Merge K HF checkpoints into the HF folder ``out_dir``, one tensor at a time.
-
-    Peak memory is about (K + 2) float32 copies of the largest tensor. Everything that headers
-    can tell is checked before writing; on any error (also a non-finite value met mid-merge)
-    neither ``out_dir`` nor a temp folder is left behind.
-
-    Args:
-        inputs: branch folders (``model.safetensors``, or shards + index).
-        out_dir: the folder to create.
-        method: a key of `MERGE_METHODS`: ``linear``, ``uniform``, ``task_arithmetic``, ``ties``.
-        weights: one per input. ``linear``: ≥ 0 summing to 1, normally the partition's token
-            weights (default: equal). ``uniform``: none. Task-vector methods: default 1 each.
-        base: θ0's folder, needed by task-vector methods. Config/tokenizer files are copied
-            from it (else from the first input); branches' ``base_fingerprint`` must match it.
-        params: method parameters, mergekit names: ``lambda``; ``density`` for ties.
-        shard_size: most bytes of tensor data per output shard (a bigger tensor goes alone).
-        overwrite: replace an existing ``out_dir``.
-        progress: show a tqdm bar over tensors.
-
-    Returns:
-        A `MergeReport`.
-    """
-    t0 = time.perf_counter()
-    req = _check_request(inputs, out_dir, method, weights, base, params, overwrite)
-    ckpts, base_ckpt = _open_inputs(req)
-    base_hashes = file_hashes(req.base) if req.base is not None else None
-    base_fp = check_same_base(req.inputs, fingerprint_hashes(base_hashes) if base_hashes else None)
-    n_tensors, dtype0 = len(ckpts[0].tensors), next(iter(ckpts[0].tensors.values()))[1]
-
-    # The inputs' sha256 (for the manifest) is computed on a thread beside the merge, and the
-    # output's while it is written: hashing is as costly as the merge itself, so done in series
-    # it would double the time (measured by benchmarks/bench_merge.py).
-    with (
-        hash_thread("merge-hash-inputs") as (in_pool, stop),
-        hash_thread("merge-hash-output") as (out_pool, _),
-        atomic_dir(req.out_dir, overwrite=overwrite) as tmp,
-    ):
-        in_jobs = [
-            {f.name: in_pool.submit(sha256_stoppable, f, stop) for f in weight_files(p)}
-            for p in req.inputs
-        ]
-        digests = _write_merged_weights(tmp, req, ckpts, base_ckpt, shard_size, progress, out_pool)
-        copy_side_files(req.base if req.base is not None else req.inputs[0], tmp)
-        why_not = mergekit_problem(req.inputs[0])
-        if why_not is None:
-            mk = _mergekit_config(req.inputs, req.weights, req.base, method, req.params, dtype0)
-            atomic_write_text(tmp / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
-        out_hashes = {
-            p.name: digests.get(p.name) or sha256_file(p)
-            for p in sorted(tmp.iterdir())
-            if p.is_file()
-        }
-        in_hashes = [{name: job.result() for name, job in jobs.items()} for jobs in in_jobs]
-        seconds = time.perf_counter() - t0
-        manifest = _manifest(
-            req, in_hashes, base_hashes, base_fp, out_hashes, n_tensors, dtype0, seconds
-        )
-        manifest["mergekit_export"] = None if why_not else "mergekit.yaml"
-        manifest["mergekit_export_reason"] = why_not or "the same merge as a mergekit config"
-        atomic_write_json(tmp / "merge_manifest.json", manifest)
-        bytes_written = sum((tmp / n).stat().st_size for n in digests)
-    return MergeReport(
-        out_dir=req.out_dir,
-        method=method,
-        weights=tuple(req.weights),
-        params=MappingProxyType(req.params),
-        n_tensors=n_tensors,
-        bytes_written=bytes_written,
-        seconds=seconds,
-        input_sha256=tuple(MappingProxyType(h) for h in in_hashes),
-        base_sha256=MappingProxyType(base_hashes) if base_hashes is not None else None,
-        output_sha256=MappingProxyType(out_hashes),
-        base_fingerprint=base_fp,
-    )
-
-
-def mergekit_problem(folder: str | Path) -> str | None:
-    """Why mergekit cannot redo a merge of this model (None when it can): mergekit 0.1.5 reads
-    ``num_hidden_layers`` at the top of ``config.json``, where transformers 5 no longer writes it
-    for image-text models (it is under ``text_config``), so ``mergekit-yaml`` stops with "has no
-    attribute num_hidden_layers" (checked on the image-text demo's Qwen2-VL)."""
-    config = Path(folder) / "config.json"
-    cfg = read_json(config) if config.is_file() else {}
-    if "num_hidden_layers" not in cfg and "num_hidden_layers" in cfg.get("text_config", {}):
-        return (
-            f"{cfg.get('model_type', 'this')} config keeps num_hidden_layers under text_config "
-            "(transformers 5), which mergekit 0.1.5 does not read: no mergekit.yaml written"
-        )
-    return None
-
-
-def merge_version() -> str:
-    """merit-lab's installed version, as merge manifests record it."""
-    try:
-        return metadata.version("merit-lab")
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -10,7 +10,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "PartitionEdits": "edits",
     "as_matrix": "gain",
     "check_weights": "gain",
     "gain_terms": "gain",
@@ -20,13 +19,14 @@ _EXPORTS = {
     "predicted_partition_gain": "gain",
     "quadratic_gain_prediction": "gain",
     "spectral_filtering": "gain",
-    "PARTITION_METHODS": "plan",
+    "PARTITION_METHODS": "methods",
+    "make_partition": "methods",
+    "partition_method": "methods",
+    "split_balanced": "methods",
+    "split_balanced_k": "methods",
+    "split_kmeans": "methods",
+    "split_random": "methods",
     "Partition": "plan",
-    "make_partition": "plan",
-    "split_balanced": "plan",
-    "split_balanced_k": "plan",
-    "split_kmeans": "plan",
-    "split_random": "plan",
     "DROPPED": "session",
     "EditSession": "session",
     "UNPLACED": "session",

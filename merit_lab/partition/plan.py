@@ -1,16 +1,17 @@
-"""Partition plan: which sources train together in which branch.
+"""Partition plan: which sources train together in which branch, and its hand edits.
 
-Input: a ``ConflictSpace`` (or just names for the random baseline) and per-source example and
-token counts. Output: a ``Partition`` of the sources into K groups with token merge weights,
-saved as partition.json (`merit_lab.partition.gain.predict_gain` scores any partition).
+Input: the groups of a split (`merit_lab.partition.methods`) with per-source example and token
+counts. Output: a ``Partition`` of the sources into K groups with token merge weights, edited by
+hand (move, drop, down-weight, add; drop or restore single examples, each edit logged) and saved
+as partition.json (`merit_lab.partition.gain.predict_gain` scores any partition).
 """
 
 from __future__ import annotations
 
-import math
+import datetime as _dt
 import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -18,26 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from merit_lab.analysis.conflict import ConflictSpace
-from merit_lab.io import atomic_write_json, read_json
-from merit_lab.partition.edits import PartitionEdits
+from merit_lab.envelope import save_enveloped, unwrap, wrap
+from merit_lab.io import read_json
 
-__all__ = [
-    "PARTITION_METHODS",
-    "Partition",
-    "make_partition",
-    "split_balanced",
-    "split_balanced_k",
-    "split_kmeans",
-    "split_random",
-]
+__all__ = ["Partition"]
 
-_FORMAT = "merit-lab/partition"
-_VERSION = 1
+PARTITION_FORMAT = "merit-lab/partition"  # partition.json has carried this header from the start
+PARTITION_VERSION = 1
 
 
 @dataclass(frozen=True)
-class Partition(PartitionEdits):
+class Partition:
     """K groups of sources, with the counts that balance them and weight their merge.
 
     Attributes:
@@ -50,14 +42,14 @@ class Partition(PartitionEdits):
         dropped: sources a hand edit removed from the mixture (they train in no row).
         fractions: source → the share f < 1 of its train examples the rows train (a seeded
             subset, `merit_lab.partition.session.fraction_subset`); ``examples`` and ``tokens``
-            already
-            count only that subset, so the weights are those the merge will use.
+            already count only that subset, so the weights are those the merge will use.
         excluded: source → ids of train examples a hand edit dropped (no row trains them; a
             down-weighted subset is drawn from the rest); ``examples``/``tokens`` count without
             them.
 
-    Edits (`merit_lab.partition.edits`: `move`, `drop`, `downweight`, `add`, `drop_examples`,
-    `restore_examples`) return a new partition with the edit logged.
+    Edits (`move`, `drop`, `downweight`, `add`, `drop_examples`, `restore_examples`) return a
+    new partition with the edit logged; the counts an edit needs (what a source trains
+    afterwards) come from `merit_lab.partition.session.EditSession`.
     """
 
     method: str
@@ -83,7 +75,7 @@ class Partition(PartitionEdits):
             raise ValueError(f"sources in more than one group (or twice): {dupes}")
         object.__setattr__(self, "groups", groups)
         for what in ("examples", "tokens"):
-            counts = _check_counts(getattr(self, what), members, what)
+            counts = check_counts(getattr(self, what), members, what)
             object.__setattr__(self, what, MappingProxyType({s: counts[s] for s in members}))
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
         object.__setattr__(self, "edit_log", tuple(dict(e) for e in self.edit_log))
@@ -145,11 +137,9 @@ class Partition(PartitionEdits):
             raise ValueError(f"sources not in this partition: {unknown}")
         return np.array([lookup[s] for s in names], dtype=np.int64)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON document; ``weights``/``group_*`` are derived and recomputed on load."""
+    # -- persistence: partition.json, in the versioned envelope -----------------------------
+    def _payload(self) -> dict[str, Any]:
         return {
-            "format": _FORMAT,
-            "version": _VERSION,
             "method": self.method,
             "k": self.k,
             "groups": [list(g) for g in self.groups],
@@ -165,12 +155,18 @@ class Partition(PartitionEdits):
             "excluded": {s: list(ids) for s, ids in self.excluded.items()},
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON document; ``weights``/``group_*`` are derived and recomputed on load."""
+        return wrap(PARTITION_FORMAT, PARTITION_VERSION, self._payload())
+
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Partition:
-        if d.get("format") != _FORMAT or d.get("version") != _VERSION:
-            raise ValueError(
-                f"not a {_FORMAT} v{_VERSION} document: {d.get('format')!r} v{d.get('version')}"
-            )
+    def from_dict(cls, d: Mapping[str, Any], *, source: str | os.PathLike = "") -> Partition:
+        """The partition of a `to_dict` document; another format or a newer version is refused
+        (`merit_lab.envelope.EnvelopeError`, naming ``source``)."""
+        return cls._from_payload(unwrap(d, PARTITION_FORMAT, PARTITION_VERSION, source=source))
+
+    @classmethod
+    def _from_payload(cls, d: Mapping[str, Any]) -> Partition:
         return cls(
             method=d["method"],
             groups=tuple(tuple(g) for g in d["groups"]),
@@ -185,7 +181,7 @@ class Partition(PartitionEdits):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write partition.json atomically."""
-        return atomic_write_json(path, self.to_dict())
+        return save_enveloped(path, PARTITION_FORMAT, PARTITION_VERSION, self._payload())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Partition:
@@ -194,14 +190,182 @@ class Partition(PartitionEdits):
             data = read_json(path)  # the error names the path and line
         except ValueError as e:
             raise ValueError(f"{e}; fix it, or delete it: the partition stage writes one") from e
+        data = unwrap(data, PARTITION_FORMAT, PARTITION_VERSION, source=path)
         try:
-            return cls.from_dict(data)
+            return cls._from_payload(data)
         except (KeyError, TypeError, ValueError) as e:
             what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"{path}: {what}") from e
 
+    # -- hand edits: each returns a new partition with the edit logged ---------------------
+    def move(self, source: str, to_group: int, who: str = "user") -> Partition:
+        """A new partition with ``source`` moved to group ``to_group`` and the edit logged.
 
-def _check_counts(counts: Mapping[str, int], names: Sequence[str], what: str) -> dict[str, int]:
+        Raises:
+            ValueError: unknown source or group, a no-op move, or a move that empties a group.
+        """
+        src = self.group_of(source)
+        if not 0 <= to_group < self.k:
+            raise ValueError(f"group {to_group} does not exist (K = {self.k})")
+        if to_group == src:
+            raise ValueError(f"{source!r} is already in group {to_group}")
+        if len(self.groups[src]) == 1:
+            raise ValueError(f"moving {source!r} would empty group {src}")
+        groups = [list(g) for g in self.groups]
+        groups[src].remove(source)
+        groups[to_group].append(source)
+        return self._edited(
+            {"op": "move", "source": source, "from": src, "to": to_group}, who, groups=groups
+        )
+
+    def drop(self, source: str, who: str = "user") -> Partition:
+        """A new partition without ``source``: it trains in no row (joint, soup or split).
+
+        Raises:
+            ValueError: unknown source, or a drop that would empty its group (move another
+                source in first, or drop it from a partition with fewer groups).
+        """
+        src = self.group_of(source)
+        if len(self.groups[src]) == 1:
+            raise ValueError(f"dropping {source!r} would empty group {src}")
+        groups = [[s for s in g if s != source] for g in self.groups]
+        return self._edited(
+            {"op": "drop", "source": source, "from": src},
+            who,
+            groups=groups,
+            dropped=(*self.dropped, source),
+            remove=source,
+        )
+
+    def downweight(
+        self, source: str, fraction: float, *, examples: int, tokens: int, who: str = "user"
+    ) -> Partition:
+        """A new partition in which ``source`` trains a seeded ``fraction`` of its examples.
+
+        Args:
+            fraction: in (0, 1]; 1 undoes a down-weight.
+            examples, tokens: what that subset holds (`merit_lab.partition.session.EditSession`
+                counts them from the mixture's per-example tokens), so the weights stay exact.
+        """
+        self.group_of(source)
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        old = self.fractions.get(source, 1.0)
+        if float(fraction) == old:
+            raise ValueError(f"{source!r} already trains a fraction {old:g}")
+        fractions = {**self.fractions, source: float(fraction)}
+        return self._edited(
+            {"op": "downweight", "source": source, "from": old, "to": float(fraction)},
+            who,
+            fractions=fractions,
+            counts={source: (examples, tokens)},
+        )
+
+    def add(
+        self, source: str, to_group: int, *, examples: int, tokens: int, who: str = "user"
+    ) -> Partition:
+        """A new partition with a source that was not in it (new, or dropped before) in group
+        ``to_group``; ``examples``/``tokens`` are its train counts."""
+        if source in self.sources:
+            raise ValueError(f"{source!r} is already in group {self.group_of(source)}")
+        if not 0 <= to_group < self.k:
+            raise ValueError(f"group {to_group} does not exist (K = {self.k})")
+        groups = [list(g) for g in self.groups]
+        groups[to_group].append(source)
+        return self._edited(
+            {"op": "add", "source": source, "to": to_group},
+            who,
+            groups=groups,
+            dropped=tuple(s for s in self.dropped if s != source),
+            counts={source: (examples, tokens)},
+        )
+
+    def drop_examples(
+        self, source: str, ids: Sequence[str], *, examples: int, tokens: int, who: str = "user"
+    ) -> Partition:
+        """A new partition in which ``source`` no longer trains the examples ``ids`` (in any row).
+
+        Args:
+            ids: example ids (``{"id": ...}`` of its train examples) to leave out.
+            examples, tokens: what the source trains afterwards (`merit_lab.partition.session.
+                EditSession` counts them), so the merge weights follow the examples trained.
+        """
+        self.group_of(source)
+        ids = tuple(dict.fromkeys(str(i) for i in ids))
+        old = self.excluded.get(source, ())
+        again = sorted(set(ids) & set(old))
+        if not ids or again:
+            raise ValueError(
+                f"no examples to drop (already dropped: {again})"
+                if again
+                else "no example ids given"
+            )
+        return self._edited(
+            {"op": "drop_examples", "source": source, "ids": list(ids)},
+            who,
+            excluded={**self.excluded, source: (*old, *ids)},
+            counts={source: (examples, tokens)},
+        )
+
+    def restore_examples(
+        self, source: str, ids: Sequence[str], *, examples: int, tokens: int, who: str = "user"
+    ) -> Partition:
+        """A new partition in which dropped examples ``ids`` of ``source`` train again."""
+        self.group_of(source)
+        ids = tuple(dict.fromkeys(str(i) for i in ids))
+        old = self.excluded.get(source, ())
+        missing = sorted(set(ids) - set(old))
+        if not ids or missing:
+            raise ValueError(f"examples of {source!r} that were not dropped: {missing or ids}")
+        kept = tuple(i for i in old if i not in ids)
+        excluded = {s: v for s, v in self.excluded.items() if s != source}
+        if kept:
+            excluded[source] = kept
+        return self._edited(
+            {"op": "restore_examples", "source": source, "ids": list(ids)},
+            who,
+            excluded=excluded,
+            counts={source: (examples, tokens)},
+        )
+
+    def _edited(
+        self,
+        entry: dict,
+        who: str,
+        *,
+        groups: Sequence[Sequence[str]] | None = None,
+        dropped: tuple[str, ...] | None = None,
+        fractions: Mapping[str, float] | None = None,
+        excluded: Mapping[str, Sequence[str]] | None = None,
+        counts: Mapping[str, tuple[int, int]] = MappingProxyType({}),
+        remove: str | None = None,
+    ) -> Partition:
+        """A copy with the given fields replaced and ``entry`` appended to the edit log."""
+        examples = {s: n for s, n in self.examples.items() if s != remove}
+        tokens = {s: n for s, n in self.tokens.items() if s != remove}
+        for s, (n_ex, n_tok) in counts.items():
+            examples[s], tokens[s] = n_ex, n_tok
+        fractions = dict(self.fractions if fractions is None else fractions)
+        fractions.pop(remove, None)
+        excluded = dict(self.excluded if excluded is None else excluded)
+        excluded.pop(remove, None)
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        return type(self)(
+            method=self.method,
+            groups=tuple(tuple(g) for g in (self.groups if groups is None else groups)),
+            examples=examples,
+            tokens=tokens,
+            params=self.params,
+            edit_log=(*self.edit_log, {**entry, "who": who, "at": stamp}),
+            dropped=self.dropped if dropped is None else dropped,
+            fractions=fractions,
+            excluded=excluded,
+        )
+
+
+def check_counts(counts: Mapping[str, int], names: Sequence[str], what: str) -> dict[str, int]:
     """Counts for exactly ``names``, as positive ints; ValueError naming any offender."""
     missing = [s for s in names if s not in counts]
     if missing:
@@ -216,233 +380,3 @@ def _check_counts(counts: Mapping[str, int], names: Sequence[str], what: str) ->
             raise ValueError(f"{what} count of {s!r} must be a positive integer, got {c!r}")
         out[s] = int(c)
     return out
-
-
-def _check_k(k: int, n_sources: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"K must be a positive integer, got {k!r}")
-    if k > n_sources:
-        raise ValueError(f"K = {k} groups but only {n_sources} sources")
-
-
-def split_balanced_k(
-    space: ConflictSpace, examples: Mapping[str, int], tokens: Mapping[str, int], *, k: int
-) -> Partition:
-    """Recursive sample-balanced median splits along successive PCA axes, for any K.
-
-    A group meant to become k groups is sorted by its members' PCA coordinate on axis = depth
-    and cut between two consecutive members so that the low side carries as close as possible
-    to ⌊k/2⌋/k of the group's examples (for even k: the sample-weighted median), each side
-    keeping at least as many sources as groups it will become. The low side becomes ⌊k/2⌋
-    groups and the high side ⌈k/2⌉. For K = 2^r this is the paper's split on the top r axes;
-    groups are ordered depth first, low side first, so group index bits are the axis signs.
-
-    Args:
-        space: the sources' conflict space.
-        examples: per-source example counts (the split balances these).
-        tokens: per-source token counts (they set the merge weights).
-        k: number of groups, 1 ≤ k ≤ T; needs ⌈log2 k⌉ axes with positive variance.
-    """
-    names = space.names
-    _check_k(k, len(names))
-    ex = _check_counts(examples, names, "examples")
-    _check_counts(tokens, names, "tokens")
-    depth_needed = math.ceil(math.log2(k)) if k > 1 else 0
-    if depth_needed > space.n_axes:
-        raise ValueError(
-            f"K = {k} needs {depth_needed} PCA axes but the conflict space has {space.n_axes}"
-        )
-    z = space.embedding
-    pos = {s: i for i, s in enumerate(names)}
-
-    def split(members: list[str], k_here: int, depth: int) -> list[list[str]]:
-        if k_here == 1:
-            return [members]
-        k_low = k_here // 2
-        # Ties on the coordinate fall back to the space's source order: deterministic.
-        ordered = sorted(members, key=lambda s: (z[pos[s], depth], pos[s]))
-        w = np.array([ex[s] for s in ordered], dtype=np.float64)
-        cum = np.cumsum(w)[:-1]  # examples on the low side when cutting after position i
-        target = w.sum() * k_low / k_here
-        cuts = np.arange(1, len(ordered))
-        allowed = (cuts >= k_low) & (len(ordered) - cuts >= k_here - k_low)
-        gap = np.where(allowed, np.abs(cum - target), np.inf)
-        c = int(cuts[np.argmin(gap)])
-        return split(ordered[:c], k_low, depth + 1) + split(ordered[c:], k_here - k_low, depth + 1)
-
-    groups = split(list(names), k, 0)
-    # Inside a group, list sources in the space's order so the plan reads like the mixture.
-    groups = [sorted(g, key=pos.__getitem__) for g in groups]
-    return Partition(
-        method="balanced",
-        groups=tuple(tuple(g) for g in groups),
-        examples=examples,
-        tokens=tokens,
-        params={"k": k, "axes": list(range(depth_needed))},
-    )
-
-
-def split_balanced(
-    space: ConflictSpace, examples: Mapping[str, int], tokens: Mapping[str, int], *, r: int
-) -> Partition:
-    """The paper's MERIT-rD split: K = 2^r groups by r levels of sample-weighted median cuts.
-
-    Level j cuts every current group at the sample-weighted median of its members' j-th PCA
-    coordinate. See ``split_balanced_k`` for the cut rule.
-    """
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
-        raise ValueError(f"r must be a non-negative integer, got {r!r}")
-    if r > space.n_axes:
-        raise ValueError(f"r = {r} axes requested but the conflict space has {space.n_axes}")
-    part = split_balanced_k(space, examples, tokens, k=2**r)
-    return Partition(
-        method="balanced",
-        groups=part.groups,
-        examples=part.examples,
-        tokens=part.tokens,
-        params={"r": r, "k": 2**r, "axes": list(range(r))},
-    )
-
-
-def split_random(
-    names: Sequence[str],
-    examples: Mapping[str, int],
-    tokens: Mapping[str, int],
-    *,
-    k: int,
-    seed: int,
-    balance: str = "examples",
-) -> Partition:
-    """Random baseline: K groups that ignore conflict.
-
-    ``balance="examples"`` (default, the fair baseline for the balanced split): shuffle the
-    sources, seed each group with one of the first K, then give each next source to the group
-    with the fewest examples so far; every group ends within one source's size of 1/K of the
-    examples. ``balance="count"``: shuffle and deal round-robin (equal source counts).
-    """
-    names = tuple(names)
-    if len(set(names)) != len(names):
-        raise ValueError("duplicate source names")
-    _check_k(k, len(names))
-    ex = _check_counts(examples, names, "examples")
-    _check_counts(tokens, names, "tokens")
-    if balance not in ("examples", "count"):
-        raise ValueError(f"balance must be 'examples' or 'count', got {balance!r}")
-    rng = np.random.default_rng(seed)
-    order = [names[i] for i in rng.permutation(len(names))]
-    groups: list[list[str]] = [[] for _ in range(k)]
-    loads = [0] * k
-    for i, s in enumerate(order):
-        # The first K sources seed the K groups, so none stays empty.
-        lightest = min(range(k), key=lambda j: (loads[j], j))
-        g = i % k if balance == "count" or i < k else lightest
-        groups[g].append(s)
-        loads[g] += ex[s]
-    pos = {s: i for i, s in enumerate(names)}
-    groups = [sorted(g, key=pos.__getitem__) for g in groups]
-    return Partition(
-        method="random",
-        groups=tuple(tuple(g) for g in groups),
-        examples=examples,
-        tokens=tokens,
-        params={"k": k, "seed": seed, "balance": balance},
-    )
-
-
-def split_kmeans(
-    space: ConflictSpace,
-    examples: Mapping[str, int],
-    tokens: Mapping[str, int],
-    *,
-    k: int,
-    seed: int,
-    r: int | None = None,
-) -> Partition:
-    """K-means baseline on the first r PCA coordinates (all positive-variance axes by default).
-
-    With all axes, Euclidean distances between PCA scores equal those between the unit
-    gradients, so this is k-means on normalised gradients. Clusters are unweighted (not sample
-    balanced) and numbered by their first source in the space's order.
-    """
-    from sklearn.cluster import KMeans
-
-    names = space.names
-    _check_k(k, len(names))
-    _check_counts(examples, names, "examples")
-    _check_counts(tokens, names, "tokens")
-    r = space.n_axes if r is None else r
-    if not 1 <= r <= space.n_axes:
-        raise ValueError(f"r must be in [1, {space.n_axes}] (axes with variance), got {r}")
-    x = space.coords(r)
-    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
-    if len(set(labels.tolist())) < k:
-        raise ValueError(f"k-means found fewer than {k} distinct clusters (duplicate sources?)")
-    first_seen = list(dict.fromkeys(labels.tolist()))
-    groups = tuple(
-        tuple(s for s, lab in zip(names, labels, strict=True) if lab == c) for c in first_seen
-    )
-    return Partition(
-        method="kmeans",
-        groups=groups,
-        examples=examples,
-        tokens=tokens,
-        params={"k": k, "seed": seed, "r": r},
-    )
-
-
-# name → builder(space, examples, tokens, *, r, k, seed) -> Partition. A new partition method is
-# one function registered here; `make_partition`, the config and the editor then know it.
-PartitionMethod = Callable[..., Partition]
-PARTITION_METHODS: dict[str, PartitionMethod] = {}
-
-
-def partition_method(name: str) -> Callable[[PartitionMethod], PartitionMethod]:
-    """Register ``fn(space, examples, tokens, *, r, k, seed)`` as partition method ``name``."""
-
-    def register(fn: PartitionMethod) -> PartitionMethod:
-        PARTITION_METHODS[name] = fn
-        return fn
-
-    return register
-
-
-@partition_method("balanced")
-def _make_balanced(space, examples, tokens, *, r, k, seed) -> Partition:
-    if r is not None and k is None:
-        return split_balanced(space, examples, tokens, r=r)
-    return split_balanced_k(space, examples, tokens, k=k if k is not None else 2**r)
-
-
-@partition_method("random")
-def _make_random(space, examples, tokens, *, r, k, seed) -> Partition:
-    return split_random(space.names, examples, tokens, k=k if k is not None else 2**r, seed=seed)
-
-
-@partition_method("kmeans")
-def _make_kmeans(space, examples, tokens, *, r, k, seed) -> Partition:
-    return split_kmeans(space, examples, tokens, k=k if k is not None else 2**r, seed=seed)
-
-
-def make_partition(
-    space: ConflictSpace,
-    examples: Mapping[str, int],
-    tokens: Mapping[str, int],
-    *,
-    method: str = "balanced",
-    r: int | None = None,
-    k: int | None = None,
-    seed: int = 0,
-) -> Partition:
-    """A partition by method name (`PARTITION_METHODS`); ``r`` gives K = 2^r, else ``k`` is K.
-
-    ``examples``/``tokens`` may hold more sources than ``space`` (only the space's are used).
-    """
-    if r is None and k is None:
-        raise ValueError("give r (K = 2^r groups) or k")
-    if method not in PARTITION_METHODS:
-        raise ValueError(
-            f"unknown partition method {method!r}; expected one of {sorted(PARTITION_METHODS)}"
-        )
-    ex = {s: examples[s] for s in space.names if s in examples}
-    tok = {s: tokens[s] for s in space.names if s in tokens}
-    return PARTITION_METHODS[method](space, ex, tok, r=r, k=k, seed=seed)

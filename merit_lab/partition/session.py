@@ -22,7 +22,8 @@ import pandas as pd
 
 from merit_lab.analysis.conflict import ConflictSpace
 from merit_lab.partition.gain import gain_terms, predict_gain
-from merit_lab.partition.plan import Partition, make_partition
+from merit_lab.partition.methods import make_partition
+from merit_lab.partition.plan import Partition
 
 __all__ = [
     "DROPPED",

@@ -1,17 +1,18 @@
 """Split stability: how much a conflict matrix and its split move on another calibration draw.
 
 Input: per-example gradient rows with their sources and weights (`merit_lab.analysis.examples`).
-Output:
-``SplitStability`` — a bootstrap over each source's calibration examples of the cosine matrix
-(spread per pair), of the balanced partition (ARI to the reported split, source co-assignment)
-and a recommended calibration size from the convergence curve.
+Output: ``SplitStability`` — a bootstrap over each source's calibration examples of the cosine
+matrix (spread per pair), of the balanced partition (ARI to the reported split, source
+co-assignment) and a recommended calibration size from the convergence curve.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,9 @@ import pandas as pd
 
 from merit_lab.analysis.conflict import space_from_cosine
 from merit_lab.analysis.convergence import DEFAULT_NS, bootstrap_convergence
-from merit_lab.partition.plan import Partition, make_partition
+from merit_lab.envelope import load_enveloped, save_enveloped, unwrap, wrap
+from merit_lab.partition.methods import make_partition
+from merit_lab.partition.plan import Partition
 
 __all__ = [
     "CONVERGENCE_THRESHOLD",
@@ -38,6 +41,8 @@ UNSTABLE_ARI = 0.8
 # The recommended n: the smallest n at which the worst source's median bootstrap cosine between
 # an n-example gradient and the all-example gradient reaches this.
 CONVERGENCE_THRESHOLD = 0.95
+STABILITY_FORMAT = "merit-lab/stability"  # stability.json has carried this header from the start
+STABILITY_VERSION = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,13 +125,11 @@ class SplitStability:
             }
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def _payload(self) -> dict[str, Any]:
         def per_r(m: Mapping[int, np.ndarray]) -> dict[str, list]:
             return {str(r): np.asarray(v).tolist() for r, v in m.items()}
 
         return {
-            "format": "merit-lab/stability",
-            "version": 1,
             "names": list(self.names),
             "n_boot": self.n_boot,
             "seed": self.seed,
@@ -139,11 +142,18 @@ class SplitStability:
             "info": dict(self.info),
         }
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SplitStability:
-        if d.get("format") != "merit-lab/stability" or d.get("version") != 1:
-            raise ValueError(f"not a merit-lab/stability v1 document: {d.get('format')!r}")
+    def to_dict(self) -> dict[str, Any]:
+        """The ``stability.json`` document: the arrays under the envelope's header."""
+        return wrap(STABILITY_FORMAT, STABILITY_VERSION, self._payload())
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str | os.PathLike = "") -> SplitStability:
+        """The stability of a `to_dict` document; another format or a newer version is refused
+        (`merit_lab.envelope.EnvelopeError`, naming ``source``)."""
+        return cls._from_payload(unwrap(d, STABILITY_FORMAT, STABILITY_VERSION, source=source))
+
+    @classmethod
+    def _from_payload(cls, d: Mapping[str, Any]) -> SplitStability:
         def per_r(key: str) -> dict[int, np.ndarray]:
             return {int(r): np.asarray(v, dtype=np.float64) for r, v in d[key].items()}
 
@@ -159,6 +169,15 @@ class SplitStability:
             reference={r: v.astype(np.int64) for r, v in per_r("reference").items()},
             info=dict(d.get("info", {})),
         )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``stability.json`` atomically."""
+        return save_enveloped(path, STABILITY_FORMAT, STABILITY_VERSION, self._payload())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SplitStability:
+        """Read `save`'s file; another format or a newer version is refused, naming it."""
+        return cls._from_payload(load_enveloped(path, STABILITY_FORMAT, STABILITY_VERSION))
 
 
 _MATRICES = ("cosine", "cosine_std", "cosine_lo", "cosine_hi", "cosine_bias", "pearson")
@@ -203,9 +222,9 @@ def bootstrap_split_stability(
     count).
 
     Args:
-        rows: (N, m) per-example gradients (sketched; `merit_lab.analysis.examples.resketch` keeps
-        this
-            affordable); tokens: (N,) their weights; sources: (N,) the source of each row.
+        rows: (N, m) per-example gradients (sketched; `merit_lab.analysis.examples.resketch`
+            keeps this affordable); tokens: (N,) their weights; sources: (N,) the source of
+            each row.
         names: the sources to split (each must have rows), in the order of the outputs.
         examples, train_tokens: per-source counts the split balances (the partition's).
         rs: numbers of PCA axes to split on (K = 2^r); each needs r ≤ T − 1.

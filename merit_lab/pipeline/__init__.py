@@ -1,7 +1,8 @@
 """The pipeline layer: everything that knows ``runs/<name>/``.
 
-`rundir` (paths, stage keys, readers) is at the bottom; the stages (`analysis`, `experiments`,
-`diagnose`, `report`, `figures`) sit on it; `runner` (``STAGES`` and the loop) is at the top.
+`rundir` (paths, stage keys, readers) is at the bottom; the stages (`analysis`, `curation` and
+`rows` that plan the comparison, `experiments` that trains, merges and evaluates it, `diagnose`,
+`report`, `figures`) sit on it; `runner` (``STAGES`` and the loop) is at the top.
 Names load lazily (PEP 562), so importing one module of the package does not import them all.
 """
 

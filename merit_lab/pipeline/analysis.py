@@ -29,7 +29,8 @@ from merit_lab.data.mixture import (
     small_source_message,
     source_shortfall,
 )
-from merit_lab.gradients.estimate import GradientBank, estimate_gradients, request_info
+from merit_lab.gradients.bank import GradientBank, request_info
+from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.gradients.lora_bank import WARMUP_DIR, load_lora_model, warm_up_for_run, warmup_info
 from merit_lab.gradients.workers import (
     WORKERS_DIR,
@@ -51,7 +52,8 @@ from merit_lab.models.loading import (
     resolve_dtype,
     resolve_model_path,
 )
-from merit_lab.partition.plan import Partition, make_partition
+from merit_lab.partition.methods import make_partition
+from merit_lab.partition.plan import Partition
 from merit_lab.partition.session import EditSession
 from merit_lab.pipeline.layers import (
     bank_calibration,
@@ -63,6 +65,7 @@ from merit_lab.pipeline.layers import (
     save_layers,
 )
 from merit_lab.pipeline.rundir import (
+    SIZE_UNIT,
     RunDir,
     load_run_mixture,
     mixture_args,
@@ -115,6 +118,7 @@ def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
     content = {s.name: _content_key(s) for s in mixture}
     calibration = bank_calibration(cfg.calibration)  # the key as before the layer fields
     key = config_hash(cfg.mixture, cfg.seed, calibration, cfg.model, cfg.train.max_length, content)
+    key = config_hash(key, SIZE_UNIT)  # runs counted in another unit re-count (and re-split)
     if run.is_current("mixture", key):
         log.info("mixture: up to date")
         return False
@@ -155,8 +159,10 @@ def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
                 "metadata": dict(s.metadata),
                 "origin": s.origin,
                 "content_key": content[s.name],
-                # what a down-weighted subset of this source trains (curation.subset_counts)
+                # what a down-weighted subset of this source trains (curation.subset_counts),
+                # in all tokens and in the size unit (response tokens)
                 "train_example_tokens": [t.n_tokens for t in train],
+                "train_example_response_tokens": [t.n_response_tokens for t in train],
                 # per split: how many were over max_length, and what the policy did to them
                 "long_examples": {sp: count_overflow(toks[sp]) for sp in SPLITS},
                 "shortfall": "",

@@ -42,7 +42,6 @@ from merit_lab.diagnostics import (
 from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
 from merit_lab.models.loading import select_parameters
 from merit_lab.partition.plan import Partition
-from merit_lab.pipeline.experiments import THETA0
 from merit_lab.pipeline.probe import SPLITS, RunProbe, measure_path, select_weights
 from merit_lab.pipeline.report_diagnostics import (
     BARRIER_NOISE,
@@ -51,6 +50,7 @@ from merit_lab.pipeline.report_diagnostics import (
     diagnostics_tables,
     load_diagnostics,
 )
+from merit_lab.pipeline.rows import THETA0
 from merit_lab.pipeline.rundir import writes_run
 
 __all__ = [
@@ -394,9 +394,14 @@ def run_diagnostics(
     """Compute and write every diagnostic of `DIAGNOSTICS` for a finished run; current files
     are skipped.
 
+    The keywords are the fields of `DiagnosticsConfig` (plus ``relative_noise`` and
+    ``progress``), so a config's section is passed whole: ``run_diagnostics(run_dir,
+    **dataclasses.asdict(cfg.diagnostics))``.
+
     Args:
         run_dir: ``runs/<name>`` after the merge stage.
-        experiments: split experiments to diagnose (default: every one with a linear merge).
+        experiments: split experiments to diagnose (default, or empty: every one with a linear
+            merge).
         max_examples: per source, train and held-out examples pooled into the two losses.
         alphas: points per interpolation path (an int: evenly spaced on [0, 1]) or the α's.
         sigmas, seeds: Gaussian weight-noise scales and draws (`perturbation_curve`).
@@ -404,13 +409,15 @@ def run_diagnostics(
         hessian_k, hessian_iter: top eigenpairs and Lanczos steps of the Hessian at θ0.
         curvature_examples: calibration examples per source in the Hessian's loss (one batch;
             2 per source on the demo: ~20-30 s for all 653k parameters on a CPU).
-        curvature_params: parameter-name globs of the Hessian (default: all; pick e.g.
-            ``["*layers.23.*"]`` on a large model).
+        curvature_params: parameter-name globs of the Hessian (default, or empty: all; pick
+            e.g. ``["*layers.23.*"]`` on a large model).
 
     Returns:
         name → the JSON written (``paths``, ``displacement``, ``perturbation``, ``curvature``,
         ``gain``); each has ``key`` (its inputs' hash) and ``settings``.
     """
+    experiments = list(experiments or []) or None  # empty: every one (the config's meaning)
+    curvature_params = list(curvature_params or []) or None
     probe = RunProbe(run_dir, max_examples=max_examples, experiments=experiments)
     if not probe.merged:
         raise ValueError(f"{run_dir}: no split experiment with a linear merge to diagnose")

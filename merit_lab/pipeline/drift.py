@@ -29,7 +29,9 @@ from merit_lab.models.checkpoints import fingerprint_checkpoint
 from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
 from merit_lab.pipeline.markdown import markdown_table
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture, writes_run
-from merit_lab.training.trainer import BranchSpec, read_log, train_branch
+from merit_lab.training.branch_log import read_log
+from merit_lab.training.spec import BranchSpec
+from merit_lab.training.trainer import train_branch
 
 __all__ = ["compute_run_drift", "drift_checkpoints", "drift_section", "load_drift"]
 
@@ -61,12 +63,13 @@ def _train_to_midpoint(joint: Path, out: Path) -> dict[str, Any]:
     mid = total // 2
     scratch = out.parent / f"{out.name}-training"
     shutil.rmtree(scratch, ignore_errors=True)
+    joint_spec = BranchSpec.load(joint / "spec.json")
     spec = dataclasses.replace(
-        BranchSpec.load(joint / "spec.json"),
+        joint_spec,
         output_dir=str(scratch),
         name="joint-mid",
         keep_checkpoints=False,
-        save_steps=total + 1,
+        train=dataclasses.replace(joint_spec.train, save_steps=total + 1),
     )
 
     class SaveAtMidpoint(TrainerCallback):
@@ -206,8 +209,10 @@ def compute_run_drift(
 
 def load_drift(run_dir: str | Path) -> Drift:
     """The `Drift` of ``drift/drift.json``."""
-    data = read_json(RunDir(Path(run_dir)).drift / "drift.json")
-    return Drift.from_dict(data["drift"], ConflictSpace.from_dict(data["theta0"]))
+    path = RunDir(Path(run_dir)).drift / "drift.json"
+    data = read_json(path)
+    theta0 = ConflictSpace.from_dict(data["theta0"], source=path)
+    return Drift.from_dict(data["drift"], theta0, source=path)
 
 
 def drift_table(drift: Drift) -> list[dict[str, Any]]:

@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from merit_lab.analysis.examples import ExampleSketches, dots_to_rows, resketch
-from merit_lab.io import atomic_write_bytes, atomic_write_json, read_json
-from merit_lab.partition.plan import Partition, split_balanced
+from merit_lab.io import atomic_write_bytes, atomic_write_json
+from merit_lab.partition.methods import split_balanced
+from merit_lab.partition.plan import Partition
 from merit_lab.partition.stability import SplitStability, bootstrap_split_stability, recommend_n
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture, writes_run
 
@@ -289,7 +290,7 @@ def load_stability(run_dir: str | Path) -> SplitStability | None:
     run = RunDir(Path(run_dir))
     if not run.stability.is_file():
         return None
-    return SplitStability.from_dict(read_json(run.stability))
+    return SplitStability.load(run.stability)
 
 
 def stability_section(run_dir: str | Path, figure=None) -> list[str]:

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from merit_lab.config.schema import load_config
-from merit_lab.pipeline.experiments import plan_specs
+from merit_lab.pipeline.rows import plan_specs
 from merit_lab.pipeline.rundir import RunDir
 from merit_lab.training.exports import EXPORT_FORMATS, export_branches
-from merit_lab.training.trainer import BranchSpec
+from merit_lab.training.spec import BranchSpec
 
 __all__ = ["export_run", "run_specs"]
 
@@ -38,7 +38,7 @@ def run_specs(run_dir: str | Path) -> dict[str, BranchSpec]:
         for spec in specs:
             kind = exps[name.split("@s", 1)[0]].kind  # "<exp>@s<seed>": a training-seed repeat
             if kind == "soup":
-                label = f"{name}/s{spec.seed}"
+                label = f"{name}/s{spec.train.seed}"
             else:
                 label = name if kind == "joint" else spec.name
             saved = Path(spec.output_dir) / "spec.json"

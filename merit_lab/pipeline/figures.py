@@ -17,10 +17,10 @@ import pandas as pd
 from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.evaluation.lm_eval import summarize_lm_eval
 from merit_lab.io import atomic_write_text
-from merit_lab.pipeline.experiments import model_rows
 from merit_lab.pipeline.report import training_logs
 from merit_lab.pipeline.report_diagnostics import diagnostics_figures
 from merit_lab.pipeline.report_seeds import seed_tables
+from merit_lab.pipeline.rows import model_rows
 from merit_lab.pipeline.rundir import RunDir, load_source_table
 from merit_lab.viz.export import FIGURE_FORMATS, make_contact_sheet, write_figure_files
 from merit_lab.viz.plots import (
@@ -38,6 +38,8 @@ from merit_lab.viz.style import PAPER, Figure, PaperStyle, paper_layout
 __all__ = [
     "CONTACT_SHEET",
     "CONVERGENCE_FILE",
+    "FIGURE_NAMES",
+    "FIGURE_PREFIXES",
     "PAPER",
     "PaperStyle",
     "collect_figures",
@@ -49,6 +51,21 @@ log = logging.getLogger(__name__)
 
 CONTACT_SHEET = "contact_sheet.png"  # every figure's PNG tiled on one page, stems as captions
 CONVERGENCE_FILE = "convergence.parquet"  # a run's gradient_convergence table (notebook 04)
+# The stems `collect_figures` gives: one of these names, or a prefix followed by a metric, an
+# experiment or a comparison row ("compare_loss", "diag_paths_merit-2d"); figures/README.md lists
+# the demo's, and tests/test_figures_dir.py holds both to this.
+FIGURE_NAMES = (
+    "conflict_clustermap",
+    "conflict_heatmap",
+    "conflict_scatter",
+    "conflict_scatter_3d",
+    "explained_variance",
+    "training",
+    "gradient_convergence",
+    "diag_displacement",
+    "diag_perturbation",
+)
+FIGURE_PREFIXES = ("compare_", "seeds_", "diag_paths_", "diag_spectral_")
 # Figures that need the full page width: many tick labels, 3-D scenes, many grouped bars.
 WIDE_STEMS = (
     "conflict_clustermap",

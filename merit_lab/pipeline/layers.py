@@ -31,7 +31,8 @@ from merit_lab.analysis.layerwise import (
     key_view,
 )
 from merit_lab.config.schema import RunConfig, config_hash
-from merit_lab.gradients.estimate import GradientBank, estimate_gradients
+from merit_lab.gradients.bank import GradientBank
+from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.gradients.sketch import sketch_fidelity
 from merit_lab.io import atomic_write_bytes, read_json
 from merit_lab.models.loading import (

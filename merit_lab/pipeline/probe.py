@@ -21,10 +21,11 @@ from merit_lab.diagnostics import (
     interpolation_curve,
     make_loss_fn,
 )
-from merit_lab.io import read_json
+from merit_lab.merging.stream import load_merge_manifest
 from merit_lab.models.checkpoints import fingerprint_checkpoint
 from merit_lab.models.loading import load_model, load_tokenizer
-from merit_lab.pipeline.experiments import THETA0, mixture_names, model_rows
+from merit_lab.pipeline.curation import mixture_names
+from merit_lab.pipeline.rows import THETA0, model_rows
 from merit_lab.pipeline.rundir import RunDir, load_run_mixture
 
 __all__ = ["SPLITS", "RunProbe", "measure_path", "select_weights"]
@@ -190,7 +191,7 @@ class RunProbe:
         return measure_path(self.model, self.weights(a), self.weights(b), self.loss_fns, alphas)
 
     def merge_weights(self, label: str) -> list[float]:
-        return list(read_json(self.checkpoints[label] / "merge_manifest.json")["weights"])
+        return list(load_merge_manifest(self.checkpoints[label])["weights"])
 
     def reference_joint(self):
         """The joint row merges are compared with: the first 1-epoch one, else the first."""

@@ -18,19 +18,20 @@ import pandas as pd
 from merit_lab.config.schema import RunConfig
 from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.io import atomic_write_json, atomic_write_text, read_json
+from merit_lab.merging.stream import load_merge_manifest
 from merit_lab.partition.plan import Partition
 from merit_lab.partition.session import UNPLACED
 from merit_lab.pipeline.drift import drift_section
 from merit_lab.pipeline.examples import stability_section
-from merit_lab.pipeline.experiments import model_rows
 from merit_lab.pipeline.layers import layer_section
 from merit_lab.pipeline.markdown import figure_link, markdown_table
 from merit_lab.pipeline.report_diagnostics import diagnostics_section
 from merit_lab.pipeline.report_lm_eval import lm_eval_lines
 from merit_lab.pipeline.report_seeds import seeds_lines, seeds_record, style_lines
+from merit_lab.pipeline.rows import model_rows
 from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir, load_source_table
 from merit_lab.pipeline.status import token_budget
-from merit_lab.training.trainer import read_log
+from merit_lab.training.branch_log import read_log
 from merit_lab.viz.export import save_figure
 from merit_lab.viz.plots import (
     METRICS,
@@ -266,9 +267,9 @@ def curated_mixture_section(ctx: ReportContext) -> list[str]:
         "",
         markdown_table(changed),
         "",
-        f"- original mixture: {len(src)} sources, {ex} train examples, {tok} train tokens",
-        f"- curated (trained): {len(kept)} sources, {ex_c} train examples, {tok_c} train tokens "
-        f"({tok_c / max(tok, 1):.1%} of the tokens)",
+        f"- original mixture: {len(src)} sources, {ex} train examples, {tok} train response tokens",
+        f"- curated (trained): {len(kept)} sources, {ex_c} train examples, {tok_c} train "
+        f"response tokens ({tok_c / max(tok, 1):.1%} of them)",
         "",
     ]
     if part.edit_log:
@@ -344,7 +345,7 @@ def token_budget_section(ctx: ReportContext) -> list[str]:
     for row in model_rows(ctx.cfg):
         manifest = row.model_dir / "merge_manifest.json"
         if row.inputs and manifest.is_file():
-            w = read_json(manifest)["weights"]
+            w = load_merge_manifest(manifest)["weights"]
             weights[row.label] = ", ".join(f"{x:.3f}" for x in w) if w else "uniform"
     budget = budget.set_index("model")
     budget["merge weights"] = [weights.get(m, "") for m in budget.index]

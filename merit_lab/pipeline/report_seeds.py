@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from merit_lab.evaluation.evaluate import PERCENT_METRICS, relative_to, seed_spread, summarize_eval
-from merit_lab.pipeline.experiments import THETA0, ModelRow
 from merit_lab.pipeline.markdown import markdown_table
+from merit_lab.pipeline.rows import THETA0, ModelRow
 
 __all__ = [
     "SEED_METRICS",

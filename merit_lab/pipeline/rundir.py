@@ -24,7 +24,7 @@ import pandas as pd
 from merit_lab.analysis.conflict import ConflictSpace
 from merit_lab.config.schema import RunConfig, load_config
 from merit_lab.data.mixture import Mixture, load_mixture
-from merit_lab.gradients.estimate import GradientBank
+from merit_lab.gradients.bank import GradientBank
 from merit_lab.io import (
     LockHeldError,
     entry_size,
@@ -39,6 +39,7 @@ from merit_lab.partition.session import DROPPED, UNPLACED
 
 __all__ = [
     "DROPPED",
+    "SIZE_UNIT",
     "THROUGHPUT_KEY",
     "UNPLACED",
     "RunDir",
@@ -49,6 +50,9 @@ __all__ = [
     "writes_run",
 ]
 
+# The one size unit of a run: the split balances it, the merge weights and the curation's counts
+# are in it. Response tokens: the tokens the training loss averages over.
+SIZE_UNIT = "response_tokens"
 THROUGHPUT_KEY = "tokens_per_s"  # in timings.json beside the seconds: {stage: rates}
 
 
@@ -344,9 +348,10 @@ class RunDir:
         return GradientBank.load(self.gradients)
 
     def example_tokens(self) -> dict[str, list[int]]:
-        """Per source, the tokens of each train example (what a down-weighted subset sums)."""
+        """Per source, the size (`SIZE_UNIT`: response tokens) of each train example: what a
+        down-weighted subset sums."""
         return {
-            s["name"]: list(s.get("train_example_tokens", ()))
+            s["name"]: list(s.get("train_example_response_tokens", ()))
             for s in self.read_mixture()["sources"]
         }
 
@@ -389,11 +394,16 @@ def load_run_mixture(cfg: RunConfig) -> Mixture:
 
 
 def source_counts(run: RunDir) -> tuple[dict[str, int], dict[str, int]]:
-    """Per-source train examples and train tokens, from ``mixture.json``."""
+    """Per-source train examples and train sizes in `SIZE_UNIT`, from ``mixture.json``.
+
+    The size is what the split balances and what sets the merge weights; it is the response
+    tokens, the tokens the loss averages over, so a group's merge weight is its share of the
+    joint run's loss (the branches record the same count, ``response_tokens``, in
+    ``merit_branch.json``, and the merge reads it from there)."""
     sources = run.read_mixture()["sources"]
     return (
         {s["name"]: s["n_train"] for s in sources},
-        {s["name"]: s["train_tokens"] for s in sources},
+        {s["name"]: s["train_response_tokens"] for s in sources},
     )
 
 
@@ -403,6 +413,9 @@ _SCALAR = (str, int, float, bool, type(None))
 def load_source_table(run_dir: str | Path) -> pd.DataFrame:
     """One row per source of ``mixture.json`` (indexed by name): counts, metadata, θ0 loss and
     gradient norm, and the curation.
+
+    ``tokens`` is the source's size in the run's `SIZE_UNIT` (train response tokens: what the
+    split balances and the merge weights count); ``input_tokens`` counts every input token.
 
     ``group`` is ``G<k>`` for a source of the partition, ``dropped`` for one a hand edit removed,
     ``unplaced`` for one added to the mixture after the partition was made; ``fraction`` is the
@@ -414,7 +427,13 @@ def load_source_table(run_dir: str | Path) -> pd.DataFrame:
     for s in run.read_mixture()["sources"]:
         meta = {k: v for k, v in s["metadata"].items() if isinstance(v, _SCALAR)}
         rows.append(
-            {"source": s["name"], **meta, "examples": s["n_train"], "tokens": s["train_tokens"]}
+            {
+                "source": s["name"],
+                **meta,
+                "examples": s["n_train"],
+                "tokens": s["train_response_tokens"],  # SIZE_UNIT: what splits and weights use
+                "input_tokens": s["train_tokens"],
+            }
         )
     table = pd.DataFrame(rows).set_index("source", drop=False)
     if run.bank_json.exists():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pandas as pd
 
 from merit_lab.analysis.conflict import ConflictSpace
 from merit_lab.config.schema import RunConfig, load_config
-from merit_lab.gradients.estimate import GradientBank
+from merit_lab.gradients.bank import GradientBank
 from merit_lab.io import atomic_write_json, read_json
 from merit_lab.models.loading import remote_code_problem, resolve_model_path
 from merit_lab.pipeline.analysis import (
@@ -76,19 +77,7 @@ def _stage_diagnose(cfg: RunConfig, run: RunDir) -> bool:
         return {p: p.stat().st_mtime_ns for p in run.diagnostics.glob("*.json")}
 
     before = stamps()
-    d = cfg.diagnostics
-    run_diagnostics(
-        run.root,
-        experiments=list(d.experiments) or None,
-        max_examples=d.max_examples,
-        alphas=d.alphas,
-        sigmas=d.sigmas,
-        seeds=d.seeds,
-        hessian_k=d.hessian_k,
-        hessian_iter=d.hessian_iter,
-        curvature_examples=d.curvature_examples,
-        curvature_params=list(d.curvature_params) or None,
-    )
+    run_diagnostics(run.root, **asdict(cfg.diagnostics))  # its keywords are the section's fields
     return stamps() != before
 
 

@@ -1,6 +1,6 @@
 """Where a run's rows stand: training progress per branch and the token budget per row.
 
-Read-only views over the folders `merit_lab.pipeline.experiments` plans; the runner polls the
+Read-only views over the folders `merit_lab.pipeline.rows` plans; the runner polls the
 first, the report and notebooks show the second (the same-budget check).
 """
 
@@ -12,8 +12,8 @@ import pandas as pd
 
 from merit_lab.config.schema import RunConfig
 from merit_lab.io import read_json
-from merit_lab.pipeline.experiments import THETA0, model_rows, plan_specs
-from merit_lab.training.trainer import MANIFEST, branch_status
+from merit_lab.pipeline.rows import THETA0, model_rows, plan_specs
+from merit_lab.training.branch_log import MANIFEST, branch_status
 
 __all__ = ["token_budget", "training_status"]
 

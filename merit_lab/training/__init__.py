@@ -13,7 +13,6 @@ _EXPORTS = {
     "MANIFEST": "branch_log",
     "branch_status": "branch_log",
     "read_log": "branch_log",
-    "DISTRIBUTED_MODES": "distributed",
     "NULL_EXAMPLE": "distributed",
     "barrier": "distributed",
     "check_sharding": "distributed",
@@ -38,10 +37,14 @@ _EXPORTS = {
     "trained_indices": "exports",
     "BranchFailedError": "launch",
     "launch_branches": "launch",
-    "BranchSpec": "trainer",
+    "BranchSpec": "spec",
+    "RUN_LEVEL_FIELDS": "spec",
+    "SCHEDULERS": "spec",
+    "SPEC_FORMAT": "spec",
+    "SPEC_VERSION": "spec",
+    "write_spec": "spec",
     "train_branch": "trainer",
     "train_branch_from_file": "trainer",
-    "write_spec": "trainer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -29,7 +29,6 @@ from typing import Any
 from merit_lab.io import atomic_dir, atomic_write_json
 
 __all__ = [
-    "DISTRIBUTED_MODES",
     "NULL_EXAMPLE",
     "barrier",
     "check_sharding",
@@ -46,8 +45,6 @@ __all__ = [
     "torchrun_command",
     "world_size",
 ]
-
-DISTRIBUTED_MODES = ("ddp", "fsdp")
 
 
 def split_global_batch(

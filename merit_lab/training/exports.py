@@ -1,8 +1,7 @@
 """Exports of what the rows train, for other trainers: trl, open-instruct and a JSONL manifest.
 
-Input: branch specs (`merit_lab.training.trainer.BranchSpec`, label → spec: one per branch group of
-a split
-and one per joint run), the mixture they name and its tokenizer. Output, under ``out/``::
+Input: branch specs (`merit_lab.training.spec.BranchSpec`, label → spec: one per branch group of
+a split and one per joint run), the mixture they name and its tokenizer. Output, under ``out/``::
 
     data/<source>.jsonl          the train examples of each source that the rows train (the
                                  down-weighted subset where a source has one; dropped sources
@@ -12,9 +11,9 @@ and one per joint run), the mixture they name and its tokenizer. Output, under `
     manifest.jsonl               one row per (branch, example): source, index, id, sha256, passes
 
 The subset is the one training draws: the examples not excluded by a hand edit, of those the
-ones the ``long_examples`` policy keeps, then `curation.fraction_subset` with the mixture seed,
-so the manifest is seed-identical to ``train.train_branch``. Merges are exported as mergekit
-YAML by the merge stage (``merged/<row>/mergekit.yaml``).
+ones the ``long_examples`` policy keeps, then `partition.session.fraction_subset` with the mixture
+seed, so the manifest is seed-identical to what `merit_lab.training.trainer` trains. Merges are
+exported as mergekit YAML by the merge stage (``merged/<row>/mergekit.yaml``).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from merit_lab.data.formatting import tokenize_example
 from merit_lab.data.mixture import Mixture, Source, load_mixture
 from merit_lab.io import atomic_write_text
 from merit_lab.partition.session import fraction_subset
-from merit_lab.training.trainer import BranchSpec
+from merit_lab.training.spec import BranchSpec
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -95,7 +94,7 @@ def trained_indices(spec: BranchSpec, source: Source, tokenizer) -> np.ndarray:
     if spec.long_examples == "skip":
         fits = [
             tokenize_example(
-                tokenizer, source.train[i], spec.max_length, spec.long_examples
+                tokenizer, source.train[i], spec.train.max_length, spec.long_examples
             ).overflow
             != "skipped"
             for i in kept
@@ -110,12 +109,12 @@ def trained_indices(spec: BranchSpec, source: Source, tokenizer) -> np.ndarray:
 def _passes(spec: BranchSpec, source: str, m: int) -> np.ndarray:
     """Times each of a source's m trained examples is seen: the whole epochs, plus one for those
     in the fractional last pass (the first round(frac·m) of a permutation seeded by the spec's
-    seed and the source name, as `train.train_branch` schedules it)."""
+    seed and the source name, as `merit_lab.training.trainer` schedules it)."""
     whole, frac = int(spec.epochs), spec.epochs - int(spec.epochs)
     out = np.full(m, whole, dtype=np.int64)
     if frac > 1e-9:
         salt = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "little")
-        perm = np.random.default_rng([spec.seed, salt]).permutation(m)
+        perm = np.random.default_rng([spec.train.seed, salt]).permutation(m)
         out[perm[: round(frac * m)]] += 1
     return out
 
@@ -197,7 +196,7 @@ def export_branches(
     for label, spec in specs.items():
         stem = label.replace("/", "_")
         files = [str(data[n]) for n in spec.sources]
-        head = f"# {label}: {len(files)} sources, {spec.epochs:g} epochs, seed {spec.seed}\n"
+        head = f"# {label}: {len(files)} sources, {spec.epochs:g} epochs, seed {spec.train.seed}\n"
         if "trl" in formats:
             doc = {
                 "datasets": [

@@ -16,18 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from merit_lab.jobs import JobFailedError, LocalJob, module_command, run_local, run_submitit
+from merit_lab.training.branch_log import MANIFEST
 from merit_lab.training.distributed import (
     export_submitit_env,
     finish_process_group,
     torchrun_command,
 )
-from merit_lab.training.trainer import (
-    MANIFEST,
-    BranchSpec,
-    train_branch,
-    train_branch_from_file,
-    write_spec,
-)
+from merit_lab.training.spec import BranchSpec, write_spec
+from merit_lab.training.trainer import train_branch, train_branch_from_file
 
 __all__ = ["BranchFailedError", "launch_branches"]
 
@@ -54,7 +50,7 @@ def _resolve(specs: Sequence[BranchSpec | str | Path]) -> list[tuple[BranchSpec,
 def _local_job(spec: BranchSpec, path: Path) -> LocalJob:
     """``python -m merit_lab.training.trainer SPEC``, or torchrun of N of them for an N-process
     branch."""
-    n = spec.procs_per_branch
+    n = spec.train.procs_per_branch
     command = (
         torchrun_command(path, n) if n > 1 else module_command("merit_lab.training.trainer", path)
     )
@@ -129,7 +125,7 @@ def launch_branches(
             shutil.rmtree(Path(spec.output_dir) / "checkpoints", ignore_errors=True)
     if mode == "sequential":
         for spec, path in todo:  # an N-process branch: torchrun, its output echoed here
-            if spec.procs_per_branch > 1:
+            if spec.train.procs_per_branch > 1:
                 _run_local([(spec, path)], n_procs=None, gpus=None, echo=True)
             else:
                 train_branch(spec)
@@ -144,7 +140,7 @@ def launch_branches(
             slurm=slurm or {},
             folder=Path(folder),
             job_name="merit-branch",
-            widths=[s.procs_per_branch for s, _ in todo],
+            widths=[s.train.procs_per_branch for s, _ in todo],
             error=BranchFailedError,
         )
     return finals

@@ -1,8 +1,10 @@
-"""Training stage: fine-tune one branch (or the joint baseline) from θ0 on its sources.
+"""The training loop: fine-tune one branch (or the joint baseline) from θ0 on its sources.
 
-Input: a `BranchSpec` (``spec.json``): base model, mixture, sources, epochs, shared hyperparameters.
-Output: ``<output_dir>/`` with ``checkpoints/`` (resumable), ``final/`` (HF folder and
-``merit_branch.json``), ``log.jsonl`` (one line per optimizer step) and ``spec.json``.
+Input: a `BranchSpec` (``spec.json``, `merit_lab.training.spec`). Output: ``<output_dir>/`` with
+``checkpoints/`` (resumable), ``final/`` (HF folder and ``merit_branch.json``), ``log.jsonl``
+(one line per optimizer step), ``spec.json`` and, with ``train.snapshot_steps``, ``snapshots/``.
+``python -m merit_lab.training.trainer SPEC`` trains the branch of a ``spec.json`` (what the
+launchers and torchrun run).
 
 The loop is transformers' `Trainer`: its checkpoints restore weights, optimizer, scheduler, RNG and
 data position (``resume_from_checkpoint``), it does gradient accumulation with the right per-token
@@ -18,25 +20,21 @@ files.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from merit_lab.config.schema import LONG_EXAMPLE_POLICIES, MixtureConfig, RunConfig, TrainConfig
-from merit_lab.io import atomic_write_json, atomic_write_text, read_json, sweep_temp
-from merit_lab.training.branch_log import MANIFEST, branch_status, read_log
+from merit_lab.io import atomic_write_text, read_json, sweep_temp
+from merit_lab.training.branch_log import MANIFEST, read_log
 from merit_lab.training.distributed import (
-    DISTRIBUTED_MODES,
     NULL_EXAMPLE,
     barrier,
     check_sharding,
@@ -50,168 +48,12 @@ from merit_lab.training.distributed import (
     split_global_batch,
     world_size,
 )
+from merit_lab.training.snapshots import make_snapshot_callback
+from merit_lab.training.spec import SCHEDULERS, BranchSpec, write_spec
 
-__all__ = [
-    "MANIFEST",
-    "BranchSpec",
-    "branch_status",
-    "read_log",
-    "train_branch",
-    "train_branch_from_file",
-    "write_spec",
-]
+__all__ = ["train_branch", "train_branch_from_file"]
 
 log = logging.getLogger(__name__)
-
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-# Fields that may differ between a killed run and its resumption without changing the result
-# (a run folder may move, or go on on another machine, with another process count: the global
-# batch and the data order do not depend on it).
-_RESUMABLE_CHANGES = (
-    "output_dir",
-    "device",
-    "save_steps",
-    "keep_checkpoints",
-    "procs_per_branch",
-    "gradient_checkpointing",
-)
-# Fields left out of spec.json at these values, so specs written before they existed stay equal.
-_OMITTED_AT_DEFAULT = {
-    "long_examples": MixtureConfig.long_examples,
-    "fractions": {},
-    "trust_remote_code": False,
-    "procs_per_branch": 1,
-    "distributed": "ddp",
-    "gradient_checkpointing": False,
-    "lora_r": 0,
-    "lora_alpha": TrainConfig.lora_alpha,
-    "lora_dropout": 0.0,
-    "lora_target_modules": [],
-    "lora_rslora": False,
-    "excluded": {},
-}
-
-
-@dataclass(frozen=True)
-class BranchSpec:
-    """All one branch needs, self-contained so that any machine can train it from spec.json."""
-
-    name: str  # branch name, e.g. "0" or "joint"; used in logs and progress bars
-    base_model: str  # θ0: HF folder with safetensors weights (or "demo"); every branch shares it
-    output_dir: str  # branch folder: checkpoints/, final/, log.jsonl, spec.json
-    sources: tuple[str, ...]  # source names this branch trains on (all of them: joint baseline)
-    # load_mixture arguments (path, source_column, eval_fraction, seed, calibration_n); the same
-    # in every branch so every branch sees the same train split of each source
-    mixture: Mapping[str, Any] = field(default_factory=lambda: {"path": "demo"})
-    epochs: float = 1.0  # passes over each source's train split (1.0 = its token budget)
-    lr: float = TrainConfig.lr  # peak learning rate of AdamW, shared by all branches
-    batch_size: int = TrainConfig.batch_size  # examples per micro-batch
-    grad_accum: int = TrainConfig.grad_accum  # micro-batches per optimizer step
-    warmup_ratio: float = TrainConfig.warmup_ratio  # share of optimizer steps with linear warm-up
-    lr_scheduler: str = TrainConfig.lr_scheduler  # "cosine", "linear" or "constant" after warm-up
-    weight_decay: float = TrainConfig.weight_decay  # AdamW decoupled weight decay
-    max_grad_norm: float = TrainConfig.max_grad_norm  # gradient clipping (0 turns it off)
-    max_length: int = TrainConfig.max_length  # tokens per example, after long_examples fits it
-    long_examples: str = MixtureConfig.long_examples  # over max_length: formatting.tokenize_example
-    seed: int = TrainConfig.seed  # data order and RNG; the same in every branch
-    device: str = RunConfig.device  # auto | cpu | cuda (the launcher picks each process's GPU)
-    dtype: str = RunConfig.dtype  # float32, or bfloat16/float16 autocast over fp32
-    save_steps: int = TrainConfig.save_steps  # write a resumable checkpoint every N optimizer steps
-    keep_checkpoints: bool = False  # keep checkpoints/ after final/ is written (~3x the weights)
-    # source → share f < 1 of its train examples to train (a hand down-weight): the seeded subset
-    # `merit_lab.partition.session.fraction_subset(source, n, f, mixture seed)`, the same in every
-    # row
-    fractions: Mapping[str, float] = field(default_factory=dict)
-    excluded: Mapping[str, list] = field(default_factory=dict)  # source → example ids not trained
-    trust_remote_code: bool = False  # let transformers run θ0's own code (the run's setting)
-    # processes training this branch together (torchrun; one per GPU, or CPU processes over
-    # gloo), each on a share of the same global batch, so the result does not depend on it
-    procs_per_branch: int = TrainConfig.procs_per_branch
-    distributed: str = TrainConfig.distributed  # ddp (a full copy per process) | fsdp (sharded)
-    gradient_checkpointing: bool = TrainConfig.gradient_checkpointing  # less memory, same weights
-    # LoRA (peft) instead of full fine-tuning when lora_r > 0: final/ holds the dense model
-    # θ0 + s·B·A (θ0's dtype) and the adapter in final/adapter/ (`merit_lab.merging.lora`)
-    lora_r: int = TrainConfig.lora_r  # rank r; 0: full fine-tuning
-    lora_alpha: float = TrainConfig.lora_alpha  # scale s = alpha / r (alpha / sqrt(r): rslora)
-    lora_dropout: float = TrainConfig.lora_dropout  # dropout on the LoRA input in training
-    lora_target_modules: tuple[str, ...] = ()  # modules adapted (empty: every linear layer)
-    lora_rslora: bool = TrainConfig.lora_rslora  # rank-stabilised scale alpha / sqrt(r)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sources", tuple(self.sources))
-        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
-        object.__setattr__(self, "mixture", dict(self.mixture))
-        object.__setattr__(self, "fractions", {s: float(f) for s, f in self.fractions.items()})
-        stray = sorted(set(self.fractions) - set(self.sources))
-        if stray:
-            raise ValueError(
-                f"branch {self.name!r}: fractions for sources it does not train {stray}"
-            )
-        if any(not 0 < f <= 1 for f in self.fractions.values()):
-            raise ValueError(f"branch {self.name!r}: fractions must be in (0, 1]")
-        if not self.sources:
-            raise ValueError(f"branch {self.name!r}: no sources")
-        if len(set(self.sources)) != len(self.sources):
-            raise ValueError(f"branch {self.name!r}: repeated sources {list(self.sources)}")
-        if self.long_examples not in LONG_EXAMPLE_POLICIES:
-            raise ValueError(f"long_examples must be one of {list(LONG_EXAMPLE_POLICIES)}")
-        if self.lr_scheduler not in SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {sorted(SCHEDULERS)}")
-        if not self.epochs > 0 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("need epochs > 0 and 0 <= warmup_ratio < 1")
-        if min(self.batch_size, self.grad_accum, self.save_steps, self.max_length) < 1:
-            raise ValueError("batch_size, grad_accum, save_steps and max_length must be >= 1")
-        if self.distributed not in DISTRIBUTED_MODES:
-            raise ValueError(f"distributed must be one of {list(DISTRIBUTED_MODES)}")
-        if self.lora_r < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            raise ValueError("need lora_r >= 0, lora_alpha > 0 and 0 <= lora_dropout < 1")
-        if self.lora_r and self.distributed != "ddp":
-            raise ValueError(f"branch {self.name!r}: LoRA branches train with ddp, not fsdp")
-        # before any work: a global batch that N processes cannot share is refused here
-        split_global_batch(self.batch_size, self.grad_accum, self.procs_per_branch, self.name)
-
-    def to_dict(self, *, relative_to: str | Path | None = None) -> dict[str, Any]:
-        """The spec as JSON-ready data (tuples become lists).
-
-        Args:
-            relative_to: the folder of the file the data goes to; when that file lies in
-                ``output_dir`` (``spec.json``, ``final/merit_branch.json``), ``output_dir`` is
-                written relative to it ("." or ".."), so the branch folder can move.
-        """
-        d = dataclasses.asdict(self)
-        d["sources"] = list(self.sources)
-        d["lora_target_modules"] = list(self.lora_target_modules)
-        for k, default in _OMITTED_AT_DEFAULT.items():
-            if d[k] == default:
-                d.pop(k)
-        if relative_to is not None:
-            out, folder = Path(self.output_dir).resolve(), Path(relative_to).resolve()
-            if folder == out or out in folder.parents:
-                d["output_dir"] = Path(os.path.relpath(out, folder)).as_posix()
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BranchSpec:
-        """Build a spec from `to_dict` output; unknown keys are an error, not silently dropped."""
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown BranchSpec field(s) {sorted(unknown)}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the spec as JSON (atomically); an ``output_dir`` holding the file is stored
-        relative to it."""
-        return atomic_write_json(path, self.to_dict(relative_to=Path(path).parent))
-
-    @classmethod
-    def load(cls, path: str | Path) -> BranchSpec:
-        """Read a spec written by `save`; a relative ``output_dir`` is taken from the file's
-        folder (wherever the run has moved), an absolute one as it is."""
-        data = read_json(path)
-        out = data.get("output_dir")
-        if isinstance(out, str) and not Path(out).is_absolute():
-            data["output_dir"] = str((Path(path).parent / out).resolve())
-        return cls.from_dict(data)
 
 
 def _schedule(spec: BranchSpec, lengths: Mapping[str, Sequence[int]]) -> list[tuple[str, int]]:
@@ -227,15 +69,15 @@ def _schedule(spec: BranchSpec, lengths: Mapping[str, Sequence[int]]) -> list[tu
     union = [(s, i) for s in spec.sources for i in range(len(lengths[s]))]
     order: list[tuple[str, int]] = []
     for e in range(whole):
-        perm = np.random.default_rng([spec.seed, e]).permutation(len(union))
+        perm = np.random.default_rng([spec.train.seed, e]).permutation(len(union))
         order += [union[j] for j in perm]
     if frac > 1e-9:
         part = []
         for s in spec.sources:
             salt = int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little")
-            perm = np.random.default_rng([spec.seed, salt]).permutation(len(lengths[s]))
+            perm = np.random.default_rng([spec.train.seed, salt]).permutation(len(lengths[s]))
             part += [(s, int(i)) for i in perm[: round(frac * len(lengths[s]))]]
-        perm = np.random.default_rng([spec.seed, whole]).permutation(len(part))
+        perm = np.random.default_rng([spec.train.seed, whole]).permutation(len(part))
         order += [part[j] for j in perm]
     return order
 
@@ -299,7 +141,7 @@ def _train_examples(spec: BranchSpec, source, tokenizer) -> list:
     from merit_lab.partition.session import fraction_subset
 
     kept = [ex for ex in source.train if ex.get("id") not in spec.excluded.get(source.name, ())]
-    train = tokenize_examples(tokenizer, kept, spec.max_length, spec.long_examples)
+    train = tokenize_examples(tokenizer, kept, spec.train.max_length, spec.long_examples)
     f = spec.fractions.get(source.name, 1.0)
     if f < 1:
         keep = fraction_subset(source.name, len(train), f, spec.mixture.get("seed", 0))
@@ -326,29 +168,6 @@ def _resolve_base(model: str) -> str:
     return path
 
 
-def write_spec(spec: BranchSpec) -> Path:
-    """Write ``<output_dir>/spec.json``, refusing a folder that holds a different branch.
-
-    Resuming someone else's checkpoints would silently mix two runs; only `_RESUMABLE_CHANGES`
-    may differ, and the process count only under DDP (FSDP checkpoints are not re-sharded here).
-    """
-    path = Path(spec.output_dir) / "spec.json"
-    if path.is_file():
-        data = read_json(path)
-        procs = data.get("procs_per_branch", 1)
-        if spec.distributed == "fsdp" and procs != spec.procs_per_branch:
-            raise ValueError(
-                f"{path.parent}: an FSDP branch resumes with the {procs} processes "
-                f"it started with, not {spec.procs_per_branch}"
-            )
-        old = {k: v for k, v in data.items() if k not in _RESUMABLE_CHANGES}
-        new = {k: v for k, v in spec.to_dict().items() if k not in _RESUMABLE_CHANGES}
-        if old != new:
-            changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
-            raise ValueError(f"{path.parent} holds a different branch (fields {changed} differ)")
-    return spec.save(path)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What a branch trains: tokenised examples per source, the order they are read in, and
@@ -370,8 +189,8 @@ def _plan(spec: BranchSpec, tokenizer) -> _Plan:
     source_tokens = {s: 0 for s in spec.sources}
     for s, j in order:
         source_tokens[s] += examples[s][j].n_tokens
-    n_batches = math.ceil(len(order) / spec.batch_size)
-    return _Plan(examples, order, source_tokens, math.ceil(n_batches / spec.grad_accum))
+    n_batches = math.ceil(len(order) / spec.train.batch_size)
+    return _Plan(examples, order, source_tokens, math.ceil(n_batches / spec.train.grad_accum))
 
 
 def _training_args(spec: BranchSpec, out: Path, total_steps: int):
@@ -383,21 +202,22 @@ def _training_args(spec: BranchSpec, out: Path, total_steps: int):
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)  # "auto": bfloat16 on a GPU that has it
-    batch, accum = split_global_batch(spec.batch_size, spec.grad_accum, world_size())
+    t = spec.train
+    batch, accum = split_global_batch(t.batch_size, t.grad_accum, world_size())
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum,
-        learning_rate=spec.lr,
-        weight_decay=spec.weight_decay,
-        lr_scheduler_type=SCHEDULERS[spec.lr_scheduler],
-        warmup_steps=math.ceil(spec.warmup_ratio * total_steps),
-        max_grad_norm=spec.max_grad_norm,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=SCHEDULERS[t.lr_scheduler],
+        warmup_steps=math.ceil(t.warmup_ratio * total_steps),
+        max_grad_norm=t.max_grad_norm,
         num_train_epochs=1,  # the schedule already holds `epochs` passes
         train_sampling_strategy="sequential",  # the schedule is already shuffled, by our seed
-        seed=spec.seed,
+        seed=t.seed,
         logging_steps=1,
-        save_steps=spec.save_steps,
+        save_steps=t.save_steps,
         save_total_limit=1,  # rotation runs after the new checkpoint is complete
         report_to="none",  # never wandb/mlflow/... even when installed
         include_num_input_tokens_seen="non_padding",  # restored with trainer_state on resume
@@ -407,7 +227,7 @@ def _training_args(spec: BranchSpec, out: Path, total_steps: int):
         fp16=dtype == torch.float16,
         disable_tqdm=True,
         log_level="warning",
-        **process_training_args(device.type, spec.distributed, spec.gradient_checkpointing),
+        **process_training_args(device.type, t.distributed, t.gradient_checkpointing),
     )
     if args.n_gpu > 1:  # one GPU per branch; DataParallel would change the batch semantics
         args._n_gpu = 1
@@ -428,18 +248,19 @@ def _make_trainer(
     model = load_model(  # fp32 master weights
         base, device="cpu", dtype="float32", trust_remote_code=spec.trust_remote_code
     )
-    if spec.lora_r:  # A drawn from the seed (the same in every branch), B = 0
+    t = spec.train
+    if t.lora_r:  # A drawn from the seed (the same in every branch), B = 0
         from peft import get_peft_model
 
         from merit_lab.models.lora import make_lora_config
 
-        torch.manual_seed(spec.seed)
+        torch.manual_seed(t.seed)
         lora = make_lora_config(
-            spec.lora_r,
-            spec.lora_alpha,
-            spec.lora_dropout,
-            spec.lora_target_modules,
-            spec.lora_rslora,
+            t.lora_r,
+            t.lora_alpha,
+            t.lora_dropout,
+            t.lora_target_modules,
+            t.lora_rslora,
         )
         model = get_peft_model(model, lora)
     trainer = Trainer(
@@ -535,10 +356,22 @@ def train_branch(spec: BranchSpec, *, callbacks: Sequence[Any] = ()) -> Path:
     args = _training_args(spec, out, plan.total_steps)
     branch_cb = make_branch_callback(out / "log.jsonl", spec.name, spec.epochs, plan.total_steps)
     trainer = _make_trainer(spec, base, tokenizer, plan, args, [branch_cb, *callbacks])
-    check_sharding(trainer, spec.distributed)
+    check_sharding(trainer, spec.train.distributed)
+    if spec.train.snapshot_steps:  # a joint run's snapshots/step-<N>/ (`training.snapshots`)
+        snap_cb = make_snapshot_callback(
+            out,
+            spec.train.snapshot_steps,
+            spec.epochs,
+            tokenizer,
+            _base_dtype(base),
+            base=base,
+            lora=bool(spec.train.lora_r),
+        )
+        snap_cb.trainer = trainer
+        trainer.add_callback(snap_cb)
     _train_resuming(trainer, out)
     manifest = _manifest(spec, base_fingerprint, plan, trainer, branch_cb.tokens_per_s, out)
-    if spec.lora_r:
+    if spec.train.lora_r:
         from merit_lab.merging.lora import save_lora_branch
 
         if is_main_process():

@@ -46,6 +46,7 @@ _EXPORTS = {
     "plot_ari_distribution": "plots_stability",
     "plot_coassignment": "plots_stability",
     "plot_cosine_spread": "plots_stability",
+    "plot_frontier": "plots_frontier",
     "ConflictExplorer": "explorer",
     "PartitionEditor": "editor",
 }

@@ -2,13 +2,13 @@
 
 Input: an edit session (``load_edit_session(run_dir)``), or a conflict space and per-source table
 to build one. Output: buttons that call the session's edits (split, move, drop, down-weight, add,
-undo, save), a scatter and a statistics table redrawn after each edit, and a status line.
+undo, save), the panels of `merit_lab.viz.editor_panels` (scatter, statistics, stability)
+redrawn after each edit, and a status line.
 """
 
 from __future__ import annotations
 
 import html
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,15 +20,22 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from merit_lab.analysis.conflict import ConflictSpace
-from merit_lab.partition.plan import PARTITION_METHODS, Partition, make_partition
+from merit_lab.partition.methods import PARTITION_METHODS, make_partition
+from merit_lab.partition.plan import Partition
 from merit_lab.partition.session import DROPPED, UNPLACED, EditSession, group_label
-from merit_lab.partition.stability import SplitStability, describe_stability
+from merit_lab.partition.stability import SplitStability
+from merit_lab.viz.editor_panels import (
+    WARNING_COLOR,
+    draw_partition_scatter,
+    empty_partition_scatter,
+    group_stats_html,
+    source_table,
+    stability_panel_html,
+)
 from merit_lab.viz.figure_view import FigureView, align_table
-from merit_lab.viz.plots import color_map
 
 __all__ = ["PartitionEditor"]
 
-DROPPED_COLOR, UNPLACED_COLOR = "#BBBBBB", "#555555"
 _LABELS = {"balanced": "balanced PCA", "kmeans": "k-means"}  # others show their registry name
 BY_PROJECTION = -1  # the ``add_to`` value that places an added source by projection
 
@@ -135,8 +142,8 @@ class PartitionEditor:
         self.example_ids = widgets.Text(description="example ids", placeholder="id-1, id-2")
         self.drop_examples_button = widgets.Button(description="Drop examples")
         self.stability = stability
-        self.stability_html = widgets.HTML(self._stability_text())
-        self._scatter = FigureView(_empty_scatter())
+        self.stability_html = widgets.HTML(stability_panel_html(stability, session.partition))
+        self._scatter = FigureView(empty_partition_scatter())
         self.scatter.data[0].on_selection(self._on_selection)
 
         self._sync_controls()
@@ -228,23 +235,7 @@ class PartitionEditor:
         """Every source of the space with its current ``group`` ("G0".., "dropped",
         "unplaced"), ``fraction`` and the ``examples``/``tokens`` it trains (full counts for a
         source in no group), then the table's other columns."""
-        part, full, out = self.partition, self.session.example_tokens, self._table
-        given = {c: out[c].to_dict() if c in out else {} for c in ("examples", "tokens")}
-        columns: dict[str, list] = {"group": [], "fraction": [], "examples": [], "tokens": []}
-        for s in out.index:
-            if s in part.tokens:
-                group, ex, tok = group_label(part.group_of(s)), part.examples[s], part.tokens[s]
-            else:
-                group = DROPPED if s in part.dropped else UNPLACED
-                ex = len(full[s]) if full.get(s) else given["examples"].get(s, math.nan)
-                tok = sum(full[s]) if full.get(s) else given["tokens"].get(s, math.nan)
-            for c, v in zip(columns, (group, part.fractions.get(s, 1.0), ex, tok), strict=True):
-                columns[c].append(v)
-        rest = out.drop(columns=[c for c in columns if c in out.columns])
-        return pd.concat(
-            [rest[["source"]], pd.DataFrame(columns, index=out.index), rest.drop(columns="source")],
-            axis=1,
-        )
+        return source_table(self.partition, self.session.example_tokens, self._table)
 
     def validate(self) -> list[str]:
         """`EditSession.validate`: problems that block ``save``."""
@@ -340,21 +331,8 @@ class PartitionEditor:
         except OSError as e:
             self._say(f"save refused: {e}", error=True)
 
-    def _stability_text(self) -> str:
-        """The stability panel: `describe_stability` for the partition's r, warning in red."""
-        if self.stability is None:
-            return ""
-        r = self.partition.params.get("r")
-        lines = describe_stability(self.stability, r if r in self.stability.ari else None)
-        return "<br>".join(
-            f'<b style="color:#D55E00">{html.escape(x)}</b>'
-            if x.startswith("WARNING")
-            else html.escape(x)
-            for x in lines
-        )
-
     def _say(self, message: str, *, error: bool = False) -> None:
-        color = "#D55E00" if error else "#009E73"
+        color = WARNING_COLOR if error else "#009E73"
         self.status.value = f'<span style="color:{color}">{html.escape(message)}</span>'
 
     def _sync_controls(self) -> None:
@@ -402,101 +380,11 @@ class PartitionEditor:
 
     def _refresh(self) -> None:
         """Redraw the scatter and the statistics from the session's partition."""
-        space, table = self.space, self.table
-        z = space.coords(min(2, space.n_sources))
-        x = z[:, 0]
-        y = z[:, 1] if z.shape[1] > 1 else np.zeros(len(x))
-        labels = table["group"].tolist()
-        frac = table["fraction"].tolist()
-        colors = color_map([g for g in labels if g not in (DROPPED, UNPLACED)])
-        colors |= {DROPPED: DROPPED_COLOR, UNPLACED: UNPLACED_COLOR}
-        first = ["group", "fraction", "examples", "tokens"]
-        cols = first + [c for c in table.columns if c not in (*first, "source", "description")]
-        text = [
-            f"<b>{s}</b><br>" + "<br>".join(f"{c}: {table.loc[s, c]}" for c in cols[:8])
-            for s in space.names
-        ]
-        symbols = [
-            "x"
-            if g == DROPPED
-            else "diamond-open"
-            if g == UNPLACED
-            else "circle-open"
-            if f < 1
-            else "circle"
-            for g, f in zip(labels, frac, strict=True)
-        ]
-        hollow = [s.endswith("-open") for s in symbols]
-        ev = space.explained_variance_ratio
-        fig = self.scatter
-        with fig.batch_update():
-            tr = fig.data[0]
-            tr.x, tr.y, tr.customdata, tr.text = x, y, list(space.names), text
-            tr.hoverinfo = "text"
-            tr.marker = {
-                "color": [colors[g] for g in labels],
-                "symbol": symbols,
-                "size": [10 if not h else 9 for h in hollow],
-                "line": {
-                    "width": [2 if h else 0.5 for h in hollow],
-                    "color": [
-                        colors[g] if h else "#333333" for g, h in zip(labels, hollow, strict=True)
-                    ],
-                },
-            }
-            fig.layout.xaxis.title = f"PC1 ({ev[0]:.0%})"
-            fig.layout.yaxis.title = f"PC2 ({ev[1]:.0%})" if len(ev) > 1 else ""
+        colors = draw_partition_scatter(self.scatter, self.space, self.table)
         self._scatter.refresh()
-        self.stats_html.value = self._stats_table_html(colors)
-
-    def _stats_table_html(self, colors: Mapping[str, str]) -> str:
-        stats = self.stats
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in ["group", *stats.columns])
-        body = []
-        for g, row in stats.iterrows():
-            cells = [f'<span style="color:{colors.get(g, "#000")}">■</span> {g}']
-            for c, v in row.items():
-                if c in ("sources", "examples", "tokens"):
-                    cells.append(f"{int(v):,}")
-                elif c == "gain":
-                    cells.append(f"{v:.3e}")
-                else:
-                    cells.append("–" if pd.isna(v) else f"{v:.3f}")
-            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        s, part = self.summary, self.partition
-        notes = [
-            f"K = {part.k}, method {part.method}",
-            f"mean cosine within groups {s['within']:.3f}, between groups {s['between']:.3f}",
-        ]
-        if not math.isnan(s["gain"]):
-            notes.append(f"predicted merge gain {s['gain']:.3e}")
-        if part.fractions:
-            notes.append(
-                "down-weighted: " + ", ".join(f"{k} ×{f:g}" for k, f in part.fractions.items())
-            )
-        if part.dropped:
-            notes.append(f"dropped: {', '.join(part.dropped)}")
-        if self.unplaced:
-            notes.append(f"unplaced: {', '.join(self.unplaced)}")
-        notes.append(f"{len(part.edit_log)} edit(s) logged")
-        table = f"<table><tr>{head}</tr>{''.join(body)}</table>"
-        return f"{table}<p>{html.escape('; '.join(notes))}</p>"
-
-
-def _empty_scatter() -> go.Figure:
-    fig = go.Figure(go.Scatter(mode="markers", name="sources"))
-    fig.update_layout(
-        dragmode="lasso",
-        template="simple_white",
-        width=720,
-        height=520,
-        title={
-            "text": "Partition in the conflict space (select points to move them; "
-            "hollow: down-weighted, ×: dropped)",
-            "x": 0.5,
-        },
-    )
-    return fig
+        self.stats_html.value = group_stats_html(
+            self.stats, self.summary, self.partition, self.unplaced, colors
+        )
 
 
 def _session_from_table(
