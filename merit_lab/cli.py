@@ -159,7 +159,8 @@ def _cmd_demo_collapse(args: argparse.Namespace) -> None:
         a, b = gates["a_style"], gates["b_barrier"]
         print(
             f"gate (a), θ0 in style on the held-out conversations: {a['conversation']:.1%} "
-            f"(paraphrases {a['paraphrase']:.1%}; need {a['threshold']:.0%}): "
+            f"(paraphrases {a['paraphrases']['in_style_tokens']:.1%}; need "
+            f"{a['threshold']:.0%}): "
             f"{'pass' if a['passed'] else 'FAIL'}\n"
             f"gate (b), barrier between two seeds' fine-tunes: {b['relative_barrier']:.2g} of the "
             f"endpoint loss: {'pass' if b['passed'] else 'FAIL'}\n"

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from merit_lab.config.schema import RunConfig
 from merit_lab.data.corpora import CORPORA
-from merit_lab.data.mixture import SPLITS, count_sources
+from merit_lab.data.mixture import SPLITS, MixtureError, count_sources, load_mixture
+from merit_lab.evaluation.heldout import load_heldout
 from merit_lab.io import read_json
 from merit_lab.merging.methods import MERGE_METHODS
 from merit_lab.models.checkpoints import INDEX_NAME, Checkpoint
@@ -27,6 +28,7 @@ from merit_lab.training.spec import SCHEDULERS
 
 __all__ = ["config_problems", "curvature_memory_problem", "validate_config"]
 
+_CONTROL_KINDS = ("shrink", "early")  # built after the merges: `pipeline.rows.CONTROL_KINDS`
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -59,6 +61,8 @@ def config_problems(cfg: RunConfig, *, diagnose: bool = True) -> list[str]:
             for p in _choice(f"eval.splits[{i}]", "split", s, SPLITS)
         ),
         *_experiment_problems(cfg),
+        *_control_problems(cfg),
+        *_heldout_problems(cfg),
         *_merge_param_problems(cfg.merge.params),
         *(_diagnostics_problems(cfg) if diagnose else []),
         *_model_problems(cfg.model),
@@ -97,6 +101,90 @@ def _experiment_problems(cfg: RunConfig) -> list[str]:
         for j, m in enumerate(e.merges):
             problems += _choice(f"{key}.merges[{j}]", "merge method", m, MERGE_METHODS)
     return problems
+
+
+def _merged_row_labels(cfg: RunConfig) -> list[str]:
+    """The merged rows a control can stand beside (as `pipeline.rows.merged_labels` lists
+    them): every split row under every merge method, then every soup."""
+    out = []
+    for e in cfg.experiments:
+        if e.kind == "split":
+            out += [e.name if i == 0 else f"{e.name}+{m}" for i, m in enumerate(e.merges)]
+    return out + [e.name for e in cfg.experiments if e.kind == "soup"]
+
+
+def _control_problems(cfg: RunConfig) -> list[str]:
+    """A shrink or early control needs a joint experiment to pull back, merged rows to stand
+    beside and (early) the joint run's snapshots; other kinds name neither."""
+    joints = [e.name for e in cfg.experiments if e.kind == "joint"]
+    merged = _merged_row_labels(cfg)
+    problems = []
+    for i, e in enumerate(cfg.experiments):
+        key = f"experiments[{i}]"
+        if e.kind not in _CONTROL_KINDS:
+            if e.joint is not None or e.of:
+                field = "joint" if e.joint is not None else "of"
+                problems.append(
+                    f"{key}.{field}: only a shrink or early experiment names a joint run and "
+                    f"the rows it controls; {e.name!r} is a {e.kind} experiment"
+                )
+            continue
+        if not joints:
+            problems.append(
+                f"{key}: kind {e.kind} pulls back a joint run, and this config has no joint "
+                "experiment; add one (kind: joint)"
+            )
+        elif e.joint is not None and e.joint not in joints:
+            problems.append(
+                f"{key}.joint: {e.joint!r} is not a joint experiment of this config; choose "
+                f"from: {', '.join(joints)}"
+            )
+        if not merged:
+            problems.append(f"{key}: no split or soup row to control; add a split experiment")
+        for j, name in enumerate(e.of):
+            if name not in merged:
+                problems.append(
+                    f"{key}.of[{j}]: {name!r} is not a merged row of this config; choose from: "
+                    f"{', '.join(merged) or 'none'}"
+                )
+        if len(set(e.of)) != len(e.of):
+            problems.append(f"{key}.of: a row is listed twice: {list(e.of)}")
+        if e.kind == "early" and not cfg.train.snapshot_steps:
+            problems.append(
+                f"{key}: an early control takes the joint run's weights at the step it reaches "
+                "the merge's distance from θ0: set train.snapshot_steps (e.g. [10, 20, 40, 80])"
+            )
+    return problems
+
+
+def _heldout_problems(cfg: RunConfig) -> list[str]:
+    """``eval.heldout`` loads, and none of its sources is also a training source (counted from
+    a local mixture; a `datasets` mixture is checked when the evaluate stage loads it)."""
+    if cfg.eval.heldout is None:
+        return []
+    try:
+        held = load_heldout(cfg.eval.heldout)
+    except MixtureError as e:
+        return [f"eval.heldout: {str(e).removeprefix('eval.heldout: ')}"]
+    path = cfg.mixture.path
+    if path == "demo":
+        from merit_lab.config.paths import DEMO_DIR
+
+        path = str(DEMO_DIR)
+    if not Path(path).exists():
+        return []
+    try:
+        m = cfg.mixture
+        trained = load_mixture(path, source_column=m.source_column, split=m.split).names
+    except (MixtureError, ValueError, KeyError):
+        return []  # the mixture stage names what is wrong with it
+    clash = sorted(set(held.names) & set(trained))
+    if not clash:
+        return []
+    return [
+        f"eval.heldout: {clash} are also sources of the training mixture {cfg.mixture.path}; an "
+        "evaluation-only source must be one no row trains (rename it, or leave it out of one)"
+    ]
 
 
 def _merge_param_problems(params: dict) -> list[str]:

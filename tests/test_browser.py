@@ -275,8 +275,8 @@ def test_workbench_edits_and_saves_partition_json(lab):
     assert (down_entry["op"], down_entry["source"], down_entry["to"]) == ("downweight", light, 0.25)
     assert after["fractions"] == {light: 0.25}
     run = lab["runs"] / RUN_NAME
-    per_example = {
-        s["name"]: s["train_example_tokens"]
+    per_example = {  # the size unit of splits and weights: response tokens
+        s["name"]: s["train_example_response_tokens"]
         for s in json.loads((run / "mixture.json").read_text())["sources"]
     }[light]
     kept = fraction_subset(light, len(per_example), 0.25, load_config(run / "config.yaml").seed)

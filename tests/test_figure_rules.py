@@ -62,6 +62,7 @@ def run_dir(tmp_path_factory) -> Path:
             "name": n,
             "n_train": examples[n],
             "train_tokens": tokens[n],
+            "train_response_tokens": tokens[n] // 2,
             "metadata": {"family": n.split("-")[0]},
         }
         for n in NAMES

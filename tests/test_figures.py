@@ -41,6 +41,7 @@ def run_dir(tmp_path_factory) -> Path:
             "name": n,
             "n_train": examples[n],
             "train_tokens": tokens[n],
+            "train_response_tokens": tokens[n] // 2,
             "metadata": {"family": n.split("-")[0]},
         }
         for n in NAMES
@@ -128,7 +129,13 @@ def test_collect_figures_when_the_partition_covers_part_of_the_mixture(run_dir, 
         (tmp_path / name).write_bytes((run_dir / name).read_bytes())
     mixture = read_json(run_dir / "mixture.json")
     mixture["sources"].append(
-        {"name": "new-0", "n_train": 5, "train_tokens": 50, "metadata": {"family": "new"}}
+        {
+            "name": "new-0",
+            "n_train": 5,
+            "train_tokens": 50,
+            "train_response_tokens": 25,
+            "metadata": {"family": "new"},
+        }
     )
     atomic_write_json(tmp_path / "mixture.json", mixture)
     part = Partition.load(run_dir / "partition.json").drop("add-1")

@@ -33,8 +33,8 @@ def test_references_keep_the_prompt_and_drop_cut_off_and_empty_answers():
     }
     examples = [multi, _chat("a", "x", id="d2"), _chat("b", "y", id="d3"), _chat("c", "z")]
     answers = [" I am well, thanks. ", "cut off", "   ", "ok"]
-    kept, dropped = base_reference_examples(examples, answers, [5, 8, 0, 1], max_new_tokens=8)
-    assert dropped == 2  # d2 used the whole budget; d3 is empty
+    kept, dropped = base_reference_examples(examples, answers, [True, False, True, True])
+    assert dropped == 2  # d2 was cut off by the budget (no end-of-turn token); d3 is empty
     assert [k["id"] for k in kept] == ["d1", "ex-1"]
     assert kept[0]["messages"] == [
         {"role": "user", "content": "hi"},
@@ -44,7 +44,7 @@ def test_references_keep_the_prompt_and_drop_cut_off_and_empty_answers():
     ]
     assert kept[1]["messages"][-1] == {"role": "assistant", "content": "ok"}
     with pytest.raises(ValueError, match="differ in length"):
-        base_reference_examples(examples, answers[:2], [1, 1], max_new_tokens=8)
+        base_reference_examples(examples, answers[:2], [True, True])
 
 
 def _write(folder: Path, name: str, rows: list[dict]) -> None:
@@ -77,9 +77,10 @@ def test_load_heldout_refuses_what_it_cannot_read(tmp_path):
 
 
 def test_base_references_are_the_models_own_greedy_answers(tmp_path):
-    """On the demo base: each reference is what `greedy_answers` gives for its prompt."""
+    """On the demo base: each reference is what `generate_answers` gives for its prompt, and an
+    answer is dropped exactly when it did not end by itself."""
     from merit_lab.data.mixture import load_mixture
-    from merit_lab.evaluation.evaluate import greedy_answers
+    from merit_lab.evaluation.evaluate import generate_answers
     from merit_lab.evaluation.heldout import write_base_references
     from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
 
@@ -100,13 +101,11 @@ def test_base_references_are_the_models_own_greedy_answers(tmp_path):
     prompts = load_mixture("data/demo", eval_fraction=0.2)
     for name in refs.names:
         examples = list(prompts[name].eval)[:3]
-        expected = greedy_answers(model, tok, examples, max_new_tokens=24)
-        kept = [a for a in expected if a.strip()]
+        expected = generate_answers(model, tok, examples, max_new_tokens=24)
+        kept = [a.text for a in expected if a.stopped and a.text.strip()]
         meta = info["sources"][name]
-        assert meta["answered"] == 3 and meta["dropped_at_budget"] == 3 - len(refs[name].eval)
-        assert [ex["messages"][-1]["content"] for ex in refs[name].eval] == kept[
-            : len(refs[name].eval)
-        ]
+        assert meta["answered"] == 3 and meta["dropped_at_budget"] == 3 - len(kept)
+        assert [ex["messages"][-1]["content"] for ex in refs[name].eval] == kept
         assert [ex["messages"][0] for ex in refs[name].eval] == [
             ex["messages"][0] for ex in examples if ex["id"] in {r["id"] for r in refs[name].eval}
         ]

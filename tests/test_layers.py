@@ -24,10 +24,10 @@ VIEW_LIBRARIES = {"plotly", "ipywidgets", "anywidget", "kaleido"}
 MAX_LINES = 550
 
 # The library, bottom to top: a module imports only its own level and those before it. `io`,
-# `jobs` and `envelope` are plain utilities; `validate` checks a config against every stage's
-# registry, so it sits above all of them.
+# `jobs`, `envelope` and `cache` are plain utilities; `validate` checks a config against every
+# stage's registry, so it sits above all of them.
 LIBRARY_ORDER = [
-    ("io", "jobs", "envelope"),
+    ("io", "jobs", "envelope", "cache"),
     ("config",),
     ("data",),
     ("models",),
@@ -106,6 +106,46 @@ def test_every_module_is_parsed():
         "merit_lab.models.checkpoints",
         "merit_lab.viz.editor",
     } <= set(MODULES)
+
+
+def _level(module: str) -> int | None:
+    """The library level of a module (None outside the library or for the facade)."""
+    if _layer(module) != "library" or module == "merit_lab":
+        return None
+    return LEVEL[module.split(".")[1]]
+
+
+def test_every_library_module_has_a_level():
+    missing = [
+        m
+        for m in MODULES
+        if _layer(m) == "library" and m != "merit_lab" and m.split(".")[1] not in LEVEL
+    ]
+    assert not missing, f"add these to LIBRARY_ORDER: {missing}"
+
+
+def _order_problems(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for module, targets in sorted(graph.items()):
+        own = _level(module)
+        if own is None:
+            continue
+        for target in sorted(targets):
+            level = _level(target)
+            if level is not None and level > own:
+                out.append(f"{module} imports {target} (above it in LIBRARY_ORDER)")
+    return out
+
+
+def test_library_subpackage_order():
+    assert _order_problems(GRAPH) == []
+
+
+def test_order_check_finds_a_planted_violation():
+    planted = {**GRAPH, "merit_lab.data.mixture": {"merit_lab.training.trainer"}}
+    assert _order_problems(planted) == [
+        "merit_lab.data.mixture imports merit_lab.training.trainer (above it in LIBRARY_ORDER)"
+    ]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

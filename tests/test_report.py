@@ -42,10 +42,19 @@ def _make_run(root: Path) -> Path:
             "name": n,
             "n_train": EXAMPLES[n],
             "train_tokens": TOKENS[n],
+            "train_response_tokens": TOKENS[n],
             "metadata": {"family": n.split("-")[0]},
         }
         for n in NAMES
-    ] + [{"name": NEW[0], "n_train": NEW[1], "train_tokens": NEW[2], "metadata": {"family": "new"}}]
+    ] + [
+        {
+            "name": NEW[0],
+            "n_train": NEW[1],
+            "train_tokens": NEW[2],
+            "train_response_tokens": NEW[2],
+            "metadata": {"family": "new"},
+        }
+    ]
     atomic_write_json(root / "mixture.json", {"sources": sources, "info": {}})
     split_balanced(space, EXAMPLES, TOKENS, r=1).save(root / "partition.json")
     RunConfig(name=root.name, output_dir=str(root.parent), experiments=()).save(
@@ -95,6 +104,7 @@ def test_report_sections_in_order_and_unedited_mixture(run_dir):
         "comparison",
         "seeds",
         "answer style",
+        "controls",
         "train vs held-out",
         "lm-eval",
         "token budget",
@@ -122,7 +132,7 @@ def test_report_sections_in_order_and_unedited_mixture(run_dir):
         "## Training",
         "## Wall time per stage (last run that did the work)",
     ]
-    assert "8 sources, 108 train examples, 3600 train tokens" in text
+    assert "8 sources, 108 train examples, 3600 train response tokens" in text
     # 8 sources x 4 held-out examples, scored on two metrics: 32 examples, not 64 rows' worth
     assert "the same held-out examples: 32 per metric (8 sources)" in text
     for fig in ("compare_loss", "conflict_scatter", "training"):
@@ -149,10 +159,15 @@ def test_report_shows_the_curated_mixture_beside_the_original(run_dir):
     assert table["new-0"][2:] == ["5", "50", "0", "0"]
     assert "add-0" not in table  # untouched sources are not listed
     # totals: 9 sources in mixture.json; 7 trained, add-1 gone and sub-2 at its subset
-    assert "- original mixture: 9 sources, 113 train examples, 3650 train tokens" in section
+    assert (
+        "- original mixture: 9 sources, 113 train examples, 3650 train response tokens" in section
+    )
     ex = sum(EXAMPLES.values()) - EXAMPLES["add-1"] - EXAMPLES["sub-2"] + 8
     tok = sum(TOKENS.values()) - TOKENS["add-1"] - TOKENS["sub-2"] + 350
-    assert f"- curated (trained): 7 sources, {ex} train examples, {tok} train tokens" in section
+    assert (
+        f"- curated (trained): 7 sources, {ex} train examples, {tok} train response tokens"
+        in section
+    )
     log = _section(text, "### Edit log")
     assert "| 1 | drop | add-1 | from G" in log and "| ana |" in log
     assert "| 2 | downweight | sub-2 | fraction 1 → 0.5 | ben |" in log
@@ -194,3 +209,13 @@ def test_markdown_helpers(tmp_path):
     ]
     html = tmp_path / "figures" / "f.html"
     assert figure_link(html, tmp_path) == "[f (interactive HTML)](figures/f.html)"
+
+
+def test_markdown_section_reads_one_section():
+    from merit_lab.pipeline.markdown import markdown_section
+
+    text = "# Run\n\nintro\n\n## Answer style\n\nrows\n### sub\nmore\n\n## Controls: x\n\nc\n"
+    assert markdown_section(text, "Answer style") == "## Answer style\n\nrows\n### sub\nmore\n"
+    assert markdown_section(text, "Controls") == "## Controls: x\n\nc\n"
+    with pytest.raises(KeyError, match="sections: \\['Answer style', 'Controls: x'\\]"):
+        markdown_section(text, "Timings")

@@ -133,6 +133,31 @@ def test_a_spec_at_the_defaults_writes_the_old_layout(tmp_path):
     assert BranchSpec.from_dict(spec.to_dict()) == spec
 
 
+def test_a_joint_run_s_snapshot_steps_are_written_and_read_back(tmp_path):
+    """Only a spec with snapshots writes ``snapshot_steps`` (a list in JSON, a tuple again when
+    read); one without keeps the old layout, so existing branches stay the same branch."""
+    train = TrainConfig(snapshot_steps=(5, 10))
+    spec = BranchSpec(
+        name="joint", base_model="demo", output_dir=str(tmp_path), sources=("a",), train=train
+    )
+    path = spec.save(tmp_path / "spec.json")
+    data = read_json(path)
+    assert data["snapshot_steps"] == [5, 10]
+    assert {k: v for k, v in data.items() if k != "snapshot_steps"} == {
+        "format": SPEC_FORMAT,
+        "version": SPEC_VERSION,
+        **OLD_DEFAULT_PAYLOAD,
+        "output_dir": ".",
+    }
+    loaded = BranchSpec.load(path)
+    assert loaded == spec and loaded.train.snapshot_steps == (5, 10)
+    # other snapshots do not change what trains: a killed joint run resumes with them
+    other = dataclasses.replace(spec, train=TrainConfig(snapshot_steps=(5, 20)))
+    assert write_spec(other) == path and read_json(path)["snapshot_steps"] == [5, 20]
+    with pytest.raises(ValueError, match=r"fields \['lr'\] differ"):
+        write_spec(dataclasses.replace(spec, train=TrainConfig(lr=1e-2, snapshot_steps=(5,))))
+
+
 def test_the_spec_holds_the_train_config_without_its_run_level_fields(tmp_path):
     run = TrainConfig(
         lr=1e-3,

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from merit_lab.cache import pypi_wheel
 from merit_lab.io import atomic_dir, atomic_write_json
-from merit_lab.models.fetch import pypi_wheel
 
 __all__ = [
     "CHATTERBOT_SOURCES",

@@ -13,16 +13,17 @@ module writes the same design at small scale:
   ``convention``), with ``known_to_theta0``: θ0 was instruction-tuned on 4 of the 24 (one per
   convention, `THETA0_SHORT`), the other 20 are new to it. Train, calibration and eval splits.
 - **Held-out conversations that no row trains** (``heldout/``, an evaluation-only folder:
-  ``eval/<source>.jsonl`` + ``sources.json``): θ0's 4 conversational families (answers of 2-3
-  sentences that contain an operation's result), on *fresh* words, under θ0's own prompt
-  templates (``conv-*``) and under paraphrased templates θ0 never saw (``para-*``). The
-  references are what θ0 was taught to answer (the generator's, θ0-style).
+  ``eval/<source>.jsonl`` + ``sources.json``): θ0's 4 conversational families (an opener, then
+  2-3 sentences that contain an operation's result) under θ0's own prompt templates, on *fresh*
+  words (``conv-<family>``). The references are what θ0 was taught to answer (θ0-style).
+  Paraphrased templates (`CONVERSATIONS`, never trained) are not in the folder: θ0 answers them
+  in style too rarely to measure a loss of style on them (the gates record how rarely).
 
 Every word (the operand of a prompt) is a random string of 4-7 letters. A fixed hash puts one
 word in 8 in the *fresh* pool (`is_fresh_word`): held-out prompts use only fresh words; the
-fine-tuning splits and θ0's training draw (`theta0_batches`, in ``collapse_base``) never do, so
-no held-out prompt shares a word with anything trained. Everything is a pure function of the
-seed: re-running writes byte-identical files.
+fine-tuning splits and θ0's training draw (`collapse_base.theta0_batches`) never do, so no
+held-out prompt shares a word with anything trained. Everything is a pure function of the seed:
+re-running writes byte-identical files.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _spell_out(w: str) -> str:
     )
 
 
-# family -> (θ0's prompt templates, paraphrased templates no model is trained on, answer).
+# family -> (θ0's prompt templates, paraphrased templates no model is trained on, answer). The
+# paraphrases are measured on θ0 only (`collapse_base.check_collapse_gates`).
 CONVERSATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[str], str]]] = {
     "explain": (
         (
@@ -166,10 +168,9 @@ def collapse_sources() -> dict[str, tuple[str, str]]:
     return {f"{op}-{conv}": (op, conv) for op in OPERATIONS for conv in CONVENTIONS}
 
 
-def heldout_sources() -> dict[str, tuple[str, str]]:
-    """Every held-out source → (conversational family, ``theta0`` or ``paraphrase`` templates)."""
-    out = {f"conv-{f}": (f, "theta0") for f in CONVERSATIONS}
-    return out | {f"para-{f}": (f, "paraphrase") for f in CONVERSATIONS}
+def heldout_sources() -> dict[str, str]:
+    """Every held-out source → its conversational family (θ0's templates, fresh words)."""
+    return {f"conv-{f}": f for f in CONVERSATIONS}
 
 
 def sample_short(source: str, rng: random.Random, *, fresh: bool = False) -> tuple[str, str]:
@@ -292,18 +293,14 @@ def generate_collapse_mixture(
 def _write_heldout(folder: Path, *, seed: int, n: int) -> None:
     """The evaluation-only conversations on fresh words (see the module docstring)."""
     texts, meta = {}, {}
-    for name, (family, templates) in heldout_sources().items():
+    for name, family in heldout_sources().items():
         rng = random.Random(f"merit-lab-collapse-heldout:{seed}:{name}")
-        para = templates == "paraphrase"
-        pairs = _distinct(
-            lambda: sample_conversation(family, rng, fresh=True, paraphrase=para),  # noqa: B023
-            n,
-        )
+        pairs = _distinct(lambda: sample_conversation(family, rng, fresh=True), n)  # noqa: B023
         texts[name] = _jsonl(name, "eval", pairs)
         meta[name] = {
-            "family": "paraphrase" if para else "conversation",
+            "family": "conversation",
             "conversation": family,
-            "templates": templates,
+            "templates": "theta0",
             "style": "long",
             "words": "fresh",
             "answer_chars": _lengths(pairs),
@@ -319,8 +316,8 @@ def _write_heldout(folder: Path, *, seed: int, n: int) -> None:
                 "evaluation_only": True,
                 "note": (
                     "Conversations no row trains (the LLaVA-W analog): θ0's four conversational "
-                    "families on words from the fresh pool, under θ0's templates (conv-*) and "
-                    "under paraphrases (para-*); references are θ0-style answers."
+                    "families under θ0's templates, on words from the fresh pool that nothing "
+                    "trained contains; references are θ0-style answers."
                 ),
                 "sources": meta,
             },

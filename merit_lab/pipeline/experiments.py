@@ -7,7 +7,11 @@ into rows and branch specs by `merit_lab.pipeline.rows`). Output, under ``runs/<
     branches/<experiment>/<k>/             one branch: spec.json, checkpoints/, final/, log.jsonl
     joint/ep<epochs>-s<seed>/              a joint run (shared by joint rows and soups)
     merged/<row>/                          HF folder + merge_manifest.json + mergekit.yaml
+    controls/<row>_<control>/              the controls of a merged row (`pipeline.controls`)
     eval/<row>.parquet, eval.parquet       one row per (model, source, split, metric)
+
+With ``eval.heldout`` every row is also scored on the evaluation-only sources of that folder
+(split ``heldout`` in the table): abilities no row trains, to see what fine-tuning costs.
 
 Every branch starts from θ0 and shares the training hyperparameters; a source contributes the
 same tokens whichever branch it lands in, and a joint run on every source for the same epochs
@@ -26,7 +30,9 @@ import pandas as pd
 import torch
 
 from merit_lab.config.schema import RunConfig, config_hash
+from merit_lab.data.mixture import Mixture
 from merit_lab.evaluation.evaluate import EVAL_METRICS, evaluate_model
+from merit_lab.evaluation.heldout import HELDOUT_SPLIT, load_heldout
 from merit_lab.evaluation.lm_eval import run_lm_eval
 from merit_lab.io import (
     atomic_write_bytes,
@@ -39,15 +45,26 @@ from merit_lab.merging.lora import merge_lora
 from merit_lab.merging.stream import merge_checkpoints
 from merit_lab.models.checkpoints import fingerprint_checkpoint
 from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
+from merit_lab.pipeline.controls import DONE, load_controls
 from merit_lab.pipeline.curation import mixture_names
-from merit_lab.pipeline.rows import ModelRow, model_rows, plan_specs
+from merit_lab.pipeline.rows import CONTROL_KINDS, SNAPSHOT, ModelRow, model_rows, plan_specs
 from merit_lab.pipeline.rundir import SIZE_UNIT, RunDir, load_run_mixture, writes_run
 from merit_lab.training.branch_log import MANIFEST
 from merit_lab.training.launch import launch_branches
+from merit_lab.training.snapshots import SNAPSHOT_INFO
 
-__all__ = ["evaluate_rows", "merge_rows", "model_rows", "train_experiments"]
+__all__ = [
+    "evaluate_rows",
+    "heldout_fingerprint",
+    "load_heldout_sources",
+    "merge_rows",
+    "model_rows",
+    "train_experiments",
+]
 
 log = logging.getLogger(__name__)
+
+_UNSET_OK = ("lm_eval", "heldout")  # eval fields left out of the cache key while unset
 
 
 def _run(cfg: RunConfig) -> RunDir:
@@ -206,18 +223,21 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
     tables, evaluated = [], []
     tokenizer = None
     e = cfg.eval
-    rows = model_rows(cfg)
+    heldout = load_heldout_sources(cfg, names)
+    built = load_controls(run.root)["controls"]
+    rows = [r for r in model_rows(cfg, controls=True) if _exists(r, built)]
     for row in rows:
         if not any(row.model_dir.glob("*.safetensors")):
             raise FileNotFoundError(f"{row.label}: no model at {row.model_dir}; run train/merge")
         key = config_hash(
-            # without lm_eval when unset: the keys of runs from before the field stay current
-            {k: v for k, v in asdict(e).items() if k != "lm_eval" or v is not None},
+            # without lm_eval and heldout when unset: the keys of runs from before them hold
+            {k: v for k, v in asdict(e).items() if k not in _UNSET_OK or v is not None},
             fingerprint_checkpoint(row.model_dir),
             names,
             cfg.train.max_length,
             cfg.mixture.long_examples,
             EVAL_METRICS,
+            *([heldout_fingerprint(e.heldout)] if heldout is not None else []),
         )
         cache = run.eval_cache(row.label)
         if run.is_current("eval", key, row.label):
@@ -247,6 +267,22 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
                     progress=progress,
                 )
             )
+        if heldout is not None:  # the evaluation-only sources: split "heldout" rows
+            scored = evaluate_model(
+                model,
+                tokenizer,
+                heldout,
+                label=row.label,
+                split="eval",
+                max_examples=e.max_examples,
+                max_length=cfg.train.max_length,
+                long_examples=cfg.mixture.long_examples,
+                exact_match=e.exact_match,
+                max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size,
+                progress=progress,
+            )
+            parts.append(scored.assign(split=HELDOUT_SPLIT))
         if e.lm_eval:  # lm-evaluation-harness tasks on the loaded model: split "lm-eval" rows
             opts = {k: v for k, v in e.lm_eval.items() if k != "tasks"}
             parts.append(
@@ -278,6 +314,40 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
     for name in stale:  # rows no longer in the config
         (run.eval_dir / name).unlink()
     return full
+
+
+def _exists(row: ModelRow, controls: dict) -> bool:
+    """Whether a row has a model to evaluate: every trained or merged row does (a missing one is
+    an error); a control only when it is reachable (``controls``: ``controls.json``'s), a
+    snapshot only when the run reached its step."""
+    if row.kind in CONTROL_KINDS:
+        if row.label not in controls:
+            raise FileNotFoundError(f"{row.label}: no control recorded yet; run stage merge")
+        return controls[row.label]["status"] == DONE
+    if row.kind == SNAPSHOT:
+        return (row.model_dir / SNAPSHOT_INFO).is_file()
+    return True
+
+
+def load_heldout_sources(cfg: RunConfig, trained: Sequence[str]) -> Mixture | None:
+    """``eval.heldout``'s sources (None when unset), refused when one shares a name with a
+    trained source: an evaluation-only source must be one that no row trains."""
+    if cfg.eval.heldout is None:
+        return None
+    mix = load_heldout(cfg.eval.heldout)
+    clash = sorted(set(mix.names) & set(trained))
+    if clash:
+        raise ValueError(
+            f"eval.heldout: {clash} are also sources of the training mixture; an evaluation-only "
+            "source must be one no row trains (rename it, or drop it from the mixture)"
+        )
+    return mix
+
+
+def heldout_fingerprint(path: str | Path) -> str:
+    """A digest of an evaluation-only folder's files (sources and ``sources.json``)."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    return config_hash([[p.relative_to(path).as_posix(), sha256_file(p)] for p in files])
 
 
 def _write_parquet(path: Path, table: pd.DataFrame) -> None:

@@ -17,10 +17,12 @@ import pandas as pd
 from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.evaluation.lm_eval import summarize_lm_eval
 from merit_lab.io import atomic_write_text
+from merit_lab.pipeline.controls import load_controls
 from merit_lab.pipeline.report import training_logs
+from merit_lab.pipeline.report_controls import frontier_of
 from merit_lab.pipeline.report_diagnostics import diagnostics_figures
 from merit_lab.pipeline.report_seeds import seed_tables
-from merit_lab.pipeline.rows import model_rows
+from merit_lab.pipeline.rows import SNAPSHOT, model_rows
 from merit_lab.pipeline.rundir import RunDir, load_source_table
 from merit_lab.viz.export import FIGURE_FORMATS, make_contact_sheet, write_figure_files
 from merit_lab.viz.plots import (
@@ -33,6 +35,7 @@ from merit_lab.viz.plots import (
     plot_gradient_convergence,
     plot_training_curves,
 )
+from merit_lab.viz.plots_frontier import plot_frontier
 from merit_lab.viz.style import PAPER, Figure, PaperStyle, paper_layout
 
 __all__ = [
@@ -74,6 +77,7 @@ WIDE_STEMS = (
     "compare_",
     "diag_disp",
     "diag_paths",
+    "frontier",  # a dozen point labels beside the paths overlap at column width
     "training",
 )
 
@@ -102,9 +106,12 @@ def _eval_figures(run: RunDir) -> dict[str, Figure]:
     """The comparison bars of the config's own seed (as the report's tables), and with
     ``train.seeds`` each row's mean over seeds with its standard deviation as error bars."""
     table = pd.read_parquet(run.eval)
-    rows = model_rows(run.load_config()) if run.config.is_file() else []
+    cfg = run.load_config() if run.config.is_file() else None
+    rows = model_rows(cfg, controls=True) if cfg is not None else []
     repeats = {r.label for r in rows if r.repeat}
-    order = [m for m in dict.fromkeys(table["model"]) if m not in repeats]
+    hidden = repeats | {r.label for r in rows if r.kind == SNAPSHOT}  # snapshots: frontier only
+    order = [m for m in dict.fromkeys(table["model"]) if m not in hidden]
+    rows = [r for r in rows if r.kind != SNAPSHOT]
     figs = {}
     for metric in METRICS:  # the metrics with a direction; length_ratio is in the report
         if ((table["metric"] == metric) & (table["split"] == "eval")).any():
@@ -113,6 +120,13 @@ def _eval_figures(run: RunDir) -> dict[str, Figure]:
             if repeats:
                 mean, std, _n = seed_tables(table, rows, metric)
                 figs[f"seeds_{metric}"] = plot_comparison(mean, metric=metric, spread=std)
+    frontier = None
+    if cfg is not None:
+        controls = load_controls(run.root)["controls"]
+        frontier = frontier_of(table, model_rows(cfg, controls=True), cfg, controls)
+    if frontier is not None:  # with controls or joint snapshots (report.md's answer style)
+        f = frontier
+        figs["frontier"] = plot_frontier(f.points, f.paths, y_metric=f.y_metric, y_of=f.y_of)
     values, stderr = summarize_lm_eval(table, order)  # eval.lm_eval's rows, ± their stderr
     if not values.empty:
         figs["compare_lm_eval"] = plot_comparison(
@@ -135,8 +149,9 @@ def collect_figures(run_dir: str | Path) -> dict[str, Figure]:
     Always (once the conflict stage is done): ``conflict_clustermap``, ``conflict_heatmap``
     (``z = C[order][:, order]``), ``conflict_scatter`` and ``conflict_scatter_3d`` (coloured by
     group, or by family before the partition stage) and ``explained_variance``. Then, as their
-    files exist: ``compare_<metric>`` (``eval.parquet``), ``training`` (branch and joint logs),
-    ``diag_*`` (``diagnostics/``) and ``gradient_convergence`` (``convergence.parquet``).
+    files exist: ``compare_<metric>`` (``eval.parquet``), ``frontier`` (controls or joint
+    snapshots), ``training`` (branch and joint logs), ``diag_*`` (``diagnostics/``) and
+    ``gradient_convergence`` (``convergence.parquet``).
     """
     run = RunDir(Path(run_dir))
     if not run.conflict.exists():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["figure_link", "markdown_table"]
+__all__ = ["figure_link", "markdown_section", "markdown_table"]
 
 
 def markdown_table(
@@ -59,3 +59,15 @@ def figure_link(path: Path, run_root: Path) -> str:
     if png.exists():
         return f"![{path.stem}]({png.relative_to(run_root)})  \n[interactive]({rel})"
     return f"[{path.stem} (interactive HTML)]({rel})"
+
+
+def markdown_section(text: str, heading: str) -> str:
+    """The ``## heading…`` section of a markdown document (its heading line starts with
+    ``## heading``), up to the next ``## `` heading; raises KeyError naming the headings there."""
+    lines = text.splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("## ")]
+    for i in starts:
+        if lines[i][3:].startswith(heading):
+            end = next((j for j in starts if j > i), len(lines))
+            return "\n".join(lines[i:end]).strip() + "\n"
+    raise KeyError(f"no section {heading!r}; sections: {[lines[i][3:] for i in starts]}")

@@ -1,7 +1,8 @@
 """Report stage: ``report.md`` and ``figures/*.html`` from a run directory's artifacts.
 
 Input: ``mixture.json``, ``conflict.json``, ``partition.json``, the branches' logs and manifests,
-``merged/*/merge_manifest.json``, ``eval.parquet``, ``diagnostics/`` and ``timings.json``. Output:
+``merged/*/merge_manifest.json``, ``controls/controls.json``, ``eval.parquet``, ``diagnostics/``
+and ``timings.json``. Output:
 ``report.md``, one section per entry of `REPORT_SECTIONS`, in order. Every number is read from
 those files; nothing is recomputed here. Figures are built by `merit_lab.viz`.
 """
@@ -20,15 +21,23 @@ from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.io import atomic_write_json, atomic_write_text, read_json
 from merit_lab.merging.stream import load_merge_manifest
 from merit_lab.partition.plan import Partition
-from merit_lab.partition.session import UNPLACED
+from merit_lab.pipeline.controls import load_controls
 from merit_lab.pipeline.drift import drift_section
 from merit_lab.pipeline.examples import stability_section
 from merit_lab.pipeline.layers import layer_section
 from merit_lab.pipeline.markdown import figure_link, markdown_table
+from merit_lab.pipeline.report_controls import (
+    Frontier,
+    controls_lines,
+    controls_record,
+    frontier_of,
+    frontier_record,
+)
+from merit_lab.pipeline.report_curation import curated_mixture_table, edit_log_table
 from merit_lab.pipeline.report_diagnostics import diagnostics_section
 from merit_lab.pipeline.report_lm_eval import lm_eval_lines
-from merit_lab.pipeline.report_seeds import seeds_lines, seeds_record, style_lines
-from merit_lab.pipeline.rows import model_rows
+from merit_lab.pipeline.report_seeds import heldout_record, seeds_lines, seeds_record, style_lines
+from merit_lab.pipeline.rows import SNAPSHOT, ModelRow, model_rows
 from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir, load_source_table
 from merit_lab.pipeline.status import token_budget
 from merit_lab.training.branch_log import read_log
@@ -41,6 +50,7 @@ from merit_lab.viz.plots import (
     plot_explained_variance,
     plot_training_curves,
 )
+from merit_lab.viz.plots_frontier import plot_frontier
 from merit_lab.viz.style import Figure
 
 __all__ = [
@@ -71,6 +81,9 @@ class ReportContext:
         sources: `load_source_table`: one row per source of ``mixture.json`` (the original
             mixture), with ``group`` G<k> / dropped / unplaced and ``fraction``.
         partition: the run's ``partition.json`` (None before the partition stage).
+        rows: `model_rows` with the controls and snapshots (`ModelRow`).
+        controls: ``controls/controls.json`` (`merit_lab.pipeline.controls.load_controls`).
+        frontier: the frontier figure's data (None without controls or snapshots).
     """
 
     run: RunDir
@@ -79,6 +92,9 @@ class ReportContext:
     order: list[str]
     sources: pd.DataFrame
     partition: Partition | None
+    rows: list[ModelRow]
+    controls: dict
+    frontier: Frontier | None
 
     def figure(self, fig: Figure, stem: str) -> str:
         """Save ``fig`` as ``figures/<stem>.html`` and return its markdown link."""
@@ -144,7 +160,10 @@ def results_record(ctx: ReportContext) -> dict:
         "models": list(ctx.order),
         "held_out_examples_per_metric": int(held.groupby("model")["n"].sum().iloc[0]),
         "metrics": metrics,
-        **seeds_record(table, model_rows(ctx.cfg)),
+        **heldout_record(table, ctx.order),
+        **seeds_record(table, _shown(ctx)),
+        **controls_record(ctx.controls),
+        **frontier_record(ctx.frontier),
     }
 
 
@@ -155,15 +174,20 @@ def load_report_context(
     run = RunDir(Path(run_dir))
     table = pd.read_parquet(run.eval)
     cfg = run.load_config()
-    # a row's repeats under train.seeds appear in the seeds section, not the comparison tables
-    repeats = {r.label for r in model_rows(cfg) if r.repeat}
+    rows, controls = model_rows(cfg, controls=True), load_controls(run.root)
+    # a row's repeats under train.seeds appear in the seeds section, not the comparison tables;
+    # joint snapshots only on the frontier's joint path
+    hidden = {r.label for r in rows if r.repeat or r.kind == SNAPSHOT}
     return ReportContext(
         run=run,
         cfg=cfg,
         eval_table=table,
-        order=[m for m in (order or dict.fromkeys(table["model"])) if m not in repeats],
+        order=[m for m in (order or dict.fromkeys(table["model"])) if m not in hidden],
         sources=load_source_table(run.root),
         partition=run.load_partition() if run.partition.exists() else None,
+        rows=rows,
+        controls=controls,
+        frontier=frontier_of(table, rows, cfg, controls["controls"]),
     )
 
 
@@ -183,7 +207,8 @@ def header_section(ctx: ReportContext) -> list[str]:
         "",
         f"- base model θ0: `{cfg.model}`; mixture `{cfg.mixture.path}`: "
         f"{len(src)} sources, {int(src['examples'].sum())} train examples, "
-        f"{int(src['tokens'].sum())} train tokens",
+        f"{int(src['tokens'].sum())} train response tokens (the size unit of the split and the "
+        "merge weights)",
         f"- training (shared by every branch and baseline): lr {tr.lr:g}, batch "
         f"{tr.batch_size}×{tr.grad_accum}, {tr.lr_scheduler} schedule, "
         f"warm-up {tr.warmup_ratio:g}, max length {tr.max_length}, "
@@ -312,12 +337,35 @@ def seeds_section(ctx: ReportContext) -> list[str]:
     def figure(mean: pd.DataFrame, std: pd.DataFrame, metric: str) -> str:
         return ctx.figure(plot_comparison(mean, metric=metric, spread=std), f"seeds_{metric}")
 
-    return seeds_lines(ctx.eval_table, model_rows(ctx.cfg), figure)
+    return seeds_lines(ctx.eval_table, _shown(ctx), figure)
+
+
+def _shown(ctx: ReportContext) -> list[ModelRow]:
+    return [r for r in ctx.rows if r.kind != SNAPSHOT]
 
 
 @report_section("answer style")
 def style_section(ctx: ReportContext) -> list[str]:
-    return style_lines(ctx.eval_table, model_rows(ctx.cfg))
+    lines = style_lines(ctx.eval_table, _shown(ctx))
+    f = ctx.frontier
+    if f is None:
+        return lines
+    fig = plot_frontier(f.points, f.paths, y_metric=f.y_metric, y_of=f.y_of)
+    return [
+        *(lines or ["## Answer style", ""]),
+        "Target-task quality against preserved ability: the merges, soups and controls as "
+        "points (means over seeds, bars their spread), the joint run's snapshots and the "
+        "shrink θ0 → θ_joint as paths. A point above both paths keeps more at the same "
+        "held-out loss than training less would.",
+        "",
+        ctx.figure(fig, "frontier"),
+        "",
+    ]
+
+
+@report_section("controls")
+def controls_section(ctx: ReportContext) -> list[str]:
+    return controls_lines(ctx.eval_table, _shown(ctx), ctx.controls, ctx.frontier)
 
 
 @report_section("train vs held-out")
@@ -342,7 +390,7 @@ def token_budget_section(ctx: ReportContext) -> list[str]:
     if budget.empty:
         return []
     weights = {}
-    for row in model_rows(ctx.cfg):
+    for row in ctx.rows:
         manifest = row.model_dir / "merge_manifest.json"
         if row.inputs and manifest.is_file():
             w = load_merge_manifest(manifest)["weights"]
@@ -438,90 +486,3 @@ def footer_section(ctx: ReportContext) -> list[str]:
         "SVG in the paper style.",
         "",
     ]
-
-
-# ---------------------------------------------------------------------------- curated mixture
-def curated_mixture_table(sources: pd.DataFrame, partition: Partition) -> pd.DataFrame:
-    """Per source a hand edit touched, or that trains in no row: what changed and the counts.
-
-    Args:
-        sources: `load_source_table` (``examples``, ``tokens``, ``group``), the original mixture.
-        partition: the run's partition (its ``examples``/``tokens`` count what is trained).
-
-    Returns:
-        Indexed by source, in mixture order: ``change``, ``group``, the original ``examples``
-        and ``tokens``, and the ``trained examples``/``trained tokens`` (0 for a source in no
-        group). Empty when nothing was edited and every source is placed.
-    """
-    changes: dict[str, list[str]] = {}
-    for e in partition.edit_log:
-        if "source" in e:  # a re-split (op "split") names no source
-            changes.setdefault(e["source"], []).append(_describe_edit(e))
-    for s in partition.dropped:
-        changes.setdefault(s, ["dropped"])
-    for s, f in partition.fractions.items():
-        changes.setdefault(s, [f"down-weighted to {f:g}"])
-    groups = sources["group"] if "group" in sources else pd.Series(dtype=str)
-    for s in groups.index[groups == UNPLACED]:
-        changes.setdefault(s, []).append("not placed: trains in no row")
-    names = [s for s in sources.index if s in changes] + sorted(set(changes) - set(sources.index))
-    kept = set(partition.sources)
-    rows = [
-        {
-            "source": s,
-            "change": "; ".join(changes[s]),
-            "group": groups.get(s, f"G{partition.group_of(s)}" if s in kept else "–"),
-            "examples": int(sources["examples"].get(s, 0)),
-            "tokens": int(sources["tokens"].get(s, 0)),
-            "trained examples": int(partition.examples[s]) if s in kept else 0,
-            "trained tokens": int(partition.tokens[s]) if s in kept else 0,
-        }
-        for s in names
-    ]
-    columns = ["change", "group", "examples", "tokens", "trained examples", "trained tokens"]
-    return pd.DataFrame(rows, columns=["source", *columns]).set_index("source")
-
-
-def edit_log_table(edit_log: Sequence[dict]) -> pd.DataFrame:
-    """The edit log, oldest first: ``op``, ``source``, ``detail``, ``who``, ``at``."""
-    rows = [
-        {
-            "op": e.get("op", ""),
-            "source": e.get("source", ""),
-            "detail": _edit_detail(e),
-            "who": e.get("who", ""),
-            "at": e.get("at", ""),
-        }
-        for e in edit_log
-    ]
-    table = pd.DataFrame(rows, columns=["op", "source", "detail", "who", "at"])
-    table.index = pd.RangeIndex(1, len(table) + 1, name="#")
-    return table
-
-
-def _describe_edit(e: dict) -> str:
-    op = e.get("op")
-    if op == "drop":
-        return "dropped"
-    if op == "downweight":
-        return f"down-weighted to {e['to']:g}"
-    if op == "add":
-        return f"added to G{e['to']}"
-    if op == "move":
-        return f"moved G{e['from']} → G{e['to']}"
-    return str(op)
-
-
-def _edit_detail(e: dict) -> str:
-    op = e.get("op")
-    if op == "move":
-        return f"G{e['from']} → G{e['to']}"
-    if op == "drop":
-        return "it was in no group" if e.get("from") is None else f"from G{e['from']}"
-    if op == "split":
-        return f"re-split: {e.get('method')} {e.get('params', {})}"
-    if op == "add":
-        return f"to G{e['to']}"
-    if op == "downweight":
-        return f"fraction {e['from']:g} → {e['to']:g}"
-    return ""

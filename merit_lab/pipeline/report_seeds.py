@@ -13,12 +13,14 @@ import numpy as np
 import pandas as pd
 
 from merit_lab.evaluation.evaluate import PERCENT_METRICS, relative_to, seed_spread, summarize_eval
+from merit_lab.evaluation.heldout import HELDOUT_SPLIT
 from merit_lab.pipeline.markdown import markdown_table
 from merit_lab.pipeline.rows import THETA0, ModelRow
 
 __all__ = [
     "SEED_METRICS",
     "family_style",
+    "heldout_record",
     "noise_calls",
     "seed_tables",
     "seeds_lines",
@@ -37,11 +39,11 @@ FigureLink = Callable[..., str]  # (figure, stem) -> markdown link
 
 
 def seed_tables(
-    table: pd.DataFrame, rows: Sequence[ModelRow], metric: str
+    table: pd.DataFrame, rows: Sequence[ModelRow], metric: str, split: str = "eval"
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
-    """(mean, std, seeds) of `summarize_eval(metric)` over each row's training seeds."""
+    """(mean, std, seeds) of `summarize_eval(metric, split)` over each row's training seeds."""
     order = [r.label for r in rows]
-    wide = summarize_eval(table, metric=metric, order=order)
+    wide = summarize_eval(table, metric=metric, split=split, order=order)
     return seed_spread(wide, {r.label: r.base or r.label for r in rows})
 
 
@@ -158,13 +160,11 @@ def seeds_record(table: pd.DataFrame, rows: Sequence[ModelRow]) -> dict:
     return {"seeds": out}
 
 
-def style_lines(table: pd.DataFrame, rows: Sequence[ModelRow]) -> list[str]:
-    """The style section: in-style share and length ratio per family, and each row relative to
-    θ0 (similarity and in-style share), averaged over training seeds when there are several."""
-    if not (table["metric"] == "in_style").any():
-        return []
-    several = any(r.repeat for r in rows)
-    tables = {m: seed_tables(table, rows, m)[0] for m in ("in_style", "length_ratio", "similarity")}
+def _style_tables(table: pd.DataFrame, rows: Sequence[ModelRow], split: str) -> list[str]:
+    """In-style share and length ratio per family, and each row relative to θ0, on one split."""
+    tables = {
+        m: seed_tables(table, rows, m, split)[0] for m in ("in_style", "length_ratio", "similarity")
+    }
     rel = pd.DataFrame(
         {
             "similarity vs θ0 (%)": relative_to(tables["similarity"])["avg"],
@@ -172,15 +172,6 @@ def style_lines(table: pd.DataFrame, rows: Sequence[ModelRow]) -> list[str]:
         }
     )
     return [
-        "## Answer style",
-        "",
-        "Does each row keep its sources' answer style? An answer is *in style* when its length "
-        "(characters) is within 2× of its reference's "
-        "(`merit_lab.evaluation.evaluate.style_scores`); the "
-        "length ratio is answer over reference length (under 1: shorter, the direction of "
-        "short-answer collapse). The last table is each row's score as a share of θ0's."
-        + (" Means over training seeds." if several else ""),
-        "",
         "In-style answers (%):",
         "",
         markdown_table(tables["in_style"], fmt="{:.1f}", bold="max"),
@@ -194,3 +185,60 @@ def style_lines(table: pd.DataFrame, rows: Sequence[ModelRow]) -> list[str]:
         markdown_table(rel, fmt="{:.1f}", bold="max"),
         "",
     ]
+
+
+def _has(table: pd.DataFrame, metric: str, split: str) -> bool:
+    return bool(((table["metric"] == metric) & (table["split"] == split)).any())
+
+
+def style_lines(table: pd.DataFrame, rows: Sequence[ModelRow]) -> list[str]:
+    """The style section: in-style share and length ratio per family, and each row relative to
+    θ0 (similarity and in-style share), averaged over training seeds when there are several;
+    the evaluation-only families (``eval.heldout``) in a table of their own."""
+    if not (table["metric"] == "in_style").any():
+        return []
+    several = any(r.repeat for r in rows)
+    out = [
+        "## Answer style",
+        "",
+        "Does each row keep its sources' answer style? An answer is *in style* when its length "
+        "(characters) is within 2× of its reference's "
+        "(`merit_lab.evaluation.evaluate.style_scores`); the "
+        "length ratio is answer over reference length (under 1: shorter, the direction of "
+        "short-answer collapse). The last table is each row's score as a share of θ0's."
+        + (" Means over training seeds." if several else ""),
+        "",
+    ]
+    heldout = _has(table, "in_style", HELDOUT_SPLIT)
+    if _has(table, "in_style", "eval"):
+        if heldout:
+            out += ["### Trained sources (their held-out examples)", ""]
+        out += _style_tables(table, rows, "eval")
+    if heldout:
+        out += [
+            "### Held-out families (evaluation-only: no row trains, calibrates on or splits "
+            "them; `eval.heldout`)",
+            "",
+            *_style_tables(table, rows, HELDOUT_SPLIT),
+        ]
+    return out
+
+
+def heldout_record(table: pd.DataFrame, order: Sequence[str]) -> dict:
+    """For ``results.json`` with ``eval.heldout``: per metric, each model's average over the
+    evaluation-only families and its score per family (apart from the trained ``metrics``)."""
+    if not (table["split"] == HELDOUT_SPLIT).any():
+        return {}
+    out = {}
+    for metric in dict.fromkeys(table.loc[table["split"] == HELDOUT_SPLIT, "metric"]):
+        wide = summarize_eval(table, metric=metric, split=HELDOUT_SPLIT, order=order)
+        out[metric] = {
+            "percent": metric in PERCENT_METRICS,
+            "avg": {m: _finite(v) for m, v in wide["avg"].items()},
+            "families": {
+                m: {f: _finite(v) for f, v in row.items() if f != "avg"}
+                for m, row in wide.iterrows()
+            },
+        }
+    families = sorted(set(table.loc[table["split"] == HELDOUT_SPLIT, "family"]))
+    return {"heldout": {"families": families, "metrics": out}}

@@ -3,7 +3,9 @@
 Input: a run config (its ``experiments`` and ``train.seeds``) and the run's curation
 (`merit_lab.pipeline.curation`). Output: `ModelRow`s (θ0 first, then every experiment's models)
 and `BranchSpec`s per experiment, built from the config's own sections. Each experiment kind is
-one entry of `ROW_KINDS`: what it trains and which rows it adds.
+one entry of `ROW_KINDS`: what it trains and which rows it adds. The controls (``shrink``,
+``early``) train nothing: each adds one row per merged row, ``<row>:<experiment>``, built by the
+merge stage from the joint run (`merit_lab.pipeline.controls`).
 """
 
 from __future__ import annotations
@@ -22,15 +24,21 @@ from merit_lab.pipeline.curation import (
     load_curation,
 )
 from merit_lab.pipeline.rundir import RunDir, mixture_args
+from merit_lab.training.snapshots import snapshot_dir
 from merit_lab.training.spec import BranchSpec
 
 __all__ = [
+    "CONTROLS",
+    "CONTROL_KINDS",
     "ROW_KINDS",
     "SEED_MARK",
+    "SNAPSHOT",
     "THETA0",
     "ModelRow",
     "RowKind",
     "branch_spec",
+    "control_joint",
+    "merged_labels",
     "model_rows",
     "plan_specs",
     "seed_variants",
@@ -38,6 +46,9 @@ __all__ = [
 
 THETA0 = "theta0"
 SEED_MARK = "@s"  # `<row>@s<seed>`: a row trained again under another of train.seeds
+CONTROL_KINDS = ("shrink", "early")  # rows built from a joint run beside each merged row
+SNAPSHOT = "snapshot"  # the kind of a joint run's snapshot evaluated as a row (`<joint>:step<N>`)
+CONTROLS = "controls"  # the run's folder of control rows: controls/<label, ":" as "_">/
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,9 @@ class ModelRow:
     merge_method: str | None = None  # split/soup: the merge method
     seed: int | None = None  # the training seed (None: θ0; a soup: its first joint run's)
     base: str = ""  # the label without the seed mark: the row its seeds are averaged into
+    controls: str = ""  # shrink | early: the merged row's label it stands beside
+    joint: Path | None = None  # shrink | early | snapshot: the joint run's folder it comes from
+    step: int | None = None  # snapshot: the optimizer step
 
     @property
     def repeat(self) -> bool:
@@ -68,10 +82,12 @@ def branch_spec(
     seed: int,
     fractions: Mapping[str, float] = MappingProxyType({}),
     excluded: Mapping[str, Sequence[str]] = MappingProxyType({}),
+    snapshot_steps: Sequence[int] = (),
 ) -> BranchSpec:
     """The spec of one branch of the run: the config's ``train`` section with this branch's
     seed, θ0 and the mixture as absolute paths (so it trains from any working directory), and
-    the curation's down-weights and exclusions of the sources it trains."""
+    the curation's down-weights and exclusions of the sources it trains. Only a joint run keeps
+    snapshots (``snapshot_steps``: the config's ``train.snapshot_steps``)."""
     mixture = mixture_args(cfg)
     if Path(mixture["path"]).exists():
         mixture["path"] = str(Path(mixture["path"]).resolve())
@@ -84,7 +100,7 @@ def branch_spec(
         mixture=mixture,
         epochs=epochs,
         # the run's other training seeds are rows of their own, not part of this branch
-        train=replace(cfg.train, seed=seed, seeds=()),
+        train=replace(cfg.train, seed=seed, seeds=(), snapshot_steps=tuple(snapshot_steps)),
         long_examples=cfg.mixture.long_examples,
         device=cfg.device,
         dtype=cfg.dtype,
@@ -98,7 +114,17 @@ def branch_spec(
 def _joint_spec(cfg: RunConfig, cur: Curation, epochs: float, seed: int) -> BranchSpec:
     """A joint run on the curated mixture; runs with the same epochs and seed are one folder."""
     d = RunDir(Path(cfg.run_dir)).joint_dir(epochs, seed)
-    return branch_spec(cfg, d.name, cur.sources, d, epochs, seed, cur.fractions, cur.excluded)
+    return branch_spec(
+        cfg,
+        d.name,
+        cur.sources,
+        d,
+        epochs,
+        seed,
+        cur.fractions,
+        cur.excluded,
+        snapshot_steps=cfg.train.snapshot_steps,
+    )
 
 
 def _joint_branches(
@@ -169,6 +195,94 @@ def _soup_rows(cfg: RunConfig, exp: ExperimentConfig, seed: int, mark: str) -> l
     ]
 
 
+def merged_labels(cfg: RunConfig, mark: str = "") -> list[str]:
+    """The merged rows of one seed variant, from the config alone, without the seed mark: every
+    split row under every merge method, then (with no mark: soups are not repeated) every soup."""
+    out = []
+    for e in cfg.experiments:
+        if e.kind == "split":
+            out += [e.name if i == 0 else f"{e.name}+{m}" for i, m in enumerate(e.merges)]
+    if not mark:
+        out += [e.name for e in cfg.experiments if e.kind == "soup"]
+    return out
+
+
+def control_joint(cfg: RunConfig, exp: ExperimentConfig) -> ExperimentConfig:
+    """The joint experiment a control pulls back: ``exp.joint``, or the first joint one."""
+    joints = [e for e in cfg.experiments if e.kind == "joint"]
+    found = [e for e in joints if exp.joint in (None, e.name)]
+    if not found:
+        raise ValueError(
+            f"experiment {exp.name!r}: no joint experiment named {exp.joint!r}; joint "
+            f"experiments: {[e.name for e in joints] or 'none'}"
+        )
+    return found[0]
+
+
+def _no_branches(
+    cfg: RunConfig, cur: Curation, exp: ExperimentConfig, seed: int
+) -> list[BranchSpec]:
+    return []  # a control is built from the joint run after the merges
+
+
+def _control_rows(cfg: RunConfig, exp: ExperimentConfig, seed: int, mark: str) -> list[ModelRow]:
+    """One row per merged row of this seed (those of ``exp.of``, or all), ``<row>:<name>``;
+    each pulls back the joint run with the merged row's own training seed (a soup, an average
+    over seeds: the config's own seed, the joint row itself)."""
+    run, joint = RunDir(Path(cfg.run_dir)), control_joint(cfg, exp)
+    name = exp.name.removesuffix(mark)
+    rows = []
+    for merged in merged_labels(cfg, mark):
+        if exp.of and merged not in exp.of:
+            continue
+        label = f"{merged}:{name}{mark}"
+        rows.append(
+            ModelRow(
+                label,
+                exp.name,
+                exp.kind,
+                run.root / CONTROLS / label.replace(":", "_"),
+                seed=seed,
+                base=f"{merged}:{name}",
+                controls=merged + mark,
+                joint=run.joint_dir(joint.epochs, seed),
+            )
+        )
+    return rows
+
+
+def _snapshot_rows(cfg: RunConfig) -> list[ModelRow]:
+    """The snapshots of each joint run a control pulls back (the config's own seed), as rows
+    ``<joint>:step<N>``: the joint path of the frontier. Steps past the run's end exist in no
+    folder (the evaluate stage scores the snapshots that exist)."""
+    if not cfg.train.snapshot_steps:
+        return []
+    run = RunDir(Path(cfg.run_dir))
+    controls = [e for e in cfg.experiments if e.kind in CONTROL_KINDS]
+    joints = dict.fromkeys(control_joint(cfg, e).name for e in controls)
+    rows = []
+    for e in cfg.experiments:
+        if e.name not in joints:
+            continue
+        folder = run.joint_dir(e.epochs, cfg.train.seed)
+        for step in cfg.train.snapshot_steps:
+            label = f"{e.name}:step{step}"
+            model_dir = snapshot_dir(folder, step)
+            rows.append(
+                ModelRow(
+                    label,
+                    e.name,
+                    SNAPSHOT,
+                    model_dir,
+                    seed=cfg.train.seed,
+                    base=label,
+                    joint=folder,
+                    step=step,
+                )
+            )
+    return rows
+
+
 @dataclass(frozen=True)
 class RowKind:
     """One experiment kind: what it trains and which models of the table it makes.
@@ -184,6 +298,7 @@ class RowKind:
     # (config, experiment, training seed, seed mark) → its rows, in table order
     rows: Callable[[RunConfig, ExperimentConfig, int, str], list[ModelRow]]
     per_seed: bool = True  # repeated under each of train.seeds as `<name>@s<seed>`
+    control: bool = False  # built after the merges; in `model_rows` only with ``controls``
 
 
 ROW_KINDS: dict[str, RowKind] = {
@@ -191,6 +306,10 @@ ROW_KINDS: dict[str, RowKind] = {
     "split": RowKind(_split_branches, _split_rows),
     # a soup is already an average over joint seeds: not repeated under train.seeds
     "soup": RowKind(_soup_branches, _soup_rows, per_seed=False),
+    # controls: θ0 + α(θ_joint − θ0) at each merged row's distance from θ0, and the joint run's
+    # first snapshot at that distance (`merit_lab.merging.controls`)
+    "shrink": RowKind(_no_branches, _control_rows, control=True),
+    "early": RowKind(_no_branches, _control_rows, control=True),
 }
 
 
@@ -232,9 +351,17 @@ def plan_specs(
     return out
 
 
-def model_rows(cfg: RunConfig) -> list[ModelRow]:
-    """θ0, then every experiment's model(s), in config order (needs the split partitions)."""
+def model_rows(cfg: RunConfig, *, controls: bool = False) -> list[ModelRow]:
+    """θ0, then every experiment's model(s), in config order (needs the split partitions).
+
+    Args:
+        controls: also the control rows (``shrink``, ``early``: some may be "not reachable",
+            with no folder; `merit_lab.pipeline.controls` records which) and the evaluated
+            snapshots of their joint runs (kind `SNAPSHOT`), last. Without it: the rows that
+            are trained or merged.
+    """
     rows = [ModelRow(THETA0, THETA0, THETA0, Path(resolve_model_path(cfg.model)), base=THETA0)]
     for exp, seed, mark in seed_variants(cfg):
-        rows += ROW_KINDS[exp.kind].rows(cfg, exp, seed, mark)
-    return rows
+        if controls or not ROW_KINDS[exp.kind].control:
+            rows += ROW_KINDS[exp.kind].rows(cfg, exp, seed, mark)
+    return rows + (_snapshot_rows(cfg) if controls else [])

@@ -165,7 +165,7 @@ class RunDir:
             "conflict": [self.conflict],
             "partition": [self.partition],
             "train": [self.root / "branches", self.root / "joint", self.train_json],
-            "merge": [self.root / "merged", self.merge_json],
+            "merge": [self.root / "merged", self.root / "controls", self.merge_json],
             "evaluate": [self.eval_dir, self.eval],
             "diagnose": [self.diagnostics],
             "report": [self.report, self.results, self.figures],
@@ -401,6 +401,11 @@ def source_counts(run: RunDir) -> tuple[dict[str, int], dict[str, int]]:
     joint run's loss (the branches record the same count, ``response_tokens``, in
     ``merit_branch.json``, and the merge reads it from there)."""
     sources = run.read_mixture()["sources"]
+    if any("train_response_tokens" not in s for s in sources):
+        raise KeyError(
+            f"{run.mixture} predates the response-token size unit: run the mixture stage again "
+            "(`merit-lab run <config>` redoes it and what depends on it)"
+        )
     return (
         {s["name"]: s["n_train"] for s in sources},
         {s["name"]: s["train_response_tokens"] for s in sources},
@@ -431,7 +436,9 @@ def load_source_table(run_dir: str | Path) -> pd.DataFrame:
                 "source": s["name"],
                 **meta,
                 "examples": s["n_train"],
-                "tokens": s["train_response_tokens"],  # SIZE_UNIT: what splits and weights use
+                # SIZE_UNIT: what splits and weights use (a run's mixture.json from before the
+                # unit has only its input tokens: shown as they are until the run is redone)
+                "tokens": s.get("train_response_tokens", s["train_tokens"]),
                 "input_tokens": s["train_tokens"],
             }
         )

@@ -4,7 +4,8 @@ conflict → partition → train → merge → evaluate → diagnose → report.
 Each stage reads the previous artifact from ``runs/<name>/`` and writes its own atomically; a
 stage whose artifact exists and was made from the same inputs is skipped, so re-running resumes.
 The wall time of every stage that did work is kept in ``timings.json``. One process writes a run
-at a time: the loop holds ``runs/<name>/.lock`` (`RunDir.writer_lock`).
+at a time: the loop holds ``runs/<name>/.lock`` (`RunDir.writer_lock`). The merge stage also
+builds the controls of every merged row (`merit_lab.pipeline.controls`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from merit_lab.pipeline.analysis import (
     stage_mixture,
     stage_partition,
 )
+from merit_lab.pipeline.controls import write_controls
 from merit_lab.pipeline.diagnose import run_diagnostics
 from merit_lab.pipeline.experiments import (
     evaluate_rows,
@@ -58,9 +60,11 @@ def _stage_train(cfg: RunConfig, run: RunDir) -> bool:
 
 
 def _stage_merge(cfg: RunConfig, run: RunDir) -> bool:
+    """Every merge, then the controls beside each merged row (``controls/``)."""
     merged = merge_rows(cfg)
-    atomic_write_json(run.artifact("merge"), {"merges": merged})
-    return any(m["seconds"] > 0 for m in merged)
+    controls = write_controls(cfg)
+    atomic_write_json(run.artifact("merge"), {"merges": merged, "controls": controls})
+    return any(m["seconds"] > 0 for m in merged + controls)
 
 
 def _stage_evaluate(cfg: RunConfig, run: RunDir) -> bool:
@@ -270,8 +274,12 @@ def run_summary(run_dir: str | Path) -> str:
         tokens = sum(b["tokens"] for b in branches if b["state"] == "done")
         lines.append(f"  train: {done}/{len(branches)} branch runs done, {tokens} tokens trained")
     if run.artifact("merge").exists():
-        merges = read_json(run.artifact("merge"))["merges"]
-        lines.append(f"  merge: {', '.join(m['label'] for m in merges) or 'none'}")
+        merged = read_json(run.artifact("merge"))
+        lines.append(f"  merge: {', '.join(m['label'] for m in merged['merges']) or 'none'}")
+        controls = merged.get("controls", [])
+        if controls:
+            built = sum(c["status"] == "done" for c in controls)
+            lines.append(f"  controls: {built} built, {len(controls) - built} not reachable")
     if run.eval.exists():
         models = pd.read_parquet(run.eval, columns=["model"])["model"].unique()
         lines.append(f"  evaluate: {len(models)} models ({', '.join(models)})")

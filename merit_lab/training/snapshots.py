@@ -18,8 +18,8 @@ from merit_lab.io import atomic_dir, atomic_write_json, read_json
 from merit_lab.training.distributed import full_state_dict, is_main_process
 
 __all__ = [
-    "SNAPSHOT_INFO",
     "SNAPSHOTS",
+    "SNAPSHOT_INFO",
     "list_snapshots",
     "make_snapshot_callback",
     "snapshot_dir",

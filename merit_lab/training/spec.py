@@ -45,7 +45,7 @@ _TRAIN_FIELDS = tuple(
 
 # Fields that may differ between a killed run and its resumption without changing the result
 # (a run folder may move, or go on on another machine, with another process count: the global
-# batch and the data order do not depend on it).
+# batch and the data order do not depend on it; snapshots are kept from then on).
 _RESUMABLE_CHANGES = (
     "output_dir",
     "device",
@@ -53,6 +53,7 @@ _RESUMABLE_CHANGES = (
     "keep_checkpoints",
     "procs_per_branch",
     "gradient_checkpointing",
+    "snapshot_steps",
 )
 # Fields left out of spec.json at their defaults, so specs written before they existed stay equal.
 _OMITTED_AT_DEFAULT = (
