@@ -145,7 +145,8 @@ def test_merge_weights_are_the_trained_token_shares(curated_run):
     part = run.load_partition("hand")
     assert f["moved"] in part.groups[f["moved_to"]]
     tokens = [
-        read_json(run.branch_dir("hand", k) / "final" / MANIFEST)["tokens"] for k in range(part.k)
+        read_json(run.branch_dir("hand", k) / "final" / MANIFEST)["response_tokens"]
+        for k in range(part.k)
     ]
     assert tokens == list(part.group_tokens)  # what the gain predicted is what trained
     manifest = read_json(run.merged_dir("hand") / "merge_manifest.json")

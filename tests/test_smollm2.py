@@ -105,7 +105,7 @@ def test_sketched_cosine_matches_exact_gradients(smollm2_run, smollm2_dir):
 def test_branches_merge_to_their_token_weighted_average(smollm2_run):
     _, run = smollm2_run
     finals = [run.branch_dir("merit-1d", k) / "final" for k in (0, 1)]
-    tokens = [read_json(f / "merit_branch.json")["tokens"] for f in finals]
+    tokens = [read_json(f / "merit_branch.json")["response_tokens"] for f in finals]
     assert all(read_json(f / "merit_branch.json")["steps"] == 3 for f in finals)  # 10 ex / 4
     merged = load_file(run.merged_dir("merit-1d") / "model.safetensors")
     branch = [load_file(f / "model.safetensors") for f in finals]

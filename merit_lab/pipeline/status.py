@@ -13,6 +13,7 @@ import pandas as pd
 from merit_lab.config.schema import RunConfig
 from merit_lab.io import read_json
 from merit_lab.pipeline.rows import THETA0, model_rows, plan_specs
+from merit_lab.pipeline.rundir import SIZE_UNIT
 from merit_lab.training.branch_log import MANIFEST, branch_status
 
 __all__ = ["token_budget", "training_status"]
@@ -29,7 +30,8 @@ def training_status(cfg: RunConfig) -> pd.DataFrame:
 
 
 def token_budget(cfg: RunConfig) -> pd.DataFrame:
-    """Per row: branches, trained tokens in total and per branch (the same-budget check)."""
+    """Per row: branches, trained response tokens (`SIZE_UNIT`) in total and per branch (the
+    same-budget check)."""
 
     rows = []
     for row in model_rows(cfg):
@@ -37,7 +39,7 @@ def token_budget(cfg: RunConfig) -> pd.DataFrame:
             continue
         finals = row.inputs or (row.model_dir,)
         tokens = [
-            read_json(f / MANIFEST)["tokens"] if (f / MANIFEST).is_file() else math.nan
+            read_json(f / MANIFEST)[SIZE_UNIT] if (f / MANIFEST).is_file() else math.nan
             for f in finals
         ]
         rows.append(

@@ -308,10 +308,15 @@ def _manifest(
         "base_fingerprint": base_fingerprint,
         "sources": list(spec.sources),
         "epochs": spec.epochs,
-        "tokens": tokens,  # non-padding input tokens trained: the branch's merge weight N_k
+        "tokens": tokens,  # non-padding input tokens trained
         "source_tokens": dict(plan.source_tokens),
         "fractions": dict(spec.fractions),
+        # response tokens trained (the run's size unit): the branch's merge weight N_k
         "response_tokens": sum(plan.examples[s][j].n_response_tokens for s, j in plan.order),
+        "source_response_tokens": {
+            s: sum(plan.examples[s][j].n_response_tokens for s2, j in plan.order if s2 == s)
+            for s in spec.sources
+        },
         "examples": len(plan.order),
         "steps": int(trainer.state.global_step),
         "train_loss": float(np.mean([r["loss"] for r in history])) if history else None,
