@@ -151,7 +151,7 @@ def test_merge_uses_token_weights_and_equals_independent_average(full_run):
     budget = token_budget(cfg).set_index("model")
     joint = budget.loc["joint-1ep", "tokens"]
     assert budget.loc["merit-1d", "tokens"] == joint == budget.loc["random-k2", "tokens"]
-    assert joint == sum(s["train_tokens"] for s in read_json(run.mixture)["sources"])
+    assert joint == sum(s["train_response_tokens"] for s in read_json(run.mixture)["sources"])
     soup = read_json(run.root / "merged" / "soup" / "merge_manifest.json")
     assert soup["method"] == "uniform" and len(soup["inputs"]) == 2
     # the soup's seed-0 member is the joint-1ep model itself, trained once
