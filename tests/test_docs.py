@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import ast
 import re
-import shutil
-import subprocess
 from functools import cache
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+
+from tests.clean_clone import is_tracked, tracked
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -28,29 +28,6 @@ SPAN = re.compile(r"`([^`\n]+)`")
 DOTTED = re.compile(r"\bmerit_lab(?:\.[A-Za-z_]\w*)+")
 SLASHED = re.compile(r"\bmerit_lab/[\w/]*\.py\b")
 HEADING = re.compile(r"^#{1,6} (.+)$", re.M)
-
-
-@cache
-def tracked() -> frozenset[str]:
-    """What a clean clone holds: the files git tracks, plus new files git would add and minus
-    those deleted from the working tree; ignored files (tests/artifacts/, runs/, .bench/, a
-    fetched corpus) never count."""
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout: the docs' pointers are checked against git's file list")
-
-    def ls(*flags: str) -> set[str]:
-        out = subprocess.run(
-            ["git", "ls-files", "-z", *flags], cwd=ROOT, capture_output=True, check=True
-        ).stdout
-        return {p for p in out.decode().split("\0") if p}
-
-    return frozenset((ls("--cached") | ls("--others", "--exclude-standard")) - ls("--deleted"))
-
-
-def is_tracked(path: str) -> bool:
-    """A tracked file, or a folder holding one."""
-    path = path.rstrip("/")
-    return path in tracked() or any(p.startswith(path + "/") for p in tracked())
 
 
 def doc_pages() -> list[Path]:

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
-import subprocess
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import yaml
 
 from merit_lab.config import schema as c
 from merit_lab.gradients.sketch import SketchSpec
+from tests.clean_clone import is_tracked
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -101,27 +99,6 @@ def test_every_field_and_default_is_in_the_table(section):
 TEST_POINTER = re.compile(r"`(tests/[\w./-]*?)(?:::(\w+))?`")
 
 
-@cache
-def _clean_clone() -> frozenset[str]:
-    """The files a clean clone has: git's tracked files, plus new ones git would add, minus those
-    deleted; never an ignored file a test or a run left on disk (tests/artifacts/, runs/)."""
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout: test pointers are checked against git's file list")
-
-    def ls(*flags: str) -> set[str]:
-        out = subprocess.run(
-            ["git", "ls-files", "-z", *flags], cwd=ROOT, capture_output=True, check=True
-        ).stdout
-        return {p for p in out.decode().split("\0") if p}
-
-    return frozenset((ls("--cached") | ls("--others", "--exclude-standard")) - ls("--deleted"))
-
-
-def _in_clean_clone(path: str) -> bool:
-    path = path.rstrip("/")
-    return path in _clean_clone() or any(p.startswith(path + "/") for p in _clean_clone())
-
-
 def test_a_gitignored_folder_is_not_a_pointer_target():
     """The pointer check reads git's list, not the disk: the browser test's gitignored
     tests/artifacts/ does not count even where a run of that test created it."""
@@ -129,12 +106,12 @@ def test_a_gitignored_folder_is_not_a_pointer_target():
     made = not artifacts.exists()
     artifacts.mkdir(exist_ok=True)
     try:
-        assert artifacts.is_dir() and not _in_clean_clone("tests/artifacts/")
+        assert artifacts.is_dir() and not is_tracked("tests/artifacts/")
     finally:
         if made:
             artifacts.rmdir()
-    assert _in_clean_clone("tests/bad_inputs/")
-    assert _in_clean_clone("tests/test_readme.py")
+    assert is_tracked("tests/bad_inputs/")
+    assert is_tracked("tests/test_readme.py")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -146,7 +123,7 @@ def test_every_test_the_readme_points_to_exists(page):
     dangling = []
     for path, name in pointers:
         target = ROOT / path
-        if not _in_clean_clone(path):
+        if not is_tracked(path):
             dangling.append(path)
         elif name and not re.search(
             rf"^(?:async def|def|class) {name}\b", target.read_text(encoding="utf-8"), re.M
