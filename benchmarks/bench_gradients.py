@@ -15,6 +15,10 @@ Measured on the demo base and the demo mixture (32 sources) with the calibration
   only by the bank itself (T × 4 × dim bytes), never by T × parameters.
 * **per-example (the LESS way)**: one backward and one sketch per example, averaged, against
   the batched stage on the same sources. For reference; no target.
+* **fold sketches** (``calibration.folds``, 4 by default): the m − 1 extra sketch passes per
+  source, as the stage times them (``stats["fold_seconds"]``), over the stage's seconds; and the
+  stage with folds over the stage without (wall, alternating rounds, medians: it also holds the
+  micro-batches formed within each fold). Target ≤ 5% for both.
 
 Run: python -m benchmarks.bench_gradients [--quick] [--out bench-gradients.json]
 """
@@ -67,6 +71,51 @@ def _replicated(mix: Mixture, t: int) -> Mixture:
         for i in range(t)
     ]
     return Mixture(tuple(srcs), mix.origin, mix.seed, mix.info)
+
+
+def stage_rounds(model, tok, mix: Mixture, cal: CalibrationConfig, n: int, rounds: int) -> dict:
+    """Alternating rounds of the gradient stage with ``cal.folds`` folds and without (folds 1):
+    per round the wall seconds of each and the seconds of the extra fold sketch passes."""
+    out: dict[str, list[float]] = {"with_s": [], "without_s": [], "fold_s": []}
+    kw = dict(n=n, micro_batch_size=cal.micro_batch_size, max_length=cal.max_length)
+    for rep in range(rounds):
+        for folds in (cal.folds, 1) if rep % 2 == 0 else (1, cal.folds):
+            t0 = time.perf_counter()
+            bank = estimate_gradients(model, tok, mix, folds=folds, progress=False, **kw)
+            wall = time.perf_counter() - t0
+            if folds > 1:
+                out["with_s"].append(wall)
+                out["fold_s"].append(sum(st["fold_seconds"] for st in bank.stats.values()))
+            else:
+                out["without_s"].append(wall)
+        _log(
+            f"  folds round {rep + 1}: with {out['with_s'][-1]:.1f} s, without "
+            f"{out['without_s'][-1]:.1f} s, fold sketches {out['fold_s'][-1]:.2f} s"
+        )
+    return out
+
+
+def add_fold_figures(res: Results, section: str, r: dict, folds: int, note: str = "") -> None:
+    """The two fold-cost figures of `stage_rounds` (medians; the notes give the spread)."""
+    share = [100 * f / w for f, w in zip(r["fold_s"], r["with_s"], strict=True)]
+    ratio = [w / o for w, o in zip(r["with_s"], r["without_s"], strict=True)]
+    res.add(
+        section,
+        f"fold sketches ({folds} folds) ÷ gradient stage",
+        float(np.median(share)),
+        "%",
+        target=("<=", 5.0),
+        note=f"{min(share):.1f}-{max(share):.1f}% over {len(share)} rounds{note}",
+    )
+    res.add(
+        section,
+        "stage with folds ÷ stage without (wall)",
+        100 * (float(np.median(ratio)) - 1),
+        "% more",
+        target=("<=", 5.0),
+        note=f"{100 * (min(ratio) - 1):.1f} to {100 * (max(ratio) - 1):.1f}%; with the "
+        "micro-batches formed within each fold",
+    )
 
 
 def _plain_fwd_bwd(model, batches: list[dict]) -> float:
@@ -229,6 +278,9 @@ def run(quick: bool = False) -> Results:
         "%",
         target=("<=", 10.0),
     )
+    _log("gradient stage with and without fold sketches")
+    folds = stage_rounds(model, tok, mix, cal, n, 2 if quick else 3)
+    add_fold_figures(res, SECTION, folds, cal.folds, f"; {len(mix)} sources x {n} examples")
 
     # Per-example (LESS) vs batched, on a few sources.
     sub = mix.select(mix.names[: 2 if quick else 4])
@@ -298,6 +350,7 @@ def run(quick: bool = False) -> Results:
         "plain_fwd_bwd_s": t_plain,
         "rounds": rounds,
         "sketch_s_per_source": t_sketch,
+        "folds": folds,
         "tokenize_s": t_tok,
         "per_example_s": t_pe,
         "batched_s": t_b,

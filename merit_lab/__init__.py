@@ -42,6 +42,7 @@ _EXPORTS = {
     "merge_lora": "merging.lora",
     "export_branches": "training.exports",
     "run_lm_eval": "evaluation.lm_eval",
+    "run_lmms_eval": "evaluation.lmms_eval",
     "style_scores": "evaluation.evaluate",
     "fingerprint_checkpoint": "models.checkpoints",
     "BranchSpec": "training.spec",

@@ -49,14 +49,9 @@ def _comparison(run) -> str:
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> None:
-    from merit_lab.config.schema import load_config
     from merit_lab.pipeline import RunDir, run_pipeline
 
-    root = RunDir(Path(args.run))
-    if not root.config.is_file():
-        raise FileNotFoundError(f"{root.root}: not a run directory (no config.yaml)")
-    cfg = load_config(root.config, output_dir=str(root.root.parent), name=root.root.name)
-    run = run_pipeline(cfg, ["diagnose", "report"], force=args.force)
+    run = run_pipeline(RunDir(Path(args.run)), ["diagnose", "report"], force=args.force)
     print(f"diagnostics: {run.diagnostics.resolve()}\nreport: {run.report.resolve()}")
 
 
@@ -218,14 +213,40 @@ def _cmd_fetch_model(args: argparse.Namespace) -> None:
 
 def _cmd_fetch_data(args: argparse.Namespace) -> None:
     from merit_lab.data.corpora import CHATTERBOT_SOURCES, CORPORA
+    from merit_lab.data.vision_flan import read_task_file
 
     if args.corpus not in CORPORA:
         raise KeyError(f"unknown corpus {args.corpus!r}; known: {', '.join(CORPORA)}")
-    sources = args.sources.split(",") if args.sources else CHATTERBOT_SOURCES
+    hub = args.corpus != "chatterbot"
+    given = {
+        "--sources": args.sources,
+        "--max-per-source": args.max_per_source,
+        "--tasks": args.tasks,
+        "--per-task": args.per_task,
+        "--from": args.source_dir,
+    }
+    theirs = ("--tasks", "--per-task", "--from") if hub else ("--sources", "--max-per-source")
+    wrong = [flag for flag, value in given.items() if value is not None and flag not in theirs]
+    if wrong:
+        raise ValueError(
+            f"{', '.join(wrong)}: not an option of {args.corpus}; chatterbot takes --sources and "
+            "--max-per-source, vision-flan and flan take --tasks, --per-task and --from"
+        )
+    out = args.out or f"data/{args.corpus}"
+    if not hub:
+        sources = args.sources.split(",") if args.sources else CHATTERBOT_SOURCES
+        per = 120 if args.max_per_source is None else args.max_per_source
+        out = CORPORA[args.corpus](out, sources, max_per_source=per)
+        print(f"wrote {len(sources)} sources to {out}")
+        return
+    tasks = args.tasks or ("paper" if args.corpus == "vision-flan" else "all")
+    if tasks not in ("paper", "all") or Path(tasks).is_file():
+        tasks = read_task_file(tasks)
     out = CORPORA[args.corpus](
-        args.out or f"data/{args.corpus}", sources, max_per_source=args.max_per_source
+        out, tasks, per_task=args.per_task or 0, seed=args.seed, source_dir=args.source_dir
     )
-    print(f"wrote {len(sources)} sources to {out}")
+    n = len((out / "tasks.txt").read_text(encoding="utf-8").split())
+    print(f"wrote {n} tasks to {out} (their list: {out / 'tasks.txt'}; licences: sources.json)")
 
 
 def _cmd_base_references(args: argparse.Namespace) -> None:
@@ -241,6 +262,31 @@ def _cmd_base_references(args: argparse.Namespace) -> None:
         device=args.device,
     )
     print(f"wrote θ0's answers as evaluation-only references to {out} (use it as eval.heldout)")
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from merit_lab.config.schema import load_config
+    from merit_lab.models.headers import find_model_header
+    from merit_lab.pipeline.rundir import RunDir
+    from merit_lab.training.plan import plan_run
+    from merit_lab.training.plan_table import format_plan
+    from merit_lab.training.sizes import find_mixture_sizes
+
+    cfg = load_config(args.config)
+    header = find_model_header(cfg.model, args.header_dir)  # before anything else is read
+    sizes = find_mixture_sizes(cfg, RunDir(Path(cfg.run_dir)).mixture)
+    device = args.device or ("cpu" if cfg.device == "cpu" else "gpu")
+    plan = plan_run(
+        cfg,
+        header,
+        sizes,
+        device=device,
+        gpu_memory=args.gpu_memory * 1e9,
+        gpus=args.gpus,
+        mfu=args.mfu,
+        peak=args.peak_tflops * 1e12 if args.peak_tflops else None,
+    )
+    print(format_plan(plan))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="redo the named stages")
     r.add_argument("--output-dir", help="parent folder of the run directory (default from config)")
     r.set_defaults(func=_cmd_run)
+
+    pl = sub.add_parser("plan", help="a config's cost before launch: GPU-hours, memory, disk")
+    pl.add_argument("config", help="run config YAML, e.g. configs/paper-vl-3b.yaml")
+    pl.add_argument(
+        "--header-dir",
+        help="the model's config.json + safetensors headers (default: the model's folder, the "
+        "committed data/model-headers/<hub id>/, the HF cache, then the hub)",
+    )
+    pl.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs for the DDP/FSDP rows (default 8)")
+    pl.add_argument("--device", choices=["gpu", "cpu"], help="default: cpu if the config says so")
+    pl.add_argument("--mfu", type=float, help="model FLOPs utilisation (default: make bench-gpu's)")
+    pl.add_argument("--peak-tflops", type=float, help="the card's bf16 peak (default H100: 989)")
+    pl.set_defaults(func=_cmd_plan)
 
     g = sub.add_parser("diagnose", help="merge-readiness diagnostics of a trained run + report")
     g.add_argument("run", help="runs/<name> (train, merge and evaluate done)")
@@ -342,11 +402,23 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--force", action="store_true", help="convert again")
     fm.set_defaults(func=_cmd_fetch_model)
 
-    fd = sub.add_parser("fetch-data", help="a real corpus from the package index as a mixture")
-    fd.add_argument("corpus", help="chatterbot (chatterbot-corpus, BSD-3-Clause)")
+    fd = sub.add_parser("fetch-data", help="a real corpus (package index or hub) as a mixture")
+    fd.add_argument(
+        "corpus", help="chatterbot (chatterbot-corpus, BSD-3-Clause), vision-flan or flan (hub)"
+    )
     fd.add_argument("--out", help="output folder (default: data/<corpus>, not in git)")
-    fd.add_argument("--sources", help="comma-separated language[/category] (default: 8 sources)")
-    fd.add_argument("--max-per-source", type=int, default=120, help="0 keeps every dialogue")
+    fd.add_argument("--sources", help="chatterbot: language[/category],... (default: 8 sources)")
+    fd.add_argument("--max-per-source", type=int, help="chatterbot: 0 keeps all (default 120)")
+    fd.add_argument(
+        "--tasks",
+        help="vision-flan, flan: a file of task names (one a line), or paper / all "
+        "(default: paper for vision-flan, all for flan)",
+    )
+    fd.add_argument("--per-task", type=int, help="vision-flan, flan: a seeded sample of N a task")
+    fd.add_argument("--seed", type=int, default=0, help="seed of --per-task")
+    fd.add_argument(
+        "--from", dest="source_dir", help="vision-flan, flan: a local copy of the hub repository"
+    )
     fd.set_defaults(func=_cmd_fetch_data)
 
     br = sub.add_parser(

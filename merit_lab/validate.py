@@ -8,16 +8,21 @@ splits, launchers, schedulers, dtypes) live in modules that import it.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import functools
 import importlib.util
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from merit_lab.config.fields import lm_eval_problems
 from merit_lab.config.schema import RunConfig
 from merit_lab.data.corpora import CORPORA
 from merit_lab.data.mixture import SPLITS, MixtureError, count_sources, load_mixture
 from merit_lab.evaluation.heldout import load_heldout
+from merit_lab.evaluation.lmms_eval import lmms_eval_task_problems
 from merit_lab.io import read_json
 from merit_lab.merging.methods import MERGE_METHODS
 from merit_lab.models.checkpoints import INDEX_NAME, Checkpoint
@@ -28,19 +33,21 @@ from merit_lab.training.spec import SCHEDULERS
 
 __all__ = ["config_problems", "curvature_memory_problem", "validate_config"]
 
+log = logging.getLogger(__name__)
+
 _CONTROL_KINDS = ("shrink", "early")  # built after the merges: `pipeline.rows.CONTROL_KINDS`
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def validate_config(cfg: RunConfig, *, diagnose: bool = True) -> None:
+def validate_config(cfg: RunConfig, *, diagnose: bool = True, evaluate: bool = True) -> None:
     """Raise one ValueError listing every problem of ``cfg`` (see `config_problems`)."""
-    problems = config_problems(cfg, diagnose=diagnose)
+    problems = config_problems(cfg, diagnose=diagnose, evaluate=evaluate)
     if problems:
         raise ValueError("\n".join(f"config {cfg.name!r}: {p}" for p in problems))
 
 
-def config_problems(cfg: RunConfig, *, diagnose: bool = True) -> list[str]:
+def config_problems(cfg: RunConfig, *, diagnose: bool = True, evaluate: bool = True) -> list[str]:
     """Every choice of ``cfg`` that names nothing registered, and what this machine cannot do.
 
     Each line is ``<key path>: <what is wrong>``; a choice lists the valid ones.
@@ -49,6 +56,8 @@ def config_problems(cfg: RunConfig, *, diagnose: bool = True) -> list[str]:
         diagnose: check ``diagnostics.experiments`` against the experiments too. Off when the
             diagnose stage does not run: a notebook that overrides the experiments of a config
             to train a smaller table need not restate its diagnostics.
+        evaluate: the evaluate stage runs: ``eval.lm_eval`` without lm-eval installed is a
+            problem then (when it is installed, its task names are checked either way).
     """
     problems = [
         *_choice("dtype", "dtype", cfg.dtype, ["auto", *DTYPES]),
@@ -64,10 +73,13 @@ def config_problems(cfg: RunConfig, *, diagnose: bool = True) -> list[str]:
         *_control_problems(cfg),
         *_heldout_problems(cfg),
         *_merge_param_problems(cfg.merge.params),
+        *_density_problems(cfg),
         *(_diagnostics_problems(cfg) if diagnose else []),
         *_model_problems(cfg.model),
         *_mixture_problems(cfg),
         *_device_problems(cfg),
+        *_lm_eval_task_problems(cfg.eval.lm_eval, evaluate),
+        *lmms_eval_task_problems(cfg.eval.lmms_eval, evaluate),
     ]
     if cfg.train.launcher == "slurm" and importlib.util.find_spec("submitit") is None:
         problems.append("train.launcher: 'slurm' needs submitit (pip install submitit)")
@@ -209,6 +221,37 @@ def _merge_param_problems(params: dict) -> list[str]:
     return problems
 
 
+def _density_problems(cfg: RunConfig) -> list[str]:
+    """A trim density that keeps no entry of θ0's smallest tensor (ties and dare keep
+    ``int(density x numel)`` of each), read from θ0's headers: the merge stage refuses the same
+    (`merit_lab.merging.stream`), after training. LoRA branches merge as adapters and do not
+    trim; a hub model is checked by the merge stage."""
+    used = {m for e in cfg.experiments if e.kind == "split" for m in e.merges}
+    densities = {
+        m: float(p["density"])
+        for m, p in cfg.merge.params.items()
+        if m in used and isinstance(p, dict) and _finite(p.get("density"))
+    }
+    if cfg.train.lora_r or not any(0 < d <= 1 for d in densities.values()):
+        return []
+    from merit_lab.config.paths import DEMO_DIR
+
+    path = DEMO_DIR / "base" if cfg.model == "demo" else Path(cfg.model).expanduser()
+    try:
+        tensors = Checkpoint.open(path).tensors if path.is_dir() else {}
+    except ValueError:
+        return []  # the model's own check names what is wrong with the folder
+    if not tensors:
+        return []
+    key, n = min(((k, math.prod(t[2])) for k, t in tensors.items()), key=lambda kn: kn[1])
+    return [
+        f"merge.params.{m}.density: {d} keeps no entry of θ0's smallest tensor {key!r} "
+        f"({n} entries: int(density x {n}) = 0); use density >= {1 / n:.3g}"
+        for m, d in densities.items()
+        if 0 < d <= 1 and int(d * n) < 1
+    ]
+
+
 def _finite(value: object) -> bool:
     if isinstance(value, bool):
         return False
@@ -282,12 +325,19 @@ def _folder_problems(path: Path) -> list[str]:
 def _mixture_problems(cfg: RunConfig) -> list[str]:
     """A mixture path that names nothing, and K groups of fewer than K sources (counted from
     the file names of a local folder, before any stage reads them)."""
-    path = cfg.mixture.path
+    path, hashes = cfg.mixture.path, cfg.mixture.overlap_hashes
+    if hashes is not None and not Path(hashes).expanduser().is_file():
+        return [
+            f"mixture.overlap_hashes: {hashes!r}: no such file; build it with "
+            "merit_lab.data.checks.write_hash_list"
+        ]
     if not Path(path).exists() and Path(path).name in CORPORA:  # e.g. data/chatterbot
         name = Path(path).name
         return [
             f"mixture.path: {path!r} does not exist yet: run `merit-lab fetch-data {name} "
-            f"--out {path}` (one wheel from the package index)"
+            f"--out {path}` ("
+            + ("one wheel from the package index" if name == "chatterbot" else "from the hub")
+            + ")"
         ]
     if path != "demo" and not Path(path).exists() and not HUB_ID.fullmatch(path):
         return [f"mixture.path: {path!r}: no such folder or file, and not a `datasets` hub name"]
@@ -318,7 +368,18 @@ def _mixture_problems(cfg: RunConfig) -> list[str]:
 
 
 def _device_problems(cfg: RunConfig) -> list[str]:
-    """A CUDA device that this machine lacks fails now, not after the CPU stages."""
+    """A CUDA device that this machine lacks fails now, not after the CPU stages; so does FSDP
+    on branches that train on this machine's CPU (accelerate shards on GPUs only)."""
+    t = cfg.train
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and t.launcher != "slurm")
+    if t.distributed == "fsdp" and t.procs_per_branch > 1 and on_cpu:
+        import torch
+
+        if cfg.device == "cpu" or not torch.cuda.is_available():
+            return [
+                "train.distributed: fsdp needs GPUs (accelerate does not shard on the CPU, and "
+                "branches here train on it); use distributed: ddp, or a CUDA device"
+            ]
     wants_gpus = cfg.train.launcher == "local" and cfg.train.gpus
     if not cfg.device.startswith("cuda") and not wants_gpus:
         return []
@@ -346,6 +407,51 @@ def _device_problems(cfg: RunConfig) -> list[str]:
             f"device(s): ids 0 to {count - 1}"
         )
     return problems
+
+
+def _lm_eval_task_problems(options: dict | None, evaluate: bool) -> list[str]:
+    """``eval.lm_eval``'s ``include_path`` and task names, resolved as the evaluate stage resolves
+    them (`merit_lab.evaluation.lm_eval.run_lm_eval`): lm-eval's TaskManager over the folder
+    alone when one is given, else over its built-in tasks. Without lm-eval installed the names
+    cannot be resolved: the run is refused when the evaluate stage is to run (it would fail after
+    training), and a warning says what was not checked when it is not."""
+    if not options or lm_eval_problems(options):
+        return []  # absent, or malformed: `EvalConfig` names what is wrong with its shape
+    include = options.get("include_path")
+    if include is not None and not Path(include).expanduser().is_dir():
+        return [f"eval.lm_eval.include_path: {include!r} is not a folder (of lm-eval task YAMLs)"]
+    if importlib.util.find_spec("lm_eval") is None:
+        if evaluate:
+            return [
+                "eval.lm_eval: lm-eval is not installed, and the evaluate stage runs its tasks "
+                "after training; pip install 'lm-eval>=0.4' (or remove eval.lm_eval)"
+            ]
+        log.warning(
+            "eval.lm_eval: lm-eval is not installed; its task names %s are not checked (the "
+            "evaluate stage, which needs it, does not run now)",
+            list(options["tasks"]),
+        )
+        return []
+    known = _lm_eval_tasks(str(Path(include).expanduser()) if include else None)
+    problems = []
+    for i, task in enumerate(options["tasks"]):
+        if task in known:
+            continue
+        close = difflib.get_close_matches(task, sorted(known), n=3)
+        hint = f"; did you mean: {', '.join(close)}" if close else ""
+        where = f"in {include}" if include else "among its built-in tasks"
+        problems.append(f"eval.lm_eval.tasks[{i}]: lm-eval has no task {task!r} {where}{hint}")
+    return problems
+
+
+@functools.lru_cache(maxsize=8)
+def _lm_eval_tasks(include: str | None) -> frozenset[str]:
+    """Every task, group and tag name lm-eval's TaskManager indexes (the built-in index takes
+    ~5 s: once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include, include_defaults=include is None)
+    return frozenset(manager.all_tasks)
 
 
 def curvature_memory_problem(cfg: RunConfig, model_dir: str | Path) -> str | None:

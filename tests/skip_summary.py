@@ -17,6 +17,7 @@ REASON_TIERS = (
     ("smollm2", r"SmolLM2"),
     ("mergekit", r"mergekit"),
     ("lm-eval", r"\blm_eval\b"),
+    ("lmms-eval", r"\blmms_eval\b"),
     ("gpu", r"needs CUDA|no CUDA"),
     ("cpu only", r"without CUDA"),
     ("git checkout", r"not a git checkout"),

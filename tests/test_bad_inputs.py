@@ -293,7 +293,9 @@ def test_a_bad_input_gets_one_clear_error_before_any_work(name, shared, tmp_path
         assert fragment in err, (fragment, err)
     after = _snapshot(*roots)
     created = sorted(set(after) - set(before))
-    fresh_config = [str(work / "runs" / "tiny" / "config.yaml")] if case["kind"] == "fresh" else []
+    # a fresh run's config.yaml and launch.json (where it was started) are written first
+    fresh = [str(work / "runs" / "tiny" / n) for n in ("config.yaml", "launch.json")]
+    fresh_config = fresh if case["kind"] == "fresh" else []
     assert created in ([], fresh_config), created  # a lock is gone on exit; nothing else is new
     assert {p: h for p, h in after.items() if p in before} == before  # nothing touched
 

@@ -51,12 +51,24 @@ def test_command_peak_reports_the_command_s_own_memory():
         command_peak([sys.executable, "-c", "import sys; sys.exit(3)"])
 
 
+# The command holds its memory until the sampler (its parent) has gone round its loop 30 more
+# times (each round sleeps once: a voluntary context switch in /proc/<ppid>/status), so the
+# samples that see the memory are counted, not guessed from a sleep on a loaded machine.
+SAMPLED = """
+import os, time
+def rounds():
+    with open(f"/proc/{os.getppid()}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("voluntary_ctxt_switches"))
+start = rounds()
+while rounds() < start + 30:
+    time.sleep(0.001)
+"""
+
+
 def test_command_memory_splits_anonymous_and_file_backed_rss_for_the_merge_rounds(tmp_path):
     # bench_merge's mergekit rounds: heap memory counts as anonymous, a mapped file as file-backed
-    anon = command_memory(
-        [sys.executable, "-c", "import time; x = bytearray(150 * 2**20); time.sleep(0.3)"]
-    )
-    assert anon.seconds >= 0.3 and anon.samples > 10
+    anon = command_memory([sys.executable, "-c", "x = bytearray(150 * 2**20)\n" + SAMPLED])
+    assert anon.seconds > 0 and anon.samples > 10
     assert 150 * 2**20 <= anon.peak_anon < 200 * 2**20 and anon.peak_file < 60 * 2**20
     assert anon.peak_anon + anon.peak_file <= 1.05 * anon.max_rss
     blob = tmp_path / "blob"
@@ -64,7 +76,7 @@ def test_command_memory_splits_anonymous_and_file_backed_rss_for_the_merge_round
     code = (
         "import mmap, sys, time; f = open(sys.argv[1], 'rb'); "
         "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
-        "s = sum(m[i] for i in range(0, len(m), 4096)); time.sleep(0.3)"
+        "s = sum(m[i] for i in range(0, len(m), 4096))\n" + SAMPLED
     )
     mapped = command_memory([sys.executable, "-c", code, str(blob)])
     assert 100 * 2**20 <= mapped.peak_file < 160 * 2**20 and mapped.peak_anon < 60 * 2**20

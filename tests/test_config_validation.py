@@ -224,13 +224,13 @@ def test_cli_command_shows_no_traceback(tmp_path):
         [str(exe), "run", str(path), "--output-dir", str(tmp_path / "runs")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "eval.splits[0]: unknown split 'test'" in proc.stderr
     missing = subprocess.run(
-        [str(exe), "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True, timeout=300
+        [str(exe), "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True, timeout=1800
     )
     assert missing.returncode == 2 and "no such config file" in missing.stderr
     assert "Traceback" not in missing.stderr
@@ -283,3 +283,135 @@ def test_a_hessian_that_cannot_fit_in_memory_is_refused_before_any_work(
     assert main(["run", str(path), "--stages", "mixture"]) == 0  # no diagnose stage: no check
     small = load_config(path, diagnostics={"curvature_params": ["*.norm.weight"]})
     assert validate.curvature_memory_problem(small, ROOT / "data" / "demo" / "base") is None
+
+
+# The two mistakes that used to pass `--until partition` and fail hours later (issue 27): a
+# global batch that the branch's processes cannot share, and an lm-eval task lm-eval lacks.
+def _local_lm_eval_tasks(folder: Path) -> str:
+    """A folder with one lm-eval task YAML (``local_gen``), as `write_local_tasks` writes them."""
+    from merit_lab.evaluation.lm_eval import write_local_tasks
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+        for i in range(4)
+    ]
+    write_local_tasks({"s": rows}, folder)
+    return str(folder)
+
+
+def _refused_by_until_partition(tmp_path: Path, capsys, extra: dict) -> str:
+    """`merit-lab run --until partition` on a demo config with ``extra``: exit 2, no run
+    folder (no stage ran); returns the error text."""
+    path = tmp_path / "late.yaml"
+    out = tmp_path / "runs"
+    path.write_text(yaml.safe_dump({"name": "late", "output_dir": str(out), **extra}))
+    assert main(["run", str(path), "--until", "partition"]) == 2
+    assert not (out / "late").exists()
+    return capsys.readouterr().err
+
+
+def test_procs_per_branch_that_cannot_share_the_batch_is_refused_at_load(tmp_path, capsys):
+    err = _refused_by_until_partition(
+        tmp_path, capsys, {"train": {"procs_per_branch": 3, "batch_size": 32}}
+    )
+    assert (
+        "train.procs_per_branch: 3 divides neither grad_accum=1 nor batch_size=32: the global "
+        "batch of 32 examples per optimizer step cannot be split evenly" in err
+    )
+    # the rule the branches apply (training.distributed.split_global_batch): either divides
+    assert TrainConfig(procs_per_branch=3, batch_size=32, grad_accum=3).procs_per_branch == 3
+    assert TrainConfig(procs_per_branch=4, batch_size=32).procs_per_branch == 4
+
+
+def test_an_unknown_lm_eval_task_is_refused_at_load(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    tasks = _local_lm_eval_tasks(tmp_path / "tasks")
+    lm = {"tasks": ["local_gen", "local_gne"], "include_path": tasks}
+    err = _refused_by_until_partition(tmp_path, capsys, {"eval": {"lm_eval": lm}})
+    assert (
+        f"eval.lm_eval.tasks[1]: lm-eval has no task 'local_gne' in {tasks}; did you mean: "
+        "local_gen" in err
+    )
+    assert "tasks[0]" not in err  # the task the folder defines resolves
+    gone = {"tasks": ["local_gen"], "include_path": str(tmp_path / "none")}
+    err = _refused_by_until_partition(tmp_path, capsys, {"eval": {"lm_eval": gone}})
+    assert "eval.lm_eval.include_path: " in err and "is not a folder" in err
+
+
+def test_lm_eval_names_resolve_against_its_built_in_registry(tmp_path):
+    pytest.importorskip("lm_eval")
+    cfg = RunConfig.from_dict({"eval": {"lm_eval": {"tasks": ["arc_easy", "hellaswagg"]}}})
+    with pytest.raises(ValueError) as info:
+        validate_config(cfg)
+    (line,) = str(info.value).splitlines()
+    assert line.startswith(
+        "config 'demo': eval.lm_eval.tasks[1]: lm-eval has no task 'hellaswagg' among its "
+        "built-in tasks; did you mean: hellaswag"
+    )
+
+
+def test_without_lm_eval_the_evaluate_stage_is_refused_and_analysis_warned(
+    tmp_path, monkeypatch, caplog
+):
+    # lm-eval is optional: without it the task names cannot be resolved. The evaluate stage
+    # would fail after training, so a run that includes it is refused; `--until partition`
+    # runs, with a warning naming what was not checked.
+    import importlib.util
+
+    import merit_lab.validate as validate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        validate.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "lm_eval" else real(name, *a),
+    )
+    cfg = RunConfig.from_dict({"eval": {"lm_eval": {"tasks": ["no_such_task"]}}})
+    with pytest.raises(ValueError) as info:
+        validate_config(cfg)
+    assert str(info.value) == (
+        "config 'demo': eval.lm_eval: lm-eval is not installed, and the evaluate stage runs its "
+        "tasks after training; pip install 'lm-eval>=0.4' (or remove eval.lm_eval)"
+    )
+    with caplog.at_level("WARNING", logger="merit_lab.validate"):
+        validate_config(cfg, evaluate=False)
+    assert "its task names ['no_such_task'] are not checked" in caplog.text
+
+
+def test_fsdp_on_cpu_branches_is_refused_at_load(tmp_path, capsys):
+    train = {"procs_per_branch": 2, "distributed": "fsdp"}
+    err = _refused_by_until_partition(tmp_path, capsys, {"device": "cpu", "train": train})
+    assert "train.distributed: fsdp needs GPUs" in err
+    validate_config(
+        RunConfig.from_dict({"device": "cpu", "train": {**train, "distributed": "ddp"}})
+    )
+
+
+def test_force_train_is_refused_before_the_earlier_stages_run(tmp_path):
+    path = tmp_path / "f.yaml"
+    out = tmp_path / "runs"
+    path.write_text(yaml.safe_dump({"name": "f", "output_dir": str(out)}))
+    with pytest.raises(ValueError, match="--force train would retrain"):
+        run_pipeline(path, force=True)
+    assert not (out / "f").exists()
+
+
+def test_a_density_that_keeps_no_entry_is_refused_at_load(tmp_path):
+    # the demo base's smallest tensors are its 128-entry norms: int(0.005 x 128) = 0
+    text = (
+        "experiments: [{name: m, method: balanced, r: 1, merges: [linear, ties]}]\n"
+        "merge: {params: {ties: {density: 0.005}}}\n"
+    )
+    assert _error(tmp_path, text) == (
+        "config 'demo': merge.params.ties.density: 0.005 keeps no entry of θ0's smallest tensor "
+        "'model.layers.0.input_layernorm.weight' (128 entries: int(density x 128) = 0); use "
+        "density >= 0.00781"
+    )
+    validate_config(load_config(tmp_path / "x.yaml", merge={"params": {"ties": {"density": 0.01}}}))
+    # a method no split experiment merges with is not checked against the model
+    validate_config(load_config(tmp_path / "x.yaml", experiments=[{"name": "j", "kind": "joint"}]))

@@ -112,7 +112,10 @@ def test_global_batch_split_and_refusal(tmp_path, assets):
     batch = collate_with_nulls([TokenizedExample((5, 6, 7), (-100, 6, 7)), NULL_EXAMPLE], 0)
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 0]]  # no token counted
     assert batch["labels"][1].tolist() == [-100] * 3  # no loss
-    with pytest.raises(ValueError, match=r"branch 'b'.*procs_per_branch=2 divides neither"):
+    with pytest.raises(ValueError, match=r"branch 'b': procs_per_branch=2 divides neither"):
+        split_global_batch(3, 3, 2, "b")
+    # the config itself refuses it, so a run meets it at load, before any stage
+    with pytest.raises(ValueError, match=r"procs_per_branch: 2 divides neither grad_accum=3 nor"):
         make_spec(assets, tmp_path / "b", batch_size=3, grad_accum=3, procs_per_branch=2)
     assert not (tmp_path / "b").exists()  # refused before any work
     with pytest.raises(ValueError, match="distributed: unknown distributed mode 'zero3'"):
@@ -177,18 +180,25 @@ def test_two_processes_train_what_one_does(runs):
     assert "tok/s" in (runs["two"].parent / "train.log").read_text()  # the bar's rate
 
 
-SLOW_TRAIN = """
-import sys, time
+# Each process parks once the step after the first checkpoint is done and logged (before the next
+# one begins; that step must be redone) and says so in a file: the parent kills on that event,
+# not after a guessed time.
+PARKED_TRAIN = """
+import os, sys, time
+from pathlib import Path
 from transformers import TrainerCallback
 from merit_lab.training.distributed import finish_process_group
 from merit_lab.training.spec import BranchSpec
 from merit_lab.training.trainer import train_branch
 
-class Slow(TrainerCallback):  # leaves time to kill it between checkpoints
-    def on_step_end(self, *args, **kwargs):
-        time.sleep(0.3)
+class ParkPastCheckpoint(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == args.save_steps + 1:
+            Path(sys.argv[2], f"parked-{os.environ['RANK']}").write_text(str(state.global_step))
+            while True:
+                time.sleep(60)
 
-train_branch(BranchSpec.load(sys.argv[1]), callbacks=[Slow()])
+train_branch(BranchSpec.load(sys.argv[1]), callbacks=[ParkPastCheckpoint()])
 finish_process_group()
 """
 
@@ -207,26 +217,27 @@ def test_kill_and_relaunch_matches_uninterrupted_run(tmp_path, assets, runs):
     spec = make_spec(assets, tmp_path / "killed", procs_per_branch=2)
     out = Path(spec.output_dir)
     path = write_spec(spec)
-    script = tmp_path / "slow_train.py"
-    script.write_text(SLOW_TRAIN)
+    script = tmp_path / "parked_train.py"
+    script.write_text(PARKED_TRAIN)
     cmd = torchrun_command(path, 2)
     cmd[cmd.index("-m", 3) : cmd.index("-m", 3) + 2] = [str(script)]  # same launch, our script
+    cmd.append(str(tmp_path))  # where the processes say they parked
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 90
-        while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")):
+        deadline = time.monotonic() + 1800  # a hang guard only
+        while len(list(tmp_path.glob("parked-*"))) < 2:
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 90 s"
+            assert time.monotonic() < deadline, "the processes never reached step 4"
             time.sleep(0.05)
-        time.sleep(0.4)  # a step past the checkpoint, which must be redone
     finally:
         kill_tree(proc)
     assert not (out / "final").exists()
+    assert [p.name for p in out.glob("checkpoints/checkpoint-*")] == ["checkpoint-3"]
     killed_at = branch_status(out)
-    assert killed_at["state"] == "running" and 3 <= killed_at["step"] < 9
+    assert killed_at["state"] == "running" and killed_at["step"] == 4
 
     [final] = launch_branches([spec], mode="local")  # resumes from the last complete checkpoint
     assert_same_weights(weights(final), weights(runs["two"]))

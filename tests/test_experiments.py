@@ -155,7 +155,8 @@ def test_merge_uses_token_weights_and_equals_independent_average(full_run):
     soup = read_json(run.root / "merged" / "soup" / "merge_manifest.json")
     assert soup["method"] == "uniform" and len(soup["inputs"]) == 2
     # the soup's seed-0 member is the joint-1ep model itself, trained once
-    assert Path(soup["inputs"][0]["path"]) == (run.root / "joint" / "ep1-s0" / "final").resolve()
+    soup_dir, first = run.root / "merged" / "soup", soup["inputs"][0]["path"]  # relative to it
+    assert (soup_dir / first).resolve() == (run.root / "joint" / "ep1-s0" / "final").resolve()
 
 
 def test_branches_train_from_theta0_with_shared_settings(full_run):

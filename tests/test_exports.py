@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from merit_lab.data.formatting import tokenize_example
-from merit_lab.models.loading import load_tokenizer
+from merit_lab.models.loading import build_pico_llama, load_tokenizer
 from merit_lab.training.exports import (
     branch_manifest,
     example_hash,
@@ -21,7 +21,7 @@ from merit_lab.training.exports import (
     trained_indices,
 )
 from merit_lab.training.spec import BranchSpec
-from merit_lab.training.trainer import _schedule, _train_examples
+from merit_lab.training.trainer import train_branch
 from tests.conftest import write_jsonl
 
 # trl 1.16 `trl.scripts.utils.DatasetConfig` fields (read from the wheel's source); the exported
@@ -32,12 +32,15 @@ MAX_LENGTH = 22  # the demo tokenizer is char-level: answers over ~10 chars are 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> tuple[Path, Path]:
-    """The demo tokenizer in ``base`` and 3 sources of 30 examples whose answers grow in length,
-    so some are over `MAX_LENGTH` tokens and the ``skip`` policy leaves them out."""
+    """The demo tokenizer and a pico Llama in ``base``, and 3 sources of 30 examples whose
+    answers grow in length, so some are over `MAX_LENGTH` tokens and the ``skip`` policy leaves
+    them out."""
     from merit_lab.demo.base import build_demo_tokenizer
 
     root = tmp_path_factory.mktemp("export_assets")
-    build_demo_tokenizer().save_pretrained(root / "base")
+    tok = build_demo_tokenizer()
+    tok.save_pretrained(root / "base")
+    build_pico_llama(vocab_size=len(tok)).save_pretrained(root / "base")
     for name in ("add", "max", "rep"):
         rows = [
             {"prompt": f"{name} {a}", "response": "x" * (a % 17) + str(a), "id": f"{name}{a}"}
@@ -64,7 +67,9 @@ def make_spec(assets, name: str, sources, **kw) -> BranchSpec:
     )
 
 
-def test_manifest_is_the_examples_a_branch_trains(assets):
+def test_manifest_is_the_examples_a_branch_trains(assets, monkeypatch, one_thread):
+    import merit_lab.training.trainer as trainer
+
     spec = make_spec(
         assets,
         "g/0",
@@ -73,32 +78,41 @@ def test_manifest_is_the_examples_a_branch_trains(assets):
         seed=5,
         fractions={"add": 0.5},
         excluded={"max": ["max3", "max4"]},
+        batch_size=8,
+        save_steps=1000,
     )
+    # what the Trainer receives: every batch its data loader hands to the collator, recorded
+    fed: list[tuple[int, ...]] = []
+    real = trainer.collate_with_nulls
+
+    def spy(batch, pad_token_id):
+        fed.extend(tuple(ex.input_ids) for ex in batch if ex is not trainer.NULL_EXAMPLE)
+        return real(batch, pad_token_id)
+
+    monkeypatch.setattr(trainer, "collate_with_nulls", spy)
+    train_branch(spec)
     tok = load_tokenizer(assets[0])
     mixture = load_spec_mixture(spec)
-    # what train.py trains: its examples (skip policy, then the seeded subset) and its schedule
-    trained = {s: _train_examples(spec, mixture[s], tok) for s in spec.sources}
-    order = Counter(_schedule(spec, {s: [t.n_tokens for t in v] for s, v in trained.items()}))
-    n_skipped = len(mixture["max"].train) - len(trained["max"])
-    assert n_skipped > 0  # the fixture exercises the skip policy
     rows = branch_manifest("g/0", spec, mixture, tok)
-    for s in spec.sources:
-        mine = [r for r in rows if r.source == s]
-        assert len(mine) == len(trained[s])
-        for j, r in enumerate(mine):
-            ex = mixture[s].train[r.index]
-            ids = tokenize_example(tok, ex, MAX_LENGTH, "skip").input_ids
-            assert ids == trained[s][j].input_ids  # the same example, in the same position
-            assert r.sha256 == example_hash(ex) and r.id == ex["id"]
-            assert r.passes == order[(s, j)]  # 1 or 2: epochs 1.5
+    trained = Counter(fed)  # example → times the Trainer saw it
+    listed: Counter = Counter()
+    for r in rows:
+        ex = mixture[r.source].train[r.index]
+        assert r.sha256 == example_hash(ex) and r.id == ex["id"]
+        ids = tuple(tokenize_example(tok, ex, MAX_LENGTH, "skip").input_ids)
+        assert trained[ids] == r.passes, r  # 1 or 2: epochs 1.5
+        listed[ids] += r.passes
+    assert listed == trained and sum(trained.values()) == len(fed)  # nothing else was fed
     assert {r.passes for r in rows} == {1, 2}
+    kept_max = {r.index for r in rows if r.source == "max"}
+    assert len(kept_max) < len(mixture["max"].train) - 2  # the skip policy left some out too
     assert not {"max3", "max4"} & {r.id for r in rows}
     fit = [
         tokenize_example(tok, ex, MAX_LENGTH, "skip").overflow != "skipped"
         for ex in mixture["add"].train
     ]
     assert {"max3", "max4"} <= {ex["id"] for ex in mixture["max"].train}  # excluded: not moot
-    assert len(trained["add"]) == round(0.5 * sum(fit)) < len(fit)
+    assert len({r.index for r in rows if r.source == "add"}) == round(0.5 * sum(fit)) < len(fit)
 
 
 def test_export_writes_the_curated_mixture(assets, tmp_path):

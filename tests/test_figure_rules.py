@@ -25,6 +25,7 @@ from merit_lab.viz.export import make_contact_sheet, save_figure, static_rendere
 from merit_lab.viz.plots import plot_comparison
 from merit_lab.viz.plots_diagnostics import plot_diagnostics_files
 from merit_lab.viz.style import MARKERS, PALETTE, paper_layout, style_map
+from tests.test_fold_display import hand_made_stability
 from tests.test_plots_frontier import pilot_frontier
 
 # 16 sources and 14 models: more series than the 12 colours, so the dash/marker/hatch cycle is
@@ -69,6 +70,8 @@ def run_dir(tmp_path_factory) -> Path:
     ]
     atomic_write_json(root / "mixture.json", {"sources": sources, "info": {}})
     split_balanced(space, examples, tokens, r=2).save(root / "partition.json")
+    flips = {NAMES[0]: 1.0, NAMES[5]: 2 / 3, NAMES[9]: 1 / 3}  # the fold figures' stability
+    hand_made_stability(NAMES, space.cosine, flips=flips).save(root / "fold_stability.json")
     recs = [
         {
             "model": m,
@@ -268,6 +271,9 @@ def test_the_run_has_every_kind_of_figure(figures):
         "drift_angles",
         "drift_map",
         "frontier",
+        "fold_cosine",
+        "fold_agreement",
+        "fold_flips",
     }
     assert want <= stems, want - stems
 

@@ -131,6 +131,55 @@ def test_multiple_choice_accuracy_matches_loglikelihoods_computed_here(lm_run):
     assert got["acc_stderr"] == pytest.approx(np.std(hits, ddof=1) / np.sqrt(len(hits)))
 
 
+def _greedy_answer(model, tok, prompt: str, max_new: int, stops: list[str]) -> str:
+    """The generate task's answer as lm-eval forms it, one token at a time here: the prompt
+    encoded as the tokenizer does by default, argmax tokens until the end token or ``max_new``,
+    decoded without special tokens and cut at the first stop sequence."""
+    ids = tok(prompt)["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        while len(new) < max_new:
+            nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    text = tok.decode(new, skip_special_tokens=True)
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text
+
+
+def test_generate_exact_match_matches_greedy_answers_computed_here(lm_run):
+    root, _, table = lm_run
+    docs = [json.loads(ln) for ln in (root / "tasks" / "local_gen.jsonl").read_text().splitlines()]
+    task = yaml.safe_load((root / "tasks" / "local_gen.yaml").read_text())
+    gen = task["generation_kwargs"]
+    path = resolve_model_path("demo")
+    model, tok = load_model(path, device="cpu", dtype="float32"), load_tokenizer(path)
+    model.eval()
+    stops = [*gen["until"], tok.eos_token]
+    answers = [_greedy_answer(model, tok, d["prompt"], gen["max_gen_toks"], stops) for d in docs]
+    hits = [a == d["answer"] for a, d in zip(answers, docs, strict=True)]
+    got = table[(table.split == LM_EVAL_SPLIT) & (table.source == "local_gen")]
+    got = got.set_index("metric")["value"]
+    print(f"exact match {np.mean(hits):.4f} ({sum(hits)} of {len(hits)}); answers {answers[:3]}")
+    assert got["exact_match"] == pytest.approx(np.mean(hits), abs=1e-12)
+    assert got["exact_match_stderr"] == pytest.approx(np.std(hits, ddof=1) / np.sqrt(len(hits)))
+    # θ0 answers none right (0 of 12), which a generator that never ran would score too. The same
+    # task with the first 5 references replaced by the greedy answers found here: 5 of 12 exactly.
+    folder = root / "tasks-known"
+    folder.mkdir()
+    known = [{**d, "answer": answers[i]} if i < 5 else d for i, d in enumerate(docs)]
+    data = folder / "known_gen.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in known))
+    task |= {"task": "known_gen", "dataset_kwargs": {"data_files": {"test": str(data)}}}
+    (folder / "known_gen.yaml").write_text(yaml.safe_dump(task))
+    rows = run_lm_eval(path, ["known_gen"], include_path=folder, model=model, tokenizer=tok)
+    value = rows.set_index("metric")["value"]["exact_match"]
+    assert sum(a == d["answer"] for a, d in zip(answers, known, strict=True)) == 5 + sum(hits[5:])
+    assert value == pytest.approx((5 + sum(hits[5:])) / 12, abs=1e-12)
+
+
 def test_report_section_and_summary(lm_run):
     _, _, table = lm_run
     values, stderr = summarize_lm_eval(table, order=["theta0"])

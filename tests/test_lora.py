@@ -454,7 +454,10 @@ def test_lora_run_merges_exactly_evaluates_diagnoses_and_reports(lora_run):
     assert manifest["weights"] == pytest.approx(weights) and manifest["lora"]["adapter_rank"] == 8
     # mergekit.yaml: a linear merge over the branches' dense models, which is the same model
     mk = yaml.safe_load((merged_dir / "mergekit.yaml").read_text())
-    assert [m["model"] for m in mk["models"]] == [str(f.resolve()) for f in finals]
+    # the branches' folders relative to the merged one (the run's records move with it)
+    assert [(merged_dir / m["model"]).resolve() for m in mk["models"]] == [
+        f.resolve() for f in finals
+    ]
     assert [m["parameters"]["weight"] for m in mk["models"]] == pytest.approx(weights)
     dense = [load_file(f / "model.safetensors") for f in finals]
     for k in ref:

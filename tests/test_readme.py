@@ -31,6 +31,7 @@ SECTIONS = {
     "`merge`": c.MergeConfig,
     "`eval`": c.EvalConfig,
     "`diagnostics`": c.DiagnosticsConfig,
+    "`plan`": c.PlanConfig,
 }
 FIELD = re.compile(r"`(\w+)` \(([^()]*)\)")
 
@@ -83,6 +84,7 @@ def test_every_field_and_default_is_in_the_table(section):
         "merge",
         "eval",
         "diagnostics",
+        "plan",
     }
     for f in dataclasses.fields(cls):
         if cls is c.RunConfig and f.name in nested:

@@ -100,6 +100,7 @@ def test_report_sections_in_order_and_unedited_mixture(run_dir):
     assert list(REPORT_SECTIONS) == [
         "header",
         "long and small sources",
+        "mixture overlaps",
         "curated mixture",
         "comparison",
         "seeds",
@@ -110,6 +111,7 @@ def test_report_sections_in_order_and_unedited_mixture(run_dir):
         "token budget",
         "diagnostics",
         "conflict space",
+        "fold stability",
         "split stability",
         "layer-wise conflict",
         "conflict drift",
@@ -129,6 +131,7 @@ def test_report_sections_in_order_and_unedited_mixture(run_dir):
         "## Held-out loss (nats per response token, lower is better)",
         "## Train vs held-out loss (family average)",
         "## Conflict space",
+        "## Split stability (calibration folds)",  # "not measured": the bank has no folds
         "## Training",
         "## Wall time per stage (last run that did the work)",
     ]

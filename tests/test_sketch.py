@@ -311,3 +311,25 @@ def test_cached_hashes_give_the_same_map(monkeypatch):
     code = torch.where(sign < 0, bucket - 2**31, bucket).to(torch.int32)
     assert torch.equal(code.bitwise_and(sk._LOW31).long(), bucket)
     assert torch.equal(code < 0, sign < 0)
+
+
+def test_cpu_code_cache_gives_bit_identical_rows(monkeypatch):
+    """The CPU cache of codes (sign bit XOR-ed into the value) gives the rows of the hashing
+    path bit for bit, for float32 and bfloat16 gradients, signed zeros, a parameter only partly
+    cached (the budget runs out mid-way) and unchecked passes."""
+    monkeypatch.setattr(sk, "_CHUNK_CPU", 64)
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    g[::7], g[1::7] = 0.0, -0.0
+    params = [("w", (1000,)), ("b", (10,))]
+    plain = build_sketch(SketchSpec(dim=97, seed=2), params, cache_bytes=0)
+    for budget in (None, 4 * 300):  # all of it; the first 4 chunks only
+        cached = build_sketch(SketchSpec(dim=97, seed=2), params, cache_bytes=budget)
+        for grad in (g, g.to(torch.bfloat16)):
+            want = plain.sketch([("w", grad), ("b", grad[:10])])
+            for _ in range(2):  # the pass that fills the cache, then one that reads it
+                assert torch.equal(cached.sketch([("w", grad), ("b", grad[:10])]), want)
+            row = cached.zeros()
+            cached.add_(row, "w", grad, check=False)
+            cached.add_(row, "b", grad[:10], check=False)
+            assert torch.equal(row, want)
+    assert len(cached._codes) == 5  # 4 of the 16 chunks of w (1024 bytes), then b (40)

@@ -239,9 +239,12 @@ def compute_conflict_space(rows: np.ndarray | torch.Tensor, names: Sequence[str]
     return space_from_cosine(cosine, names)
 
 
-def space_from_cosine(cosine: np.ndarray, names: Sequence[str]) -> ConflictSpace:
+def space_from_cosine(
+    cosine: np.ndarray, names: Sequence[str], *, order: bool = True
+) -> ConflictSpace:
     """The conflict space of T sources from their (T, T) cosine matrix alone (the PCA of unit
-    gradients needs nothing else; see `compute_conflict_space`)."""
+    gradients needs nothing else; see `compute_conflict_space`). ``order=False`` leaves the
+    heatmap order as given (the clustering is most of the time of a split of T = 32)."""
     names = tuple(names)
     t = len(names)
     cosine = np.array(cosine, dtype=np.float64)
@@ -271,7 +274,7 @@ def space_from_cosine(cosine: np.ndarray, names: Sequence[str]) -> ConflictSpace
         eigenvalues=evals,
         embedding=embedding,
         explained_variance_ratio=ratio,
-        order=_cluster_order(cosine),
+        order=_cluster_order(cosine) if order else tuple(range(t)),
     )
 
 

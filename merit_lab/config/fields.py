@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 import types
@@ -14,11 +15,18 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "JUDGED_TASKS",
+    "JUDGE_KEYS",
+    "JUDGE_KEY_ENV",
+    "LMMS_EVAL_KEYS",
     "LM_EVAL_KEYS",
     "below",
     "coerce",
+    "global_batch_problem",
     "join_key",
+    "judged_task",
     "lm_eval_problems",
+    "lmms_eval_problems",
     "not_one_of",
     "refuse",
     "unless",
@@ -48,6 +56,23 @@ def not_one_of(name: str, what: str, value: Any, choices: typing.Iterable[str]) 
     listed = ", ".join(choices)
     return unless(
         value in choices, f"{name}: unknown {what} {value!r}; {what} must be one of: {listed}"
+    )
+
+
+def global_batch_problem(batch_size: int, grad_accum: int, procs: int) -> str | None:
+    """Why ``procs`` processes cannot share a global batch of ``batch_size x grad_accum``
+    examples (None: they can), as the text that follows the count ("divides neither ...").
+
+    The rule of `merit_lab.training.distributed.split_global_batch`: each process takes a
+    ``1/procs`` share of the accumulation steps or of the micro-batch, so ``procs`` must divide
+    one of them. `TrainConfig` applies it when the config loads, not when a branch starts.
+    """
+    if procs < 1 or grad_accum % procs == 0 or batch_size % procs == 0:
+        return None  # procs < 1 is refused by its own range check
+    return (
+        f"divides neither grad_accum={grad_accum} nor "
+        f"batch_size={batch_size}: the global batch of {batch_size * grad_accum} examples per "
+        "optimizer step cannot be split evenly; pick a count that divides one of them"
     )
 
 
@@ -132,4 +157,109 @@ def lm_eval_problems(options: Mapping[str, Any] | None) -> list[str]:
     chat = options.get("apply_chat_template")
     if chat is not None and not isinstance(chat, bool):
         out.append(f"lm_eval.apply_chat_template: expected true or false, got {chat!r}")
+    return out
+
+
+# eval.lmms_eval keys: tasks (required), include_path (a folder of lmms-eval task folders: a YAML
+# and its utils.py each), limit (documents per task), batch_size (prompts per generate call),
+# max_new_tokens (a cap on every task's answer length), judge (the LLM that grades judged tasks)
+LMMS_EVAL_KEYS = ("tasks", "include_path", "limit", "batch_size", "max_new_tokens", "judge")
+# judge keys: model (required; lmms-eval's MODEL_VERSION), api_type (its API_TYPE), api_base (the
+# API's URL; the provider's default when unset), api_key_env (the environment variable holding
+# the key, never the key itself), api_version (Azure only)
+JUDGE_KEYS = ("model", "api_type", "api_base", "api_key_env", "api_version")
+JUDGE_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_API_KEY"}  # api_type → default
+# Tasks lmms-eval (0.7) scores through an LLM judge (fnmatch patterns → what the judge does);
+# without one it would send unauthenticated requests and score failures, or guess at random.
+JUDGED_TASKS = {
+    "llava_in_the_wild*": "GPT rates each answer against a reference answer",
+    "mmvet*": "GPT grades each answer",
+    "mathvista*": "GPT extracts the answer from each response",
+    "mmbench_*": (
+        "GPT matches a response to an option when no letter can be parsed, and guesses at "
+        "random when that fails; mmbench_en_dev_static parses without a judge"
+    ),
+}
+
+
+def judged_task(task: str) -> str | None:
+    """What the LLM judge does for ``task`` (None: the task is scored without one)."""
+    if task.endswith("_static"):  # lmms-eval's judge-free variants (mmbench_en_dev_static)
+        return None
+    return next((why for pat, why in JUDGED_TASKS.items() if fnmatch.fnmatchcase(task, pat)), None)
+
+
+def lmms_eval_problems(options: Mapping[str, Any] | None) -> list[str]:
+    """What is wrong with an ``eval.lmms_eval`` mapping (empty when fine or None), one line each:
+    its shape, and every judged task (`JUDGED_TASKS`) when no ``judge`` is set."""
+    if options is None:
+        return []
+    if not isinstance(options, Mapping):
+        return [f"lmms_eval: expected a mapping with {list(LMMS_EVAL_KEYS)}, got {options!r}"]
+    out = []
+    unknown = sorted(set(options) - set(LMMS_EVAL_KEYS))
+    if unknown:
+        out.append(f"lmms_eval: unknown keys {unknown}; known: {list(LMMS_EVAL_KEYS)}")
+    tasks = options.get("tasks")
+    if not (isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, str) for t in tasks)):
+        out.append(f"lmms_eval.tasks: give a list of task names, got {tasks!r}")
+        tasks = []
+    elif len(set(tasks)) < len(tasks):
+        out.append(f"lmms_eval.tasks: a task is named twice in {list(tasks)}")
+    inc = options.get("include_path")
+    if inc is not None and not isinstance(inc, str):
+        out.append(f"lmms_eval.include_path: expected a folder path, got {inc!r}")
+    for key in ("limit", "batch_size", "max_new_tokens"):
+        v = options.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            out.append(f"lmms_eval.{key}: expected an integer >= 1, got {v!r}")
+    judge = options.get("judge")
+    out += _judge_problems(judge)
+    judged = [(t, why) for t in tasks if (why := judged_task(t))]
+    if judge is None:
+        out += [
+            f"lmms_eval.tasks: {t!r} is scored by an LLM judge ({why}) and no judge is "
+            "configured: set eval.lmms_eval.judge: {model: gpt-4o-2024-11-20} with the key in "
+            "$OPENAI_API_KEY, or drop the task"
+            for t, why in judged
+        ]
+    elif isinstance(judge, Mapping) and judge.get("api_base") is not None:
+        mmbench = [t for t, _ in judged if t.startswith("mmbench_")]
+        if mmbench and len(judged) > len(mmbench):
+            out.append(
+                f"lmms_eval.judge.api_base: lmms-eval reads it (OPENAI_API_URL) as the full "
+                f"chat/completions URL for {mmbench} but as the /v1 base for the other judged "
+                "tasks; evaluate MMBench in a config of its own"
+            )
+    return out
+
+
+def _judge_problems(judge: Any) -> list[str]:
+    if judge is None:
+        return []
+    if not isinstance(judge, Mapping):
+        return [f"lmms_eval.judge: expected a mapping with {list(JUDGE_KEYS)}, got {judge!r}"]
+    out = []
+    unknown = sorted(set(judge) - set(JUDGE_KEYS))
+    if unknown:
+        out.append(f"lmms_eval.judge: unknown keys {unknown}; known: {list(JUDGE_KEYS)}")
+    if not (isinstance(judge.get("model"), str) and judge["model"]):
+        got = judge.get("model")
+        out.append(f"lmms_eval.judge.model: give the judge's model name, got {got!r}")
+    api = judge.get("api_type", "openai")
+    if api not in JUDGE_KEY_ENV:
+        out.append(f"lmms_eval.judge.api_type: expected one of {list(JUDGE_KEY_ENV)}, got {api!r}")
+    for key in ("api_base", "api_version"):
+        if judge.get(key) is not None and not isinstance(judge[key], str):
+            out.append(f"lmms_eval.judge.{key}: expected a string, got {judge[key]!r}")
+    if api == "azure" and judge.get("api_base") is None:
+        out.append("lmms_eval.judge.api_base: an Azure judge needs its endpoint URL")
+    if api == "openai" and judge.get("api_version") is not None:
+        out.append("lmms_eval.judge.api_version: only an Azure judge takes one")
+    env = judge.get("api_key_env")
+    if env is not None and not (isinstance(env, str) and re.fullmatch(r"[A-Za-z_]\w*", env)):
+        out.append(
+            f"lmms_eval.judge.api_key_env: give the name of the environment variable that holds "
+            f"the key (never the key), got {env!r}"
+        )
     return out

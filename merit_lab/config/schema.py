@@ -43,6 +43,7 @@ from merit_lab.config.sections import (
     MixtureConfig,
     ParameterConfig,
     PartitionConfig,
+    PlanConfig,
     SketchSpec,
     TrainConfig,
     default_experiments,
@@ -66,6 +67,7 @@ __all__ = [
     "MixtureConfig",
     "ParameterConfig",
     "PartitionConfig",
+    "PlanConfig",
     "RunConfig",
     "SketchSpec",
     "TrainConfig",
@@ -94,6 +96,7 @@ class RunConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # `merit-lab plan`: a stated size
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.experiments]
@@ -202,6 +205,7 @@ _NESTED: dict[tuple[type, str], type] = {
     (RunConfig, "merge"): MergeConfig,
     (RunConfig, "eval"): EvalConfig,
     (RunConfig, "diagnostics"): DiagnosticsConfig,
+    (RunConfig, "plan"): PlanConfig,
 }
 
 

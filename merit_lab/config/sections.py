@@ -14,7 +14,9 @@ from typing import Any
 
 from merit_lab.config.fields import (
     below,
+    global_batch_problem,
     lm_eval_problems,
+    lmms_eval_problems,
     not_one_of,
     refuse,
     unless,
@@ -37,6 +39,7 @@ __all__ = [
     "MixtureConfig",
     "ParameterConfig",
     "PartitionConfig",
+    "PlanConfig",
     "SketchSpec",
     "TrainConfig",
     "default_experiments",
@@ -61,6 +64,9 @@ class MixtureConfig:
     long_examples: str = "truncate_prompt"
     # a source short of calibration.n calibration examples, or with no train/eval: "refuse"/"warn"
     small_sources: str = "refuse"
+    # a hash list of evaluation examples (`data.checks.write_hash_list`): the mixture stage counts
+    # the listed prompts and images that a training example holds (None: not checked)
+    overlap_hashes: str | None = None
 
     def __post_init__(self) -> None:
         refuse(
@@ -92,10 +98,17 @@ class CalibrationConfig:
     # LoRA bank (the LESS way): warm a LoRA adapter (train.lora_*) up on the mixture for N
     # seeded steps, then take the gradients on its parameters only; 0: full-parameter bank
     lora_warmup_steps: int = 0
+    # calibration examples dealt into this many folds (example i → fold i mod folds), each
+    # fold's gradient sketched too: the stability of the matrix and split (1: off)
+    folds: int = 4
 
     def __post_init__(self) -> None:
         refuse(
-            below(self, 1, "n", "micro_batch_size", "workers")
+            below(self, 1, "n", "micro_batch_size", "workers", "folds")
+            + unless(
+                self.folds <= self.n,
+                f"folds: must be <= n ({self.n}), got {self.folds!r}",
+            )
             + below(self, 0, "lora_warmup_steps")
             + below(self, 8, "max_length", "micro_batch_tokens", "layer_dim")
             + not_one_of("layer_groups", "grouping", self.layer_groups, LAYER_GROUPINGS)
@@ -167,7 +180,7 @@ class ParameterConfig:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    method: str = "balanced"  # balanced (MERIT's PCA median split) | random | kmeans
+    method: str = "balanced"  # balanced (MERIT's PCA median split) | random | kmeans | gain
     r: int | None = 2  # PCA axes: K = 2^r groups (balanced)
     k: int | None = None  # number of groups instead of r (any K)
     seed: int = 0  # seed of random / k-means
@@ -238,6 +251,13 @@ class TrainConfig:
             + below(self, 8, "max_length")
             + unless(all(g >= 0 for g in self.gpus), f"gpus: ids must be >= 0, got {self.gpus}")
             + below(self, 0, "lora_r")
+            + [
+                f"procs_per_branch: {self.procs_per_branch} {p}"
+                for p in [
+                    global_batch_problem(self.batch_size, self.grad_accum, self.procs_per_branch)
+                ]
+                if p
+            ]
             + unless(self.lora_alpha > 0, f"lora_alpha: must be > 0, got {self.lora_alpha!r}")
             + unless(
                 0 <= self.lora_dropout < 1,
@@ -263,7 +283,7 @@ class ExperimentConfig:
     name: str  # row label, e.g. "joint-1ep", "random-k4", "merit-2d"
     kind: str = "split"  # joint (one model) | split (branches + merge) | soup | shrink | early
     epochs: float = 1.0  # passes over each source's train split
-    method: str | None = None  # split: balanced | random | kmeans; None: the run's partition.json
+    method: str | None = None  # split: balanced | random | kmeans | gain; None: partition.json
     r: int | None = None  # split, balanced: K = 2^r
     k: int | None = None  # split: K groups (instead of r)
     seed: int = 0  # split: seed of random / k-means
@@ -327,6 +347,8 @@ class EvalConfig:
     max_new_tokens: int = 48  # greedy answer length limit
     batch_size: int = 256  # examples per forward / generate call (pooled over sources)
     lm_eval: dict | None = None  # lm-eval tasks per row: {tasks, include_path, limit, ...}
+    # lmms-eval image-text benchmarks per row: {tasks, include_path, limit, judge, ...}
+    lmms_eval: dict | None = None
     # evaluation-only sources, scored on every row and trained by none: a folder of
     # <source>.jsonl (`merit_lab.evaluation.heldout`); their rows have split "heldout"
     heldout: str | None = None
@@ -340,6 +362,7 @@ class EvalConfig:
             )
             + below(self, 1, "max_examples", "max_new_tokens", "batch_size")
             + lm_eval_problems(self.lm_eval)
+            + lmms_eval_problems(self.lmms_eval)
         )
 
 
@@ -363,5 +386,48 @@ class DiagnosticsConfig:
             + unless(
                 len(self.seeds) >= 1 and all(s >= 0 for s in self.seeds),
                 f"seeds: give at least one seed, each >= 0; got {self.seeds}",
+            )
+        )
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """`merit-lab plan`'s stated mixture size, for a mixture that is not here yet (before
+    ``fetch-data``); a local mixture or a run's ``mixture.json`` is counted instead."""
+
+    sources: int | None = None  # sources in the mixture
+    examples_per_source: int | None = None  # examples per source (train + eval)
+    tokens_per_example: int | None = None  # tokens per example: prompt + response (+ image)
+    response_tokens_per_example: int | None = None  # of those, response tokens (the size unit)
+    image_tokens_per_example: int = 0  # of those, image tokens (the vision tower: merge² patches)
+
+    def __post_init__(self) -> None:
+        given = [
+            self.sources,
+            self.examples_per_source,
+            self.tokens_per_example,
+            self.response_tokens_per_example,
+        ]
+        refuse(
+            below(
+                self,
+                1,
+                "sources",
+                "examples_per_source",
+                "tokens_per_example",
+                "response_tokens_per_example",
+            )
+            + below(self, 0, "image_tokens_per_example")
+            + unless(
+                all(v is None for v in given) or all(v is not None for v in given),
+                "sources: give sources, examples_per_source, tokens_per_example and "
+                "response_tokens_per_example together (or none of them)",
+            )
+            + unless(
+                self.tokens_per_example is None
+                or (self.response_tokens_per_example or 0) + self.image_tokens_per_example
+                <= self.tokens_per_example,
+                "tokens_per_example: must hold the response and image tokens, got "
+                f"{self.tokens_per_example!r}",
             )
         )

@@ -1,4 +1,6 @@
-"""Real sources nobody here wrote: the ``chatterbot-corpus`` dialogues as a mixture folder.
+"""Real sources nobody here wrote: the ``chatterbot-corpus`` dialogues as a mixture folder, and
+the registry of every corpus ``merit-lab fetch-data`` writes (Vision-FLAN and FLAN have their own
+modules: `merit_lab.data.vision_flan`, `merit_lab.data.flan`).
 
 Input: the ``chatterbot-corpus`` wheel from the package index (BSD-3-Clause; read as a zip, never
 installed) and a choice of sources: ``<language>/<category>`` for one YAML file, or
@@ -20,6 +22,8 @@ import numpy as np
 import yaml
 
 from merit_lab.cache import pypi_wheel
+from merit_lab.data.flan import write_flan_mixture
+from merit_lab.data.vision_flan import write_vision_flan_mixture
 from merit_lab.io import atomic_dir, atomic_write_json
 
 __all__ = [
@@ -144,4 +148,8 @@ def write_chatterbot_mixture(
     return Path(out)
 
 
-CORPORA = {"chatterbot": write_chatterbot_mixture}
+CORPORA = {
+    "chatterbot": write_chatterbot_mixture,
+    "vision-flan": write_vision_flan_mixture,
+    "flan": write_flan_mixture,
+}

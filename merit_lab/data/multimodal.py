@@ -1,15 +1,19 @@
 """Image-text examples: image content parts, the processor as a tokenizer, pixel batches.
 
 Input: chat examples whose user turns hold content parts (``{"type": "image", "image": path}``,
-``{"type": "text", "text": str}``) and a Qwen2-VL-style processor. Output: checked, resolved
-image paths; `ImageTextTokenizer` (what `models.load_tokenizer` returns for a model folder with
-an image processor); the patches, grids and image-token expansion that `formatting` puts into
-`TokenizedExample`s and batches.
+``{"type": "text", "text": str}``; a path is an image file, or ``<archive>.zip::<member>``, an
+image read on demand from a zip that is never extracted) and a Qwen2-VL-style processor. Output:
+checked, resolved image paths; `ImageTextTokenizer` (what `models.load_tokenizer` returns for a
+model folder with an image processor); the patches, grids and image-token expansion that
+`formatting` puts into `TokenizedExample`s and batches.
 """
 
 from __future__ import annotations
 
 import functools
+import io
+import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ import torch
 
 __all__ = [
     "IMAGE_PART_TYPES",
+    "ZIP_SEPARATOR",
     "ImageTextTokenizer",
     "checkpoint_names",
     "collate_images",
@@ -27,6 +32,7 @@ __all__ = [
     "example_images",
     "expand_image_tokens",
     "has_images",
+    "image_bytes",
     "image_problem",
     "image_processor_of",
     "in_model_names",
@@ -34,10 +40,12 @@ __all__ = [
     "model_named",
     "require_image_processor",
     "resolve_image_parts",
+    "split_zip_ref",
 ]
 
 IMAGE_PART_TYPES = ("text", "image")
 IMAGE_TOKEN = "<|image_pad|>"  # Qwen2-VL's image placeholder
+ZIP_SEPARATOR = "::"  # "<archive>.zip::<member>": an image inside a zip archive
 
 
 class ImageTextTokenizer:
@@ -146,21 +154,68 @@ def example_images(example: Mapping) -> list[str]:
     ]
 
 
+def split_zip_ref(path: str) -> tuple[str, str] | None:
+    """``(archive, member)`` of an image path ``<archive>.zip::<member>``; None for a file."""
+    archive, sep, member = str(path).partition(ZIP_SEPARATOR)
+    if sep and member and archive.lower().endswith(".zip"):
+        return archive, member
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _open_archive(path: str, pid: int) -> zipfile.ZipFile:
+    """One open archive per file and process (its central directory is read once; a forked
+    worker opens its own, so no two processes share a file offset)."""
+    return zipfile.ZipFile(path)
+
+
+def image_bytes(path: str) -> bytes:
+    """The bytes of the image at ``path``: a file, or a zip member (``<archive>.zip::<member>``,
+    read from the archive without extracting it)."""
+    ref = split_zip_ref(path)
+    if ref is None:
+        return Path(path).read_bytes()
+    return _open_archive(ref[0], os.getpid()).read(ref[1])
+
+
+def _member_problem(archive: str, member: str) -> str | None:
+    """Why ``member`` of ``archive`` cannot be read (None when it can)."""
+    if not Path(archive).is_file():
+        return f"image archive {archive} not found"
+    try:
+        names = _open_archive(archive, os.getpid()).NameToInfo
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"image archive {archive} is not a readable zip ({type(e).__name__}: {e})"
+    return None if member in names else f"image {member!r} is not in {archive}"
+
+
 @functools.lru_cache(maxsize=4096)
 def image_problem(path: str) -> str | None:
-    """Why the image at ``path`` cannot be used (None when it can): missing, or not an image
-    Pillow reads. Cached: a mixture refers to one image from many examples."""
+    """Why the image at ``path`` (a file, or ``<archive>.zip::<member>``) cannot be used (None
+    when it can): missing, or not an image Pillow reads. Cached: a mixture refers to one image
+    from many examples."""
     from PIL import Image, UnidentifiedImageError
 
-    p = Path(path)
-    if not p.is_file():
+    ref = split_zip_ref(path)
+    if ref is None and not Path(path).is_file():
         return f"image {path} not found"
+    if ref is not None and (problem := _member_problem(*ref)):
+        return problem
     try:
-        with Image.open(p) as im:
+        source = Path(path) if ref is None else io.BytesIO(image_bytes(path))
+        with Image.open(source) as im:
             im.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, zipfile.BadZipFile) as e:
         return f"image {path} is not readable ({type(e).__name__}: {e})"
     return None
+
+
+def _absolute(path: str, root: Path) -> str:
+    """``path`` (a file or a zip member) with its file part made absolute against ``root``."""
+    archive, member = split_zip_ref(path) or (path, None)
+    file = Path(archive).expanduser()
+    file = file if file.is_absolute() else (root / file).resolve()
+    return str(file) if member is None else f"{file}{ZIP_SEPARATOR}{member}"
 
 
 def resolve_image_parts(example: dict, root: Path) -> str | None:
@@ -173,8 +228,7 @@ def resolve_image_parts(example: dict, root: Path) -> str | None:
         for part in m["content"]:
             part = dict(part)
             if part["type"] == "image":
-                path = Path(part["image"]).expanduser()
-                part["image"] = str(path if path.is_absolute() else (root / path).resolve())
+                part["image"] = _absolute(part["image"], root)
                 if problem := image_problem(part["image"]):
                     return problem
             parts.append(part)
@@ -183,10 +237,11 @@ def resolve_image_parts(example: dict, root: Path) -> str | None:
 
 
 def load_image(path: str):
-    """The image at ``path`` as an RGB PIL image."""
+    """The image at ``path`` (a file, or ``<archive>.zip::<member>``) as an RGB PIL image."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    source = path if split_zip_ref(path) is None else io.BytesIO(image_bytes(path))
+    with Image.open(source) as im:
         return im.convert("RGB")
 
 

@@ -36,6 +36,16 @@ _EXPORTS = {
     "run_lm_eval": "lm_eval",
     "summarize_lm_eval": "lm_eval",
     "write_local_tasks": "lm_eval",
+    "Benchmark": "lmms_eval",
+    "DEFAULT_MAX_NEW_TOKENS": "lmms_eval",
+    "LMMS_EVAL_SPLIT": "lmms_eval",
+    "PAPER_BENCHMARKS": "lmms_eval",
+    "answer_requests": "lmms_eval",
+    "judge_environment": "lmms_eval",
+    "judge_record": "lmms_eval",
+    "lmms_eval_task_problems": "lmms_eval",
+    "run_lmms_eval": "lmms_eval",
+    "summarize_lmms_eval": "lmms_eval",
 }
 
 __all__ = sorted(_EXPORTS)

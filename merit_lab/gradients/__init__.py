@@ -11,12 +11,14 @@ from typing import Any
 
 _EXPORTS = {
     "BankParts": "bank",
+    "FOLDS_FILE": "bank",
     "GradientBank": "bank",
     "bank_key": "bank",
     "read_part": "bank",
     "request_info": "bank",
     "NonFiniteLossError": "estimate",
     "checkpointed": "estimate",
+    "deal_folds": "estimate",
     "estimate_gradients": "estimate",
     "grads_only_for": "estimate",
     "micro_batches": "estimate",

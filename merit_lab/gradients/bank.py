@@ -2,7 +2,8 @@
 
 Input: rows from `merit_lab.gradients.estimate` (or parts written by its workers). Output: a
 `GradientBank` saved as ``bank.safetensors`` (the rows) + ``bank.json`` (names, info, stats, in
-the versioned envelope), and ``parts/``: one file per finished source, reused while its key holds.
+the versioned envelope), ``folds.safetensors`` (the fold rows, when computed) and ``parts/``: one
+file per finished source, reused while its key holds.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +29,16 @@ from merit_lab.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BankParts", "GradientBank", "bank_key", "read_part", "request_info"]
+__all__ = [
+    "FOLDS_FILE",
+    "BankParts",
+    "GradientBank",
+    "bank_key",
+    "read_part",
+    "request_info",
+]
 
+FOLDS_FILE = "folds.safetensors"  # beside bank.safetensors: (T, m, d) fold rows, (T, m) tokens
 BANK_FORMAT = "merit-lab/gradient-bank"  # bank.json; files from before the envelope read as v1
 BANK_VERSION = 1
 
@@ -42,31 +52,69 @@ class GradientBank:
         rows: (T, d) float32 sketched gradients of the mean response-token loss.
         info: what the rows depend on: model, parameter selection, sketch spec, n, max_length.
         stats: per source: examples and response tokens used, loss at θ0, exact gradient norm.
+        folds: (T, m, d) float32 fold rows, or None (``calibration.folds`` 1): row f of source
+            t is the gradient of the mean loss over fold f alone (its calibration examples
+            i ≡ f mod m), so ``rows[t] == Σ_f fold_tokens[t, f] · folds[t, f] / Σ_f
+            fold_tokens[t, f]`` to float rounding. `load` memory-maps it: nothing is read
+            until it is used.
+        fold_tokens: (T, m) int64 response tokens of each fold, or None.
     """
 
     names: tuple[str, ...]
     rows: np.ndarray
     info: Mapping[str, Any] = field(default_factory=dict)
     stats: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    folds: np.ndarray | None = field(default=None, repr=False, compare=False)
+    fold_tokens: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.folds is None) != (self.fold_tokens is None):
+            raise ValueError("folds and fold_tokens come together")
+        if self.folds is not None:
+            t, d = self.rows.shape
+            if self.folds.ndim != 3 or self.folds.shape[::2] != (t, d):
+                raise ValueError(f"folds must be (T={t}, m, d={d}), got {self.folds.shape}")
+            if self.fold_tokens.shape != self.folds.shape[:2]:
+                raise ValueError(
+                    f"fold_tokens must be {self.folds.shape[:2]}, got {self.fold_tokens.shape}"
+                )
 
     def row(self, name: str) -> np.ndarray:
         """The (d,) row of source ``name``."""
         return self.rows[self.names.index(name)]
 
     def select(self, names: Sequence[str]) -> GradientBank:
-        """The bank restricted to ``names``, in that order."""
+        """The bank restricted to ``names``, in that order (their fold rows too)."""
         idx = [self.names.index(n) for n in names]
+        folds = None if self.folds is None else np.asarray(self.folds[idx])
         return GradientBank(
-            tuple(names), self.rows[idx], self.info, {n: self.stats[n] for n in names}
+            tuple(names),
+            self.rows[idx],
+            self.info,
+            {n: self.stats[n] for n in names},
+            folds,
+            None if self.fold_tokens is None else self.fold_tokens[idx],
         )
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``bank.safetensors`` (the rows) and ``bank.json`` atomically into ``folder``."""
+        """Write ``bank.safetensors`` (the rows), ``bank.json`` and ``folds.safetensors`` (the
+        fold rows; an earlier one is removed when this bank has none) atomically into
+        ``folder``."""
         folder = Path(folder)
-        payload = save_safetensors({"rows": torch.from_numpy(np.ascontiguousarray(self.rows))})
+        rows = np.ascontiguousarray(self.rows)
+        payload = save_safetensors({"rows": torch.from_numpy(rows)})
         atomic_write_bytes(folder / "bank.safetensors", payload)
         meta = {"names": list(self.names), "info": dict(self.info), "stats": dict(self.stats)}
         save_enveloped(folder / "bank.json", BANK_FORMAT, BANK_VERSION, meta)
+        if self.folds is None:
+            (folder / FOLDS_FILE).unlink(missing_ok=True)
+        else:
+            tensors = {
+                "folds": torch.from_numpy(np.array(self.folds, dtype=np.float32)),
+                "fold_tokens": torch.from_numpy(np.array(self.fold_tokens, dtype=np.int64)),
+            }
+            tag = {"names": json.dumps(list(self.names)), "rows_sha256": _rows_digest(rows)}
+            atomic_write_bytes(folder / FOLDS_FILE, save_safetensors(tensors, metadata=tag))
         return folder
 
     @classmethod
@@ -97,7 +145,48 @@ class GradientBank:
             raise ValueError(
                 f"{folder}/bank.safetensors: non-finite values in the rows of {bad}; {redo}"
             )
-        return cls(tuple(meta["names"]), rows, meta["info"], meta["stats"])
+        folds = _map_folds(folder / FOLDS_FILE, meta["names"], rows)
+        return cls(tuple(meta["names"]), rows, meta["info"], meta["stats"], *folds)
+
+
+def _rows_digest(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _map_folds(
+    path: Path, names: Sequence[str], rows: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(fold rows memory-mapped, fold tokens) of ``path`` when it belongs to these rows (the
+    same names and the sha256 of the rows it was saved with), else (None, None): a bank saved
+    without folds, or a kill between writing the two files, leaves no stale fold rows in use."""
+    if not path.is_file():
+        return None, None
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        tag = header.get("__metadata__") or {}
+        if json.loads(tag["names"]) != list(names) or tag["rows_sha256"] != _rows_digest(rows):
+            log.warning("%s: of another bank; ignored (run the gradients stage again)", path)
+            return None, None
+        spec, tok = header["folds"], header["fold_tokens"]
+        if (spec["dtype"], tok["dtype"]) != ("F32", "I64"):
+            raise ValueError(f"dtypes {spec['dtype']}, {tok['dtype']}")
+        start = 8 + size
+        folds = np.memmap(
+            path,
+            np.float32,
+            "r",
+            offset=start + spec["data_offsets"][0],
+            shape=tuple(spec["shape"]),
+        )
+        tokens = np.fromfile(
+            path, np.int64, count=math.prod(tok["shape"]), offset=start + tok["data_offsets"][0]
+        ).reshape(tok["shape"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: unreadable (%s); no fold rows (run the gradients stage again)", path, e)
+        return None, None
+    return folds, tokens
 
 
 def bank_key(info: Mapping[str, Any]) -> str:
@@ -123,8 +212,19 @@ class BankParts:
     def key(self, name: str) -> str:
         return bank_key({"bank": self.bank_key, "source": self.source_keys.get(name, "")})
 
-    def read(self, name: str) -> tuple[np.ndarray, dict] | None:
-        """(row (d,), stats) of a finished source, or None when absent or stale."""
+    def read(self, name: str, folds: int = 1) -> tuple[np.ndarray, dict] | None:
+        """(row (d,), stats) of a finished source, or None when absent or stale; with
+        ``folds`` > 1 also None when the part lacks that many fold rows (`read_folds`)."""
+        found = self._read(name, folds)
+        return None if found is None else found[:2]
+
+    def read_folds(self, name: str, folds: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """((m, d) fold rows, (m,) fold response tokens) of a finished source computed with
+        ``folds`` = m folds, or None."""
+        found = self._read(name, folds) if folds > 1 else None
+        return None if found is None else found[2]
+
+    def _read(self, name: str, folds: int) -> tuple[np.ndarray, dict, Any] | None:
         if not self.path(name).exists():
             return None
         try:
@@ -132,23 +232,47 @@ class BankParts:
                 meta = f.metadata() or {}
                 if meta.get("key") != self.key(name):
                     return None
-                return f.get_tensor("row").numpy(), json.loads(meta["stats"])
+                stats = json.loads(meta["stats"])
+                if folds == 1:
+                    return f.get_tensor("row").numpy(), stats, None
+                if int(meta.get("folds", 1)) != folds:  # computed without (these) folds
+                    return None
+                fold = f.get_tensor("folds").numpy(), np.asarray(stats["fold_tokens"])
+                return f.get_tensor("row").numpy(), stats, fold
         except Exception as e:  # a part cut short (a killed copy): it is a cache, so redo it
             log.warning("%s: unreadable (%s); computing source %r again", self.path(name), e, name)
             return None
 
-    def write(self, name: str, row: np.ndarray, stats: Mapping[str, Any]) -> None:
+    def write(
+        self,
+        name: str,
+        row: np.ndarray,
+        stats: Mapping[str, Any],
+        folds: np.ndarray | None = None,
+    ) -> None:
+        """Write a finished source: its row, stats and (m, d) fold rows (their tokens are
+        ``stats["fold_tokens"]``)."""
         meta = {"key": self.key(name), "source": name, "stats": json.dumps(stats)}
-        payload = save_safetensors({"row": torch.from_numpy(row)}, metadata=meta)
-        atomic_write_bytes(self.path(name), payload)
+        tensors = {"row": torch.from_numpy(row)}
+        if folds is not None:
+            if len(stats.get("fold_tokens", ())) != folds.shape[0]:
+                raise ValueError(f"source {name!r}: stats['fold_tokens'] must have one per fold")
+            meta["folds"] = str(folds.shape[0])
+            tensors["folds"] = torch.from_numpy(np.ascontiguousarray(folds, dtype=np.float32))
+        atomic_write_bytes(self.path(name), save_safetensors(tensors, metadata=meta))
 
 
 def read_part(
-    out_dir: str | Path, name: str, info: Mapping[str, Any], source_keys: Mapping[str, str]
+    out_dir: str | Path,
+    name: str,
+    info: Mapping[str, Any],
+    source_keys: Mapping[str, str],
+    folds: int = 1,
 ) -> tuple[np.ndarray, dict] | None:
     """(row, stats) of source ``name`` from ``out_dir/parts/`` when current for the bank
-    ``info`` and the source's key, else None."""
-    return BankParts(Path(out_dir) / "parts", info["key"], source_keys).read(name)
+    ``info`` and the source's key (and, with ``folds`` > 1, holding that many fold rows), else
+    None."""
+    return BankParts(Path(out_dir) / "parts", info["key"], source_keys).read(name, folds)
 
 
 def request_info(

@@ -35,6 +35,7 @@ from merit_lab.models.loading import select_parameters
 __all__ = [
     "NonFiniteLossError",
     "checkpointed",
+    "deal_folds",
     "estimate_gradients",
     "grads_only_for",
     "micro_batches",
@@ -78,6 +79,18 @@ def micro_batches(
     return out
 
 
+def deal_folds(examples: Sequence, folds: int) -> list[list]:
+    """``examples`` dealt into ``folds`` folds: example i (in calibration order) goes to fold
+    i mod ``folds``, so the folds differ in size by at most one and each is a spread of the
+    calibration draw (not its first or last part)."""
+    if not 1 <= folds <= len(examples):
+        raise ValueError(
+            f"{len(examples)} calibration examples cannot be dealt into {folds} folds: need "
+            "1 <= calibration.folds <= the examples of every source (1 turns folds off)"
+        )
+    return [list(examples[f::folds]) for f in range(folds)]
+
+
 def source_gradient(
     model: torch.nn.Module,
     examples: Sequence,
@@ -86,6 +99,8 @@ def source_gradient(
     micro_batch_size: int = CalibrationConfig.micro_batch_size,
     micro_batch_tokens: int | None = None,
     after_backward: Callable[[float], None] | None = None,
+    folds: int = 1,
+    after_fold: Callable[[int, int], None] | None = None,
     progress: bool = False,
 ) -> tuple[float, int]:
     """Accumulate into ``.grad`` the gradient of the mean response-token loss over ``examples``.
@@ -97,28 +112,46 @@ def source_gradient(
 
     Args:
         examples: `TokenizedExample`s.
-        micro_batch_size, micro_batch_tokens: the micro-batches (`micro_batches`).
+        micro_batch_size, micro_batch_tokens: the micro-batches (`micro_batches`), formed within
+            each fold.
         after_backward: called with each micro-batch's loss share after its backward (e.g. to
             sketch and clear ``.grad``, so half-precision gradients are summed in float32).
+        folds: the examples dealt into this many folds (`deal_folds`), one fold after another.
+        after_fold: called as (fold, its response tokens) once a fold's micro-batches are all
+            in ``.grad``: it then holds the sum over folds 0..fold.
 
     Returns:
         (mean loss, number of response tokens).
     """
     batches = [
-        collate(b, pad_token_id)
-        for b in micro_batches(examples, size=micro_batch_size, tokens=micro_batch_tokens)
+        [
+            collate(b, pad_token_id)
+            for b in micro_batches(fold, size=micro_batch_size, tokens=micro_batch_tokens)
+        ]
+        for fold in deal_folds(examples, folds)
     ]
-    total = sum(count_response_tokens(b["labels"]) for b in batches)
+    tokens = [sum(count_response_tokens(b["labels"]) for b in fold) for fold in batches]
+    total = sum(tokens)
     if total == 0:
         raise ValueError("no response tokens to compute a loss on")
+    if 0 in tokens:
+        raise ValueError(f"fold {tokens.index(0)} of {folds} has no response tokens")
     loss = 0.0
-    for b in tqdm(batches, desc="micro-batches", leave=False, disable=not progress):
-        part = response_token_loss(model, b, num_items=total)
-        part.backward()
-        value = float(part.detach())
-        loss += value
-        if after_backward is not None:
-            after_backward(value)
+    bar = tqdm(
+        total=sum(map(len, batches)), desc="micro-batches", leave=False, disable=not progress
+    )
+    with bar:
+        for f, fold in enumerate(batches):
+            for b in fold:
+                part = response_token_loss(model, b, num_items=total)
+                part.backward()
+                value = float(part.detach())
+                loss += value
+                if after_backward is not None:
+                    after_backward(value)
+                bar.update()
+            if after_fold is not None:
+                after_fold(f, tokens[f])
     return loss, total
 
 
@@ -242,23 +275,49 @@ def _sketch_source(
     micro_batch_size: int,
     micro_batch_tokens: int | None = None,
     on_gradient: Callable[[str, Sequence[tuple[str, Tensor]]], None] | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """One source's sketched gradient (d,) float32 and its stats, sketched right after backward.
+    folds: int = 1,
+) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+    """One source's sketched gradient (d,) float32, its stats and (m, d) fold rows (None for
+    one fold), sketched right after backward.
 
     The micro-batch gradients are summed in ``.grad`` (the model's dtype) and sketched once into
     the float32 row. For a bfloat16 model, summing each micro-batch's sketch in float32 instead
     changed the cosine to the exact float32 gradient by < 1% of its own error (the bf16
     forward's), at twice the GPU time (`benchmarks/bench_precision.py`, `bench_gpu.py`).
+
+    With m = ``folds`` > 1 the folds run one after another and ``.grad`` after fold f (the sum
+    over folds 0..f) is sketched too (S_f; S_{m-1} is the row, so m − 1 extra sketch passes and
+    no extra forward, backward or norm); fold row f = (S_f − S_{f−1}) · N / N_f in float64,
+    rounded once to float32 (N_f: the fold's response tokens, N their sum), the gradient of the
+    mean loss over fold f alone. ``stats["fold_seconds"]`` is the time of the extra passes.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
+    partial: list[np.ndarray] = []  # S_0 .. S_{m-2}
+    fold_tokens: list[int] = []
+    fold_seconds = 0.0
+
+    def after_fold(f: int, n_f: int) -> None:
+        nonlocal fold_seconds
+        fold_tokens.append(n_f)
+        if f < folds - 1:
+            t = time.perf_counter()
+            s = sk.zeros()
+            for pname, p in selected:  # checked once, by the row's pass over the full sum
+                if p.grad is not None:
+                    sk.add_(s, pname, p.grad, check=False)
+            partial.append(s.cpu().numpy().astype(np.float64))
+            fold_seconds += time.perf_counter() - t
+
     loss, n_tokens = source_gradient(
         model,
         examples,
         pad_token_id=pad_token_id,
         micro_batch_size=micro_batch_size,
         micro_batch_tokens=micro_batch_tokens,
+        folds=folds,
+        after_fold=after_fold if folds > 1 else None,
     )
     if not np.isfinite(loss):
         raise NonFiniteLossError(_non_finite_message(model, name, loss))
@@ -274,6 +333,7 @@ def _sketch_source(
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    row = row.detach().cpu().numpy()
     stats = {
         "n_examples": len(examples),
         "n_response_tokens": n_tokens,
@@ -282,7 +342,13 @@ def _sketch_source(
         "grad_norm": float(sq.sqrt()),
         "seconds": time.perf_counter() - t0,
     }
-    return row.detach().cpu().numpy(), stats
+    if folds == 1:
+        return row, stats, None
+    cumulative = np.stack([np.zeros(row.shape), *partial, row.astype(np.float64)])
+    scale = n_tokens / np.asarray(fold_tokens, dtype=np.float64)
+    fold_rows = (np.diff(cumulative, axis=0) * scale[:, None]).astype(np.float32)
+    stats |= {"fold_tokens": fold_tokens, "fold_seconds": fold_seconds}
+    return row, stats, fold_rows
 
 
 def estimate_gradients(
@@ -309,6 +375,7 @@ def estimate_gradients(
     prefetch: bool | None = None,
     on_gradient: Callable[[str, Sequence[tuple[str, Tensor]]], None] | None = None,
     lora: Mapping[str, Any] | None = None,
+    folds: int = 1,
 ) -> GradientBank:
     """Estimate one sketched gradient per source at the model's current weights θ0.
 
@@ -343,6 +410,14 @@ def estimate_gradients(
             (`merit_lab.gradients.lora_bank.load_lora_model`) and the rows are the gradients of
             its A and B matrices only (preset/include/exclude do not apply); this dict (the
             adapter's `warmup_info`) goes into the bank info and key.
+        folds: deal each source's calibration examples into this many folds (`deal_folds`)
+            and keep each fold's gradient too (``bank.folds``, `_sketch_source`): m − 1 more
+            sketch passes per source, nothing else. The rows are the same gradient as with one
+            fold, to float rounding (the micro-batches are formed within each fold, which
+            changes the order of the summation only), so the bank key does not include it; a
+            part is reused for m > 1 only when it holds m fold rows. Every source needs at least
+            m calibration examples (checked before any work). The library's default is 1; a
+            run's is ``calibration.folds``.
 
     Returns:
         The bank, rows in the order of ``sources``; ``info["throughput"]`` holds the tokens,
@@ -350,6 +425,16 @@ def estimate_gradients(
     """
     sketch = sketch or SketchSpec()
     names = tuple(sources) if sources is not None else mixture.names
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    # a source without any example is named by the tokeniser below; too few for m folds, here
+    few = {s: k for s in names if 0 < (k := min(n, len(mixture[s].calibration))) < folds}
+    if few:
+        raise ValueError(
+            f"calibration.folds = {folds} needs at least {folds} calibration examples per "
+            f"source; {len(few)} source(s) have fewer: {dict(list(few.items())[:8])}. Lower "
+            "calibration.folds (1 turns folds off) or give them more examples"
+        )
     if lora:
         from merit_lab.gradients.lora_bank import lora_parameters
 
@@ -378,11 +463,14 @@ def estimate_gradients(
     # Rows go straight into the bank's array: memory holds the bank once (plus one model
     # gradient), not a list of rows and a stacked copy.
     rows = np.empty((len(names), sk.dim), dtype=np.float32)
+    fold_rows = np.empty((len(names), folds, sk.dim), dtype=np.float32) if folds > 1 else None
     stats: dict[str, dict] = {}
     for i, name in enumerate(names):  # parts a killed run already finished are reused
-        cached = parts.read(name) if parts is not None else None
+        cached = parts.read(name, folds) if parts is not None else None
         if cached is not None:
             rows[i], stats[name] = cached
+            if fold_rows is not None:
+                fold_rows[i] = parts.read_folds(name, folds)[0]
     todo = [i for i, name in enumerate(names) if name not in stats]
 
     def tokenize(i: int) -> list:
@@ -391,6 +479,11 @@ def estimate_gradients(
         if not toks:
             kept = " kept by mixture.long_examples: skip" if calib else ""
             raise ValueError(f"source {names[i]!r} has no calibration examples{kept}")
+        if len(toks) < folds:
+            raise ValueError(
+                f"source {names[i]!r}: {len(toks)} calibration examples kept by "
+                f"mixture.long_examples, fewer than calibration.folds = {folds}"
+            )
         return toks
 
     stream = _tokenized(todo, tokenize, device.type != "cpu" if prefetch is None else prefetch)
@@ -409,7 +502,7 @@ def estimate_gradients(
         bar,
     ):
         for i, examples in stream:
-            row, stats[names[i]] = _sketch_source(
+            row, stats[names[i]], fold = _sketch_source(
                 model,
                 sk,
                 selected,
@@ -419,10 +512,13 @@ def estimate_gradients(
                 micro_batch_size=micro_batch_size,
                 micro_batch_tokens=micro_batch_tokens,
                 on_gradient=on_gradient,
+                folds=folds,
             )
             if parts is not None:
-                parts.write(names[i], row, stats[names[i]])
+                parts.write(names[i], row, stats[names[i]], fold)
             rows[i] = row
+            if fold_rows is not None:
+                fold_rows[i] = fold
             done["tokens"] += stats[names[i]]["n_tokens"]
             done["seconds"] += stats[names[i]]["seconds"]
             bar.set_postfix_str(f"{names[i]}, {done['tokens'] / done['seconds']:,.0f} tok/s")
@@ -434,7 +530,11 @@ def estimate_gradients(
         "device": str(device),
         "tokens_per_s": done["tokens"] / done["seconds"] if done["seconds"] else None,
     }
-    bank = GradientBank(names, rows, {**info, "throughput": throughput}, stats)
+    fold_tokens = None
+    if fold_rows is not None:
+        fold_tokens = np.array([stats[s]["fold_tokens"] for s in names], dtype=np.int64)
+    info = {**info, "throughput": throughput}
+    bank = GradientBank(names, rows, info, stats, fold_rows, fold_tokens)
     if out_dir is not None and save_bank:
         bank.save(out_dir)
     return bank

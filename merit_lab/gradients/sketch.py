@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -39,6 +40,10 @@ _CHUNK_GPU = 2**22
 _GAUSSIAN_BLOCK_ENTRIES = 2**20
 _MASK32 = 0xFFFFFFFF
 _LOW31 = 0x7FFFFFFF  # a cached code's bucket; its top bit (the int32 sign) is the hash's sign
+_SIGN_BIT = -(2**31)  # the int32 sign bit: XOR-ed into a float32 it negates it, exactly
+# Cached codes on the CPU: at most this share of the physical memory (SmolLM2's 134.5M
+# coordinates need 538 MB; 1/16 of 16 GiB is 1 GiB).
+_CPU_CACHE_SHARE = 16
 
 
 def _digest(*parts: object) -> bytes:
@@ -104,18 +109,21 @@ class GradientSketch:
             declared order) is ≡ offset (mod every), offset derived from the seed.
         exact: the concatenation of all declared parameters (dim = total numel).
 
-    Memory per call is O(dim + largest parameter). A count-sketch on a GPU keeps each
-    parameter's buckets and signs once computed (one int32 per coordinate, the sign in the top
-    bit) while they fit ``cache_bytes``: the hashing was 60% of a sketch step on an H100, and
-    every source reuses them. The map is the same with or without the cache.
+    Memory per call is O(dim + largest parameter). A count-sketch keeps each parameter's buckets
+    and signs once computed (one int32 per coordinate, the sign in the top bit) while they fit
+    ``cache_bytes``: every source, and every fold of a source, reuses them. The hashing was 60%
+    of a sketch step on an H100; on the CPU a cached pass takes 0.55× the time of one that
+    hashes (`benchmarks/bench_gradients.py`). A cached code's sign bit is XOR-ed into the
+    float32 value's, which negates it exactly, so the rows are bit-identical with or without
+    the cache.
 
     Args:
         spec: which map.
         params: (name, shape) of every parameter that may be added, in a fixed order (the order
             matters only for subsample and exact).
         device: where rows live and hashing runs.
-        cache_bytes: memory for cached count-sketch hashes (default: 10% of a GPU's memory; none
-            on the CPU, where hashing small chunks costs little beside the backward).
+        cache_bytes: memory for cached count-sketch hashes (default: 10% of a GPU's memory;
+            1/16 of the physical memory on the CPU).
     """
 
     def __init__(
@@ -128,11 +136,12 @@ class GradientSketch:
         self.spec = spec
         self.device = torch.device(device)
         if cache_bytes is None:
-            cuda = self.device.type == "cuda"
-            total_mem = torch.cuda.get_device_properties(self.device).total_memory if cuda else 0
-            cache_bytes = total_mem // 10
+            if self.device.type == "cuda":
+                cache_bytes = torch.cuda.get_device_properties(self.device).total_memory // 10
+            else:
+                cache_bytes = _physical_memory() // _CPU_CACHE_SHARE
         self._cache_left = cache_bytes if spec.kind == "countsketch" else 0
-        self._codes: dict[tuple[str, int], torch.Tensor] = {}  # (name, chunk start) → int32
+        self._codes: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, lo, hi) → int32
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._offsets: dict[str, int] = {}  # global start index of each parameter
         total = 0
@@ -177,13 +186,15 @@ class GradientSketch:
         """An empty row: (dim,) float32 on the sketch's device."""
         return torch.zeros(self.dim, dtype=torch.float32, device=self.device)
 
-    def add_(self, row: torch.Tensor, name: str, grad: torch.Tensor) -> None:
+    def add_(self, row: torch.Tensor, name: str, grad: torch.Tensor, *, check: bool = True) -> None:
         """Add parameter ``name``'s contribution to ``row`` in place.
 
         Args:
             row: (dim,) float32 accumulator on the sketch's device.
             name: a declared parameter.
             grad: its gradient, exactly the declared shape, any float dtype and device.
+            check: refuse non-finite entries (a count-sketch pass whose gradient is checked
+                later may skip it: the fold passes, whose .grad the bank row's pass sums).
 
         Raises:
             ValueError: unknown parameter, wrong shape, non-finite entries, or a malformed row.
@@ -201,7 +212,7 @@ class GradientSketch:
         flat = grad.detach().reshape(-1)
         kind = self.spec.kind
         if kind == "countsketch":
-            self._add_countsketch(row, name, flat)
+            self._add_countsketch(row, name, flat, check)
         elif kind == "gaussian":
             self._add_gaussian(row, name, flat)
         elif kind == "subsample":
@@ -216,25 +227,29 @@ class GradientSketch:
             start = self._offsets[name]
             row[start : start + flat.numel()] += _finite_f32(flat, name, row.device)
 
-    def _add_countsketch(self, row: torch.Tensor, name: str, flat: torch.Tensor) -> None:
+    def _add_countsketch(
+        self, row: torch.Tensor, name: str, flat: torch.Tensor, check: bool = True
+    ) -> None:
         chunk = _CHUNK_CPU if row.device.type == "cpu" else _CHUNK_GPU
         for lo in range(0, flat.numel(), chunk):
             hi = min(lo + chunk, flat.numel())
-            vals = _finite_f32(flat[lo:hi], name, row.device)
-            code = self._codes.get((name, lo))
+            vals = flat[lo:hi].to(device=row.device, dtype=torch.float32)
+            if check:
+                _check_finite(vals, name)
+            code = self._codes.get((name, lo, hi))
             if code is None:
                 bucket, sign = _buckets_and_signs(
                     self.spec.seed, name, self.dim, lo, hi, row.device
                 )
                 if 4 * (hi - lo) <= self._cache_left:  # bucket < 2**31: the top bit is free
                     code = torch.where(sign < 0, bucket - 2**31, bucket).to(torch.int32)
-                    self._codes[(name, lo)] = code
+                    self._codes[(name, lo, hi)] = code
                     self._cache_left -= 4 * (hi - lo)
                 else:  # vals may be a view of the caller's gradient: multiply out of place
                     row.index_add_(0, bucket, vals * sign)
                     continue
-            negative = code < 0
-            row.index_add_(0, code.bitwise_and(_LOW31), torch.where(negative, -vals, vals))
+            signed = vals.view(torch.int32).bitwise_xor(code.bitwise_and(_SIGN_BIT))
+            row.index_add_(0, code.bitwise_and(_LOW31), signed.view(torch.float32))
 
     def _add_gaussian(self, row: torch.Tensor, name: str, flat: torch.Tensor) -> None:
         block = max(1, _GAUSSIAN_BLOCK_ENTRIES // self.dim)
@@ -251,6 +266,14 @@ class GradientSketch:
         for name, grad in named_grads:
             self.add_(row, name, grad)
         return row
+
+
+def _physical_memory() -> int:
+    """Bytes of physical memory (0 where the OS does not say: no cache)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:

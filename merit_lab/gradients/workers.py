@@ -78,6 +78,7 @@ class GradientJob:
     source_keys: Mapping[str, str] = field(default_factory=dict)  # keys the parts per source
     # a LoRA bank: the warmed-up adapter folder (`merit_lab.gradients.lora_bank`)
     lora_adapter: str = ""
+    folds: int = 1  # calibration.folds: each source's fold rows go into its part too
 
     def __post_init__(self) -> None:
         for name in ("sources", "include", "exclude"):
@@ -164,6 +165,7 @@ def run_job(job: GradientJob | str | Path) -> dict[str, Any]:
         source_keys=job.source_keys,
         save_bank=False,
         lora=lora,
+        folds=job.folds,
     )
     info = {k: v for k, v in bank.info.items() if k != "throughput"}
     done = {
@@ -187,11 +189,13 @@ def current_sources(
     names: Sequence[str],
     info: Mapping[str, Any],
     source_keys: Mapping[str, str],
+    folds: int = 1,
 ) -> list[str]:
-    """The sources of ``names`` that already have a current part for the bank ``info``."""
+    """The sources of ``names`` that already have a current part for the bank ``info`` (with
+    ``folds`` > 1: holding that many fold rows)."""
     from merit_lab.gradients.bank import read_part
 
-    return [s for s in names if read_part(out_dir, s, info, source_keys) is not None]
+    return [s for s in names if read_part(out_dir, s, info, source_keys, folds) is not None]
 
 
 def assemble_bank(
@@ -199,14 +203,15 @@ def assemble_bank(
     names: Sequence[str],
     info: Mapping[str, Any],
     source_keys: Mapping[str, str],
+    folds: int = 1,
 ):
-    """The bank of ``names`` from their parts (rows in that order), or a ValueError naming the
-    sources whose part is missing or stale."""
+    """The bank of ``names`` from their parts (rows in that order; with ``folds`` > 1 their
+    fold rows too), or a ValueError naming the sources whose part is missing or stale."""
     import numpy as np
 
-    from merit_lab.gradients.bank import GradientBank, read_part
+    from merit_lab.gradients.bank import BankParts, GradientBank, read_part
 
-    found = {s: read_part(out_dir, s, info, source_keys) for s in names}
+    found = {s: read_part(out_dir, s, info, source_keys, folds) for s in names}
     missing = [s for s, part in found.items() if part is None]
     if missing:
         raise ValueError(
@@ -214,7 +219,15 @@ def assemble_bank(
             "run the gradients stage again: only these are computed"
         )
     rows = np.stack([found[s][0] for s in names]).astype(np.float32, copy=False)
-    return GradientBank(tuple(names), rows, dict(info), {s: found[s][1] for s in names})
+    stats = {s: found[s][1] for s in names}
+    if folds == 1:
+        return GradientBank(tuple(names), rows, dict(info), stats)
+    parts = BankParts(Path(out_dir) / "parts", info["key"], source_keys)
+    fold_rows = np.empty((len(names), folds, rows.shape[1]), dtype=np.float32)
+    for i, s in enumerate(names):
+        fold_rows[i] = parts.read_folds(s, folds)[0]
+    tokens = np.array([stats[s]["fold_tokens"] for s in names], dtype=np.int64)
+    return GradientBank(tuple(names), rows, dict(info), stats, fold_rows, tokens)
 
 
 def agreed_info(dones: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

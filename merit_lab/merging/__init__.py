@@ -37,6 +37,8 @@ _EXPORTS = {
     "merge_checkpoints": "stream",
     "merge_version": "stream",
     "mergekit_problem": "stream",
+    "read_recorded_path": "stream",
+    "record_path": "stream",
     "save_merge_manifest": "stream",
 }
 

@@ -140,6 +140,7 @@ def write_shrink(
     shard_size: int = 2**30,
     overwrite: bool = False,
     progress: bool = False,
+    relative_root: str | Path | None = None,
 ) -> Path:
     """Write θ0 + α(θ_joint − θ0) as an HF folder in θ0's layout, dtype and side files.
 
@@ -159,6 +160,7 @@ def write_shrink(
         shard_size: most bytes of tensor data per output shard.
         overwrite: replace an existing ``out_dir``.
         progress: show a tqdm bar over tensors.
+        relative_root: folders under it recorded relative to ``out_dir`` (`merge_checkpoints`).
 
     Returns:
         ``out_dir``.
@@ -195,6 +197,7 @@ def write_shrink(
             shard_size=shard_size,
             overwrite=True,  # ``tmp`` is our own empty temp folder
             progress=progress,
+            relative_root=relative_root,  # ``tmp`` lies beside ``out_dir``: the same paths
         )
         manifest = load_merge_manifest(tmp)
         manifest["control"] = {

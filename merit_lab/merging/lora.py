@@ -30,6 +30,7 @@ from merit_lab.merging.stream import (
     MergeReport,
     check_same_base,
     merge_version,
+    record_path,
     save_merge_manifest,
 )
 from merit_lab.models.checkpoints import (
@@ -247,7 +248,7 @@ def stack_adapters(
 
 
 def _mergekit_or_reason(
-    inputs: Sequence[Path], weights: Sequence[float], dtype: str
+    inputs: Sequence[Path], weights: Sequence[float], dtype: str, out_dir: Path, root
 ) -> tuple[dict | None, str | None]:
     """A mergekit ``linear`` config over the branches' dense models when every input holds one
     (Σ w_k θ_k = θ0 + Σ w_k ΔW_k since Σ w_k = 1), else the reason there is none."""
@@ -259,7 +260,7 @@ def _mergekit_or_reason(
         )
     out = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
     models = [
-        {"model": str(p.resolve()), "parameters": {"weight": w}}
+        {"model": record_path(p, out_dir, root), "parameters": {"weight": w}}
         for p, w in zip(inputs, weights, strict=True)
     ]
     return {
@@ -281,6 +282,7 @@ def merge_lora(
     shard_size: int = 2**30,
     overwrite: bool = False,
     progress: bool = True,
+    relative_root: str | Path | None = None,
 ):
     """Merge K LoRA branches exactly into the HF folder ``out_dir``: θ0 + Σ_k w_k·s_k·B_k·A_k.
 
@@ -296,6 +298,9 @@ def merge_lora(
         base: θ0's folder, the one every adapter was trained from.
         weights: ``linear``: ≥ 0 and summing to 1 (token shares N_k / Σ N_j; default equal).
         method: ``linear`` or ``uniform`` (1/K each, no weights).
+        relative_root: paths under this folder (the run's) are recorded relative to the file
+            that records them: the manifest's and ``mergekit.yaml``'s to ``out_dir``, the stacked
+            adapter's ``base_model_name_or_path`` to ``adapter/`` (`stream.record_path`).
 
     Returns:
         A `merit_lab.merging.stream.MergeReport`.
@@ -324,12 +329,13 @@ def merge_lora(
     base_hashes = file_hashes(base)
     base_fp = check_same_base(inputs, fingerprint_hashes(base_hashes))
     dtype0 = next(iter(base_ckpt.tensors.values()))[1]
-    mk, why_not = _mergekit_or_reason(inputs, w, dtype0)
+    mk, why_not = _mergekit_or_reason(inputs, w, dtype0, out_dir, relative_root)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         digests = write_lora_model(
             tmp, base_ckpt, adapters, w, shard_size=shard_size, progress=progress
         )
-        stacked = stack_adapters(adapters, w, tmp / ADAPTER_DIR, base_name=str(base.resolve()))
+        base_name = record_path(base, out_dir / ADAPTER_DIR, relative_root)  # θ0: absolute
+        stacked = stack_adapters(adapters, w, tmp / ADAPTER_DIR, base_name=base_name)
         if mk is not None:
             atomic_write_text(tmp / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
         out_hashes = {
@@ -352,10 +358,10 @@ def merge_lora(
             "weights": w,
             "params": {},
             "inputs": [
-                {"path": str(p.resolve()), "files": h}
+                {"path": record_path(p, out_dir, relative_root), "files": h}
                 for p, h in zip(inputs, in_hashes, strict=True)
             ],
-            "base": {"path": str(base.resolve()), "files": base_hashes},
+            "base": {"path": record_path(base, out_dir, relative_root), "files": base_hashes},
             "base_fingerprint": base_fp,
             "output": {"files": out_hashes, "n_tensors": len(base_ckpt.tensors), "dtype": dtype0},
             "lora": {

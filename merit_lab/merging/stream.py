@@ -3,7 +3,8 @@
 Streams one tensor at a time from every input through a registered merge method
 (`merit_lab.merging.methods`; token-weighted `linear` by default) into safetensors shards
 (reading, hashing and shard writing live in `merit_lab.models.checkpoints`), and records
-`merge_manifest.json` (in the versioned envelope) plus an equivalent `mergekit.yaml`.
+`merge_manifest.json` (in the versioned envelope) plus an equivalent `mergekit.yaml`. Paths
+under ``relative_root`` (a run's folder) are recorded relative to the merged folder (`record_path`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import inspect
 import keyword
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +52,8 @@ __all__ = [
     "merge_checkpoints",
     "merge_version",
     "mergekit_problem",
+    "read_recorded_path",
+    "record_path",
     "save_merge_manifest",
 ]
 
@@ -103,18 +107,32 @@ def check_same_base(inputs: Sequence[Path], base_fp: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- writing
+def record_path(path: str | Path, folder: str | Path, root: str | Path | None) -> str:
+    """How a file in ``folder`` records ``path``: relative to ``folder`` (POSIX) when ``path``
+    lies under ``root`` (a run's folder: the record stays true when the run moves), else
+    absolute. Tools that read such a file (mergekit, peft) are run from ``folder``."""
+    full = Path(path).resolve()
+    if root is not None:
+        top = Path(root).resolve()
+        if full == top or top in full.parents:
+            return Path(os.path.relpath(full, Path(folder).resolve())).as_posix()
+    return str(full)
+
+
+def read_recorded_path(value: str, folder: str | Path) -> Path:
+    """The path a record in ``folder`` names (`record_path`): a relative one is taken from
+    ``folder``; an absolute one is as it is."""
+    return Path(value) if Path(value).is_absolute() else Path(folder) / value
+
+
 def _mergekit_config(
-    inputs: Sequence[Path],
-    weights: Sequence[float],
-    base: Path | None,
-    method: str,
-    params: Mapping[str, float],
-    dtype: str,
+    req: _Request, method: str, dtype: str, root: str | Path | None = None
 ) -> dict:
+    inputs, weights, base, params = req.inputs, req.weights, req.base, req.params
     task_vector = method in ("task_arithmetic", "ties")
     models = [
         {
-            "model": str(p.resolve()),
+            "model": record_path(p, req.out_dir, root),
             "parameters": {"weight": w}
             | ({"density": params["density"]} if method == "ties" else {}),
         }
@@ -122,7 +140,7 @@ def _mergekit_config(
     ]
     cfg: dict[str, object] = {"merge_method": method if task_vector else "linear", "models": models}
     if task_vector:
-        cfg["base_model"] = str(base.resolve())  # type: ignore[union-attr]
+        cfg["base_model"] = record_path(base, req.out_dir, root)  # type: ignore[arg-type]
         cfg["parameters"] = {"lambda": params["lambda"], "normalize": method == "ties"}
     else:
         cfg["parameters"] = {"normalize": False}  # our weights already sum to 1
@@ -310,6 +328,7 @@ def _manifest(
     n_tensors: int,
     dtype: str,
     seconds: float,
+    root: str | Path | None = None,
 ) -> dict:
     """``merge_manifest.json``: method, weights, every input's and output's file hashes."""
     return {
@@ -318,10 +337,11 @@ def _manifest(
         "weights": req.weights,
         "params": req.params,
         "inputs": [
-            {"path": str(p.resolve()), "files": h}
+            {"path": record_path(p, req.out_dir, root), "files": h}
             for p, h in zip(req.inputs, in_hashes, strict=True)
         ],
-        "base": req.base and {"path": str(req.base.resolve()), "files": base_hashes},
+        "base": req.base
+        and {"path": record_path(req.base, req.out_dir, root), "files": base_hashes},
         "base_fingerprint": base_fp,
         "output": {"files": out_hashes, "n_tensors": n_tensors, "dtype": dtype},
         "merit_lab_version": merge_version(),
@@ -341,6 +361,7 @@ def merge_checkpoints(
     shard_size: int = 2**30,
     overwrite: bool = False,
     progress: bool = True,
+    relative_root: str | Path | None = None,
 ) -> MergeReport:
     """Merge K HF checkpoints into the HF folder ``out_dir``, one tensor at a time.
 
@@ -360,6 +381,9 @@ def merge_checkpoints(
         shard_size: most bytes of tensor data per output shard (a bigger tensor goes alone).
         overwrite: replace an existing ``out_dir``.
         progress: show a tqdm bar over tensors.
+        relative_root: inputs and base under this folder (the run's) are recorded in
+            ``merge_manifest.json`` and ``mergekit.yaml`` relative to ``out_dir``, so the
+            records stay true when that folder moves (`record_path`); others absolute.
 
     Returns:
         A `MergeReport`.
@@ -387,7 +411,7 @@ def merge_checkpoints(
         copy_side_files(req.base if req.base is not None else req.inputs[0], tmp)
         why_not = mergekit_problem(req.inputs[0])
         if why_not is None:
-            mk = _mergekit_config(req.inputs, req.weights, req.base, method, req.params, dtype0)
+            mk = _mergekit_config(req, method, dtype0, relative_root)
             atomic_write_text(tmp / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
         out_hashes = {
             p.name: digests.get(p.name) or sha256_file(p)
@@ -397,7 +421,15 @@ def merge_checkpoints(
         in_hashes = [{name: job.result() for name, job in jobs.items()} for jobs in in_jobs]
         seconds = time.perf_counter() - t0
         manifest = _manifest(
-            req, in_hashes, base_hashes, base_fp, out_hashes, n_tensors, dtype0, seconds
+            req,
+            in_hashes,
+            base_hashes,
+            base_fp,
+            out_hashes,
+            n_tensors,
+            dtype0,
+            seconds,
+            relative_root,
         )
         manifest["mergekit_export"] = None if why_not else "mergekit.yaml"
         manifest["mergekit_export_reason"] = why_not or "the same merge as a mergekit config"

@@ -1,9 +1,10 @@
 """Split methods: the registry that turns a conflict space into a `Partition` of K groups.
 
-Input: a ``ConflictSpace`` (or just names for the random baseline) and per-source example and
-token counts. Output: a `Partition`: the paper's balanced PCA split (`split_balanced`, any K with
-`split_balanced_k`), and the random and k-means baselines, by name through `PARTITION_METHODS` /
-`make_partition`.
+Input: a ``ConflictSpace`` (or just names for the random baseline), per-source example and
+token counts and, for ``gain``, the gradient rows. Output: a `Partition`: the paper's balanced
+PCA split (`split_balanced`, any K with `split_balanced_k`), the random and k-means baselines
+and the gain-searched split (`split_gain`; the search is `merit_lab.partition.search`), by name
+through `PARTITION_METHODS` / `make_partition`.
 
 One size unit: the splits balance ``tokens``, the same counts that set the merge weights
 (w_k = N_k / Σ_j N_j). A run passes each source's train *response* tokens, the tokens its loss
@@ -16,18 +17,24 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
+from torch import Tensor
 
 from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.partition.gain import predict_gain
 from merit_lab.partition.plan import Partition, check_counts
+from merit_lab.partition.search import check_gain_rows, search_gain_split
 
 __all__ = [
     "PARTITION_METHODS",
+    "ROW_METHODS",
     "make_partition",
     "partition_method",
     "split_balanced",
     "split_balanced_k",
+    "split_gain",
     "split_kmeans",
     "split_random",
 ]
@@ -212,13 +219,19 @@ def split_kmeans(
 # one function registered here; `make_partition`, the config and the editor then know it.
 PartitionMethod = Callable[..., Partition]
 PARTITION_METHODS: dict[str, PartitionMethod] = {}
+ROW_METHODS: set[str] = set()  # methods that also take the gradient rows (rows=, row_names=)
 
 
-def partition_method(name: str) -> Callable[[PartitionMethod], PartitionMethod]:
-    """Register ``fn(space, examples, tokens, *, r, k, seed)`` as partition method ``name``."""
+def partition_method(
+    name: str, *, needs_rows: bool = False
+) -> Callable[[PartitionMethod], PartitionMethod]:
+    """Register ``fn(space, examples, tokens, *, r, k, seed)`` as partition method ``name``;
+    ``needs_rows``: it is also called with ``rows=`` and ``row_names=`` (the gradient bank)."""
 
     def register(fn: PartitionMethod) -> PartitionMethod:
         PARTITION_METHODS[name] = fn
+        if needs_rows:
+            ROW_METHODS.add(name)
         return fn
 
     return register
@@ -241,6 +254,62 @@ def _make_kmeans(space, examples, tokens, *, r, k, seed) -> Partition:
     return split_kmeans(space, examples, tokens, k=k if k is not None else 2**r, seed=seed)
 
 
+@partition_method("gain", needs_rows=True)
+def _make_gain(space, examples, tokens, *, r, k, seed, rows, row_names) -> Partition:
+    k = k if k is not None else 2**r
+    return split_gain(space, examples, tokens, rows, row_names, k=k, seed=seed)
+
+
+def split_gain(
+    space: ConflictSpace,
+    examples: Mapping[str, int],
+    tokens: Mapping[str, int],
+    rows: np.ndarray | Tensor | None,
+    row_names: Sequence[str] | None,
+    *,
+    k: int,
+    seed: int = 0,
+    restarts: int = 50,
+) -> Partition:
+    """The gain-searched split: the balanced K-group split with the largest predicted merging
+    gain that a seeded swap search from MERIT's PCA-median split finds (`search_gain_split`).
+
+    Balance: every group's tokens stay within the PCA-median split's own largest deviation from
+    the even share W/K (its tolerance τ); see `merit_lab.partition.search`. ``params`` record
+    the predicted gain (H = I) of this split and of the PCA-median (``balanced``), random and
+    k-means splits at the same K and seed (``kmeans``: None where k-means finds fewer than K
+    clusters).
+
+    Args:
+        rows: (T', d) gradient rows (the bank); ``row_names`` (T',) must include every source of
+            ``space`` (others are ignored).
+        k: number of groups, 1 ≤ k ≤ T (the PCA start needs ⌈log2 k⌉ axes with variance).
+        seed: the search's, and the random and k-means baselines'.
+
+    Raises:
+        ValueError: before any work, for an objective it cannot evaluate (no rows, a source
+            without a row, non-finite or all-zero rows) or K < 1, K > T, bad counts.
+    """
+    names = space.names
+    _check_k(k, len(names))
+    check_counts(examples, names, "examples")
+    check_counts(tokens, names, "tokens")
+    if isinstance(restarts, bool) or not isinstance(restarts, numbers.Integral) or restarts < 0:
+        raise ValueError(f"restarts must be a non-negative integer, got {restarts!r}")
+    x = check_gain_rows(names, rows, row_names)
+    start = split_balanced_k(space, examples, tokens, k=k)
+    found = search_gain_split(start, x, names, seed=seed, restarts=restarts)
+    gains = dict(found.params["predicted_gain"])
+    gains["random"] = predict_gain(split_random(names, examples, tokens, k=k, seed=seed), x, names)
+    try:
+        gains["kmeans"] = predict_gain(
+            split_kmeans(space, examples, tokens, k=k, seed=seed), x, names
+        )
+    except ValueError:  # fewer than k distinct clusters: no k-means baseline at this K
+        gains["kmeans"] = None
+    return replace(found, params={**found.params, "predicted_gain": gains})
+
+
 def make_partition(
     space: ConflictSpace,
     examples: Mapping[str, int],
@@ -250,10 +319,14 @@ def make_partition(
     r: int | None = None,
     k: int | None = None,
     seed: int = 0,
+    rows: np.ndarray | Tensor | None = None,
+    row_names: Sequence[str] | None = None,
 ) -> Partition:
     """A partition by method name (`PARTITION_METHODS`); ``r`` gives K = 2^r, else ``k`` is K.
 
     ``examples``/``tokens`` may hold more sources than ``space`` (only the space's are used).
+    ``rows`` (T', d) and ``row_names`` (T',): the gradient bank, for the methods that score
+    splits on it (`ROW_METHODS`: ``gain``); the others ignore them.
     """
     if r is None and k is None:
         raise ValueError("give r (K = 2^r groups) or k")
@@ -263,4 +336,5 @@ def make_partition(
         )
     ex = {s: examples[s] for s in space.names if s in examples}
     tok = {s: tokens[s] for s in space.names if s in tokens}
-    return PARTITION_METHODS[method](space, ex, tok, r=r, k=k, seed=seed)
+    extra = {"rows": rows, "row_names": row_names} if method in ROW_METHODS else {}
+    return PARTITION_METHODS[method](space, ex, tok, r=r, k=k, seed=seed, **extra)

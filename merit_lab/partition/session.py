@@ -278,7 +278,15 @@ class EditSession:
         part = self.partition
         space = self.space.select([s for s in self.space.names if s in part.tokens])
         new = make_partition(
-            space, dict(part.examples), dict(part.tokens), method=method, r=r, k=k, seed=seed
+            space,
+            dict(part.examples),
+            dict(part.tokens),
+            method=method,
+            r=r,
+            k=k,
+            seed=seed,
+            rows=self.rows,
+            row_names=None if self.rows is None else self.space.names,
         )
         entry = {
             "op": "split",

@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_edit_session": "analysis",
     "make_partition": "analysis",
     "save_convergence": "analysis",
+    "load_fold_stability": "folds",
     "STAGES": "runner",
     "run_pipeline": "runner",
     "run_summary": "runner",

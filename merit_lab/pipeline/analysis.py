@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
 from merit_lab.config.schema import RunConfig, config_hash
+from merit_lab.data.checks import mixture_overlaps, read_hash_list
 from merit_lab.data.formatting import count_overflow, tokenize_example
 from merit_lab.data.mixture import (
     SPLITS,
@@ -52,9 +53,10 @@ from merit_lab.models.loading import (
     resolve_dtype,
     resolve_model_path,
 )
-from merit_lab.partition.methods import make_partition
+from merit_lab.partition.methods import ROW_METHODS, make_partition
 from merit_lab.partition.plan import Partition
 from merit_lab.partition.session import EditSession
+from merit_lab.pipeline.folds import save_fold_stability
 from merit_lab.pipeline.layers import (
     bank_calibration,
     conflict_key,
@@ -174,6 +176,8 @@ def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
     )
     for entry in sources:
         entry["shortfall"] = short.get(entry["name"], {}).get("shortfall", "")
+    hashes = cfg.mixture.overlap_hashes
+    overlaps = mixture_overlaps(mixture.sources, read_hash_list(hashes) if hashes else None)
     atomic_write_json(
         run.mixture,
         {
@@ -187,6 +191,7 @@ def stage_mixture(cfg: RunConfig, run: RunDir) -> bool:
                 "max_length": lengths,
             },
             "sources": sources,
+            "overlaps": overlaps,  # duplicates across sources, eval in train, listed examples
         },
     )
     return True
@@ -207,6 +212,7 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
         content,
         fingerprint,
         *_lora_bank_settings(cfg),  # nothing unless calibration.lora_warmup_steps
+        *([{"folds": cfg.calibration.folds}] if cfg.calibration.folds > 1 else []),
     )
     if run.is_current("gradients", key) and layers_current(cfg, run, content, fingerprint):
         log.info("gradients: up to date")
@@ -216,7 +222,7 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
     else:
         bank = _one_process_bank(cfg, run, names, content, model_path, fingerprint)
     info = {**bank.info, "stage_key": key, "model_source": model_source(cfg.model)}
-    GradientBank(bank.names, bank.rows, info, bank.stats).save(run.gradients)
+    dataclasses.replace(bank, info=info).save(run.gradients)  # with its fold rows
     save_layers(cfg, run, bank, content, fingerprint)  # calibration.layer_groups (layers.py)
     return True
 
@@ -262,6 +268,7 @@ def _bank_settings(cfg: RunConfig) -> dict:
         max_length=cal.max_length,
         long_examples=cfg.mixture.long_examples,
         preset=par.preset,
+        folds=cal.folds,
     )
 
 
@@ -317,21 +324,22 @@ def _sharded_bank(
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     request["dtype"] = str(dtype).removeprefix("torch.")
     info = _earlier_info(run.gradients, request)
-    done = current_sources(run.gradients, names, info, content) if info else []
+    folds = cfg.calibration.folds
+    done = current_sources(run.gradients, names, info, content, folds) if info else []
     todo = [s for s in names if s not in done]
     throughput: dict = {"tokens": 0, "seconds": 0.0, "sources": 0, "workers": {}}
     if todo:
         info, throughput = _launch_workers(
             cfg, run, todo, content, model_path, fingerprint, info, adapter
         )
-    bank = assemble_bank(run.gradients, names, info, content)
+    bank = assemble_bank(run.gradients, names, info, content, folds)
     log.info(
         "gradients: %d sources by %d workers, %d reused",
         len(todo),
         len(throughput["workers"]),
         len(done),
     )
-    return GradientBank(bank.names, bank.rows, {**info, "throughput": throughput}, bank.stats)
+    return dataclasses.replace(bank, info={**info, "throughput": throughput})
 
 
 def _earlier_info(folder: Path, request: dict) -> dict | None:
@@ -405,9 +413,10 @@ def _launch_workers(
 
 def stage_conflict(cfg: RunConfig, run: RunDir) -> bool:
     bank_key = conflict_key(cfg, run)  # the bank's (and partition.layer_group's: layers.py)
+    folds_redone = save_fold_stability(cfg, run)  # fold_stability.json, its own key (folds.py)
     if run.is_current("conflict", bank_key):
         log.info("conflict: up to date")
-        return False
+        return folds_redone
     names, rows = conflict_rows(cfg, run)
     data = compute_conflict_space(rows, names).to_dict()
     data["bank_key"] = bank_key
@@ -429,7 +438,11 @@ def stage_partition(cfg: RunConfig, run: RunDir) -> bool:
     space = ConflictSpace.load(run.conflict)
     examples, tokens = source_counts(run)
     p = cfg.partition
-    part = make_partition(space, examples, tokens, method=p.method, r=p.r, k=p.k, seed=p.seed)
+    bank = run.load_bank() if p.method in ROW_METHODS else None  # `gain` scores on the bank
+    rows = {} if bank is None else {"rows": bank.rows, "row_names": bank.names}
+    part = make_partition(
+        space, examples, tokens, method=p.method, r=p.r, k=p.k, seed=p.seed, **rows
+    )
     data = part.to_dict()
     data["params"] = {**data.get("params", {}), "stage_key": key}
     atomic_write_json(run.partition, data)

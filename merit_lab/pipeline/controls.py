@@ -53,11 +53,12 @@ def load_controls(run_dir: str | Path) -> dict[str, Any]:
 
 
 class _Distances:
-    """‖θ − θ0‖ of folders, each measured once per weights: ``cache`` maps a folder to the key
-    of the weights it was measured on (their fingerprint, or a cheaper key) and the distance."""
+    """‖θ − θ0‖ of folders, each measured once per weights: ``cache`` maps a folder (relative to
+    ``root``, so the cache moves with the run) to the key of the weights it was measured on
+    (their fingerprint, or a cheaper key) and the distance."""
 
-    def __init__(self, base: Path, base_fp: str, cache: dict[str, Any]) -> None:
-        self.base, self.base_fp = base, base_fp
+    def __init__(self, base: Path, base_fp: str, cache: dict[str, Any], root: Path) -> None:
+        self.base, self.base_fp, self.root = base, base_fp, root
         same = cache.get("base_fingerprint") == base_fp
         self.cache = {"base_fingerprint": base_fp, "folders": dict(cache.get("folders", {}))}
         if not same:
@@ -70,10 +71,11 @@ class _Distances:
             if folder not in self._fingerprints:
                 self._fingerprints[folder] = fingerprint_checkpoint(folder)
             key = self._fingerprints[folder]
-        seen = self.cache["folders"].get(str(folder))
+        name = _rel(folder, self.root)
+        seen = self.cache["folders"].get(name)
         if seen is None or seen["key"] != key:
             seen = {"key": key, "distance": distance_to_base(folder, self.base)}
-            self.cache["folders"][str(folder)] = seen
+            self.cache["folders"][name] = seen
         return float(seen["distance"]), key
 
 
@@ -83,7 +85,7 @@ def _snapshot_distances(joint: Path, final_distance: float, measure: _Distances)
     ``snapshot.json`` and weight file sizes (a snapshot is written once, never rewritten)."""
     path = joint / "snapshots" / DISTANCES_FILE
     old = read_json(path) if path.is_file() else {}
-    local = _Distances(measure.base, measure.base_fp, old)
+    local = _Distances(measure.base, measure.base_fp, old, path.parent)
     out = [[0, 0.0]]
     for step, folder in list_snapshots(joint):
         sizes = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors"))
@@ -123,7 +125,9 @@ def _current(entry: dict | None, key: str, folder: Path, kind: str) -> bool:
     return has and read_json(folder / CONTROL_INFO).get("key") == key
 
 
-def _shrink(cfg: RunConfig, row: ModelRow, base: Path, target: float, joint_d: float) -> dict:
+def _shrink(
+    cfg: RunConfig, row: ModelRow, base: Path, target: float, joint_d: float, root: Path
+) -> dict:
     try:
         alpha = shrink_alpha(joint_d, target)
     except ValueError as e:
@@ -136,6 +140,7 @@ def _shrink(cfg: RunConfig, row: ModelRow, base: Path, target: float, joint_d: f
         target_distance=target,
         shard_size=cfg.merge.shard_size,
         overwrite=True,
+        relative_root=root,  # the joint run: relative, so the record moves with the run
     )
     measured = load_merge_manifest(row.model_dir)["control"]["distance_to_base"]
     return {"status": DONE, "alpha": alpha, "distance_to_base": measured}
@@ -167,7 +172,8 @@ def _make(cfg: RunConfig, row: ModelRow, key: str, facts: dict, snaps: list, run
     """Build one control (or find it not reachable) and record it in its folder."""
     base = Path(resolve_model_path(cfg.model))
     if row.kind == "shrink":
-        result = _shrink(cfg, row, base, facts["target_distance"], facts["joint_distance"])
+        target, joint_d = facts["target_distance"], facts["joint_distance"]
+        result = _shrink(cfg, row, base, target, joint_d, run.root)
     else:
         result = _early(row, facts["target_distance"], snaps, run.root)
     if result["status"] != DONE:
@@ -200,7 +206,7 @@ def write_controls(cfg: RunConfig) -> list[dict]:
         return []
     base = Path(resolve_model_path(cfg.model))
     old = load_controls(run.root)
-    measure = _Distances(base, fingerprint_checkpoint(base), old.get("cache", {}))
+    measure = _Distances(base, fingerprint_checkpoint(base), old.get("cache", {}), run.root)
     record: dict[str, Any] = {"rows": {}, "joints": {}, "controls": {}}
     done, snapshots = [], {}
     for row in rows:

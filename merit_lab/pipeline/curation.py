@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from merit_lab.config.schema import ExperimentConfig, RunConfig
-from merit_lab.partition.methods import make_partition
+from merit_lab.partition.methods import ROW_METHODS, make_partition
 from merit_lab.partition.plan import Partition
 from merit_lab.pipeline.rundir import RunDir, source_counts
 
@@ -99,8 +99,10 @@ def _curated_split(cfg: RunConfig, exp: ExperimentConfig, cur: Curation) -> Part
         examples, tokens = dict(cur.partition.examples), dict(cur.partition.tokens)
     else:
         examples, tokens = source_counts(run)
+    bank = run.load_bank() if exp.method in ROW_METHODS else None  # `gain` scores on the bank
+    rows = {} if bank is None else {"rows": bank.rows, "row_names": bank.names}
     part = make_partition(
-        space, examples, tokens, method=exp.method, r=exp.r, k=exp.k, seed=exp.seed
+        space, examples, tokens, method=exp.method, r=exp.r, k=exp.k, seed=exp.seed, **rows
     )
     if cur.fractions or cur.dropped or cur.excluded:
         part = replace(part, fractions=cur.fractions, dropped=cur.dropped, excluded=cur.excluded)

@@ -20,6 +20,7 @@ trains on the same token budget as all branches of a split together.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from merit_lab.data.mixture import Mixture
 from merit_lab.evaluation.evaluate import EVAL_METRICS, evaluate_model
 from merit_lab.evaluation.heldout import HELDOUT_SPLIT, load_heldout
 from merit_lab.evaluation.lm_eval import run_lm_eval
+from merit_lab.evaluation.lmms_eval import run_lmms_eval
 from merit_lab.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -42,13 +44,20 @@ from merit_lab.io import (
     sha256_file,
 )
 from merit_lab.merging.lora import merge_lora
-from merit_lab.merging.stream import merge_checkpoints
+from merit_lab.merging.stream import merge_checkpoints, record_path
 from merit_lab.models.checkpoints import fingerprint_checkpoint
 from merit_lab.models.loading import load_model, load_tokenizer, resolve_model_path
+from merit_lab.models.lora import ADAPTER_CONFIG, ADAPTER_DIR
 from merit_lab.pipeline.controls import DONE, load_controls
 from merit_lab.pipeline.curation import mixture_names
 from merit_lab.pipeline.rows import CONTROL_KINDS, SNAPSHOT, ModelRow, model_rows, plan_specs
-from merit_lab.pipeline.rundir import SIZE_UNIT, RunDir, load_run_mixture, writes_run
+from merit_lab.pipeline.rundir import (
+    SIZE_UNIT,
+    RunDir,
+    load_run_mixture,
+    run_config,
+    writes_run,
+)
 from merit_lab.training.branch_log import MANIFEST
 from merit_lab.training.launch import launch_branches
 from merit_lab.training.snapshots import SNAPSHOT_INFO
@@ -64,21 +73,27 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_UNSET_OK = ("lm_eval", "heldout")  # eval fields left out of the cache key while unset
+_UNSET_OK = ("lm_eval", "heldout", "lmms_eval")  # eval fields left out of the cache key while unset
 
 
 def _run(cfg: RunConfig) -> RunDir:
+    """The run of ``cfg``: ``<output_dir>/<name>`` for a config being run, the folder itself for
+    one read from a run folder (`RunDir.load_config` locates it there)."""
     return RunDir(Path(cfg.run_dir))
 
 
 @writes_run
-def train_experiments(cfg: RunConfig, experiments: Sequence[str] | None = None) -> list[Path]:
-    """Train every branch and joint run not yet done, with the configured launcher.
+def train_experiments(
+    cfg: RunConfig | RunDir | str | Path, experiments: Sequence[str] | None = None
+) -> list[Path]:
+    """Train every branch and joint run not yet done, with the configured launcher (``cfg``: a
+    config, or a run folder: `run_config`).
 
     Returns:
         The ``final/`` folders, each once.
     """
 
+    cfg = run_config(cfg)
     unique: dict[str, object] = {}
     for specs in plan_specs(cfg, experiments).values():
         for s in specs:
@@ -101,8 +116,9 @@ def _merge_key(row: ModelRow, weights: Sequence[float], params: dict) -> str:
 
 
 @writes_run
-def merge_rows(cfg: RunConfig) -> list[dict]:
-    """Merge every split and soup row once; skip merges whose inputs and settings are unchanged.
+def merge_rows(cfg: RunConfig | RunDir | str | Path) -> list[dict]:
+    """Merge every split and soup row once; skip merges whose inputs and settings are unchanged
+    (``cfg``: a config, or a run folder: `run_config`).
 
     Linear weights are each branch's trained response tokens (the run's `SIZE_UNIT`) over the
     total, w_k = N_k / Σ_j N_j, read from the branches' ``merit_branch.json``; they equal the
@@ -113,6 +129,7 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
         Per merged row: label, method, weights, seconds (0 when skipped), output folder.
     """
 
+    cfg = run_config(cfg)
     run, base = _run(cfg), Path(resolve_model_path(cfg.model))
     done = []
     for row in model_rows(cfg):
@@ -128,7 +145,7 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
         key = _merge_key(row, weights or [], params)
         manifest = row.model_dir / "merge_manifest.json"
         if run.is_current("merged", key, row.label):
-            _repoint_merge_records(row, base if base.is_dir() else None)
+            _repoint_merge_records(row, base if base.is_dir() else None, run.root)
             weights = read_json(manifest)["weights"]  # as the merge that made it recorded them
             done.append(
                 {"label": row.label, "method": row.merge_method, "weights": weights, "seconds": 0.0}
@@ -145,6 +162,7 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
                 method=row.merge_method,
                 shard_size=cfg.merge.shard_size,
                 overwrite=True,
+                relative_root=run.root,
             )
         else:
             report = merge_checkpoints(
@@ -156,6 +174,7 @@ def merge_rows(cfg: RunConfig) -> list[dict]:
                 params=params,
                 shard_size=cfg.merge.shard_size,
                 overwrite=True,
+                relative_root=run.root,  # the branches: relative, so the records move with it
             )
         _stamp_manifest(manifest, key, tokens)
         done.append(
@@ -176,38 +195,51 @@ def _stamp_manifest(path: Path, key: str, tokens: Sequence[int]) -> None:
     atomic_write_json(path, data)
 
 
-def _repoint_merge_records(row: ModelRow, base: Path | None) -> None:
-    """Point a current merge's records (``merge_manifest.json``, ``mergekit.yaml``) at where its
-    inputs are now, after the run (or θ0) moved: the same files, so every hash stays true."""
+def _repoint_merge_records(row: ModelRow, base: Path | None, root: Path) -> None:
+    """Write a current merge's records as a merge made now would (`record_path`): the inputs
+    inside the run relative to the merged folder, θ0 where it is now. A run that moved, θ0 that
+    moved, or a run from before relative records (absolute paths to where it was) is put right
+    without re-merging: the weights are the same files, so their hashes stay true; the
+    rewritten records' hashes are updated in ``merge_manifest.json``."""
     import yaml
 
-    path = row.model_dir / "merge_manifest.json"
-    data = read_json(path)
-    inputs = [str(p.resolve()) for p in row.inputs]
-    base_path = str(base.resolve()) if base is not None else None
-    recorded_base = (data.get("base") or {}).get("path")
-    if [i["path"] for i in data["inputs"]] == inputs and recorded_base in (None, base_path):
-        return
+    folder = row.model_dir
+    data = read_json(folder / "merge_manifest.json")
+    files = data["output"]["files"]
+    inputs = [record_path(p, folder, root) for p in row.inputs]
+    changed = [i["path"] for i in data["inputs"]] != inputs
     for entry, p in zip(data["inputs"], inputs, strict=True):
         entry["path"] = p
-    if recorded_base is not None and base_path is not None:
-        data["base"]["path"] = base_path
-    mk_path = row.model_dir / "mergekit.yaml"
+    base_path = record_path(base, folder, root) if base is not None else None
+    if data.get("base") and base_path is not None and data["base"]["path"] != base_path:
+        data["base"]["path"], changed = base_path, True
+    mk_path = folder / "mergekit.yaml"
     if mk_path.is_file():
         mk = yaml.safe_load(mk_path.read_text(encoding="utf-8"))
+        was = copy.deepcopy(mk)
         for model, p in zip(mk["models"], inputs, strict=True):
             model["model"] = p
         if "base_model" in mk and base_path is not None:
             mk["base_model"] = base_path
-        atomic_write_text(mk_path, yaml.safe_dump(mk, sort_keys=False))
-        data["output"]["files"]["mergekit.yaml"] = sha256_file(mk_path)
-    atomic_write_json(path, data)
-    log.info("%s: merge records re-pointed at the inputs' new location", row.label)
+        if mk != was:
+            atomic_write_text(mk_path, yaml.safe_dump(mk, sort_keys=False))
+            files["mergekit.yaml"], changed = sha256_file(mk_path), True
+    adapter = folder / ADAPTER_DIR / ADAPTER_CONFIG  # a LoRA merge's stacked adapter: θ0
+    if adapter.is_file() and base is not None:
+        ad = read_json(adapter)
+        name = record_path(base, adapter.parent, root)
+        if ad.get("base_model_name_or_path") != name:
+            atomic_write_json(adapter, {**ad, "base_model_name_or_path": name})
+            files[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"], changed = sha256_file(adapter), True
+    if changed:
+        atomic_write_json(folder / "merge_manifest.json", data)
+        log.info("%s: merge records re-pointed at the inputs' new location", row.label)
 
 
 @writes_run
-def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
-    """Evaluate every row on the same held-out examples; cache one parquet per row.
+def evaluate_rows(cfg: RunConfig | RunDir | str | Path, *, progress: bool = True) -> pd.DataFrame:
+    """Evaluate every row on the same held-out examples; cache one parquet per row (``cfg``: a
+    config, or a run folder: `run_config`).
 
     A row is re-evaluated only when its weights or the evaluation settings changed (the cache
     key is the model folder's weight fingerprint and the eval config).
@@ -217,6 +249,7 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
         metric, value, n; ``.attrs["evaluated"]`` lists the rows scored in this call.
     """
 
+    cfg = run_config(cfg)
     run = _run(cfg)
     mixture = load_run_mixture(cfg)
     names = mixture_names(cfg)
@@ -290,6 +323,19 @@ def evaluate_rows(cfg: RunConfig, *, progress: bool = True) -> pd.DataFrame:
                     row.model_dir,
                     e.lm_eval["tasks"],
                     label=row.label,
+                    model=model,
+                    tokenizer=tokenizer,
+                    **opts,
+                )
+            )
+        if e.lmms_eval:  # lmms-eval image-text benchmarks on the loaded model: "lmms-eval" rows
+            opts = {k: v for k, v in e.lmms_eval.items() if k != "tasks"}
+            parts.append(
+                run_lmms_eval(
+                    row.model_dir,
+                    e.lmms_eval["tasks"],
+                    label=row.label,
+                    output_dir=run.eval_dir / "lmms-eval" / row.label.replace("/", "_"),
                     model=model,
                     tokenizer=tokenizer,
                     **opts,

@@ -9,9 +9,9 @@ run.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from merit_lab.config.schema import load_config
 from merit_lab.pipeline.rows import plan_specs
 from merit_lab.pipeline.rundir import RunDir
 from merit_lab.training.exports import EXPORT_FORMATS, export_branches
@@ -29,9 +29,7 @@ def run_specs(run_dir: str | Path) -> dict[str, BranchSpec]:
     as `plan_specs` plans them (it writes only a split's ``partition.json``, as training does).
     """
     run = RunDir(Path(run_dir))
-    if not run.config.is_file():
-        raise FileNotFoundError(f"{run.root}: not a run directory (no config.yaml)")
-    cfg = load_config(run.config, output_dir=str(run.root.parent), name=run.root.name)
+    cfg = run.load_config()  # located at run_dir: every branch folder is this run's
     exps = {e.name: e for e in cfg.experiments}
     out: dict[str, BranchSpec] = {}
     for name, specs in plan_specs(cfg).items():
@@ -42,7 +40,12 @@ def run_specs(run_dir: str | Path) -> dict[str, BranchSpec]:
             else:
                 label = name if kind == "joint" else spec.name
             saved = Path(spec.output_dir) / "spec.json"
-            out[label] = BranchSpec.load(saved) if saved.is_file() else spec
+            # the folder that holds spec.json is the branch's, whatever an older one stored
+            out[label] = (
+                replace(BranchSpec.load(saved), output_dir=spec.output_dir)
+                if saved.is_file()
+                else spec
+            )
     return out
 
 

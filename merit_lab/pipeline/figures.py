@@ -16,11 +16,14 @@ import pandas as pd
 
 from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.evaluation.lm_eval import summarize_lm_eval
+from merit_lab.evaluation.lmms_eval import summarize_lmms_eval
 from merit_lab.io import atomic_write_text
 from merit_lab.pipeline.controls import load_controls
+from merit_lab.pipeline.folds import load_fold_stability
 from merit_lab.pipeline.report import training_logs
 from merit_lab.pipeline.report_controls import frontier_of
 from merit_lab.pipeline.report_diagnostics import diagnostics_figures
+from merit_lab.pipeline.report_folds import fold_figures
 from merit_lab.pipeline.report_seeds import seed_tables
 from merit_lab.pipeline.rows import SNAPSHOT, model_rows
 from merit_lab.pipeline.rundir import RunDir, load_source_table
@@ -67,6 +70,9 @@ FIGURE_NAMES = (
     "gradient_convergence",
     "diag_displacement",
     "diag_perturbation",
+    "fold_cosine",
+    "fold_agreement",
+    "fold_flips",
 )
 FIGURE_PREFIXES = ("compare_", "seeds_", "diag_paths_", "diag_spectral_")
 # Figures that need the full page width: many tick labels, 3-D scenes, many grouped bars.
@@ -74,6 +80,7 @@ WIDE_STEMS = (
     "conflict_clustermap",
     "conflict_heatmap",
     "conflict_scatter_3d",
+    "fold_cosine",
     "compare_",
     "diag_disp",
     "diag_paths",
@@ -132,6 +139,11 @@ def _eval_figures(run: RunDir) -> dict[str, Figure]:
         figs["compare_lm_eval"] = plot_comparison(
             values, metric="lm-eval score", spread=stderr, xaxis="task and metric"
         )
+    values, stderr = summarize_lmms_eval(table, order)  # eval.lmms_eval's scores, 0-100
+    if not values.empty:
+        figs["compare_lmms_eval"] = plot_comparison(
+            values, metric="score (0-100)", spread=stderr, xaxis="benchmark"
+        )
     return figs
 
 
@@ -150,8 +162,9 @@ def collect_figures(run_dir: str | Path) -> dict[str, Figure]:
     (``z = C[order][:, order]``), ``conflict_scatter`` and ``conflict_scatter_3d`` (coloured by
     group, or by family before the partition stage) and ``explained_variance``. Then, as their
     files exist: ``compare_<metric>`` (``eval.parquet``), ``frontier`` (controls or joint
-    snapshots), ``training`` (branch and joint logs), ``diag_*`` (``diagnostics/``) and
-    ``gradient_convergence`` (``convergence.parquet``).
+    snapshots), ``training`` (branch and joint logs), ``diag_*`` (``diagnostics/``),
+    ``gradient_convergence`` (``convergence.parquet``) and ``fold_cosine``, ``fold_agreement``,
+    ``fold_flips`` (``fold_stability.json``).
     """
     run = RunDir(Path(run_dir))
     if not run.conflict.exists():
@@ -166,6 +179,9 @@ def collect_figures(run_dir: str | Path) -> dict[str, Figure]:
         figs |= _diagnostics_figures(run)
     if run.convergence.exists():
         figs["gradient_convergence"] = plot_gradient_convergence(pd.read_parquet(run.convergence))
+    folds = load_fold_stability(run.root)  # fold_stability.json: every run with fold rows
+    if folds is not None:
+        figs |= fold_figures(folds)
     return figs
 
 

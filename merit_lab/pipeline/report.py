@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from merit_lab.config.schema import RunConfig
+from merit_lab.data.checks import overlap_lines
 from merit_lab.evaluation.evaluate import summarize_eval
 from merit_lab.io import atomic_write_json, atomic_write_text, read_json
 from merit_lab.merging.stream import load_merge_manifest
@@ -36,6 +37,8 @@ from merit_lab.pipeline.report_controls import (
 from merit_lab.pipeline.report_curation import curated_mixture_table, edit_log_table
 from merit_lab.pipeline.report_diagnostics import diagnostics_section
 from merit_lab.pipeline.report_lm_eval import lm_eval_lines
+from merit_lab.pipeline.report_lmms_eval import lmms_eval_lines, lmms_eval_record
+from merit_lab.pipeline.report_partition import gain_search_lines, on_demand_lines
 from merit_lab.pipeline.report_seeds import heldout_record, seeds_lines, seeds_record, style_lines
 from merit_lab.pipeline.rows import SNAPSHOT, ModelRow, model_rows
 from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir, load_source_table
@@ -155,12 +158,12 @@ def results_record(ctx: ReportContext) -> dict:
             }
     return {
         "run": ctx.cfg.name,
-        "model": ctx.cfg.model,
-        "mixture": str(ctx.cfg.mixture.path),
+        **_given_paths(ctx),
         "models": list(ctx.order),
         "held_out_examples_per_metric": int(held.groupby("model")["n"].sum().iloc[0]),
         "metrics": metrics,
         **heldout_record(table, ctx.order),
+        **lmms_eval_record(table, ctx.order),
         **seeds_record(table, _shown(ctx)),
         **controls_record(ctx.controls),
         **frontier_record(ctx.frontier),
@@ -197,15 +200,21 @@ def training_logs(run_dir: str | Path) -> dict[str, list[dict]]:
     return {str(p.parent.relative_to(run.root)): read_log(p) for p in run.training_logs()}
 
 
+def _given_paths(ctx: ReportContext) -> dict[str, str]:
+    """θ0 and the mixture as the config names them (read from anywhere, the report is the same)."""
+    given = ctx.run.config_as_given()
+    return {"model": given.model, "mixture": str(given.mixture.path)}
+
+
 # ---------------------------------------------------------------------------------- sections
 @report_section("header")
 def header_section(ctx: ReportContext) -> list[str]:
     cfg, tr = ctx.cfg, ctx.cfg.train
-    src = ctx.sources
+    src, given = ctx.sources, _given_paths(ctx)
     return [
         f"# MERIT run `{cfg.name}`",
         "",
-        f"- base model θ0: `{cfg.model}`; mixture `{cfg.mixture.path}`: "
+        f"- base model θ0: `{given['model']}`; mixture `{given['mixture']}`: "
         f"{len(src)} sources, {int(src['examples'].sum())} train examples, "
         f"{int(src['tokens'].sum())} train response tokens (the size unit of the split and the "
         "merge weights)",
@@ -249,6 +258,16 @@ def long_and_small_section(ctx: ReportContext) -> list[str]:
         markdown_table(table),
         "",
     ]
+
+
+@report_section("mixture overlaps")
+def mixture_overlaps_section(ctx: ReportContext) -> list[str]:
+    # absent in runs made before the check; a clean mixture is only in mixture.json
+    overlaps = ctx.run.read_mixture().get("overlaps")
+    found = overlaps and (overlaps["duplicates"]["groups"] or overlaps["eval_in_train"]["n"])
+    if not found and not (overlaps or {}).get("hash_list"):
+        return []
+    return ["## What the mixture holds twice", "", *overlap_lines(overlaps), ""]
 
 
 def long_and_small_table(mixture: dict) -> pd.DataFrame:
@@ -384,6 +403,11 @@ def lm_eval_section(ctx: ReportContext) -> list[str]:
     return lm_eval_lines(ctx.eval_table, ctx.order, ctx.figure)
 
 
+@report_section("lmms-eval")
+def lmms_eval_section(ctx: ReportContext) -> list[str]:
+    return lmms_eval_lines(ctx.eval_table, ctx.order, ctx.figure)
+
+
 @report_section("token budget")
 def token_budget_section(ctx: ReportContext) -> list[str]:
     budget = token_budget(ctx.cfg)
@@ -424,6 +448,8 @@ def conflict_space_section(ctx: ReportContext) -> list[str]:
         "",
         f"Explained variance of the normalised source gradients: {ev}.",
         "",
+        *gain_search_lines(ctx.run),  # partition.method: gain (report_partition.py)
+        *on_demand_lines(ctx.run),
         ctx.figure(plot_conflict_heatmap(space, src), "conflict_heatmap"),
         "",
         ctx.figure(plot_conflict_scatter(space, src, color="group"), "conflict_scatter"),
@@ -431,6 +457,13 @@ def conflict_space_section(ctx: ReportContext) -> list[str]:
         ctx.figure(plot_explained_variance(space), "explained_variance"),
         "",
     ]
+
+
+@report_section("fold stability")
+def fold_stability_report_section(ctx: ReportContext) -> list[str]:
+    from merit_lab.pipeline.report_folds import fold_stability_section  # every run (folds)
+
+    return fold_stability_section(ctx.run.root, ctx.figure)
 
 
 @report_section("split stability")

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.config.locate import locate_outside_paths
 from merit_lab.config.schema import RunConfig, load_config
 from merit_lab.data.mixture import Mixture, load_mixture
 from merit_lab.gradients.bank import GradientBank
@@ -34,6 +35,7 @@ from merit_lab.io import (
     remove_temp,
     temp_leftovers_of,
 )
+from merit_lab.jobs import LEASE_DIR, job_leases, wait_for_leases
 from merit_lab.partition.plan import Partition
 from merit_lab.partition.session import DROPPED, UNPLACED
 
@@ -46,6 +48,7 @@ __all__ = [
     "load_run_mixture",
     "load_source_table",
     "mixture_args",
+    "run_config",
     "source_counts",
     "writes_run",
 ]
@@ -154,7 +157,10 @@ class RunDir:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         with hold_lock(self.lock, command=command):
-            yield self
+            # jobs a killed runner launched finish their unit first: never swept or relaunched
+            wait_for_leases(self.root / LEASE_DIR)
+            with job_leases(self.root / LEASE_DIR):  # the jobs launched now hold leases
+                yield self
 
     # ------------------------------------------------------------------------- temp entries
     def stage_outputs(self, stage: str) -> list[Path]:
@@ -173,7 +179,8 @@ class RunDir:
 
     def sweep_temp(self, stages: Iterable[str]) -> list[Path]:
         """Remove the temp entries that killed writes of ``stages`` left (and of the runner's
-        own ``config.yaml``, ``timings.json``), before those stages start; returns them.
+        own ``config.yaml``, ``launch.json``, ``timings.json``), before those stages start;
+        returns them.
 
         Only the holder of ``.lock`` may: every writer of a run holds it or is a child it
         launches after the sweep (branch training, gradient workers), so no temp entry of a
@@ -192,7 +199,7 @@ class RunDir:
             )
         found: set[Path] = set()
         outputs = [p for s in stages for p in self.stage_outputs(s)]
-        for path in [self.config, self.timings, *outputs]:
+        for path in [self.config, self.launch, self.timings, *outputs]:
             found.update(temp_leftovers_of(path))
             if path.is_dir():
                 found.update(find_temp(path))
@@ -308,8 +315,33 @@ class RunDir:
         """Whether an artifact exists and was made from inputs with this key."""
         return self.stored_key(stage, item) == key
 
+    @property
+    def launch(self) -> Path:
+        """``launch.json``: the folder the run's config was last run from and its outside paths
+        as they resolved then (`launch_record`), written beside ``config.yaml``."""
+        return self.root / "launch.json"
+
     # ----------------------------------------------------------------------------- readers
     def load_config(self) -> RunConfig:
+        """``config.yaml``, located here: its ``run_dir`` is this folder (absolute), whatever
+        ``output_dir`` and ``name`` it stores (where the run was made), and its outside paths
+        resolved once (`locate_outside_paths`). Every reader of a run takes its config from here,
+        so every path inside the run comes from this folder, from any working directory.
+
+        Raises:
+            FileNotFoundError: no ``config.yaml`` here, or an outside path (θ0, the mixture)
+                that no longer exists: the message names the key.
+        """
+        if not self.config.is_file():
+            raise FileNotFoundError(f"{self.root}: not a run directory (no config.yaml)")
+        root = Path(os.path.abspath(self.root))
+        cfg = load_config(self.config, output_dir=str(root.parent), name=root.name)
+        launch = read_json(self.launch) if self.launch.is_file() else {}
+        return locate_outside_paths(cfg, launch, where=self.config)
+
+    def config_as_given(self) -> RunConfig:
+        """``config.yaml`` as it was run, for showing θ0 and the mixture as they were named: its
+        ``output_dir``, ``name`` and relative paths are not this folder's (`load_config` is)."""
         return load_config(self.config)
 
     def read_mixture(self) -> dict[str, Any]:
@@ -364,13 +396,27 @@ def writes_run(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def locked(target, *args, **kwargs):
-        run = RunDir(target.run_dir if isinstance(target, RunConfig) else Path(target))
+        run = RunDir(
+            target.run_dir
+            if isinstance(target, RunConfig)
+            else target.root
+            if isinstance(target, RunDir)
+            else Path(target)
+        )
         if not run.root.is_dir():  # nothing to protect yet (and no folder made for a typo)
             return fn(target, *args, **kwargs)
         with run.writer_lock(command=f"{fn.__name__}() in {shlex.join(sys.argv)}"):
             return fn(target, *args, **kwargs)
 
     return locked
+
+
+def run_config(target: RunConfig | RunDir | str | Path) -> RunConfig:
+    """The config a stage works on: a config as given (its run: ``<output_dir>/<name>``), or
+    the config of a run folder (a `RunDir` or its path), located there (`RunDir.load_config`)."""
+    if isinstance(target, RunConfig):
+        return target
+    return (target if isinstance(target, RunDir) else RunDir(Path(target))).load_config()
 
 
 def mixture_args(cfg: RunConfig) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.config.locate import launch_record
 from merit_lab.config.schema import RunConfig, load_config
 from merit_lab.gradients.bank import GradientBank
 from merit_lab.io import atomic_write_json, read_json
@@ -37,7 +38,9 @@ from merit_lab.pipeline.experiments import (
     merge_rows,
     train_experiments,
 )
+from merit_lab.pipeline.folds import fold_stability_lines
 from merit_lab.pipeline.report import write_report
+from merit_lab.pipeline.report_partition import gain_search_lines
 from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir
 from merit_lab.pipeline.status import training_status
 from merit_lab.validate import curvature_memory_problem, validate_config
@@ -104,7 +107,7 @@ STAGES: dict[str, Callable[[RunConfig, RunDir], bool]] = {
 
 
 def run_pipeline(
-    cfg: RunConfig | str | Path,
+    cfg: RunConfig | RunDir | str | Path,
     stages: Sequence[str] | None = None,
     *,
     until: str | None = None,
@@ -113,6 +116,10 @@ def run_pipeline(
     """Run ``stages`` (default: all, in order) of a config; skip those already complete.
 
     Args:
+        cfg: a config (or its YAML file): the run is ``<output_dir>/<name>``, and its
+            ``config.yaml`` and ``launch.json`` are written there. Or a run folder (a `RunDir`
+            or its path): that folder, with the config it holds (`RunDir.load_config`), which
+            is left as it is.
         stages: the stages to run (in pipeline order whatever the order given).
         until: run every stage up to and including this one (e.g. ``"partition"``: the
             analysis before any training).
@@ -125,7 +132,11 @@ def run_pipeline(
         LockHeldError: another live process is writing the run (``runs/<name>/.lock`` names
             it); the lock of a process that died on this host is taken over with a warning.
     """
-    if not isinstance(cfg, RunConfig):
+    run = None
+    if isinstance(cfg, RunDir) or (not isinstance(cfg, RunConfig) and Path(cfg).is_dir()):
+        run = cfg if isinstance(cfg, RunDir) else RunDir(Path(cfg))
+        cfg = run.load_config()
+    elif not isinstance(cfg, RunConfig):
         cfg = load_config(cfg)
     if until is not None:
         if until not in STAGES or stages is not None:
@@ -135,7 +146,10 @@ def run_pipeline(
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
-    validate_config(cfg, diagnose="diagnose" in stages)  # every choice, model, device: no work yet
+    # every choice, model, device, lm-eval task: no work yet
+    validate_config(cfg, diagnose="diagnose" in stages, evaluate="evaluate" in stages)
+    if force:  # refused now, not after the stages before train or merge have run
+        _refuse_forced_retraining(stages)
     model_dir = resolve_model_path(cfg.model)  # a hub id resolves once; an unfetched model fails
     for problem in (
         remote_code_problem(cfg.model, cfg.trust_remote_code),
@@ -143,10 +157,15 @@ def run_pipeline(
     ):
         if problem:
             raise ValueError(f"config {cfg.name!r}: {problem}")
-    run = RunDir(cfg.run_dir)
+    given = run is None
+    run = RunDir(cfg.run_dir) if run is None else run
     with run.writer_lock():  # one writer per run; a second one is refused, naming the first
         run.sweep_temp(stages)  # leftovers of these stages' killed writes: nothing else writes
-        cfg.save(run.config)
+        if given:  # the config as given, and where its relative outside paths are taken from
+            cfg.save(run.config)
+            launch = launch_record(cfg)
+            if not run.launch.is_file() or read_json(run.launch) != launch:
+                atomic_write_json(run.launch, launch)
         _run_stages(cfg, run, stages, force)
     return run
 
@@ -197,14 +216,20 @@ def _throughput(run: RunDir, name: str, seconds: float, started: float) -> dict 
     return None
 
 
+def _refuse_forced_retraining(stages: Sequence[str]) -> None:
+    for name in ("train", "merge"):
+        if name in stages:
+            raise ValueError(
+                f"--force {name} would retrain or re-merge everything; delete the branches/, "
+                "joint/ or merged/ folders you want redone instead (finished ones are skipped "
+                "otherwise)"
+            )
+
+
 def _clear_stage(run: RunDir, name: str) -> None:
     import shutil
 
-    if name in ("train", "merge"):
-        raise ValueError(
-            f"--force {name} would retrain or re-merge everything; delete the branches/, joint/ "
-            "or merged/ folders you want redone instead (finished ones are skipped otherwise)"
-        )
+    _refuse_forced_retraining([name])
     if name == "evaluate":  # the per-model cache too, or it would be read back
         shutil.rmtree(run.eval_dir, ignore_errors=True)
     if name == "diagnose":
@@ -220,8 +245,6 @@ def _clear_stage(run: RunDir, name: str) -> None:
 def run_summary(run_dir: str | Path) -> str:
     """A plain-text summary of what a run directory holds."""
     run = RunDir(Path(run_dir))
-    if not run.config.exists():
-        raise FileNotFoundError(f"{run.root}: not a run directory (no config.yaml)")
     cfg = run.load_config()
     lines = [f"run {cfg.name} at {run.root}", f"  model: {cfg.model}"]
     if run.mixture.exists():
@@ -254,6 +277,7 @@ def run_summary(run_dir: str | Path) -> str:
     if run.partition.exists():
         part = run.load_partition()
         lines.append(f"  partition: {part.method}, K={part.k} {dict(part.params)}")
+        lines += [f"    {x[2:]}" for x in gain_search_lines(run) if x.startswith("- ")]
         for g, (members, ex, w) in enumerate(
             zip(part.groups, part.group_examples, part.weights, strict=True)
         ):
@@ -268,6 +292,7 @@ def run_summary(run_dir: str | Path) -> str:
             )
     else:
         lines.append("  partition: not yet")
+    lines += fold_stability_lines(run.root)  # the r = 2 fold agreement and its warning
     if run.artifact("train").exists():
         branches = read_json(run.artifact("train"))["branches"]
         done = sum(b["state"] == "done" for b in branches)

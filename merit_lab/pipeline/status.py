@@ -7,21 +7,23 @@ first, the report and notebooks show the second (the same-budget check).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 
 from merit_lab.config.schema import RunConfig
 from merit_lab.io import read_json
 from merit_lab.pipeline.rows import THETA0, model_rows, plan_specs
-from merit_lab.pipeline.rundir import SIZE_UNIT
+from merit_lab.pipeline.rundir import SIZE_UNIT, RunDir, run_config
 from merit_lab.training.branch_log import MANIFEST, branch_status
 
 __all__ = ["token_budget", "training_status"]
 
 
-def training_status(cfg: RunConfig) -> pd.DataFrame:
-    """One row per branch/joint run: experiment, state, step, total steps, loss, tokens."""
-
+def training_status(cfg: RunConfig | RunDir | str | Path) -> pd.DataFrame:
+    """One row per branch/joint run: experiment, state, step, total steps, loss, tokens
+    (``cfg``: a config, or a run folder: `run_config`)."""
+    cfg = run_config(cfg)
     rows = []
     for exp, specs in plan_specs(cfg).items():
         for s in specs:
@@ -29,10 +31,10 @@ def training_status(cfg: RunConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def token_budget(cfg: RunConfig) -> pd.DataFrame:
+def token_budget(cfg: RunConfig | RunDir | str | Path) -> pd.DataFrame:
     """Per row: branches, trained response tokens (`SIZE_UNIT`) in total and per branch (the
-    same-budget check)."""
-
+    same-budget check; ``cfg``: a config, or a run folder: `run_config`)."""
+    cfg = run_config(cfg)
     rows = []
     for row in model_rows(cfg):
         if row.kind == THETA0:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merit_lab.config.fields import global_batch_problem
 from merit_lab.io import atomic_dir, atomic_write_json
 
 __all__ = [
@@ -64,15 +65,12 @@ def split_global_batch(
     """
     if procs < 1:
         raise ValueError(f"procs_per_branch must be >= 1, got {procs}")
+    problem = global_batch_problem(batch_size, grad_accum, procs)  # `TrainConfig` checks it too
+    if problem:
+        raise ValueError(f"branch {branch!r}: procs_per_branch={procs} {problem}")
     if grad_accum % procs == 0:
         return batch_size, grad_accum // procs
-    if batch_size % procs == 0:
-        return batch_size // procs, grad_accum
-    raise ValueError(
-        f"branch {branch!r}: procs_per_branch={procs} divides neither grad_accum={grad_accum} nor "
-        f"batch_size={batch_size}: the global batch of {batch_size * grad_accum} examples per "
-        f"optimizer step cannot be split evenly; pick a count that divides one of them"
-    )
+    return batch_size // procs, grad_accum
 
 
 def null_padding(n_examples: int, micro_batch: int, procs: int) -> int:

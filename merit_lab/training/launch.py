@@ -25,10 +25,16 @@ from merit_lab.training.distributed import (
 from merit_lab.training.spec import BranchSpec, write_spec
 from merit_lab.training.trainer import train_branch, train_branch_from_file
 
-__all__ = ["BranchFailedError", "launch_branches"]
+__all__ = ["BRANCH_JOB", "BranchFailedError", "branch_job_name", "launch_branches"]
 
 MODES = ("sequential", "local", "slurm")
 LOG_NAME = "train.log"  # a subprocess's stdout + stderr, in its branch folder (appended)
+BRANCH_JOB = "merit-branch"  # a branch's submitit job name (`merit-lab plan` lists the same jobs)
+
+
+def branch_job_name(name: str) -> str:
+    """How a branch is named in job lists and failure messages."""
+    return f"branch {name!r}"
 
 
 class BranchFailedError(JobFailedError):
@@ -54,7 +60,7 @@ def _local_job(spec: BranchSpec, path: Path) -> LocalJob:
     command = (
         torchrun_command(path, n) if n > 1 else module_command("merit_lab.training.trainer", path)
     )
-    return LocalJob(f"branch {spec.name!r}", command, Path(spec.output_dir) / LOG_NAME, n)
+    return LocalJob(branch_job_name(spec.name), command, Path(spec.output_dir) / LOG_NAME, n)
 
 
 def _run_local(
@@ -136,10 +142,10 @@ def launch_branches(
         run_submitit(
             _train_task,
             [str(p) for _, p in todo],
-            names=[f"branch {s.name!r}" for s, _ in todo],
+            names=[branch_job_name(s.name) for s, _ in todo],
             slurm=slurm or {},
             folder=Path(folder),
-            job_name="merit-branch",
+            job_name=BRANCH_JOB,
             widths=[s.train.procs_per_branch for s, _ in todo],
             error=BranchFailedError,
         )

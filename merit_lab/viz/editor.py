@@ -3,7 +3,8 @@
 Input: an edit session (``load_edit_session(run_dir)``), or a conflict space and per-source table
 to build one. Output: buttons that call the session's edits (split, move, drop, down-weight, add,
 undo, save), the panels of `merit_lab.viz.editor_panels` (scatter, statistics, stability)
-redrawn after each edit, and a status line.
+redrawn after each edit, a status line, and a flag on the selected source when it changes
+group between folds (the run's `FoldStability`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.partition.folds import FoldStability
 from merit_lab.partition.methods import PARTITION_METHODS, make_partition
 from merit_lab.partition.plan import Partition
 from merit_lab.partition.session import DROPPED, UNPLACED, EditSession, group_label
@@ -28,6 +30,9 @@ from merit_lab.viz.editor_panels import (
     WARNING_COLOR,
     draw_partition_scatter,
     empty_partition_scatter,
+    flipping_sources,
+    fold_flag_html,
+    fold_r,
     group_stats_html,
     source_table,
     stability_panel_html,
@@ -73,6 +78,10 @@ class PartitionEditor:
         stability: the run's split stability (``load_stability(run_dir)``): a stability panel
             (``stability_html``) under the status line, with a plain warning when the split
             is unstable.
+        folds: the run's fold stability (``load_fold_stability(run_dir)``): a source that
+            changes group between disjoint halves of the calibration examples (at the current
+            split's r) is marked ⚠ in the ``source`` picker, and selecting it shows a warning in
+            ``fold_flag`` (HTML, under the Move button) before it is moved.
 
     Example-level curation: ``example_ids`` (Text: comma-separated ids of the selected
     source's train examples) with ``drop_examples_button`` ("Drop examples") calls
@@ -92,6 +101,7 @@ class PartitionEditor:
         example_tokens: Mapping[str, Sequence[int]] | None = None,
         seed: int | None = None,
         stability: SplitStability | None = None,
+        folds: FoldStability | None = None,
     ) -> None:
         build = {
             "rows": rows,
@@ -142,6 +152,8 @@ class PartitionEditor:
         self.example_ids = widgets.Text(description="example ids", placeholder="id-1, id-2")
         self.drop_examples_button = widgets.Button(description="Drop examples")
         self.stability = stability
+        self.folds = folds
+        self.fold_flag = widgets.HTML()
         self.stability_html = widgets.HTML(stability_panel_html(stability, session.partition))
         self._scatter = FigureView(empty_partition_scatter())
         self.scatter.data[0].on_selection(self._on_selection)
@@ -149,6 +161,7 @@ class PartitionEditor:
         self._sync_controls()
         for w in (self.method, self.size_by, self.r, self.k, self.seed):
             w.observe(self._on_params, names="value")
+        self.source.observe(self._redraw_fold_flag, names="value")
         self.split_button.on_click(lambda _b: self.split(**self._params()))
         self.move_button.on_click(lambda _b: self.move(self.source.value, self.target.value))
         self.drop_button.on_click(lambda _b: self.drop(self.source.value))
@@ -168,6 +181,7 @@ class PartitionEditor:
                 widgets.HBox([self.r, self.k, self.seed, self.split_button]),
                 self._scatter.view,
                 widgets.HBox([self.source, self.target, self.move_button]),
+                self.fold_flag,
                 widgets.HBox([self.fraction, self.downweight_button, self.drop_button]),
                 widgets.HBox([self.add_source, self.add_to, self.add_button]),
                 widgets.HBox([self.example_ids, self.drop_examples_button]),
@@ -357,7 +371,11 @@ class PartitionEditor:
             groups = [(group_label(k), k) for k in range(part.k)]
             current = self.source.value
             members = [s for s in names if s in part.tokens]
-            self.source.options = [(f"{s} ({group_label(part.group_of(s))})", s) for s in members]
+            unsure = flipping_sources(self.folds, fold_r(part))  # ⚠: changes group across folds
+            self.source.options = [
+                (f"{s} ({group_label(part.group_of(s))}){' ⚠' if s in unsure else ''}", s)
+                for s in members
+            ]
             self.source.value = current if current in part.tokens else members[0]
             target = self.target.value
             self.target.options = groups
@@ -385,6 +403,11 @@ class PartitionEditor:
         self.stats_html.value = group_stats_html(
             self.stats, self.summary, self.partition, self.unplaced, colors
         )
+        self._redraw_fold_flag()
+
+    def _redraw_fold_flag(self, _change: Any = None) -> None:
+        """Flag the selected source when it changes group between folds (`fold_flag_html`)."""
+        self.fold_flag.value = fold_flag_html(self.folds, self.source.value, fold_r(self.partition))
 
 
 def _session_from_table(

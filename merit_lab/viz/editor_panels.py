@@ -1,9 +1,10 @@
 """What the partition editor shows: the scatter of the split, the group table, the stability panel.
 
 Input: an `EditSession`'s partition, conflict space and statistics (and the run's
-`SplitStability`). Output: the per-source table, the PC1-2 scatter drawn into a figure, and the
-HTML of the group statistics and of the stability panel; `merit_lab.viz.editor` lays them out
-with its controls and redraws them after each edit.
+`SplitStability` and `FoldStability`). Output: the per-source table, the PC1-2 scatter drawn into
+a figure, and the HTML of the group statistics, of the stability panel and of the fold flag of
+the selected source; `merit_lab.viz.editor` lays them out with its controls and redraws them
+after each edit.
 """
 
 from __future__ import annotations
@@ -17,16 +18,21 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.partition.folds import FoldStability
 from merit_lab.partition.plan import Partition
 from merit_lab.partition.session import DROPPED, UNPLACED, group_label
 from merit_lab.partition.stability import SplitStability, describe_stability
 from merit_lab.viz.plots import color_map
+from merit_lab.viz.plots_stability import FLIP_THRESHOLD
 
 __all__ = [
     "DROPPED_COLOR",
     "UNPLACED_COLOR",
     "draw_partition_scatter",
     "empty_partition_scatter",
+    "flipping_sources",
+    "fold_flag_html",
+    "fold_r",
     "group_stats_html",
     "source_table",
     "stability_panel_html",
@@ -204,3 +210,48 @@ def stability_panel_html(stability: SplitStability | None, partition: Partition)
         else html.escape(x)
         for x in lines
     )
+
+
+def fold_r(partition: Partition) -> int | None:
+    """The split depth of ``partition`` the fold flips refer to: its ``r``, or log2 K when K is
+    a power of two (a split by K); None otherwise."""
+    r = partition.params.get("r")
+    if r is not None:
+        return int(r)
+    k = partition.k
+    return k.bit_length() - 1 if k >= 2 and k & (k - 1) == 0 else None
+
+
+def flipping_sources(folds: FoldStability | None, r: int | None) -> dict[str, float]:
+    """Source → its probability of changing group between halves of the folds at ``r``, for
+    the sources at or above `FLIP_THRESHOLD` ({} without folds or when r was not measured)."""
+    if folds is None or r is None or r not in folds.flip:
+        return {}
+    flip = dict(zip(folds.names, (float(p) for p in folds.flip[r]), strict=True))
+    return {s: flip[s] for s in folds.unstable_sources(r, FLIP_THRESHOLD)}
+
+
+def fold_flag_html(folds: FoldStability | None, source: str | None, r: int | None) -> str:
+    """The flag under the source picker: a warning in red when ``source`` changes group between
+    disjoint halves of the calibration examples in at least `FLIP_THRESHOLD` of pairings (its
+    group is a coin toss of the calibration draw, so a hand move on it may chase noise), a
+    plain note when it sometimes does, "" when it never does or nothing is known."""
+    if folds is None or source is None or r is None or r not in folds.flip:
+        return ""
+    if source not in folds.names:
+        return ""
+    p = float(folds.flip[r][folds.names.index(source)])
+    where = (
+        f"{html.escape(source)} changes group between disjoint halves of the calibration "
+        f"examples in {p:.0%} of the {len(folds.pearson_halves)} pairings of {folds.folds} folds "
+        f"(r = {r}, the run's split rule)"
+    )
+    if p >= FLIP_THRESHOLD:
+        return (
+            f'<b style="color:{WARNING_COLOR}">⚠ Unstable source: {where}. Its group is not '
+            "settled by the calibration sample: check the cosines (± their standard error) "
+            "before moving it, or raise calibration.n.</b>"
+        )
+    if p > 0:
+        return f"{where}."
+    return ""

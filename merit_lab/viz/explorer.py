@@ -1,7 +1,9 @@
 """The conflict explorer: clustered heatmap, PCA scatter, explained variance, allies/conflicts.
 
-Input: a run's ``ConflictSpace`` and per-source table (``load_source_table``). Output: a widget
-for a notebook (every panel is also a figure or a DataFrame, so it runs from Python too).
+Input: a run's ``ConflictSpace`` and per-source table (``load_source_table``), optionally its
+`FoldStability` (each cosine's standard error on hover, unstable sources ringed in the scatter).
+Output: a widget for a notebook (every panel is also a figure or a DataFrame, so it runs from
+Python too).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from merit_lab.analysis.conflict import ConflictSpace
+from merit_lab.partition.folds import FoldStability
 from merit_lab.viz.figure_view import FigureView, align_table
 from merit_lab.viz.plots import (
     plot_conflict_clustermap,
@@ -21,6 +24,11 @@ from merit_lab.viz.plots import (
     plot_explained_variance,
 )
 from merit_lab.viz.plots_examples import plot_example_cloud
+from merit_lab.viz.plots_stability import (
+    FLIP_THRESHOLD,
+    add_fold_errors,
+    mark_unstable_sources,
+)
 
 __all__ = ["ConflictExplorer"]
 
@@ -49,8 +57,13 @@ class ConflictExplorer:
         table: per-source columns (``load_source_table``); metadata, counts and groups appear
             on hover and in the colour dropdown.
         examples: the example table (``examples.parquet``, `merit_lab.analysis.examples`): with it
-        the
-            scatter can show one source's examples as a cloud, their text on hover.
+            the scatter can show one source's examples as a cloud, their text on hover.
+        folds: the run's fold stability (``load_fold_stability(run_dir)``): each cell's hover
+            shows ``cos ± SE``, the PCA scatter rings the sources that change group between
+            halves of the calibration examples at ``fold_r`` (`mark_unstable_sources`), and the
+            per-source panel gives each listed cosine's standard error and the source's
+            probability of changing group.
+        fold_r: the split depth whose unstable sources are ringed (the run's r; default 2).
     """
 
     NONE = "(none)"
@@ -60,8 +73,12 @@ class ConflictExplorer:
         space: ConflictSpace,
         table: pd.DataFrame | None = None,
         examples: pd.DataFrame | None = None,
+        *,
+        folds: FoldStability | None = None,
+        fold_r: int = 2,
     ) -> None:
         self.space = space
+        self.folds, self.fold_r = folds, fold_r
         self.examples: pd.DataFrame | None = None
         self.cloud = widgets.Dropdown(options=[self.NONE], description="examples of")
         self.cloud.layout.display = "none"  # shown once there are examples (`set_examples`)
@@ -84,7 +101,8 @@ class ConflictExplorer:
         )
         self.panel = widgets.HTML()
 
-        self._heatmap = FigureView(plot_conflict_clustermap(space, self.table))
+        heatmap = plot_conflict_clustermap(space, self.table)
+        self._heatmap = FigureView(heatmap if folds is None else add_fold_errors(heatmap, folds))
         self._scatter = FigureView(self.scatter_figure(self.color.value, self.dims.value))
         self._variance = FigureView(plot_explained_variance(space))
         self.color.observe(self._redraw_scatter, names="value")
@@ -121,42 +139,73 @@ class ConflictExplorer:
         """The PCA scatter coloured by a table column.
 
         A numeric column with more than `MAX_NUMERIC_LEVELS` distinct values gets a continuous
-        colour scale (one trace); any other column one trace per value.
+        colour scale (one trace); any other column one trace per value. With ``folds``, a last
+        trace rings the sources that change group between folds (`mark_unstable_sources`).
         """
         color = None if color in (None, self.NONE) else color
         values = self.table[color] if color else None
         if values is None or not (
             pd.api.types.is_numeric_dtype(values) and values.nunique() > MAX_NUMERIC_LEVELS
         ):
-            return plot_conflict_scatter(self.space, self.table, color=color, dims=dims)
-        fig = plot_conflict_scatter(self.space, self.table, dims=dims)
-        fig.update_traces(
-            marker={
-                "color": values.to_numpy(),
-                "colorscale": "Viridis",
-                "showscale": True,
-                "colorbar": {"title": color},
-            },
-        )
-        return fig.update_layout(title_text=f"Conflict space, coloured by {color}")
+            fig = plot_conflict_scatter(self.space, self.table, color=color, dims=dims)
+        else:
+            fig = plot_conflict_scatter(self.space, self.table, dims=dims)
+            fig.update_traces(
+                marker={
+                    "color": values.to_numpy(),
+                    "colorscale": "Viridis",
+                    "showscale": True,
+                    "colorbar": {"title": color},
+                },
+            )
+            fig.update_layout(title_text=f"Conflict space, coloured by {color}")
+        if self.folds is not None:
+            mark_unstable_sources(fig, self.space, self.folds, self.fold_r)
+        return fig
 
     def allies_and_conflicts(self, source: str, n: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The ``n`` sources most aligned with ``source`` and the ``n`` most opposed.
 
         Returns:
-            (allies, conflicts): frames with ``source``, ``cosine`` and the table's other
-            columns, allies by decreasing cosine, conflicts by increasing cosine; ``source``
-            itself is never listed.
+            (allies, conflicts): frames with ``source``, ``cosine`` (with ``folds``: ``se``,
+            its fold standard error) and the table's other columns, allies by decreasing cosine,
+            conflicts by increasing cosine; ``source`` itself is never listed.
         """
         i = self.space.index(source)
         cos = pd.Series(self.space.cosine[i], index=self.space.names).drop(source)
         extra = self.table.drop(columns=["source"]).loc[cos.index]
-        frame = pd.concat([cos.rename("cosine"), extra], axis=1)
+        se = [] if self.folds is None else [self._fold_se(source, cos.index)]
+        frame = pd.concat([cos.rename("cosine"), *se, extra], axis=1)
         frame.insert(0, "source", cos.index)
         # mergesort is stable: ties keep the space's source order, in both directions.
         allies = frame.sort_values("cosine", ascending=False, kind="mergesort").head(n)
         conflicts = frame.sort_values("cosine", ascending=True, kind="mergesort").head(n)
         return allies.reset_index(drop=True), conflicts.reset_index(drop=True)
+
+    def _fold_se(self, source: str, others: pd.Index) -> pd.Series:
+        """The fold standard error of each cosine of ``source`` with ``others`` (NaN where the
+        stability lacks a source)."""
+        pos = {s: i for i, s in enumerate(self.folds.names)}
+        row = pos.get(source)
+        values = [
+            self.folds.cosine_se[row, pos[s]] if row is not None and s in pos else float("nan")
+            for s in others
+        ]
+        return pd.Series(values, index=others, name="se")
+
+    def fold_note(self, source: str) -> str:
+        """One line on ``source``'s place in the split across folds ("" without ``folds`` or
+        when ``fold_r`` was not measured)."""
+        if self.folds is None or self.fold_r not in self.folds.flip:
+            return ""
+        if source not in self.folds.names:
+            return f"{source}: not in the fold stability"
+        p = float(self.folds.flip[self.fold_r][self.folds.names.index(source)])
+        return (
+            f"{source} changes group between disjoint halves of the calibration examples in "
+            f"{p:.0%} of pairings (r = {self.fold_r})"
+            + ("; its place in the split is uncertain." if p >= FLIP_THRESHOLD else ".")
+        )
 
     def set_examples(self, examples: pd.DataFrame) -> None:
         """Give the explorer the example table (``load_example_table``): the ``cloud``
@@ -182,10 +231,12 @@ class ConflictExplorer:
 
     def _redraw_panel(self, _change: Any = None) -> None:
         allies, conflicts = self.allies_and_conflicts(self.source.value, self.n_neighbours.value)
-        fmt = {"cosine": "{:+.3f}".format}
+        fmt = {"cosine": "{:+.3f}".format, "se": "±{:.3f}".format}
+        note = self.fold_note(self.source.value)
         self.panel.value = (
             f"<h4>{html.escape(self.source.value)}</h4>"
-            f"<b>Nearest allies</b> (highest cosine){allies.to_html(index=False, formatters=fmt)}"
+            + (f"<p>{html.escape(note)}</p>" if note else "")
+            + f"<b>Nearest allies</b> (highest cosine){allies.to_html(index=False, formatters=fmt)}"
             f"<b>Strongest conflicts</b> (lowest cosine)"
             f"{conflicts.to_html(index=False, formatters=fmt)}"
         )
