@@ -27,6 +27,7 @@ DEMO_ROWS = {
     "MERIT-2D, TIES": "merit-2d+ties",
     "MERIT-2D, task arithmetic (λ 0.5)": "merit-2d+task_arithmetic",
     "MERIT-3D (K=8)": "merit-3d",
+    "gain-searched split K=4": "gain-k4",
 }
 
 
@@ -124,3 +125,38 @@ def test_a_fresh_demo_reproduces_the_committed_results(tmp_path):
     assert off == []
     # a row added to configs/demo.yaml needs a new docs/demo_results.json (and README table)
     assert fresh["models"] == committed["models"]
+
+
+VL_RESULTS = README.parent / "docs" / "vl_results.json"
+# the image-text guide's row label → model name in results.json
+VL_ROWS = {
+    "θ0": "theta0",
+    "joint, 1 epoch": "joint-1ep",
+    "random split K=4": "random-k4",
+    "MERIT-1D (K=2)": "merit-1d",
+    "MERIT-2D (K=4)": "merit-2d",
+    "MERIT-2D, TIES": "merit-2d+ties",
+}
+
+
+def test_image_text_table_is_the_committed_results_file():
+    """The image-text guide's table is docs/vl_results.json (the results.json of one run of
+    `configs/demo-vl.yaml`): every row of the run in its order, each cell at the precision it
+    prints, the best of each column (and only it) in bold."""
+    results = json.loads(VL_RESULTS.read_text(encoding="utf-8"))
+    loss, em = (results["metrics"][m]["avg"] for m in ("loss", "exact_match"))
+    text = LORA_GUIDE.read_text(encoding="utf-8")
+    start = text.index("| model | loss | exact match (%) |")
+    lines = text[start:].split("\n\n")[0].splitlines()[2:]
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+    assert [VL_ROWS[r[0]] for r in rows] == results["models"]
+    best = {"loss": min(loss, key=loss.get), "em": max(em, key=em.get)}
+    for label, l_cell, em_cell in rows:
+        model = VL_ROWS[label]
+        for cell, want, bold in (
+            (l_cell, f"{loss[model]:.3f}", best["loss"] == model),
+            (em_cell, f"{em[model]:.1f}", best["em"] == model),
+        ):
+            assert cell == (f"**{want}**" if bold else want), (label, cell, want)
+    held = results["held_out_examples_per_metric"]
+    assert f"({held // 16} held-out examples per source)" in " ".join(text.split())

@@ -82,14 +82,16 @@ ref = Path(ref_out) / "tiny"
 # the space each failing write finds: what the stage writes before it, and half of it
 parts = sum(p.stat().st_size for p in (ref / "gradients" / "parts").rglob("*") if p.is_file())
 bank = (ref / "gradients" / "bank.safetensors").stat().st_size
+folds = (ref / "gradients" / "folds.safetensors").stat().st_size  # the bank's first file
 model = (ref / "merged" / "merit-1d" / "model.safetensors").stat().st_size
-steps["sizes"] = {"parts": parts, "bank": bank, "model": model}
+steps["sizes"] = {"parts": parts, "bank": bank, "folds": folds, "model": model}
 steps["mixture"] = merit("--until", "mixture")
-steps["bank"] = full_step("bank", parts + (1 << 20) + bank // 2, "partition")
+steps["bank"] = full_step("bank", parts + (1 << 20) + folds // 2, "partition")
 steps["checkpoint"] = full_step("checkpoint", model // 2, "train")
 steps["merge"] = full_step("merge", model // 2, "merge")
 steps["temps_at_end"] = temps()
-weights = [run / "gradients" / "bank.safetensors", *run.glob("**/final/model.safetensors"),
+weights = [run / "gradients" / "bank.safetensors", run / "gradients" / "folds.safetensors",
+           *run.glob("**/final/model.safetensors"),
            *run.glob("merged/*/model.safetensors")]
 for p in weights:
     dst = Path(copies) / p.relative_to(run)
@@ -151,7 +153,7 @@ def test_a_full_tmpfs_fails_with_one_line_keeps_what_was_written_and_resumes(tmp
     assert steps["mixture"]["rc"] == 0, steps["mixture"]["output"][-3000:]
     run = mnt / "runs" / "tiny"  # as the messages name it, inside the namespace
     written = {
-        "bank": run / "gradients" / "bank.safetensors",
+        "bank": run / "gradients" / "folds.safetensors",  # the bank's first file: its fold rows
         "checkpoint": run
         / "joint"
         / "ep1-s0"
@@ -180,13 +182,18 @@ def test_a_full_tmpfs_fails_with_one_line_keeps_what_was_written_and_resumes(tmp
         for rel, digest in step["before"].items():  # the resumed run kept them too
             if kept[name](rel):
                 assert step["after_resume"].get(rel) == digest, (name, rel)
-    assert "gradients/bank.safetensors" not in steps["bank"]["after"]
+    bank_files = [
+        "gradients/folds.safetensors",
+        "gradients/bank.safetensors",
+        "gradients/bank.json",
+    ]
+    assert [f for f in bank_files if f in steps["bank"]["after"]] == []
     assert len([r for r in steps["bank"]["after"] if r.startswith("gradients/parts/")]) == 4
     assert steps["temps_at_end"] == []
     # the finished run: the uninterrupted run's weights, bit for bit
     ref = tmp_path / "ref" / "tiny"
     finals = sorted(p.relative_to(copies) for p in copies.rglob("*.safetensors"))
-    assert len(finals) == 5  # the bank, joint, the 2 branches, the merge
+    assert len(finals) == 6  # the bank, its fold rows, joint, the 2 branches, the merge
     for rel in finals:
         a, b = load_file(ref / rel), load_file(copies / rel)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel

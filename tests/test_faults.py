@@ -52,6 +52,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH
 # also counts only the sources computed by the last (resumed) gradient stage.
 VOLATILE = {
     "seconds",
+    "fold_seconds",  # a source's extra sketch passes for its fold rows (bank.json, each part)
     "lanczos_seconds",
     "tokens_per_s",
     "time",
@@ -117,12 +118,13 @@ def _merit_lab() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "merit_lab.cli"]
 
 
-def _start(cmd: list[str], log: Path, **kw) -> subprocess.Popen:
-    """A child in its own process group (killed as a whole), its output in ``log``."""
+def _start(cmd: list[str], log: Path, cwd: Path | None = None, **kw) -> subprocess.Popen:
+    """A child in its own process group (killed as a whole), its output in ``log``, run in
+    ``cwd`` (default: the log's folder)."""
     with open(log, "ab") as f:  # a file, not a pipe: a full pipe would block the child
         return subprocess.Popen(
             cmd,
-            cwd=log.parent,
+            cwd=cwd or log.parent,
             env=ENV,
             stdout=f,
             stderr=subprocess.STDOUT,
@@ -137,9 +139,11 @@ def _kill_group(proc: subprocess.Popen) -> int:
     return proc.wait()
 
 
-def _finish(cmd: list[str], log: Path, timeout: float = 1800) -> subprocess.Popen:
+def _finish(
+    cmd: list[str], log: Path, timeout: float = 1800, cwd: Path | None = None
+) -> subprocess.Popen:
     """Run ``cmd`` to its end (``timeout``: a hang guard, not a speed requirement)."""
-    proc = _start(cmd, log)
+    proc = _start(cmd, log, cwd)
     try:
         proc.wait(timeout=timeout)
     finally:
@@ -201,8 +205,11 @@ def _json_or_text(text: str):
 
 
 def _without_wall_times(report: str) -> str:
-    """report.md less its "Wall time per stage" section (seconds and tokens/s)."""
-    return re.sub(r"## Wall time per stage.*?(?=\n## |\nFigures are )", "", report, flags=re.S)
+    """report.md less its "Wall time per stage" section (seconds and tokens/s) and its "On
+    demand" line (costs estimated from the gradient stage's time in timings.json, which a kill
+    between the bank and its timings.json entry loses: the resumed report has no line)."""
+    report = re.sub(r"## Wall time per stage.*?(?=\n## |\nFigures are )", "", report, flags=re.S)
+    return re.sub(r"^On demand, not computed in this run: .*\n\n", "", report, flags=re.M)
 
 
 def _compare_file(rel: str, a: Path, b: Path) -> str | None:
@@ -300,6 +307,11 @@ class Kill:
     nth: int = 1
 
 
+FOLD_FIGURES = [
+    "figures/fold_agreement.html",
+    "figures/fold_cosine.html",
+    "figures/fold_flips.html",
+]
 CHECKPOINT_RNG = "transformers.trainer:Trainer._save_rng_state"  # model and optimizer saved
 MID_STEP = "transformers.trainer:Trainer.compute_loss"  # a step's forward pass, in process
 SCHEDULE = [
@@ -307,8 +319,10 @@ SCHEDULE = [
     Kill("mixture", "after", "tiny/mixture.json"),  # its timings.json entry not yet written
     Kill("gradients", "before", "gradients/parts/*.safetensors"),
     Kill("gradients", "after", "gradients/parts/*.safetensors", nth=2),
-    Kill("gradients", "before", "gradients/bank.safetensors"),
-    Kill("gradients", "after", "gradients/bank.json"),  # the bank before its stage key is added
+    Kill("gradients", "before", "gradients/folds.safetensors"),  # the bank's first file
+    Kill("gradients", "before", "gradients/bank.safetensors"),  # its fold rows written
+    Kill("gradients", "before", "gradients/bank.json"),  # its rows written, not its stage key
+    Kill("gradients", "after", "gradients/bank.json"),  # before its timings.json entry
     Kill("conflict", "before", "tiny/conflict.json"),
     Kill("partition", "before", "tiny/partition.json"),
     Kill("train", "before", "joint/ep1-s0/spec.json"),
@@ -346,13 +360,14 @@ def _landed(run: Path, progress: Path) -> str:
 
 
 def _kill_once(kill: Kill, config: Path, run: Path, work: Path) -> dict:
-    """Start the run, SIGKILL its process group at ``kill``'s moment; what happened."""
+    """Start the run (in the reference run's working directory, which ``launch.json`` records),
+    SIGKILL its process group at ``kill``'s moment; what happened."""
     ready, progress, log = work / "ready", work / "progress", work / "child.log"
     ready.unlink(missing_ok=True)
     progress.unlink(missing_ok=True)
     before = set(run.glob(kill.target)) if kill.how == "appears" else set()
     if kill.how == "appears":
-        proc = _start([*_merit_lab(), "run", str(config)], log)
+        proc = _start([*_merit_lab(), "run", str(config)], log, config.parent)
     else:
         args = {
             "argv": ["run", str(config)],
@@ -360,7 +375,7 @@ def _kill_once(kill: Kill, config: Path, run: Path, work: Path) -> dict:
             "progress": str(progress),
             "kill": {"how": kill.how, "target": kill.target, "nth": kill.nth},
         }
-        proc = _start([sys.executable, "-c", CHILD, json.dumps(args)], log)
+        proc = _start([sys.executable, "-c", CHILD, json.dumps(args)], log, config.parent)
     deadline = time.monotonic() + 1800  # a hang guard only: the moment is the event below
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -388,7 +403,7 @@ def test_a_run_killed_at_every_stage_resumes_to_the_uninterrupted_result(assets,
     work = base / "campaign"
     work.mkdir()
     kills = [_kill_once(k, config, run, work) for k in SCHEDULE]
-    final = _finish([*_merit_lab(), "run", str(config)], work / "final.log")
+    final = _finish([*_merit_lab(), "run", str(config)], work / "final.log", cwd=base)
     log = (work / "child.log").read_text() + (work / "final.log").read_text()
     landed = [k for k in kills if k["killed"]]
     per_stage = Counter(k["stage"] for k in landed)
@@ -414,6 +429,12 @@ def test_a_run_killed_at_every_stage_resumes_to_the_uninterrupted_result(assets,
         )
     bad = {r: v for r, v in verdicts.items() if v not in ("identical", "modulo times")}
     assert bad == {}
+    # the fold artifacts were made, and compared like the bank: fold rows bit-identical,
+    # fold_stability.json equal (it has no time field), the figures modulo plotly's div ids
+    folds = ["gradients/folds.safetensors", "fold_stability.json", *FOLD_FIGURES]
+    fold_verdicts = {r: verdicts.get(r) for r in folds}  # None: in neither run
+    assert all(v in ("identical", "modulo times") for v in fold_verdicts.values()), fold_verdicts
+    assert read_json(run / "fold_stability.json") == read_json(ref / "fold_stability.json")
     pd.testing.assert_frame_equal(
         pd.read_parquet(ref / "eval.parquet"), pd.read_parquet(run / "eval.parquet")
     )
@@ -426,7 +447,20 @@ def test_a_run_killed_at_every_stage_resumes_to_the_uninterrupted_result(assets,
 
 
 # ---------------------------------------------------------------------------------- disk full
-LIMIT = 2 << 20  # bytes per file: the parts (1 MiB) fit; the bank (4 MiB) and a model (2.6 MB) not
+LIMIT = 2 << 20  # bytes per file once the bank is written: a model (2.6 MB) does not fit
+
+
+def _bank_limit(ref: Path) -> int:
+    """A file size limit the run first reaches in the bank's write, sized from the reference
+    run: every file written before the bank (the mixture, each source's part: its row and its
+    fold rows) fits; the bank's first file (``folds.safetensors``: every source's fold rows)
+    does not. Returns the midpoint of the two sizes."""
+    before = [ref / "config.yaml", ref / "launch.json", ref / "mixture.json"]
+    parts = list((ref / "gradients" / "parts").glob("*.safetensors"))
+    largest = max(p.stat().st_size for p in [*before, *parts])
+    first = (ref / "gradients" / "folds.safetensors").stat().st_size
+    assert len(parts) == len(SOURCES) and largest < first, (largest, first)
+    return (largest + first) // 2
 
 
 def _limited(limit: int):
@@ -451,11 +485,11 @@ def _hashes(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
     }
 
 
-def _run_full(config: Path, out: Path, log: Path, *extra: str) -> tuple[int, str]:
-    """`merit-lab run` with files limited to `LIMIT`: its exit code and its output."""
+def _run_full(config: Path, out: Path, log: Path, limit: int = LIMIT) -> tuple[int, str]:
+    """`merit-lab run` with files limited to ``limit`` bytes: its exit code and its output."""
     log.write_text("")
-    cmd = [*_merit_lab(), "run", str(config), "--output-dir", str(out), *extra]
-    proc = _start(cmd, log, preexec_fn=_limited(LIMIT))
+    cmd = [*_merit_lab(), "run", str(config), "--output-dir", str(out)]
+    proc = _start(cmd, log, preexec_fn=_limited(limit))
     try:
         proc.wait(timeout=240)
     finally:
@@ -479,13 +513,15 @@ def test_a_full_disk_fails_with_one_line_keeps_what_was_written_and_resumes(asse
     run = out / "tiny"
     ok = [*_merit_lab(), "run", str(config), "--output-dir", str(out)]
 
-    # the bank (4 MiB) cannot be written; the mixture and each source's part (1 MiB) were
-    rc, output = _run_full(config, out, log)
-    _assert_one_space_error(rc, output, run / "gradients" / "bank.safetensors")
+    # the bank cannot be written (its first file, the fold rows: 16 MiB); the mixture and each
+    # source's part (its row and fold rows: 5 MiB) were
+    rc, output = _run_full(config, out, log, _bank_limit(ref))
+    _assert_one_space_error(rc, output, run / "gradients" / "folds.safetensors")
     assert (
         read_json(run / "mixture.json")["sources"] and len(list(run.glob("gradients/parts/*"))) == 4
     )
-    assert not (run / "gradients" / "bank.safetensors").exists() and find_temp(run) == []
+    bank = ["folds.safetensors", "bank.safetensors", "bank.json"]
+    assert [f for f in bank if (run / "gradients" / f).exists()] == [] and find_temp(run) == []
     assert _finish([*ok, "--until", "partition"], log).returncode == 0, log.read_text()[-3000:]
 
     # a training checkpoint (the model: 2.6 MB) cannot be written
@@ -509,10 +545,16 @@ def test_a_full_disk_fails_with_one_line_keeps_what_was_written_and_resumes(asse
     assert _finish(ok, log).returncode == 0, log.read_text()[-3000:]
     assert RunDir(run).temp_entries() == []
     finals = [str(p.relative_to(ref)) for p in ref.glob("**/final/model.safetensors")]
-    weights = ["gradients/bank.safetensors", "merged/merit-1d/model.safetensors", *finals]
-    assert len(weights) == 5
+    weights = [
+        "gradients/bank.safetensors",
+        "gradients/folds.safetensors",
+        "merged/merit-1d/model.safetensors",
+        *finals,
+    ]
+    assert len(weights) == 6
     for rel in weights:
         assert _compare_file(rel, ref / rel, run / rel) in ("identical", "modulo times"), rel
+    assert read_json(run / "fold_stability.json") == read_json(ref / "fold_stability.json")
     pd.testing.assert_frame_equal(
         pd.read_parquet(ref / "eval.parquet"), pd.read_parquet(run / "eval.parquet")
     )

@@ -525,6 +525,12 @@ def test_pipeline_writes_fold_stability_and_redoes_it_with_the_bank(tmp_path, ca
     stamp = (run / FOLD_STABILITY_FILE).stat().st_mtime_ns
     main(["run", str(path), "--until", "partition"])  # current: kept
     assert (run / FOLD_STABILITY_FILE).stat().st_mtime_ns == stamp
+    # a bank without its fold rows (as a kill between them and bank.json left one before the
+    # fold rows were written first) is not current: redone from its parts, the same fold rows
+    folds_before = np.array(bank.folds)
+    (run / "gradients" / "folds.safetensors").unlink()
+    main(["run", str(path), "--until", "partition"])
+    np.testing.assert_array_equal(GradientBank.load(run / "gradients").folds, folds_before)
     cfg["calibration"]["folds"] = 4  # another bank: the fold stability follows it
     path.write_text(yaml.safe_dump(cfg))
     main(["run", str(path), "--until", "conflict"])

@@ -106,7 +106,7 @@ class CalibrationConfig:
         refuse(
             below(self, 1, "n", "micro_batch_size", "workers", "folds")
             + unless(
-                self.folds <= self.n,
+                self.n < 1 or self.folds <= self.n,  # an invalid n is reported alone, above
                 f"folds: must be <= n ({self.n}), got {self.folds!r}",
             )
             + below(self, 0, "lora_warmup_steps")

@@ -97,15 +97,13 @@ class GradientBank:
         )
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``bank.safetensors`` (the rows), ``bank.json`` and ``folds.safetensors`` (the
-        fold rows; an earlier one is removed when this bank has none) atomically into
-        ``folder``."""
+        """Write ``folds.safetensors`` (the fold rows; an earlier one is removed when this bank
+        has none), ``bank.safetensors`` (the rows) and ``bank.json`` atomically into ``folder``,
+        in that order: ``bank.json`` (whose ``info.stage_key`` marks a run's gradient stage
+        done) comes last, so a kill or a full disk before it leaves a bank that is redone, never
+        one that reads as done without its fold rows."""
         folder = Path(folder)
         rows = np.ascontiguousarray(self.rows)
-        payload = save_safetensors({"rows": torch.from_numpy(rows)})
-        atomic_write_bytes(folder / "bank.safetensors", payload)
-        meta = {"names": list(self.names), "info": dict(self.info), "stats": dict(self.stats)}
-        save_enveloped(folder / "bank.json", BANK_FORMAT, BANK_VERSION, meta)
         if self.folds is None:
             (folder / FOLDS_FILE).unlink(missing_ok=True)
         else:
@@ -115,6 +113,10 @@ class GradientBank:
             }
             tag = {"names": json.dumps(list(self.names)), "rows_sha256": _rows_digest(rows)}
             atomic_write_bytes(folder / FOLDS_FILE, save_safetensors(tensors, metadata=tag))
+        payload = save_safetensors({"rows": torch.from_numpy(rows)})
+        atomic_write_bytes(folder / "bank.safetensors", payload)
+        meta = {"names": list(self.names), "info": dict(self.info), "stats": dict(self.stats)}
+        save_enveloped(folder / "bank.json", BANK_FORMAT, BANK_VERSION, meta)
         return folder
 
     @classmethod

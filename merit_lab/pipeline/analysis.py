@@ -30,7 +30,7 @@ from merit_lab.data.mixture import (
     small_source_message,
     source_shortfall,
 )
-from merit_lab.gradients.bank import GradientBank, request_info
+from merit_lab.gradients.bank import FOLDS_FILE, GradientBank, request_info
 from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.gradients.lora_bank import WARMUP_DIR, load_lora_model, warm_up_for_run, warmup_info
 from merit_lab.gradients.workers import (
@@ -214,7 +214,14 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
         *_lora_bank_settings(cfg),  # nothing unless calibration.lora_warmup_steps
         *([{"folds": cfg.calibration.folds}] if cfg.calibration.folds > 1 else []),
     )
-    if run.is_current("gradients", key) and layers_current(cfg, run, content, fingerprint):
+    # a bank without its fold rows (deleted, or cut off by a kill under an earlier write order
+    # that put them after bank.json) is redone from its parts: fold_stability.json needs them
+    folds_kept = cfg.calibration.folds == 1 or (run.gradients / FOLDS_FILE).is_file()
+    if (
+        run.is_current("gradients", key)
+        and folds_kept
+        and layers_current(cfg, run, content, fingerprint)
+    ):
         log.info("gradients: up to date")
         return False
     if cfg.calibration.workers > 1:
