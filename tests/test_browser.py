@@ -163,13 +163,16 @@ def _wait_for_run_all(page, timeout_s: float) -> None:
 
 
 def _select_source(select, name: str) -> None:
-    """Pick ``name`` in the editor's source dropdown (labels read "name (G<k>)")."""
+    """Pick ``name`` in the editor's source dropdown (labels read "name (G<k>)", with " ⚠" after
+    a source that changes group between calibration folds)."""
     labels = select.locator("option").evaluate_all(
         "options => options.map(o => o.textContent.trim())"
     )
     # ipywidgets shows spaces in option labels as no-break spaces: \s matches both
     index = next(
-        i for i, lab in enumerate(labels) if re.fullmatch(rf"{re.escape(name)}\s\(G\d+\)", lab)
+        i
+        for i, lab in enumerate(labels)
+        if re.fullmatch(rf"{re.escape(name)}\s\(G\d+\)(\s⚠)?", lab)
     )
     select.select_option(index=index)
 
@@ -215,7 +218,7 @@ def test_workbench_edits_and_saves_partition_json(lab):
                 "options => options.map(o => o.textContent.trim())"
             )
             # ipywidgets shows spaces in option labels as no-break spaces: \s matches both
-            match = re.fullmatch(r"(.+)\s\(G(\d+)\)", labels[0] if labels else "")
+            match = re.fullmatch(r"(.+)\s\(G(\d+)\)(?:\s⚠)?", labels[0] if labels else "")
             assert match, f"unexpected source options: {labels[:3]}"
             name, group = match.groups()
             frm = int(group)

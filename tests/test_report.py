@@ -108,6 +108,7 @@ def test_report_sections_in_order_and_unedited_mixture(run_dir):
         "controls",
         "train vs held-out",
         "lm-eval",
+        "lmms-eval",
         "token budget",
         "diagnostics",
         "conflict space",
