@@ -11,7 +11,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -134,26 +134,39 @@ LM_EVAL_KEYS = (
 )
 
 
+def _harness_problems(
+    options: Mapping[str, Any], name: str, keys: Sequence[str], floors: Mapping[str, int]
+) -> tuple[list[str], bool]:
+    """The shape ``eval.lm_eval`` and ``eval.lmms_eval`` share: known ``keys``, a non-empty list
+    of task names, ``include_path`` a folder path, each of ``floors`` an integer >= its floor.
+    Returns the problems, one line each, and whether the task list is well formed."""
+    out = []
+    unknown = sorted(set(options) - set(keys))
+    if unknown:
+        out.append(f"{name}: unknown keys {unknown}; known: {list(keys)}")
+    tasks = options.get("tasks")
+    tasks_ok = isinstance(tasks, (list, tuple)) and bool(tasks)
+    tasks_ok = tasks_ok and all(isinstance(t, str) for t in tasks)
+    if not tasks_ok:
+        out.append(f"{name}.tasks: give a list of task names, got {tasks!r}")
+    inc = options.get("include_path")
+    if inc is not None and not isinstance(inc, str):
+        out.append(f"{name}.include_path: expected a folder path, got {inc!r}")
+    for key, low in floors.items():
+        v = options.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            out.append(f"{name}.{key}: expected an integer >= {low}, got {v!r}")
+    return out, tasks_ok
+
+
 def lm_eval_problems(options: Mapping[str, Any] | None) -> list[str]:
     """What is wrong with an ``eval.lm_eval`` mapping (empty when fine or None), one line each."""
     if options is None:
         return []
     if not isinstance(options, Mapping):
         return [f"lm_eval: expected a mapping with {list(LM_EVAL_KEYS)}, got {options!r}"]
-    out = []
-    unknown = sorted(set(options) - set(LM_EVAL_KEYS))
-    if unknown:
-        out.append(f"lm_eval: unknown keys {unknown}; known: {list(LM_EVAL_KEYS)}")
-    tasks = options.get("tasks")
-    if not (isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, str) for t in tasks)):
-        out.append(f"lm_eval.tasks: give a list of task names, got {tasks!r}")
-    inc = options.get("include_path")
-    if inc is not None and not isinstance(inc, str):
-        out.append(f"lm_eval.include_path: expected a folder path, got {inc!r}")
-    for key, low in (("limit", 1), ("num_fewshot", 0), ("batch_size", 1)):
-        v = options.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            out.append(f"lm_eval.{key}: expected an integer >= {low}, got {v!r}")
+    floors = {"limit": 1, "num_fewshot": 0, "batch_size": 1}
+    out, _ = _harness_problems(options, "lm_eval", LM_EVAL_KEYS, floors)
     chat = options.get("apply_chat_template")
     if chat is not None and not isinstance(chat, bool):
         out.append(f"lm_eval.apply_chat_template: expected true or false, got {chat!r}")
@@ -196,23 +209,11 @@ def lmms_eval_problems(options: Mapping[str, Any] | None) -> list[str]:
         return []
     if not isinstance(options, Mapping):
         return [f"lmms_eval: expected a mapping with {list(LMMS_EVAL_KEYS)}, got {options!r}"]
-    out = []
-    unknown = sorted(set(options) - set(LMMS_EVAL_KEYS))
-    if unknown:
-        out.append(f"lmms_eval: unknown keys {unknown}; known: {list(LMMS_EVAL_KEYS)}")
-    tasks = options.get("tasks")
-    if not (isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, str) for t in tasks)):
-        out.append(f"lmms_eval.tasks: give a list of task names, got {tasks!r}")
-        tasks = []
-    elif len(set(tasks)) < len(tasks):
+    floors = {"limit": 1, "batch_size": 1, "max_new_tokens": 1}
+    out, tasks_ok = _harness_problems(options, "lmms_eval", LMMS_EVAL_KEYS, floors)
+    tasks = options["tasks"] if tasks_ok else []
+    if len(set(tasks)) < len(tasks):
         out.append(f"lmms_eval.tasks: a task is named twice in {list(tasks)}")
-    inc = options.get("include_path")
-    if inc is not None and not isinstance(inc, str):
-        out.append(f"lmms_eval.include_path: expected a folder path, got {inc!r}")
-    for key in ("limit", "batch_size", "max_new_tokens"):
-        v = options.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            out.append(f"lmms_eval.{key}: expected an integer >= 1, got {v!r}")
     judge = options.get("judge")
     out += _judge_problems(judge)
     judged = [(t, why) for t in tasks if (why := judged_task(t))]
