@@ -19,6 +19,10 @@ rounds after a warm-up (median, min-max), alternating the sides so drift hits bo
 * **merge against the disk**: ``merge_checkpoints`` (linear, K = 2 bf16 branches, θ0 plus seeded
   noise, saved by ``save_pretrained``) against plain reads of the inputs plus a write of the
   output's bytes with fsync (``bench_merge.disk_limit``), warm page cache, as ``make bench``;
+* **bergson side by side** (`benchmarks.bench_bergson`): its gradient-store build against our
+  stage in alternating rounds, on the same examples and width (bergson in its own venv, which
+  on a card sees this python's CUDA torch, pinned): tokens/s, peak GPU memory and the cosine
+  agreement of the two banks, beside the ahead-of-bergson targets;
 * multi-GPU scaling of the sharded stage, only with ≥ 2 GPUs and a worker API.
 
 Bergson's ≈ 28k tokens/s (its gradient store, Pythia-1B, one GH200) is printed beside ours as
@@ -45,8 +49,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.bench_bergson import add_comparison_figures
 from benchmarks.bench_merge import disk_limit, serial_hash_seconds
-from benchmarks.common import Results, machine, print_table, write_json
+from benchmarks.common import (
+    Results,
+    machine,
+    peak_rss,
+    print_table,
+    reset_peak_rss,
+    write_json,
+)
 from merit_lab.data.formatting import collate, tokenize_examples
 from merit_lab.data.mixture import Mixture, Source
 from merit_lab.gradients import estimate as gradients
@@ -331,6 +343,71 @@ def measure_gradients(model, tok, mix: Mixture, spec: dict, device, rounds: int)
     }
 
 
+def measure_bergson(model, tok, mix: Mixture, spec: dict, device, rounds: int, work: Path):
+    """Bergson's gradient-store build (`benchmarks.bench_bergson`, its own venv and process)
+    against our stage in the same rounds, who goes first alternating, on the same examples and
+    width; the cosine agreement of the two banks (ours again over bergson's modules, untimed).
+    On a card bergson's venv sees this python's CUDA torch (``--system-site-packages``, torch
+    pinned). Returns a sentence instead where bergson's venv is missing (``--tiny`` never
+    installs it)."""
+    from benchmarks import bench_bergson as bg
+
+    tiny = bool(spec.get("tiny"))
+    if device.type == "cuda":
+        pin = f"torch=={torch.__version__.split('+')[0]}"
+        kw = {"base_python": sys.executable, "torch_spec": pin, "system_site": True}
+        exe, how = bg.ensure_bergson(not tiny, bg.BENCH_DIR / "bergson-venv-cuda", **kw)
+    else:
+        exe, how = bg.ensure_bergson(not tiny)
+    if exe is None:
+        return f"bergson not measured: {how}"
+    folder = work / "bergson"
+    model.save_pretrained(folder / "model")
+    job = bg.bergson_job(
+        model,
+        tok,
+        mix,
+        n=spec["n"],
+        max_length=spec["max_length"],
+        token_batch_size=spec["micro_tokens"],
+        model_path=str(folder / "model"),
+        precision="bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32",
+    )
+    kw, last = _micro_kwargs(spec), {}
+
+    def ours() -> dict:
+        def stage():
+            return estimate_gradients(
+                model, tok, mix, n=spec["n"], max_length=spec["max_length"], progress=False, **kw
+            )
+
+        base = reset_peak_rss()
+        seconds, peak, bank = _measured(stage, device)
+        last["ours"] = bank.rows
+        return {"seconds": seconds, "peak_bytes": peak if peak is not None else peak_rss() - base}
+
+    def bergson() -> dict:
+        report, last["bergson"] = bg.run_bergson(exe, job, folder / "run")
+        return report
+
+    runs = bg.alternate(rounds, ours, bergson)
+    tokens = sum(map(len, job["input_ids"]))
+    cmp = bg.summarize_rounds(runs, tokens, f"{len(mix)} sources x {spec['n']} examples", job)
+    names = bg.bergson_targets(model)
+    ml = spec["max_length"]
+    same = estimate_gradients(
+        model, tok, mix, n=spec["n"], max_length=ml, include=names, progress=False, **kw
+    ).rows
+    c_berg = bg.cosine_matrix(last["bergson"])
+    cmp["agreement"] = {
+        "ours_vs_bergson": bg.cosine_agreement(bg.cosine_matrix(same), c_berg),
+        "ours_all_vs_bergson": bg.cosine_agreement(bg.cosine_matrix(last["ours"]), c_berg),
+    }
+    cmp["exact_skipped"] = "not computed on the GPU shapes (full gradients of every source)"
+    shutil.rmtree(folder, ignore_errors=True)
+    return cmp
+
+
 def _fsync_folder(folder: Path) -> None:
     for f in folder.iterdir():
         with open(f, "rb") as fh:
@@ -561,6 +638,14 @@ def run(
         }
         entry["bf16"] = measure_gradients(model, tok, mix, spec, device, rounds)
         _add_gradient_figures(res, f"{size} bf16", entry["bf16"], tiny)
+        _log(f"{size}: bergson's gradient-store build beside the stage")
+        entry["bergson"] = measure_bergson(
+            model, tok, mix, spec | {"tiny": tiny}, device, rounds, work / size
+        )
+        if isinstance(entry["bergson"], str):
+            res.skip(f"{size} bergson", "bergson side by side", entry["bergson"])
+        else:
+            add_comparison_figures(res, f"{size} bergson", entry["bergson"], targets=not tiny)
         _log(f"{size}: merge K={K} against the disk")
         entry["merge"] = measure_merge(model, work / size, device, rounds)
         mg = entry["merge"]

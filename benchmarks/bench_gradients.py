@@ -128,7 +128,8 @@ def _plain_fwd_bwd(model, batches: list[dict]) -> float:
 
 
 def _sketch_seconds(model, tok, mix: Mixture, cal: CalibrationConfig, reps: int) -> float:
-    """Seconds to count-sketch one source's full gradient, as the stage does, best of ``reps``."""
+    """Seconds to count-sketch and norm one source's full gradient, as the stage does, best of
+    ``reps``."""
     selected = select_parameters(model)
     sk = build_sketch(SketchSpec(), [(n, tuple(p.shape)) for n, p in selected])
     src = mix.sources[0]
@@ -136,13 +137,11 @@ def _sketch_seconds(model, tok, mix: Mixture, cal: CalibrationConfig, reps: int)
     model.zero_grad(set_to_none=True)
     source_gradient(model, ex, pad_token_id=tok.pad_token_id, micro_batch_size=cal.micro_batch_size)
     best = float("inf")
-    for _ in range(reps):
+    for _ in range(reps):  # the stage's row pass: sketch, finiteness check and norm in one read
         t0 = time.perf_counter()
-        row = sk.zeros()
-        sq = torch.zeros((), dtype=torch.float64)
+        row, sq = sk.zeros(), 0.0
         for name, p in selected:
-            sk.add_(row, name, p.grad)
-            sq += p.grad.detach().double().pow(2).sum()
+            sq += sk.add_(row, name, p.grad, square_norm=True)
         best = min(best, time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
     return best

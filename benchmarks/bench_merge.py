@@ -6,7 +6,10 @@ branch, K = 4, saved by ``save_pretrained``, cached under ``.bench/merge/``):
   a. the time of ``merge_checkpoints(method="linear")`` against the limit of the disk measured in
      the same run: plain big-buffer Python reads of the K inputs' safetensors plus a write of the
      output's bytes with the same fsync policy (one fsync per shard), in the same page-cache
-     state as the merge (warm: the files were just read; part c also measures a cold cache);
+     state as the merge (warm: the files were just read; part c also measures a cold cache).
+     ``REPS`` rounds, each the merge (its default xxh3_128 digests), the limit and the merge
+     with sha256 digests (the old manifest format), in an order that rotates per round so
+     that the load of other work hits all three; medians and [min–max] of per-round ratios;
   b. the merge's peak RSS (spawned child) as the model grows by layers at a fixed hidden size, so
      the largest tensor (embedding / lm_head) stays the same: flat, about (K + 2) × that tensor;
   c. mergekit's ``mergekit-yaml`` (installed in ``.bench/mergekit-venv``, made here on first use)
@@ -52,6 +55,7 @@ from benchmarks.common import (
     in_child,
 )
 from merit_lab.io import atomic_dir, sha256_file
+from merit_lab.merging.digests import file_digest
 from merit_lab.merging.stream import merge_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +69,7 @@ WEIGHTS = [0.4, 0.3, 0.2, 0.1]
 NOISE = 1e-3
 EQUAL = "max |ours − mergekit| / max |tensor| (all tensors)"
 ROUNDS = 5  # of each side, per page-cache state, in the mergekit comparison
+REPS = 3  # rounds of merge / disk limit / merge with sha256 digests (part a)
 CHUNK = 1 << 26  # 64 MiB: the big buffer of the plain-I/O limit
 
 # The model grows by layers; hidden size and vocabulary (so the largest tensors) stay fixed.
@@ -157,14 +162,14 @@ def _family_facts(branches: list[Path]) -> dict:
 
 
 # ------------------------------------------------------------------------------- measurements
-def _merge_job(inputs: list[str], out: str, weights: list[float]) -> dict:
+def _merge_job(inputs: list[str], out: str, weights: list[float], digest: str = "xxh3_128") -> dict:
     """One merge in a spawned child, under cProfile (few calls, so the overhead is small)."""
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
     prof.enable()
-    report = merge_checkpoints(inputs, out, weights=weights, progress=False)
+    report = merge_checkpoints(inputs, out, weights=weights, progress=False, digest=digest)
     prof.disable()
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
     top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
@@ -178,15 +183,16 @@ def _merge_job(inputs: list[str], out: str, weights: list[float]) -> dict:
 
 
 def _categories(stats: dict) -> dict[str, float]:
-    """Main-thread time by what it was doing (the hashing threads run beside it)."""
+    """Main-thread time by what it was doing (reading, writing and digests run on threads
+    beside it: waiting for them is what the main thread does when it is ahead)."""
     rules = {
         "fsync": ("fsync",),
         "write (into the page cache)": ("'write' of '_io",),
-        "waiting for sha256 threads": ("'acquire' of '_thread.lock'",),
+        "waiting for the read / write / digest threads": ("'acquire' of '_thread.lock'",),
         "finite checks (aminmax)": ("aminmax", "isfinite"),
         "merge arithmetic": ("merge_linear", "'add_'", "'mul'"),
-        "reading tensors (safe_open)": ("safe_open", "get_tensor", "get_slice", "offset_keys"),
-        "sha256 (in the main thread)": ("'update' of '_hashlib",),
+        "reading headers (safe_open)": ("safe_open", "get_tensor", "get_slice", "offset_keys"),
+        "digests (in the main thread)": ("'update' of '_hashlib", "'update' of 'xxhash"),
     }
     out = dict.fromkeys(rules, 0.0)
     total = 0.0
@@ -231,11 +237,12 @@ def disk_limit(files: list[Path], out_parent: Path, shard_bytes: list[int]) -> d
     return {"read_s": t_read, "write_s": t_write, "bytes_read": n_read}
 
 
-def serial_hash_seconds(paths: list[Path]) -> float:
-    """sha256 of ``paths`` in one thread: the work the merge overlaps with its own."""
+def serial_hash_seconds(paths: list[Path], algorithm: str = "sha256") -> float:
+    """The digest of ``paths`` in one thread (sha256 by default, or a key of
+    `merit_lab.merging.digests.DIGESTS`): the work the merge overlaps with its own."""
     t0 = time.perf_counter()
     for p in paths:
-        sha256_file(p)
+        sha256_file(p) if algorithm == "sha256" else file_digest(p, algorithm)
     return time.perf_counter() - t0
 
 
@@ -330,7 +337,7 @@ def _gb(n: float) -> str:
 def run(quick: bool = False) -> Results:
     res = Results("merge")
     sizes = QUICK if quick else FULL
-    reps = 1 if quick else 3
+    reps = 1 if quick else REPS
     tgt = (lambda t: None) if quick else (lambda t: t)  # quick sizes are all fixed costs
     work = BENCH_DIR / "merge-out"
     shutil.rmtree(work, ignore_errors=True)
@@ -357,36 +364,57 @@ def _run(res: Results, sizes: dict, reps: int, tgt, work: Path, quick: bool) -> 
     res.raw |= {"k": K, "weights": WEIGHTS, "config": sizes, "reps": reps}
     inputs, out = [str(b) for b in families[big]], work / "ours"
 
-    # a. the merge against plain I/O of the same bytes, alternated, best of `reps` each
+    # a. the merge against plain I/O of the same bytes: `reps` rounds of (merge, limit, merge
+    # with sha256 digests), the order rotating per round so that other work's load hits all
     per = facts[big]["input_bytes"] / K / 2**20
-    log(f"merge vs disk limit: K={K} x {per:.0f} MiB, {reps} rep(s) ...")
+    log(f"merge vs disk limit: K={K} x {per:.0f} MiB, {reps} round(s) ...")
     disk_limit(facts[big]["files"], work, [])  # warm the page cache (untimed)
-    merges, limits, peaks = [], [], []
-    for _ in range(reps):
+    merges, shas, limits, peaks = [], [], [], []
+    shards: list[int] = []
+
+    def merge(digest: str, into: list) -> None:
+        nonlocal shards
         shutil.rmtree(out, ignore_errors=True)
-        job, seconds, peak = in_child(_merge_job, inputs, str(out), WEIGHTS)
-        merges.append(job | {"merge_seconds": seconds})  # the whole call, manifest and rename too
+        job, seconds, peak = in_child(_merge_job, inputs, str(out), WEIGHTS, digest)
+        into.append(job | {"merge_seconds": seconds})  # the whole call, manifest and rename too
         peaks.append(peak)
         shards = [f.stat().st_size for f in sorted(out.glob("*.safetensors"))]
-        limits.append(disk_limit(facts[big]["files"], work, shards))
-    best = min(merges, key=lambda j: j["merge_seconds"])
-    t_merge = best["merge_seconds"]
-    t_read = min(x["read_s"] for x in limits)
-    t_write = min(x["write_s"] for x in limits)
-    t_limit = t_read + t_write
-    moved = facts[big]["input_bytes"] + best["bytes_written"]
-    t_hash_in = serial_hash_seconds(facts[big]["files"])
-    t_hash_out = serial_hash_seconds(sorted(out.glob("*.safetensors")))
-    ratio = t_merge / t_limit
-    parts = sorted(best["profile_main_thread"].items(), key=lambda kv: -kv[1])
+
+    steps = {
+        "merge": lambda: merge("xxh3_128", merges),
+        "limit": lambda: limits.append(disk_limit(facts[big]["files"], work, shards)),
+        "merge_sha256": lambda: merge("sha256", shas),
+    }
+    merge("xxh3_128", [])  # untimed: the output's shard sizes for the first limit
+    orders = []
+    for i in range(reps):
+        order = list(steps)[i % 3 :] + list(steps)[: i % 3]
+        orders.append(order)
+        for name in order:
+            steps[name]()
+    t_limits = [x["read_s"] + x["write_s"] for x in limits]
+    ratios = [j["merge_seconds"] / t for j, t in zip(merges, t_limits, strict=True)]
+    sha_ratios = [j["merge_seconds"] / t for j, t in zip(shas, t_limits, strict=True)]
+    mid = sorted(range(reps), key=lambda i: ratios[i])[reps // 2]  # the median round
+    t_merge, t_limit = merges[mid]["merge_seconds"], t_limits[mid]
+    moved = facts[big]["input_bytes"] + merges[mid]["bytes_written"]
+    outs = sorted(out.glob("*.safetensors"))
+    serial = {
+        algo: (serial_hash_seconds(facts[big]["files"], algo), serial_hash_seconds(outs, algo))
+        for algo in ("sha256", "xxh3_128")
+    }
+    ratio = statistics.median(ratios)
+    parts = sorted(merges[mid]["profile_main_thread"].items(), key=lambda kv: -kv[1])
     where = ", ".join(f"{k} {v:.2f} s" for k, v in parts)
     verdict = ""
     if not quick and ratio > 1.3:
         verdict = (
-            f". MISSED by {(ratio / 1.3 - 1) * 100:.0f}%: the merge's own CPU work (sha256 of "
-            f"every byte, {t_hash_in + t_hash_out:.1f} s in one thread, plus the arithmetic and "
-            "finite checks) shares 2 cores that the plain I/O has to itself"
+            f". MISSED by {(ratio / 1.3 - 1) * 100:.0f}%: the merge's own CPU work (arithmetic, "
+            "finite checks and digests, on threads) shares 2 cores that the plain I/O has to "
+            f"itself; 1-min load average {os.getloadavg()[0]:.1f}"
         )
+    sha_in, sha_out = serial["sha256"]
+    xx_in, xx_out = serial["xxh3_128"]
     res.add(
         SECTION,
         "merge time / disk limit (read K inputs + write output + fsync)",
@@ -394,30 +422,43 @@ def _run(res: Results, sizes: dict, reps: int, tgt, work: Path, quick: bool) -> 
         "×",
         target=tgt(("<=", 1.3)),
         note=(
+            f"median of {reps} rounds, per-round ratio {_spread(ratios, '×')}; the median round: "
             f"merge {t_merge:.2f} s vs limit {t_limit:.2f} s (read "
-            f"{_gb(facts[big]['input_bytes'])} {t_read:.2f} s + write "
-            f"{_gb(best['bytes_written'])} with fsync {t_write:.2f} s), "
-            f"best of {reps}, warm page cache (the files were just read; cold: see the mergekit "
-            f"rounds). The merge also hashes all of it (sha256 in one thread: inputs "
-            f"{t_hash_in:.2f} s + output {t_hash_out:.2f} s), on threads beside the merge. "
-            f"Main thread of the best merge: {where}{verdict}"
+            f"{_gb(facts[big]['input_bytes'])} {limits[mid]['read_s']:.2f} s + write "
+            f"{_gb(merges[mid]['bytes_written'])} with fsync {limits[mid]['write_s']:.2f} s); "
+            "warm page cache (the files were just read; cold: see the mergekit rounds). The "
+            "merge reads every input byte once and digests it from the same buffer (xxh3_128, "
+            f"in one thread: inputs {xx_in:.2f} s + output {xx_out:.2f} s; sha256 would be "
+            f"{sha_in:.2f} s + {sha_out:.2f} s) on threads beside the merge. Main thread of "
+            f"the median round: {where}{verdict}"
             + ("; --quick: a tiny model, so fixed costs dominate (no target)" if quick else "")
         ),
     )
+    res.add(
+        SECTION,
+        "merge time / disk limit, sha256 digests (the old manifest format)",
+        statistics.median(sha_ratios),
+        "×",
+        note=f"merge_checkpoints(digest='sha256') in the same rounds: per-round ratio "
+        f"{_spread(sha_ratios, '×')}, merge {_spread([j['merge_seconds'] for j in shas])}",
+    )
     res.add(SECTION, "merge throughput (bytes read + written / s)", moved / t_merge / 1e9, "GB/s")
     res.raw["throughput"] = {
+        "orders": orders,
         "merge_seconds": [j["merge_seconds"] for j in merges],
+        "merge_sha256_seconds": [j["merge_seconds"] for j in shas],
         "limit": limits,
-        "ratio_per_rep": [
-            j["merge_seconds"] / (x["read_s"] + x["write_s"])
-            for j, x in zip(merges, limits, strict=True)
-        ],
+        "ratio_per_rep": ratios,
+        "ratio_sha256_per_rep": sha_ratios,
         "bytes_read": facts[big]["input_bytes"],
-        "bytes_written": best["bytes_written"],
-        "serial_sha256_inputs_s": t_hash_in,
-        "serial_sha256_output_s": t_hash_out,
-        "breakdown_main_thread_s": best["profile_main_thread"],
-        "top_tottime_main_thread_s": best["top_tottime"],
+        "bytes_written": merges[mid]["bytes_written"],
+        "serial_sha256_inputs_s": sha_in,
+        "serial_sha256_output_s": sha_out,
+        "serial_xxh3_128_inputs_s": xx_in,
+        "serial_xxh3_128_output_s": xx_out,
+        "loadavg_1min_after": os.getloadavg()[0],
+        "breakdown_main_thread_s": merges[mid]["profile_main_thread"],
+        "top_tottime_main_thread_s": merges[mid]["top_tottime"],
     }
 
     # b. peak RSS as the model grows by layers (largest tensor fixed)
@@ -589,6 +630,7 @@ def _vs_mergekit(
             f"mergekit time / ours, {state} page cache",
             med(mk) / med(ours),
             "×",
+            target=tgt((">=", 1.0)),  # ahead of mergekit, start-up included
             note=f"mergekit {_spread(mk)} vs ours {_spread(ours)}; per-round ratio "
             f"{_spread(ratios[state], '×')}; {basis}; {cache}",
         )
@@ -602,13 +644,14 @@ def _vs_mergekit(
             net_name,
             net["mergekit"] / net["ours"],
             "×",
+            target=tgt((">=", 1.0)),  # ahead of mergekit, start-up excluded
             note=f"the warm medians less each command's start-up alone (ours: `python -c` "
             f"importing merit_lab.merging.stream, {_spread([r.seconds for r in starts['ours']])}; "
             f"mergekit: `mergekit-yaml --help`, {_spread([r.seconds for r in starts['mergekit']])}"
             f"): mergekit {net['mergekit']:.2f} s vs ours {net['ours']:.2f} s. Ours also fsyncs "
-            "every shard, hashes every byte (sha256, for the manifest) and checks every tensor "
-            "for NaN/Inf inside its time; mergekit does none of these, and its writeback is "
-            "flushed (os.sync) after its clock stops",
+            "every shard, digests every byte (xxh3_128, for the manifest) and checks every "
+            "merged piece for NaN/Inf inside its time; mergekit does none of these, and its "
+            "writeback is flushed (os.sync) after its clock stops",
         )
     mib = 2**20
     for label, attr, what in (

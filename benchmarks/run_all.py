@@ -17,7 +17,7 @@ import traceback
 
 from benchmarks.common import Results, machine, print_table, write_json
 
-BENCHES = ("gradients", "sketch", "conflict", "merge", "overhead", "smollm2")
+BENCHES = ("gradients", "sketch", "conflict", "merge", "overhead", "smollm2", "bergson")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ __all__ = [
     "LockHeldError",
     "atomic_dir",
     "atomic_write_bytes",
+    "atomic_write_chunks",
     "atomic_write_json",
     "atomic_write_text",
     "current_umask",
@@ -189,12 +190,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
     The file gets the mode a plain ``open(path, "wb")`` of a new file would (umask applied).
     """
+    return atomic_write_chunks(path, [data])
+
+
+def atomic_write_chunks(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> Path:
+    """`atomic_write_bytes` of the concatenated ``chunks``, written as they come (a file larger
+    than memory is streamed: each chunk may be made only when it is written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, fd = _create_temp(path, folder=False)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,20 @@ from tests.ordering import (  # noqa: F401  (--order reverse|random)
     pytest_collection_modifyitems,
     pytest_report_header,
 )
-from tests.skip_summary import pytest_terminal_summary  # noqa: F401  (skipped tiers, why)
+from tests.skip_summary import (  # noqa: F401  (skipped and deselected tiers, why; xdist too)
+    pytest_deselected,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    pytest_testnodedown,
+)
 
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs 2 xdist workers on 2 cores: one thread each, and one for the merit-lab
+    # processes they start (two threads per worker would spin against each other).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -2,13 +2,20 @@
 
 A skipped test is put in a tier by its skip reason (`REASON_TIERS`), else by its first tier
 marker (`MARKER_TIERS`), else "other"; the tests left out by ``-m``/``-k`` are counted by
-marker too ("unmarked" for the rest).
+marker too ("unmarked" for the rest). Under pytest-xdist (`make test`) the workers collect and
+deselect, so each worker counts what it left out and hands the counts to the controller.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+
+import pytest
+
+DESELECTED = pytest.StashKey[dict]()  # tier -> tests left out by -m/-k, in this process
+FROM_WORKERS = pytest.StashKey[dict]()  # the same, as an xdist worker counted it
+WORKER_KEY = "merit_lab_deselected_tiers"
 
 # (tier, pattern in the skip reason): what is missing on this machine, named as a newcomer sees it
 REASON_TIERS = (
@@ -56,24 +63,55 @@ def skipped_tiers(reports: Iterable) -> dict[str, tuple[int, list[str]]]:
     return tiers
 
 
-def summary_lines(skipped: Iterable, deselected: Iterable = ()) -> list[str]:
-    """The lines printed at the end of the run: one line of tiers and counts, then the reasons."""
+def deselected_tiers(items: Iterable, into: dict[str, int] | None = None) -> dict[str, int]:
+    """Tier (first tier marker, else "unmarked") → number of ``items``, added to ``into``."""
+    left_out = {} if into is None else into
+    for item in items:
+        tier = next(iter(_markers(item)), "unmarked")
+        left_out[tier] = left_out.get(tier, 0) + 1
+    return left_out
+
+
+def summary_lines(
+    skipped: Iterable, deselected: Iterable = (), left_out: dict[str, int] | None = None
+) -> list[str]:
+    """The lines printed at the end of the run: one line of tiers and counts, then the reasons
+    (``left_out``: deselected counts by tier, where the items themselves are elsewhere)."""
     tiers = skipped_tiers(skipped)
     lines = []
     if tiers:
         lines.append("skipped tiers: " + ", ".join(f"{t} {n}" for t, (n, _) in tiers.items()))
         lines += [f"  {t}: {'; '.join(reasons)}" for t, (_, reasons) in tiers.items()]
-    left_out: dict[str, int] = {}
-    for item in deselected:
-        tier = next(iter(_markers(item)), "unmarked")
-        left_out[tier] = left_out.get(tier, 0) + 1
+    left_out = deselected_tiers(deselected, dict(left_out or {}))
     if left_out:
         counts = ", ".join(f"{t} {n}" for t, n in left_out.items())
         lines.append(f"deselected tiers (-m/-k): {counts}")
     return lines
 
 
+def pytest_deselected(items) -> None:
+    if items:
+        config = items[0].config
+        deselected_tiers(items, config.stash.setdefault(DESELECTED, {}))
+
+
+def pytest_sessionfinish(session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)  # set on an xdist worker only
+    if workeroutput is not None:
+        workeroutput[WORKER_KEY] = session.config.stash.get(DESELECTED, {})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist's controller: every worker collects the same tests, so one worker's counts do."""
+    counts = getattr(node, "workeroutput", {}).get(WORKER_KEY)
+    if counts is not None:
+        node.config.stash[FROM_WORKERS] = counts
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     stats = terminalreporter.stats
-    for line in summary_lines(stats.get("skipped", []), stats.get("deselected", [])):
+    deselected = stats.get("deselected", [])
+    from_workers = config.stash.get(FROM_WORKERS, {}) if not deselected else {}
+    for line in summary_lines(stats.get("skipped", []), deselected, from_workers):
         terminalreporter.write_line(line)

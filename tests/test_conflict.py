@@ -170,10 +170,10 @@ def test_conflict_json_is_enveloped_and_a_foreign_or_newer_one_refused(tmp_path)
     path = space.save(tmp_path / "conflict.json")
     doc = json.loads(path.read_text())
     assert list(doc)[:2] == ["format", "version"]
-    assert (doc["format"], doc["version"]) == ("merit-lab/conflict", 1)
-    assert space.to_dict() == doc
+    assert (doc["format"], doc["version"]) == ("merit-lab/conflict", 2)
+    assert "cosine" not in doc and space.to_dict()["version"] == 1  # arrays: conflict.safetensors
     cases = [
-        ({**doc, "version": 2}, "conflict.json: merit-lab/conflict version 2 is not one"),
+        ({**doc, "version": 3}, "conflict.json: merit-lab/conflict version 3 is not one"),
         ({**doc, "format": "merit-lab/partition"}, "holds 'merit-lab/partition', not 'merit-lab/c"),
         ({k: v for k, v in doc.items() if k not in ("format", "version")}, "holds None"),
     ]

@@ -147,6 +147,7 @@ def test_committed_base_beats_fresh_init(demo_batch: dict[str, torch.Tensor]) ->
     assert loss == pytest.approx(0.2757, abs=0.002)
 
 
+@pytest.mark.slow  # the slow tier: 768 greedy answers of the whole demo's held-out split
 def test_committed_base_quality_is_the_readme_figure() -> None:
     """The README's θ0: held-out loss 0.37 nats/char and exact match 20% ("0.366" and "20.2" in
     the demo table), computed as the demo's evaluate stage does: 24 held-out examples per source,

@@ -30,6 +30,8 @@ from merit_lab.partition.methods import split_balanced
 MAX_ERR = 0.005  # the target that fixed DEFAULT_SKETCH_DIM (config.py, benchmarks/bench_sketch.py)
 SELECTION_SEEDS = (0, 1, 2)  # the seeds the width was chosen at
 HELDOUT_SEEDS = tuple(range(3, 11))  # the next eight, fixed before looking at any of them
+# The slow tier (`make test-slow`): exact gradients of the whole demo, twice (6,400 examples).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -213,6 +213,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(victims, timeout=10)
 
 
+@pytest.mark.slow  # the slow tier: a 2-process gloo job killed and relaunched
 def test_kill_and_relaunch_matches_uninterrupted_run(tmp_path, assets, runs):
     spec = make_spec(assets, tmp_path / "killed", procs_per_branch=2)
     out = Path(spec.output_dir)

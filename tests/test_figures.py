@@ -115,7 +115,8 @@ def test_collect_figures_finds_every_artifact(run_dir):
 
 
 def test_collect_figures_on_a_run_without_later_stages(run_dir, tmp_path):
-    (tmp_path / "conflict.json").write_bytes((run_dir / "conflict.json").read_bytes())
+    for name in ("conflict.json", "conflict.safetensors"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
     figs = collect_figures(tmp_path)  # no mixture, partition, eval, logs
     assert "compare_loss" not in figs and "training" not in figs
     assert [t.name for t in figs["conflict_scatter"].data] == ["source"]
@@ -125,7 +126,7 @@ def test_collect_figures_on_a_run_without_later_stages(run_dir, tmp_path):
 
 def test_collect_figures_when_the_partition_covers_part_of_the_mixture(run_dir, tmp_path):
     """A curated run: one source dropped, one down-weighted, one in mixture.json only."""
-    for name in ("conflict.json", "eval.parquet"):
+    for name in ("conflict.json", "conflict.safetensors", "eval.parquet"):
         (tmp_path / name).write_bytes((run_dir / name).read_bytes())
     mixture = read_json(run_dir / "mixture.json")
     mixture["sources"].append(

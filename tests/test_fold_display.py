@@ -145,9 +145,10 @@ def test_report_section_shows_the_numbers_of_the_stability(world, tmp_path):
     upper = [0.01 * (i + j + 1) for i in range(6) for j in range(i + 1, 6)]
     assert f"median {np.median(upper):.3f} (max {max(upper):.3f})" in text  # 0.060, 0.100
     assert f"{2 * 0.85 / 1.85:.3f}" in text  # split-half reliability, Spearman-Brown: 0.919
-    # r = 2: halves median 0.60 (0.50-0.70), two draws of n = 40: 0.72, n for 0.8: 68
+    # r = 2: halves median 0.60 (0.50-0.70), mean 0.60; the curve at n/2 = 20: 0.64 (0.08 per
+    # doubling below 0.72); two draws of n = 40: 0.72, n for 0.8: 68
     assert table_rows(text, "r = 2 (K = 4)") == [
-        ["r = 2 (K = 4)", "0.60", "0.50", "0.70", "0.72", "68"]
+        ["r = 2 (K = 4)", "0.60", "0.50", "0.70", "0.60", "0.64", "0.72", "68"]
     ]
     assert table_rows(text, "r = 1 (K = 2)")[0][1:5] == ["1.00", "1.00", "1.00", "1.00"]
     # the least certain cosine: b1 · b2, SE 0.01 (4 + 5 + 1)
@@ -299,7 +300,7 @@ def test_no_n_reaching_the_target_shows_a_dash_and_still_warns(world, tmp_path):
     assert stab.n_for(2) is None
     root = write_run(tmp_path / "run", stab, world)
     text = "\n".join(fold_stability_section(root))
-    assert table_rows(text, "r = 2 (K = 4)")[0][4:] == ["0.30", "–"]
+    assert table_rows(text, "r = 2 (K = 4)")[0][4:] == ["0.60", "0.30", "0.30", "–"]
     assert "**WARNING" in text
     for fig in fold_figures(stab).values():  # the figures draw without a crossing too
         assert fig.data

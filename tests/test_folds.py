@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import merit_lab.gradients.estimate as estimate_mod
-from merit_lab.analysis.conflict import space_from_cosine
+from merit_lab.analysis.conflict import ConflictSpace, space_from_cosine
 from merit_lab.data.formatting import collate, response_token_loss, tokenize_examples
 from merit_lab.data.mixture import load_mixture
 from merit_lab.gradients.bank import FOLDS_FILE, GradientBank
@@ -304,6 +304,11 @@ def test_fold_statistics_equal_direct_computations_and_round_trip(tmp_path):
     med = np.median(halves)
     assert stab.reliability == pytest.approx(2 * med / (1 + med), abs=1e-6)
     assert stab.coassign[1].shape == (8, 8) and np.allclose(np.diag(stab.coassign[1]), 1)
+    table = stab.summary()  # the curve is a mean ARI: the halves' mean and the curve at n/2
+    for r in stab.rs:
+        assert table.loc[r, "ari_half_mean"] == pytest.approx(stab.ari_halves[r].mean())
+        assert table.loc[r, "ari_at_half"] == stab.agreement(r, 6) == stab.curve[r][0]
+    assert f"mean {table.loc[1, 'ari_half_mean']:.2f}; simulated at n/2" in stab.describe()[1]
     assert ((stab.flip[2] >= 0) & (stab.flip[2] <= 1)).all()
 
     path = stab.save(tmp_path / "fold_stability.json")
@@ -325,6 +330,32 @@ def test_a_source_that_moves_alone_changes_group_and_its_mates_barely():
     moved = [False, False, False, True, False, False, False, True]
     assert _jaccard_moves(a, b).tolist() == moved  # the others keep 2 of their 3 mates
     assert not _jaccard_moves(a, 1 - a).any()  # labels play no part
+
+
+def test_simulated_draws_carry_each_sources_noise_at_the_drawn_size():
+    """The simulated draw minus the full row, Σ_f (w'_f − w_f) F_f, has E|η_t|² = tr Σ / n'
+    for every source, whatever its own n_t (here 12, 20, 16 with m = 4; tr Σ = d σ²): over 400
+    calibration draws × 16 multiplier draws the mean is within 8% of it (its Monte Carlo
+    standard error is about 2.5%); the scaling by the median n instead of each source's own
+    gave 16/12 and 16/20 of it (+33%, −20%)."""
+    from merit_lab.partition.folds import _draw_weights
+
+    rng = np.random.default_rng(7)
+    d, sigma, size, n_ex = 64, 1.5, 32, np.array([12, 20, 16])
+    energy = []
+    for _ in range(400):
+        folds = np.stack(
+            [
+                np.stack([rng.normal(size=(k // 4, d)).mean(axis=0) * sigma for _ in range(4)])
+                for k in n_ex
+            ]
+        )  # (T, m, d): each fold the mean of its n_t/4 examples' noise (true rows: 0)
+        full = np.full((3, 4), 0.25)
+        w = _draw_weights(full, rng.standard_normal((16, 3, 4)), n_ex, size)
+        eta = np.einsum("ktf,tfd->ktd", w - full, folds)
+        energy.append((eta**2).sum(axis=-1).mean(axis=0))
+    ratio = np.mean(energy, axis=0) / (d * sigma**2 / size)
+    assert np.all(np.abs(ratio - 1) < 0.08), ratio
 
 
 def test_jackknife_standard_error_agrees_with_the_bootstrap_and_the_truth():
@@ -415,6 +446,27 @@ def test_simulated_agreement_extrapolates_n_within_a_tenth():
     need = stab.n_for(2)
     assert need is None or need > n  # the run's n does not reach 0.8 here
     assert "calibration.n" in stab.warning(2) and stab.describe()[-1].startswith("WARNING")
+
+
+def test_the_warning_needs_the_curve_and_the_measured_halves_below_the_target():
+    """The curve at n reads 0.70 in each case; the halves' mean decides: 0.85 (a measured 0.85
+    at n/2) silences the warning, 0.75 does not. The median plays no part (0.9 below)."""
+    import dataclasses
+
+    rng = np.random.default_rng(6)
+    names = [f"s{i}" for i in range(8)]
+    base = _stability(*_draw(_planted(8, 40), 12, 2.0, rng), names, rs=(1, 2), sims=2)
+    curve = {1: np.ones(base.sizes.size), 2: np.full(base.sizes.size, 0.7)}
+    for halves, warned in (([0.85, 0.85, 0.85], False), ([0.9, 0.9, 0.45], True)):
+        stab = dataclasses.replace(
+            base, curve=curve, ari_halves={1: np.ones(3), 2: np.array(halves)}
+        )
+        assert stab.agreement(2) == pytest.approx(0.7)
+        assert bool(stab.warning(2)) == warned, halves
+        assert stab.describe()[-1].startswith("WARNING") == warned
+        if warned:
+            assert "median ARI 0.90 (mean 0.75)" in stab.warning(2)
+            assert stab.n_for(2) is None and "would not reach 0.8" in stab.warning(2)
 
 
 def test_a_stable_mixture_has_no_warning():
@@ -517,14 +569,20 @@ def test_pipeline_writes_fold_stability_and_redoes_it_with_the_bank(tmp_path, ca
     assert stab.folds == 2 and bank.folds.shape[:2] == (4, 2) and stab.rs == (1, 2)
     _assert_reproduces(bank)
     np.testing.assert_allclose(
-        stab.cosine, json.loads((run / "conflict.json").read_text())["cosine"], atol=1e-5
+        stab.cosine, ConflictSpace.load(run / "conflict.json").cosine, atol=1e-5
     )
     out = capsys.readouterr().out
     assert "fold stability (2 folds): r=2 halves agree at ARI" in out
-    assert ("WARNING: Unstable split" in out) == (stab.agreement(2) < 0.8)
+    assert ("WARNING: Unstable split" in out) == (
+        stab.agreement(2) < 0.8 and stab.ari_halves[2].mean() < 0.8
+    )
     stamp = (run / FOLD_STABILITY_FILE).stat().st_mtime_ns
     main(["run", str(path), "--until", "partition"])  # current: kept
     assert (run / FOLD_STABILITY_FILE).stat().st_mtime_ns == stamp
+    # its matrices file gone: not current, computed again, the same numbers
+    (run / "fold_stability.safetensors").unlink()
+    main(["run", str(path), "--until", "partition"])
+    np.testing.assert_array_equal(load_fold_stability(run).cosine_se, stab.cosine_se)
     # a bank without its fold rows (as a kill between them and bank.json left one before the
     # fold rows were written first) is not current: redone from its parts, the same fold rows
     folds_before = np.array(bank.folds)

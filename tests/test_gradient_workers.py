@@ -258,6 +258,7 @@ def _done_sources(run_dir: Path) -> list[str]:
     )
 
 
+@pytest.mark.slow  # the slow tier: worker processes killed and the pipeline resumed, end to end
 def test_pipeline_workers_kill_resume_and_added_sources(tmp_path, monkeypatch):
     """Two workers through the runner: the bank equals one process's; a killed worker's
     sources are redone alone; a source added later is the only one computed."""

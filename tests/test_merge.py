@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.bench_merge import mergekit_yaml
 from merit_lab.envelope import HEADER, EnvelopeError
-from merit_lab.io import sha256_file
+from merit_lab.merging.digests import file_digest
 from merit_lab.merging.methods import merge_linear, merge_task_arithmetic, merge_ties
 from merit_lab.merging.stream import (
     fingerprint_checkpoint,
@@ -420,10 +420,12 @@ def test_manifest_index_and_mergekit_yaml(fp32, tmp_path):
     assert man["base_fingerprint"] == fingerprint_checkpoint(base) == report.base_fingerprint
     for entry, folder in zip([*man["inputs"], man["base"]], [*branches, base], strict=True):
         assert entry["path"] == str(folder.resolve())
-        assert entry["files"] == {p.name: sha256_file(p) for p in folder.glob("*.safetensors")}
+        algo = "sha256" if folder == base else "xxh3_128"  # θ0: its fingerprint's sha256
+        files = folder.glob("*.safetensors")
+        assert entry["files"] == {p.name: file_digest(p, algo) for p in files}
     on_disk = {p.name for p in out.iterdir()} - {"merge_manifest.json"}
     assert set(man["output"]["files"]) == on_disk == set(report.output_sha256)
-    assert all(sha256_file(out / n) == h for n, h in man["output"]["files"].items())
+    assert all(file_digest(out / n) == h for n, h in man["output"]["files"].items())
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors = _load(out)
     assert index["weight_map"].keys() == tensors.keys()

@@ -5,7 +5,6 @@ adapter, mergekit export), records from before relative paths, and θ0 moving as
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 
 from merit_lab.config.schema import load_config
 from merit_lab.io import read_json, sha256_file
+from merit_lab.merging.digests import verify_digest
 from merit_lab.merging.stream import read_recorded_path, record_path
 from merit_lab.models.lora import ADAPTER_CONFIG, ADAPTER_DIR
 from merit_lab.pipeline import RunDir, run_pipeline, run_summary
@@ -102,8 +102,8 @@ def _check_records(merged: Path, finals: list[Path], theta0: Path | None) -> dic
     assert [read_recorded_path(p, merged).resolve() for p in paths] == finals
     if theta0 is not None:
         assert manifest["base"]["path"] == str(theta0.resolve())
-    for name, digest in manifest["output"]["files"].items():
-        assert sha256_file(merged / name) == digest, name
+    for name, digest in manifest["output"]["files"].items():  # xxh3_128, or sha256 hex
+        assert verify_digest(merged / name, digest), name
     return manifest
 
 
@@ -146,8 +146,7 @@ def test_no_file_of_the_moved_run_keeps_its_old_location(moved_run):
     mk = yaml.safe_load((merged / "mergekit.yaml").read_text())
     assert [m["model"] for m in mk["models"]] == [i["path"] for i in manifest["inputs"]]
     assert mk["models"][0]["model"] == "../../branches/merit-1d/0/final"
-    stamp = hashlib.sha256((merged / "mergekit.yaml").read_bytes()).hexdigest()
-    assert manifest["output"]["files"]["mergekit.yaml"] == stamp
+    assert verify_digest(merged / "mergekit.yaml", manifest["output"]["files"]["mergekit.yaml"])
 
 
 def test_branch_specs_read_their_folder_from_where_they_are(moved_run):

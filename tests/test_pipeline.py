@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +36,28 @@ def _config(tmp_path: Path, **extra) -> Path:
     return path
 
 
-def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys):
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory) -> tuple[Path, str]:
+    """`merit-lab run --until partition` of `_config` (the demo, n = 8, a 4096-wide sketch) from
+    nothing, once, and what it printed; each test works on a copy of it (`_copy`)."""
+    base = tmp_path_factory.mktemp("analysed")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", str(_config(base)), "--until", "partition"]) == 0
+    return base / "runs", printed.getvalue()
+
+
+def _copy(analysed, tmp_path: Path) -> None:
+    """The shared run, copied to where `_config(tmp_path)` puts it (tests may change the copy)."""
+    shutil.copytree(analysed[0], tmp_path / "runs")
+
+
+def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys, analysed):
+    made, out = analysed
+    assert f"wrote {(made / 't').resolve()}" in out
     cfg = _config(tmp_path)
-    assert main(["run", str(cfg), "--until", "partition"]) == 0
-    out = capsys.readouterr().out
+    _copy(analysed, tmp_path)
     run = tmp_path / "runs" / "t"
-    assert f"wrote {run.resolve()}" in out
     for f in [
         "config.yaml",
         "mixture.json",
@@ -85,7 +104,8 @@ def test_cli_run_writes_the_run_directory_and_resumes(tmp_path: Path, capsys):
     assert set(table["group"]) == {"G0", "G1", "G2", "G3"}
 
 
-def test_changed_partition_setting_redoes_only_the_partition(tmp_path: Path):
+def test_changed_partition_setting_redoes_only_the_partition(tmp_path: Path, analysed):
+    _copy(analysed, tmp_path)
     run = run_pipeline(load_config(_config(tmp_path)), until="partition")
     bank_time = (run.gradients / "bank.safetensors").stat().st_mtime_ns
     from merit_lab.pipeline import stage_status
@@ -98,7 +118,8 @@ def test_changed_partition_setting_redoes_only_the_partition(tmp_path: Path):
     assert Partition.load(run.partition).k == 3
 
 
-def test_bad_config_and_k_larger_than_sources(tmp_path: Path, capsys):
+def test_bad_config_and_k_larger_than_sources(tmp_path: Path, capsys, analysed):
+    _copy(analysed, tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ncalibraton: {n: 3}\n")
     assert main(["run", str(bad)]) == 2

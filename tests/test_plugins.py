@@ -12,7 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 CONFTEST = """
 from tests.ordering import pytest_addoption, pytest_collection_modifyitems  # noqa: F401
-from tests.skip_summary import pytest_terminal_summary  # noqa: F401
+from tests.skip_summary import (  # noqa: F401
+    pytest_deselected,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    pytest_testnodedown,
+)
 
 
 def pytest_configure(config):
@@ -90,6 +95,17 @@ def test_summary_names_each_skipped_tier_with_its_count_and_reason(tmp_path):
         "deselected tiers (-m/-k): notebook 3",
     ]
     assert "1 passed, 6 skipped, 3 deselected" in lines[-1]
+
+
+def test_the_summary_is_the_same_on_two_xdist_workers(tmp_path):
+    """`make test` runs 2 workers, which collect and deselect: the controller still counts the
+    tests each tier left out (once, not once per worker)."""
+    lines = _run(tmp_path, "-n", "2", "-m", "not notebook", "test_planted.py")
+    start = next(i for i, x in enumerate(lines) if x.startswith("skipped tiers:"))
+    tiers = lines[start].removeprefix("skipped tiers: ").split(", ")  # in the order tests end
+    assert sorted(tiers) == ["browser 1", "gpu 1", "other 1", "slow 1", "smollm2 2"]
+    assert lines[start + 6] == "deselected tiers (-m/-k): notebook 3"
+    assert "1 passed, 6 skipped" in lines[-1]
 
 
 def test_nothing_is_added_when_every_test_ran(tmp_path):

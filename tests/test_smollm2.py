@@ -6,7 +6,6 @@ average of the branches."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -90,11 +89,12 @@ def _exact_gradient(model, tok, examples) -> torch.Tensor:
     return grad
 
 
+@pytest.mark.slow  # the slow tier: a 135M model through every stage
 def test_sketched_cosine_matches_exact_gradients(smollm2_run, smollm2_dir):
     cfg, run = smollm2_run
     bank = run.load_bank()
     assert bank.names == ("pirate", "plain") and bank.info["n_parameters"] == 134_515_008
-    sketched = float(json.loads(run.conflict.read_text())["cosine"][0][1])
+    sketched = float(run.load_space().cosine[0, 1])
     tok, model = load_tokenizer(smollm2_dir), load_model(smollm2_dir, device="cpu")
     mixture = load_run_mixture(cfg)
     g = [_exact_gradient(model, tok, mixture[s].calibration[:4]) for s in bank.names]
@@ -102,6 +102,7 @@ def test_sketched_cosine_matches_exact_gradients(smollm2_run, smollm2_dir):
     assert abs(sketched - exact) < 0.02, (sketched, exact)
 
 
+@pytest.mark.slow  # the slow tier: a 135M model through every stage
 def test_branches_merge_to_their_token_weighted_average(smollm2_run):
     _, run = smollm2_run
     finals = [run.branch_dir("merit-1d", k) / "final" for k in (0, 1)]
@@ -116,6 +117,7 @@ def test_branches_merge_to_their_token_weighted_average(smollm2_run):
     assert not torch.equal(branch[0]["model.norm.weight"], branch[1]["model.norm.weight"])
 
 
+@pytest.mark.slow  # the slow tier: a 135M model through every stage
 def test_evaluation_scores_theta0_and_the_merge(smollm2_run):
     _, run = smollm2_run
     table = pd.read_parquet(run.eval)

@@ -10,6 +10,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "arrays_digest": "array_file",
+    "load_beside": "array_file",
+    "map_arrays": "array_file",
+    "save_arrays": "array_file",
+    "save_beside": "array_file",
     "ConflictSpace": "conflict",
     "compute_conflict_space": "conflict",
     "space_from_cosine": "conflict",

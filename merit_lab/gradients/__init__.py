@@ -14,6 +14,7 @@ _EXPORTS = {
     "FOLDS_FILE": "bank",
     "GradientBank": "bank",
     "bank_key": "bank",
+    "map_rows": "bank",
     "read_part": "bank",
     "request_info": "bank",
     "NonFiniteLossError": "estimate",

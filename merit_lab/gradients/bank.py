@@ -3,7 +3,8 @@
 Input: rows from `merit_lab.gradients.estimate` (or parts written by its workers). Output: a
 `GradientBank` saved as ``bank.safetensors`` (the rows) + ``bank.json`` (names, info, stats, in
 the versioned envelope), ``folds.safetensors`` (the fold rows, when computed) and ``parts/``: one
-file per finished source, reused while its key holds.
+file per finished source, reused while its key holds. `map_rows` maps the rows of a saved bank
+without reading them (a bank larger than memory).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "BankParts",
     "GradientBank",
     "bank_key",
+    "map_rows",
     "read_part",
     "request_info",
 ]
@@ -41,6 +43,7 @@ __all__ = [
 FOLDS_FILE = "folds.safetensors"  # beside bank.safetensors: (T, m, d) fold rows, (T, m) tokens
 BANK_FORMAT = "merit-lab/gradient-bank"  # bank.json; files from before the envelope read as v1
 BANK_VERSION = 1
+_CHECK_ROWS_BYTES = 2**26  # a mapped bank is checked and hashed this many bytes of rows at a time
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,15 @@ class GradientBank:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> GradientBank:
+    def load(cls, folder: str | Path, *, mmap: bool = False) -> GradientBank:
         """Read a saved bank; a cut, corrupt or inconsistent one raises a ValueError naming
         the file and how to rebuild it (the finished sources in ``parts/`` are reused); a
-        ``bank.json`` of another format or a newer version is refused (`EnvelopeError`)."""
+        ``bank.json`` of another format or a newer version is refused (`EnvelopeError`).
+
+        ``mmap=True``: ``rows`` is a read-only memory map of ``bank.safetensors`` (`map_rows`),
+        checked for non-finite values a block of rows at a time, so a bank larger than memory
+        loads in constant memory (`merit_lab.analysis.conflict.compute_conflict_space` reads
+        it in column blocks)."""
         folder = Path(folder)
         meta = load_enveloped(folder / "bank.json", BANK_FORMAT, BANK_VERSION, legacy=True)
         redo = (
@@ -131,8 +139,11 @@ class GradientBank:
             "again: the finished sources in parts/ are reused"
         )
         try:
-            with safe_open(folder / "bank.safetensors", framework="pt") as f:
-                rows = f.get_tensor("rows").numpy()
+            if mmap:
+                rows = map_rows(folder)
+            else:
+                with safe_open(folder / "bank.safetensors", framework="pt") as f:
+                    rows = f.get_tensor("rows").numpy()
         except Exception as e:  # SafetensorError (a cut file), OSError, a missing "rows"
             raise ValueError(
                 f"{folder}/bank.safetensors: not a readable safetensors file ({e}); {redo}"
@@ -141,7 +152,9 @@ class GradientBank:
             raise ValueError(
                 f"{folder}: {rows.shape[0]} rows but {len(meta['names'])} names; {redo}"
             )
-        finite = np.isfinite(rows).all(axis=1)
+        finite = np.zeros(rows.shape[0], dtype=bool)
+        for lo, hi in _row_blocks(rows):
+            finite[lo:hi] = np.isfinite(rows[lo:hi]).all(axis=1)
         bad = [n for n, ok in zip(meta["names"], finite, strict=True) if not ok]
         if bad:
             raise ValueError(
@@ -151,8 +164,40 @@ class GradientBank:
         return cls(tuple(meta["names"]), rows, meta["info"], meta["stats"], *folds)
 
 
+def _row_blocks(rows: np.ndarray) -> list[tuple[int, int]]:
+    """(lo, hi) row ranges of at most `_CHECK_ROWS_BYTES` each (at least one row)."""
+    t = rows.shape[0]
+    step = max(1, _CHECK_ROWS_BYTES // max(1, rows[:1].nbytes))
+    return [(lo, min(lo + step, t)) for lo in range(0, t, step)]
+
+
 def _rows_digest(rows: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.float32).tobytes()).hexdigest()
+    """sha256 of the float32 bytes of the rows, hashed a block of rows at a time."""
+    h = hashlib.sha256()
+    for lo, hi in _row_blocks(rows):
+        h.update(np.ascontiguousarray(rows[lo:hi], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def map_rows(folder: str | Path) -> np.memmap:
+    """The (T, d) float32 rows of ``folder/bank.safetensors``, memory-mapped read-only.
+
+    Nothing is read but the header: pages come in as they are used and, being file-backed, the
+    kernel drops them under memory pressure. Raises ValueError when the file's ``rows`` is not
+    a 2-D float32 tensor that the file holds entirely.
+    """
+    path = Path(folder) / "bank.safetensors"
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    spec = header.get("rows")
+    if not isinstance(spec, dict) or spec.get("dtype") != "F32" or len(spec["shape"]) != 2:
+        raise ValueError(f"{path}: 'rows' is not a 2-D float32 tensor ({spec})")
+    lo, hi = spec["data_offsets"]
+    shape = tuple(int(n) for n in spec["shape"])
+    if hi - lo != 4 * math.prod(shape) or 8 + size + hi > path.stat().st_size:
+        raise ValueError(f"{path}: cut short or inconsistent ({shape} rows, bytes {lo}-{hi})")
+    return np.memmap(path, np.float32, "r", offset=8 + size + lo, shape=shape)
 
 
 def _map_folds(

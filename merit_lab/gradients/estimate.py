@@ -9,6 +9,7 @@ sources.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -322,12 +323,11 @@ def _sketch_source(
     if not np.isfinite(loss):
         raise NonFiniteLossError(_non_finite_message(model, name, loss))
     row = sk.zeros()
-    sq = torch.zeros((), dtype=torch.float64, device=device)
+    sq = 0.0  # the exact gradient's squared norm, read in the sketch's own pass
     for pname, p in selected:
         if p.grad is None:  # a parameter this loss does not reach contributes zero
             continue
-        sk.add_(row, pname, p.grad)
-        sq += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square()
+        sq += sk.add_(row, pname, p.grad, square_norm=True)
     if on_gradient is not None:  # e.g. layerwise.LayerCollector: more sketches of this .grad
         on_gradient(name, selected)
     model.zero_grad(set_to_none=True)
@@ -339,7 +339,7 @@ def _sketch_source(
         "n_response_tokens": n_tokens,
         "n_tokens": sum(ex.n_tokens for ex in examples),
         "loss": loss,
-        "grad_norm": float(sq.sqrt()),
+        "grad_norm": math.sqrt(sq),
         "seconds": time.perf_counter() - t0,
     }
     if folds == 1:

@@ -29,10 +29,12 @@ __all__ = [
 ]
 
 
-# Coordinates hashed per step, which bounds the temporaries whatever the parameter size. On CPU
-# small chunks stay in cache and below malloc's mmap threshold (2**22 is ~5x slower there); on
-# GPU large chunks amortise kernel launches. The chunking never changes the result.
-_CHUNK_CPU = 2**15
+# Coordinates per step, which bounds the temporaries whatever the parameter size. On CPU
+# chunks stay in the L3 cache and below malloc's mmap threshold (2**22 is ~5x slower there); CPU
+# time per coordinate on 56.6M coordinates (1 thread, loaded machine): a cached pass 3.2-3.7 ns
+# at 2**17 against 4.0-4.6 at 2**15, the pass that fills the cache 10.8-13.4 against 14.4-22.4.
+# On GPU large chunks amortise kernel launches. The chunking never changes the result.
+_CHUNK_CPU = 2**17
 _CHUNK_GPU = 2**22
 # Gaussian: entries of the projection generated per block of parameter coordinates. The block
 # size is part of the map's definition (changing it changes every Gaussian row), so it is fixed
@@ -83,6 +85,20 @@ def _buckets_and_signs(
     return bucket, sign
 
 
+def _hash_codes(
+    seed: int, name: str, dim: int, start: int, stop: int, device: torch.device
+) -> torch.Tensor:
+    """`_buckets_and_signs` packed into int32 codes, with fewer int64 passes: the bucket in the
+    low 31 bits (dim ≤ 2**31 - 1), the top bit set where the sign is −1 (code = bucket − 2**31).
+
+    The sign is −1 exactly where bit 31 of h is set, so code = bucket − (h & 2**31)."""
+    a, b = _hash_coeffs(seed, name)
+    h = torch.arange(start, stop, dtype=torch.int64, device=device).mul_(a).add_(b)
+    negative = h.bitwise_and(2**31)
+    bucket = h.bitwise_right_shift_(32).bitwise_and_(_MASK32).mul_(dim).bitwise_right_shift_(32)
+    return bucket.sub_(negative).to(torch.int32)
+
+
 def _subsample_offset(seed: int, every: int) -> int:
     return int.from_bytes(_digest("subsample", seed)[:8], "little") % every
 
@@ -112,10 +128,11 @@ class GradientSketch:
     Memory per call is O(dim + largest parameter). A count-sketch keeps each parameter's buckets
     and signs once computed (one int32 per coordinate, the sign in the top bit) while they fit
     ``cache_bytes``: every source, and every fold of a source, reuses them. The hashing was 60%
-    of a sketch step on an H100; on the CPU a cached pass takes 0.55× the time of one that
-    hashes (`benchmarks/bench_gradients.py`). A cached code's sign bit is XOR-ed into the
-    float32 value's, which negates it exactly, so the rows are bit-identical with or without
-    the cache.
+    of a sketch step on an H100; on the CPU, over SmolLM2's 134.5M coordinates, a cached pass
+    takes 0.43-0.48 CPU-seconds and the pass that fills the cache 1.07-1.18 (1 thread; a raw
+    ``index_add_`` of every coordinate, the floor, is ~0.25). A cached code's sign bit is
+    XOR-ed into the float32 value's, which negates it exactly, so the rows are bit-identical
+    with or without the cache.
 
     Args:
         spec: which map.
@@ -186,7 +203,15 @@ class GradientSketch:
         """An empty row: (dim,) float32 on the sketch's device."""
         return torch.zeros(self.dim, dtype=torch.float32, device=self.device)
 
-    def add_(self, row: torch.Tensor, name: str, grad: torch.Tensor, *, check: bool = True) -> None:
+    def add_(
+        self,
+        row: torch.Tensor,
+        name: str,
+        grad: torch.Tensor,
+        *,
+        check: bool = True,
+        square_norm: bool = False,
+    ) -> float | None:
         """Add parameter ``name``'s contribution to ``row`` in place.
 
         Args:
@@ -195,6 +220,14 @@ class GradientSketch:
             grad: its gradient, exactly the declared shape, any float dtype and device.
             check: refuse non-finite entries (a count-sketch pass whose gradient is checked
                 later may skip it: the fold passes, whose .grad the bank row's pass sums).
+            square_norm: also return ‖grad‖² (float64 sums of the entries squared in float64).
+                A count-sketch reads each chunk once for both (the norm as a separate pass cost
+                more than the sketch on SmolLM2), and its finiteness check is then the norm's:
+                float64 squares of finite float32 entries cannot overflow, so the sum is
+                finite exactly when every entry is.
+
+        Returns:
+            ``grad``'s squared L2 norm with ``square_norm``, else None.
 
         Raises:
             ValueError: unknown parameter, wrong shape, non-finite entries, or a malformed row.
@@ -212,8 +245,11 @@ class GradientSketch:
         flat = grad.detach().reshape(-1)
         kind = self.spec.kind
         if kind == "countsketch":
-            self._add_countsketch(row, name, flat, check)
-        elif kind == "gaussian":
+            return self._add_countsketch(row, name, flat, check, square_norm)
+        sq = None
+        if square_norm:
+            sq = float(torch.linalg.vector_norm(flat, dtype=torch.float64).square())
+        if kind == "gaussian":
             self._add_gaussian(row, name, flat)
         elif kind == "subsample":
             start = self._offsets[name]
@@ -226,30 +262,41 @@ class GradientSketch:
         else:
             start = self._offsets[name]
             row[start : start + flat.numel()] += _finite_f32(flat, name, row.device)
+        return sq
 
     def _add_countsketch(
-        self, row: torch.Tensor, name: str, flat: torch.Tensor, check: bool = True
-    ) -> None:
+        self, row: torch.Tensor, name: str, flat: torch.Tensor, check: bool, square_norm: bool
+    ) -> float | None:
         chunk = _CHUNK_CPU if row.device.type == "cpu" else _CHUNK_GPU
+        sq = torch.zeros((), dtype=torch.float64, device=row.device) if square_norm else None
         for lo in range(0, flat.numel(), chunk):
             hi = min(lo + chunk, flat.numel())
             vals = flat[lo:hi].to(device=row.device, dtype=torch.float32)
-            if check:
+            if sq is not None:  # the norm from the gradient's own dtype (float64 stays float64)
+                wide = flat[lo:hi].to(device=row.device, dtype=torch.float64)
+                sq += torch.dot(wide, wide)
+            elif check:
                 _check_finite(vals, name)
             code = self._codes.get((name, lo, hi))
             if code is None:
-                bucket, sign = _buckets_and_signs(
-                    self.spec.seed, name, self.dim, lo, hi, row.device
-                )
                 if 4 * (hi - lo) <= self._cache_left:  # bucket < 2**31: the top bit is free
-                    code = torch.where(sign < 0, bucket - 2**31, bucket).to(torch.int32)
+                    code = _hash_codes(self.spec.seed, name, self.dim, lo, hi, row.device)
                     self._codes[(name, lo, hi)] = code
                     self._cache_left -= 4 * (hi - lo)
                 else:  # vals may be a view of the caller's gradient: multiply out of place
+                    bucket, sign = _buckets_and_signs(
+                        self.spec.seed, name, self.dim, lo, hi, row.device
+                    )
                     row.index_add_(0, bucket, vals * sign)
                     continue
             signed = vals.view(torch.int32).bitwise_xor(code.bitwise_and(_SIGN_BIT))
             row.index_add_(0, code.bitwise_and(_LOW31), signed.view(torch.float32))
+        if sq is None:
+            return None
+        total = float(sq)  # one synchronisation per parameter, not per chunk
+        if check and not math.isfinite(total) and not bool(torch.isfinite(flat).all()):
+            raise ValueError(f"gradient of {name!r} has non-finite entries (nan or inf)")
+        return total
 
     def _add_gaussian(self, row: torch.Tensor, name: str, flat: torch.Tensor) -> None:
         block = max(1, _GAUSSIAN_BLOCK_ENTRIES // self.dim)

@@ -145,7 +145,7 @@ def write_shrink(
     """Write θ0 + α(θ_joint − θ0) as an HF folder in θ0's layout, dtype and side files.
 
     It is the linear merge of [θ0, θ_joint] with weights [1 − α, α], written by
-    `merge_checkpoints` (so ``merge_manifest.json`` with every file's sha256, and the equivalent
+    `merge_checkpoints` (so ``merge_manifest.json`` with every file's digest, and the equivalent
     ``mergekit.yaml``), with θ0 as the merge's base (a ``merit_branch.json`` of the joint run
     must record θ0's fingerprint). The manifest gains ``control``: kind ``shrink``, α, the
     target distance and the distance measured on the written folder (its dtype rounds the

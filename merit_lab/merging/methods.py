@@ -42,6 +42,10 @@ class MergeMethod:
     needs_base: bool  # task-vector methods subtract θ0
     weight_rule: str  # "convex": ≥ 0 and sum 1; "equal": takes no weights; "free": any finite
     defaults: Mapping[str, float] = field(default_factory=dict)
+    # each output entry is a function of the inputs' entries at the same place, through + − ×
+    # alone: the merge may go in slices of a tensor (same bits), and a NaN/inf in any input
+    # reaches the output, so checking the output finds it (`merit_lab.merging.engine`)
+    elementwise: bool = False
 
     def check_weights(self, weights: Sequence[float] | None, k: int) -> list[float]:
         """The K weights this method merges with: ``weights`` checked against its rule, or its
@@ -84,18 +88,26 @@ def merge_method(
     needs_base: bool = False,
     weight_rule: str = "free",
     defaults: Mapping[str, float] | None = None,
+    elementwise: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register the decorated function in `MERGE_METHODS` under ``name``."""
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         frozen = MappingProxyType(dict(defaults or {}))
-        MERGE_METHODS[name] = MergeMethod(name, fn, reference_url, needs_base, weight_rule, frozen)
+        MERGE_METHODS[name] = MergeMethod(
+            name, fn, reference_url, needs_base, weight_rule, frozen, elementwise
+        )
         return fn
 
     return register
 
 
-@merge_method("linear", reference_url="https://arxiv.org/abs/2203.05482", weight_rule="convex")
+@merge_method(
+    "linear",
+    reference_url="https://arxiv.org/abs/2203.05482",
+    weight_rule="convex",
+    elementwise=True,
+)
 def merge_linear(
     tensors: Tensors,
     weights: Sequence[float],
@@ -113,7 +125,12 @@ def merge_linear(
     return out
 
 
-@merge_method("uniform", reference_url="https://arxiv.org/abs/2203.05482", weight_rule="equal")
+@merge_method(
+    "uniform",
+    reference_url="https://arxiv.org/abs/2203.05482",
+    weight_rule="equal",
+    elementwise=True,
+)
 def merge_uniform(
     tensors: Tensors,
     weights: Sequence[float],
@@ -130,6 +147,7 @@ def merge_uniform(
     reference_url="https://arxiv.org/abs/2212.04089",
     needs_base=True,
     defaults={"lambda": 1.0},
+    elementwise=True,
 )
 def merge_task_arithmetic(
     tensors: Tensors, weights: Sequence[float], base: Tensor, lambda_: float = 1.0

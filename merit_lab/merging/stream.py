@@ -1,21 +1,18 @@
 """Merge stage: K branch checkpoints (HF folders of safetensors) -> one merged HF model folder.
 
-Streams one tensor at a time from every input through a registered merge method
-(`merit_lab.merging.methods`; token-weighted `linear` by default) into safetensors shards
-(reading, hashing and shard writing live in `merit_lab.models.checkpoints`), and records
-`merge_manifest.json` (in the versioned envelope) plus an equivalent `mergekit.yaml`. Paths
+Streams every input through a registered merge method (`merit_lab.merging.methods`;
+token-weighted `linear` by default) into safetensors shards (`merit_lab.merging.engine` reads,
+merges, writes and digests), and records `merge_manifest.json` (in the versioned envelope, file
+digests as `merit_lab.merging.digests` names them) plus an equivalent `mergekit.yaml`. Paths
 under ``relative_root`` (a run's folder) are recorded relative to the merged folder (`record_path`).
 """
 
 from __future__ import annotations
 
-import inspect
-import keyword
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -23,12 +20,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import torch
 import yaml
-from torch import Tensor
 
 from merit_lab.envelope import load_enveloped, save_enveloped
-from merit_lab.io import atomic_dir, atomic_write_text, read_json, sha256_file
+from merit_lab.io import atomic_dir, atomic_write_text, read_json
+from merit_lab.merging.digests import DEFAULT_DIGEST, file_digest, new_hasher
+from merit_lab.merging.engine import PIECE, merge_into
 from merit_lab.merging.methods import MERGE_METHODS, MergeMethod
 from merit_lab.models.checkpoints import (
     Checkpoint,
@@ -36,11 +33,6 @@ from merit_lab.models.checkpoints import (
     file_hashes,
     fingerprint_checkpoint,
     fingerprint_hashes,
-    hash_thread,
-    is_finite,
-    sha256_stoppable,
-    weight_files,
-    write_shards,
 )
 
 __all__ = [
@@ -148,55 +140,6 @@ def _mergekit_config(
     return cfg | {"dtype": "float32", "out_dtype": _MERGEKIT_DTYPES.get(dtype, "float32")}
 
 
-class _Workspace:
-    """Two float32 buffers, taken in turn, for the results of methods that accept ``out=``.
-
-    A fresh allocation per tensor page-faults all of it in again, which costs about 5× the
-    arithmetic of a linear merge (measured on 128 MiB tensors); reused buffers fault once. Two,
-    because a written result may still be being hashed while the next one is computed: the
-    caller must let go of a result before taking the buffer after next (`write_shards` waits
-    for each tensor's hash before it submits the next one's).
-    """
-
-    def __init__(self, numel: int) -> None:
-        self.numel, self.bufs, self.turn = numel, [None, None], 0
-
-    def take(self, shape: Sequence[int]) -> Tensor:
-        self.turn ^= 1
-        if self.bufs[self.turn] is None:  # untouched pages cost nothing until written
-            self.bufs[self.turn] = torch.empty(self.numel, dtype=torch.float32)
-        return self.bufs[self.turn][: math.prod(shape)].view(tuple(shape))
-
-
-def _merge_tensor(
-    key: str,
-    ckpts: Sequence[Checkpoint],
-    base: Checkpoint | None,
-    spec: MergeMethod,
-    weights: Sequence[float],
-    params: Mapping[str, float],
-    ws: _Workspace | None = None,
-) -> Tensor:
-    """Load ``key`` from every input (and θ0), merge in float32, return it in the inputs' dtype.
-
-    With ``ws`` (only for methods that take ``out=``) the float32 result lives in ``ws``.
-    """
-    ts = [c.read(key) for c in ckpts]
-    if not ts[0].is_floating_point():
-        if any(not torch.equal(ts[0], t) for t in ts[1:]):
-            raise ValueError(f"non-float tensor {key!r} differs between inputs")
-        return ts[0]  # integer buffers cannot be averaged; equal ones are kept
-    dtype, ts = ts[0].dtype, [t.float() for t in ts]
-    b = base.read(key).float() if base is not None else None
-    kwargs = {(k + "_" if keyword.iskeyword(k) else k): v for k, v in params.items()}  # lambda
-    if ws is not None:
-        kwargs["out"] = ws.take(ts[0].shape)
-    out = spec.fn(ts, weights, b, **kwargs).to(dtype)
-    if not is_finite(out):
-        raise ValueError(f"{spec.name} {dict(params)} gave non-finite values in {key!r}")
-    return out
-
-
 # ----------------------------------------------------------------------------------- the stage
 @dataclass(frozen=True)
 class MergeReport:
@@ -209,8 +152,9 @@ class MergeReport:
     n_tensors: int
     bytes_written: int  # weight shards only
     seconds: float
-    input_sha256: tuple[Mapping[str, str], ...]  # per input: weight file name -> sha256
-    base_sha256: Mapping[str, str] | None
+    # file name -> digest (`merit_lab.merging.digests`: "xxh3_128:<hex>", or bare sha256 hex)
+    input_sha256: tuple[Mapping[str, str], ...]  # per input: its weight files
+    base_sha256: Mapping[str, str] | None  # θ0's weight files, always sha256
     output_sha256: Mapping[str, str]  # every output file except the manifest itself
     base_fingerprint: str | None  # the θ0 the branches share, from base or merit_branch.json
 
@@ -266,41 +210,6 @@ def _open_inputs(req: _Request) -> tuple[list[Checkpoint], Checkpoint | None]:
         if density is not None and int(density * math.prod(shape)) < 1:
             raise ValueError(f"density {density} keeps no entry of {key!r} {list(shape)}")
     return ckpts, base_ckpt
-
-
-def _write_merged_weights(
-    tmp: Path,
-    req: _Request,
-    ckpts: Sequence[Checkpoint],
-    base: Checkpoint | None,
-    shard_size: int,
-    progress: bool,
-    hasher: ThreadPoolExecutor,
-) -> dict[str, str]:
-    """Merge tensor by tensor into shard files (`write_shards`); returns each shard's sha256.
-
-    `write_shards` lets go of a tensor's bytes before the one after next is produced, which is
-    what `_Workspace`'s two buffers need; memory stays ≈ (K + 2) copies of the largest tensor.
-    """
-    try:
-        takes_out = "out" in inspect.signature(req.spec.fn).parameters
-    except (TypeError, ValueError):  # a callable without a signature: no ``out=``
-        takes_out = False
-    numel = max(math.prod(t[2]) for t in ckpts[0].tensors.values())
-    ws = _Workspace(numel) if takes_out else None
-
-    def produce(key: str) -> Tensor:
-        return _merge_tensor(key, ckpts, base, req.spec, req.weights, req.params, ws)
-
-    return write_shards(
-        tmp,
-        ckpts[0],
-        produce,
-        shard_size=shard_size,
-        hasher=hasher,
-        desc=req.spec.name,
-        progress=progress,
-    )
 
 
 def save_merge_manifest(folder: str | Path, manifest: Mapping[str, Any]) -> Path:
@@ -362,12 +271,16 @@ def merge_checkpoints(
     overwrite: bool = False,
     progress: bool = True,
     relative_root: str | Path | None = None,
+    digest: str = DEFAULT_DIGEST,
+    piece: int | None = PIECE,
 ) -> MergeReport:
     """Merge K HF checkpoints into the HF folder ``out_dir``, one tensor at a time.
 
-    Peak memory is about (K + 2) float32 copies of the largest tensor. Everything that headers
-    can tell is checked before writing; on any error (also a non-finite value met mid-merge)
-    neither ``out_dir`` nor a temp folder is left behind.
+    Every input byte is read once (`merit_lab.merging.engine`): elementwise methods go in
+    pieces of ``piece`` entries, three in flight (memory ≈ 3 (K + 2) pieces, whatever the
+    model), others a tensor at a time ((K + 2) copies of the largest tensor). Everything that
+    headers can tell is checked before writing; on any error (also a non-finite value met
+    mid-merge) neither ``out_dir`` nor a temp folder is left behind.
 
     Args:
         inputs: branch folders (``model.safetensors``, or shards + index).
@@ -384,41 +297,49 @@ def merge_checkpoints(
         relative_root: inputs and base under this folder (the run's) are recorded in
             ``merge_manifest.json`` and ``mergekit.yaml`` relative to ``out_dir``, so the
             records stay true when that folder moves (`record_path`); others absolute.
+        digest: how the manifest digests the inputs' and outputs' files: ``xxh3_128`` (fast;
+            recorded as ``"xxh3_128:<hex>"``) or ``sha256`` (bare hex, as before). θ0's files
+            are always sha256: branches record θ0's sha256 fingerprint, which is checked.
+        piece: entries per piece of an elementwise method (None: whole tensors; same bits).
 
     Returns:
         A `MergeReport`.
     """
     t0 = time.perf_counter()
+    new_hasher(digest)  # an unknown digest is refused before anything else
+    if piece is not None and not (isinstance(piece, int) and piece >= 1):
+        raise ValueError(f"piece must be a positive number of entries or None, got {piece!r}")
     req = _check_request(inputs, out_dir, method, weights, base, params, overwrite)
     ckpts, base_ckpt = _open_inputs(req)
     base_hashes = file_hashes(req.base) if req.base is not None else None
     base_fp = check_same_base(req.inputs, fingerprint_hashes(base_hashes) if base_hashes else None)
     n_tensors, dtype0 = len(ckpts[0].tensors), next(iter(ckpts[0].tensors.values()))[1]
 
-    # The inputs' sha256 (for the manifest) is computed on a thread beside the merge, and the
-    # output's while it is written: hashing is as costly as the merge itself, so done in series
-    # it would double the time (measured by benchmarks/bench_merge.py).
-    with (
-        hash_thread("merge-hash-inputs") as (in_pool, stop),
-        hash_thread("merge-hash-output") as (out_pool, _),
-        atomic_dir(req.out_dir, overwrite=overwrite) as tmp,
-    ):
-        in_jobs = [
-            {f.name: in_pool.submit(sha256_stoppable, f, stop) for f in weight_files(p)}
-            for p in req.inputs
-        ]
-        digests = _write_merged_weights(tmp, req, ckpts, base_ckpt, shard_size, progress, out_pool)
+    # Every input byte is read once: merged, and digested from the same buffer on a thread of
+    # its own; the output is digested from the bytes written (benchmarks/bench_merge.py).
+    with atomic_dir(req.out_dir, overwrite=overwrite) as tmp:
+        digests, in_hashes = merge_into(
+            tmp,
+            ckpts,
+            base_ckpt,
+            req.spec,
+            req.weights,
+            req.params,
+            digest=digest,
+            shard_size=shard_size,
+            progress=progress,
+            piece=piece,
+        )
         copy_side_files(req.base if req.base is not None else req.inputs[0], tmp)
         why_not = mergekit_problem(req.inputs[0])
         if why_not is None:
             mk = _mergekit_config(req, method, dtype0, relative_root)
             atomic_write_text(tmp / "mergekit.yaml", yaml.safe_dump(mk, sort_keys=False))
         out_hashes = {
-            p.name: digests.get(p.name) or sha256_file(p)
+            p.name: digests.get(p.name) or file_digest(p, digest)
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
-        in_hashes = [{name: job.result() for name, job in jobs.items()} for jobs in in_jobs]
         seconds = time.perf_counter() - t0
         manifest = _manifest(
             req,

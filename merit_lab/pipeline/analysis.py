@@ -30,6 +30,7 @@ from merit_lab.data.mixture import (
     small_source_message,
     source_shortfall,
 )
+from merit_lab.envelope import EnvelopeError
 from merit_lab.gradients.bank import FOLDS_FILE, GradientBank, request_info
 from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.gradients.lora_bank import WARMUP_DIR, load_lora_model, warm_up_for_run, warmup_info
@@ -421,19 +422,34 @@ def _launch_workers(
 def stage_conflict(cfg: RunConfig, run: RunDir) -> bool:
     bank_key = conflict_key(cfg, run)  # the bank's (and partition.layer_group's: layers.py)
     folds_redone = save_fold_stability(cfg, run)  # fold_stability.json, its own key (folds.py)
-    if run.is_current("conflict", bank_key):
+    if run.is_current("conflict", bank_key) and _space_readable(run):
         log.info("conflict: up to date")
         return folds_redone
     names, rows = conflict_rows(cfg, run)
-    data = compute_conflict_space(rows, names).to_dict()
-    data["bank_key"] = bank_key
+    extra = {"bank_key": bank_key}
     if cfg.partition.layer_group:
-        data["layer_group"] = cfg.partition.layer_group
-    atomic_write_json(run.conflict, data)
+        extra["layer_group"] = cfg.partition.layer_group
+    # conflict.safetensors (the arrays) first, conflict.json (its key marks the stage) last
+    compute_conflict_space(rows, names).save(run.conflict, extra)
+    return True
+
+
+def _space_readable(run: RunDir) -> bool:
+    """Whether conflict.json's arrays file is there whole (its header and size: nothing else is
+    read), so a deleted or cut conflict.safetensors redoes the stage instead of failing later."""
+    try:
+        run.load_space()
+    except EnvelopeError:
+        raise  # a newer merit-lab's space is not overwritten by this one
+    except ValueError as e:
+        log.warning("conflict: %s", e)
+        return False
     return True
 
 
 def stage_partition(cfg: RunConfig, run: RunDir) -> bool:
+    # conflict.json carries the sha256 of its arrays (a version-1 one holds them): its hash
+    # keys the space without reading conflict.safetensors
     conflict = config_hash(read_json(run.conflict))
     key = config_hash(partition_view(cfg.partition), conflict, run.stored_key("mixture"))
     # Hand edits are never overwritten by a re-run; delete partition.json to redo it.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from merit_lab.config.schema import RunConfig, config_hash
 from merit_lab.io import read_json
-from merit_lab.partition.folds import FOLD_STABILITY_VERSION, FoldStability, compute_fold_stability
+from merit_lab.partition.folds import FoldStability, compute_fold_stability
 from merit_lab.pipeline.rundir import RunDir, source_counts
 
 __all__ = [
@@ -34,7 +34,7 @@ def _key(cfg: RunConfig, run: RunDir) -> str:
     p = cfg.partition
     return config_hash(
         "fold-stability",
-        FOLD_STABILITY_VERSION,
+        1,  # what is computed (the file's FOLD_STABILITY_VERSION 2 moved the matrices only)
         run.stored_key("gradients"),
         run.stored_key("mixture"),  # the counts the split balances
         p.method,
@@ -52,10 +52,15 @@ def save_fold_stability(cfg: RunConfig, run: RunDir) -> bool:
     path = run.root / FOLD_STABILITY_FILE
     key = _key(cfg, run)
     if path.is_file() and read_json(path).get("info", {}).get("key") == key:
-        return False
-    bank = run.load_bank()
+        try:
+            FoldStability.load(path)  # the matrices beside it are there and its own
+            return False
+        except ValueError:
+            pass  # computed again
+    bank = run.load_bank(mmap=True)  # only the (mapped) fold rows are read
     if bank.folds is None or cfg.partition.layer_group or len(bank.names) < 2:
         path.unlink(missing_ok=True)
+        path.with_suffix(".safetensors").unlink(missing_ok=True)
         return False
     examples, tokens = source_counts(run)
     stab = compute_fold_stability(
@@ -82,8 +87,10 @@ def load_fold_stability(run_dir: str | Path) -> FoldStability | None:
 
 
 def fold_stability_lines(run_dir: str | Path, r: int = 2) -> list[str]:
-    """Lines for a run's summary: the r-axis fold agreement and the calibration n it calls for,
-    then the warning when two draws of the run's n would agree below 0.8 ([] without folds)."""
+    """Lines for a run's summary: the r-axis fold agreement (the halves' median and mean, the
+    curve at the run's n) and the calibration n it calls for, then `FoldStability.warning`: two
+    draws of the run's n would agree below 0.8 and the halves' mean is below it too ([] without
+    folds)."""
     stab = load_fold_stability(run_dir)
     if stab is None or not stab.rs:
         return []
@@ -92,7 +99,8 @@ def fold_stability_lines(run_dir: str | Path, r: int = 2) -> list[str]:
     need = stab.n_for(r)
     lines = [
         f"  fold stability ({stab.folds} folds): r={r} halves agree at ARI "
-        f"{row['ari_half_median']:.2f} (n={stab.n / 2:.0f} each), ~{row['ari_at_n']:.2f} at "
+        f"{row['ari_half_median']:.2f} (mean {row['ari_half_mean']:.2f}, n={stab.n / 2:.0f} "
+        f"each), ~{row['ari_at_n']:.2f} at "
         f"n={stab.n:.0f}"
         + (f"; n≈{need} reaches 0.8" if need is not None else "")
         + (

@@ -260,8 +260,9 @@ def conflict_key(cfg: RunConfig, run: RunDir) -> str | None:
 
 
 def conflict_rows(cfg: RunConfig, run: RunDir) -> tuple[tuple[str, ...], np.ndarray]:
-    """(names, rows) the conflict space is computed from: the bank, or one layer group's rows."""
-    bank = run.load_bank()
+    """(names, rows) the conflict space is computed from: the bank (its rows memory-mapped,
+    read in column blocks by `compute_conflict_space`), or one layer group's rows."""
+    bank = run.load_bank(mmap=True)
     group = cfg.partition.layer_group
     if not group:
         return bank.names, bank.rows

@@ -48,8 +48,9 @@ def fold_figures(stab: FoldStability) -> dict[str, Figure]:
 
 
 def fold_summary_table(stab: FoldStability) -> pd.DataFrame:
-    """One row per r (``r = 2 (K = 4)``): the halves' median ARI and its range, the agreement
-    expected between two draws of the run's n, and the n that reaches the target."""
+    """One row per r (``r = 2 (K = 4)``): the halves' median ARI, its range and mean, the
+    simulation at the halves' size (read it against their mean), the agreement expected between
+    two draws of the run's n, and the n that reaches the target."""
     summary = stab.summary()
     half = f"halves (n = {stab.n / 2:.0f})"
     out = pd.DataFrame(
@@ -57,6 +58,8 @@ def fold_summary_table(stab: FoldStability) -> pd.DataFrame:
             f"ARI of {half}, median": summary["ari_half_median"],
             "min": summary["ari_half_min"],
             "max": summary["ari_half_max"],
+            "mean": summary["ari_half_mean"],
+            f"simulated at n = {stab.n / 2:.0f}": summary["ari_at_half"],
             f"ARI of two draws of n = {stab.n:.0f}": summary["ari_at_n"],
             f"n for ARI {FOLD_AGREEMENT_TARGET}": [
                 "–" if v is None or pd.isna(v) else f"{int(v)}" for v in summary["n_for_target"]

@@ -101,7 +101,13 @@ class RunDir:
 
     @property
     def conflict(self) -> Path:
+        """The conflict space: names, order, variance and the arrays' sha256 (written last)."""
         return self.root / "conflict.json"
+
+    @property
+    def conflict_arrays(self) -> Path:
+        """The conflict space's (T, T) cosines and (T, R) embedding (conflict.json names it)."""
+        return self.root / "conflict.safetensors"
 
     @property
     def partition(self) -> Path:
@@ -168,7 +174,12 @@ class RunDir:
         return {
             "mixture": [self.mixture],
             "gradients": [self.gradients],
-            "conflict": [self.conflict],
+            "conflict": [
+                self.conflict_arrays,
+                self.conflict,
+                self.root / "fold_stability.safetensors",  # the fold stability, written after
+                self.root / "fold_stability.json",
+            ],
             "partition": [self.partition],
             "train": [self.root / "branches", self.root / "joint", self.train_json],
             "merge": [self.root / "merged", self.root / "controls", self.merge_json],
@@ -376,8 +387,9 @@ class RunDir:
                 )
         return part
 
-    def load_bank(self):
-        return GradientBank.load(self.gradients)
+    def load_bank(self, *, mmap: bool = False):
+        """The gradient bank; ``mmap=True`` maps its rows read-only (see `GradientBank.load`)."""
+        return GradientBank.load(self.gradients, mmap=mmap)
 
     def example_tokens(self) -> dict[str, list[int]]:
         """Per source, the size (`SIZE_UNIT`: response tokens) of each train example: what a

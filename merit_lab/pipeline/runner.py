@@ -255,7 +255,7 @@ def run_summary(run_dir: str | Path) -> str:
     else:
         lines.append("  mixture: not yet")
     if (run.gradients / "bank.json").exists():
-        bank = GradientBank.load(run.gradients)
+        bank = GradientBank.load(run.gradients, mmap=True)
         sk = bank.info["sketch"]
         lines.append(
             f"  gradients: {bank.rows.shape[0]} x {bank.rows.shape[1]} {sk['kind']} sketch "
@@ -267,9 +267,13 @@ def run_summary(run_dir: str | Path) -> str:
     if run.conflict.exists():
         space = ConflictSpace.load(run.conflict)
         ev = ", ".join(f"{v:.2f}" for v in space.explained_variance_ratio[:5])
-        off = space.cosine[~np.eye(len(space.names), dtype=bool)]
+        off = [np.inf, -np.inf]  # the off-diagonal range, 256 rows of the (T, T) map at a time
+        for i in range(0, space.n_sources, 256):
+            block = np.array(space.cosine[i : i + 256])
+            np.fill_diagonal(block[:, i:], np.nan)
+            off = [min(off[0], np.nanmin(block)), max(off[1], np.nanmax(block))]
         lines.append(
-            f"  conflict: T={len(space.names)}, cosine range [{off.min():.2f}, {off.max():.2f}], "
+            f"  conflict: T={len(space.names)}, cosine range [{off[0]:.2f}, {off[1]:.2f}], "
             f"explained variance of PC1-5: {ev}"
         )
     else:

@@ -1,4 +1,6 @@
-"""The conflict explorer: clustered heatmap, PCA scatter, explained variance, allies/conflicts.
+"""The conflict explorer: clustered heatmap, PCA scatter, explained variance, allies/conflicts,
+and a search box that finds a source by name (any T: above 200 sources the heatmap shows runs of
+the clustering order, `merit_lab.viz.plots_heatmap`).
 
 Input: a run's ``ConflictSpace`` and per-source table (``load_source_table``), optionally its
 `FoldStability` (each cosine's standard error on hover, unstable sources ringed in the scatter).
@@ -24,6 +26,7 @@ from merit_lab.viz.plots import (
     plot_explained_variance,
 )
 from merit_lab.viz.plots_examples import plot_example_cloud
+from merit_lab.viz.plots_heatmap import find_sources, heatmap_cells, mark_sources
 from merit_lab.viz.plots_stability import (
     FLIP_THRESHOLD,
     add_fold_errors,
@@ -47,6 +50,7 @@ class ConflictExplorer:
         color: Dropdown of table columns to colour the scatter by ("(none)" for one colour).
         dims: ToggleButtons, 2 or 3 (labels "2-D", "3-D").
         source: Dropdown of sources for the panel; ``n_neighbours``: how many to list.
+        search: Text box: a name (or part of one) to find (`find`); ``matches`` lists the hits.
         panel: HTML with the selected source's allies and conflicts.
         cloud: Dropdown of sources whose calibration examples to draw around their point in the
             scatter ("(none)": sources only); present only with ``examples``.
@@ -100,9 +104,15 @@ class ConflictExplorer:
             description="show",
         )
         self.panel = widgets.HTML()
+        self.search = widgets.Text(description="find", placeholder="source name or part of it")
+        self.matches = widgets.HTML()
 
         heatmap = plot_conflict_clustermap(space, self.table)
-        self._heatmap = FigureView(heatmap if folds is None else add_fold_errors(heatmap, folds))
+        rows = len(heatmap.data[-1].z)  # T, or the runs of `plot_conflict_cells` above 200
+        if folds is not None and rows == space.n_sources:  # per-source cells only
+            heatmap = add_fold_errors(heatmap, folds)
+        self._heatmap = FigureView(heatmap)
+        self._cells = heatmap_cells(space, rows)  # the heatmap's rows, for `find`
         self._scatter = FigureView(self.scatter_figure(self.color.value, self.dims.value))
         self._variance = FigureView(plot_explained_variance(space))
         self.color.observe(self._redraw_scatter, names="value")
@@ -110,11 +120,13 @@ class ConflictExplorer:
         self.dims.observe(self._redraw_scatter, names="value")
         self.source.observe(self._redraw_panel, names="value")
         self.n_neighbours.observe(self._redraw_panel, names="value")
+        self.search.observe(lambda change: self.find(change["new"]), names="value")
         self._redraw_panel()
         if examples is not None:
             self.set_examples(examples)
         self.widget = widgets.VBox(
             [
+                widgets.HBox([self.search, self.matches]),
                 self._heatmap.view,
                 widgets.HBox([self.color, self.dims, self.cloud]),
                 widgets.HBox([self._scatter.view, self._variance.view]),
@@ -134,6 +146,22 @@ class ConflictExplorer:
     @property
     def variance(self) -> go.Figure:
         return self._variance.fig
+
+    def find(self, query: str) -> list[str]:
+        """The sources whose name contains ``query`` (`find_sources`: exact match first); the
+        first becomes the panel's source (its allies and conflicts) and its heatmap row and
+        column are marked. ``matches`` shows how many matched. Returns the matches."""
+        found = find_sources(self.space.names, query)
+        more = len(find_sources(self.space.names, query, limit=len(self.space.names)))
+        if not found:
+            self.matches.value = "no source matches" if query.strip() else ""
+            return found
+        listed = ", ".join(html.escape(n) for n in found[:5]) + (", …" if more > 5 else "")
+        self.matches.value = f"{more} match{'es' if more > 1 else ''}: {listed}"
+        self.source.value = found[0]
+        mark_sources(self._heatmap.fig, self._cells, found[0])
+        self._heatmap.refresh()
+        return found
 
     def scatter_figure(self, color: str | None = None, dims: int = 2) -> go.Figure:
         """The PCA scatter coloured by a table column.

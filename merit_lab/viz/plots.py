@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 from merit_lab.analysis.conflict import ConflictSpace
 from merit_lab.partition.session import DROPPED, UNPLACED
 from merit_lab.viz.export import save_figure, static_renderer_problem
+from merit_lab.viz.plots_heatmap import MAX_CELLS, plot_conflict_cells
 from merit_lab.viz.style import MARKERS, MUTED, PALETTE, color_map, layout, style_map
 
 __all__ = [
@@ -51,8 +52,11 @@ def plot_conflict_heatmap(space: ConflictSpace, table: pd.DataFrame | None = Non
         table: optional per-source columns (indexed by source name) shown on hover.
 
     Returns:
-        A heatmap whose ``z`` is ``C[order][:, order]`` and whose axes are the ordered names.
+        A heatmap whose ``z`` is ``C[order][:, order]`` and whose axes are the ordered names;
+        above `MAX_CELLS` sources, runs of the order aggregated (`plot_conflict_cells`).
     """
+    if space.n_sources > MAX_CELLS:
+        return plot_conflict_cells(space, table, max_cells=MAX_CELLS)
     order = list(space.order)
     names = [space.names[i] for i in order]
     z = space.cosine[np.ix_(order, order)]
@@ -204,8 +208,11 @@ def plot_conflict_clustermap(
     Returns:
         A figure whose first trace is the dendrogram (one line trace, absent when T < 3) and
         whose last trace is a heatmap with ``z = C[order][:, order]`` on integer axes 0..T-1
-        labelled by the ordered names.
+        labelled by the ordered names. Above `MAX_CELLS` sources: `plot_conflict_cells` (runs
+        of the order aggregated, no dendrogram).
     """
+    if space.n_sources > MAX_CELLS:
+        return plot_conflict_cells(space, table, max_cells=MAX_CELLS)
     from plotly.subplots import make_subplots
     from scipy.cluster.hierarchy import dendrogram, linkage
     from scipy.spatial.distance import squareform

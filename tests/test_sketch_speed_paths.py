@@ -1,0 +1,142 @@
+"""The count-sketch's fast paths give the rows of its definition bit for bit.
+
+The CPU pass reads cached int32 codes in chunks of `sketch._CHUNK_CPU` coordinates, fills the
+cache with `_hash_codes` (fewer int64 passes than `_buckets_and_signs`), and can return the
+gradient's squared norm from the same read (``square_norm``, the stage's row pass). Each is
+checked here against an independent NumPy reference: uint64 hashing and float32 additions in
+coordinate order (`np.add.at` is unbuffered and in order, as ``index_add_`` on the CPU is).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import merit_lab.gradients.sketch as sk
+from merit_lab.data.formatting import tokenize_examples
+from merit_lab.data.mixture import load_mixture
+from merit_lab.gradients.estimate import estimate_gradients, grads_only_for, source_gradient
+from merit_lab.gradients.sketch import SketchSpec, build_sketch
+from merit_lab.models.loading import select_parameters
+
+CPU = torch.device("cpu")
+
+
+def _reference_row(spec: SketchSpec, grads: list[tuple[str, torch.Tensor]]) -> np.ndarray:
+    """The count-sketch row by its definition, in NumPy: h(i) = a·i + b mod 2**64, bucket =
+    top 32 bits × dim >> 32, sign −1 where bit 31 is set; float32 sums in coordinate order."""
+    row = np.zeros(spec.dim, dtype=np.float32)
+    for name, g in grads:
+        a, b = (np.uint64(x % 2**64) for x in sk._hash_coeffs(spec.seed, name))
+        i = np.arange(g.numel(), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            h = i * a + b
+        bucket = ((h >> np.uint64(32)) * np.uint64(spec.dim)) >> np.uint64(32)
+        sign = np.where((h >> np.uint64(31)) & np.uint64(1), -1.0, 1.0).astype(np.float32)
+        vals = g.detach().reshape(-1).to(torch.float32).numpy() * sign
+        np.add.at(row, bucket.astype(np.int64), vals)
+    return row
+
+
+def test_hash_codes_pack_the_buckets_and_signs():
+    """`_hash_codes` = bucket − 2**31 where the sign is −1, else bucket, for power-of-two and
+    other dims (the largest, 2**31 − 1, uses all 31 bits) and coordinates far past 2**32."""
+    for dim in (2**18, 1000, 97, 2**31 - 1):
+        for start in (0, 2**31 - 3, 2**32 - 2, 10**10):
+            bucket, sign = sk._buckets_and_signs(7, "layer.0.w", dim, start, start + 5000, CPU)
+            code = sk._hash_codes(7, "layer.0.w", dim, start, start + 5000, CPU)
+            want = torch.where(sign < 0, bucket - 2**31, bucket).to(torch.int32)
+            assert code.dtype == torch.int32
+            assert torch.equal(code, want)
+            assert torch.equal(code.bitwise_and(sk._LOW31).long(), bucket)
+    assert int(bucket.max()) > 2**30  # dim 2**31 − 1 really reaches the top bucket bits
+
+
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_cached_fused_and_hashing_passes_equal_the_reference(monkeypatch, chunk):
+    """Every CPU path (fill, cached, partly cached, hashing; with and without the fused norm;
+    float32 and bfloat16) gives the NumPy reference row bit for bit, over parameters larger
+    than the default chunk of 2**17 coordinates."""
+    if chunk is not None:
+        monkeypatch.setattr(sk, "_CHUNK_CPU", chunk)
+    params = [("w", (400, 330)), ("b", (7,)), ("e", (3, 5000))]
+    gen = torch.Generator().manual_seed(1)
+    spec = SketchSpec(dim=4099, seed=11)
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = [(n, torch.randn(s, generator=gen).to(dtype)) for n, s in params]
+        grads[0][1].view(-1)[:50] = -0.0  # signed zeros flip sign as a product by ±1 would
+        want = _reference_row(spec, grads)
+        budgets = (None, 0, 4 * 140_000)  # everything; nothing; w plus part of e at chunk 1000
+        for budget in budgets:
+            sketch = build_sketch(spec, params, cache_bytes=budget)
+            for _ in range(2):  # the pass that fills the cache, then one that reads it
+                for square_norm in (False, True):
+                    row = sketch.zeros()
+                    for name, g in grads:
+                        sketch.add_(row, name, g, square_norm=square_norm)
+                    np.testing.assert_array_equal(row.numpy().view(np.int32), want.view(np.int32))
+
+
+def test_square_norm_is_the_float64_norm_and_checks_finiteness():
+    params = [("w", (300, 20)), ("v", (7,))]
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(300, 20, generator=gen)
+    for kind in ("countsketch", "exact", "subsample"):
+        sketch = build_sketch(SketchSpec(kind=kind, dim=64, every=3), params)
+        for x in (g, g.to(torch.bfloat16), g.double() * 1e-3):
+            want = float(torch.linalg.vector_norm(x.double()).square())
+            got = sketch.add_(sketch.zeros(), "w", x, square_norm=True)
+            assert got == pytest.approx(want, rel=1e-12)
+        assert sketch.add_(sketch.zeros(), "w", g) is None  # no norm asked: none returned
+    sketch = build_sketch(SketchSpec(dim=64), params)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = g.clone()
+        x[123, 4] = bad
+        with pytest.raises(ValueError, match="gradient of 'w' has non-finite entries"):
+            sketch.add_(sketch.zeros(), "w", x, square_norm=True)
+        assert not np.isfinite(sketch.add_(sketch.zeros(), "w", x, check=False, square_norm=True))
+    # float64 entries whose squares overflow are finite: the norm is inf, nothing is refused
+    huge = torch.full((7,), 1e200, dtype=torch.float64)
+    assert sketch.add_(sketch.zeros(), "v", huge, square_norm=True) == float("inf")
+
+
+def test_stage_rows_folds_and_norm_equal_a_plain_hashing_pass(pico_model, demo_tokenizer):
+    """`estimate_gradients` (cached codes, fused norm) gives the rows and fold rows that an
+    uncached sketch of the same summed gradients gives, bit for bit, and the exact float64
+    gradient norm."""
+    mix = load_mixture("demo")
+    mix = mix.select(mix.names[:2])
+    spec = SketchSpec(dim=2**12, seed=4)
+    kw = dict(n=6, micro_batch_size=4, max_length=128)
+    bank = estimate_gradients(
+        pico_model, demo_tokenizer, mix, sketch=spec, folds=2, progress=False, **kw
+    )
+    selected = select_parameters(pico_model)
+    plain = build_sketch(spec, [(n, tuple(p.shape)) for n, p in selected], cache_bytes=0)
+    for i, src in enumerate(mix):
+        ex = tokenize_examples(demo_tokenizer, src.calibration, kw["max_length"], limit=kw["n"])
+        cumulative: list[torch.Tensor] = []
+
+        def after_fold(f: int, n_f: int, out: list = cumulative) -> None:
+            out.append(plain.sketch((n, p.grad) for n, p in selected if p.grad is not None))
+
+        with grads_only_for(pico_model, selected):  # .grad cleared and flags restored after
+            _, tokens = source_gradient(
+                pico_model,
+                ex,
+                pad_token_id=demo_tokenizer.pad_token_id,
+                micro_batch_size=kw["micro_batch_size"],
+                folds=2,
+                after_fold=after_fold,
+            )
+            grads = [p.grad.reshape(-1).double() for _, p in selected if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.cat(grads)))
+        np.testing.assert_array_equal(
+            bank.rows[i].view(np.int32), cumulative[-1].numpy().view(np.int32)
+        )
+        s = np.stack([np.zeros(spec.dim), *(c.numpy().astype(np.float64) for c in cumulative)])
+        scale = tokens / np.asarray(bank.stats[src.name]["fold_tokens"], dtype=np.float64)
+        folds = (np.diff(s, axis=0) * scale[:, None]).astype(np.float32)
+        np.testing.assert_array_equal(bank.folds[i].view(np.int32), folds.view(np.int32))
+        assert bank.stats[src.name]["grad_norm"] == pytest.approx(norm, rel=1e-12)
