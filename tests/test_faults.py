@@ -323,7 +323,9 @@ SCHEDULE = [
     Kill("gradients", "before", "gradients/bank.safetensors"),  # its fold rows written
     Kill("gradients", "before", "gradients/bank.json"),  # its rows written, not its stage key
     Kill("gradients", "after", "gradients/bank.json"),  # before its timings.json entry
-    Kill("conflict", "before", "tiny/conflict.json"),
+    Kill("conflict", "before", "tiny/fold_stability.json"),  # its matrices file written
+    Kill("conflict", "before", "tiny/conflict.safetensors"),  # the fold stability saved
+    Kill("conflict", "before", "tiny/conflict.json"),  # the space's arrays written
     Kill("partition", "before", "tiny/partition.json"),
     Kill("train", "before", "joint/ep1-s0/spec.json"),
     Kill("train", "call", CHECKPOINT_RNG, nth=2),  # checkpoint-4 cut short, checkpoint-2 whole
@@ -431,7 +433,12 @@ def test_a_run_killed_at_every_stage_resumes_to_the_uninterrupted_result(assets,
     assert bad == {}
     # the fold artifacts were made, and compared like the bank: fold rows bit-identical,
     # fold_stability.json equal (it has no time field), the figures modulo plotly's div ids
-    folds = ["gradients/folds.safetensors", "fold_stability.json", *FOLD_FIGURES]
+    folds = [
+        "gradients/folds.safetensors",
+        "fold_stability.safetensors",
+        "fold_stability.json",
+        *FOLD_FIGURES,
+    ]
     fold_verdicts = {r: verdicts.get(r) for r in folds}  # None: in neither run
     assert all(v in ("identical", "modulo times") for v in fold_verdicts.values()), fold_verdicts
     assert read_json(run / "fold_stability.json") == read_json(ref / "fold_stability.json")
