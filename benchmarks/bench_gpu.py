@@ -35,6 +35,7 @@ Run: python -m benchmarks.bench_gpu [--sizes 0.5b,1.5b] [--out PATH] [--tiny] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -49,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import bench_conflict
 from benchmarks.bench_bergson import add_comparison_figures
 from benchmarks.bench_merge import disk_limit, serial_hash_seconds
 from benchmarks.common import (
@@ -709,6 +711,17 @@ def run(
             f"loads θ0); banks equal to {scaling['bank_max_rel_diff']:.1e} relative"
         )
         res.add("multi-GPU", name, scaling["speedup"], "×", note=note)
+    # The conflict stage from T = 100 to 10,000 on this machine (numpy on its CPU cores: the
+    # Gram of a memory-mapped bank does not use the card) beside its own matmul rate:
+    # bench_conflict's rows, here so that one run of the GPU machine records them too.
+    _log("conflict: bench_conflict's rows on this machine" + (" (--quick sizes)" if tiny else ""))
+    conflict = bench_conflict.run(quick=tiny)
+    for f in conflict.figures:
+        section = f"conflict on this machine: {f.section}"
+        res.figures.append(
+            dataclasses.replace(f, section=section, target=None if tiny else f.target)
+        )
+    record["conflict"] = conflict.raw
     return res, record
 
 

@@ -177,4 +177,8 @@ def test_bench_gpu_tiny_writes_every_field(tmp_path):
     assert not (tmp_path / "w" / "tiny").exists()  # the checkpoints are cleaned up
     names = {f["name"] for f in data["results"][0]["figures"]}
     assert {"stage ÷ plain fwd+bwd", "merge time ÷ disk floor"} <= names
+    # bench_conflict's rows, --quick sizes: the out-of-core ladder beside the matmul rate
+    conflict = [f for f in data["results"][0]["figures"] if f["section"].startswith("conflict")]
+    assert any("÷ the matmul rate" in f["name"] for f in conflict)
+    assert [r["t"] for r in data["conflict"]["ladder"]] == [24, 64, 200]
     assert all(f["target"] is None for f in data["results"][0]["figures"])  # --tiny: no targets
