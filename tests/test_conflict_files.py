@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import yaml
 from safetensors.numpy import load_file
 
 from merit_lab.analysis.conflict import ConflictSpace, compute_conflict_space
@@ -20,6 +19,7 @@ from merit_lab.io import read_json
 from merit_lab.pipeline import run_pipeline
 from merit_lab.pipeline.layers import partition_view
 from merit_lab.pipeline.rundir import RunDir
+from tests.test_pipeline import _config as pipeline_config
 
 
 def _space(t: int = 12, d: int = 40, seed: int = 0, axes: int | None = None) -> ConflictSpace:
@@ -43,7 +43,7 @@ def test_round_trip_is_bit_for_bit_and_the_arrays_are_in_safetensors(tmp_path, a
     assert (doc["format"], doc["version"], doc["bank_key"]) == ("merit-lab/conflict", 2, "k1")
     assert "cosine" not in doc and "embedding" not in doc
     assert doc["arrays"]["file"] == "conflict.safetensors"
-    assert doc["arrays"]["embedding"] == [12, 12 if axes is None else 3]
+    assert doc["arrays"]["shapes"]["embedding"] == [12, 12 if axes is None else 3]
     back = ConflictSpace.load(path)
     _same(space, back)
     with pytest.raises(ValueError, match="conflict.json: the arrays are in a file beside it"):
@@ -113,19 +113,8 @@ def test_missing_cut_or_foreign_arrays_give_one_error_naming_the_file(tmp_path):
 
 
 def _config(tmp_path: Path, seed: int = 0) -> Path:
-    cfg = {
-        "name": "t",
-        "model": "demo",
-        "mixture": "demo",
-        "output_dir": str(tmp_path / "runs"),
-        "device": "cpu",
-        "calibration": {"n": 8, "micro_batch_size": 8},
-        "sketch": {"kind": "countsketch", "dim": 1024, "seed": seed},
-        "partition": {"method": "balanced", "r": 2},
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """`tests/test_pipeline.py`'s demo analysis config with a 1024-wide sketch of ``seed``."""
+    return pipeline_config(tmp_path, sketch={"kind": "countsketch", "dim": 1024, "seed": seed})
 
 
 @pytest.fixture(scope="module")

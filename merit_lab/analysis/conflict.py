@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from merit_lab.analysis.array_file import arrays_digest, map_arrays, save_arrays
-from merit_lab.envelope import load_enveloped, save_enveloped, unwrap, wrap
+from merit_lab.analysis.array_file import load_beside, save_beside
+from merit_lab.envelope import EnvelopeError, load_enveloped, unwrap, wrap
 
 __all__ = [
     "ConflictSpace",
@@ -30,7 +30,6 @@ __all__ = [
 CONFLICT_FORMAT = "merit-lab/conflict"  # conflict.json: it has carried this header from the start
 # 2: the (T, T) and (T, R) arrays in conflict.safetensors beside it (1: every array inline).
 CONFLICT_VERSION = 2
-ARRAYS_FORMAT = "merit-lab/conflict-arrays"
 # Columns of the bank multiplied at a time: bounds the temporaries to T × 2**16 entries.
 _COL_CHUNK = 2**16
 # ... and to this many bytes of the bank at a time, whatever T: above T = 1024 the column blocks
@@ -193,18 +192,9 @@ class ConflictSpace:
         """Write the (T, T) cosines and (T, R) embedding to ``<stem>.safetensors`` and then the
         rest, with their sha256 and any ``extra`` keys, to ``path`` (conflict.json: written
         last, it marks the space saved); both atomically, the arrays streamed in row blocks."""
-        path = Path(path)
         arrays = {"cosine": self.cosine, "embedding": self.embedding}
-        digest = arrays_digest(arrays)
-        file = path.with_suffix(".safetensors")
-        save_arrays(file, arrays, {"format": ARRAYS_FORMAT, "sha256": digest})
-        payload = self._payload()
-        payload["arrays"] = {
-            "file": file.name,
-            "sha256": digest,
-            **{k: list(a.shape) for k, a in arrays.items()},
-        }
-        return save_enveloped(path, CONFLICT_FORMAT, CONFLICT_VERSION, {**payload, **(extra or {})})
+        payload = {**self._payload(), **(extra or {})}
+        return save_beside(path, CONFLICT_FORMAT, CONFLICT_VERSION, payload, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ConflictSpace:
@@ -212,21 +202,15 @@ class ConflictSpace:
         file with the arrays inline reads too. Every problem is one ValueError naming the file
         (a newer or foreign one: `merit_lab.envelope.EnvelopeError`)."""
         path = Path(path)
-        d = load_enveloped(path, CONFLICT_FORMAT, CONFLICT_VERSION)
         try:
-            if "cosine" in d:  # version 1: every array inline
-                return cls._from_payload(d)
-            spec, t = d["arrays"], len(d["names"])
-            shapes = {"cosine": (t, t), "embedding": (t, len(d["eigenvalues"]))}
-            file = path.parent / spec["file"]
-            redo = "run the conflict stage again (it rewrites both files)"
-            try:
-                arrays, meta = map_arrays(file, shapes)
-            except ValueError as e:
-                raise ValueError(f"{e}; {redo}") from None
-            if meta.get("sha256") != spec["sha256"]:
-                raise ValueError(f"{file} was written by another save than {path.name}; {redo}")
-            return cls._from_payload(d, arrays)
+            d = load_enveloped(path, CONFLICT_FORMAT, CONFLICT_VERSION)
+            if "cosine" not in d:  # version 2: the arrays beside it (1: every array inline)
+                redo = "run the conflict stage again (it rewrites both files)"
+                d, arrays = load_beside(path, CONFLICT_FORMAT, CONFLICT_VERSION, redo)
+                d = {**d, **arrays}
+            return cls._from_payload(d)
+        except EnvelopeError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             raise ValueError(what if str(path) in what else f"{path}: {what}") from e
