@@ -95,13 +95,17 @@ def stage_rounds(model, tok, mix: Mixture, cal: CalibrationConfig, n: int, round
     return out
 
 
-def add_fold_figures(res: Results, section: str, r: dict, folds: int, note: str = "") -> None:
-    """The two fold-cost figures of `stage_rounds` (medians; the notes give the spread)."""
+def add_fold_figures(
+    res: Results, section: str, r: dict, folds: int, note: str = "", n: int | None = None
+) -> None:
+    """The two fold-cost figures of `stage_rounds` (medians; the notes give the spread), named
+    with the calibration ``n`` where one section holds them at two."""
+    at = "" if n is None else f" at n = {n}"
     share = [100 * f / w for f, w in zip(r["fold_s"], r["with_s"], strict=True)]
     ratio = [w / o for w, o in zip(r["with_s"], r["without_s"], strict=True)]
     res.add(
         section,
-        f"fold sketches ({folds} folds) ÷ gradient stage",
+        f"fold sketches ({folds} folds) ÷ gradient stage{at}",
         float(np.median(share)),
         "%",
         target=("<=", 5.0),
@@ -109,7 +113,7 @@ def add_fold_figures(res: Results, section: str, r: dict, folds: int, note: str 
     )
     res.add(
         section,
-        "stage with folds ÷ stage without (wall)",
+        f"stage with folds ÷ stage without (wall){at}",
         100 * (float(np.median(ratio)) - 1),
         "% more",
         target=("<=", 5.0),

@@ -23,19 +23,26 @@ from merit_lab.models.loading import select_parameters
 CPU = torch.device("cpu")
 
 
+def _reference_add(out, spec: SketchSpec, name: str, g: torch.Tensor, lo: int = 0, hi=None):
+    """Coordinates lo..hi-1 of ``name``'s count-sketch added into ``out`` by the definition, in
+    NumPy: h(i) = a·i + b mod 2**64, bucket = top 32 bits × dim >> 32, sign −1 where bit 31 is
+    set; float32 sums in coordinate order (`np.add.at` is unbuffered and in order)."""
+    flat = g.detach().reshape(-1).to(torch.float32).numpy()
+    hi = flat.size if hi is None else min(hi, flat.size)
+    a, b = (np.uint64(x % 2**64) for x in sk._hash_coeffs(spec.seed, name))
+    i = np.arange(lo, hi, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = i * a + b
+    bucket = ((h >> np.uint64(32)) * np.uint64(spec.dim)) >> np.uint64(32)
+    sign = np.where((h >> np.uint64(31)) & np.uint64(1), -1.0, 1.0).astype(np.float32)
+    np.add.at(out, bucket.astype(np.int64), flat[lo:hi] * sign)
+
+
 def _reference_row(spec: SketchSpec, grads: list[tuple[str, torch.Tensor]]) -> np.ndarray:
-    """The count-sketch row by its definition, in NumPy: h(i) = a·i + b mod 2**64, bucket =
-    top 32 bits × dim >> 32, sign −1 where bit 31 is set; float32 sums in coordinate order."""
+    """The count-sketch row by its definition (`_reference_add`), parameter after parameter."""
     row = np.zeros(spec.dim, dtype=np.float32)
     for name, g in grads:
-        a, b = (np.uint64(x % 2**64) for x in sk._hash_coeffs(spec.seed, name))
-        i = np.arange(g.numel(), dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            h = i * a + b
-        bucket = ((h >> np.uint64(32)) * np.uint64(spec.dim)) >> np.uint64(32)
-        sign = np.where((h >> np.uint64(31)) & np.uint64(1), -1.0, 1.0).astype(np.float32)
-        vals = g.detach().reshape(-1).to(torch.float32).numpy() * sign
-        np.add.at(row, bucket.astype(np.int64), vals)
+        _reference_add(row, spec, name, g)
     return row
 
 
@@ -102,9 +109,9 @@ def test_square_norm_is_the_float64_norm_and_checks_finiteness():
 
 
 def test_stage_rows_folds_and_norm_equal_a_plain_hashing_pass(pico_model, demo_tokenizer):
-    """`estimate_gradients` (cached codes, fused norm) gives the rows and fold rows that an
-    uncached sketch of the same summed gradients gives, bit for bit, and the exact float64
-    gradient norm."""
+    """`estimate_gradients` (cached codes, fused norm, threaded fold passes) gives the rows and
+    fold rows that an uncached sketch of the same summed gradients gives, bit for bit, and the
+    exact float64 gradient norm."""
     mix = load_mixture("demo")
     mix = mix.select(mix.names[:2])
     spec = SketchSpec(dim=2**12, seed=4)
@@ -119,7 +126,9 @@ def test_stage_rows_folds_and_norm_equal_a_plain_hashing_pass(pico_model, demo_t
         cumulative: list[torch.Tensor] = []
 
         def after_fold(f: int, n_f: int, out: list = cumulative) -> None:
-            out.append(plain.sketch((n, p.grad) for n, p in selected if p.grad is not None))
+            grads = [(n, p.grad) for n, p in selected if p.grad is not None]
+            # the fold passes sum in parts (sketch_parallel); the row, last, in coordinate order
+            out.append(plain.sketch_parallel(grads, threads=1) if f == 0 else plain.sketch(grads))
 
         with grads_only_for(pico_model, selected):  # .grad cleared and flags restored after
             _, tokens = source_gradient(
@@ -140,3 +149,56 @@ def test_stage_rows_folds_and_norm_equal_a_plain_hashing_pass(pico_model, demo_t
         folds = (np.diff(s, axis=0) * scale[:, None]).astype(np.float32)
         np.testing.assert_array_equal(bank.folds[i].view(np.int32), folds.view(np.int32))
         assert bank.stats[src.name]["grad_norm"] == pytest.approx(norm, rel=1e-12)
+
+
+def _reference_parts_row(spec: SketchSpec, grads: list[tuple[str, torch.Tensor]], chunk: int):
+    """`sketch_parallel`'s row by its definition: the pass's K chunks (over the parameters in
+    order) cut into 8 runs of consecutive chunks, run p summed into part p in float32 in
+    coordinate order; the parts added in float64 in order, rounded once."""
+    chunks = [(name, g, lo) for name, g in grads for lo in range(0, g.numel(), chunk)]
+    parts = np.zeros((sk._PARTS, spec.dim), dtype=np.float32)
+    for p in range(sk._PARTS):  # run p: chunks K·p // 8 .. K·(p + 1) // 8 − 1
+        for name, g, lo in chunks[
+            len(chunks) * p // sk._PARTS : len(chunks) * (p + 1) // sk._PARTS
+        ]:
+            _reference_add(parts[p], spec, name, g, lo, lo + chunk)
+    return parts.astype(np.float64).sum(axis=0).astype(np.float32)
+
+
+def test_parallel_pass_is_its_definition_for_any_thread_count(monkeypatch):
+    """`sketch_parallel` = the NumPy parts reference bit for bit, with 1, 2, 3 and 16 threads,
+    filling the cache, reading it, partly cached and uncached; float32 and bfloat16; and the
+    plain pass's row to float32 rounding (the same map, another order of sums)."""
+    monkeypatch.setattr(sk, "_CHUNK_CPU", 1000)
+    params = [("w", (40, 330)), ("b", (7,)), ("e", (3, 2500)), ("v", (900,))]
+    gen = torch.Generator().manual_seed(3)
+    spec = SketchSpec(dim=257, seed=5)
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = [(n, torch.randn(s, generator=gen).to(dtype)) for n, s in params]
+        want = _reference_parts_row(spec, grads, 1000)
+        assert 14 + 1 + 8 + 1 == 3 * sk._PARTS  # 24 chunks: every part sums a run of three
+        for budget in (None, 0, 4 * 9000):  # everything; nothing; part of w
+            sketch = build_sketch(spec, params, cache_bytes=budget)
+            for threads in (1, 2, 3, 16, 1):  # the first call fills the cache
+                row = sketch.sketch_parallel(grads, threads=threads)
+                np.testing.assert_array_equal(row.numpy().view(np.int32), want.view(np.int32))
+            if budget == 4 * 9000:
+                assert len(sketch._codes) == 9  # the budget held 9 chunks of 1000, no more
+        plain = build_sketch(spec, params).sketch(grads).numpy()
+        np.testing.assert_allclose(want, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
+        assert not np.array_equal(want, plain)  # the order of sums is really another
+
+
+def test_parallel_pass_checks_names_and_falls_back_off_the_cpu_count_sketch():
+    params = [("w", (30, 20)), ("v", (7,))]
+    g = torch.randn(30, 20, generator=torch.Generator().manual_seed(4))
+    sketch = build_sketch(SketchSpec(dim=64), params)
+    with pytest.raises(ValueError, match="parameter 'x' was not declared"):
+        sketch.sketch_parallel([("x", g)])
+    with pytest.raises(ValueError, match=r"gradient of 'w' has shape \(20, 30\)"):
+        sketch.sketch_parallel([("w", g.T)])
+    for kind in ("exact", "subsample", "gaussian"):  # the plain pass, bit for bit
+        other = build_sketch(SketchSpec(kind=kind, dim=64, every=3), params)
+        np.testing.assert_array_equal(
+            other.sketch_parallel([("w", g)], threads=2).numpy(), other.sketch([("w", g)]).numpy()
+        )

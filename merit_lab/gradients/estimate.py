@@ -287,10 +287,11 @@ def _sketch_source(
     forward's), at twice the GPU time (`benchmarks/bench_precision.py`, `bench_gpu.py`).
 
     With m = ``folds`` > 1 the folds run one after another and ``.grad`` after fold f (the sum
-    over folds 0..f) is sketched too (S_f; S_{m-1} is the row, so m − 1 extra sketch passes and
-    no extra forward, backward or norm); fold row f = (S_f − S_{f−1}) · N / N_f in float64,
-    rounded once to float32 (N_f: the fold's response tokens, N their sum), the gradient of the
-    mean loss over fold f alone. ``stats["fold_seconds"]`` is the time of the extra passes.
+    over folds 0..f) is sketched too (S_f, by `GradientSketch.sketch_parallel` on every core;
+    S_{m-1} is the row, so m − 1 extra sketch passes and no extra forward, backward or norm);
+    fold row f = (S_f − S_{f−1}) · N / N_f in float64, rounded once to float32 (N_f: the fold's
+    response tokens, N their sum), the gradient of the mean loss over fold f alone.
+    ``stats["fold_seconds"]`` is the time of the extra passes.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -304,10 +305,9 @@ def _sketch_source(
         fold_tokens.append(n_f)
         if f < folds - 1:
             t = time.perf_counter()
-            s = sk.zeros()
-            for pname, p in selected:  # checked once, by the row's pass over the full sum
-                if p.grad is not None:
-                    sk.add_(s, pname, p.grad, check=False)
+            # every core (the forward and backward use them all); checked once, by the row's
+            # pass over the full sum
+            s = sk.sketch_parallel((n, p.grad) for n, p in selected if p.grad is not None)
             partial.append(s.cpu().numpy().astype(np.float64))
             fold_seconds += time.perf_counter() - t
 
