@@ -19,6 +19,9 @@ Measured on the demo base and the demo mixture (32 sources) with the calibration
   source, as the stage times them (``stats["fold_seconds"]``), over the stage's seconds; and the
   stage with folds over the stage without (wall, alternating rounds, medians: it also holds the
   micro-batches formed within each fold). Target ≤ 5% for both.
+* **one pass** over SmolLM2's shapes (134.5M coordinates, random gradients, no model needed):
+  the fold pass as it was (intra-op threads on each chunk's bitwise ops), the row pass and the
+  fold pass (``sketch_parallel``) as they are; wall and CPU seconds. For reference; no target.
 
 Run: python -m benchmarks.bench_gradients [--quick] [--out bench-gradients.json]
 """
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import merit_lab.gradients.sketch as sk_mod
 from benchmarks.common import (
     Results,
     bench_main,
@@ -120,6 +124,77 @@ def add_fold_figures(
         note=f"{100 * (min(ratio) - 1):.1f} to {100 * (max(ratio) - 1):.1f}%; with the "
         "micro-batches formed within each fold",
     )
+
+
+def smollm2_shapes(layers: int = 30, vocab: int = 49152) -> list[tuple[str, tuple[int, ...]]]:
+    """SmolLM2-135M's parameter shapes (134.5M coordinates at the defaults; tied embeddings)."""
+    h, kv, mlp = 576, 192, 1536
+    per_layer = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (mlp, h)}
+    per_layer |= {"up": (mlp, h), "down": (h, mlp), "norm1": (h,), "norm2": (h,)}
+    shapes = [("embed", (vocab, h))]
+    shapes += [(f"layers.{i}.{k}", s) for i in range(layers) for k, s in per_layer.items()]
+    return [*shapes, ("norm", (h,))]
+
+
+def pass_figures(res: Results, quick: bool, rounds: int = 5) -> None:
+    """One cached count-sketch pass over SmolLM2's shapes (random gradients, no model needed),
+    three ways, alternating, ``rounds`` rounds: the fold pass as it was (parameter by parameter,
+    torch's intra-op threads splitting each chunk's bitwise ops), the row pass as it is
+    (parameter by parameter on one intra-op thread), and the fold pass as it is
+    (`GradientSketch.sketch_parallel` on torch's threads). Wall and CPU seconds, medians."""
+    shapes = smollm2_shapes(2, 4096) if quick else smollm2_shapes()
+    gen = torch.Generator().manual_seed(0)
+    grads = [(n, torch.randn(s, generator=gen)) for n, s in shapes]
+    sk = build_sketch(SketchSpec(), shapes)
+    sk.sketch(grads)  # fills the code cache: every way below reads it
+    threads = torch.get_num_threads()
+
+    def before() -> None:  # the chunk loop of add_, without its one-thread block
+        row = sk.zeros()
+        for name, g in grads:
+            flat = g.reshape(-1)
+            for lo in range(0, flat.numel(), sk_mod._CHUNK_CPU):
+                hi = min(lo + sk_mod._CHUNK_CPU, flat.numel())
+                sk._add_chunk(row, name, flat[lo:hi], lo, hi, False)
+
+    def row_pass() -> None:
+        row = sk.zeros()
+        for name, g in grads:
+            sk.add_(row, name, g, check=False)
+
+    ways = {"before": before, "row": row_pass, "parallel": lambda: sk.sketch_parallel(grads)}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
+    for rep in range(2 if quick else rounds):
+        for key in ways if rep % 2 == 0 else reversed(ways):
+            t, c = time.perf_counter(), time.process_time()
+            ways[key]()
+            times[key].append((time.perf_counter() - t, time.process_time() - c))
+    wall = {k: [w for w, _ in v] for k, v in times.items()}
+    cpu = {k: float(np.median([c for _, c in v])) for k, v in times.items()}
+    n = sum(g.numel() for _, g in grads)
+    sec = f"count-sketch pass, SmolLM2's shapes ({n / 1e6:.1f}M coordinates, {threads} threads)"
+    for key, label in (
+        ("before", "fold pass before (per parameter, intra-op threads)"),
+        ("row", "row pass (per parameter, one intra-op thread)"),
+        ("parallel", f"fold pass (sketch_parallel, {threads} threads)"),
+    ):
+        w = wall[key]
+        res.add(
+            sec,
+            label,
+            float(np.median(w)),
+            "s",
+            note=f"{min(w):.3f}-{max(w):.3f} s wall over {len(w)} rounds, {cpu[key]:.2f} CPU-s",
+        )
+    res.add(
+        sec,
+        "fold pass before ÷ fold pass now (wall)",
+        float(np.median(wall["before"]) / np.median(wall["parallel"])),
+        "×",
+        note="medians; the rows of sketch_parallel differ from the sequential pass's only in "
+        "rounding (8 partial rows)",
+    )
+    res.raw["passes"] = {"threads": threads, "coordinates": n, "seconds": times}
 
 
 def _plain_fwd_bwd(model, batches: list[dict]) -> float:
@@ -281,6 +356,7 @@ def run(quick: bool = False) -> Results:
         "%",
         target=("<=", 10.0),
     )
+    pass_figures(res, quick)
     _log("gradient stage with and without fold sketches")
     folds = stage_rounds(model, tok, mix, cal, n, 2 if quick else 3)
     add_fold_figures(res, SECTION, folds, cal.folds, f"; {len(mix)} sources x {n} examples")
@@ -354,6 +430,7 @@ def run(quick: bool = False) -> Results:
         "rounds": rounds,
         "sketch_s_per_source": t_sketch,
         "folds": folds,
+        "passes": res.raw.get("passes"),
         "tokenize_s": t_tok,
         "per_example_s": t_pe,
         "batched_s": t_b,

@@ -17,7 +17,7 @@ from merit_lab.data.formatting import tokenize_examples
 from merit_lab.data.mixture import Mixture, load_mixture
 from merit_lab.envelope import EnvelopeError
 from merit_lab.gradients.bank import GradientBank
-from merit_lab.gradients.estimate import estimate_gradients
+from merit_lab.gradients.estimate import estimate_gradients, micro_batches
 from merit_lab.gradients.sketch import SketchSpec
 
 EXACT = SketchSpec(kind="exact")
@@ -58,6 +58,30 @@ def test_micro_batches_equal_one_batch(pico_model, demo_tokenizer, small_demo):
     for name in small_demo.names:
         assert one.stats[name]["loss"] == pytest.approx(many.stats[name]["loss"], rel=1e-6)
         assert one.stats[name]["grad_norm"] == pytest.approx(np.linalg.norm(one.row(name)), 1e-5)
+
+
+def test_micro_batches_go_by_length_and_keep_the_given_order_within_each():
+    """Runs of ``size`` by length (longest first, ties in the given order), each batch in the
+    given order; examples that fit one batch are that batch as given (a fold of the demo)."""
+    ex = [
+        dataclasses.make_dataclass("Ex", ["i", "n_tokens"])(i, n)
+        for i, n in enumerate([5, 9, 1, 9, 3, 7, 2, 8])
+    ]
+    # by length: 9 (1), 9 (3), 8 (7) | 7 (5), 5 (0), 3 (4) | 2 (6), 1 (2)
+    assert [[e.i for e in b] for b in micro_batches(ex, size=3)] == [[1, 3, 7], [0, 4, 5], [2, 6]]
+    assert [[e.i for e in b] for b in micro_batches(ex, size=8)] == [list(range(8))]
+    assert [[e.i for e in b] for b in micro_batches(ex, size=1)] == [
+        [1],
+        [3],
+        [7],
+        [5],
+        [0],
+        [4],
+        [6],
+        [2],
+    ]
+    padded = sum(len(b) * max(e.n_tokens for e in b) for b in micro_batches(ex, size=3))
+    assert padded == 3 * 9 + 3 * 7 + 2 * 2  # 52; consecutive runs pad to 3·9 + 3·9 + 2·8 = 70
 
 
 def test_gradient_matches_finite_difference(pico_model, demo_tokenizer, small_demo):
@@ -171,7 +195,7 @@ def test_two_processes_same_seed_identical_rows(pico_model, demo_tokenizer, smal
         f"""
         import torch
         torch.set_num_threads(2)
-        from merit_lab.gradients.estimate import estimate_gradients
+        from merit_lab.gradients.estimate import estimate_gradients, micro_batches
         from merit_lab.data.mixture import load_mixture
         from merit_lab.models.loading import build_pico_llama, load_tokenizer
         from merit_lab.gradients.sketch import SketchSpec

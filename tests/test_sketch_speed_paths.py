@@ -176,7 +176,7 @@ def test_parallel_pass_is_its_definition_for_any_thread_count(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         grads = [(n, torch.randn(s, generator=gen).to(dtype)) for n, s in params]
         want = _reference_parts_row(spec, grads, 1000)
-        assert 14 + 1 + 8 + 1 == 3 * sk._PARTS  # 24 chunks: every part sums a run of three
+        assert 3 * sk._PARTS == 14 + 1 + 8 + 1  # 24 chunks: every part sums a run of three
         for budget in (None, 0, 4 * 9000):  # everything; nothing; part of w
             sketch = build_sketch(spec, params, cache_bytes=budget)
             for threads in (1, 2, 3, 16, 1):  # the first call fills the cache

@@ -392,9 +392,10 @@ class GradientSketch:
 @contextlib.contextmanager
 def _one_intra_op_thread() -> Iterator[None]:
     """torch's intra-op threads set to one for the block. A CPU pass's ops are on chunks of
-    2**17 coordinates, too small to split: on 2 threads the bitwise ops of a cached pass over
-    SmolLM2's 134.5M coordinates took 1.2 CPU-s for 0.6 s of wall, against 0.36 s on one
-    (2026-12-06, quiet machine). The scatter itself is one thread either way."""
+    2**17 coordinates, too small to split: on 2 threads a cached pass over SmolLM2's 134.5M
+    coordinates took 0.67-1.30 CPU-s for no less wall time, against 0.39-0.63 on one
+    (`benchmarks.bench_gradients`, "count-sketch pass", 2026-12-06). The scatter itself is one
+    thread either way."""
     threads = torch.get_num_threads()
     if threads > 1:
         torch.set_num_threads(1)
