@@ -361,7 +361,7 @@ class GradientSketch:
         def run(t: int) -> None:
             for p in range(t, _PARTS, n_threads):
                 for name, flat, lo, hi, fill in work[cuts[p] : cuts[p + 1]]:
-                    vals = flat[lo:hi].to(dtype=torch.float32)
+                    vals = flat[lo:hi].to(device=parts.device, dtype=torch.float32)
                     self._add_chunk(parts[p], name, vals, lo, hi, fill)
 
         with _one_intra_op_thread():
