@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import merit_lab.gradients.sketch as sk_mod
 from benchmarks.common import (
     Results,
     bench_main,
@@ -136,12 +135,13 @@ def smollm2_shapes(layers: int = 30, vocab: int = 49152) -> list[tuple[str, tupl
     return [*shapes, ("norm", (h,))]
 
 
-def pass_figures(res: Results, quick: bool, rounds: int = 5) -> None:
+def pass_figures(res: Results, quick: bool, rounds: int = 5) -> dict:
     """One cached count-sketch pass over SmolLM2's shapes (random gradients, no model needed),
     three ways, alternating, ``rounds`` rounds: the fold pass as it was (parameter by parameter,
     torch's intra-op threads splitting each chunk's bitwise ops), the row pass as it is
     (parameter by parameter on one intra-op thread), and the fold pass as it is
-    (`GradientSketch.sketch_parallel` on torch's threads). Wall and CPU seconds, medians."""
+    (`GradientSketch.sketch_parallel` on torch's threads). Wall and CPU seconds, medians;
+    returns the raw seconds."""
     shapes = smollm2_shapes(2, 4096) if quick else smollm2_shapes()
     gen = torch.Generator().manual_seed(0)
     grads = [(n, torch.randn(s, generator=gen)) for n, s in shapes]
@@ -149,13 +149,10 @@ def pass_figures(res: Results, quick: bool, rounds: int = 5) -> None:
     sk.sketch(grads)  # fills the code cache: every way below reads it
     threads = torch.get_num_threads()
 
-    def before() -> None:  # the chunk loop of add_, without its one-thread block
+    def before() -> None:  # add_'s chunk loop, without the one-thread block around it
         row = sk.zeros()
         for name, g in grads:
-            flat = g.reshape(-1)
-            for lo in range(0, flat.numel(), sk_mod._CHUNK_CPU):
-                hi = min(lo + sk_mod._CHUNK_CPU, flat.numel())
-                sk._add_chunk(row, name, flat[lo:hi], lo, hi, False)
+            sk._add_countsketch_chunks(row, name, g.reshape(-1), False, False)
 
     def row_pass() -> None:
         row = sk.zeros()
@@ -194,7 +191,7 @@ def pass_figures(res: Results, quick: bool, rounds: int = 5) -> None:
         note="medians; the rows of sketch_parallel differ from the sequential pass's only in "
         "rounding (8 partial rows)",
     )
-    res.raw["passes"] = {"threads": threads, "coordinates": n, "seconds": times}
+    return {"threads": threads, "coordinates": n, "seconds": times}
 
 
 def _plain_fwd_bwd(model, batches: list[dict]) -> float:
@@ -356,7 +353,7 @@ def run(quick: bool = False) -> Results:
         "%",
         target=("<=", 10.0),
     )
-    pass_figures(res, quick)
+    passes = pass_figures(res, quick)
     _log("gradient stage with and without fold sketches")
     folds = stage_rounds(model, tok, mix, cal, n, 2 if quick else 3)
     add_fold_figures(res, SECTION, folds, cal.folds, f"; {len(mix)} sources x {n} examples")
@@ -430,7 +427,7 @@ def run(quick: bool = False) -> Results:
         "rounds": rounds,
         "sketch_s_per_source": t_sketch,
         "folds": folds,
-        "passes": res.raw.get("passes"),
+        "passes": passes,
         "tokenize_s": t_tok,
         "per_example_s": t_pe,
         "batched_s": t_b,

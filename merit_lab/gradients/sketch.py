@@ -342,8 +342,8 @@ class GradientSketch:
         intra-op thread (`_one_intra_op_thread`). Other kinds and devices: `add_` in turn.
         """
         named_grads = list(named_grads)
-        row = self.zeros()
         if self.spec.kind != "countsketch" or self.device.type != "cpu":
+            row = self.zeros()
             for name, grad in named_grads:
                 self.add_(row, name, grad, check=False)
             return row
@@ -370,7 +370,7 @@ class GradientSketch:
             else:
                 with ThreadPoolExecutor(n_threads) as pool:  # index_add_ releases the GIL
                     list(pool.map(run, range(n_threads)))
-        return row.copy_(parts.double().sum(dim=0))
+        return parts.double().sum(dim=0).to(torch.float32)
 
     def _add_gaussian(self, row: torch.Tensor, name: str, flat: torch.Tensor) -> None:
         block = max(1, _GAUSSIAN_BLOCK_ENTRIES // self.dim)
