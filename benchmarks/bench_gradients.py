@@ -76,52 +76,80 @@ def _replicated(mix: Mixture, t: int) -> Mixture:
     return Mixture(tuple(srcs), mix.origin, mix.seed, mix.info)
 
 
-def stage_rounds(model, tok, mix: Mixture, cal: CalibrationConfig, n: int, rounds: int) -> dict:
+def stage_rounds(
+    model,
+    tok,
+    mix: Mixture,
+    cal: CalibrationConfig,
+    n: int,
+    rounds: int,
+    deals: tuple[str, ...] = ("examples",),
+) -> dict:
     """Alternating rounds of the gradient stage with ``cal.folds`` folds and without (folds 1):
-    per round the wall seconds of each and the seconds of the extra fold sketch passes."""
-    out: dict[str, list[float]] = {"with_s": [], "without_s": [], "fold_s": []}
+    per round the wall seconds of each and the seconds of the extra fold sketch passes, under
+    each ``calibration.fold_deal`` of ``deals`` ("with_s" and "fold_s" for examples dealt,
+    "with_batches_s" and "fold_batches_s" for whole batches)."""
+    key = {d: "" if d == "examples" else f"_{d}" for d in deals}
+    out: dict[str, list[float]] = {"without_s": []}
+    for d in deals:
+        out |= {f"with{key[d]}_s": [], f"fold{key[d]}_s": []}
     kw = dict(n=n, micro_batch_size=cal.micro_batch_size, max_length=cal.max_length)
+    runs = [(cal.folds, d) for d in deals] + [(1, "examples")]
     for rep in range(rounds):
-        for folds in (cal.folds, 1) if rep % 2 == 0 else (1, cal.folds):
+        for folds, deal in runs if rep % 2 == 0 else runs[::-1]:
             t0 = time.perf_counter()
-            bank = estimate_gradients(model, tok, mix, folds=folds, progress=False, **kw)
+            bank = estimate_gradients(
+                model, tok, mix, folds=folds, fold_deal=deal, progress=False, **kw
+            )
             wall = time.perf_counter() - t0
-            if folds > 1:
-                out["with_s"].append(wall)
-                out["fold_s"].append(sum(st["fold_seconds"] for st in bank.stats.values()))
-            else:
+            if folds == 1:
                 out["without_s"].append(wall)
-        _log(
-            f"  folds round {rep + 1}: with {out['with_s'][-1]:.1f} s, without "
-            f"{out['without_s'][-1]:.1f} s, fold sketches {out['fold_s'][-1]:.2f} s"
-        )
+                continue
+            out[f"with{key[deal]}_s"].append(wall)
+            out[f"fold{key[deal]}_s"].append(sum(st["fold_seconds"] for st in bank.stats.values()))
+        done = [
+            f"with ({d}) {out[f'with{key[d]}_s'][-1]:.1f} s, fold sketches "
+            f"{out[f'fold{key[d]}_s'][-1]:.2f} s"
+            for d in deals
+        ]
+        _log(f"  folds round {rep + 1}: {', '.join(done)}, without {out['without_s'][-1]:.1f} s")
     return out
 
 
 def add_fold_figures(
-    res: Results, section: str, r: dict, folds: int, note: str = "", n: int | None = None
+    res: Results,
+    section: str,
+    r: dict,
+    folds: int,
+    note: str = "",
+    n: int | None = None,
+    deal: str = "examples",
 ) -> None:
     """The two fold-cost figures of `stage_rounds` (medians; the notes give the spread), named
-    with the calibration ``n`` where one section holds them at two."""
+    with the calibration ``n`` where one section holds them at two, and with the deal when not
+    by example."""
     at = "" if n is None else f" at n = {n}"
-    share = [100 * f / w for f, w in zip(r["fold_s"], r["with_s"], strict=True)]
-    ratio = [w / o for w, o in zip(r["with_s"], r["without_s"], strict=True)]
+    key = "" if deal == "examples" else f"_{deal}"
+    dealt = "" if deal == "examples" else f", whole {deal} dealt"
+    share = [100 * f / w for f, w in zip(r[f"fold{key}_s"], r[f"with{key}_s"], strict=True)]
+    ratio = [w / o for w, o in zip(r[f"with{key}_s"], r["without_s"], strict=True)]
     res.add(
         section,
-        f"fold sketches ({folds} folds) ÷ gradient stage{at}",
+        f"fold sketches ({folds} folds{dealt}) ÷ gradient stage{at}",
         float(np.median(share)),
         "%",
         target=("<=", 5.0),
         note=f"{min(share):.1f}-{max(share):.1f}% over {len(share)} rounds{note}",
     )
+    formed = "formed within each fold" if deal == "examples" else "the stage's own, dealt"
     res.add(
         section,
-        f"stage with folds ÷ stage without (wall){at}",
+        f"stage with folds{dealt} ÷ stage without (wall){at}",
         100 * (float(np.median(ratio)) - 1),
         "% more",
         target=("<=", 5.0),
         note=f"{100 * (min(ratio) - 1):.1f} to {100 * (max(ratio) - 1):.1f}%; with the "
-        "micro-batches formed within each fold",
+        f"micro-batches {formed}",
     )
 
 

@@ -34,7 +34,8 @@ from benchmarks.common import Results, bench_main
 from merit_lab.config.schema import load_config
 from merit_lab.data.formatting import collate, tokenize_examples
 from merit_lab.data.mixture import load_mixture
-from merit_lab.gradients.estimate import deal_folds, estimate_gradients, micro_batches
+from merit_lab.gradients.batching import fold_batches
+from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.models.fetch import RECORD, fetched_model_path
 from merit_lab.models.loading import load_model, load_tokenizer
 
@@ -60,11 +61,11 @@ def run(quick: bool = False) -> Results:
     if quick:
         mix = mix.select(mix.names[:2])
     n = 4 if quick else cal.n
-    batches = [  # the stage's own micro-batches: by length within each fold
+    batches = [  # the stage's own micro-batches, fold by fold
         collate(b, tok.pad_token_id)
         for ex in (tokenize_examples(tok, s.calibration[:n], cal.max_length) for s in mix)
-        for fold in deal_folds(ex, cal.folds)
-        for b in micro_batches(fold, size=cal.micro_batch_size)
+        for fold in fold_batches(ex, cal.folds, size=cal.micro_batch_size)
+        for b in fold
     ]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     _plain_fwd_bwd(model, batches[:1])  # warm-up
@@ -125,8 +126,13 @@ def run(quick: bool = False) -> Results:
     every = load_mixture(data, calibration_n=200, eval_fraction=cfg.mixture.eval_fraction)
     big = sorted(every.names, key=lambda s: -len(every[s].calibration))[:2]
     n_big = 8 if quick else min(len(every[s].calibration) for s in big)
-    rb = stage_rounds(model, tok, every.select(big), cal, n_big, 1 if quick else 2)
-    add_fold_figures(res, SECTION, rb, cal.folds, f"; {len(big)} sources x {n_big} examples", n_big)
+    # and with whole micro-batches dealt to the folds (calibration.fold_deal: batches): 12
+    # batches of 8 a source, 3 a fold
+    deals = ("examples", "batches")
+    rb = stage_rounds(model, tok, every.select(big), cal, n_big, 1 if quick else 2, deals)
+    for deal in deals:
+        note = f"; {len(big)} sources x {n_big} examples"
+        add_fold_figures(res, SECTION, rb, cal.folds, note, n_big, deal)
     res.raw["folds_large_n"] = rb | {"sources": big, "n": n_big}
     res.raw["folds"] = r
     return res

@@ -20,7 +20,8 @@ from merit_lab.config.schema import load_config
 from merit_lab.data.mixture import load_mixture
 from merit_lab.envelope import EnvelopeError
 from merit_lab.gradients.bank import GradientBank
-from merit_lab.gradients.estimate import estimate_gradients, micro_batches
+from merit_lab.gradients.batching import micro_batches
+from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.gradients.sketch import SketchSpec
 from merit_lab.gradients.workers import (
     GradientJob,

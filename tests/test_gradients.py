@@ -17,7 +17,8 @@ from merit_lab.data.formatting import tokenize_examples
 from merit_lab.data.mixture import Mixture, load_mixture
 from merit_lab.envelope import EnvelopeError
 from merit_lab.gradients.bank import GradientBank
-from merit_lab.gradients.estimate import estimate_gradients, micro_batches
+from merit_lab.gradients.batching import micro_batches
+from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.gradients.sketch import SketchSpec
 
 EXACT = SketchSpec(kind="exact")
@@ -195,7 +196,8 @@ def test_two_processes_same_seed_identical_rows(pico_model, demo_tokenizer, smal
         f"""
         import torch
         torch.set_num_threads(2)
-        from merit_lab.gradients.estimate import estimate_gradients, micro_batches
+        from merit_lab.gradients.batching import micro_batches
+        from merit_lab.gradients.estimate import estimate_gradients
         from merit_lab.data.mixture import load_mixture
         from merit_lab.models.loading import build_pico_llama, load_tokenizer
         from merit_lab.gradients.sketch import SketchSpec

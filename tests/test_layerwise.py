@@ -162,8 +162,8 @@ def test_layer_fields_change_no_bank_key():
     old_fields = {
         k: v
         for k, v in dataclasses.asdict(cal).items()
-        if not k.startswith("layer") and k not in ("lora_warmup_steps", "folds")
-    }  # folds: the fold sketches (analysis/folds.py) are keyed apart from the bank
+        if not k.startswith("layer") and k not in ("lora_warmup_steps", "folds", "fold_deal")
+    }  # folds, fold_deal: the fold rows are keyed apart from the bank (the gradient stage's)
     assert view == old_fields
     on = bank_calibration(dataclasses.replace(cal, lora_warmup_steps=10))
     assert on == {**old_fields, "lora_warmup_steps": 10}  # on, it changes the bank: keyed

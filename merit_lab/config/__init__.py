@@ -40,6 +40,7 @@ _EXPORTS = {
     "EXPERIMENT_KINDS": "schema",
     "EvalConfig": "schema",
     "ExperimentConfig": "schema",
+    "FOLD_DEALS": "schema",
     "LAYER_GROUPINGS": "schema",
     "LONG_EXAMPLE_POLICIES": "schema",
     "MergeConfig": "schema",

@@ -27,6 +27,7 @@ __all__ = [
     "DEVICES",
     "DISTRIBUTED_MODES",
     "EXPERIMENT_KINDS",
+    "FOLD_DEALS",
     "LAYER_GROUPINGS",
     "LONG_EXAMPLE_POLICIES",
     "SKETCH_KINDS",
@@ -52,6 +53,7 @@ EXPERIMENT_KINDS = ("joint", "split", "soup", "shrink", "early")  # shrink, earl
 LONG_EXAMPLE_POLICIES = ("truncate_prompt", "skip", "truncate_right")  # formatting.tokenize_example
 SMALL_SOURCE_POLICIES = ("refuse", "warn")  # the mixture stage, on a source short of examples
 LAYER_GROUPINGS = ("none", "layers", "modules")  # calibration.layer_groups: layerwise.py
+FOLD_DEALS = ("examples", "batches")  # calibration.fold_deal: gradients/batching.py
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ class CalibrationConfig:
     # calibration examples dealt into this many folds (example i → fold i mod folds), each
     # fold's gradient sketched too: the stability of the matrix and split (1: off)
     folds: int = 4
+    # what is dealt to the folds: "examples", or whole micro-"batches" where each fold gets at
+    # least two (no padding lost to the folds; the stability reads conservative): batching.py
+    fold_deal: str = "examples"
 
     def __post_init__(self) -> None:
         refuse(
@@ -112,6 +117,7 @@ class CalibrationConfig:
             + below(self, 0, "lora_warmup_steps")
             + below(self, 8, "max_length", "micro_batch_tokens", "layer_dim")
             + not_one_of("layer_groups", "grouping", self.layer_groups, LAYER_GROUPINGS)
+            + not_one_of("fold_deal", "deal", self.fold_deal, FOLD_DEALS)
         )
 
 

@@ -1,5 +1,5 @@
-"""One gradient per source at θ0, kept as a seeded sketch: the sketch, the bank, the estimator,
-its worker jobs and the LoRA variant of the bank.
+"""One gradient per source at θ0, kept as a seeded sketch: the sketch, the bank, the estimator
+(with its micro-batches and folds), its worker jobs and the LoRA variant of the bank.
 
 Names load lazily (PEP 562): importing the package does not import torch.
 """
@@ -17,12 +17,14 @@ _EXPORTS = {
     "map_rows": "bank",
     "read_part": "bank",
     "request_info": "bank",
+    "deal_folds": "batching",
+    "fold_batches": "batching",
+    "fold_batching": "batching",
+    "micro_batches": "batching",
     "NonFiniteLossError": "estimate",
     "checkpointed": "estimate",
-    "deal_folds": "estimate",
     "estimate_gradients": "estimate",
     "grads_only_for": "estimate",
-    "micro_batches": "estimate",
     "source_gradient": "estimate",
     "LoraWarmup": "lora_bank",
     "WARMUP_DIR": "lora_bank",

@@ -259,19 +259,27 @@ class BankParts:
     def key(self, name: str) -> str:
         return bank_key({"bank": self.bank_key, "source": self.source_keys.get(name, "")})
 
-    def read(self, name: str, folds: int = 1) -> tuple[np.ndarray, dict] | None:
+    def read(
+        self, name: str, folds: int = 1, batching: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict] | None:
         """(row (d,), stats) of a finished source, or None when absent or stale; with
-        ``folds`` > 1 also None when the part lacks that many fold rows (`read_folds`)."""
-        found = self._read(name, folds)
+        ``folds`` > 1 also None when the part lacks that many fold rows, or dealt them under
+        another micro-batching than ``batching`` (`batching.fold_batching`: it decides which
+        examples each fold holds)."""
+        found = self._read(name, folds, batching)
         return None if found is None else found[:2]
 
-    def read_folds(self, name: str, folds: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def read_folds(
+        self, name: str, folds: int, batching: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """((m, d) fold rows, (m,) fold response tokens) of a finished source computed with
-        ``folds`` = m folds, or None."""
-        found = self._read(name, folds) if folds > 1 else None
+        ``folds`` = m folds under ``batching``, or None."""
+        found = self._read(name, folds, batching) if folds > 1 else None
         return None if found is None else found[2]
 
-    def _read(self, name: str, folds: int) -> tuple[np.ndarray, dict, Any] | None:
+    def _read(
+        self, name: str, folds: int, batching: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict, Any] | None:
         if not self.path(name).exists():
             return None
         try:
@@ -284,6 +292,8 @@ class BankParts:
                     return f.get_tensor("row").numpy(), stats, None
                 if int(meta.get("folds", 1)) != folds:  # computed without (these) folds
                     return None
+                if stats.get("fold_batching") != (dict(batching) if batching else None):
+                    return None  # other examples in each fold
                 fold = f.get_tensor("folds").numpy(), np.asarray(stats["fold_tokens"])
                 return f.get_tensor("row").numpy(), stats, fold
         except Exception as e:  # a part cut short (a killed copy): it is a cache, so redo it
@@ -315,11 +325,13 @@ def read_part(
     info: Mapping[str, Any],
     source_keys: Mapping[str, str],
     folds: int = 1,
+    batching: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, dict] | None:
     """(row, stats) of source ``name`` from ``out_dir/parts/`` when current for the bank
-    ``info`` and the source's key (and, with ``folds`` > 1, holding that many fold rows), else
-    None."""
-    return BankParts(Path(out_dir) / "parts", info["key"], source_keys).read(name, folds)
+    ``info`` and the source's key (and, with ``folds`` > 1, holding that many fold rows dealt
+    under ``batching``), else None."""
+    parts = BankParts(Path(out_dir) / "parts", info["key"], source_keys)
+    return parts.read(name, folds, batching)
 
 
 def request_info(

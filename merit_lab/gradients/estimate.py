@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merit_lab.config.schema import CalibrationConfig, MixtureConfig
+from merit_lab.config.schema import FOLD_DEALS, CalibrationConfig, MixtureConfig
 from merit_lab.data.formatting import (
     collate,
     count_response_tokens,
@@ -30,16 +30,15 @@ from merit_lab.data.formatting import (
 )
 from merit_lab.data.mixture import Mixture
 from merit_lab.gradients.bank import BankParts, GradientBank, bank_key, request_info
+from merit_lab.gradients.batching import fold_batches, fold_batching
 from merit_lab.gradients.sketch import SketchSpec, build_sketch
 from merit_lab.models.loading import select_parameters
 
 __all__ = [
     "NonFiniteLossError",
     "checkpointed",
-    "deal_folds",
     "estimate_gradients",
     "grads_only_for",
-    "micro_batches",
     "source_gradient",
 ]
 
@@ -62,44 +61,6 @@ def grads_only_for(
             p.requires_grad_(flags[nm])
 
 
-def micro_batches(
-    examples: Sequence, *, size: int = CalibrationConfig.micro_batch_size, tokens: int | None = None
-) -> list[list]:
-    """Split ``examples`` into micro-batches, longest first so each batch pads little: ``size``
-    examples each (the ``size`` longest, then the next ``size``; each batch keeps its examples
-    in the order given, so ``examples`` that fit one batch are that batch as given), or with
-    ``tokens`` as many as fit ``tokens`` padded positions (an example longer than ``tokens``
-    goes alone). The split changes only the summation order of the gradient, not its value.
-
-    By length and not in calibration order: on two chatterbot sources × 96 dialogues (SmolLM2's
-    tokenizer, batches of 8; 11,529 real tokens) consecutive examples padded to 17,424 tokens
-    without folds and 19,968 with 4 (the stage with folds took 15.5% longer for it); by length,
-    12,624 and 15,296 (`docs/performance.md`, fold sketches)."""
-    if tokens is None:
-        order = sorted(range(len(examples)), key=lambda i: -examples[i].n_tokens)  # stable
-        runs = (sorted(order[i : i + size]) for i in range(0, len(order), size))
-        return [[examples[i] for i in run] for run in runs]
-    out: list[list] = []
-    for ex in sorted(examples, key=lambda e: -e.n_tokens):  # stable: ties keep their order
-        if out and (len(out[-1]) + 1) * out[-1][0].n_tokens <= tokens:
-            out[-1].append(ex)
-        else:
-            out.append([ex])
-    return out
-
-
-def deal_folds(examples: Sequence, folds: int) -> list[list]:
-    """``examples`` dealt into ``folds`` folds: example i (in calibration order) goes to fold
-    i mod ``folds``, so the folds differ in size by at most one and each is a spread of the
-    calibration draw (not its first or last part)."""
-    if not 1 <= folds <= len(examples):
-        raise ValueError(
-            f"{len(examples)} calibration examples cannot be dealt into {folds} folds: need "
-            "1 <= calibration.folds <= the examples of every source (1 turns folds off)"
-        )
-    return [list(examples[f::folds]) for f in range(folds)]
-
-
 def source_gradient(
     model: torch.nn.Module,
     examples: Sequence,
@@ -111,6 +72,7 @@ def source_gradient(
     folds: int = 1,
     after_fold: Callable[[int, int], None] | None = None,
     progress: bool = False,
+    fold_deal: str = CalibrationConfig.fold_deal,
 ) -> tuple[float, int]:
     """Accumulate into ``.grad`` the gradient of the mean response-token loss over ``examples``.
 
@@ -121,11 +83,11 @@ def source_gradient(
 
     Args:
         examples: `TokenizedExample`s.
-        micro_batch_size, micro_batch_tokens: the micro-batches (`micro_batches`), formed within
-            each fold.
+        micro_batch_size, micro_batch_tokens: the micro-batches (`batching.micro_batches`).
         after_backward: called with each micro-batch's loss share after its backward (e.g. to
             sketch and clear ``.grad``, so half-precision gradients are summed in float32).
-        folds: the examples dealt into this many folds (`deal_folds`), one fold after another.
+        folds, fold_deal: this many folds, one after another, dealt by example or by whole
+            micro-batch (`batching.fold_batches`).
         after_fold: called as (fold, its response tokens) once a fold's micro-batches are all
             in ``.grad``: it then holds the sum over folds 0..fold.
 
@@ -133,11 +95,10 @@ def source_gradient(
         (mean loss, number of response tokens).
     """
     batches = [
-        [
-            collate(b, pad_token_id)
-            for b in micro_batches(fold, size=micro_batch_size, tokens=micro_batch_tokens)
-        ]
-        for fold in deal_folds(examples, folds)
+        [collate(b, pad_token_id) for b in fold]
+        for fold in fold_batches(
+            examples, folds, size=micro_batch_size, tokens=micro_batch_tokens, deal=fold_deal
+        )
     ]
     tokens = [sum(count_response_tokens(b["labels"]) for b in fold) for fold in batches]
     total = sum(tokens)
@@ -285,6 +246,7 @@ def _sketch_source(
     micro_batch_tokens: int | None = None,
     on_gradient: Callable[[str, Sequence[tuple[str, Tensor]]], None] | None = None,
     folds: int = 1,
+    fold_deal: str = CalibrationConfig.fold_deal,
 ) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
     """One source's sketched gradient (d,) float32, its stats and (m, d) fold rows (None for
     one fold), sketched right after backward.
@@ -326,6 +288,7 @@ def _sketch_source(
         micro_batch_size=micro_batch_size,
         micro_batch_tokens=micro_batch_tokens,
         folds=folds,
+        fold_deal=fold_deal,
         after_fold=after_fold if folds > 1 else None,
     )
     if not np.isfinite(loss):
@@ -356,6 +319,9 @@ def _sketch_source(
     scale = n_tokens / np.asarray(fold_tokens, dtype=np.float64)
     fold_rows = (np.diff(cumulative, axis=0) * scale[:, None]).astype(np.float32)
     stats |= {"fold_tokens": fold_tokens, "fold_seconds": fold_seconds}
+    batching = fold_batching(folds, micro_batch_size, micro_batch_tokens, fold_deal)
+    if batching is not None:  # the folds' examples depend on the micro-batching
+        stats["fold_batching"] = batching
     return row, stats, fold_rows
 
 
@@ -384,6 +350,7 @@ def estimate_gradients(
     on_gradient: Callable[[str, Sequence[tuple[str, Tensor]]], None] | None = None,
     lora: Mapping[str, Any] | None = None,
     folds: int = 1,
+    fold_deal: str = CalibrationConfig.fold_deal,
 ) -> GradientBank:
     """Estimate one sketched gradient per source at the model's current weights θ0.
 
@@ -402,7 +369,7 @@ def estimate_gradients(
         n: calibration examples per source (fewer if the source has fewer): the first ``n``
             that the ``long_examples`` policy keeps (`formatting.tokenize_example`).
         micro_batch_size, micro_batch_tokens: examples per forward/backward, or padded tokens
-            per forward/backward (`micro_batches`).
+            per forward/backward (`batching.micro_batches`).
         gradient_checkpointing: recompute activations in backward (`checkpointed`).
         preset, include, exclude: the parameters (see `select_parameters`).
         sources: the sources to include (default: all of ``mixture``), in row order.
@@ -418,14 +385,15 @@ def estimate_gradients(
             (`merit_lab.gradients.lora_bank.load_lora_model`) and the rows are the gradients of
             its A and B matrices only (preset/include/exclude do not apply); this dict (the
             adapter's `warmup_info`) goes into the bank info and key.
-        folds: deal each source's calibration examples into this many folds (`deal_folds`)
-            and keep each fold's gradient too (``bank.folds``, `_sketch_source`): m − 1 more
-            sketch passes per source, nothing else. The rows are the same gradient as with one
-            fold, to float rounding (the micro-batches are formed within each fold, which
-            changes the order of the summation only), so the bank key does not include it; a
-            part is reused for m > 1 only when it holds m fold rows. Every source needs at least
-            m calibration examples (checked before any work). The library's default is 1; a
-            run's is ``calibration.folds``.
+        folds: deal each source's calibration examples into this many folds
+            (`batching.fold_batches`) and keep each fold's gradient too (``bank.folds``,
+            `_sketch_source`): m − 1 more sketch passes per source, nothing else. The rows are
+            the same gradient as with one fold, to float rounding (the summation order only), so
+            the bank key does not include it; a part is reused for m > 1 only when it holds m
+            fold rows dealt alike. Every source needs at least m calibration examples (checked
+            before any work). The library's default is 1; a run's is ``calibration.folds``.
+        fold_deal: "examples" (i mod m) or whole micro-"batches" (`batching.fold_batches`;
+            ``calibration.fold_deal``).
 
     Returns:
         The bank, rows in the order of ``sources``; ``info["throughput"]`` holds the tokens,
@@ -435,6 +403,8 @@ def estimate_gradients(
     names = tuple(sources) if sources is not None else mixture.names
     if folds < 1:
         raise ValueError(f"folds must be >= 1, got {folds}")
+    if fold_deal not in FOLD_DEALS:
+        raise ValueError(f"fold_deal must be one of {FOLD_DEALS}, got {fold_deal!r}")
     # a source without any example is named by the tokeniser below; too few for m folds, here
     few = {s: k for s in names if 0 < (k := min(n, len(mixture[s].calibration))) < folds}
     if few:
@@ -472,13 +442,14 @@ def estimate_gradients(
     # gradient), not a list of rows and a stacked copy.
     rows = np.empty((len(names), sk.dim), dtype=np.float32)
     fold_rows = np.empty((len(names), folds, sk.dim), dtype=np.float32) if folds > 1 else None
+    batching = fold_batching(folds, micro_batch_size, micro_batch_tokens, fold_deal)
     stats: dict[str, dict] = {}
     for i, name in enumerate(names):  # parts a killed run already finished are reused
-        cached = parts.read(name, folds) if parts is not None else None
+        cached = parts.read(name, folds, batching) if parts is not None else None
         if cached is not None:
             rows[i], stats[name] = cached
             if fold_rows is not None:
-                fold_rows[i] = parts.read_folds(name, folds)[0]
+                fold_rows[i] = parts.read_folds(name, folds, batching)[0]
     todo = [i for i, name in enumerate(names) if name not in stats]
 
     def tokenize(i: int) -> list:
@@ -521,6 +492,7 @@ def estimate_gradients(
                 micro_batch_tokens=micro_batch_tokens,
                 on_gradient=on_gradient,
                 folds=folds,
+                fold_deal=fold_deal,
             )
             if parts is not None:
                 parts.write(names[i], row, stats[names[i]], fold)

@@ -79,6 +79,7 @@ class GradientJob:
     # a LoRA bank: the warmed-up adapter folder (`merit_lab.gradients.lora_bank`)
     lora_adapter: str = ""
     folds: int = 1  # calibration.folds: each source's fold rows go into its part too
+    fold_deal: str = CalibrationConfig.fold_deal  # calibration.fold_deal
 
     def __post_init__(self) -> None:
         for name in ("sources", "include", "exclude"):
@@ -166,6 +167,7 @@ def run_job(job: GradientJob | str | Path) -> dict[str, Any]:
         save_bank=False,
         lora=lora,
         folds=job.folds,
+        fold_deal=job.fold_deal,
     )
     info = {k: v for k, v in bank.info.items() if k != "throughput"}
     done = {
@@ -190,12 +192,18 @@ def current_sources(
     info: Mapping[str, Any],
     source_keys: Mapping[str, str],
     folds: int = 1,
+    micro_batch_size: int = CalibrationConfig.micro_batch_size,
+    micro_batch_tokens: int | None = CalibrationConfig.micro_batch_tokens,
+    fold_deal: str = CalibrationConfig.fold_deal,
 ) -> list[str]:
     """The sources of ``names`` that already have a current part for the bank ``info`` (with
-    ``folds`` > 1: holding that many fold rows)."""
+    ``folds`` > 1: holding that many fold rows, dealt alike: ``fold_deal`` and, for whole
+    batches, the micro-batching decide which examples each fold holds, `batching.fold_batches`)."""
     from merit_lab.gradients.bank import read_part
+    from merit_lab.gradients.batching import fold_batching
 
-    return [s for s in names if read_part(out_dir, s, info, source_keys, folds) is not None]
+    deal = fold_batching(folds, micro_batch_size, micro_batch_tokens, fold_deal)
+    return [s for s in names if read_part(out_dir, s, info, source_keys, folds, deal) is not None]
 
 
 def assemble_bank(
@@ -204,14 +212,20 @@ def assemble_bank(
     info: Mapping[str, Any],
     source_keys: Mapping[str, str],
     folds: int = 1,
+    micro_batch_size: int = CalibrationConfig.micro_batch_size,
+    micro_batch_tokens: int | None = CalibrationConfig.micro_batch_tokens,
+    fold_deal: str = CalibrationConfig.fold_deal,
 ):
     """The bank of ``names`` from their parts (rows in that order; with ``folds`` > 1 their
-    fold rows too), or a ValueError naming the sources whose part is missing or stale."""
+    fold rows too, dealt alike, `current_sources`), or a ValueError naming the sources whose
+    part is missing or stale."""
     import numpy as np
 
     from merit_lab.gradients.bank import BankParts, GradientBank, read_part
+    from merit_lab.gradients.batching import fold_batching
 
-    found = {s: read_part(out_dir, s, info, source_keys, folds) for s in names}
+    batching = fold_batching(folds, micro_batch_size, micro_batch_tokens, fold_deal)
+    found = {s: read_part(out_dir, s, info, source_keys, folds, batching) for s in names}
     missing = [s for s, part in found.items() if part is None]
     if missing:
         raise ValueError(
@@ -225,7 +239,7 @@ def assemble_bank(
     parts = BankParts(Path(out_dir) / "parts", info["key"], source_keys)
     fold_rows = np.empty((len(names), folds, rows.shape[1]), dtype=np.float32)
     for i, s in enumerate(names):
-        fold_rows[i] = parts.read_folds(s, folds)[0]
+        fold_rows[i] = parts.read_folds(s, folds, batching)[0]
     tokens = np.array([stats[s]["fold_tokens"] for s in names], dtype=np.int64)
     return GradientBank(tuple(names), rows, dict(info), stats, fold_rows, tokens)
 

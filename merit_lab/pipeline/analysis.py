@@ -213,7 +213,7 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
         content,
         fingerprint,
         *_lora_bank_settings(cfg),  # nothing unless calibration.lora_warmup_steps
-        *([{"folds": cfg.calibration.folds}] if cfg.calibration.folds > 1 else []),
+        *_fold_settings(cfg.calibration),  # nothing unless calibration.folds > 1
     )
     # a bank without its fold rows (deleted, or cut off by a kill under an earlier write order
     # that put them after bank.json) is redone from its parts: fold_stability.json needs them
@@ -233,6 +233,15 @@ def stage_gradients(cfg: RunConfig, run: RunDir) -> bool:
     dataclasses.replace(bank, info=info).save(run.gradients)  # with its fold rows
     save_layers(cfg, run, bank, content, fingerprint)  # calibration.layer_groups (layers.py)
     return True
+
+
+def _fold_settings(cal) -> list:
+    """What the fold rows depend on beyond the rows': the folds, and how they are dealt when
+    not by example (empty with folds off, so a run's stage key stays as it was)."""
+    if cal.folds == 1:
+        return []
+    deal = {} if cal.fold_deal == "examples" else {"fold_deal": cal.fold_deal}
+    return [{"folds": cal.folds} | deal]
 
 
 def _lora_bank_settings(cfg: RunConfig) -> list:
@@ -277,6 +286,7 @@ def _bank_settings(cfg: RunConfig) -> dict:
         long_examples=cfg.mixture.long_examples,
         preset=par.preset,
         folds=cal.folds,
+        fold_deal=cal.fold_deal,
     )
 
 
@@ -332,15 +342,21 @@ def _sharded_bank(
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     request["dtype"] = str(dtype).removeprefix("torch.")
     info = _earlier_info(run.gradients, request)
-    folds = cfg.calibration.folds
-    done = current_sources(run.gradients, names, info, content, folds) if info else []
+    cal = cfg.calibration
+    deal = dict(
+        folds=cal.folds,
+        micro_batch_size=cal.micro_batch_size,
+        micro_batch_tokens=cal.micro_batch_tokens,
+        fold_deal=cal.fold_deal,
+    )
+    done = current_sources(run.gradients, names, info, content, **deal) if info else []
     todo = [s for s in names if s not in done]
     throughput: dict = {"tokens": 0, "seconds": 0.0, "sources": 0, "workers": {}}
     if todo:
         info, throughput = _launch_workers(
             cfg, run, todo, content, model_path, fingerprint, info, adapter
         )
-    bank = assemble_bank(run.gradients, names, info, content, folds)
+    bank = assemble_bank(run.gradients, names, info, content, **deal)
     log.info(
         "gradients: %d sources by %d workers, %d reused",
         len(todo),

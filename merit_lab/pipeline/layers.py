@@ -65,9 +65,11 @@ def bank_calibration(cal) -> dict[str, Any]:
     """``calibration`` for the mixture and gradient stage keys: without the layer fields, so
     turning layer groups on neither redoes the bank nor anything after it, and without
     ``lora_warmup_steps`` while it is off (the gradient key adds the LoRA settings when it is
-    on), so a run made before the option existed stays current; without ``folds`` (the
-    gradient key adds it when > 1: the fold rows are the stage's output, the mixture's is not)."""
-    drop = LAYER_FIELDS + ("folds",) + (() if cal.lora_warmup_steps else ("lora_warmup_steps",))
+    on), so a run made before the option existed stays current; without ``folds`` and
+    ``fold_deal`` (the gradient key adds them when folds > 1: the fold rows are the stage's
+    output, the mixture's is not)."""
+    drop = (*LAYER_FIELDS, "folds", "fold_deal")
+    drop += () if cal.lora_warmup_steps else ("lora_warmup_steps",)
     return key_view(cal, drop)
 
 

@@ -1,0 +1,111 @@
+"""How one source's calibration examples become folds and micro-batches.
+
+Input: a source's tokenised calibration examples (anything with ``n_tokens``), in calibration
+order. Output: its micro-batches (`micro_batches`), its folds (`deal_folds`), or the micro-batches
+of each fold (`fold_batches`, what the gradient stage runs). None of this changes a gradient's
+value, only its summation order; `fold_batches` decides which examples each fold row holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from merit_lab.config.schema import FOLD_DEALS, CalibrationConfig
+
+__all__ = ["deal_folds", "fold_batches", "fold_batching", "micro_batches"]
+
+
+def _runs(lengths: Sequence[int], size: int, tokens: int | None) -> list[list[int]]:
+    """`micro_batches` on positions: runs of positions, longest examples first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep order
+    if tokens is None:
+        return [sorted(order[i : i + size]) for i in range(0, len(order), size)]
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def micro_batches(
+    examples: Sequence, *, size: int = CalibrationConfig.micro_batch_size, tokens: int | None = None
+) -> list[list]:
+    """Split ``examples`` into micro-batches, longest first so each batch pads little: ``size``
+    examples each (the ``size`` longest, then the next ``size``; each batch keeps its examples
+    in the order given, so ``examples`` that fit one batch are that batch as given), or with
+    ``tokens`` as many as fit ``tokens`` padded positions (an example longer than ``tokens``
+    goes alone). The split changes only the summation order of the gradient, not its value.
+
+    By length and not in calibration order: on two chatterbot sources × 96 dialogues (SmolLM2's
+    tokenizer, batches of 8; 11,529 real tokens) consecutive examples padded to 17,424 tokens
+    and by length to 12,624 (`docs/performance.md`, fold sketches)."""
+    runs = _runs([e.n_tokens for e in examples], size, tokens)
+    return [[examples[i] for i in run] for run in runs]
+
+
+def deal_folds(examples: Sequence, folds: int) -> list[list]:
+    """``examples`` dealt into ``folds`` folds: example i (in calibration order) goes to fold
+    i mod ``folds``, so the folds differ in size by at most one and each is a spread of the
+    calibration draw (not its first or last part)."""
+    if not 1 <= folds <= len(examples):
+        raise ValueError(
+            f"{len(examples)} calibration examples cannot be dealt into {folds} folds: need "
+            "1 <= calibration.folds <= the examples of every source (1 turns folds off)"
+        )
+    return [list(examples[f::folds]) for f in range(folds)]
+
+
+def fold_batches(
+    examples: Sequence,
+    folds: int,
+    *,
+    size: int = CalibrationConfig.micro_batch_size,
+    tokens: int | None = None,
+    deal: str = CalibrationConfig.fold_deal,
+) -> list[list[list]]:
+    """The micro-batches of each of ``folds`` folds of ``examples`` (calibration order).
+
+    ``deal="examples"`` (the default): the examples are dealt (`deal_folds`, i mod m) and each
+    fold is batched by length on its own. ``deal="batches"``: when the source's own
+    micro-batches (`micro_batches` over all its examples) number at least 2 × ``folds``, the
+    batches are dealt to the folds as `deal_folds` deals examples, in the calibration order of
+    each batch's first example, so every fold holds at least two whole batches and the stage
+    pads exactly as it does without folds; with fewer batches, the examples are dealt.
+
+    Why "batches": a micro-batch cannot span two folds, so batching within folds of n/m
+    examples pads each batch to a wider spread of lengths. On 4 chatterbot sources × 96
+    dialogues (SmolLM2's tokenizer, batches of 8, by length): 26,944 padded tokens without
+    folds, 32,080 with 4 folds dealt by example, 26,944 dealt by batch.
+
+    Why not by default: a fold is then a sample of whole batches of length neighbours. Two
+    halves are still disjoint draws from the calibration examples, but clustered by length, so
+    where a source's gradient changes with its examples' length they differ more than two draws
+    of single examples: the stability reads conservative (on the demo at n = 200 in batches of
+    8, each cosine's standard error 1.15× larger, `docs/guide/interpretability.md`)."""
+    if deal not in FOLD_DEALS:
+        raise ValueError(
+            f"fold_deal: unknown deal {deal!r}; deal must be one of: examples, batches"
+        )
+    deal_folds(examples, folds)  # the same refusal
+    runs = _runs([e.n_tokens for e in examples], size, tokens)
+    if folds == 1:
+        return [[[examples[i] for i in run] for run in runs]]
+    if deal == "batches" and len(runs) >= 2 * folds:
+        dealt = deal_folds(sorted(runs, key=min), folds)
+        return [[[examples[i] for i in run] for run in fold] for fold in dealt]
+    return [micro_batches(fold, size=size, tokens=tokens) for fold in deal_folds(examples, folds)]
+
+
+def fold_batching(
+    folds: int, size: int, tokens: int | None, deal: str = CalibrationConfig.fold_deal
+) -> Mapping[str, Any] | None:
+    """What decides the folds' examples besides their count (`fold_batches`): None when it is
+    the calibration order alone (one fold, or examples dealt), else the deal and the
+    micro-batching. A part's fold rows are reused only under the same."""
+    if folds == 1 or deal == "examples":
+        return None
+    batching = {"micro_batch_tokens": tokens} if tokens is not None else {"micro_batch_size": size}
+    return {"fold_deal": deal} | batching
