@@ -12,10 +12,11 @@ then, over R random orders of each calibration draw, the folds are formed both w
 same order (examples i mod 4; whole batches of 8 by length, `fold_batches`), each fold row the
 token-weighted mean of its examples (the gradient stage's fold row, exactly: the sketch is
 linear), and `compute_fold_stability` reads both. Figures: the ratio of the median cosine
-standard error (batches ÷ examples, median over orders), and the halves' matrix correlation and
-r = 2 ARI under each deal (means over orders).
+standard error (batches ÷ examples, median over orders), the halves' matrix correlation and
+r = 2 ARI under each deal (means over orders), and what each deal saves: the padded tokens of
+the stage's micro-batches with 4 folds ÷ without folds (medians over the same orders).
 
-Data: the demo base on the 16 demo sources (n = 200) and, when fetched, SmolLM2-135M-Instruct on
+Data: the demo base on the 32 demo sources (n = 200) and, when fetched, SmolLM2-135M-Instruct on
 the 4 chatterbot sources with the most calibration dialogues (n = 96 each). CPU, one round (the
 figures are statistics, not timings): about 1 min for the demo, 8 min for SmolLM2 on 2 cores.
 
@@ -119,6 +120,42 @@ def compare(grads: dict, names: list[str], orders: int, seed: int = 0) -> dict[s
     return out
 
 
+def padding(lengths: np.ndarray, orders: int, seed: int = 0) -> dict[str, list[int]]:
+    """Padded tokens of all sources' micro-batches (batches of 8) per random calibration order:
+    without folds, with 4 folds dealt by example, and by whole batch."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[int]] = {"none": [], "examples": [], "batches": []}
+
+    def padded(folds: list) -> int:
+        return sum(len(b) * max(e.n_tokens for e in b) for fold in folds for b in fold)
+
+    for _ in range(orders):
+        total = dict.fromkeys(out, 0)
+        for row in lengths:
+            exs = [_Ex(int(i), int(row[i])) for i in rng.permutation(len(row))]
+            total["none"] += padded(fold_batches(exs, 1, size=BATCH))
+            for deal in ("examples", "batches"):
+                total[deal] += padded(fold_batches(exs, FOLDS, size=BATCH, deal=deal))
+        for k in out:
+            out[k].append(total[k])
+    return out
+
+
+def add_padding(res: Results, label: str, pad: dict[str, list[int]], real: int) -> None:
+    none = np.asarray(pad["none"], dtype=float)
+    for deal, by in (("examples", "example"), ("batches", "batch")):
+        ratio = np.asarray(pad[deal]) / none
+        res.add(
+            SECTION,
+            f"padded tokens with folds ÷ without, by {by} ({label})",
+            float(np.median(ratio)),
+            "×",
+            note=f"5-95%: {np.percentile(ratio, 5):.3f}-{np.percentile(ratio, 95):.3f}; median "
+            f"{np.median(pad[deal]):,.0f} against {np.median(none):,.0f} without folds "
+            f"({real:,} real tokens)",
+        )
+
+
 def add_figures(res: Results, label: str, out: dict[str, list]) -> None:
     e, b = np.asarray(out["examples"]), np.asarray(out["batches"])
     ratio = b[:, 0] / e[:, 0]
@@ -149,8 +186,11 @@ def run(quick: bool = False) -> Results:
     n = 2 * FOLDS * BATCH if quick else 200
     grads = example_gradients(load_model("demo"), load_tokenizer("demo"), mix, n, 256)
     out = compare(grads, list(mix.names), orders)
-    add_figures(res, f"demo, {len(mix)} sources × {n}", out)
-    res.raw["demo"] = out
+    label = f"demo, {len(mix)} sources × {n}"
+    add_figures(res, label, out)
+    pad = padding(grads["lengths"], orders)
+    add_padding(res, label, pad, int(grads["lengths"].sum()))
+    res.raw["demo"] = out | {"padded": pad}
 
     cfg = load_config(CONFIG)
     data = Path(cfg.mixture.path)
@@ -168,8 +208,11 @@ def run(quick: bool = False) -> Results:
     model, tok = load_model("smollm2", device="cpu"), load_tokenizer("smollm2")
     grads = example_gradients(model, tok, every.select(big), n, cfg.calibration.max_length)
     out = compare(grads, big, orders)
-    add_figures(res, f"SmolLM2, {len(big)} chatterbot sources × {n}", out)
-    res.raw["smollm2"] = out | {"sources": big, "n": n}
+    label = f"SmolLM2, {len(big)} chatterbot sources × {n}"
+    add_figures(res, label, out)
+    pad = padding(grads["lengths"], orders)
+    add_padding(res, label, pad, int(grads["lengths"].sum()))
+    res.raw["smollm2"] = out | {"padded": pad, "sources": big, "n": n}
     return res
 
 

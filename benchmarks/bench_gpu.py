@@ -63,7 +63,7 @@ from benchmarks.common import (
 )
 from merit_lab.data.formatting import collate, tokenize_examples
 from merit_lab.data.mixture import Mixture, Source
-from merit_lab.gradients import estimate as gradients
+from merit_lab.gradients.batching import micro_batches
 from merit_lab.gradients.estimate import estimate_gradients, source_gradient
 from merit_lab.gradients.sketch import SketchSpec, build_sketch
 from merit_lab.merging.stream import merge_checkpoints
@@ -252,10 +252,8 @@ def _micro_kwargs(spec: dict) -> dict[str, Any]:
 
 
 def _split(examples: list, kw: dict[str, Any]) -> list[list]:
-    """The stage's own micro-batches of one source's examples (`gradients.micro_batches`)."""
-    return gradients.micro_batches(
-        examples, size=kw["micro_batch_size"], tokens=kw["micro_batch_tokens"]
-    )
+    """The stage's own micro-batches of one source's examples (`batching.micro_batches`)."""
+    return micro_batches(examples, size=kw["micro_batch_size"], tokens=kw["micro_batch_tokens"])
 
 
 def _plain_fwd_bwd(model, batches: list[dict], device: torch.device) -> None:

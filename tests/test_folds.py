@@ -765,10 +765,14 @@ def test_pipeline_writes_fold_stability_and_redoes_it_with_the_bank(tmp_path, ca
         dealt.rows, bank.rows, rtol=1e-5, atol=1e-6 * np.abs(bank.rows).max()
     )
     assert not np.array_equal(load_fold_stability(run).cosine_se, stab.cosine_se)
-    cfg["calibration"]["folds"] = 4  # another bank: the fold stability follows it
+    from merit_lab.pipeline.report_folds import fold_stability_section
+
+    assert "whole micro-batches of length neighbours" in " ".join(fold_stability_section(run))
+    cfg["calibration"] |= {"folds": 4, "fold_deal": "examples"}  # another bank: followed
     path.write_text(yaml.safe_dump(cfg))
     main(["run", str(path), "--until", "conflict"])
     assert load_fold_stability(run).folds == 4
+    assert "length neighbours" not in " ".join(fold_stability_section(run))
     cfg["calibration"]["folds"] = 1  # folds off: no fold rows, no fold stability
     path.write_text(yaml.safe_dump(cfg))
     main(["run", str(path), "--until", "conflict"])
@@ -819,4 +823,41 @@ def test_workers_write_fold_rows_into_their_parts_and_the_bank_assembles_them(tm
     np.testing.assert_array_equal(bank.fold_tokens, ref.fold_tokens)
     assert current_sources(out, names, info, {}, folds=4) == names
     assert current_sources(out, names, info, {}, folds=2) == []  # computed with 4 folds
+    assert current_sources(out, names, info, {}, folds=4, fold_deal="batches") == []  # by example
+    assert current_sources(out, names, info, {}, folds=4, micro_batch_size=2) == names  # any
     assert assemble_bank(out, names, info, {}).folds is None  # rows alone: any part serves
+
+
+def test_bench_fold_deal_forms_the_stages_fold_rows(one_thread):
+    """`benchmarks.bench_fold_deal` forms fold rows from per-example gradients: under either
+    deal they are the gradient stage's own fold rows (the sketch is linear), and its quick run
+    reports finite figures."""
+    from benchmarks import bench_fold_deal as bench
+    from merit_lab.models.loading import load_model, load_tokenizer
+
+    model, tok = load_model("demo"), load_tokenizer("demo")
+    mix = load_mixture("demo").select(load_mixture("demo").names[:2])
+    grads = bench.example_gradients(model, tok, mix, 64, 256)
+    calibration_order = [np.arange(64)] * 2
+    sk = SketchSpec(dim=bench.DIM)
+    for deal in ("examples", "batches"):
+        rows, toks = bench.fold_rows(grads, calibration_order, deal)
+        stage = estimate_gradients(
+            model,
+            tok,
+            mix,
+            sketch=sk,
+            n=64,
+            folds=4,
+            micro_batch_size=8,
+            fold_deal=deal,
+            progress=False,
+        )
+        np.testing.assert_array_equal(toks, stage.fold_tokens)
+        scale = np.abs(stage.folds).max()
+        np.testing.assert_allclose(rows, stage.folds, rtol=1e-4, atol=1e-5 * scale)
+    res = bench.run(quick=True)
+    values = [f.value for f in res.figures if not f.skipped]
+    assert len(values) == 7 and np.isfinite(values).all()
+    by_batch = [f.value for f in res.figures if f.name.startswith("padded tokens with folds")]
+    assert by_batch[1] == 1.0 and by_batch[0] >= 1.0  # whole batches pad as without folds

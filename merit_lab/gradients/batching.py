@@ -77,14 +77,17 @@ def fold_batches(
 
     Why "batches": a micro-batch cannot span two folds, so batching within folds of n/m
     examples pads each batch to a wider spread of lengths. On 4 chatterbot sources × 96
-    dialogues (SmolLM2's tokenizer, batches of 8, by length): 26,944 padded tokens without
-    folds, 32,080 with 4 folds dealt by example, 26,944 dealt by batch.
+    dialogues (SmolLM2's tokenizer, batches of 8, medians over 100 calibration orders): 28,512
+    padded tokens without folds (25,651 real), 33,568 with 4 folds dealt by example (1.18×),
+    28,512 dealt by batch; on the demo at n = 200, 1.013× by example
+    (`benchmarks/bench_fold_deal.py`).
 
     Why not by default: a fold is then a sample of whole batches of length neighbours. Two
     halves are still disjoint draws from the calibration examples, but clustered by length, so
     where a source's gradient changes with its examples' length they differ more than two draws
-    of single examples: the stability reads conservative (on the demo at n = 200 in batches of
-    8, each cosine's standard error 1.15× larger, `docs/guide/interpretability.md`)."""
+    of single examples: the stability reads conservative (in batches of 8, each cosine's
+    standard error 1.25× larger on the demo at n = 200 and 1.51× on SmolLM2 at n = 96,
+    `benchmarks/bench_fold_deal.py`)."""
     if deal not in FOLD_DEALS:
         raise ValueError(
             f"fold_deal: unknown deal {deal!r}; deal must be one of: examples, batches"

@@ -131,6 +131,16 @@ def fold_stability_section(
         + (f"; this run splits at r = {run_r}." if run_r is not None else "."),
         "",
     ]
+    cfg = run.load_config() if run.config.is_file() else None
+    if cfg is not None and cfg.calibration.fold_deal == "batches":
+        lines += [
+            "The folds are whole micro-batches of length neighbours (`calibration.fold_deal: "
+            "batches`), so the halves are clustered draws: where a source's gradient changes "
+            "with its examples' length they differ more than two draws of single examples, and "
+            "the figures below read conservative (each cosine's standard error 1.25× the "
+            "by-example one on the demo and 1.51× on SmolLM2, `benchmarks/bench_fold_deal.py`).",
+            "",
+        ]
     described = stab.describe(2)
     if run_r is not None and run_r != 2 and stab.warning(run_r):
         described.append(f"WARNING: {stab.warning(run_r)}")
