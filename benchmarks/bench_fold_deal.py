@@ -178,6 +178,15 @@ def add_figures(res: Results, label: str, out: dict[str, list]) -> None:
             )
 
 
+def measure(res: Results, label: str, grads: dict, names: list[str], orders: int) -> dict:
+    """Every figure of one model's example gradients; returns their raw values."""
+    out = compare(grads, names, orders)
+    add_figures(res, label, out)
+    pad = padding(grads["lengths"], orders)
+    add_padding(res, label, pad, int(grads["lengths"].sum()))
+    return out | {"padded": pad}
+
+
 def run(quick: bool = False) -> Results:
     res = Results("fold_deal")
     orders = 8 if quick else 100
@@ -185,12 +194,8 @@ def run(quick: bool = False) -> Results:
     mix = demo.select(demo.names[:4]) if quick else demo
     n = 2 * FOLDS * BATCH if quick else 200
     grads = example_gradients(load_model("demo"), load_tokenizer("demo"), mix, n, 256)
-    out = compare(grads, list(mix.names), orders)
     label = f"demo, {len(mix)} sources × {n}"
-    add_figures(res, label, out)
-    pad = padding(grads["lengths"], orders)
-    add_padding(res, label, pad, int(grads["lengths"].sum()))
-    res.raw["demo"] = out | {"padded": pad}
+    res.raw["demo"] = measure(res, label, grads, list(mix.names), orders)
 
     cfg = load_config(CONFIG)
     data = Path(cfg.mixture.path)
@@ -207,12 +212,8 @@ def run(quick: bool = False) -> Results:
     n = min(len(every[s].calibration) for s in big)
     model, tok = load_model("smollm2", device="cpu"), load_tokenizer("smollm2")
     grads = example_gradients(model, tok, every.select(big), n, cfg.calibration.max_length)
-    out = compare(grads, big, orders)
     label = f"SmolLM2, {len(big)} chatterbot sources × {n}"
-    add_figures(res, label, out)
-    pad = padding(grads["lengths"], orders)
-    add_padding(res, label, pad, int(grads["lengths"].sum()))
-    res.raw["smollm2"] = out | {"padded": pad, "sources": big, "n": n}
+    res.raw["smollm2"] = measure(res, label, grads, big, orders) | {"sources": big, "n": n}
     return res
 
 

@@ -297,7 +297,7 @@ def test_bad_fold_requests_are_refused_before_any_work(pico_model, demo_tokenize
         CalibrationConfig(folds=0)
     with pytest.raises(ValueError, match="fold_deal: unknown deal 'rows'; deal must be one of"):
         CalibrationConfig(fold_deal="rows")
-    with pytest.raises(ValueError, match="fold_deal must be one of"):
+    with pytest.raises(ValueError, match="fold_deal: unknown deal 'x'; deal must be one of"):
         estimate_gradients(pico_model, demo_tokenizer, small_demo, fold_deal="x", progress=False)
     tiny = small_demo.select(small_demo.names[:2])
     with pytest.raises(ValueError, match="at least 3 calibration examples"):

@@ -17,6 +17,7 @@ _EXPORTS = {
     "map_rows": "bank",
     "read_part": "bank",
     "request_info": "bank",
+    "check_deal": "batching",
     "deal_folds": "batching",
     "fold_batches": "batching",
     "fold_batching": "batching",

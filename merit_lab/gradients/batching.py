@@ -11,9 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from merit_lab.config.fields import not_one_of, refuse
 from merit_lab.config.schema import FOLD_DEALS, CalibrationConfig
 
-__all__ = ["deal_folds", "fold_batches", "fold_batching", "micro_batches"]
+__all__ = ["check_deal", "deal_folds", "fold_batches", "fold_batching", "micro_batches"]
+
+
+def check_deal(deal: str) -> None:
+    """The config's own refusal of an unknown ``calibration.fold_deal``."""
+    refuse(not_one_of("fold_deal", "deal", deal, FOLD_DEALS))
 
 
 def _runs(lengths: Sequence[int], size: int, tokens: int | None) -> list[list[int]]:
@@ -88,18 +94,14 @@ def fold_batches(
     of single examples: the stability reads conservative (in batches of 8, each cosine's
     standard error 1.25× larger on the demo at n = 200 and 1.51× on SmolLM2 at n = 96,
     `benchmarks/bench_fold_deal.py`)."""
-    if deal not in FOLD_DEALS:
-        raise ValueError(
-            f"fold_deal: unknown deal {deal!r}; deal must be one of: examples, batches"
-        )
-    deal_folds(examples, folds)  # the same refusal
-    runs = _runs([e.n_tokens for e in examples], size, tokens)
-    if folds == 1:
-        return [[[examples[i] for i in run] for run in runs]]
-    if deal == "batches" and len(runs) >= 2 * folds:
-        dealt = deal_folds(sorted(runs, key=min), folds)
-        return [[[examples[i] for i in run] for run in fold] for fold in dealt]
-    return [micro_batches(fold, size=size, tokens=tokens) for fold in deal_folds(examples, folds)]
+    check_deal(deal)
+    by_example = deal_folds(examples, folds)  # refuses more folds than examples
+    if deal == "batches" and folds > 1:
+        runs = _runs([e.n_tokens for e in examples], size, tokens)
+        if len(runs) >= 2 * folds:
+            dealt = deal_folds(sorted(runs, key=min), folds)
+            return [[[examples[i] for i in run] for run in fold] for fold in dealt]
+    return [micro_batches(fold, size=size, tokens=tokens) for fold in by_example]
 
 
 def fold_batching(

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merit_lab.config.schema import FOLD_DEALS, CalibrationConfig, MixtureConfig
+from merit_lab.config.schema import CalibrationConfig, MixtureConfig
 from merit_lab.data.formatting import (
     collate,
     count_response_tokens,
@@ -30,7 +30,7 @@ from merit_lab.data.formatting import (
 )
 from merit_lab.data.mixture import Mixture
 from merit_lab.gradients.bank import BankParts, GradientBank, bank_key, request_info
-from merit_lab.gradients.batching import fold_batches, fold_batching
+from merit_lab.gradients.batching import check_deal, fold_batches, fold_batching
 from merit_lab.gradients.sketch import SketchSpec, build_sketch
 from merit_lab.models.loading import select_parameters
 
@@ -403,8 +403,7 @@ def estimate_gradients(
     names = tuple(sources) if sources is not None else mixture.names
     if folds < 1:
         raise ValueError(f"folds must be >= 1, got {folds}")
-    if fold_deal not in FOLD_DEALS:
-        raise ValueError(f"fold_deal must be one of {FOLD_DEALS}, got {fold_deal!r}")
+    check_deal(fold_deal)
     # a source without any example is named by the tokeniser below; too few for m folds, here
     few = {s: k for s in names if 0 < (k := min(n, len(mixture[s].calibration))) < folds}
     if few:

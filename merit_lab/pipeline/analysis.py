@@ -343,20 +343,20 @@ def _sharded_bank(
     request["dtype"] = str(dtype).removeprefix("torch.")
     info = _earlier_info(run.gradients, request)
     cal = cfg.calibration
-    deal = dict(
+    fold_kw = dict(  # which fold rows a part must hold
         folds=cal.folds,
         micro_batch_size=cal.micro_batch_size,
         micro_batch_tokens=cal.micro_batch_tokens,
         fold_deal=cal.fold_deal,
     )
-    done = current_sources(run.gradients, names, info, content, **deal) if info else []
+    done = current_sources(run.gradients, names, info, content, **fold_kw) if info else []
     todo = [s for s in names if s not in done]
     throughput: dict = {"tokens": 0, "seconds": 0.0, "sources": 0, "workers": {}}
     if todo:
         info, throughput = _launch_workers(
             cfg, run, todo, content, model_path, fingerprint, info, adapter
         )
-    bank = assemble_bank(run.gradients, names, info, content, **deal)
+    bank = assemble_bank(run.gradients, names, info, content, **fold_kw)
     log.info(
         "gradients: %d sources by %d workers, %d reused",
         len(todo),
