@@ -5,14 +5,17 @@ batches of 8, max length 256) on its 8 chatterbot sources (``merit-lab fetch-dat
 every parameter (134.5M) count-sketched to 2^18:
 
 * **plain fwd+bwd tokens/s**: a training forward+backward (the model's own loss) over the
-  stage's own micro-batches (by length within each fold), pre-collated: the floor the stage
-  cannot beat;
+  stage's own micro-batches (by length within each fold, at the CPU's price of a batch,
+  `batching.CPU_CALL_TOKENS`), pre-collated: the floor the stage cannot beat;
 * **stage tokens/s** and their ratio (target ≥ 0.9×, as on the demo base);
 * **fold sketches** (4 folds, the default): their share of the stage and the stage with folds
   over the stage without (target ≤ 5%, `benchmarks.bench_gradients.stage_rounds`), and the share
   at the paper's n = 200, scaled from the measured seconds (the fold passes do not grow with n,
   the forward and backward do), and both figures measured at the largest n the data holds (the
-  two sources with the most calibration examples, 96 each on chatterbot).
+  two sources with the most calibration examples, 96 each on chatterbot);
+* **batches priced ÷ fewest batches**: at that n without folds, the stage with its micro-
+  batches formed at the CPU's price of a batch (`batching.CPU_CALL_TOKENS`) over the stage with
+  the fewest (what it runs on a GPU).
 
 Rounds alternate the two sides; the figures are the medians, the notes give the spread. Skipped
 (and saying why) where the model or the data are not fetched.
@@ -29,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_gradients import _plain_fwd_bwd, add_fold_figures, stage_rounds
+from benchmarks.bench_gradients import _log, _plain_fwd_bwd, add_fold_figures, stage_rounds
 from benchmarks.common import Results, bench_main
 from merit_lab.config.schema import load_config
 from merit_lab.data.formatting import collate, tokenize_examples
 from merit_lab.data.mixture import load_mixture
-from merit_lab.gradients.batching import fold_batches
+from merit_lab.gradients import estimate
+from merit_lab.gradients.batching import CPU_CALL_TOKENS, fold_batches, micro_batches
 from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.models.fetch import RECORD, fetched_model_path
 from merit_lab.models.loading import load_model, load_tokenizer
@@ -64,7 +68,9 @@ def run(quick: bool = False) -> Results:
     batches = [  # the stage's own micro-batches, fold by fold
         collate(b, tok.pad_token_id)
         for ex in (tokenize_examples(tok, s.calibration[:n], cal.max_length) for s in mix)
-        for fold in fold_batches(ex, cal.folds, size=cal.micro_batch_size)
+        for fold in fold_batches(
+            ex, cal.folds, size=cal.micro_batch_size, call_tokens=CPU_CALL_TOKENS
+        )
         for b in fold
     ]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -135,7 +141,57 @@ def run(quick: bool = False) -> Results:
         add_fold_figures(res, SECTION, rb, cal.folds, note, n_big, deal)
     res.raw["folds_large_n"] = rb | {"sources": big, "n": n_big}
     res.raw["folds"] = r
+    # what pricing a batch saves there, without folds: the stage's batches on the CPU against
+    # the fewest (what a GPU runs)
+    price = price_rounds(model, tok, every.select(big), cal, n_big, 1 if quick else 2)
+    ratio = [p / f for p, f in zip(price["priced_s"], price["fewest_s"], strict=True)]
+    res.add(
+        SECTION,
+        f"stage, batches priced ÷ fewest batches at n = {n_big}",
+        float(np.median(ratio)),
+        "×",
+        note=f"{min(ratio):.3f}-{max(ratio):.3f} over {len(ratio)} rounds; without folds; a batch "
+        f"at {CPU_CALL_TOKENS} padded tokens; {price['priced_batches']} batches against "
+        f"{price['fewest_batches']}, {price['priced_padded']:,} padded tokens against "
+        f"{price['fewest_padded']:,}",
+    )
+    res.raw["price"] = price
     return res
+
+
+def price_rounds(model, tok, mix, cal, n: int, rounds: int) -> dict:
+    """Alternating rounds of the stage without folds, its micro-batches formed at the CPU's price
+    of a batch (`batching.CPU_CALL_TOKENS`, what the stage does on the CPU) and as the fewest
+    (the price None, what it does on a GPU); wall seconds of each and their batches' counts."""
+    out: dict = {"priced_s": [], "fewest_s": []}
+    kw = dict(n=n, micro_batch_size=cal.micro_batch_size, max_length=cal.max_length)
+    for name, price in (("priced", CPU_CALL_TOKENS), ("fewest", None)):
+        batches = [
+            b
+            for s in mix
+            for b in micro_batches(
+                tokenize_examples(tok, s.calibration[:n], cal.max_length),
+                size=cal.micro_batch_size,
+                call_tokens=price,
+            )
+        ]
+        out[f"{name}_batches"] = len(batches)
+        out[f"{name}_padded"] = sum(len(b) * max(e.n_tokens for e in b) for b in batches)
+    sides = [("priced", CPU_CALL_TOKENS), ("fewest", None)]
+    for rep in range(rounds):
+        for name, price in sides if rep % 2 == 0 else sides[::-1]:
+            estimate.CPU_CALL_TOKENS = price  # the stage's price on this CPU, for this round
+            try:
+                t0 = time.perf_counter()
+                estimate_gradients(model, tok, mix, folds=1, progress=False, **kw)
+                out[f"{name}_s"].append(time.perf_counter() - t0)
+            finally:
+                estimate.CPU_CALL_TOKENS = CPU_CALL_TOKENS
+        _log(
+            f"  price round {rep + 1}: priced {out['priced_s'][-1]:.1f} s, fewest "
+            f"{out['fewest_s'][-1]:.1f} s"
+        )
+    return out
 
 
 if __name__ == "__main__":

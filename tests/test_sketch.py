@@ -305,12 +305,13 @@ def test_cached_hashes_give_the_same_map(monkeypatch):
     assert sum(c.numel() for c in cached._codes.values()) == 3500 + 3001 + 16
     assert sum(c.numel() for c in part._codes.values()) == 3500
     assert not plain._codes
-    # at the largest dim the bucket uses all 31 bits below the sign: the code still round-trips
-    bucket, sign = sk._buckets_and_signs(5, "b", 2**31 - 1, 0, 100_000, torch.device("cpu"))
-    assert int(bucket.max()) > 2**30
-    code = torch.where(sign < 0, bucket - 2**31, bucket).to(torch.int32)
-    assert torch.equal(code.bitwise_and(sk._LOW31).long(), bucket)
-    assert torch.equal(code < 0, sign < 0)
+    # at the largest cached dim the code uses every bit of the int32: it still round-trips
+    dim = sk._CACHE_MAX_DIM
+    bucket, sign = sk._buckets_and_signs(5, "b", dim, 0, 100_000, torch.device("cpu"))
+    assert int(bucket.max()) > 2**29
+    code = sk._hash_codes(5, "b", dim, 0, 100_000, torch.device("cpu"))
+    assert torch.equal(code.bitwise_right_shift(1).long(), bucket)
+    assert torch.equal(code.bitwise_and(1) == 1, sign < 0)
 
 
 def test_cpu_code_cache_gives_bit_identical_rows(monkeypatch):

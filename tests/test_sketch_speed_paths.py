@@ -1,10 +1,12 @@
 """The count-sketch's fast paths give the rows of its definition bit for bit.
 
 The CPU pass reads cached int32 codes in chunks of `sketch._CHUNK_CPU` coordinates, fills the
-cache with `_hash_codes` (fewer int64 passes than `_buckets_and_signs`), and can return the
-gradient's squared norm from the same read (``square_norm``, the stage's row pass). Each is
-checked here against an independent NumPy reference: uint64 hashing and float32 additions in
-coordinate order (`np.add.at` is unbuffered and in order, as ``index_add_`` on the CPU is).
+cache with `_hash_codes` (fewer int64 passes than `_buckets_and_signs`), sums the fold passes
+sign-split (`sketch_parallel`: one scatter a chunk, the signs applied once at the end), and can
+return the gradient's squared norm from the same read (``square_norm``, the stage's row pass).
+Each is checked here against an independent NumPy reference: uint64 hashing and float32 additions in
+coordinate order (`np.add.at` is unbuffered and in order, as ``index_add_`` and
+``scatter_add_`` on the CPU are).
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from merit_lab.models.loading import select_parameters
 CPU = torch.device("cpu")
 
 
-def _reference_add(out, spec: SketchSpec, name: str, g: torch.Tensor, lo: int = 0, hi=None):
+def _reference_add(
+    out, spec: SketchSpec, name: str, g: torch.Tensor, lo: int = 0, hi=None, split=False
+):
     """Coordinates lo..hi-1 of ``name``'s count-sketch added into ``out`` by the definition, in
     NumPy: h(i) = a·i + b mod 2**64, bucket = top 32 bits × dim >> 32, sign −1 where bit 31 is
-    set; float32 sums in coordinate order (`np.add.at` is unbuffered and in order)."""
+    set; float32 sums in coordinate order (`np.add.at` is unbuffered and in order). With
+    ``split``, ``out`` has 2·dim slots and each coordinate is added as it is to slot 2·bucket
+    (sign +1) or 2·bucket + 1 (sign −1)."""
     flat = g.detach().reshape(-1).to(torch.float32).numpy()
     hi = flat.size if hi is None else min(hi, flat.size)
     a, b = (np.uint64(x % 2**64) for x in sk._hash_coeffs(spec.seed, name))
@@ -35,7 +41,10 @@ def _reference_add(out, spec: SketchSpec, name: str, g: torch.Tensor, lo: int = 
         h = i * a + b
     bucket = ((h >> np.uint64(32)) * np.uint64(spec.dim)) >> np.uint64(32)
     sign = np.where((h >> np.uint64(31)) & np.uint64(1), -1.0, 1.0).astype(np.float32)
-    np.add.at(out, bucket.astype(np.int64), flat[lo:hi] * sign)
+    if split:
+        np.add.at(out, 2 * bucket.astype(np.int64) + (sign < 0), flat[lo:hi])
+    else:
+        np.add.at(out, bucket.astype(np.int64), flat[lo:hi] * sign)
 
 
 def _reference_row(spec: SketchSpec, grads: list[tuple[str, torch.Tensor]]) -> np.ndarray:
@@ -47,17 +56,40 @@ def _reference_row(spec: SketchSpec, grads: list[tuple[str, torch.Tensor]]) -> n
 
 
 def test_hash_codes_pack_the_buckets_and_signs():
-    """`_hash_codes` = bucket − 2**31 where the sign is −1, else bucket, for power-of-two and
-    other dims (the largest, 2**31 − 1, uses all 31 bits) and coordinates far past 2**32."""
-    for dim in (2**18, 1000, 97, 2**31 - 1):
+    """`_hash_codes` = 2·bucket + 1 where the sign is −1, else 2·bucket, for power-of-two and
+    other dims (the largest cached, 2**30, uses every bit of the int32) and coordinates far past
+    2**32; shifted, the code gives back the bucket and the float32 sign bit."""
+    for dim in (2**18, 1000, 97, sk._CACHE_MAX_DIM):
         for start in (0, 2**31 - 3, 2**32 - 2, 10**10):
             bucket, sign = sk._buckets_and_signs(7, "layer.0.w", dim, start, start + 5000, CPU)
             code = sk._hash_codes(7, "layer.0.w", dim, start, start + 5000, CPU)
-            want = torch.where(sign < 0, bucket - 2**31, bucket).to(torch.int32)
+            want = (2 * bucket + (sign < 0).long()).to(torch.int32)
             assert code.dtype == torch.int32
             assert torch.equal(code, want)
-            assert torch.equal(code.bitwise_and(sk._LOW31).long(), bucket)
-    assert int(bucket.max()) > 2**30  # dim 2**31 − 1 really reaches the top bucket bits
+            assert torch.equal(code.bitwise_right_shift(1).long(), bucket)
+            sign_bit = code.bitwise_left_shift(31)
+            assert torch.equal(sign_bit, torch.where(sign < 0, -(2**31), 0).to(torch.int32))
+    assert int(bucket.max()) > 2**29  # dim 2**30 really reaches the top bucket bits
+    assert int(code.max()) > 2**30
+
+
+def test_a_dim_past_the_codes_hashes_every_pass(monkeypatch):
+    """Above `_CACHE_MAX_DIM` nothing is cached and both passes still give their definition."""
+    monkeypatch.setattr(sk, "_CACHE_MAX_DIM", 64)
+    params = [("w", (30, 20)), ("v", (7,))]
+    gen = torch.Generator().manual_seed(1)
+    grads = [(n, torch.randn(s, generator=gen)) for n, s in params]
+    for dim in (64, 65):
+        spec = SketchSpec(dim=dim, seed=3)
+        sketch = build_sketch(spec, params)
+        want = _reference_row(spec, grads)
+        for _ in range(2):
+            np.testing.assert_array_equal(sketch.sketch(grads).numpy(), want)
+            np.testing.assert_array_equal(
+                sketch.sketch_parallel(grads, threads=2).numpy(),
+                _reference_parts_row(spec, grads, sk._CHUNK_CPU),
+            )
+        assert bool(sketch._codes) == (dim == 64)
 
 
 @pytest.mark.parametrize("chunk", [None, 1000])
@@ -153,16 +185,19 @@ def test_stage_rows_folds_and_norm_equal_a_plain_hashing_pass(pico_model, demo_t
 
 def _reference_parts_row(spec: SketchSpec, grads: list[tuple[str, torch.Tensor]], chunk: int):
     """`sketch_parallel`'s row by its definition: the pass's K chunks (over the parameters in
-    order) cut into 8 runs of consecutive chunks, run p summed into part p in float32 in
-    coordinate order; the parts added in float64 in order, rounded once."""
+    order) cut into 8 runs of consecutive chunks; run p summed into part p in float32 in
+    coordinate order, sign-split (coordinate i, unsigned, into slot 2·bucket + 1 where its sign
+    is −1, else 2·bucket); each part's odd slots taken from its even ones in float64, the parts
+    added in order, rounded once."""
     chunks = [(name, g, lo) for name, g in grads for lo in range(0, g.numel(), chunk)]
-    parts = np.zeros((sk._PARTS, spec.dim), dtype=np.float32)
+    parts = np.zeros((sk._PARTS, 2 * spec.dim), dtype=np.float32)
     for p in range(sk._PARTS):  # run p: chunks K·p // 8 .. K·(p + 1) // 8 − 1
         for name, g, lo in chunks[
             len(chunks) * p // sk._PARTS : len(chunks) * (p + 1) // sk._PARTS
         ]:
-            _reference_add(parts[p], spec, name, g, lo, lo + chunk)
-    return parts.astype(np.float64).sum(axis=0).astype(np.float32)
+            _reference_add(parts[p], spec, name, g, lo, lo + chunk, split=True)
+    wide = parts.astype(np.float64)
+    return (wide[:, 0::2] - wide[:, 1::2]).sum(axis=0).astype(np.float32)
 
 
 def test_parallel_pass_is_its_definition_for_any_thread_count(monkeypatch):

@@ -1,5 +1,5 @@
-"""One gradient per source at θ0, kept as a seeded sketch: the sketch, the bank, the estimator
-(with its micro-batches and folds), its worker jobs and the LoRA variant of the bank.
+"""One gradient per source at θ0, kept as a seeded sketch: the sketch, the bank, the estimator,
+its worker jobs and the LoRA variant of the bank.
 
 Names load lazily (PEP 562): importing the package does not import torch.
 """
@@ -17,6 +17,7 @@ _EXPORTS = {
     "map_rows": "bank",
     "read_part": "bank",
     "request_info": "bank",
+    "CPU_CALL_TOKENS": "batching",
     "check_deal": "batching",
     "deal_folds": "batching",
     "fold_batches": "batching",

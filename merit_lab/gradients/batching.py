@@ -8,13 +8,21 @@ value, only its summation order; `fold_batches` decides which examples each fold
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from merit_lab.config.fields import not_one_of, refuse
 from merit_lab.config.schema import FOLD_DEALS, CalibrationConfig
 
-__all__ = ["check_deal", "deal_folds", "fold_batches", "fold_batching", "micro_batches"]
+__all__ = [
+    "CPU_CALL_TOKENS",
+    "check_deal",
+    "deal_folds",
+    "fold_batches",
+    "fold_batching",
+    "micro_batches",
+]
 
 
 def check_deal(deal: str) -> None:
@@ -22,33 +30,65 @@ def check_deal(deal: str) -> None:
     refuse(not_one_of("fold_deal", "deal", deal, FOLD_DEALS))
 
 
-def _runs(lengths: Sequence[int], size: int, tokens: int | None) -> list[list[int]]:
-    """`micro_batches` on positions: runs of positions, longest examples first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep order
-    if tokens is None:
-        return [sorted(order[i : i + size]) for i in range(0, len(order), size)]
+# What one forward/backward costs beyond its padded tokens, in padded tokens, on the CPU: adding
+# a micro-batch's gradient into .grad reads and writes every parameter (SmolLM2's 134.5M
+# float32: about 0.15 s on 2 cores, 18 tokens of its forward and backward at 120 tokens/s).
+# `docs/performance.md` (micro-batches) has what forming the batches at this price saves.
+CPU_CALL_TOKENS = 20
+
+
+def _runs(
+    lengths: Sequence[int], size: int, tokens: int | None, call_tokens: int | None = None
+) -> list[list[int]]:
+    """`micro_batches` on positions: runs of consecutive positions in the longest-first order
+    (a stable sort: ties keep their order), longest run first, each run's positions ascending.
+
+    A run holds at most ``size`` examples (with ``tokens``: as many as fit ``tokens`` padded
+    positions; an example longer than that alone). Among such splits, the cheapest: with
+    ``call_tokens`` None the fewest runs, then the fewest padded positions; else the fewest
+    padded positions plus ``call_tokens`` a run. Exact, by dynamic programming over the sorted
+    lengths (the cheapest split of the first j is the cheapest split of some first i and the run
+    i..j−1, padded to the i-th length); of equal costs the longer last run."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    desc = [lengths[i] for i in order]
+    n = len(desc)
+    cost: list[tuple[int, ...]] = [(0, 0)] + [(sys.maxsize, 0)] * n  # (runs, padded) or (price,)
+    runs, padded, cut = [0] * (n + 1), [0] * (n + 1), [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # the run i..j−1: longer as i falls, padded to desc[i]
+            count = j - i
+            if count > 1 and (count > size if tokens is None else count * desc[i] > tokens):
+                break
+            r, p = runs[i] + 1, padded[i] + count * desc[i]
+            c = (r, p) if call_tokens is None else (call_tokens * r + p,)
+            if c <= cost[j]:
+                cost[j], runs[j], padded[j], cut[j] = c, r, p, i
     out: list[list[int]] = []
-    for i in order:
-        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= tokens:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
+    while n > 0:
+        out.append(sorted(order[cut[n] : n]))
+        n = cut[n]
+    return out[::-1]
 
 
 def micro_batches(
-    examples: Sequence, *, size: int = CalibrationConfig.micro_batch_size, tokens: int | None = None
+    examples: Sequence,
+    *,
+    size: int = CalibrationConfig.micro_batch_size,
+    tokens: int | None = None,
+    call_tokens: int | None = None,
 ) -> list[list]:
-    """Split ``examples`` into micro-batches, longest first so each batch pads little: ``size``
-    examples each (the ``size`` longest, then the next ``size``; each batch keeps its examples
-    in the order given, so ``examples`` that fit one batch are that batch as given), or with
-    ``tokens`` as many as fit ``tokens`` padded positions (an example longer than ``tokens``
-    goes alone). The split changes only the summation order of the gradient, not its value.
+    """Split ``examples`` into micro-batches of examples of neighbouring lengths, longest first,
+    so each batch pads little (`_runs`): at most ``size`` examples each, or with ``tokens`` as
+    many as fit ``tokens`` padded positions (an example longer than ``tokens`` goes alone); the
+    fewest batches (``call_tokens`` None), or as many as pay, a batch priced at
+    ``call_tokens`` padded tokens (the stage on the CPU: `CPU_CALL_TOKENS`). Each batch keeps
+    its examples in the order given, so ``examples`` that fit one batch are that batch as given.
+    The split changes only the summation order of the gradient, not its value.
 
     By length and not in calibration order: on two chatterbot sources × 96 dialogues (SmolLM2's
     tokenizer, batches of 8; 11,529 real tokens) consecutive examples padded to 17,424 tokens
     and by length to 12,624 (`docs/performance.md`, fold sketches)."""
-    runs = _runs([e.n_tokens for e in examples], size, tokens)
+    runs = _runs([e.n_tokens for e in examples], size, tokens, call_tokens)
     return [[examples[i] for i in run] for run in runs]
 
 
@@ -71,12 +111,15 @@ def fold_batches(
     size: int = CalibrationConfig.micro_batch_size,
     tokens: int | None = None,
     deal: str = CalibrationConfig.fold_deal,
+    call_tokens: int | None = None,
 ) -> list[list[list]]:
     """The micro-batches of each of ``folds`` folds of ``examples`` (calibration order).
 
     ``deal="examples"`` (the default): the examples are dealt (`deal_folds`, i mod m) and each
-    fold is batched by length on its own. ``deal="batches"``: when the source's own
-    micro-batches (`micro_batches` over all its examples) number at least 2 × ``folds``, the
+    fold is batched by length on its own (`micro_batches`, ``call_tokens`` the price of a
+    batch). ``deal="batches"``: when the source's own fewest micro-batches (`micro_batches`
+    over all its examples, ``call_tokens`` None, so the folds do not depend on the device)
+    number at least 2 × ``folds``, the
     batches are dealt to the folds as `deal_folds` deals examples, in the calibration order of
     each batch's first example, so every fold holds at least two whole batches and the stage
     pads exactly as it does without folds; with fewer batches, the examples are dealt.
@@ -101,7 +144,10 @@ def fold_batches(
         if len(runs) >= 2 * folds:
             dealt = deal_folds(sorted(runs, key=min), folds)
             return [[[examples[i] for i in run] for run in fold] for fold in dealt]
-    return [micro_batches(fold, size=size, tokens=tokens) for fold in by_example]
+    return [
+        micro_batches(fold, size=size, tokens=tokens, call_tokens=call_tokens)
+        for fold in by_example
+    ]
 
 
 def fold_batching(

@@ -30,7 +30,12 @@ from merit_lab.data.formatting import (
 )
 from merit_lab.data.mixture import Mixture
 from merit_lab.gradients.bank import BankParts, GradientBank, bank_key, request_info
-from merit_lab.gradients.batching import check_deal, fold_batches, fold_batching
+from merit_lab.gradients.batching import (
+    CPU_CALL_TOKENS,
+    check_deal,
+    fold_batches,
+    fold_batching,
+)
 from merit_lab.gradients.sketch import SketchSpec, build_sketch
 from merit_lab.models.loading import select_parameters
 
@@ -83,7 +88,9 @@ def source_gradient(
 
     Args:
         examples: `TokenizedExample`s.
-        micro_batch_size, micro_batch_tokens: the micro-batches (`batching.micro_batches`).
+        micro_batch_size, micro_batch_tokens: the micro-batches (`batching.micro_batches`): the
+            fewest on a GPU; on the CPU as many more as save padding, a batch priced at
+            `batching.CPU_CALL_TOKENS` padded tokens.
         after_backward: called with each micro-batch's loss share after its backward (e.g. to
             sketch and clear ``.grad``, so half-precision gradients are summed in float32).
         folds, fold_deal: this many folds, one after another, dealt by example or by whole
@@ -94,10 +101,17 @@ def source_gradient(
     Returns:
         (mean loss, number of response tokens).
     """
+    # on the CPU a batch is formed where it saves more padding than a call costs
+    on_cpu = next(model.parameters()).device.type == "cpu"
     batches = [
         [collate(b, pad_token_id) for b in fold]
         for fold in fold_batches(
-            examples, folds, size=micro_batch_size, tokens=micro_batch_tokens, deal=fold_deal
+            examples,
+            folds,
+            size=micro_batch_size,
+            tokens=micro_batch_tokens,
+            deal=fold_deal,
+            call_tokens=CPU_CALL_TOKENS if on_cpu else None,
         )
     ]
     tokens = [sum(count_response_tokens(b["labels"]) for b in fold) for fold in batches]

@@ -46,8 +46,10 @@ _PARTS = 8
 # and depends on dim only.
 _GAUSSIAN_BLOCK_ENTRIES = 2**20
 _MASK32 = 0xFFFFFFFF
-_LOW31 = 0x7FFFFFFF  # a cached code's bucket; its top bit (the int32 sign) is the hash's sign
-_SIGN_BIT = -(2**31)  # the int32 sign bit: XOR-ed into a float32 it negates it, exactly
+# A cached code is 2·bucket + (1 where the sign is −1), an int32: so dims up to 2**30 are cached
+# (a larger dim, a 4 GiB row, hashes on every pass). Shifted left by 31 its low bit is the int32
+# sign bit, which XOR-ed into a float32 negates it exactly; shifted right by 1 it is the bucket.
+_CACHE_MAX_DIM = 2**30
 # Cached codes on the CPU: at most this share of the physical memory (SmolLM2's 134.5M
 # coordinates need 538 MB; 1/16 of 16 GiB is 1 GiB).
 _CPU_CACHE_SHARE = 16
@@ -93,15 +95,25 @@ def _buckets_and_signs(
 def _hash_codes(
     seed: int, name: str, dim: int, start: int, stop: int, device: torch.device
 ) -> torch.Tensor:
-    """`_buckets_and_signs` packed into int32 codes, with fewer int64 passes: the bucket in the
-    low 31 bits (dim ≤ 2**31 - 1), the top bit set where the sign is −1 (code = bucket − 2**31).
+    """`_buckets_and_signs` packed into int32 codes 2·bucket + (1 where the sign is −1), with
+    fewer int64 passes (dim ≤ 2**30). The sign is −1 exactly where bit 31 of h is set.
 
-    The sign is −1 exactly where bit 31 of h is set, so code = bucket − (h & 2**31)."""
+    The same code is the coordinate's slot in a sign-split row of 2·dim floats (slot 2b sums
+    the coordinates of bucket b with sign +1, slot 2b + 1 those with −1; `_split_row`), where
+    a pass is a single scatter: no sign to apply (`GradientSketch.sketch_parallel`)."""
     a, b = _hash_coeffs(seed, name)
     h = torch.arange(start, stop, dtype=torch.int64, device=device).mul_(a).add_(b)
-    negative = h.bitwise_and(2**31)
+    negative = h.bitwise_right_shift(31).bitwise_and_(1)
     bucket = h.bitwise_right_shift_(32).bitwise_and_(_MASK32).mul_(dim).bitwise_right_shift_(32)
-    return bucket.sub_(negative).to(torch.int32)
+    return bucket.mul_(2).add_(negative).to(torch.int32)
+
+
+def _split_row(parts: torch.Tensor) -> torch.Tensor:
+    """Sign-split rows (..., 2·dim) float32 → their sketch row (dim,) float32: each row's
+    slot 2b minus its slot 2b + 1 in float64, summed over the leading rows in order, rounded
+    once."""
+    wide = parts.double().reshape(-1, parts.shape[-1] // 2, 2)
+    return (wide[..., 0] - wide[..., 1]).sum(dim=0).to(torch.float32)
 
 
 def _subsample_offset(seed: int, every: int) -> int:
@@ -131,13 +143,13 @@ class GradientSketch:
         exact: the concatenation of all declared parameters (dim = total numel).
 
     Memory per call is O(dim + largest parameter). A count-sketch keeps each parameter's buckets
-    and signs once computed (one int32 per coordinate, the sign in the top bit) while they fit
-    ``cache_bytes``: every source, and every fold of a source, reuses them. The hashing was 60%
-    of a sketch step on an H100; on the CPU, over SmolLM2's 134.5M coordinates, a cached pass
-    takes 0.43-0.48 CPU-seconds and the pass that fills the cache 1.07-1.18 (1 thread; a raw
-    ``index_add_`` of every coordinate, the floor, is ~0.25). A cached code's sign bit is
-    XOR-ed into the float32 value's, which negates it exactly, so the rows are bit-identical
-    with or without the cache.
+    and signs once computed (one int32 per coordinate, 2·bucket + the sign bit; dims up to
+    2**30) while they fit ``cache_bytes``: every source, and every fold of a source, reuses
+    them. The hashing was 60% of a sketch step on an H100; on the CPU, over SmolLM2's 134.5M
+    coordinates, a cached pass takes 0.43-0.48 CPU-seconds and the pass that fills the cache
+    1.07-1.18 (1 thread; a raw ``index_add_`` of every coordinate, the floor, is ~0.25). A
+    cached code's sign bit is XOR-ed into the float32 value's, which negates it exactly, so the
+    rows are bit-identical with or without the cache.
 
     Args:
         spec: which map.
@@ -303,8 +315,11 @@ class GradientSketch:
 
     def _reserve(self, name: str, lo: int, hi: int) -> bool:
         """Whether chunk (name, lo, hi)'s codes are to be hashed into the cache now: not cached
-        yet, and the budget holds them (taken from it here). bucket < 2**31: the top bit is free."""
+        yet, the dim fits a code (`_CACHE_MAX_DIM`) and the budget holds them (taken from it
+        here)."""
         if (name, lo, hi) in self._codes or 4 * (hi - lo) > self._cache_left:
+            return False
+        if self.dim > _CACHE_MAX_DIM:
             return False
         self._cache_left -= 4 * (hi - lo)
         return True
@@ -322,8 +337,34 @@ class GradientSketch:
             bucket, sign = _buckets_and_signs(self.spec.seed, name, self.dim, lo, hi, row.device)
             row.index_add_(0, bucket, vals * sign)
             return
-        signed = vals.view(torch.int32).bitwise_xor(code.bitwise_and(_SIGN_BIT))
-        row.index_add_(0, code.bitwise_and(_LOW31), signed.view(torch.float32))
+        signed = vals.view(torch.int32).bitwise_xor(code.bitwise_left_shift(31))
+        row.index_add_(0, code.bitwise_right_shift(1), signed.view(torch.float32))
+
+    def _add_chunk_split(
+        self,
+        split: torch.Tensor,
+        name: str,
+        vals: torch.Tensor,
+        lo: int,
+        hi: int,
+        fill: bool,
+        slots: torch.Tensor,
+    ) -> None:
+        """`_add_chunk` into a sign-split row (2·dim float32, `_split_row`): ``vals`` are
+        scattered as they are, coordinate i to slot 2·bucket(i) + (1 where its sign is −1).
+        ``slots``: an int64 buffer of at least hi − lo entries (scatter_add_ takes int64 and is
+        the fastest CPU scatter: 1.8 ns a coordinate against index_add_'s 2.2, one thread)."""
+        code = self._codes.get((name, lo, hi))
+        if code is None and fill:
+            code = _hash_codes(self.spec.seed, name, self.dim, lo, hi, split.device)
+            self._codes[(name, lo, hi)] = code
+        if code is None:
+            bucket, sign = _buckets_and_signs(self.spec.seed, name, self.dim, lo, hi, split.device)
+            split.scatter_add_(0, bucket.mul_(2).add_(sign < 0), vals)
+            return
+        index = slots[: hi - lo]
+        index.copy_(code)
+        split.scatter_add_(0, index, vals)
 
     def sketch_parallel(
         self, named_grads: Iterable[tuple[str, torch.Tensor]], threads: int | None = None
@@ -332,14 +373,18 @@ class GradientSketch:
         (default: torch's intra-op threads) and not checked for finiteness: the stage's fold
         passes, whose summed ``.grad`` the row's own pass checks.
 
-        A CPU count-sketch sums it as `_PARTS` partial rows: the pass's chunks (`_CHUNK_CPU`
-        coordinates, over the parameters in the order given) are cut into `_PARTS` runs of
-        consecutive chunks, as equal in count as they divide; run p is summed into part p in
-        float32 in coordinate order, and the parts are added in float64, in order, and rounded
-        once. So the row is the same bits for any number of threads, and the same map as
-        `add_`'s in another order of the float32 sums (only the rounding differs). A part's
-        row stays in the core's cache through its run. Each thread runs its torch ops on one
-        intra-op thread (`_one_intra_op_thread`). Other kinds and devices: `add_` in turn.
+        A CPU count-sketch sums it as `_PARTS` partial sign-split rows (`_split_row`): the
+        pass's chunks (`_CHUNK_CPU` coordinates, over the parameters in the order given) are
+        cut into `_PARTS` runs of consecutive chunks, as equal in count as they divide; run p is
+        scattered into part p in float32 in coordinate order, each coordinate as it is into the
+        slot of its bucket and sign; then each part's sign −1 slots are taken from its +1 slots
+        in float64, the parts added in order, and the row rounded once. So the row is the same
+        bits for any number of threads, and the same map as `add_`'s with another order of the
+        float32 sums (only the rounding differs). The split row saves applying the sign, so a
+        pass is one scatter a chunk: 0.18 s against 0.27 with the sign applied, over SmolLM2's
+        134.5M coordinates on 2 cores (`benchmarks.bench_gradients`, "fold pass"). Each
+        thread runs its torch ops on one intra-op thread (`_one_intra_op_thread`). Other kinds
+        and devices: `add_` in turn.
         """
         named_grads = list(named_grads)
         if self.spec.kind != "countsketch" or self.device.type != "cpu":
@@ -355,22 +400,23 @@ class GradientSketch:
             for hi in (min(lo + _CHUNK_CPU, flat.numel()),)
         ]
         cuts = [len(work) * p // _PARTS for p in range(_PARTS + 1)]
-        parts = torch.zeros(_PARTS, self.dim, dtype=torch.float32)
+        parts = torch.zeros(_PARTS, 2 * self.dim, dtype=torch.float32)
         n_threads = max(1, min(threads or torch.get_num_threads(), _PARTS))
 
         def run(t: int) -> None:
+            slots = torch.empty(_CHUNK_CPU, dtype=torch.int64)  # this thread's scatter index
             for p in range(t, _PARTS, n_threads):
                 for name, flat, lo, hi, fill in work[cuts[p] : cuts[p + 1]]:
                     vals = flat[lo:hi].to(device=parts.device, dtype=torch.float32)
-                    self._add_chunk(parts[p], name, vals, lo, hi, fill)
+                    self._add_chunk_split(parts[p], name, vals, lo, hi, fill, slots)
 
         with _one_intra_op_thread():
             if n_threads == 1:
                 run(0)
             else:
-                with ThreadPoolExecutor(n_threads) as pool:  # index_add_ releases the GIL
+                with ThreadPoolExecutor(n_threads) as pool:  # scatter_add_ releases the GIL
                     list(pool.map(run, range(n_threads)))
-        return parts.double().sum(dim=0).to(torch.float32)
+        return _split_row(parts)
 
     def _add_gaussian(self, row: torch.Tensor, name: str, flat: torch.Tensor) -> None:
         block = max(1, _GAUSSIAN_BLOCK_ENTRIES // self.dim)
