@@ -37,7 +37,7 @@ from merit_lab.analysis.convergence import sketch_example_gradients
 from merit_lab.config.schema import load_config
 from merit_lab.data.formatting import tokenize_examples
 from merit_lab.data.mixture import Mixture, load_mixture
-from merit_lab.gradients.batching import deal_folds, fold_batches
+from merit_lab.gradients.batching import CPU_CALL_TOKENS, deal_folds, fold_batches
 from merit_lab.gradients.sketch import SketchSpec
 from merit_lab.models.fetch import RECORD, fetched_model_path
 from merit_lab.models.loading import load_model, load_tokenizer
@@ -121,10 +121,14 @@ def compare(grads: dict, names: list[str], orders: int, seed: int = 0) -> dict[s
 
 
 def padding(lengths: np.ndarray, orders: int, seed: int = 0) -> dict[str, list[int]]:
-    """Padded tokens of all sources' micro-batches (batches of 8) per random calibration order:
-    without folds, with 4 folds dealt by example, and by whole batch."""
+    """Padded tokens of all sources' micro-batches (at most 8 a batch) per random calibration
+    order: without folds, with 4 folds dealt by example, and by whole batch, each as the fewest
+    batches (a GPU's stage); and without folds and by example with batches priced as the CPU's
+    stage prices them (``*_cpu``, `batching.CPU_CALL_TOKENS`), with their batch counts
+    (``calls_*``)."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list[int]] = {"none": [], "examples": [], "batches": []}
+    keys = ("none", "examples", "batches", "none_cpu", "examples_cpu")
+    out: dict[str, list[int]] = {k: [] for k in (*keys, "calls_none_cpu", "calls_examples_cpu")}
 
     def padded(folds: list) -> int:
         return sum(len(b) * max(e.n_tokens for e in b) for fold in folds for b in fold)
@@ -136,23 +140,34 @@ def padding(lengths: np.ndarray, orders: int, seed: int = 0) -> dict[str, list[i
             total["none"] += padded(fold_batches(exs, 1, size=BATCH))
             for deal in ("examples", "batches"):
                 total[deal] += padded(fold_batches(exs, FOLDS, size=BATCH, deal=deal))
+            for k, m in (("none_cpu", 1), ("examples_cpu", FOLDS)):
+                folds = fold_batches(exs, m, size=BATCH, call_tokens=CPU_CALL_TOKENS)
+                total[k] += padded(folds)
+                total[f"calls_{k}"] += sum(map(len, folds))
         for k in out:
             out[k].append(total[k])
     return out
 
 
 def add_padding(res: Results, label: str, pad: dict[str, list[int]], real: int) -> None:
-    none = np.asarray(pad["none"], dtype=float)
-    for deal, by in (("examples", "example"), ("batches", "batch")):
-        ratio = np.asarray(pad[deal]) / none
+    sides = (("examples", "none", "by example"), ("batches", "none", "by batch"))
+    for key, base, by in (*sides, ("examples_cpu", "none_cpu", "by example, batches priced")):
+        none = np.asarray(pad[base], dtype=float)
+        ratio = np.asarray(pad[key]) / none
+        calls = ""
+        if key.endswith("_cpu"):  # the price buys padding with batches: say how many
+            calls = (
+                f"; {np.median(pad['calls_' + key]):,.0f} batches against "
+                f"{np.median(pad['calls_' + base]):,.0f} (a batch at {CPU_CALL_TOKENS} tokens)"
+            )
         res.add(
             SECTION,
-            f"padded tokens with folds ÷ without, by {by} ({label})",
+            f"padded tokens with folds ÷ without, {by} ({label})",
             float(np.median(ratio)),
             "×",
             note=f"5-95%: {np.percentile(ratio, 5):.3f}-{np.percentile(ratio, 95):.3f}; median "
-            f"{np.median(pad[deal]):,.0f} against {np.median(none):,.0f} without folds "
-            f"({real:,} real tokens)",
+            f"{np.median(pad[key]):,.0f} against {np.median(none):,.0f} without folds "
+            f"({real:,} real tokens){calls}",
         )
 
 

@@ -71,3 +71,19 @@ def test_a_batch_is_split_where_it_saves_more_padding_than_a_call():
     # each fold is batched at the price given (examples dealt: fold 0 = 0, 2; fold 1 = 1, 3)
     assert [ids(f) for f in fold_batches(ex, 2, size=4, call_tokens=20)] == [[[0, 2]], [[1], [3]]]
     assert [ids(f) for f in fold_batches(ex, 2, size=4)] == [[[0, 2]], [[1, 3]]]
+
+
+def test_bench_fold_deal_counts_the_padding_of_each_way_by_hand():
+    """`bench_fold_deal.padding` on one source of lengths 100 and seven 10s (batches of at most
+    8, 4 folds), the same for every calibration order: without folds one batch padded to 800,
+    priced 100 alone and seven 10s (170, 2 batches); dealt by example a fold holds 100 and a
+    10 (200) and three hold two 10s (60): 260; priced, the 100 goes alone: 170 in 5 batches; by
+    whole batch there is one batch, fewer than 2 a fold, so examples are dealt: 260."""
+    import numpy as np
+
+    from benchmarks.bench_fold_deal import padding
+
+    pad = padding(np.array([[100, 10, 10, 10, 10, 10, 10, 10]]), orders=3)
+    want = {"none": 800, "examples": 260, "batches": 260, "none_cpu": 170, "examples_cpu": 170}
+    want |= {"calls_none_cpu": 2, "calls_examples_cpu": 5}
+    assert pad == {k: [v] * 3 for k, v in want.items()}

@@ -381,10 +381,10 @@ class GradientSketch:
         in float64, the parts added in order, and the row rounded once. So the row is the same
         bits for any number of threads, and the same map as `add_`'s with another order of the
         float32 sums (only the rounding differs). The split row saves applying the sign, so a
-        pass is one scatter a chunk: 0.18 s against 0.27 with the sign applied, over SmolLM2's
-        134.5M coordinates on 2 cores (`benchmarks.bench_gradients`, "fold pass"). Each
-        thread runs its torch ops on one intra-op thread (`_one_intra_op_thread`). Other kinds
-        and devices: `add_` in turn.
+        pass is one scatter a chunk: over SmolLM2's 134.5M coordinates on 2 quiet cores, 0.23 s
+        against 0.29 s with the sign applied (7 alternating rounds, per-round ratio 0.58–0.94,
+        median 0.69; `docs/performance.md`, fold sketches). Each thread runs its torch ops on
+        one intra-op thread (`_one_intra_op_thread`). Other kinds and devices: `add_` in turn.
         """
         named_grads = list(named_grads)
         if self.spec.kind != "countsketch" or self.device.type != "cpu":
