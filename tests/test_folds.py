@@ -858,6 +858,7 @@ def test_bench_fold_deal_forms_the_stages_fold_rows(one_thread):
         np.testing.assert_allclose(rows, stage.folds, rtol=1e-4, atol=1e-5 * scale)
     res = bench.run(quick=True)
     values = [f.value for f in res.figures if not f.skipped]
-    assert len(values) == 7 and np.isfinite(values).all()
+    assert len(values) == 8 and np.isfinite(values).all()
     by_batch = [f.value for f in res.figures if f.name.startswith("padded tokens with folds")]
     assert by_batch[1] == 1.0 and by_batch[0] >= 1.0  # whole batches pad as without folds
+    assert len(by_batch) == 3  # by example, by batch, by example with the CPU's priced batches

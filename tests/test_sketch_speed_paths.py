@@ -185,19 +185,18 @@ def test_stage_rows_folds_and_norm_equal_a_plain_hashing_pass(pico_model, demo_t
 
 def _reference_parts_row(spec: SketchSpec, grads: list[tuple[str, torch.Tensor]], chunk: int):
     """`sketch_parallel`'s row by its definition: the pass's K chunks (over the parameters in
-    order) cut into 8 runs of consecutive chunks; run p summed into part p in float32 in
-    coordinate order, sign-split (coordinate i, unsigned, into slot 2·bucket + 1 where its sign
-    is −1, else 2·bucket); each part's odd slots taken from its even ones in float64, the parts
-    added in order, rounded once."""
+    order) cut into k = min(8, K // 32) (at least 1) runs of consecutive chunks; run p summed
+    into part p in float32 in coordinate order, sign-split (coordinate i, unsigned, into slot
+    2·bucket + 1 where its sign is −1, else 2·bucket); in float64 the parts' even slots summed,
+    and their odd slots, the second taken from the first, rounded once."""
     chunks = [(name, g, lo) for name, g in grads for lo in range(0, g.numel(), chunk)]
-    parts = np.zeros((sk._PARTS, 2 * spec.dim), dtype=np.float32)
-    for p in range(sk._PARTS):  # run p: chunks K·p // 8 .. K·(p + 1) // 8 − 1
-        for name, g, lo in chunks[
-            len(chunks) * p // sk._PARTS : len(chunks) * (p + 1) // sk._PARTS
-        ]:
+    k = max(1, min(sk._PARTS, len(chunks) // sk._PART_CHUNKS))
+    parts = np.zeros((k, 2 * spec.dim), dtype=np.float32)
+    for p in range(k):  # run p: chunks K·p // k .. K·(p + 1) // k − 1
+        for name, g, lo in chunks[len(chunks) * p // k : len(chunks) * (p + 1) // k]:
             _reference_add(parts[p], spec, name, g, lo, lo + chunk, split=True)
     wide = parts.astype(np.float64)
-    return (wide[:, 0::2] - wide[:, 1::2]).sum(axis=0).astype(np.float32)
+    return (wide[:, 0::2].sum(axis=0) - wide[:, 1::2].sum(axis=0)).astype(np.float32)
 
 
 def test_parallel_pass_is_its_definition_for_any_thread_count(monkeypatch):
@@ -210,15 +209,18 @@ def test_parallel_pass_is_its_definition_for_any_thread_count(monkeypatch):
     spec = SketchSpec(dim=257, seed=5)
     for dtype in (torch.float32, torch.bfloat16):
         grads = [(n, torch.randn(s, generator=gen).to(dtype)) for n, s in params]
-        want = _reference_parts_row(spec, grads, 1000)
-        assert 3 * sk._PARTS == 14 + 1 + 8 + 1  # 24 chunks: every part sums a run of three
-        for budget in (None, 0, 4 * 9000):  # everything; nothing; part of w
-            sketch = build_sketch(spec, params, cache_bytes=budget)
-            for threads in (1, 2, 3, 16, 1):  # the first call fills the cache
-                row = sketch.sketch_parallel(grads, threads=threads)
-                np.testing.assert_array_equal(row.numpy().view(np.int32), want.view(np.int32))
-            if budget == 4 * 9000:
-                assert len(sketch._codes) == 9  # the budget held 9 chunks of 1000, no more
+        assert 3 * sk._PARTS == 14 + 1 + 8 + 1  # 24 chunks
+        # 8 parts of 3 chunks, 4 of 6, 1 of 24 (a part holds at least _PART_CHUNKS chunks)
+        for part_chunks in (3, 5, 32):
+            monkeypatch.setattr(sk, "_PART_CHUNKS", part_chunks)
+            want = _reference_parts_row(spec, grads, 1000)
+            for budget in (None, 0, 4 * 9000):  # everything; nothing; part of w
+                sketch = build_sketch(spec, params, cache_bytes=budget)
+                for threads in (1, 2, 3, 16, 1):  # the first call fills the cache
+                    row = sketch.sketch_parallel(grads, threads=threads)
+                    np.testing.assert_array_equal(row.numpy().view(np.int32), want.view(np.int32))
+                if budget == 4 * 9000:
+                    assert len(sketch._codes) == 9  # the budget held 9 chunks of 1000, no more
         plain = build_sketch(spec, params).sketch(grads).numpy()
         np.testing.assert_allclose(want, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
         assert not np.array_equal(want, plain)  # the order of sums is really another

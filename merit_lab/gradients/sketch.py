@@ -41,6 +41,10 @@ _CHUNK_GPU = 2**22
 # Partial rows of a threaded pass (`GradientSketch.sketch_parallel`): part of its rounding, so
 # fixed, not the thread count; 8 x dim float32 of memory.
 _PARTS = 8
+# ... but each part at least this many chunks (4M coordinates): a part costs a pass a row of
+# 2·dim floats to clear and sum (on the demo base, 653k coordinates in 5 chunks, a pass took
+# 12.6 ms in 5 parts).
+_PART_CHUNKS = 32
 # Gaussian: entries of the projection generated per block of parameter coordinates. The block
 # size is part of the map's definition (changing it changes every Gaussian row), so it is fixed
 # and depends on dim only.
@@ -109,11 +113,14 @@ def _hash_codes(
 
 
 def _split_row(parts: torch.Tensor) -> torch.Tensor:
-    """Sign-split rows (..., 2·dim) float32 → their sketch row (dim,) float32: each row's
-    slot 2b minus its slot 2b + 1 in float64, summed over the leading rows in order, rounded
+    """Sign-split rows (k, 2·dim) float32 → their sketch row (dim,) float32: over the k rows,
+    in float64, the sum of the +1 slots (2b) minus the sum of the −1 slots (2b + 1), rounded
     once."""
-    wide = parts.double().reshape(-1, parts.shape[-1] // 2, 2)
-    return (wide[..., 0] - wide[..., 1]).sum(dim=0).to(torch.float32)
+    wide = parts[0].to(torch.float64)
+    for part in parts[1:]:  # in order (a float64 sum along the rows' axis ran at ~1 GB/s)
+        wide.add_(part)
+    wide = wide.view(-1, 2)
+    return (wide[:, 0] - wide[:, 1]).to(torch.float32)
 
 
 def _subsample_offset(seed: int, every: int) -> int:
@@ -176,6 +183,7 @@ class GradientSketch:
                 cache_bytes = _physical_memory() // _CPU_CACHE_SHARE
         self._cache_left = cache_bytes if spec.kind == "countsketch" else 0
         self._codes: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, lo, hi) → int32
+        self._parts: torch.Tensor | None = None  # `sketch_parallel`'s partial rows, reused
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._offsets: dict[str, int] = {}  # global start index of each parameter
         total = 0
@@ -373,18 +381,23 @@ class GradientSketch:
         (default: torch's intra-op threads) and not checked for finiteness: the stage's fold
         passes, whose summed ``.grad`` the row's own pass checks.
 
-        A CPU count-sketch sums it as `_PARTS` partial sign-split rows (`_split_row`): the
-        pass's chunks (`_CHUNK_CPU` coordinates, over the parameters in the order given) are
-        cut into `_PARTS` runs of consecutive chunks, as equal in count as they divide; run p is
-        scattered into part p in float32 in coordinate order, each coordinate as it is into the
-        slot of its bucket and sign; then each part's sign −1 slots are taken from its +1 slots
-        in float64, the parts added in order, and the row rounded once. So the row is the same
-        bits for any number of threads, and the same map as `add_`'s with another order of the
-        float32 sums (only the rounding differs). The split row saves applying the sign, so a
-        pass is one scatter a chunk: over SmolLM2's 134.5M coordinates on 2 quiet cores, 0.23 s
-        against 0.29 s with the sign applied (7 alternating rounds, per-round ratio 0.58–0.94,
-        median 0.69; `docs/performance.md`, fold sketches). Each thread runs its torch ops on
-        one intra-op thread (`_one_intra_op_thread`). Other kinds and devices: `add_` in turn.
+        A CPU count-sketch sums it as k = min(`_PARTS`, chunks // `_PART_CHUNKS`) (at least 1)
+        partial sign-split rows (`_split_row`): the pass's chunks (`_CHUNK_CPU` coordinates,
+        over the parameters in the order given) are cut into k runs of consecutive chunks, as
+        equal in count as they divide; run p is scattered into part p in float32 in coordinate
+        order, each coordinate as it is into the slot of its bucket and sign; then in float64
+        the parts' +1 slots are summed, and their −1 slots, the second taken from the first,
+        and the row rounded once.
+        So the row is the same bits for any number of threads, and the same map as `add_`'s
+        with another order of the float32 sums (only the rounding differs). The split row saves
+        applying the sign, so a pass is one scatter a chunk: over SmolLM2's 134.5M coordinates
+        on 2 quiet cores, 0.23 s against 0.29 s with the sign applied (7 alternating rounds,
+        per-round ratio 0.58–0.94, median 0.69; `docs/performance.md`, fold sketches). The
+        parts are kept between passes and summed part by part: on the demo base (653k
+        coordinates, dim 2**18) a pass took 40 ms with 8 fresh parts summed at once, 2.5 ms in
+        one kept part.
+        Each thread runs its torch ops on one intra-op thread (`_one_intra_op_thread`). Other
+        kinds and devices: `add_` in turn.
         """
         named_grads = list(named_grads)
         if self.spec.kind != "countsketch" or self.device.type != "cpu":
@@ -399,13 +412,16 @@ class GradientSketch:
             for lo in range(0, flat.numel(), _CHUNK_CPU)
             for hi in (min(lo + _CHUNK_CPU, flat.numel()),)
         ]
-        cuts = [len(work) * p // _PARTS for p in range(_PARTS + 1)]
-        parts = torch.zeros(_PARTS, 2 * self.dim, dtype=torch.float32)
-        n_threads = max(1, min(threads or torch.get_num_threads(), _PARTS))
+        k = max(1, min(_PARTS, len(work) // _PART_CHUNKS))
+        cuts = [len(work) * p // k for p in range(k + 1)]
+        if self._parts is None:  # kept: a fresh 16 MiB (dim 2**18) costs its page faults
+            self._parts = torch.empty(_PARTS, 2 * self.dim, dtype=torch.float32)
+        parts = self._parts[:k].zero_()
+        n_threads = max(1, min(threads or torch.get_num_threads(), k))
 
         def run(t: int) -> None:
             slots = torch.empty(_CHUNK_CPU, dtype=torch.int64)  # this thread's scatter index
-            for p in range(t, _PARTS, n_threads):
+            for p in range(t, k, n_threads):
                 for name, flat, lo, hi, fill in work[cuts[p] : cuts[p + 1]]:
                     vals = flat[lo:hi].to(device=parts.device, dtype=torch.float32)
                     self._add_chunk_split(parts[p], name, vals, lo, hi, fill, slots)
