@@ -5,10 +5,10 @@ batches of 8, max length 256) on its 8 chatterbot sources (``merit-lab fetch-dat
 every parameter (134.5M) count-sketched to 2^18:
 
 * **plain fwd+bwd tokens/s**: a training forward+backward (the model's own loss) over the
-  stage's own micro-batches (by length within each fold, at the CPU's price of a batch,
+  stage's own micro-batches without folds (by length, at the CPU's price of a batch,
   `batching.CPU_CALL_TOKENS`), pre-collated: the floor the stage cannot beat;
-* **stage tokens/s** and their ratio (target ≥ 0.9×, as on the demo base), the stage as the
-  config runs it (its 4 folds, so its fold passes count);
+* **stage tokens/s** and their ratio (target ≥ 0.9×, as on the demo base), the stage without
+  folds over the same batches (the folds' cost is the next figure's);
 * **fold sketches** (4 folds, the default): their share of the stage and the stage with folds
   over the stage without (target ≤ 5%, `benchmarks.bench_gradients.stage_rounds`), and the share
   at the paper's n = 200, scaled from the measured seconds (the fold passes do not grow with n,
@@ -39,7 +39,7 @@ from merit_lab.config.schema import load_config
 from merit_lab.data.formatting import collate, tokenize_examples
 from merit_lab.data.mixture import load_mixture
 from merit_lab.gradients import estimate
-from merit_lab.gradients.batching import CPU_CALL_TOKENS, fold_batches, micro_batches
+from merit_lab.gradients.batching import CPU_CALL_TOKENS, micro_batches
 from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.models.fetch import RECORD, fetched_model_path
 from merit_lab.models.loading import load_model, load_tokenizer
@@ -66,13 +66,10 @@ def run(quick: bool = False) -> Results:
     if quick:
         mix = mix.select(mix.names[:2])
     n = 4 if quick else cal.n
-    batches = [  # the stage's own micro-batches, fold by fold
+    batches = [  # the stage's own micro-batches without folds
         collate(b, tok.pad_token_id)
         for ex in (tokenize_examples(tok, s.calibration[:n], cal.max_length) for s in mix)
-        for fold in fold_batches(
-            ex, cal.folds, size=cal.micro_batch_size, call_tokens=CPU_CALL_TOKENS
-        )
-        for b in fold
+        for b in micro_batches(ex, size=cal.micro_batch_size, call_tokens=CPU_CALL_TOKENS)
     ]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     _plain_fwd_bwd(model, batches[:1])  # warm-up
@@ -87,7 +84,7 @@ def run(quick: bool = False) -> Results:
             n=n,
             micro_batch_size=cal.micro_batch_size,
             max_length=cal.max_length,
-            folds=cal.folds,  # as the config runs it: the plain pass runs the same batches
+            folds=1,  # the same batches as the plain pass; the folds' cost is measured below
             progress=False,
         )
         stage.append(time.perf_counter() - t0)
