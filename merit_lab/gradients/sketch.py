@@ -39,11 +39,10 @@ __all__ = [
 _CHUNK_CPU = 2**17
 _CHUNK_GPU = 2**22
 # Partial rows of a threaded pass (`GradientSketch.sketch_parallel`): part of its rounding, so
-# fixed, not the thread count; 8 x dim float32 of memory.
+# fixed, not the thread count; at most 8 x 2·dim float32 of memory, kept by the sketch.
 _PARTS = 8
-# ... but each part at least this many chunks (4M coordinates): a part costs a pass a row of
-# 2·dim floats to clear and sum (on the demo base, 653k coordinates in 5 chunks, a pass took
-# 12.6 ms in 5 parts).
+# ... but each at least this many chunks (4M coordinates): a part is a 2·dim row to clear and
+# sum (the demo base's 653k coordinates: 12.6 ms a pass in 5 parts, 2.5 ms in 1).
 _PART_CHUNKS = 32
 # Gaussian: entries of the projection generated per block of parameter coordinates. The block
 # size is part of the map's definition (changing it changes every Gaussian row), so it is fixed
@@ -181,7 +180,8 @@ class GradientSketch:
                 cache_bytes = torch.cuda.get_device_properties(self.device).total_memory // 10
             else:
                 cache_bytes = _physical_memory() // _CPU_CACHE_SHARE
-        self._cache_left = cache_bytes if spec.kind == "countsketch" else 0
+        cached = spec.kind == "countsketch" and spec.dim <= _CACHE_MAX_DIM  # fits an int32 code
+        self._cache_left = cache_bytes if cached else 0
         self._codes: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, lo, hi) → int32
         self._parts: torch.Tensor | None = None  # `sketch_parallel`'s partial rows, reused
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -323,24 +323,28 @@ class GradientSketch:
 
     def _reserve(self, name: str, lo: int, hi: int) -> bool:
         """Whether chunk (name, lo, hi)'s codes are to be hashed into the cache now: not cached
-        yet, the dim fits a code (`_CACHE_MAX_DIM`) and the budget holds them (taken from it
-        here)."""
+        yet, and the budget holds them (taken from it here; none past `_CACHE_MAX_DIM`)."""
         if (name, lo, hi) in self._codes or 4 * (hi - lo) > self._cache_left:
-            return False
-        if self.dim > _CACHE_MAX_DIM:
             return False
         self._cache_left -= 4 * (hi - lo)
         return True
+
+    def _code(
+        self, name: str, lo: int, hi: int, fill: bool, device: torch.device
+    ) -> torch.Tensor | None:
+        """Chunk (name, lo, hi)'s cached codes, hashed into the cache where ``fill``, or None."""
+        code = self._codes.get((name, lo, hi))
+        if code is None and fill:
+            code = _hash_codes(self.spec.seed, name, self.dim, lo, hi, device)
+            self._codes[(name, lo, hi)] = code
+        return code
 
     def _add_chunk(
         self, row: torch.Tensor, name: str, vals: torch.Tensor, lo: int, hi: int, fill: bool
     ) -> None:
         """Add coordinates lo..hi-1 of ``name`` (``vals``, float32 on the row's device) to
         ``row``, from the cached codes, or hashed now (into the cache where ``fill``)."""
-        code = self._codes.get((name, lo, hi))
-        if code is None and fill:
-            code = _hash_codes(self.spec.seed, name, self.dim, lo, hi, row.device)
-            self._codes[(name, lo, hi)] = code
+        code = self._code(name, lo, hi, fill, row.device)
         if code is None:  # vals may be a view of the caller's gradient: multiply out of place
             bucket, sign = _buckets_and_signs(self.spec.seed, name, self.dim, lo, hi, row.device)
             row.index_add_(0, bucket, vals * sign)
@@ -362,10 +366,7 @@ class GradientSketch:
         scattered as they are, coordinate i to slot 2·bucket(i) + (1 where its sign is −1).
         ``slots``: an int64 buffer of at least hi − lo entries (scatter_add_ takes int64 and is
         the fastest CPU scatter: 1.8 ns a coordinate against index_add_'s 2.2, one thread)."""
-        code = self._codes.get((name, lo, hi))
-        if code is None and fill:
-            code = _hash_codes(self.spec.seed, name, self.dim, lo, hi, split.device)
-            self._codes[(name, lo, hi)] = code
+        code = self._code(name, lo, hi, fill, split.device)
         if code is None:
             bucket, sign = _buckets_and_signs(self.spec.seed, name, self.dim, lo, hi, split.device)
             split.scatter_add_(0, bucket.mul_(2).add_(sign < 0), vals)
@@ -387,17 +388,15 @@ class GradientSketch:
         equal in count as they divide; run p is scattered into part p in float32 in coordinate
         order, each coordinate as it is into the slot of its bucket and sign; then in float64
         the parts' +1 slots are summed, and their −1 slots, the second taken from the first,
-        and the row rounded once.
-        So the row is the same bits for any number of threads, and the same map as `add_`'s
-        with another order of the float32 sums (only the rounding differs). The split row saves
-        applying the sign, so a pass is one scatter a chunk: over SmolLM2's 134.5M coordinates
-        on 2 quiet cores, 0.23 s against 0.29 s with the sign applied (7 alternating rounds,
-        per-round ratio 0.58–0.94, median 0.69; `docs/performance.md`, fold sketches). The
-        parts are kept between passes and summed part by part: on the demo base (653k
-        coordinates, dim 2**18) a pass took 40 ms with 8 fresh parts summed at once, 2.5 ms in
-        one kept part.
-        Each thread runs its torch ops on one intra-op thread (`_one_intra_op_thread`). Other
-        kinds and devices: `add_` in turn.
+        and the row rounded once. So the row is the same bits for any number of threads, and
+        the same map as `add_`'s with another order of the float32 sums (only the rounding
+        differs). The split row saves applying the sign, so a pass is one scatter a chunk: over
+        SmolLM2's 134.5M coordinates on 2 quiet cores, 0.23 s against 0.29 s with the sign
+        applied (7 alternating rounds, per-round ratio 0.58–0.94, median 0.69;
+        `docs/performance.md`, fold sketches). The parts are kept between passes and summed
+        part by part: on the demo base (653k coordinates, dim 2**18) a pass took 40 ms with 8
+        fresh parts summed at once, 2.5 ms in one kept part. Each thread runs its torch ops on
+        one intra-op thread (`_one_intra_op_thread`). Other kinds and devices: `add_` in turn.
         """
         named_grads = list(named_grads)
         if self.spec.kind != "countsketch" or self.device.type != "cpu":
