@@ -49,6 +49,7 @@ from merit_lab.data.formatting import collate, tokenize_examples
 from merit_lab.data.mixture import Mixture, load_mixture
 from merit_lab.gradients.estimate import estimate_gradients, source_gradient
 from merit_lab.gradients.sketch import DEFAULT_SKETCH_DIM, SketchSpec, build_sketch
+from merit_lab.models.cpu_memory import keep_freed_memory
 from merit_lab.models.loading import load_model, load_tokenizer, select_parameters
 
 SECTION = "gradient bank"
@@ -223,11 +224,13 @@ def pass_figures(res: Results, quick: bool, rounds: int = 5) -> dict:
 
 
 def _plain_fwd_bwd(model, batches: list[dict]) -> float:
-    """Seconds of a plain training forward+backward (model's own loss) over ``batches``."""
+    """Seconds of a plain training forward+backward (model's own loss) over ``batches``, with
+    freed memory kept on the CPU as the stage keeps it (`keep_freed_memory`)."""
     t0 = time.perf_counter()
-    for b in batches:
-        model(**b).loss.backward()
-    model.zero_grad(set_to_none=True)
+    with keep_freed_memory(next(model.parameters()).device):
+        for b in batches:
+            model(**b).loss.backward()
+        model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
 

@@ -17,7 +17,16 @@ import traceback
 
 from benchmarks.common import Results, machine, print_table, write_json
 
-BENCHES = ("gradients", "sketch", "conflict", "merge", "overhead", "smollm2", "bergson")
+BENCHES = (
+    "gradients",
+    "sketch",
+    "conflict",
+    "merge",
+    "overhead",
+    "smollm2",
+    "cpu_memory",
+    "bergson",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from merit_lab.config.schema import CalibrationConfig, MixtureConfig
 from merit_lab.data.formatting import tokenize_examples
 from merit_lab.gradients.estimate import grads_only_for, source_gradient
 from merit_lab.gradients.sketch import SketchSpec, build_sketch
+from merit_lab.models.cpu_memory import keep_freed_memory
 from merit_lab.models.loading import select_parameters
 
 __all__ = ["bootstrap_convergence", "gradient_convergence", "sketch_example_gradients"]
@@ -75,7 +76,7 @@ def sketch_example_gradients(
 
     rows = np.zeros((len(tokenized), sk.dim), dtype=np.float32)
     tokens = np.zeros(len(tokenized), dtype=np.int64)
-    with grads_only_for(model, selected):
+    with grads_only_for(model, selected), keep_freed_memory(device):
         for i, ex in enumerate(tqdm(tokenized, desc="example gradients", disable=not progress)):
             model.zero_grad(set_to_none=True)
             _, tokens[i] = source_gradient(model, [ex], pad_token_id=pad_id, micro_batch_size=1)

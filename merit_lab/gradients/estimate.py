@@ -37,6 +37,7 @@ from merit_lab.gradients.batching import (
     fold_batching,
 )
 from merit_lab.gradients.sketch import SketchSpec, build_sketch
+from merit_lab.models.cpu_memory import keep_freed_memory
 from merit_lab.models.loading import select_parameters
 
 __all__ = [
@@ -490,6 +491,7 @@ def estimate_gradients(
     with (
         grads_only_for(model, selected),
         checkpointed(model, gradient_checkpointing),
+        keep_freed_memory(device),  # on the CPU: each call's gradients reuse freed pages
         contextlib.closing(stream),
         bar,
     ):

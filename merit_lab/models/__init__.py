@@ -24,6 +24,7 @@ _EXPORTS = {
     "sha256_stoppable": "checkpoints",
     "shard_header": "checkpoints",
     "weight_files": "checkpoints",
+    "keep_freed_memory": "cpu_memory",
     "write_shards": "checkpoints",
     "FETCHABLE_MODELS": "fetch",
     "FetchableModel": "fetch",
