@@ -142,7 +142,7 @@ def add_fold_figures(
         target=("<=", 5.0),
         note=f"{min(share):.1f}-{max(share):.1f}% over {len(share)} rounds{note}",
     )
-    formed = "formed within each fold" if deal == "examples" else "the stage's own, dealt"
+    formed = "formed within each fold" if deal == "examples" else "the source's fewest, dealt"
     res.add(
         section,
         f"stage with folds{dealt} ÷ stage without (wall){at}",

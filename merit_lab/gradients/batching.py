@@ -30,10 +30,12 @@ def check_deal(deal: str) -> None:
     refuse(not_one_of("fold_deal", "deal", deal, FOLD_DEALS))
 
 
-# What one forward/backward costs beyond its padded tokens, in padded tokens, on the CPU: adding
-# a micro-batch's gradient into .grad reads and writes every parameter (SmolLM2's 134.5M
-# float32: about 0.15 s on 2 cores, 18 tokens of its forward and backward at 120 tokens/s).
-# `docs/performance.md` (micro-batches) has what forming the batches at this price saves.
+# What one forward/backward costs beyond its padded tokens, in padded tokens, on the CPU: each
+# call writes a fresh gradient of every parameter and adds it into .grad. Set at 20 from an
+# estimate of that add (SmolLM2's 134.5M float32, about 0.15 s on 2 cores); a fit over 30 calls
+# later put SmolLM2's at about 55 tokens (0.38 s, residuals 0.3 s) and the demo base's at 150,
+# with freed memory kept. Not re-tuned yet. `docs/performance.md` (micro-batches at a price) has
+# what forming the batches at this price saves.
 CPU_CALL_TOKENS = 20
 
 

@@ -2,19 +2,23 @@
 
 A forward/backward allocates its gradients afresh every call: one model's worth of float32 (the
 weights' gradients before they are added into ``.grad``, the tied embedding's dense gradient,
-the activations). glibc serves every block above its mmap threshold (128 KiB to 32 MiB) with a
-fresh ``mmap`` and returns it to the system on free, so each call page-faults that memory in
-again, and the kernel zeroes every page. On this project's 2-core machine (a Firecracker VM) a
-fresh 512 MiB fill took 0.44 s against 0.05 s for the same fill reused, and a SmolLM2-135M
-forward/backward of 8 tokens 0.51-0.71 s against 0.34 s with freed memory kept
-(`docs/performance.md`, "freed memory kept"). On bare metal a page fault is cheaper and the
-gain smaller; it is never a loss of more than the memory held.
+the activations). glibc serves every block above its mmap threshold (128 KiB at first, raised
+by the blocks freed up to 32 MiB) with a fresh ``mmap`` and returns it to the system on free,
+so each call page-faults that memory in again, and the kernel zeroes every page. On this
+project's 2-core machine (a Firecracker VM) a fresh 512 MiB fill took 0.44 s against 0.05 s
+for the same fill reused, and a SmolLM2-135M forward/backward of 8 tokens 0.51-0.71 s against
+0.34 s with freed memory kept (`docs/performance.md`, "freed memory kept"). On bare metal a
+page fault is cheaper and the gain smaller (not measured there). The price is memory: the heap
+holds on to its peak while the block runs (the SmolLM2 stage's peak RSS 1.09×,
+`benchmarks/bench_cpu_memory.py`). The gradient stage and the per-example sketches run inside
+it; training does not (4 SmolLM2 steps: no gain resolved).
 
 `keep_freed_memory` tells glibc, for the block, to serve every block from its heap
 (``M_MMAP_MAX`` 0) and to keep freed memory instead of trimming it (``M_TRIM_THRESHOLD``), so
 the next call reuses pages already mapped. On leaving, glibc's defaults (65536 and 128 KiB) are
-set again and the kept memory is handed back (``malloc_trim(0)``). The values computed are the
-same bits: only where the memory comes from changes.
+set again and the kept memory is handed back (``malloc_trim(0)``); glibc no longer raises its
+mmap threshold by itself after any ``mallopt``, so it stays where it was. The values computed
+are the same bits: only where the memory comes from changes.
 
 It does nothing, and says so by yielding False, off the CPU, where the C library is not glibc
 (``mallopt`` missing or refusing), or where the user tuned malloc themselves (a ``MALLOC_*_``

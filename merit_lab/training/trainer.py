@@ -282,10 +282,7 @@ def _train_resuming(trainer, out: Path) -> None:
         _truncate_log(out / "log.jsonl", _checkpoint_step(ckpt) if ckpt else 0)
     barrier()
     ckpt = _last_complete_checkpoint(out / "checkpoints")
-    from merit_lab.models.cpu_memory import keep_freed_memory
-
-    with keep_freed_memory(trainer.args.device):  # on the CPU: each step reuses freed pages
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
 
 
 def _manifest(
