@@ -99,7 +99,7 @@ _FAULTS = textwrap.dedent(
 
     out = {"default": [cycle() for _ in range(6)]}
     with keep_freed_memory() as kept:
-        out["kept"], out["cycles"] = kept, [cycle() for _ in range(24)]
+        out["kept"], out["cycles"] = kept, [cycle() for _ in range(40)]
     print(json.dumps(out))
     """
 )
