@@ -72,17 +72,22 @@ def test_a_batch_is_split_where_it_saves_more_padding_than_a_call():
     assert [ids(f) for f in fold_batches(ex, 2, size=4)] == [[[0, 2]], [[1, 3]]]
 
 
-def test_bench_fold_deal_counts_the_padding_of_each_way_by_hand():
+@pytest.mark.parametrize("price", [20, 100])
+def test_bench_fold_deal_counts_the_padding_of_each_way_by_hand(price, monkeypatch):
     """`bench_fold_deal.padding` on one source of lengths 100 and seven 10s (batches of at most
     8, 4 folds), the same for every calibration order: without folds one batch padded to 800,
-    priced 100 alone and seven 10s (170, 2 batches); dealt by example a fold holds 100 and a
-    10 (200) and three hold two 10s (60): 260; priced, the 100 goes alone: 170 in 5 batches; by
-    whole batch there is one batch, fewer than 2 a fold, so examples are dealt: 260."""
+    priced (20 or 100 tokens a batch) 100 alone and seven 10s (170, 2 batches); dealt by example
+    a fold holds 100 and a 10 (200) and three hold two 10s (60): 260; priced at 20 the 100 goes
+    alone (110 + 20 < 200: 170 in 5 batches), at 100 it stays with its 10 (110 + 200 > 200 + 100:
+    260 in 4); by whole batch there is one batch, fewer than 2 a fold, so examples are dealt:
+    260."""
     import numpy as np
 
-    from benchmarks.bench_fold_deal import padding
+    import benchmarks.bench_fold_deal as bench
 
-    pad = padding(np.array([[100, 10, 10, 10, 10, 10, 10, 10]]), orders=3)
-    want = {"none": 800, "examples": 260, "batches": 260, "none_cpu": 170, "examples_cpu": 170}
-    want |= {"calls_none_cpu": 2, "calls_examples_cpu": 5}
+    monkeypatch.setattr(bench, "CPU_CALL_TOKENS", price)
+    pad = bench.padding(np.array([[100, 10, 10, 10, 10, 10, 10, 10]]), orders=3)
+    priced = {20: (170, 5), 100: (260, 4)}[price]
+    want = {"none": 800, "examples": 260, "batches": 260, "none_cpu": 170}
+    want |= {"examples_cpu": priced[0], "calls_none_cpu": 2, "calls_examples_cpu": priced[1]}
     assert pad == {k: [v] * 3 for k, v in want.items()}

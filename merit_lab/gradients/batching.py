@@ -31,12 +31,13 @@ def check_deal(deal: str) -> None:
 
 
 # What one forward/backward costs beyond its padded tokens, in padded tokens, on the CPU: each
-# call writes a fresh gradient of every parameter and adds it into .grad. Set at 20 from an
-# estimate of that add (SmolLM2's 134.5M float32, about 0.15 s on 2 cores); a fit over 30 calls
-# later put SmolLM2's at about 55 tokens (0.38 s, residuals 0.3 s) and the demo base's at 150,
-# with freed memory kept. Not re-tuned yet. `docs/performance.md` (micro-batches at a price) has
-# what forming the batches at this price saves.
-CPU_CALL_TOKENS = 20
+# call writes a fresh gradient of every parameter and adds it into .grad, and dispatches every
+# op once. Fits of time = fixed + per token over 24 calls (batches of 1-8 × 8-96 tokens, freed
+# memory kept, 2 cores, 2026-12-07): 176 tokens on the demo base (0.65M parameters), 99 and 83
+# on Llama shapes of 11M and 41M, 54 on SmolLM2-135M (97 in a fit over its real dialogues).
+# The stage's predicted time is flat within 1% from 50 to 200 on SmolLM2 and from 100 to 200
+# on the demo (`docs/performance.md`, micro-batches at a price), so one price serves them all.
+CPU_CALL_TOKENS = 100
 
 
 def _runs(
@@ -132,7 +133,8 @@ def fold_batches(
     padded tokens without folds (25,651 real), 33,568 with 4 folds dealt by example (1.18×),
     28,512 dealt by batch; on the demo at n = 200, 1.013× by example
     (`benchmarks/bench_fold_deal.py`). With batches priced as on the CPU (``call_tokens``
-    20), folds dealt by example pad 1.02× (26,604 against 26,129, in 99 batches against 69).
+    `CPU_CALL_TOKENS`), folds dealt by example pad less than with the fewest batches, in more
+    batches (`docs/performance.md`, micro-batches at a price).
 
     Why not by default: a fold is then a sample of whole batches of length neighbours. Two
     halves are still disjoint draws from the calibration examples, but clustered by length, so
