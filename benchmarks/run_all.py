@@ -25,6 +25,7 @@ BENCHES = (
     "overhead",
     "smollm2",
     "cpu_memory",
+    "call_price",
     "bergson",
 )
 

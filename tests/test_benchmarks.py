@@ -182,3 +182,19 @@ def test_bench_gpu_tiny_writes_every_field(tmp_path):
     assert any("÷ the matmul rate" in f["name"] for f in conflict)
     assert [r["t"] for r in data["conflict"]["ladder"]] == [24, 64, 200]
     assert all(f["target"] is None for f in data["results"][0]["figures"])  # --tiny: no targets
+
+
+def test_bench_call_price_predicts_the_stage_from_its_batches_by_hand():
+    """`bench_call_price.predict` on one source of lengths 100 and seven 10s (batches of at most
+    8) at 1 s a call and 0.01 s a padded token: without folds priced at 100, the 100 alone and
+    the seven 10s (2 calls, 170 tokens: 3.7 s); with 4 folds dealt by example, the fold of 100
+    and a 10 in one batch (200) and three folds of two 10s (4 calls, 260 tokens: 6.6 s); the
+    fewest batches without folds one batch padded to 800 (1 call: 9 s)."""
+    from benchmarks.bench_call_price import predict
+
+    fit = {"fixed_s": 1.0, "per_token_s": 0.01}
+    lengths = [[100, 10, 10, 10, 10, 10, 10, 10]]
+    for folds, price, want in ((1, 100, (2, 170)), (4, 100, (4, 260)), (1, None, (1, 800))):
+        got = predict(lengths, 8, fit, folds, price)
+        assert (got["calls"], got["padded"]) == want
+        assert got["seconds"] == pytest.approx(want[0] + 0.01 * want[1])

@@ -31,12 +31,12 @@ def check_deal(deal: str) -> None:
 
 
 # What one forward/backward costs beyond its padded tokens, in padded tokens, on the CPU: each
-# call writes a fresh gradient of every parameter and adds it into .grad, and dispatches every
-# op once. Fits of time = fixed + per token over 24 calls (batches of 1-8 × 8-96 tokens, freed
-# memory kept, 2 cores, 2026-12-07): 176 tokens on the demo base (0.65M parameters), 99 and 83
-# on Llama shapes of 11M and 41M, 54 on SmolLM2-135M (97 in a fit over its real dialogues).
-# The stage's predicted time is flat within 1% from 50 to 200 on SmolLM2 and from 100 to 200
-# on the demo (`docs/performance.md`, micro-batches at a price), so one price serves them all.
+# call dispatches every op once and writes a fresh gradient of every parameter, added into
+# .grad. Fits of seconds = fixed + per padded token (`benchmarks/bench_call_price.py`, freed
+# memory kept, 2 cores, 2026-12-07): 176-224 tokens on the demo base (0.65M parameters), 92-99
+# on a Llama shape of 11M, 83 on one of 41M, 50-54 on SmolLM2-135M. Applied to the stage's own
+# batches the fits put 100 within 2% of the best price, with folds and without, on the demo and
+# on SmolLM2 (`docs/performance.md`, the price re-tuned), so one price serves them all.
 CPU_CALL_TOKENS = 100
 
 
