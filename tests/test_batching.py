@@ -78,9 +78,9 @@ def test_bench_fold_deal_counts_the_padding_of_each_way_by_hand(price, monkeypat
     8, 4 folds), the same for every calibration order: without folds one batch padded to 800,
     priced (20 or 100 tokens a batch) 100 alone and seven 10s (170, 2 batches); dealt by example
     a fold holds 100 and a 10 (200) and three hold two 10s (60): 260; priced at 20 the 100 goes
-    alone (110 + 20 < 200: 170 in 5 batches), at 100 it stays with its 10 (110 + 200 > 200 + 100:
-    260 in 4); by whole batch there is one batch, fewer than 2 a fold, so examples are dealt:
-    260."""
+    alone (110 + 2·20 < 200 + 20: 170 in 5 batches), at 100 it stays with its 10
+    (110 + 2·100 > 200 + 100: 260 in 4); by whole batch there is one batch, fewer than 2 a
+    fold, so examples are dealt: 260."""
     import numpy as np
 
     import benchmarks.bench_fold_deal as bench
