@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.bench_fold_deal import _Ex
 from benchmarks.common import Results, bench_main
 from merit_lab.gradients.batching import CPU_CALL_TOKENS, fold_batches
 
@@ -80,14 +82,10 @@ def fit_call(model, shapes, rounds: int, calls: int = 3, seed: int = 0) -> dict:
 def predict(lengths: list[list[int]], size: int, fit: dict, folds: int, price) -> dict:
     """The stage's batches of sources with these tokenised ``lengths`` at ``price`` (None: the
     fewest), and their predicted seconds under ``fit``."""
-
-    class _Ex:
-        def __init__(self, n: int) -> None:
-            self.n_tokens = n
-
     calls = padded = 0
     for row in lengths:
-        for fold in fold_batches([_Ex(n) for n in row], folds, size=size, call_tokens=price):
+        exs = [_Ex(i, n) for i, n in enumerate(row)]
+        for fold in fold_batches(exs, folds, size=size, call_tokens=price):
             calls += len(fold)
             padded += sum(len(b) * max(e.n_tokens for e in b) for b in fold)
     return {
@@ -115,8 +113,6 @@ def _llama(hidden: int, layers: int):
 
 
 def _lengths(cfg, tok, sources: int, n: int) -> list[list[int]]:
-    from pathlib import Path
-
     from merit_lab.data.formatting import tokenize_examples
     from merit_lab.data.mixture import load_mixture
 
@@ -136,12 +132,12 @@ def _price(p) -> str:
 def add_predictions(res: Results, label: str, lengths, size: int, fit: dict) -> dict:
     grid = {
         (_price(p), folds): predict(lengths, size, fit, folds, p)
-        for p in PRICES
+        for p in dict.fromkeys(
+            (*PRICES, CPU_CALL_TOKENS)
+        )  # the library's price, on the grid or not
         for folds in (1, FOLDS)
     }
     ours = _price(CPU_CALL_TOKENS)
-    if (ours, 1) not in grid:
-        grid |= {(ours, f): predict(lengths, size, fit, f, CPU_CALL_TOKENS) for f in (1, FOLDS)}
     for folds, what in ((1, "without folds"), (FOLDS, f"with {FOLDS} folds")):
         best = min((k for k in grid if k[1] == folds), key=lambda k: grid[k]["seconds"])
         here = grid[(ours, folds)]
@@ -181,8 +177,6 @@ def _add_fit(res: Results, name: str, fit: dict) -> None:
 
 
 def run(quick: bool = False) -> Results:
-    from pathlib import Path
-
     from merit_lab.config.schema import load_config
     from merit_lab.models.fetch import RECORD, fetched_model_path
     from merit_lab.models.loading import load_model, load_tokenizer
