@@ -9,7 +9,15 @@ import random
 
 import pytest
 
-from merit_lab.gradients.batching import CPU_CALL_TOKENS, _runs, fold_batches, micro_batches
+from merit_lab.gradients.batching import (
+    CPU_CALL_TOKENS,
+    _runs,
+    call_price,
+    fold_batches,
+    fold_batching_cost,
+    micro_batches,
+    padded_calls,
+)
 
 Ex = dataclasses.make_dataclass("Ex", ["i", "n_tokens"])
 
@@ -70,6 +78,22 @@ def test_a_batch_is_split_where_it_saves_more_padding_than_a_call():
     # each fold is batched at the price given (examples dealt: fold 0 = 0, 2; fold 1 = 1, 3)
     assert [ids(f) for f in fold_batches(ex, 2, size=4, call_tokens=20)] == [[[0, 2]], [[1], [3]]]
     assert [ids(f) for f in fold_batches(ex, 2, size=4)] == [[[0, 2]], [[1, 3]]]
+
+
+def test_the_folds_batching_cost_is_counted_by_hand():
+    """The same four examples (10, 100, 10, 10), batches of at most 4, 2 folds. At 20 a call:
+    the folds run [0, 2], [1], [3] (3 calls, 20 + 100 + 10 = 130 padded), one fold [1],
+    [0, 2, 3] (2 calls, 100 + 30). The fewest batches: [0, 2], [1, 3] (2 calls, 20 + 200)
+    against one batch of 4 (400). The price is the CPU's alone."""
+    ex = [Ex(i, n) for i, n in enumerate([10, 100, 10, 10])]
+    assert padded_calls([[ex[0], ex[1]], [ex[2]]]) == (2, 200 + 10)
+    assert fold_batching_cost(ex, 2, size=4, call_tokens=20) == {
+        "folds": [3, 130],
+        "one_fold": [2, 130],
+    }
+    assert fold_batching_cost(ex, 2, size=4) == {"folds": [2, 220], "one_fold": [1, 400]}
+    assert call_price("cpu") == CPU_CALL_TOKENS
+    assert call_price("cuda") is None and call_price("mps") is None
 
 
 @pytest.mark.parametrize("price", [20, 100])

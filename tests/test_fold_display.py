@@ -304,3 +304,70 @@ def test_no_n_reaching_the_target_shows_a_dash_and_still_warns(world, tmp_path):
     assert "**WARNING" in text
     for fig in fold_figures(stab).values():  # the figures draw without a crossing too
         assert fig.data
+
+
+def write_bank_stats(root: Path, stats: dict) -> None:
+    """A run's ``gradients/bank.json`` with these per-source stats (what `read_fold_cost`
+    reads; no rows are needed for it)."""
+    from merit_lab.envelope import save_enveloped
+    from merit_lab.gradients.bank import BANK_FORMAT, BANK_VERSION
+
+    (root / "gradients").mkdir(parents=True, exist_ok=True)
+    meta = {"names": list(stats), "info": {}, "stats": stats}
+    save_enveloped(root / "gradients" / "bank.json", BANK_FORMAT, BANK_VERSION, meta)
+
+
+def test_what_the_folds_cost_is_summed_over_the_sources_by_hand(world, tmp_path):
+    """Two sources with 4 folds (3 passes each) and one whose part has no fold stats: 6 passes,
+    0.5 + 2.5 = 3.0 s of 10 + 30 = 40 s (7.5%, over the 5% note); micro-batches 5 + 7 = 12
+    calls over 300 + 500 = 800 padded tokens, one fold's 3 + 5 = 8 over 280 + 420 = 700
+    (+4 calls, +14.3%)."""
+    from merit_lab.pipeline.folds import fold_cost, fold_cost_lines
+
+    four = {"fold_tokens": [9, 9, 9, 9]}
+    stats = {
+        "a": {
+            **four,
+            "seconds": 10.0,
+            "fold_seconds": 0.5,
+            "micro_batches": {"folds": [5, 300], "one_fold": [3, 280]},
+        },
+        "b": {
+            **four,
+            "seconds": 30.0,
+            "fold_seconds": 2.5,
+            "micro_batches": {"folds": [7, 500], "one_fold": [5, 420]},
+        },
+        "c": {"seconds": 99.0},
+    }
+    cost = fold_cost(stats)
+    assert cost == {
+        "sources": 2,
+        "seconds": 40.0,
+        "fold_seconds": 3.0,
+        "passes": 6,
+        "folds": [12, 800],
+        "one_fold": [8, 700],
+    }
+    root = write_run(tmp_path / "run", world.stab, world)
+    write_bank_stats(root, stats)
+    assert fold_cost_lines(root) == [
+        "  fold cost: sketch passes 7.5% of the gradient stage (3.0 of 40.0 s); micro-batches "
+        "12 calls, 800 padded tokens (one fold: 8, 700)"
+    ]
+    text = " ".join(fold_stability_section(root))
+    assert "The 6 extra sketch passes of the fold rows (m − 1 for each of 2 sources) took " in text
+    assert "took 3.0 s of the " in text
+    assert "sources' 40.0 s in the gradient stage (7.5%). A pass reads every" in text
+    assert "ran 12 forward/backward calls over 800 padded tokens, where one fold would " in text
+    assert "have run 8 over 700 (+4 calls, +14.3% padded tokens)" in text
+    # under 5%, no note; a source without the micro-batches' counts (a part from before they
+    # were kept): the passes alone
+    stats["b"] |= {"fold_seconds": 0.5}
+    del stats["a"]["micro_batches"]
+    write_bank_stats(root, stats)
+    text = " ".join(fold_stability_section(root))
+    assert "took 1.0 s of the sources' 40.0 s in the gradient stage (2.5%)." in text
+    assert "A pass reads" not in text and "forward/backward calls" not in text
+    assert fold_cost_lines(root)[0].endswith("(1.0 of 40.0 s)")
+    assert fold_cost({"c": {"seconds": 1.0}}) is None

@@ -129,9 +129,25 @@ def test_fold_rows_reproduce_the_bank_and_are_each_folds_gradient(
 ):
     n = 16
     kw = dict(sketch=SketchSpec(kind="exact"), n=n, micro_batch_size=2, progress=False)
-    one = estimate_gradients(pico_model, demo_tokenizer, small_demo, **kw)
-    four = estimate_gradients(pico_model, demo_tokenizer, small_demo, folds=4, fold_deal=deal, **kw)
+    shapes = []  # each forward call's (batch, padded length)
+    hook = pico_model.register_forward_pre_hook(
+        lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        one = estimate_gradients(pico_model, demo_tokenizer, small_demo, **kw)
+        ran_one, shapes[:] = list(shapes), []
+        four = estimate_gradients(
+            pico_model, demo_tokenizer, small_demo, folds=4, fold_deal=deal, **kw
+        )
+    finally:
+        hook.remove()
     assert one.folds is None and four.folds.shape == (3, 4, one.rows.shape[1])
+    # the calls and padded tokens the stage records are those it ran, with folds and with one
+    ran = {"folds": shapes, "one_fold": ran_one}
+    for key, calls in ran.items():
+        recorded = [four.stats[s]["micro_batches"][key] for s in four.names]
+        assert np.sum(recorded, axis=0).tolist() == [len(calls), sum(b * w for b, w in calls)]
+    assert "micro_batches" not in one.stats[one.names[0]]
     _assert_reproduces(four)
     # the row itself: the same gradient, summed in another order (micro-batches within folds);
     # changing micro_batch_size alone moves it as much (test_gradients' tolerance)
@@ -737,6 +753,17 @@ def test_pipeline_writes_fold_stability_and_redoes_it_with_the_bank(tmp_path, ca
     )
     out = capsys.readouterr().out
     assert "fold stability (2 folds): r=2 halves agree at ARI" in out
+    # what the folds cost: bank.json's stats, summed over the 4 sources (1 pass each)
+    from merit_lab.pipeline.folds import read_fold_cost
+    from merit_lab.pipeline.report_folds import fold_stability_section
+
+    cost = read_fold_cost(run)
+    assert cost["sources"] == 4 and cost["passes"] == 4
+    assert cost["fold_seconds"] == sum(bank.stats[s]["fold_seconds"] for s in bank.names) > 0
+    assert cost["folds"][0] >= cost["one_fold"][0] >= 4  # a call a fold at least
+    share = f"fold cost: sketch passes {cost['fold_seconds'] / cost['seconds']:.1%}"
+    assert share in run_summary(run)
+    assert "**What the folds cost this run.**" in " ".join(fold_stability_section(run))
     assert ("WARNING: Unstable split" in out) == (
         stab.agreement(2) < 0.8 and stab.ari_halves[2].mean() < 0.8
     )
@@ -765,8 +792,6 @@ def test_pipeline_writes_fold_stability_and_redoes_it_with_the_bank(tmp_path, ca
         dealt.rows, bank.rows, rtol=1e-5, atol=1e-6 * np.abs(bank.rows).max()
     )
     assert not np.array_equal(load_fold_stability(run).cosine_se, stab.cosine_se)
-    from merit_lab.pipeline.report_folds import fold_stability_section
-
     assert "whole micro-batches of length neighbours" in " ".join(fold_stability_section(run))
     cfg["calibration"] |= {"folds": 4, "fold_deal": "examples"}  # another bank: followed
     path.write_text(yaml.safe_dump(cfg))
@@ -777,7 +802,7 @@ def test_pipeline_writes_fold_stability_and_redoes_it_with_the_bank(tmp_path, ca
     path.write_text(yaml.safe_dump(cfg))
     main(["run", str(path), "--until", "conflict"])
     assert load_fold_stability(run) is None and GradientBank.load(run / "gradients").folds is None
-    assert "fold stability" not in run_summary(run)
+    assert "fold stability" not in run_summary(run) and "fold cost" not in run_summary(run)
 
 
 def test_workers_write_fold_rows_into_their_parts_and_the_bank_assembles_them(tmp_path, one_thread):

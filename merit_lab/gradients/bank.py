@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 FOLDS_FILE = "folds.safetensors"  # beside bank.safetensors: (T, m, d) fold rows, (T, m) tokens
+# A source's stats that describe its fold rows (`estimate._sketch_source`): dropped where its
+# part is reused for its row alone, in a bank without fold rows.
+FOLD_STATS = ("fold_tokens", "fold_seconds", "fold_batching", "micro_batches")
 BANK_FORMAT = "merit-lab/gradient-bank"  # bank.json; files from before the envelope read as v1
 BANK_VERSION = 1
 _CHECK_ROWS_BYTES = 2**26  # a mapped bank is checked and hashed this many bytes of rows at a time
@@ -288,7 +291,8 @@ class BankParts:
                 if meta.get("key") != self.key(name):
                     return None
                 stats = json.loads(meta["stats"])
-                if folds == 1:
+                if folds == 1:  # the row alone: its folds' stats are not this bank's
+                    stats = {k: v for k, v in stats.items() if k not in FOLD_STATS}
                     return f.get_tensor("row").numpy(), stats, None
                 if int(meta.get("folds", 1)) != folds:  # computed without (these) folds
                     return None

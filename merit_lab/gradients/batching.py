@@ -17,11 +17,14 @@ from merit_lab.config.schema import FOLD_DEALS, CalibrationConfig
 
 __all__ = [
     "CPU_CALL_TOKENS",
+    "call_price",
     "check_deal",
     "deal_folds",
     "fold_batches",
     "fold_batching",
+    "fold_batching_cost",
     "micro_batches",
+    "padded_calls",
 ]
 
 
@@ -38,6 +41,13 @@ def check_deal(deal: str) -> None:
 # batches the fits put 100 within 2% of the best price, with folds and without, on the demo and
 # on SmolLM2 (`docs/performance.md`, the price re-tuned), so one price serves them all.
 CPU_CALL_TOKENS = 100
+
+
+def call_price(device_type: str) -> int | None:
+    """The price of a micro-batch in padded tokens on a device of this type (``"cpu"``,
+    ``"cuda"``, ...): `CPU_CALL_TOKENS` on the CPU, where a batch is split off wherever that
+    saves more padding than a call costs; None elsewhere (the fewest batches)."""
+    return CPU_CALL_TOKENS if device_type == "cpu" else None
 
 
 def _runs(
@@ -165,3 +175,29 @@ def fold_batching(
         return None
     batching = {"micro_batch_tokens": tokens} if tokens is not None else {"micro_batch_size": size}
     return {"fold_deal": deal} | batching
+
+
+def padded_calls(batches: Sequence[Sequence]) -> tuple[int, int]:
+    """(calls, padded tokens) of micro-batches of examples (``n_tokens``): each batch is one
+    forward/backward, padded to its longest example (`merit_lab.data.formatting.collate`)."""
+    return len(batches), sum(len(b) * max(e.n_tokens for e in b) for b in batches)
+
+
+def fold_batching_cost(
+    examples: Sequence,
+    folds: int,
+    *,
+    size: int = CalibrationConfig.micro_batch_size,
+    tokens: int | None = None,
+    deal: str = CalibrationConfig.fold_deal,
+    call_tokens: int | None = None,
+) -> dict[str, list[int]]:
+    """What forming the micro-batches within ``folds`` folds does to one source's stage:
+    ``{"folds": [calls, padded tokens], "one_fold": [calls, padded tokens]}``, the batches
+    `fold_batches` runs with these arguments and those it runs with one fold. A micro-batch
+    cannot span two folds, so the first pads more, or runs more calls, or both: part of the
+    folds' cost that the time of their sketch passes does not hold."""
+    kw = dict(size=size, tokens=tokens, deal=deal, call_tokens=call_tokens)
+    with_folds = [b for fold in fold_batches(examples, folds, **kw) for b in fold]
+    (alone,) = fold_batches(examples, 1, **kw)
+    return {"folds": list(padded_calls(with_folds)), "one_fold": list(padded_calls(alone))}

@@ -31,10 +31,11 @@ from merit_lab.data.formatting import (
 from merit_lab.data.mixture import Mixture
 from merit_lab.gradients.bank import BankParts, GradientBank, bank_key, request_info
 from merit_lab.gradients.batching import (
-    CPU_CALL_TOKENS,
+    call_price,
     check_deal,
     fold_batches,
     fold_batching,
+    fold_batching_cost,
 )
 from merit_lab.gradients.sketch import SketchSpec, build_sketch
 from merit_lab.models.cpu_memory import keep_freed_memory
@@ -103,7 +104,7 @@ def source_gradient(
         (mean loss, number of response tokens).
     """
     # on the CPU a batch is formed where it saves more padding than a call costs
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    price = call_price(next(model.parameters()).device.type)
     batches = [
         [collate(b, pad_token_id) for b in fold]
         for fold in fold_batches(
@@ -112,7 +113,7 @@ def source_gradient(
             size=micro_batch_size,
             tokens=micro_batch_tokens,
             deal=fold_deal,
-            call_tokens=CPU_CALL_TOKENS if on_cpu else None,
+            call_tokens=price,
         )
     ]
     tokens = [sum(count_response_tokens(b["labels"]) for b in fold) for fold in batches]
@@ -276,7 +277,8 @@ def _sketch_source(
     S_{m-1} is the row, so m − 1 extra sketch passes and no extra forward, backward or norm);
     fold row f = (S_f − S_{f−1}) · N / N_f in float64, rounded once to float32 (N_f: the fold's
     response tokens, N their sum), the gradient of the mean loss over fold f alone.
-    ``stats["fold_seconds"]`` is the time of the extra passes.
+    ``stats["fold_seconds"]`` is the time of the extra passes; ``stats["micro_batches"]`` the
+    calls and padded tokens of the micro-batches, and of one fold's (`fold_batching_cost`).
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -333,7 +335,9 @@ def _sketch_source(
     cumulative = np.stack([np.zeros(row.shape), *partial, row.astype(np.float64)])
     scale = n_tokens / np.asarray(fold_tokens, dtype=np.float64)
     fold_rows = (np.diff(cumulative, axis=0) * scale[:, None]).astype(np.float32)
-    stats |= {"fold_tokens": fold_tokens, "fold_seconds": fold_seconds}
+    kw = dict(size=micro_batch_size, tokens=micro_batch_tokens, deal=fold_deal)
+    batches = fold_batching_cost(examples, folds, **kw, call_tokens=call_price(device.type))
+    stats |= {"fold_tokens": fold_tokens, "fold_seconds": fold_seconds, "micro_batches": batches}
     batching = fold_batching(folds, micro_batch_size, micro_batch_tokens, fold_deal)
     if batching is not None:  # the folds' examples depend on the micro-batching
         stats["fold_batching"] = batching

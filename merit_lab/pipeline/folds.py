@@ -11,17 +11,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from merit_lab.config.schema import RunConfig, config_hash
+from merit_lab.envelope import load_enveloped
+from merit_lab.gradients.bank import BANK_FORMAT, BANK_VERSION
 from merit_lab.io import read_json
 from merit_lab.partition.folds import FoldStability, compute_fold_stability
 from merit_lab.pipeline.rundir import RunDir, source_counts
 
 __all__ = [
     "FOLD_STABILITY_FILE",
+    "fold_cost",
+    "fold_cost_lines",
     "fold_stability_lines",
     "load_fold_stability",
+    "read_fold_cost",
     "save_fold_stability",
 ]
 
@@ -111,3 +118,49 @@ def fold_stability_lines(run_dir: str | Path, r: int = 2) -> list[str]:
     ]
     warning = stab.warning(r)
     return lines + ([f"  WARNING: {warning}"] if warning else [])
+
+
+def fold_cost(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """What the folds cost a gradient stage, summed over the sources of its bank's ``stats``
+    that have fold rows (None: none has): ``sources``; ``seconds``, the sources' own time
+    (forward, backward and sketching); ``fold_seconds``, their extra sketch passes (``passes``
+    of them, m − 1 a source); and where every source recorded them, ``folds`` and
+    ``one_fold``: [calls, padded tokens] of the micro-batches run and of those one fold would
+    have run (`merit_lab.gradients.batching.fold_batching_cost`), whose time is inside
+    ``seconds`` and is not measured apart."""
+    rows = [s for s in stats.values() if "fold_seconds" in s]
+    if not rows:
+        return None
+    out: dict[str, Any] = {
+        "sources": len(rows),
+        "seconds": sum(float(s["seconds"]) for s in rows),
+        "fold_seconds": sum(float(s["fold_seconds"]) for s in rows),
+        "passes": sum(len(s["fold_tokens"]) - 1 for s in rows),
+    }
+    if all("micro_batches" in s for s in rows):  # a bank from before 2026-12-07 has none
+        for k in ("folds", "one_fold"):
+            out[k] = [sum(int(s["micro_batches"][k][i]) for s in rows) for i in (0, 1)]
+    return out
+
+
+def read_fold_cost(run_dir: str | Path) -> dict[str, Any] | None:
+    """`fold_cost` of a run's ``gradients/bank.json`` (None without the bank or fold rows)."""
+    path = RunDir(Path(run_dir)).bank_json
+    if not path.is_file():
+        return None
+    return fold_cost(load_enveloped(path, BANK_FORMAT, BANK_VERSION, legacy=True)["stats"])
+
+
+def fold_cost_lines(run_dir: str | Path) -> list[str]:
+    """A run summary's line on what its folds cost ([] without fold rows)."""
+    cost = read_fold_cost(run_dir)
+    if cost is None or not cost["seconds"]:
+        return []
+    line = (
+        f"  fold cost: sketch passes {cost['fold_seconds'] / cost['seconds']:.1%} of the "
+        f"gradient stage ({cost['fold_seconds']:.1f} of {cost['seconds']:.1f} s)"
+    )
+    if "folds" in cost:
+        (c, p), (c1, p1) = cost["folds"], cost["one_fold"]
+        line += f"; micro-batches {c} calls, {p:,} padded tokens (one fold: {c1}, {p1:,})"
+    return [line]

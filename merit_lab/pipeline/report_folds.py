@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from merit_lab.partition.folds import FOLD_AGREEMENT_TARGET, FoldStability
-from merit_lab.pipeline.folds import FOLD_STABILITY_FILE, load_fold_stability
+from merit_lab.pipeline.folds import FOLD_STABILITY_FILE, load_fold_stability, read_fold_cost
 from merit_lab.pipeline.markdown import markdown_table
 from merit_lab.pipeline.rundir import RunDir
 from merit_lab.viz.plots_stability import (
@@ -28,6 +28,7 @@ from merit_lab.viz.style import Figure
 __all__ = [
     "FOLD_FIGURES",
     "FOLD_HEADING",
+    "fold_cost_paragraph",
     "fold_figures",
     "fold_stability_section",
     "fold_summary_table",
@@ -38,6 +39,36 @@ __all__ = [
 FOLD_HEADING = "## Split stability (calibration folds)"
 # The figures of the section, by file stem (also `merit-lab figures`' stems for them).
 FOLD_FIGURES = ("fold_cosine", "fold_agreement", "fold_flips")
+# Above this share of the stage, the paragraph says why the passes cost that much at this n.
+PASSES_SHARE_NOTE = 0.05
+
+
+def fold_cost_paragraph(cost: dict) -> list[str]:
+    """What the folds cost this run's gradient stage (`merit_lab.pipeline.folds.fold_cost`),
+    as the report says it: the sketch passes' time and share, and the micro-batches with folds
+    beside one fold's."""
+    share = cost["fold_seconds"] / cost["seconds"] if cost["seconds"] else float("nan")
+    text = (
+        f"**What the folds cost this run.** The {cost['passes']} extra sketch passes of the "
+        f"fold rows (m − 1 for each of {cost['sources']} sources) took "
+        f"{cost['fold_seconds']:.1f} s of the sources' {cost['seconds']:.1f} s in the gradient "
+        f"stage ({share:.1%})."
+    )
+    if share > PASSES_SHARE_NOTE:
+        text += (
+            " A pass reads every gradient coordinate whatever the source's n, so their share "
+            "falls as `calibration.n` grows."
+        )
+    if "folds" in cost:
+        (c, p), (c1, p1) = cost["folds"], cost["one_fold"]
+        text += (
+            " A micro-batch cannot span two folds: formed within folds, the micro-batches ran "
+            f"{c:,} forward/backward calls over {p:,} padded tokens, where one fold would have "
+            f"run {c1:,} over {p1:,} ({c - c1:+,} calls, {p / p1 - 1:+.1%} padded tokens). "
+            "That time is inside the stage's and one run cannot time it apart; "
+            "`docs/performance.md` (fold sketches) has the stage timed with folds and without."
+        )
+    return [text, ""]
 
 
 def fold_figures(stab: FoldStability) -> dict[str, Figure]:
@@ -172,7 +203,8 @@ def fold_stability_section(
         ]
     if figure is not None:
         lines += [figure(fig, stem) for stem, fig in fold_figures(stab).items()] + [""]
-    return lines
+    cost = read_fold_cost(run.root)
+    return lines + (fold_cost_paragraph(cost) if cost is not None else [])
 
 
 def _run_r(run: RunDir) -> int | None:

@@ -38,7 +38,7 @@ from merit_lab.pipeline.experiments import (
     merge_rows,
     train_experiments,
 )
-from merit_lab.pipeline.folds import fold_stability_lines
+from merit_lab.pipeline.folds import fold_cost_lines, fold_stability_lines
 from merit_lab.pipeline.report import write_report
 from merit_lab.pipeline.report_partition import gain_search_lines
 from merit_lab.pipeline.rundir import THROUGHPUT_KEY, RunDir
@@ -262,6 +262,7 @@ def run_summary(run_dir: str | Path) -> str:
             f"(seed {sk['seed']}), {bank.info['n_parameters']} parameters, n={bank.info['n']}, "
             f"{bank.rows[0].nbytes} bytes/source"
         )
+        lines += fold_cost_lines(run.root)  # what the fold rows cost the stage
     else:
         lines.append("  gradients: not yet")
     if run.conflict.exists():
