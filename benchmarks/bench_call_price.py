@@ -191,7 +191,7 @@ def run(quick: bool = False) -> Results:
     fit = fit_call(model, shapes, rounds)
     _log(f"demo base: {fit['tokens_a_call']:.0f} tokens a call")
     _add_fit(res, "demo base", fit)
-    lengths = _lengths(demo, load_tokenizer(demo.model), 2 if quick else 8, 16 if quick else 200)
+    lengths = _lengths(demo, load_tokenizer(demo.model), 2 if quick else 32, 16 if quick else 200)
     res.raw["demo"] = {
         "fit": fit,
         "grid": add_predictions(
