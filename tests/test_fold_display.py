@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from merit_lab.analysis.conflict import compute_conflict_space
+from merit_lab.gradients.bank import FOLDS_FILE
 from merit_lab.partition.folds import FoldStability, compute_fold_stability
 from merit_lab.partition.methods import split_balanced
 from merit_lab.pipeline.folds import FOLD_STABILITY_FILE
@@ -315,6 +316,7 @@ def write_bank_stats(root: Path, stats: dict) -> None:
     (root / "gradients").mkdir(parents=True, exist_ok=True)
     meta = {"names": list(stats), "info": {}, "stats": stats}
     save_enveloped(root / "gradients" / "bank.json", BANK_FORMAT, BANK_VERSION, meta)
+    (root / "gradients" / FOLDS_FILE).write_bytes(b"")  # present: the bank has fold rows
 
 
 def test_what_the_folds_cost_is_summed_over_the_sources_by_hand(world, tmp_path):
@@ -371,3 +373,8 @@ def test_what_the_folds_cost_is_summed_over_the_sources_by_hand(world, tmp_path)
     assert "A pass reads" not in text and "forward/backward calls" not in text
     assert fold_cost_lines(root)[0].endswith("(1.0 of 40.0 s)")
     assert fold_cost({"c": {"seconds": 1.0}}) is None
+    # a bank without fold rows says nothing of folds, whatever stats its parts carried
+    (root / "gradients" / FOLDS_FILE).unlink()
+    assert fold_cost_lines(root) == [] and "What the folds cost" not in " ".join(
+        fold_stability_section(root)
+    )

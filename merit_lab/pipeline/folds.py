@@ -17,7 +17,7 @@ from typing import Any
 
 from merit_lab.config.schema import RunConfig, config_hash
 from merit_lab.envelope import load_enveloped
-from merit_lab.gradients.bank import BANK_FORMAT, BANK_VERSION
+from merit_lab.gradients.bank import BANK_FORMAT, BANK_VERSION, FOLDS_FILE
 from merit_lab.io import read_json
 from merit_lab.partition.folds import FoldStability, compute_fold_stability
 from merit_lab.pipeline.rundir import RunDir, source_counts
@@ -144,9 +144,10 @@ def fold_cost(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
 
 
 def read_fold_cost(run_dir: str | Path) -> dict[str, Any] | None:
-    """`fold_cost` of a run's ``gradients/bank.json`` (None without the bank or fold rows)."""
+    """`fold_cost` of a run's ``gradients/bank.json`` (None without the bank or its fold rows:
+    a bank of one fold written before its reused parts' fold stats were dropped has them)."""
     path = RunDir(Path(run_dir)).bank_json
-    if not path.is_file():
+    if not path.is_file() or not (path.parent / FOLDS_FILE).is_file():
         return None
     return fold_cost(load_enveloped(path, BANK_FORMAT, BANK_VERSION, legacy=True)["stats"])
 
