@@ -205,10 +205,17 @@ def _json_or_text(text: str):
 
 
 def _without_wall_times(report: str) -> str:
-    """report.md less its "Wall time per stage" section (seconds and tokens/s) and its "On
+    """report.md less its "Wall time per stage" section (seconds and tokens/s), its "On
     demand" line (costs estimated from the gradient stage's time in timings.json, which a kill
-    between the bank and its timings.json entry loses: the resumed report has no line)."""
+    between the bank and its timings.json entry loses: the resumed report has no line) and the
+    seconds of the fold passes in "What the folds cost this run" (its micro-batches stay)."""
     report = re.sub(r"## Wall time per stage.*?(?=\n## |\nFigures are )", "", report, flags=re.S)
+    report = re.sub(
+        r"(\*\*What the folds cost this run\.\*\*) .*? in the gradient stage \([^)]*\)\."
+        r"( A pass reads every .*? grows\.)?",
+        r"\1",
+        report,
+    )
     return re.sub(r"^On demand, not computed in this run: .*\n\n", "", report, flags=re.M)
 
 
