@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.bench_fold_deal import _Ex
 from benchmarks.common import Results, bench_main
-from merit_lab.gradients.batching import CPU_CALL_TOKENS, fold_batches
+from merit_lab.gradients.batching import CPU_CALL_TOKENS, fold_batches, padded_calls
 
 SECTION = "CPU price of a micro-batch"
 PRICES = (None, 20, 50, 100, 200, 400)  # None: the fewest batches (a GPU's stage)
@@ -86,8 +86,8 @@ def predict(lengths: list[list[int]], size: int, fit: dict, folds: int, price) -
     for row in lengths:
         exs = [_Ex(i, n) for i, n in enumerate(row)]
         for fold in fold_batches(exs, folds, size=size, call_tokens=price):
-            calls += len(fold)
-            padded += sum(len(b) * max(e.n_tokens for e in b) for b in fold)
+            c, p = padded_calls(fold)
+            calls, padded = calls + c, padded + p
     return {
         "calls": calls,
         "padded": padded,

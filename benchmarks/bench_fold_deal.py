@@ -37,7 +37,7 @@ from merit_lab.analysis.convergence import sketch_example_gradients
 from merit_lab.config.schema import load_config
 from merit_lab.data.formatting import tokenize_examples
 from merit_lab.data.mixture import Mixture, load_mixture
-from merit_lab.gradients.batching import CPU_CALL_TOKENS, deal_folds, fold_batches
+from merit_lab.gradients.batching import CPU_CALL_TOKENS, deal_folds, fold_batches, padded_calls
 from merit_lab.gradients.sketch import SketchSpec
 from merit_lab.models.fetch import RECORD, fetched_model_path
 from merit_lab.models.loading import load_model, load_tokenizer
@@ -131,7 +131,7 @@ def padding(lengths: np.ndarray, orders: int, seed: int = 0) -> dict[str, list[i
     out: dict[str, list[int]] = {k: [] for k in (*keys, "calls_none_cpu", "calls_examples_cpu")}
 
     def padded(folds: list) -> int:
-        return sum(len(b) * max(e.n_tokens for e in b) for fold in folds for b in fold)
+        return padded_calls([b for fold in folds for b in fold])[1]
 
     for _ in range(orders):
         total = dict.fromkeys(out, 0)

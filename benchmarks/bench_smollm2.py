@@ -39,7 +39,7 @@ from merit_lab.config.schema import load_config
 from merit_lab.data.formatting import collate, tokenize_examples
 from merit_lab.data.mixture import load_mixture
 from merit_lab.gradients import estimate
-from merit_lab.gradients.batching import CPU_CALL_TOKENS, micro_batches
+from merit_lab.gradients.batching import CPU_CALL_TOKENS, micro_batches, padded_calls
 from merit_lab.gradients.estimate import estimate_gradients
 from merit_lab.models.fetch import RECORD, fetched_model_path
 from merit_lab.models.loading import load_model, load_tokenizer
@@ -174,8 +174,7 @@ def price_rounds(model, tok, mix, cal, n: int, rounds: int) -> dict:
                 call_tokens=price,
             )
         ]
-        out[f"{name}_batches"] = len(batches)
-        out[f"{name}_padded"] = sum(len(b) * max(e.n_tokens for e in b) for b in batches)
+        out[f"{name}_batches"], out[f"{name}_padded"] = padded_calls(batches)
     sides = [("priced", CPU_CALL_TOKENS), ("fewest", None)]
     for rep in range(rounds):
         for name, price in sides if rep % 2 == 0 else sides[::-1]:

@@ -183,21 +183,13 @@ def padded_calls(batches: Sequence[Sequence]) -> tuple[int, int]:
     return len(batches), sum(len(b) * max(e.n_tokens for e in b) for b in batches)
 
 
-def fold_batching_cost(
-    examples: Sequence,
-    folds: int,
-    *,
-    size: int = CalibrationConfig.micro_batch_size,
-    tokens: int | None = None,
-    deal: str = CalibrationConfig.fold_deal,
-    call_tokens: int | None = None,
-) -> dict[str, list[int]]:
+def fold_batching_cost(examples: Sequence, folds: int, **batching: Any) -> dict[str, list[int]]:
     """What forming the micro-batches within ``folds`` folds does to one source's stage:
     ``{"folds": [calls, padded tokens], "one_fold": [calls, padded tokens]}``, the batches
-    `fold_batches` runs with these arguments and those it runs with one fold. A micro-batch
-    cannot span two folds, so the first pads more, or runs more calls, or both: part of the
-    folds' cost that the time of their sketch passes does not hold."""
-    kw = dict(size=size, tokens=tokens, deal=deal, call_tokens=call_tokens)
-    with_folds = [b for fold in fold_batches(examples, folds, **kw) for b in fold]
-    (alone,) = fold_batches(examples, 1, **kw)
+    `fold_batches` runs with these keyword arguments (``size``, ``tokens``, ``deal``,
+    ``call_tokens``) and those it runs with one fold. A micro-batch cannot span two folds, so
+    the first pads more, or runs more calls, or both: part of the folds' cost that the time of
+    their sketch passes does not hold."""
+    with_folds = [b for fold in fold_batches(examples, folds, **batching) for b in fold]
+    (alone,) = fold_batches(examples, 1, **batching)
     return {"folds": list(padded_calls(with_folds)), "one_fold": list(padded_calls(alone))}
